@@ -1,0 +1,118 @@
+"""Named presets for every stage of the pipeline: `smoke`, `cpu` (the default) and `paper`.
+
+A profile fixes the backbone, the layer the reward model reads, where the SAE comes from and
+how large each run is. Notebooks take a papermill parameter `PROFILE` and look the rest up
+here, so the book, the command line and the tests agree on what "the cpu profile" means.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+#: The model id that the smoke profile resolves to a tiny random model built in-process.
+TINY_MODEL_ID = "srlib/tiny-random-llama"
+DEFAULT_PROFILE = "cpu"
+
+
+@dataclass(frozen=True)
+class SAETrainingConfig:
+    """How `srlib.sae.train_sae` trains an SAE when no pretrained one is available.
+
+    The architecture is sae-lens's TopK SAE: exactly `k` latents fire per token, so L0 is
+    fixed and there is no sparsity coefficient to tune.
+    """
+
+    d_sae: int
+    k: int
+    training_tokens: int
+    batch_size: int = 1024
+    lr: float = 8e-4
+    lr_end: float = 8e-5
+    seed: int = 0
+    # Share of training samples taken from the last-token positions that the reward model
+    # reads (the rest are all-token activations). The plain all-token SAE reconstructs
+    # those positions badly (FVE 0.52 in ../shared/notes/measurements.md).
+    last_token_share: float = 0.25
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Everything that changes between a CI smoke run, a laptop CPU run and the paper's GPU run."""
+
+    name: str
+    model_id: str
+    layer: int
+    # "train" (train with sae-lens on the backbone's activations, cached) or
+    # "sae-lens:<release>/<sae_id>" (a pretrained SAE through SAE.from_pretrained).
+    sae_source: str
+    sae_training: SAETrainingConfig | None
+    k: int = 128
+    max_length: int = 512
+    batch_size: int = 16
+    # Cap on the number of pairs taken from each split (None = all). Keeps smoke runs small.
+    max_pairs: int | None = None
+    seeds: tuple[int, ...] = (0, 1, 2)
+    datasets: tuple[str, ...] = ("truthfulqa", "pku-saferlhf", "hh-harmless")
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def replace(self, **changes) -> "Profile":
+        """A copy with some fields changed (e.g. another layer for a sweep)."""
+        return dataclasses.replace(self, **changes)
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke",
+        model_id=TINY_MODEL_ID,
+        layer=2,
+        sae_source="train",
+        sae_training=SAETrainingConfig(d_sae=256, k=8, training_tokens=20_000, batch_size=256,
+                                       lr=3e-3, lr_end=3e-4),
+        k=8,
+        max_length=96,
+        batch_size=16,
+        max_pairs=48,
+        seeds=(0, 1, 2),
+        description="Tiny random Llama-style model built in-process; runs in seconds; "
+                    "numbers are meaningless.",
+    ),
+    "cpu": Profile(
+        name="cpu",
+        model_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        layer=15,
+        sae_source="train",
+        sae_training=SAETrainingConfig(d_sae=8 * 576, k=32, training_tokens=1_200_000),
+        k=128,
+        max_length=512,
+        batch_size=16,
+        max_pairs=None,
+        seeds=(0, 1, 2),
+        description="SmolLM2-135M-Instruct (30 layers, d=576), layer 15, an SAE trained here "
+                    "with sae-lens; the real book on a laptop CPU.",
+    ),
+    "paper": Profile(
+        name="paper",
+        model_id="google/gemma-2-2b-it",
+        layer=13,
+        sae_source="sae-lens:gemma-scope-2b-pt-res-canonical/layer_13/width_16k/canonical",
+        sae_training=None,
+        k=128,
+        max_length=1024,
+        batch_size=8,
+        max_pairs=None,
+        seeds=(0, 1, 2, 3, 4),
+        description="Gemma-2-2B-it, layer 13, Gemma Scope SAE; needs a GPU and hub access.",
+    ),
+}
+
+
+def get_profile(name: str) -> Profile:
+    """Return the named profile, or raise ValueError listing the valid names."""
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown profile {name!r}; choose one of: {', '.join(PROFILES)}"
+        ) from None
