@@ -1,0 +1,714 @@
+"""Preference data: the records every later step reads, the built-in data sets and their splits.
+
+A `PreferencePair` is one prompt with a preferred (`chosen`) and a dispreferred (`rejected`)
+response. The built-in data sets come from `SRLIB_DATA_DIR` (local copies, see
+`../shared/data/README.md` for the layout) or, when that is unset, from the dataset hub.
+Each data set has ONE normalisation function that takes rows in a common shape; the local
+reader and the hub adapter only bring their rows into that shape, so both give identical
+records.
+
+Splits are deterministic and grouped: every pair carries a `group_id` (the question or the
+prompt it came from), the groups are shuffled with `random.Random(seed)` and cut into
+train / val / test, so no question or prompt is in two splits. The pairs of a split come in
+the shuffled group order, so the first `n` of them are a seeded random subset of groups.
+
+Rows a loader drops on purpose (identical responses, a malformed transcript) are counted in
+`skipped_counts(name)`. User files (`read_jsonl`) are checked strictly instead: every
+problem is a `DataError` naming the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import gzip
+import hashlib
+import io
+import json
+import os
+import random
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from srlib.errors import ConfigError, DataError
+from srlib.paths import atomic_path, data_dir
+
+SPLITS = ("train", "val", "test")
+BUILTIN_NAMES = (
+    *(f"truthfulqa:{s}" for s in SPLITS),
+    *(f"hh-harmless:{s}" for s in SPLITS),
+    *(f"pku-saferlhf:{s}" for s in SPLITS),
+    "arc:pairs",
+)
+_DATA_DIR_HINT = (
+    "set SRLIB_DATA_DIR=<folder with truthfulqa/, hh_rlhf/, pku_saferlhf/, arc/>"
+    " or connect to the hub"
+)
+#: HH-RLHF pair counts for train and val (the rest is test), after the paper's setup.
+HH_SPLIT_SIZES = (1000, 312)
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One preference: `chosen` is the better response to `prompt`, `rejected` the worse.
+
+    `group_id` names the question or prompt the pair came from; splits never separate a group.
+    `pair_id` is unique and stable across runs (it names the source row).
+    """
+
+    prompt: str
+    chosen: str
+    rejected: str
+    source: str = ""
+    pair_id: str = ""
+    group_id: str = ""
+
+
+@dataclass(frozen=True)
+class MCQuestion:
+    """A TruthfulQA question with its answer sets, for MC1 (best vs incorrect) and MC2 scoring."""
+
+    question: str
+    best_answer: str
+    correct_answers: list[str]
+    incorrect_answers: list[str]
+    group_id: str
+
+
+@dataclass(frozen=True)
+class ArcQuestion:
+    """An ARC-Challenge question, its gold answer and its distractors (a prompt for generation)."""
+
+    question: str
+    answer: str
+    distractors: tuple[str, ...]
+    group_id: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat turns
+
+
+_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+
+
+def prompt_messages(prompt: str) -> list[dict[str, str]]:
+    """The chat turns of a prompt, for a chat template.
+
+    A plain prompt is one user turn. An HH-style transcript ("Human: ...\\n\\nAssistant: ...
+    \\n\\nHuman: ...") becomes alternating user/assistant turns ending on a user turn; empty
+    turns are dropped and consecutive turns of one speaker merged, since most chat templates
+    insist on alternation. A transcript that ends on a non-empty Assistant turn is an error.
+    """
+    text = prompt.strip()
+    if not text.startswith("Human:"):
+        return [{"role": "user", "content": text}]
+    parts = _TURN.split(text)  # ["", "Human", " text", "Assistant", " text", ...]
+    messages: list[dict[str, str]] = []
+    for speaker, content in zip(parts[1::2], parts[2::2]):
+        role = "user" if speaker == "Human" else "assistant"
+        content = content.strip()
+        if not content:
+            continue
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"] += "\n\n" + content
+        else:
+            messages.append({"role": role, "content": content})
+    if not messages or messages[-1]["role"] != "user":
+        raise DataError(
+            f"prompt transcript {text[:60]!r}... does not end with a Human turn; "
+            "a prompt must end where the assistant is to answer"
+        )
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading files line by line with locations for error messages
+
+
+Row = tuple[str, dict[str, Any]]  # (location "file:line" or "hub_id[row]", fields)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    """`text` squeezed onto one line (error messages must be a single line)."""
+    return " ".join(text.split())[:limit]
+
+
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line) for a UTF-8 text file, gzip-compressed if it ends in .gz."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            for lineno, raw in enumerate(handle, start=1):
+                try:
+                    yield lineno, raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise DataError(f"{path}:{lineno}: not UTF-8 text") from None
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise DataError(
+            f"{path}: cannot read ({_one_line(str(exc)) or type(exc).__name__})"
+        ) from exc
+
+
+def _json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file."""
+    for lineno, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{path}:{lineno}: malformed JSON ({exc.msg}, column {exc.colno})"
+            ) from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
+
+
+def _json_rows(path: Path) -> Iterator[Row]:
+    """The objects of a JSONL file as rows located "file:line"."""
+    for lineno, obj in _json_objects(path):
+        yield f"{path}:{lineno}", obj
+
+
+def _read_json_lines(path: Path) -> list[Row]:
+    """A JSONL file whose rows already have the common shape (HH-RLHF, PKU-SafeRLHF)."""
+    return list(_json_rows(path))
+
+
+def _identity(row: Row) -> Row:
+    """Hub rows that already have the common shape (same columns as the local file)."""
+    return row
+
+
+def _field(row: Row, name: str, kind: type = str) -> Any:
+    """Field `name` of a row, checked to be present and of type `kind`."""
+    where, fields = row
+    if name not in fields:
+        raise DataError(f"{where}: missing field '{name}'")
+    value = fields[name]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise DataError(
+            f"{where}: field '{name}' must be {kind.__name__}, got {type(value).__name__}"
+        )
+    return value
+
+
+def _text_field(row: Row, name: str) -> str:
+    """A string field that must not be empty or whitespace-only."""
+    value = _field(row, name)
+    if not value.strip():
+        raise DataError(f"{row[0]}: field '{name}' is empty")
+    return value
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in data sets: where they live, and how each becomes records
+
+
+class _Normalised(NamedTuple):
+    """What a normalisation function returns: groups of records, and the rows it dropped."""
+
+    groups: tuple[Any, ...]
+    skipped: dict[str, int]
+
+
+@dataclass(frozen=True)
+class _Source:
+    """A built-in data set: its local file, its hub call, and how rows reach the common shape."""
+
+    relpath: str
+    read_local: Callable[[Path], list[Row]]
+    hub_id: str
+    hub_kwargs: dict[str, str]  # config `name`, `data_dir`, `split` for datasets.load_dataset
+    from_hub: Callable[[Row], Row]
+    normalise: Callable[[list[Row]], _Normalised]
+
+
+def _hub_rows(source: _Source) -> list[Row]:
+    """Rows from `datasets.load_dataset`, or a one-line DataError saying what to set instead."""
+    hub_id = source.hub_id
+    try:
+        import datasets
+
+        dataset = datasets.load_dataset(hub_id, **source.hub_kwargs)
+        rows = [(f"{hub_id}[{i}]", dict(row)) for i, row in enumerate(dataset)]
+    except Exception as exc:  # offline, hub down, changed schema: all mean "cannot use the hub"
+        detail = _one_line(str(exc), 120)
+        raise DataError(
+            f"cannot load {hub_id} from the hub ({type(exc).__name__}"
+            f"{': ' + detail if detail else ''}); " + _DATA_DIR_HINT
+        ) from exc
+    return [source.from_hub(row) for row in rows]
+
+
+def _file_stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=32)
+def _normalised_local(name: str, path: str, stamp: tuple[int, int]) -> _Normalised:
+    """The normalised records of a local file, parsed once per process (and per file version)."""
+    del stamp  # part of the cache key only: an edited file is parsed again
+    source = _SOURCES[name]
+    return source.normalise(source.read_local(Path(path)))
+
+
+def _normalised(name: str) -> _Normalised:
+    """The normalised records of built-in data set `name`, from SRLIB_DATA_DIR or the hub."""
+    source = _SOURCES[name]
+    folder = data_dir()
+    if folder is None:
+        return source.normalise(_hub_rows(source))
+    path = folder / source.relpath
+    if not path.is_file():
+        raise DataError(f"SRLIB_DATA_DIR={folder} has no {source.relpath}; " + _DATA_DIR_HINT)
+    return _normalised_local(name, str(path), _file_stamp(path))
+
+
+def skipped_counts(name: str) -> dict[str, int]:
+    """How many rows (or answers) the loader of `name` dropped, by reason.
+
+    `name` is a data set name: "truthfulqa", "hh-harmless", "pku-saferlhf" or "arc".
+    """
+    if name not in _SOURCES:
+        raise DataError(f"unknown data set {name!r}; valid: {', '.join(_SOURCES)}")
+    return dict(_normalised(name).skipped)
+
+
+# --- TruthfulQA ------------------------------------------------------------------------------
+# Common row: question, best_answer, correct_answers (list), incorrect_answers (list).
+
+_TQA_COLUMNS = {
+    "question": "Question",
+    "best_answer": "Best Answer",
+    "correct_answers": "Correct Answers",
+    "incorrect_answers": "Incorrect Answers",
+}
+
+
+def _read_truthfulqa_csv(path: Path) -> list[Row]:
+    """TruthfulQA.csv rows in the common shape (answers split on ';')."""
+    text = "".join(line for _, line in _text_lines(path))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = [col for col in _TQA_COLUMNS.values() if col not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(f"{path}:1: missing column '{missing[0]}'")
+    rows: list[Row] = []
+    for record in reader:
+        where = f"{path}:{reader.line_num}"
+        fields = {key: record[col] for key, col in _TQA_COLUMNS.items()}
+        for key in ("correct_answers", "incorrect_answers"):
+            fields[key] = (fields[key] or "").split(";")
+        rows.append((where, fields))
+    return rows
+
+
+def _answers(row: Row, name: str, counts: dict[str, int]) -> list[str]:
+    """A list-of-strings field, stripped, empty answers dropped (and counted)."""
+    value = _field(row, name, list)
+    answers = []
+    for answer in value:
+        if not isinstance(answer, str):
+            raise DataError(
+                f"{row[0]}: field '{name}' must hold strings, got {type(answer).__name__}"
+            )
+        if answer.strip():
+            answers.append(answer.strip())
+        else:
+            counts["empty_answers"] += 1
+    return answers
+
+
+def _normalise_truthfulqa(rows: list[Row]) -> _Normalised:
+    """One group per question: (MCQuestion, its pairs).
+
+    Pairs zip the i-th correct answer with the i-th incorrect answer; a pair whose two answers
+    are the same text is dropped (the CSV lists "Unknown" as both correct and incorrect twice).
+    """
+    counts = {"empty_answers": 0, "identical_pairs": 0}
+    groups = []
+    for index, row in enumerate(rows):
+        question = _text_field(row, "question").strip()
+        best = _text_field(row, "best_answer").strip()
+        correct = _answers(row, "correct_answers", counts)
+        incorrect = _answers(row, "incorrect_answers", counts)
+        group_id = f"truthfulqa:q{index}"
+        pairs = []
+        for j, (good, bad) in enumerate(zip(correct, incorrect)):
+            if good == bad:
+                counts["identical_pairs"] += 1
+                continue
+            pairs.append(
+                PreferencePair(question, good, bad, "truthfulqa", f"{group_id}:{j}", group_id)
+            )
+        mc = (question, best, tuple(correct), tuple(incorrect), group_id)
+        groups.append((mc, tuple(pairs)))
+    return _Normalised(tuple(groups), counts)
+
+
+# --- HH-RLHF harmless-base -------------------------------------------------------------------
+# Common row: chosen, rejected (full transcripts), as in both the file and the hub.
+
+_ASSISTANT = "\n\nAssistant:"
+
+
+def _normalise_hh(rows: list[Row]) -> _Normalised:
+    """One pair per row: prompt = the shared dialogue before the last Assistant turn.
+
+    Rows are dropped (and counted) when the two transcripts differ before their last
+    Assistant turn (a malformed transcript: 5 rows in the test split), when a final answer
+    is empty (4 rows), or when both final answers are the same.
+    """
+    counts = {"prefix_mismatch": 0, "empty_response": 0, "identical_pairs": 0}
+    pairs = []
+    for index, row in enumerate(rows):
+        chosen_text, rejected_text = _text_field(row, "chosen"), _text_field(row, "rejected")
+        cut_c, cut_r = chosen_text.rfind(_ASSISTANT), rejected_text.rfind(_ASSISTANT)
+        if cut_c < 0 or cut_r < 0:
+            raise DataError(
+                f"{row[0]}: field '{'chosen' if cut_c < 0 else 'rejected'}' has no Assistant turn"
+            )
+        if chosen_text[:cut_c] != rejected_text[:cut_r]:
+            counts["prefix_mismatch"] += 1
+            continue
+        chosen = chosen_text[cut_c + len(_ASSISTANT) :].strip()
+        rejected = rejected_text[cut_r + len(_ASSISTANT) :].strip()
+        if not chosen or not rejected:
+            counts["empty_response"] += 1
+            continue
+        if chosen == rejected:
+            counts["identical_pairs"] += 1
+            continue
+        prompt = chosen_text[:cut_c].strip()
+        pairs.append(
+            PreferencePair(
+                prompt,
+                chosen,
+                rejected,
+                "hh-harmless",
+                f"hh-harmless:{index}",
+                f"hh-harmless:{_short_hash(prompt)}",
+            )
+        )
+    return _Normalised(_group_pairs(pairs), counts)
+
+
+def _group_pairs(pairs: Iterable[PreferencePair]) -> tuple[tuple[PreferencePair, ...], ...]:
+    """Pairs grouped by group_id, groups in order of first appearance."""
+    groups: dict[str, list[PreferencePair]] = {}
+    for pair in pairs:
+        groups.setdefault(pair.group_id, []).append(pair)
+    return tuple(tuple(group) for group in groups.values())
+
+
+# --- PKU-SafeRLHF ----------------------------------------------------------------------------
+# Common row: prompt, response_0, response_1, safer_response_id, as in both the file and the hub.
+
+
+def _normalise_pku(rows: list[Row]) -> _Normalised:
+    """chosen = response[safer_response_id], rejected = the other response; grouped by prompt."""
+    counts = {"identical_pairs": 0}
+    pairs = []
+    for index, row in enumerate(rows):
+        prompt = _text_field(row, "prompt").strip()
+        responses = (_text_field(row, "response_0").strip(), _text_field(row, "response_1").strip())
+        safer = _field(row, "safer_response_id", int)
+        if safer not in (0, 1):
+            raise DataError(f"{row[0]}: field 'safer_response_id' must be 0 or 1, got {safer}")
+        if responses[0] == responses[1]:
+            counts["identical_pairs"] += 1
+            continue
+        pairs.append(
+            PreferencePair(
+                prompt,
+                responses[safer],
+                responses[1 - safer],
+                "pku-saferlhf",
+                f"pku-saferlhf:{index}",
+                f"pku-saferlhf:{_short_hash(prompt)}",
+            )
+        )
+    return _Normalised(_group_pairs(pairs), counts)
+
+
+# --- ARC-Challenge ---------------------------------------------------------------------------
+# Common row: question, answer, distractors (list).
+
+
+def _read_arc_jsonl(path: Path) -> list[Row]:
+    """arc_challenge.jsonl: a label-1 line (question, gold answer) then its label-0 distractors."""
+    rows: list[Row] = []
+    for row in _json_rows(path):
+        question, answer = _field(row, "question"), _field(row, "answer")
+        label = _field(row, "label", int)
+        if label == 1:
+            rows.append((row[0], {"question": question, "answer": answer, "distractors": []}))
+        elif label == 0:
+            if not rows or rows[-1][1]["question"] != question:
+                raise DataError(
+                    f"{row[0]}: field 'question' does not match the label-1 line before it"
+                )
+            rows[-1][1]["distractors"].append(answer)
+        else:
+            raise DataError(f"{row[0]}: field 'label' must be 0 or 1, got {label}")
+    return rows
+
+
+def _arc_from_hub(row: Row) -> Row:
+    """allenai/ai2_arc rows (question, choices{text,label}, answerKey) in the common shape."""
+    choices = _field(row, "choices", dict)
+    texts, labels = choices.get("text"), choices.get("label")
+    key = _field(row, "answerKey")
+    if not isinstance(texts, list) or not isinstance(labels, list) or key not in labels:
+        raise DataError(f"{row[0]}: field 'answerKey' {key!r} is not among the choice labels")
+    gold = labels.index(key)
+    fields = {
+        "question": _field(row, "question"),
+        "answer": texts[gold],
+        "distractors": [text for i, text in enumerate(texts) if i != gold],
+    }
+    return row[0], fields
+
+
+def _normalise_arc(rows: list[Row]) -> _Normalised:
+    """One group per question: (ArcQuestion, one pair per distractor: gold vs distractor)."""
+    counts = {"empty_answers": 0, "identical_pairs": 0}
+    groups = []
+    for index, row in enumerate(rows):
+        question, answer = _text_field(row, "question").strip(), _text_field(row, "answer").strip()
+        distractors = tuple(_answers(row, "distractors", counts))
+        group_id = f"arc:q{index}"
+        pairs = []
+        for j, distractor in enumerate(distractors):
+            if distractor == answer:
+                counts["identical_pairs"] += 1
+                continue
+            pairs.append(
+                PreferencePair(question, answer, distractor, "arc", f"{group_id}:{j}", group_id)
+            )
+        groups.append((ArcQuestion(question, answer, distractors, group_id), tuple(pairs)))
+    return _Normalised(tuple(groups), counts)
+
+
+_SOURCES = {
+    "truthfulqa": _Source(
+        "truthfulqa/TruthfulQA.csv",
+        _read_truthfulqa_csv,
+        "truthfulqa/truthful_qa",
+        {"name": "generation", "split": "validation"},
+        _identity,
+        _normalise_truthfulqa,
+    ),
+    "hh-harmless": _Source(
+        "hh_rlhf/harmless-base-test.jsonl.gz",
+        _read_json_lines,
+        "Anthropic/hh-rlhf",
+        {"data_dir": "harmless-base", "split": "test"},
+        _identity,
+        _normalise_hh,
+    ),
+    # The hub path reads the whole Alpaca-7B test file; the local file holds its first rows.
+    "pku-saferlhf": _Source(
+        "pku_saferlhf/alpaca7b_test_head.jsonl",
+        _read_json_lines,
+        "PKU-Alignment/PKU-SafeRLHF",
+        {"name": "alpaca-7b", "split": "test"},
+        _identity,
+        _normalise_pku,
+    ),
+    # The hub has every distractor (3 pairs a question); the local file has one per question.
+    "arc": _Source(
+        "arc/arc_challenge.jsonl",
+        _read_arc_jsonl,
+        "allenai/ai2_arc",
+        {"name": "ARC-Challenge", "split": "test"},
+        _arc_from_hub,
+        _normalise_arc,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+
+
+def _fraction_cut(sizes: Sequence[int]) -> tuple[int, int]:
+    """4:1:5 by number of groups: floor(0.4 n) train, floor(0.1 n) val, the rest test."""
+    n = len(sizes)
+    return n * 4 // 10, n * 4 // 10 + n // 10
+
+
+def _reach(sizes: Sequence[int], start: int, target: int) -> int:
+    """The index after the groups from `start` that first hold `target` pairs together."""
+    end, total = start, 0
+    while end < len(sizes) and total < target:
+        total += sizes[end]
+        end += 1
+    return end
+
+
+def _size_cut(targets: tuple[int, int]) -> Callable[[Sequence[int]], tuple[int, int]]:
+    """Train = the first groups reaching `targets[0]` pairs, val the next reaching `targets[1]`."""
+
+    def cut(sizes: Sequence[int]) -> tuple[int, int]:
+        train_end = _reach(sizes, 0, targets[0])
+        return train_end, _reach(sizes, train_end, targets[1])
+
+    return cut
+
+
+def _split_indices(
+    sizes: Sequence[int], split: str, seed: int, cut: Callable[[Sequence[int]], tuple[int, int]]
+) -> list[int]:
+    """Indices of the groups in `split`, in seeded shuffled order (groups have `sizes` pairs)."""
+    _check_split(split)
+    order = list(range(len(sizes)))
+    random.Random(seed).shuffle(order)
+    a, b = cut([sizes[i] for i in order])
+    return {"train": order[:a], "val": order[a:b], "test": order[b:]}[split]
+
+
+def _split_pairs(
+    groups: Sequence[Sequence[PreferencePair]],
+    split: str,
+    seed: int,
+    cut: Callable[[Sequence[int]], tuple[int, int]],
+) -> list[PreferencePair]:
+    chosen = _split_indices([len(g) for g in groups], split, seed, cut)
+    return [pair for i in chosen for pair in groups[i]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Public loaders
+
+
+def load_truthfulqa(split: str, seed: int = 0) -> list[PreferencePair]:
+    """TruthfulQA pairs (correct vs incorrect answer) of one split, by question 4:1:5."""
+    groups = _normalised("truthfulqa").groups
+    return _split_pairs([pairs for _, pairs in groups], split, seed, _fraction_cut)
+
+
+def load_truthfulqa_mc(split: str, seed: int = 0) -> list[MCQuestion]:
+    """TruthfulQA questions of one split (the same question split as `load_truthfulqa`)."""
+    groups = _normalised("truthfulqa").groups
+    indices = _split_indices([len(pairs) for _, pairs in groups], split, seed, _fraction_cut)
+    questions = []
+    for i in indices:
+        question, best, correct, incorrect, group_id = groups[i][0]
+        questions.append(MCQuestion(question, best, list(correct), list(incorrect), group_id))
+    return questions
+
+
+def load_hh_harmless(split: str, seed: int = 0) -> list[PreferencePair]:
+    """HH-RLHF harmless-base test pairs, split ~1,000 / 312 / rest by prompt."""
+    return _split_pairs(_normalised("hh-harmless").groups, split, seed, _size_cut(HH_SPLIT_SIZES))
+
+
+def load_pku_saferlhf(split: str, seed: int = 0) -> list[PreferencePair]:
+    """PKU-SafeRLHF pairs (safer response chosen) of one split, by prompt 4:1:5."""
+    return _split_pairs(_normalised("pku-saferlhf").groups, split, seed, _fraction_cut)
+
+
+def load_arc_pairs() -> list[PreferencePair]:
+    """ARC-Challenge pairs, gold answer vs distractor, in file order (no split)."""
+    return [pair for _, pairs in _normalised("arc").groups for pair in pairs]
+
+
+def load_arc_prompts() -> list[ArcQuestion]:
+    """ARC-Challenge questions with their gold answer, as prompts for self-generated pairs."""
+    return [question for question, _ in _normalised("arc").groups]
+
+
+_LOADERS: dict[str, Callable[[int], list[PreferencePair]]] = {
+    **{f"truthfulqa:{s}": functools.partial(load_truthfulqa, s) for s in SPLITS},
+    **{f"hh-harmless:{s}": functools.partial(load_hh_harmless, s) for s in SPLITS},
+    **{f"pku-saferlhf:{s}": functools.partial(load_pku_saferlhf, s) for s in SPLITS},
+    "arc:pairs": lambda seed: load_arc_pairs(),
+}
+
+
+def load_pairs(
+    spec: str | os.PathLike, *, seed: int = 0, max_pairs: int | None = None
+) -> list[PreferencePair]:
+    """Pairs from a built-in name (see `BUILTIN_NAMES`) or a JSONL file.
+
+    `seed` picks the split of a built-in data set (ignored for `arc:pairs` and files);
+    `max_pairs` keeps the first n pairs, i.e. a seeded subset of whole groups plus a part of one.
+    """
+    if max_pairs is not None and max_pairs < 1:
+        raise ConfigError(f"max_pairs must be at least 1, got {max_pairs}")
+    text = os.fspath(spec)
+    if text in _LOADERS:
+        pairs = _LOADERS[text](seed)
+    elif (
+        isinstance(spec, os.PathLike)
+        or text.endswith((".jsonl", ".jsonl.gz"))
+        or os.sep in text
+        or Path(text).is_file()
+    ):
+        pairs = read_jsonl(text)
+    else:
+        raise DataError(
+            f"unknown data set {text!r}; valid: {', '.join(BUILTIN_NAMES)},"
+            " or a path to a .jsonl file"
+        )
+    return pairs[:max_pairs] if max_pairs is not None else pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# JSONL in TRL's format
+
+_EXTRA_FIELDS = ("source", "pair_id", "group_id")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[PreferencePair]:
+    """Pairs from a JSONL file of {"prompt", "chosen", "rejected"} objects (TRL's format).
+
+    Optional string keys `source`, `pair_id`, `group_id` are kept; other keys are ignored.
+    Missing ids get stable defaults: pair_id "<file name>:<line>", group_id a hash of the
+    prompt (so splits keep a prompt's pairs together). Texts are kept as written.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    pairs = []
+    for lineno, obj in _json_objects(path):
+        where = f"{path}:{lineno}"
+        row = (where, obj)
+        prompt, chosen, rejected = (
+            _text_field(row, key) for key in ("prompt", "chosen", "rejected")
+        )
+        if chosen == rejected:
+            raise DataError(f"{where}: field 'rejected' is identical to 'chosen'")
+        extras = {key: _field(row, key) for key in _EXTRA_FIELDS if key in obj}
+        extras.setdefault("pair_id", f"{path.name}:{lineno}")
+        extras.setdefault("group_id", f"prompt:{_short_hash(prompt)}")
+        pairs.append(PreferencePair(prompt, chosen, rejected, **extras))
+    if not pairs:
+        n_lines = sum(1 for _ in _text_lines(path))
+        raise DataError(f"{path}:{max(n_lines, 1)}: no preference pairs in the file (it is empty)")
+    return pairs
+
+
+def write_jsonl(pairs: Iterable[PreferencePair], path: str | os.PathLike) -> None:
+    """Write pairs as JSONL in TRL's format (non-empty source/pair_id/group_id kept), atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        for pair in pairs:
+            record = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
+            record.update({key: getattr(pair, key) for key in _EXTRA_FIELDS if getattr(pair, key)})
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
