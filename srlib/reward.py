@@ -1,0 +1,822 @@
+"""Reward models read from hidden states: SparseRM (paper §3.2, eq. 10-13), its ablations, DenseRM.
+
+A reward model here is two parts:
+
+1. a fixed **feature map** from the hidden state z of the last token (``[n, d]``) to a
+   feature vector: ``projection`` (the paper's v_p = [z·F_w | z·F_l], eq. 10-12), ``latents``
+   (the SAE activations of the same selected latents, Table 2), ``random`` (projections on as
+   many random unit directions, Table 2) or ``dense`` (z itself: DenseRM, §5.2);
+2. a trained **reward head**, an MLP Linear(m, 512) → ReLU → Linear(512, 1) that maps the
+   features to a scalar score, trained on preference pairs with the margin loss (eq. 13) or,
+   for the ablation of Table 3, the Bradley-Terry or BCE loss.
+
+What the paper leaves open, and the defaults chosen here (each is a parameter; the book
+picks the final values on validation data):
+
+* Head: "a single-layer MLP with a hidden dimension of 512" is read as one hidden layer of
+  512 units with ReLU, i.e. 2K·512 + 512 + 512 + 1 = 132,097 trainable numbers for K = 128.
+* Feature scaling (``standardize=True``): each feature is standardised with the mean and
+  standard deviation of the training features of chosen AND rejected responses; the
+  statistics live in the head as buffers, so they are applied inside ``forward`` and saved
+  with it. A constant feature (std ≤ 1e-6) keeps scale 1. This gained +1.9 points on
+  TruthfulQA in earlier trials. With standardisation on, decoder-row normalisation
+  (``normalize_directions``, default False as in the paper) cannot change the model: scaling
+  a direction scales its projection and its std alike.
+* γ (``gamma=1.0``): with standardised inputs the scores are O(1); for a ReLU head γ only
+  sets the scale of the scores (a positively homogeneous network with γ is the same network,
+  rescaled, with γ = 1), so 1.0 is the natural unit.
+* Optimiser: Adam, lr 1e-3, no weight decay, minibatches of 64 pairs, up to 50 epochs with
+  early stopping on validation pair accuracy (patience 10); the state of the best epoch is
+  kept. Without a validation set nothing is held out: all ``epochs`` run and the last state is
+  kept (use the best epoch of a run with validation as ``epochs`` then).
+* Ties: a pair counts as correct only when s_w > s_l strictly.
+
+Saved format (``save_pretrained(dir)``): ``dir/config.json`` (what the model is and how it
+was trained) and ``dir/model.safetensors`` (``head.*`` weights and standardisation,
+``features.*`` tensors: for ``projection`` and ``random`` the [2K, d] direction matrix, so
+scoring needs no SAE). The ``latents`` map needs the whole SAE encoder (a TopK SAE picks its
+active latents among all of them), so it also writes ``dir/sae/`` in sae-lens format.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import srlib
+from srlib.errors import ConfigError, SrlibError
+from srlib.paths import atomic_path
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+SAE_DIR_NAME = "sae"
+FORMAT_NAME = "srlib-reward-model"
+FORMAT_VERSION = 1
+STD_EPS = 1e-6
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _as_states(Z: Tensor, name: str, d: int | None = None) -> Tensor:
+    """Check that Z is a 2-D [n, d] tensor (of width d if given) and return it as float32 CPU."""
+    if not isinstance(Z, Tensor) or Z.ndim != 2:
+        shape = tuple(Z.shape) if isinstance(Z, Tensor) else type(Z).__name__
+        raise ConfigError(f"{name} must be a 2-D [n, d] tensor, got {shape}")
+    if d is not None and Z.shape[1] != d:
+        raise ConfigError(f"{name} has width {Z.shape[1]} but {d} was expected")
+    return Z.detach().to(device="cpu", dtype=torch.float32)
+
+
+def _check_pair_tensors(A: Tensor, B: Tensor, what: str, d: int | None = None) -> tuple[Tensor, Tensor]:
+    """Check a chosen/rejected pair of [n, d] tensors: same shape, n > 0, finite."""
+    A = _as_states(A, f"{what} chosen", d)
+    B = _as_states(B, f"{what} rejected", d)
+    if A.shape != B.shape:
+        raise ConfigError(f"{what} chosen {tuple(A.shape)} and rejected {tuple(B.shape)} differ in shape")
+    if A.shape[0] == 0:
+        raise ConfigError(f"the {what} set is empty")
+    if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        raise ConfigError(f"the {what} set contains NaN or infinite values")
+    return A, B
+
+
+def _sae_dims(sae) -> tuple[int, int]:
+    """(d_in, d_sae) of an sae-lens SAE."""
+    return int(sae.cfg.d_in), int(sae.cfg.d_sae)
+
+
+def _check_sae(sae, d: int, k: int | None = None) -> None:
+    """The SAE must read vectors of width d and (if k is given) have at least k latents."""
+    d_in, d_sae = _sae_dims(sae)
+    if d_in != d:
+        raise ConfigError(f"the SAE reads vectors of width {d_in} but the hidden size is {d}")
+    if k is not None and not 1 <= k <= d_sae:
+        raise ConfigError(f"k={k} is out of range: the SAE has {d_sae} latents")
+
+
+# ----------------------------------------------------------------------------- feature maps
+
+
+class FeatureMap:
+    """A fixed map from hidden states Z [n, in_dim] to reward-head features [n, out_dim].
+
+    Subclasses set `kind`, implement `__call__`, `config` and (if they hold tensors)
+    `state_dict`; `from_state` rebuilds one from its `config()` and `state_dict()`.
+    """
+
+    kind: ClassVar[str]
+    in_dim: int
+    out_dim: int
+
+    def __call__(self, Z: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able description (kind, widths, and what else rebuilding needs)."""
+        return {"kind": self.kind, "in_dim": self.in_dim, "out_dim": self.out_dim}
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The tensors that define the map (saved in model.safetensors under `features.`)."""
+        return {}
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, Tensor], sae=None) -> "FeatureMap":
+        raise NotImplementedError
+
+
+class ProjectionFeatures(FeatureMap):
+    """Eq. 10-12: v_p = Z @ vectors.T, i.e. [z·F_w | z·F_l] for vectors = [F_w ; F_l] ([2K, d])."""
+
+    kind = "projection"
+
+    def __init__(self, vectors: Tensor):
+        self.vectors = _as_states(vectors, "the direction matrix")
+        self.out_dim, self.in_dim = self.vectors.shape
+
+    def __call__(self, Z: Tensor) -> Tensor:
+        return _as_states(Z, "hidden states", self.in_dim) @ self.vectors.T
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"vectors": self.vectors}
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, Tensor], sae=None) -> "ProjectionFeatures":
+        return cls(tensors["vectors"])
+
+
+def random_unit_vectors(d: int, m: int, seed: int = 0) -> Tensor:
+    """m directions drawn uniformly on the unit sphere of R^d (Gaussian rows, normalised)."""
+    generator = torch.Generator().manual_seed(seed)
+    vectors = torch.randn(m, d, generator=generator)
+    return vectors / vectors.norm(dim=1, keepdim=True)
+
+
+class RandomFeatures(ProjectionFeatures):
+    """Table 2's control: projections on m random unit directions instead of the SAE's."""
+
+    kind = "random"
+
+    def __init__(self, d: int, m: int, seed: int = 0):
+        if d < 1 or m < 1:
+            raise ConfigError(f"random features need d >= 1 and m >= 1, got d={d}, m={m}")
+        super().__init__(random_unit_vectors(d, m, seed))
+        self.seed = seed
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "seed": self.seed}
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, Tensor], sae=None) -> "RandomFeatures":
+        features = cls(config["in_dim"], config["out_dim"], config["seed"])
+        features.vectors = tensors["vectors"].float()  # saved, so a new torch RNG cannot change them
+        return features
+
+
+class LatentFeatures(FeatureMap):
+    """Table 2's ablation: the SAE activations of the selected latents, encode(sae, Z)[:, indices]."""
+
+    kind = "latents"
+
+    def __init__(self, sae, indices: Tensor | Sequence[int]):
+        self.sae = sae
+        self.in_dim, d_sae = _sae_dims(sae)
+        self.indices = torch.as_tensor(indices, dtype=torch.long).flatten()
+        if self.indices.numel() == 0:
+            raise ConfigError("latent features need at least one latent index")
+        if self.indices.min() < 0 or self.indices.max() >= d_sae:
+            raise ConfigError(f"a latent index is out of range: the SAE has {d_sae} latents")
+        self.out_dim = int(self.indices.numel())
+
+    def __call__(self, Z: Tensor) -> Tensor:
+        from srlib.sae import encode
+
+        return encode(self.sae, _as_states(Z, "hidden states", self.in_dim))[:, self.indices].float()
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"indices": self.indices}
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, Tensor], sae=None) -> "LatentFeatures":
+        if sae is None:
+            raise ConfigError("latent features need their SAE to be rebuilt")
+        return cls(sae, tensors["indices"])
+
+
+class DenseFeatures(FeatureMap):
+    """DenseRM (§5.2): the hidden state itself, z -> z (width d)."""
+
+    kind = "dense"
+
+    def __init__(self, d: int):
+        if d < 1:
+            raise ConfigError(f"dense features need d >= 1, got {d}")
+        self.in_dim = self.out_dim = d
+
+    def __call__(self, Z: Tensor) -> Tensor:
+        return _as_states(Z, "hidden states", self.in_dim)
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, Tensor], sae=None) -> "DenseFeatures":
+        return cls(config["in_dim"])
+
+
+FEATURE_MAPS: dict[str, type[FeatureMap]] = {
+    cls.kind: cls for cls in (ProjectionFeatures, LatentFeatures, RandomFeatures, DenseFeatures)
+}
+
+
+def make_features(kind: str, *, directions=None, sae=None, d: int | None = None, seed: int = 0) -> FeatureMap:
+    """Build a feature map by name.
+
+    projection: needs `directions` (a `srlib.directions.Directions`, uses `.vectors`);
+    latents: needs `directions` (uses `.indices`) and the `sae`;
+    random: 2K random unit directions (K from `directions`, width from `directions` or `d`), `seed`;
+    dense: needs `d` (the hidden size).
+    """
+    if kind not in FEATURE_MAPS:
+        raise ConfigError(f"unknown feature kind {kind!r}; choose one of: {', '.join(FEATURE_MAPS)}")
+    if kind == "dense":
+        if d is None:
+            raise ConfigError("dense features need the hidden size d")
+        return DenseFeatures(d)
+    if directions is None:
+        raise ConfigError(f"{kind} features need the selected directions")
+    if kind == "projection":
+        return ProjectionFeatures(directions.vectors)
+    if kind == "random":
+        width = int(directions.vectors.shape[1]) if d is None else d
+        return RandomFeatures(width, int(directions.indices.numel()), seed)
+    if sae is None:
+        raise ConfigError("latent features need the SAE")
+    return LatentFeatures(sae, directions.indices)
+
+
+# ----------------------------------------------------------------------------- head and losses
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+class RewardHead(nn.Module):
+    """The reward head: standardise → Linear(in_dim, hidden) → activation → Linear(hidden, 1).
+
+    The paper's "single-layer MLP with a hidden dimension of 512". The feature standardisation
+    (buffers `mean`, `std`; identity until `set_standardization` is called) is part of the
+    module, so it is applied in `forward` and saved with the weights. It is not trained.
+    """
+
+    def __init__(self, in_dim: int, hidden: int = 512, activation: str = "relu"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {activation!r}; choose one of: {', '.join(ACTIVATIONS)}")
+        if in_dim < 1 or hidden < 1:
+            raise ConfigError(f"the reward head needs in_dim >= 1 and hidden >= 1, got {in_dim}, {hidden}")
+        self.in_dim, self.hidden, self.activation = in_dim, hidden, activation
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), ACTIVATIONS[activation](), nn.Linear(hidden, 1))
+        self.register_buffer("mean", torch.zeros(in_dim))
+        self.register_buffer("std", torch.ones(in_dim))
+
+    def set_standardization(self, X: Tensor) -> None:
+        """Store the per-feature mean and std of X (rows: chosen and rejected training features)."""
+        std = X.std(dim=0, unbiased=False)
+        self.mean.copy_(X.mean(dim=0))
+        self.std.copy_(torch.where(std > STD_EPS, std, torch.ones_like(std)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Scores [n] for features x [n, in_dim]."""
+        return self.net((x - self.mean) / self.std).squeeze(-1)
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def config(self) -> dict[str, Any]:
+        return {"in_dim": self.in_dim, "hidden": self.hidden, "activation": self.activation}
+
+
+def margin_loss(s_w: Tensor, s_l: Tensor, gamma: float = 1.0) -> Tensor:
+    """Eq. 13: mean over pairs of max(0, γ − (s_w − s_l))."""
+    return torch.clamp(gamma - (s_w - s_l), min=0).mean()
+
+
+def bt_loss(s_w: Tensor, s_l: Tensor) -> Tensor:
+    """Bradley-Terry: mean over pairs of −log σ(s_w − s_l)."""
+    return -F.logsigmoid(s_w - s_l).mean()
+
+
+def bce_loss(s_w: Tensor, s_l: Tensor) -> Tensor:
+    """BCE on single scores as logits: every chosen response labelled 1, every rejected 0.
+
+    Unlike the two pairwise losses it depends on the absolute scores, not only on s_w − s_l.
+    """
+    logits = torch.cat([s_w, s_l])
+    labels = torch.cat([torch.ones_like(s_w), torch.zeros_like(s_l)])
+    return F.binary_cross_entropy_with_logits(logits, labels)
+
+
+LOSSES: dict[str, Callable[..., Tensor]] = {"margin": margin_loss, "bt": bt_loss, "bce": bce_loss}
+
+
+def get_loss(name: str, *, gamma: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:
+    """The loss `name` as a function of (s_w, s_l); γ is used by the margin loss only."""
+    if name not in LOSSES:
+        raise ConfigError(f"unknown loss {name!r}; choose one of: {', '.join(LOSSES)}")
+    if name == "margin":
+        if not gamma > 0:
+            raise ConfigError(f"the margin gamma must be > 0, got {gamma}")
+        return lambda s_w, s_l: margin_loss(s_w, s_l, gamma)
+    return LOSSES[name]
+
+
+def pair_accuracy(s_w: Tensor, s_l: Tensor) -> float:
+    """Fraction of pairs with s_w > s_l. A tie counts as wrong (a constant model scores 0, not 0.5)."""
+    if s_w.shape != s_l.shape or s_w.numel() == 0:
+        raise ConfigError(f"pair_accuracy needs two non-empty score tensors of one shape, got "
+                          f"{tuple(s_w.shape)} and {tuple(s_l.shape)}")
+    return (s_w > s_l).float().mean().item()
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class FitHistory:
+    """What `fit_head` did: per-epoch curves, the epoch whose state was kept, and the settings.
+
+    `best_epoch` is 1-based; without a validation set it is the last epoch run.
+    """
+
+    settings: dict[str, Any]
+    train_loss: list[float] = field(default_factory=list)
+    val_accuracy: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    best_epoch: int = 0
+    stopped_early: bool = False
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.train_loss)
+
+    @property
+    def best_val_accuracy(self) -> float | None:
+        return self.val_accuracy[self.best_epoch - 1] if self.val_accuracy else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "epochs_run": self.epochs_run, "best_val_accuracy": self.best_val_accuracy}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "FitHistory":
+        keys = ("settings", "train_loss", "val_accuracy", "val_loss", "best_epoch", "stopped_early")
+        return cls(**{key: data[key] for key in keys})
+
+
+def _seeded_head(in_dim: int, hidden: int, activation: str, seed: int) -> RewardHead:
+    """A RewardHead whose initial weights depend only on `seed` (the global RNG is left alone)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return RewardHead(in_dim, hidden, activation)
+
+
+def fit_head(
+    X_w: Tensor,
+    X_l: Tensor,
+    Xv_w: Tensor | None = None,
+    Xv_l: Tensor | None = None,
+    *,
+    loss: str = "margin",
+    gamma: float = 1.0,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    epochs: int = 50,
+    batch_size: int = 64,
+    patience: int = 10,
+    hidden: int = 512,
+    activation: str = "relu",
+    standardize: bool = True,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[RewardHead, FitHistory]:
+    """Train a RewardHead on features of preference pairs (row i of X_w is preferred to row i of X_l).
+
+    Adam on shuffled minibatches of pairs. With a validation set (Xv_w, Xv_l), the pair
+    accuracy is measured after every epoch (ties broken by the lower validation loss); training
+    stops after `patience` epochs without improvement and the best epoch's state is returned.
+    Without one, all `epochs` run and the last state is returned. Deterministic given `seed`
+    (initial weights and the order of the minibatches).
+    """
+    X_w, X_l = _check_pair_tensors(X_w, X_l, "training")
+    if (Xv_w is None) != (Xv_l is None):
+        raise ConfigError("give both validation tensors (chosen and rejected) or neither")
+    has_val = Xv_w is not None
+    if has_val:
+        Xv_w, Xv_l = _check_pair_tensors(Xv_w, Xv_l, "validation", X_w.shape[1])
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("patience", patience)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if not lr > 0:
+        raise ConfigError(f"lr must be > 0, got {lr}")
+    loss_fn = get_loss(loss, gamma=gamma)
+
+    settings = dict(loss=loss, gamma=gamma, lr=lr, weight_decay=weight_decay, epochs=epochs,
+                    batch_size=batch_size, patience=patience, hidden=hidden, activation=activation,
+                    standardize=standardize, seed=seed, optimizer="adam")
+    history = FitHistory(settings=settings)
+    head = _seeded_head(X_w.shape[1], hidden, activation, seed)
+    if standardize:
+        head.set_standardization(torch.cat([X_w, X_l]))
+    optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    n = X_w.shape[0]
+    best_key, best_state, waited = None, None, 0
+
+    bar = tqdm(range(1, epochs + 1), desc="reward head", disable=not progress)
+    for epoch in bar:
+        head.train()
+        total = 0.0
+        for batch in torch.randperm(n, generator=generator).split(batch_size):
+            batch_loss = loss_fn(head(X_w[batch]), head(X_l[batch]))
+            optimizer.zero_grad()
+            batch_loss.backward()
+            optimizer.step()
+            total += batch_loss.item() * len(batch)
+        history.train_loss.append(total / n)
+        if not has_val:
+            continue
+        head.eval()
+        with torch.no_grad():
+            sv_w, sv_l = head(Xv_w), head(Xv_l)
+        accuracy, val_loss = pair_accuracy(sv_w, sv_l), loss_fn(sv_w, sv_l).item()
+        history.val_accuracy.append(accuracy)
+        history.val_loss.append(val_loss)
+        bar.set_postfix(loss=f"{total / n:.4f}", val_acc=f"{accuracy:.3f}")
+        if best_key is None or (accuracy, -val_loss) > best_key:
+            best_key, best_state, waited = (accuracy, -val_loss), copy.deepcopy(head.state_dict()), 0
+            history.best_epoch = epoch
+        else:
+            waited += 1
+            if waited >= patience:
+                history.stopped_early = True
+                break
+    if has_val:
+        head.load_state_dict(best_state)
+    else:
+        history.best_epoch = history.epochs_run
+    head.eval()
+    return head, history
+
+
+# ----------------------------------------------------------------------------- reward models
+
+
+class RewardModel:
+    """What every reward model offers: scores for texts and pairs, save/load, a parameter count.
+
+    A subclass implements `score`, `score_pairs`, `num_trainable_parameters`,
+    `save_pretrained` (writing `config.json` that starts with `self._config_header()`) and
+    the classmethod `_load(directory, config, backbone)`. `RewardModel.from_pretrained` finds
+    the subclass from the config (importing its module if needed).
+    """
+
+    _registry: ClassVar[dict[str, type["RewardModel"]]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        RewardModel._registry[cls.__name__] = cls
+
+    def score(self, texts: list[str]) -> Tensor:
+        """Scores [n] for chat-formatted prompt+response texts (`srlib.backbone.format_text`)."""
+        raise NotImplementedError
+
+    def score_pairs(self, pairs) -> tuple[Tensor, Tensor]:
+        """(s_chosen, s_rejected), 1-D float32, for a list of `PreferencePair`s."""
+        raise NotImplementedError
+
+    def num_trainable_parameters(self) -> int:
+        raise NotImplementedError
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        raise NotImplementedError
+
+    def _config_header(self) -> dict[str, Any]:
+        cls = type(self)
+        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "srlib_version": srlib.__version__,
+                "rm_class": cls.__name__, "rm_module": cls.__module__}
+
+    @classmethod
+    def _load(cls, directory: Path, config: dict, backbone=None) -> "RewardModel":
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, backbone=None) -> "RewardModel":
+        """Load a saved reward model of whatever class saved it; optionally attach a backbone now."""
+        directory = Path(directory)
+        path = directory / CONFIG_NAME
+        if not path.is_file():
+            raise SrlibError(f"{directory} is not a saved reward model: {CONFIG_NAME} missing")
+        try:
+            config = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise SrlibError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+            raise SrlibError(f"{directory} is not a saved reward model: {path} is not an srlib reward model config")
+        if config.get("format_version", 0) > FORMAT_VERSION:
+            raise SrlibError(f"{directory} was saved by a newer srlib (format {config['format_version']}); upgrade srlib")
+        name = config.get("rm_class")
+        if name not in cls._registry and config.get("rm_module"):
+            try:
+                importlib.import_module(config["rm_module"])
+            except ImportError:
+                pass
+        if name not in cls._registry:
+            raise SrlibError(f"{path}: unknown reward model class {name!r}")
+        model_cls = cls._registry[name]
+        if not issubclass(model_cls, cls):
+            raise SrlibError(f"{directory} holds a {name}, not a {cls.__name__}")
+        return model_cls._load(directory, config, backbone)
+
+
+class FeatureRM(RewardModel):
+    """A reward model = a fixed feature map on hidden states + a trained `RewardHead`.
+
+    `SparseRM` (projection on SAE directions, and its `latents` / `random` ablations) and
+    `DenseRM` are its two named forms; all the logic lives here.
+
+    Metadata: `layer` and `max_length` say which hidden states the model reads (needed by
+    `score`, `score_pairs`); `sae_info` records the SAE the directions came from (source,
+    widths, architecture).
+    """
+
+    def __init__(self, features: FeatureMap | None, *, backbone=None, layer: int | None = None,
+                 max_length: int = 512, sae_info: dict[str, Any] | None = None):
+        self.features = features
+        self.head: RewardHead | None = None
+        self.history: FitHistory | None = None
+        self.layer = layer
+        self.max_length = max_length
+        self.sae_info = sae_info
+        self.sae = getattr(features, "sae", None)
+        self.directions = None
+        self.k: int | None = None
+        self.indices_w: list[int] | None = None
+        self.indices_l: list[int] | None = None
+        self.directions_normalized: bool | None = None
+        self.backbone_id: str | None = None
+        self.backbone_identity: str | None = None
+        self._backbone = None
+        if backbone is not None:
+            self.attach_backbone(backbone)
+
+    # -- backbone -------------------------------------------------------------------------
+
+    def attach_backbone(self, backbone, *, strict: bool = True) -> "FeatureRM":
+        """Use `backbone` to extract hidden states. Its hidden size must match the feature map;
+        with `strict`, its identity must match the one the model was fitted on (if recorded)."""
+        if self.features is not None and backbone.hidden_size != self.features.in_dim:
+            raise ConfigError(f"the backbone's hidden size is {backbone.hidden_size} but the reward "
+                              f"model reads vectors of width {self.features.in_dim}")
+        if strict and self.backbone_identity and backbone.identity != self.backbone_identity:
+            raise ConfigError(f"backbone {backbone.model_id!r} is not the one this reward model was fitted on "
+                              f"(identity {backbone.identity!r} != {self.backbone_identity!r}); pass strict=False to force")
+        self._backbone = backbone
+        self.backbone_id, self.backbone_identity = backbone.model_id, backbone.identity
+        return self
+
+    @property
+    def backbone(self):
+        """The attached backbone; loaded from the recorded model id on first use if none is attached."""
+        if self._backbone is None:
+            if not self.backbone_id:
+                raise ConfigError("no backbone attached or recorded; call attach_backbone(backbone) first")
+            from srlib.backbone import load_backbone
+
+            self.attach_backbone(load_backbone(self.backbone_id))
+        return self._backbone
+
+    # -- fitting ----------------------------------------------------------------------------
+
+    def _prepare_features(self, d: int) -> FeatureMap:
+        """The feature map for hidden states of width d (checks the width)."""
+        if self.features is None:
+            raise ConfigError(f"{type(self).__name__} has no feature map")
+        if self.features.in_dim != d:
+            raise ConfigError(f"the hidden states have width {d} but the feature map reads width {self.features.in_dim}")
+        return self.features
+
+    def fit_states(self, Z_w: Tensor, Z_l: Tensor, Zv_w: Tensor | None = None, Zv_l: Tensor | None = None,
+                   **fit_kwargs) -> "FeatureRM":
+        """Fit the head on already-extracted hidden states [n, d] of chosen/rejected responses.
+
+        `fit_kwargs` go to `fit_head` (loss, gamma, lr, epochs, seed, ...). Returns self.
+        """
+        Z_w, Z_l = _check_pair_tensors(Z_w, Z_l, "training")
+        features = self._prepare_features(Z_w.shape[1])
+        if (Zv_w is None) != (Zv_l is None):
+            raise ConfigError("give both validation tensors (chosen and rejected) or neither")
+        val = (features(Zv_w), features(Zv_l)) if Zv_w is not None else (None, None)
+        self.head, self.history = fit_head(features(Z_w), features(Z_l), *val, **fit_kwargs)
+        return self
+
+    @classmethod
+    def _pair_states(cls, backbone, pairs, layer: int, what: str, **extract) -> tuple[Tensor, Tensor]:
+        """Hidden states of the chosen and rejected responses of `pairs` (non-empty)."""
+        if not pairs:
+            raise ConfigError(f"the {what} set is empty")
+        from srlib.activations import pair_states
+
+        return pair_states(backbone, pairs, layer, **extract)
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def _require_fitted(self) -> RewardHead:
+        if self.head is None:
+            raise ConfigError(f"this {type(self).__name__} is not fitted; call fit or fit_states first")
+        return self.head
+
+    def score_states(self, Z: Tensor) -> Tensor:
+        """Scores [n] (float32, CPU) for hidden states Z [n, d]."""
+        head = self._require_fitted()
+        with torch.no_grad():
+            return head(self.features(Z)).float().cpu()
+
+    def _extract_kwargs(self, batch_size: int, cache: bool, progress: bool) -> dict[str, Any]:
+        if self.layer is None:
+            raise ConfigError("this reward model has no layer recorded; set rm.layer before scoring texts")
+        return dict(max_length=self.max_length, batch_size=batch_size, cache=cache, progress=progress)
+
+    def score(self, texts: list[str], *, batch_size: int = 16, cache: bool = True, progress: bool = False) -> Tensor:
+        """Scores [n] for chat-formatted prompt+response texts, read through the backbone."""
+        from srlib.activations import last_token_states
+
+        self._require_fitted()
+        kwargs = self._extract_kwargs(batch_size, cache, progress)
+        return self.score_states(last_token_states(self.backbone, list(texts), self.layer, **kwargs))
+
+    def score_pairs(self, pairs, *, batch_size: int = 16, cache: bool = True,
+                    progress: bool = False) -> tuple[Tensor, Tensor]:
+        """(s_chosen, s_rejected), 1-D float32, for a list of `PreferencePair`s (empty in, empty out)."""
+        from srlib.activations import pair_states
+
+        self._require_fitted()
+        kwargs = self._extract_kwargs(batch_size, cache, progress)
+        Z_w, Z_l = pair_states(self.backbone, list(pairs), self.layer, **kwargs)
+        return self.score_states(Z_w), self.score_states(Z_l)
+
+    def num_trainable_parameters(self) -> int:
+        """Trainable numbers of the head (the feature map and backbone are frozen)."""
+        return self._require_fitted().num_trainable_parameters()
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def config(self) -> dict[str, Any]:
+        """The JSON description saved as config.json."""
+        head = self._require_fitted()
+        return {
+            **self._config_header(),
+            "feature_kind": self.features.kind,
+            "features": self.features.config(),
+            "head": head.config(),
+            "backbone": {"model_id": self.backbone_id, "identity": self.backbone_identity},
+            "layer": self.layer,
+            "max_length": self.max_length,
+            "sae": self.sae_info,
+            "k": self.k,
+            "latent_indices": None if self.indices_w is None else {"w": self.indices_w, "l": self.indices_l},
+            "directions_normalized": self.directions_normalized,
+            "loss": self.history.settings["loss"],
+            "gamma": self.history.settings["gamma"],
+            "seed": self.history.settings["seed"],
+            "history": self.history.as_dict(),
+        }
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json + model.safetensors (+ sae/ for latent features), atomically."""
+        config = self.config()
+        tensors = {f"head.{name}": t for name, t in self.head.state_dict().items()}
+        tensors.update({f"features.{name}": t for name, t in self.features.state_dict().items()})
+        with atomic_path(directory, is_dir=True) as tmp:
+            save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()},
+                      str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            if isinstance(self.features, LatentFeatures):
+                self.features.sae.save_model(tmp / SAE_DIR_NAME)
+            (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+    @classmethod
+    def _load(cls, directory: Path, config: dict, backbone=None) -> "FeatureRM":
+        tensors = load_file(str(directory / WEIGHTS_NAME))
+        sae = None
+        if config["feature_kind"] == LatentFeatures.kind:
+            from sae_lens import SAE
+
+            sae = SAE.load_from_disk(directory / SAE_DIR_NAME)
+        feature_tensors = {name[len("features."):]: t for name, t in tensors.items() if name.startswith("features.")}
+        features = FEATURE_MAPS[config["feature_kind"]].from_state(config["features"], feature_tensors, sae)
+        model = cls.__new__(cls)
+        FeatureRM.__init__(model, features, layer=config["layer"], max_length=config["max_length"],
+                           sae_info=config["sae"])
+        head = RewardHead(**config["head"])
+        head.load_state_dict({name[len("head."):]: t for name, t in tensors.items() if name.startswith("head.")})
+        model.head = head.eval()
+        model.history = FitHistory.from_dict(config["history"])
+        model.k = config["k"]
+        if config["latent_indices"] is not None:
+            model.indices_w, model.indices_l = config["latent_indices"]["w"], config["latent_indices"]["l"]
+        model.directions_normalized = config["directions_normalized"]
+        model.backbone_id = config["backbone"]["model_id"]
+        model.backbone_identity = config["backbone"]["identity"]
+        if backbone is not None:
+            model.attach_backbone(backbone)
+        return model
+
+
+class SparseRM(FeatureRM):
+    """SparseRM: a reward head on the projections of z onto the selected SAE directions.
+
+    `SparseRM(directions)` for the paper's model (kind="projection"); kind="latents" (needs the
+    `sae`) and kind="random" (`feature_seed`) are the Table 2 ablations on the same K.
+    `SparseRM.fit(backbone, train_pairs, ...)` runs the whole method from text pairs.
+    """
+
+    kinds: ClassVar[tuple[str, ...]] = ("projection", "latents", "random")
+
+    def __init__(self, directions, *, kind: str = "projection", sae=None, feature_seed: int = 0,
+                 backbone=None, layer: int | None = None, max_length: int = 512, sae_source: str | None = None):
+        if kind not in self.kinds:
+            raise ConfigError(f"unknown SparseRM feature kind {kind!r}; choose one of: {', '.join(self.kinds)}")
+        sae_info = None if sae is None and sae_source is None else {"source": sae_source}
+        if sae is not None:
+            _check_sae(sae, int(directions.vectors.shape[1]))
+            d_in, d_sae = _sae_dims(sae)
+            sae_info.update(d_in=d_in, d_sae=d_sae, architecture=sae.cfg.architecture())
+        features = make_features(kind, directions=directions, sae=sae, seed=feature_seed)
+        super().__init__(features, backbone=backbone, layer=layer, max_length=max_length, sae_info=sae_info)
+        self.sae = sae
+        self.directions = directions
+        self.k = int(directions.k)
+        self.indices_w = [int(i) for i in directions.indices_w]
+        self.indices_l = [int(i) for i in directions.indices_l]
+        self.directions_normalized = bool(getattr(directions, "normalized", False))
+
+    @classmethod
+    def fit(cls, backbone, train_pairs, val_pairs=None, *, layer: int, sae, k: int = 128,
+            kind: str = "projection", normalize_directions: bool = False, allow_overlap: bool = True,
+            feature_seed: int = 0, sae_source: str | None = None, max_length: int = 512,
+            batch_size: int = 16, cache: bool = True, progress: bool = True, **fit_kwargs) -> "SparseRM":
+        """The whole method: hidden states of the pairs at `layer`, SAE latents of the training
+        states, top-k directions per side (`srlib.directions.select_directions`), then the head.
+
+        Directions are selected on the training pairs only; `val_pairs` drive early stopping.
+        `fit_kwargs` go to `fit_head`.
+        """
+        if sae is None:
+            raise ConfigError("SparseRM.fit needs an SAE (srlib.sae.sae_for_profile or load_pretrained_sae)")
+        _check_sae(sae, backbone.hidden_size, k)
+        extract = dict(max_length=max_length, batch_size=batch_size, cache=cache, progress=progress)
+        Z_w, Z_l = cls._pair_states(backbone, train_pairs, layer, "training", **extract)
+        Zv = cls._pair_states(backbone, val_pairs, layer, "validation", **extract) if val_pairs else (None, None)
+        from srlib.directions import select_directions
+        from srlib.sae import encode
+
+        directions = select_directions(sae, encode(sae, Z_w), encode(sae, Z_l), k,
+                                       normalize=normalize_directions, allow_overlap=allow_overlap)
+        model = cls(directions, kind=kind, sae=sae, feature_seed=feature_seed, backbone=backbone,
+                    layer=layer, max_length=max_length, sae_source=sae_source)
+        return model.fit_states(Z_w, Z_l, *Zv, progress=progress, **fit_kwargs)
+
+
+class DenseRM(FeatureRM):
+    """DenseRM (§5.2): the same head on the hidden state itself. The width is taken from the
+    states at fit time (or give `d`)."""
+
+    def __init__(self, d: int | None = None, *, backbone=None, layer: int | None = None, max_length: int = 512):
+        features = DenseFeatures(d) if d is not None else None
+        super().__init__(features, backbone=backbone, layer=layer, max_length=max_length)
+
+    def _prepare_features(self, d: int) -> FeatureMap:
+        if self.features is None:
+            self.features = DenseFeatures(d)
+        return super()._prepare_features(d)
+
+    def attach_backbone(self, backbone, *, strict: bool = True) -> "DenseRM":
+        if self.features is None:
+            self.features = DenseFeatures(backbone.hidden_size)
+        return super().attach_backbone(backbone, strict=strict)
+
+    @classmethod
+    def fit(cls, backbone, train_pairs, val_pairs=None, *, layer: int, max_length: int = 512,
+            batch_size: int = 16, cache: bool = True, progress: bool = True, **fit_kwargs) -> "DenseRM":
+        """Hidden states of the pairs at `layer`, then the head. `fit_kwargs` go to `fit_head`."""
+        extract = dict(max_length=max_length, batch_size=batch_size, cache=cache, progress=progress)
+        Z_w, Z_l = cls._pair_states(backbone, train_pairs, layer, "training", **extract)
+        Zv = cls._pair_states(backbone, val_pairs, layer, "validation", **extract) if val_pairs else (None, None)
+        model = cls(backbone=backbone, layer=layer, max_length=max_length)
+        return model.fit_states(Z_w, Z_l, *Zv, progress=progress, **fit_kwargs)
