@@ -1,0 +1,155 @@
+"""Checks for the chapters' exercises: give your function, get "correct" or the first mismatch.
+
+Each check calls the learner's function on a few fixed, seeded inputs (including an edge
+case), compares the result with srlib's own implementation and either prints one line
+saying it is correct or raises `AssertionError` naming the case that differs and how, e.g.
+
+    >>> from srlib import checks
+    >>> def my_scores(mu_w, mu_l): return mu_w - mu_l, mu_l - mu_w
+    >>> checks.separation_scores(my_scores)
+    separation_scores: correct on 3 cases
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+
+_ATOL = 1e-5
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _compare(name: str, case: str, got: Any, expected: Any) -> None:
+    """Raise AssertionError explaining how `got` differs from `expected`."""
+    if isinstance(expected, tuple):
+        if not isinstance(got, (tuple, list)) or len(got) != len(expected):
+            raise AssertionError(f"{name} ({case}): expected a tuple of {len(expected)} results, got {type(got).__name__}")
+        for index, (g, e) in enumerate(zip(got, expected)):
+            _compare(name, f"{case}, result {index}", g, e)
+        return
+    expected = torch.as_tensor(expected, dtype=torch.float32)
+    try:
+        got = torch.as_tensor(got, dtype=torch.float32)
+    except (TypeError, ValueError, RuntimeError):
+        raise AssertionError(f"{name} ({case}): expected a tensor, got {type(got).__name__}") from None
+    if got.shape != expected.shape:
+        raise AssertionError(f"{name} ({case}): expected shape {tuple(expected.shape)}, got {tuple(got.shape)}")
+    if not torch.allclose(got, expected, atol=_ATOL, rtol=1e-4):
+        where = (got - expected).abs().flatten().argmax().item()
+        raise AssertionError(f"{name} ({case}): value {where} (flattened) is {got.flatten()[where].item():.6g}, "
+                             f"expected {expected.flatten()[where].item():.6g}")
+
+
+def _run(name: str, fn: Callable, reference: Callable, cases: Iterable[tuple[str, tuple]]) -> None:
+    count = 0
+    for case, args in cases:
+        _compare(name, case, fn(*[a.clone() if isinstance(a, Tensor) else a for a in args]), reference(*args))
+        count += 1
+    print(f"{name}: correct on {count} cases")
+
+
+def _latents(seed: int, n: int, m: int, density: float) -> Tensor:
+    g = _generator(seed)
+    values = torch.rand(n, m, generator=g)
+    return torch.where(torch.rand(n, m, generator=g) < density, values, torch.zeros(()))
+
+
+def activation_frequencies(fn: Callable[[Tensor], Tensor]) -> None:
+    """Check eq. 6-8: `fn(latents [n, M]) -> [M]`, the share of rows where each latent is > 0."""
+    from srlib.directions import activation_frequencies as reference
+
+    cases = [("random 50x20", (_latents(0, 50, 20, 0.3),)),
+             ("a latent that never fires", (torch.cat([_latents(1, 10, 5, 0.5), torch.zeros(10, 1)], 1),)),
+             ("negative values do not count", (torch.tensor([[-1.0, 0.0, 2.0], [3.0, -0.5, 0.0]]),))]
+    _run("activation_frequencies", fn, reference, cases)
+
+
+def separation_scores(fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]) -> None:
+    """Check eq. 9: `fn(mu_w, mu_l) -> (nabla, delta)`."""
+    from srlib.directions import separation_scores as reference
+
+    g = _generator(2)
+    cases = [("random frequencies", (torch.rand(30, generator=g), torch.rand(30, generator=g))),
+             ("equal frequencies", (torch.full((4,), 0.5), torch.full((4,), 0.5))),
+             ("one-hot", (torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0])))]
+    _run("separation_scores", fn, reference, cases)
+
+
+def top_k_latents(fn: Callable[[Tensor, int], Tensor]) -> None:
+    """Check top-K selection: `fn(scores [M], k) -> indices [k]`, best first, ties by lower index."""
+    from srlib.directions import rank_latents
+
+    def reference(scores: Tensor, k: int) -> Tensor:
+        return rank_latents(scores)[:k].float()
+
+    g = _generator(3)
+    cases = [("random scores, k=5", (torch.randn(40, generator=g), 5)),
+             ("ties are broken by the lower index", (torch.tensor([0.2, 0.5, 0.2, 0.5, -1.0]), 3)),
+             ("k equal to the number of latents", (torch.tensor([0.0, 1.0, -1.0]), 3))]
+    _run("top_k_latents", lambda s, k: torch.as_tensor(fn(s, k)).float(), reference, cases)
+
+
+def projection_features(fn: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]) -> None:
+    """Check eq. 10-12: `fn(Z [n, d], W_dec [M, d], idx_w [K], idx_l [K]) -> v_p [n, 2K]`."""
+
+    def reference(Z: Tensor, W_dec: Tensor, idx_w: Tensor, idx_l: Tensor) -> Tensor:
+        return torch.cat([Z @ W_dec[idx_w].T, Z @ W_dec[idx_l].T], dim=1)
+
+    g = _generator(4)
+    Z, W = torch.randn(6, 8, generator=g), torch.randn(32, 8, generator=g)
+    cases = [("random, K=3", (Z, W, torch.tensor([3, 0, 7]), torch.tensor([1, 30, 2]))),
+             ("one sample, K=1", (Z[:1], W, torch.tensor([5]), torch.tensor([6])))]
+    _run("projection_features", fn, reference, cases)
+
+
+def margin_loss(fn: Callable[[Tensor, Tensor, float], Tensor]) -> None:
+    """Check eq. 13: `fn(s_w, s_l, gamma) -> mean of max(0, gamma - (s_w - s_l))`."""
+    from srlib.reward import margin_loss as reference
+
+    g = _generator(5)
+    cases = [("random scores, gamma=1", (torch.randn(16, generator=g), torch.randn(16, generator=g), 1.0)),
+             ("all pairs beyond the margin", (torch.tensor([5.0, 4.0]), torch.tensor([0.0, 1.0]), 1.0)),
+             ("gamma=0.3", (torch.tensor([0.1, 0.0]), torch.tensor([0.0, 0.2]), 0.3))]
+    _run("margin_loss", fn, reference, cases)
+
+
+def bt_loss(fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+    """Check the Bradley-Terry loss: `fn(s_w, s_l) -> mean of -log sigmoid(s_w - s_l)`."""
+    from srlib.reward import bt_loss as reference
+
+    g = _generator(6)
+    cases = [("random scores", (torch.randn(16, generator=g), torch.randn(16, generator=g))),
+             ("large differences stay finite", (torch.tensor([100.0, -100.0]), torch.tensor([0.0, 0.0])))]
+    _run("bt_loss", fn, reference, cases)
+
+
+def fraction_of_variance_explained(fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+    """Check FVE: `fn(z [n, d], z_hat [n, d]) -> 1 - sum|z - z_hat|^2 / sum|z - mean(z)|^2`."""
+
+    def reference(z: Tensor, z_hat: Tensor) -> Tensor:
+        return 1 - ((z - z_hat) ** 2).sum() / ((z - z.mean(0)) ** 2).sum()
+
+    g = _generator(7)
+    z = torch.randn(20, 6, generator=g) + 3.0
+    cases = [("a noisy reconstruction", (z, z + 0.1 * torch.randn(20, 6, generator=g))),
+             ("perfect reconstruction", (z, z.clone())),
+             ("predicting the mean", (z, z.mean(0, keepdim=True).expand_as(z).clone()))]
+    _run("fraction_of_variance_explained", fn, reference, cases)
+
+
+def mc2(fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+    """Check TruthfulQA MC2: `fn(logp_correct [a], logp_incorrect [b]) -> normalised probability
+    mass on the correct answers`."""
+
+    def reference(correct: Tensor, incorrect: Tensor) -> Tensor:
+        p = torch.cat([correct, incorrect]).softmax(0)
+        return p[: correct.numel()].sum()
+
+    cases = [("two against two", (torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -3.0]))),
+             ("very negative log-probs", (torch.tensor([-300.0]), torch.tensor([-301.0, -302.0])))]
+    _run("mc2", fn, reference, cases)
