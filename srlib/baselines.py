@@ -1,0 +1,793 @@
+"""The reward models SparseRM is compared with (the paper's Figure 3), on the same backbone.
+
+Every baseline has the interface of `srlib.reward.RewardModel` (`score_pairs`, `score`,
+`save_pretrained`, `RewardModel.from_pretrained`, `num_trainable_parameters`) and records
+what training cost in `.cost` (a `TrainingCost`). Build one with `fit_baseline(method, ...)`
+or `<Class>.fit(backbone, train_pairs, val_pairs=None, *, seed=0, ...)`.
+
+What each one is, and how far it is from the published method:
+
+* `StandardRM` (method ``standard``; Stiennon et al. 2020): the backbone as a sequence
+  classifier with a scalar head, trained with the Bradley-Terry loss by TRL's
+  `RewardTrainer`. As the SparseRM paper trains its baselines, with LoRA: rank 8 on the
+  attention q/v projections, the head trainable in full (peft ``modules_to_save``). The
+  published model fine-tunes the whole network; LoRA is the paper's (and our) choice.
+* `GeneralizableRM` (``generalizable``; Yang et al. 2024, GRM): StandardRM plus GRM's
+  text-generation regulariser on the chosen responses, read through the SAME hidden states:
+  loss = (1 − α)·BT + α·(−log σ(β · log π(y_chosen | x))), with log π the summed log-prob
+  of the chosen response tokens under the backbone's own (frozen) LM head applied to the
+  final hidden states of the LoRA'd backbone. α = 0.01, β = 0.1 and the reference-free
+  "SFT" form are GRM's published defaults. Not as published: their reward head is an MLP
+  (one hidden layer of 1,024 units) and their LoRA is rank 32 on q/k/v/o; here the head and
+  LoRA are StandardRM's, so the two baselines differ only by the regulariser.
+* `GenerativeJudge` (``judge``, ``judge-lora``): the JudgeLM / GRAM family, NOT their
+  published models (JudgeLM and GRAM are separately fine-tuned judge LLMs with their own
+  prompts and training data). The backbone is asked which of two answers is better
+  (`JUDGE_TEMPLATE`); the verdict is read from the next-token logits of "A" and "B" and
+  averaged over both orders to cancel position bias. ``judge`` is zero-shot; ``judge-lora``
+  tunes a LoRA (same shape as above) with TRL's `SFTTrainer` on the correct verdict token of
+  every training pair, in both orders. Its `score_pairs` returns s_chosen = P(chosen is
+  better) and s_rejected = 1 − s_chosen: a pairwise judge has no score for one response.
+* `LogProbPreference` (``logprob``): no reward model at all, the floor: each response is
+  scored by the backbone's mean per-token log-probability of it given the prompt
+  (`srlib.evaluate`'s reading of the response tokens).
+
+Cost: `TrainingCost.seconds` is the wall time of training (data preparation included, final
+scoring excluded); memory is the process's resident set size (RSS) sampled by psutil every
+20 ms while training (tracemalloc misses torch's allocations; getrusage's ru_maxrss is a peak
+over the whole process life, so a second run in one process would report the first's peak).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import psutil
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from peft import LoraConfig, PeftModel, TaskType
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, PrinterCallback, set_seed
+from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+from trl.data_utils import common_prefix_length
+from trl.trainer.reward_trainer import DataCollatorForPreference
+
+from srlib.backbone import format_text
+from srlib.data import prompt_messages
+from srlib.errors import ConfigError, DataError
+from srlib.evaluate import _sequence_logprobs, prompt_ids
+from srlib.paths import atomic_path
+from srlib.reward import CONFIG_NAME, RewardModel
+
+METHODS = ("standard", "generalizable", "judge", "judge-lora", "logprob")
+ADAPTER_DIR = "adapter"
+
+#: The judging prompt (one user turn). Answers are shown as A and B; the model answers next.
+JUDGE_TEMPLATE = (
+    "Read the conversation and the two answers below, then decide which answer is better: "
+    "more truthful, more helpful and more harmless.\n\n"
+    "[Conversation]\n{prompt}\n\n"
+    "[Answer A]\n{answer_a}\n\n"
+    "[Answer B]\n{answer_b}\n\n"
+    "Which answer is better? Reply with one letter: A or B."
+)
+VERDICT_TOKENS = ("A", "B")
+
+
+# ----------------------------------------------------------------------------- cost
+
+
+@dataclass
+class TrainingCost:
+    """What training a reward model cost (see the module docstring for how it is measured)."""
+
+    seconds: float
+    peak_rss_mb: float
+    rss_increase_mb: float  # peak RSS while training minus RSS when training began
+    n_train_pairs: int
+    memory_method: str = "psutil RSS sampled every 20 ms"
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _CostMeter:
+    """Context manager: wall time and peak RSS of the block, sampled in a background thread."""
+
+    interval = 0.02
+
+    def __enter__(self) -> "_CostMeter":
+        self._process = psutil.Process()
+        self.start_rss = self.peak_rss = self._process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        self._t0 = time.perf_counter()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+
+    def __exit__(self, *exc) -> None:
+        self.seconds = time.perf_counter() - self._t0
+        self._stop.set()
+        self._thread.join()
+        self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+
+    def cost(self, n_train_pairs: int) -> TrainingCost:
+        mb = 1024 * 1024
+        return TrainingCost(seconds=round(self.seconds, 3), peak_rss_mb=round(self.peak_rss / mb, 1),
+                            rss_increase_mb=round((self.peak_rss - self.start_rss) / mb, 1),
+                            n_train_pairs=n_train_pairs)
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """How the LoRA baselines train. Defaults: sensible LoRA settings for a small backbone,
+    not tuned against SparseRM. `max_steps > 0` caps the optimiser steps (smoke runs)."""
+
+    epochs: float = 1.0
+    learning_rate: float = 1e-4
+    batch_size: int = 8  # pairs per optimiser step (times gradient_accumulation_steps)
+    gradient_accumulation_steps: int = 1
+    max_length: int = 512  # tokens kept per text, from the END (the start is cut)
+    lora_r: int = 8
+    lora_alpha: int = 16
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    warmup_ratio: float = 0.03
+    max_steps: int = -1
+    scoring_batch_size: int = 16
+
+    def check(self) -> None:
+        for name in ("batch_size", "gradient_accumulation_steps", "max_length", "lora_r", "scoring_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.learning_rate > 0 or not self.epochs > 0:
+            raise ConfigError(f"learning_rate and epochs must be > 0, got {self.learning_rate}, {self.epochs}")
+
+    def lora_config(self, task_type: TaskType, modules_to_save: list[str] | None = None) -> LoraConfig:
+        # Dropout 0: TRL's trainers switch every dropout off anyway (disable_dropout=True).
+        return LoraConfig(task_type=task_type, r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=0.0,
+                          target_modules=list(self.target_modules), modules_to_save=modules_to_save)
+
+    def trainer_kwargs(self, output_dir: str, seed: int, has_val: bool, progress: bool) -> dict[str, Any]:
+        """Arguments shared by RewardConfig and SFTConfig (CPU-safe: no bf16, no checkpointing)."""
+        per_epoch = "epoch" if has_val else "no"
+        return dict(
+            output_dir=output_dir, num_train_epochs=self.epochs, max_steps=self.max_steps,
+            learning_rate=self.learning_rate, lr_scheduler_type="linear", warmup_steps=self.warmup_ratio,
+            weight_decay=0.0, per_device_train_batch_size=self.batch_size,
+            per_device_eval_batch_size=self.scoring_batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            eval_strategy=per_epoch, save_strategy=per_epoch, save_only_model=True, save_total_limit=1,
+            load_best_model_at_end=has_val, prediction_loss_only=True,
+            seed=seed, data_seed=seed, use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False,
+            report_to="none", logging_steps=10, disable_tqdm=not progress, dataloader_num_workers=0,
+            train_sampling_strategy="group_by_length",  # shuffled batches of similar length: less padding
+            max_length=None,  # texts are cut from the left beforehand; TRL would drop long ones
+        )
+
+
+@dataclass(frozen=True)
+class GRMSettings(LoraSettings):
+    """LoraSettings plus GRM's regulariser: weight α (`sft_weight`) and β (`sft_beta`)."""
+
+    sft_weight: float = 0.01
+    sft_beta: float = 0.1
+
+    def check(self) -> None:
+        super().check()
+        if not 0 < self.sft_weight < 1:
+            raise ConfigError(f"sft_weight (GRM's alpha) must be in (0, 1), got {self.sft_weight}")
+
+
+def _settings(cls: type, kwargs: dict[str, Any]):
+    """Build a settings dataclass, turning an unknown or badly typed keyword into a ConfigError."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(kwargs) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(names)}")
+    if "target_modules" in kwargs:
+        kwargs = {**kwargs, "target_modules": tuple(kwargs["target_modules"])}
+    settings = cls(**kwargs)
+    settings.check()
+    return settings
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def _encode(tokenizer, text: str, max_length: int | None = None) -> list[int]:
+    """Token ids of an already formatted text (the template holds any BOS), cut from the left
+    to the last `max_length` (the end holds the response and the token the classifier reads)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids if max_length is None else ids[-max_length:]
+
+
+def _check_pairs(pairs: Sequence, what: str) -> list:
+    pairs = list(pairs)
+    if not pairs:
+        raise DataError(f"the {what} set is empty")
+    return pairs
+
+
+def _pad_id(tokenizer, sequences: Sequence[list[int]]) -> int:
+    """A pad id that no sequence ends with.
+
+    transformers' sequence classifiers score the rightmost token that is not the pad id, so
+    a pad id equal to the true last token (SmolLM2 pads with its end-of-turn token) would make
+    them read an earlier token. Prefer the tokenizer's pad, then EOS, UNK, BOS, other specials.
+    """
+    last = {s[-1] for s in sequences if s}
+    candidates = [tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id,
+                  tokenizer.bos_token_id, *tokenizer.all_special_ids]
+    for candidate in candidates:
+        if candidate is not None and candidate not in last:
+            return int(candidate)
+    raise ConfigError("every special token ends some text; no safe pad token for the reward classifier")
+
+
+def _tokenizer_with_pad(tokenizer, pad_id: int):
+    """A copy of the tokenizer whose pad token is `pad_id` (the backbone's own stays untouched)."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_id)
+    return tokenizer
+
+
+def _right_pad(batch: Sequence[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    width = max(len(s) for s in batch)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, s in enumerate(batch):
+        input_ids[row, : len(s)] = torch.tensor(s)
+        attention[row, : len(s)] = 1
+    return input_ids, attention
+
+
+def _length_batches(sequences: Sequence[list[int]], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (less padding)."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _train(trainer, progress: bool) -> int:
+    """Run a TRL trainer (quietly unless `progress`); return its trainable parameter count."""
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
+    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    trainer.train()
+    return trainable
+
+
+def _backbone_record(backbone) -> dict[str, str]:
+    return {"model_id": backbone.model_id, "identity": backbone.identity}
+
+
+def _resolve_backbone(config: dict, backbone):
+    """The backbone a saved baseline was trained on: `backbone` if given (checked), else loaded."""
+    saved = config["backbone"]
+    if backbone is None:
+        from srlib.backbone import load_backbone
+
+        backbone = load_backbone(saved["model_id"])
+    if backbone.identity != saved["identity"]:
+        raise ConfigError(f"backbone {backbone.model_id!r} is not the one this {config['rm_class']} was trained on "
+                          f"(identity {backbone.identity!r} != {saved['identity']!r})")
+    return backbone
+
+
+def _saved_cost(config: dict) -> TrainingCost | None:
+    return TrainingCost(**config["cost"]) if config.get("cost") else None
+
+
+def _write(directory: str | Path, config: dict, model=None) -> None:
+    """Save config.json (and a peft adapter, if any) atomically."""
+    with atomic_path(directory, is_dir=True) as tmp:
+        if model is not None:
+            model.save_pretrained(tmp / ADAPTER_DIR)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------- StandardRM, GRM
+
+
+@dataclass
+class _ResponseStartCollator(DataCollatorForPreference):
+    """TRL's preference collator, also passing where each chosen response starts (for GRM)."""
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super().torch_call(examples)
+        if "chosen_response_start" in examples[0]:
+            output["chosen_response_start"] = torch.tensor([e["chosen_response_start"] for e in examples])
+        return output
+
+
+class _PairRewardTrainer(RewardTrainer):
+    """TRL's RewardTrainer with two additions.
+
+    * Batches grouped by a precomputed ``length`` column (TRL drops unknown columns before the
+      sampler could read them, so the column is declared here).
+    * With ``sft_weight`` α > 0, GRM's loss (1 − α)·BT + α·(−log σ(β·log π(y_w|x))): TRL's
+      own BT loss (and its metrics) from `RewardTrainer.compute_loss`, plus the summed
+      log-prob of the chosen response tokens, read with the frozen LM head `lm_head_weight`
+      from the final (normed) hidden states of the same forward pass.
+    """
+
+    def __init__(self, *args, sft_weight: float = 0.0, sft_beta: float = 0.1,
+                 lm_head_weight: Tensor | None = None, logit_softcap: float | None = None, **kwargs):
+        self.sft_weight, self.sft_beta = sft_weight, sft_beta
+        self.lm_head_weight, self.logit_softcap = lm_head_weight, logit_softcap
+        super().__init__(*args, **kwargs)
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["chosen_ids", "rejected_ids", "margin", "length", "chosen_response_start"]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        starts = inputs.pop("chosen_response_start", None)
+        if self.sft_weight == 0:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs["output_hidden_states"] = True
+        bt, outputs = super().compute_loss(model, inputs, return_outputs=True)
+        logp = chosen_response_logprob(outputs.hidden_states[-1], inputs["input_ids"], inputs["attention_mask"],
+                                       starts, self.lm_head_weight, self.logit_softcap)
+        sft = -F.logsigmoid(self.sft_beta * logp).mean()
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["sft_loss"].append(sft.item())
+        loss = (1 - self.sft_weight) * bt + self.sft_weight * sft
+        return (loss, outputs) if return_outputs else loss
+
+
+def chosen_response_logprob(hidden: Tensor, input_ids: Tensor, attention_mask: Tensor, starts: Tensor,
+                            lm_head_weight: Tensor, logit_softcap: float | None = None) -> Tensor:
+    """Summed log-prob of each chosen response's tokens, from final hidden states [2n, T, d].
+
+    Rows 0..n-1 are the chosen texts (TRL's collator puts them first), right-padded; the
+    response of row i is its tokens from `starts[i]` to its last real token. Position t
+    predicts token t + 1, so only the positions before response tokens need the LM head.
+    """
+    n = starts.shape[0]
+    positions = torch.arange(input_ids.shape[1] - 1, device=input_ids.device)
+    lengths = attention_mask[:n].sum(-1)
+    first = (starts.to(input_ids.device) - 1).clamp(min=0)
+    mask = (positions[None] >= first[:, None]) & (positions[None] <= lengths[:, None] - 2)
+    logits = F.linear(hidden[:n, :-1][mask], lm_head_weight.to(hidden.dtype))
+    if logit_softcap:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    token_logp = logits.log_softmax(-1).gather(-1, input_ids[:n, 1:][mask].unsqueeze(-1)).squeeze(-1)
+    rows = torch.arange(n, device=input_ids.device)[:, None].expand_as(mask)[mask]
+    return torch.zeros(n, dtype=token_logp.dtype, device=token_logp.device).index_add(0, rows, token_logp)
+
+
+class StandardRM(RewardModel):
+    """A LoRA reward model: the backbone as a scalar sequence classifier, trained with BT by TRL.
+
+    The score is the classifier head on the final hidden state of the last token of the
+    chat-formatted prompt+response text (cut from the left to `max_length` tokens).
+    """
+
+    method: ClassVar[str] = "standard"
+    settings_class: ClassVar[type] = LoraSettings
+
+    def __init__(self, backbone, model: PeftModel, pad_id: int, settings: LoraSettings, *, seed: int,
+                 trainable_parameters: int, cost: TrainingCost | None = None):
+        self.backbone, self.model, self.pad_id = backbone, model.eval(), pad_id
+        self.settings, self.seed = settings, seed
+        self.trainable_parameters, self.cost = trainable_parameters, cost
+
+    # -- fitting ----------------------------------------------------------------------------
+
+    @classmethod
+    def fit(cls, backbone, train_pairs, val_pairs=None, *, seed: int = 0, progress: bool = True,
+            **settings) -> "StandardRM":
+        """Train on `train_pairs` with TRL's RewardTrainer; with `val_pairs`, keep the epoch of
+        lowest validation loss. `settings` are `LoraSettings` fields (GRMSettings for GRM)."""
+        settings = _settings(cls.settings_class, settings)
+        train_pairs = _check_pairs(train_pairs, "training")
+        val_pairs = _check_pairs(val_pairs, "validation") if val_pairs else None
+        with _CostMeter() as meter:
+            train_rows = cls._rows(backbone.tokenizer, train_pairs, settings.max_length)
+            val_rows = cls._rows(backbone.tokenizer, val_pairs, settings.max_length) if val_pairs else None
+            pad_id = _pad_id(backbone.tokenizer, train_rows["chosen_ids"] + train_rows["rejected_ids"])
+            set_seed(seed)  # the score head's initial weights
+            classifier = _sequence_classifier(backbone, pad_id)
+            with tempfile.TemporaryDirectory(prefix="srlib-rm-") as out:
+                args = RewardConfig(**settings.trainer_kwargs(out, seed, val_pairs is not None, progress))
+                trainer = _PairRewardTrainer(
+                    model=classifier, args=args, processing_class=_tokenizer_with_pad(backbone.tokenizer, pad_id),
+                    train_dataset=Dataset.from_dict(train_rows),
+                    eval_dataset=Dataset.from_dict(val_rows) if val_rows else None,
+                    data_collator=_ResponseStartCollator(pad_token_id=pad_id),
+                    peft_config=settings.lora_config(TaskType.SEQ_CLS, modules_to_save=["score"]),
+                    **cls._trainer_extras(backbone, settings),
+                )
+                trainable = _train(trainer, progress)
+                model = trainer.model
+        return cls(backbone, model, pad_id, settings, seed=seed, trainable_parameters=trainable,
+                   cost=meter.cost(len(train_pairs)))
+
+    @classmethod
+    def _rows(cls, tokenizer, pairs, max_length: int) -> dict[str, list]:
+        """Pre-tokenized pairs in TRL's processed form (cut from the left to `max_length`), plus
+        a `length` column for length-grouped batches."""
+        chosen = [_encode(tokenizer, format_text(tokenizer, p.prompt, p.chosen), max_length) for p in pairs]
+        rejected = [_encode(tokenizer, format_text(tokenizer, p.prompt, p.rejected), max_length) for p in pairs]
+        return {"chosen_ids": chosen, "rejected_ids": rejected,
+                "length": [max(len(c), len(r)) for c, r in zip(chosen, rejected)]}
+
+    @classmethod
+    def _trainer_extras(cls, backbone, settings) -> dict[str, Any]:
+        return {}
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _score_ids(self, sequences: list[list[int]], progress: bool) -> Tensor:
+        bad = [i for i, s in enumerate(sequences) if not s or s[-1] == self.pad_id]
+        if bad:
+            raise ConfigError(f"text {bad[0]} is empty or ends with the pad token, which the classifier skips")
+        out = torch.empty(len(sequences), dtype=torch.float32)
+        batches = _length_batches(sequences, self.settings.scoring_batch_size)
+        for batch in tqdm(batches, desc=f"{type(self).__name__} scores", disable=not progress, leave=False):
+            input_ids, attention = _right_pad([sequences[i] for i in batch], self.pad_id)
+            out[batch] = self.model(input_ids=input_ids, attention_mask=attention).logits[:, 0].float().cpu()
+        return out
+
+    def score(self, texts: list[str], *, progress: bool = False) -> Tensor:
+        """Scores [n] for chat-formatted prompt+response texts (`srlib.backbone.format_text`)."""
+        tokenizer, max_length = self.backbone.tokenizer, self.settings.max_length
+        return self._score_ids([_encode(tokenizer, t, max_length) for t in texts], progress)
+
+    def score_pairs(self, pairs, *, progress: bool = False) -> tuple[Tensor, Tensor]:
+        """(s_chosen, s_rejected), 1-D float32, for a list of `PreferencePair`s."""
+        pairs = list(pairs)
+        tokenizer = self.backbone.tokenizer
+        texts = [format_text(tokenizer, p.prompt, p.chosen) for p in pairs]
+        texts += [format_text(tokenizer, p.prompt, p.rejected) for p in pairs]
+        scores = self.score(texts, progress=progress)
+        return scores[: len(pairs)], scores[len(pairs):]
+
+    def num_trainable_parameters(self) -> int:
+        """LoRA matrices plus the score head (what the optimiser updated)."""
+        return self.trainable_parameters
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def config(self) -> dict[str, Any]:
+        return {**self._config_header(), "method": self.method, "backbone": _backbone_record(self.backbone),
+                "settings": asdict(self.settings), "seed": self.seed, "pad_id": self.pad_id,
+                "trainable_parameters": self.trainable_parameters,
+                "cost": self.cost.as_dict() if self.cost else None}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """config.json + the peft adapter (LoRA and score head) in `directory/adapter`."""
+        _write(directory, self.config(), self.model)
+
+    @classmethod
+    def _load(cls, directory: Path, config: dict, backbone=None) -> "StandardRM":
+        backbone = _resolve_backbone(config, backbone)
+        classifier = _sequence_classifier(backbone, config["pad_id"])
+        model = PeftModel.from_pretrained(classifier, directory / ADAPTER_DIR)
+        return cls(backbone, model, config["pad_id"], _settings(cls.settings_class, config["settings"]),
+                   seed=config["seed"], trainable_parameters=config["trainable_parameters"],
+                   cost=_saved_cost(config))
+
+
+def _sequence_classifier(backbone, pad_id: int):
+    """A fresh scalar sequence classifier holding a copy of the backbone's transformer weights.
+
+    The score head is newly initialised (from the global seed); the backbone is not changed.
+    """
+    config = copy.deepcopy(backbone.model.config)
+    config.num_labels = 1
+    config.get_text_config().pad_token_id = pad_id
+    classifier = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    classifier.base_model.load_state_dict(backbone.model.base_model.state_dict())
+    return classifier
+
+
+class GeneralizableRM(StandardRM):
+    """StandardRM with GRM's text-generation regulariser (Yang et al. 2024); see the module
+    docstring for what is and is not the published method."""
+
+    method: ClassVar[str] = "generalizable"
+    settings_class: ClassVar[type] = GRMSettings
+
+    @classmethod
+    def _rows(cls, tokenizer, pairs, max_length: int) -> dict[str, list]:
+        rows = super()._rows(tokenizer, pairs, max_length)
+        rows["chosen_response_start"] = [_response_start(tokenizer, p, len(ids))
+                                         for p, ids in zip(pairs, rows["chosen_ids"])]
+        return rows
+
+    @classmethod
+    def _trainer_extras(cls, backbone, settings: GRMSettings) -> dict[str, Any]:
+        text_config = backbone.model.config.get_text_config()
+        return dict(sft_weight=settings.sft_weight, sft_beta=settings.sft_beta,
+                    lm_head_weight=backbone.model.get_output_embeddings().weight.detach(),
+                    logit_softcap=getattr(text_config, "final_logit_softcapping", None))
+
+
+def _response_start(tokenizer, pair, n_kept: int) -> int:
+    """Where the chosen response's tokens begin in its formatted ids cut to their last `n_kept`.
+
+    The response starts after the longest common token prefix of the full text and the prompt
+    rendered alone with its generation prompt (`srlib.evaluate.prompt_ids`), as TRL's trainers
+    read completions; the template's end-of-turn tokens therefore count as response.
+    """
+    full = _encode(tokenizer, format_text(tokenizer, pair.prompt, pair.chosen))
+    start = common_prefix_length(prompt_ids(tokenizer, prompt_messages(pair.prompt)), full)
+    return max(0, start - (len(full) - n_kept))
+
+
+# ----------------------------------------------------------------------------- generative judge
+
+
+@dataclass(frozen=True)
+class JudgeSettings(LoraSettings):
+    """LoraSettings for the judge (the LoRA fields matter only for ``judge-lora``); its prompts
+    hold two answers, hence the longer default `max_length`."""
+
+    max_length: int = 1024
+
+
+def verdict_preference(logits_chosen_as_a: Tensor, logits_chosen_as_b: Tensor) -> Tensor:
+    """P(the chosen answer is better) from the verdict logits of both orders, averaged.
+
+    Each argument is [n, 2]: the logits (or log-probs) of the tokens "A" and "B", with the
+    chosen answer shown as A (first argument) or as B (second). In one order the judge's
+    probability that A is better is the softmax over the two verdicts only, σ(l_A − l_B);
+    averaging P(chosen | shown as A) = σ(l_A − l_B) and P(chosen | shown as B) = σ(l_B − l_A)
+    of the swapped prompt cancels a judge's preference for a position.
+    """
+    first = torch.sigmoid(logits_chosen_as_a[:, 0] - logits_chosen_as_a[:, 1])
+    second = torch.sigmoid(logits_chosen_as_b[:, 1] - logits_chosen_as_b[:, 0])
+    return (first + second) / 2
+
+
+def _verdict_ids(tokenizer) -> list[int]:
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in VERDICT_TOKENS]
+    if any(len(i) != 1 for i in ids):
+        raise ConfigError(f"the tokenizer splits the verdicts {VERDICT_TOKENS} into several tokens; "
+                          "the judge needs one token each")
+    return [i[0] for i in ids]
+
+
+def _judge_ids(tokenizer, pair, chosen_as_a: bool, max_length: int) -> list[int]:
+    """The judging prompt for one pair and order, rendered for the model to answer next,
+    cut from the left to `max_length` tokens (the verdict question at the end is kept)."""
+    a, b = (pair.chosen, pair.rejected) if chosen_as_a else (pair.rejected, pair.chosen)
+    content = JUDGE_TEMPLATE.format(prompt=pair.prompt.strip(), answer_a=a.strip(), answer_b=b.strip())
+    return prompt_ids(tokenizer, [{"role": "user", "content": content}])[-max_length:]
+
+
+@torch.no_grad()
+def _next_token_logits(model, sequences: list[list[int]], token_ids: list[int], pad_id: int,
+                       batch_size: int, progress: bool, desc: str) -> Tensor:
+    """Logits [n, len(token_ids)] of the given tokens right after each sequence.
+
+    Left padding with position ids that follow the attention mask, so a padded row reads as it
+    would alone, and only the last position's logits are computed.
+    """
+    out = torch.empty(len(sequences), len(token_ids), dtype=torch.float32)
+    was_training = model.training
+    model.eval()
+    for batch in tqdm(_length_batches(sequences, batch_size), desc=desc, disable=not progress, leave=False):
+        rows = [sequences[i] for i in batch]
+        width = max(len(s) for s in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, s in enumerate(rows):
+            input_ids[r, width - len(s):] = torch.tensor(s)
+            attention[r, width - len(s):] = 1
+        position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                       logits_to_keep=1).logits[:, -1]
+        out[batch] = logits[:, token_ids].float().cpu()
+    model.train(was_training)
+    return out
+
+
+class GenerativeJudge(RewardModel):
+    """A pairwise LLM judge on the backbone: zero-shot, or with a LoRA tuned on the verdicts.
+
+    Not the published JudgeLM or GRAM models (see the module docstring). `score_pairs`
+    returns (P(chosen better), 1 − P(chosen better)); a single text has no score.
+    """
+
+    def __init__(self, backbone, model, settings: JudgeSettings, *, lora: bool, seed: int,
+                 trainable_parameters: int, cost: TrainingCost | None = None):
+        self.backbone, self.model, self.settings = backbone, model.eval(), settings
+        self.lora, self.seed = lora, seed
+        self.trainable_parameters, self.cost = trainable_parameters, cost
+        self.verdict_ids = _verdict_ids(backbone.tokenizer)
+
+    @property
+    def method(self) -> str:
+        return "judge-lora" if self.lora else "judge"
+
+    @classmethod
+    def fit(cls, backbone, train_pairs=None, val_pairs=None, *, seed: int = 0, lora: bool = False,
+            progress: bool = True, **settings) -> "GenerativeJudge":
+        """Zero-shot (`lora=False`: nothing is trained, the pairs are not needed) or a LoRA judge
+        tuned with TRL's SFTTrainer on the correct verdict token of every training pair in both
+        orders; with `val_pairs`, the epoch of lowest validation loss is kept."""
+        settings = _settings(JudgeSettings, settings)
+        verdict_ids = _verdict_ids(backbone.tokenizer)
+        if not lora:
+            with _CostMeter() as meter:
+                pass
+            return cls(backbone, backbone.model, settings, lora=False, seed=seed, trainable_parameters=0,
+                       cost=meter.cost(0))
+        train_pairs = _check_pairs(train_pairs or [], "training")
+        val_pairs = _check_pairs(val_pairs, "validation") if val_pairs else None
+        with _CostMeter() as meter:
+            rows = _verdict_rows(backbone.tokenizer, train_pairs, verdict_ids, settings.max_length)
+            val_rows = _verdict_rows(backbone.tokenizer, val_pairs, verdict_ids, settings.max_length) if val_pairs else None
+            tokenizer = backbone.tokenizer
+            if tokenizer.pad_token_id is None:
+                tokenizer = _tokenizer_with_pad(tokenizer, tokenizer.eos_token_id)
+            set_seed(seed)
+            with tempfile.TemporaryDirectory(prefix="srlib-judge-") as out:
+                args = SFTConfig(**settings.trainer_kwargs(out, seed, val_pairs is not None, progress))
+                trainer = SFTTrainer(
+                    model=copy.deepcopy(backbone.model), args=args, processing_class=tokenizer,
+                    train_dataset=Dataset.from_dict(rows),
+                    eval_dataset=Dataset.from_dict(val_rows) if val_rows else None,
+                    peft_config=settings.lora_config(TaskType.CAUSAL_LM),
+                )
+                trainable = _train(trainer, progress)
+                model = trainer.model
+        return cls(backbone, model, settings, lora=True, seed=seed, trainable_parameters=trainable,
+                   cost=meter.cost(len(train_pairs)))
+
+    def verdict_logits(self, pairs, *, progress: bool = False) -> tuple[Tensor, Tensor]:
+        """Logits of ("A", "B") [n, 2] with the chosen answer shown as A, and shown as B."""
+        pairs = list(pairs)
+        tokenizer, max_length = self.backbone.tokenizer, self.settings.max_length
+        sequences = [_judge_ids(tokenizer, p, True, max_length) for p in pairs]
+        sequences += [_judge_ids(tokenizer, p, False, max_length) for p in pairs]
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        logits = _next_token_logits(self.model, sequences, self.verdict_ids, pad_id,
+                                    self.settings.scoring_batch_size, progress, "judge verdicts")
+        return logits[: len(pairs)], logits[len(pairs):]
+
+    def score_pairs(self, pairs, *, progress: bool = False) -> tuple[Tensor, Tensor]:
+        """(P(chosen is better), 1 − that), averaged over both answer orders."""
+        p = verdict_preference(*self.verdict_logits(pairs, progress=progress))
+        return p, 1 - p
+
+    def score(self, texts: list[str]) -> Tensor:
+        raise ConfigError("a generative judge compares two answers and has no score for one text; "
+                          "use score_pairs")
+
+    def num_trainable_parameters(self) -> int:
+        return self.trainable_parameters
+
+    def config(self) -> dict[str, Any]:
+        return {**self._config_header(), "method": self.method, "backbone": _backbone_record(self.backbone),
+                "settings": asdict(self.settings), "lora": self.lora, "seed": self.seed,
+                "judge_template": JUDGE_TEMPLATE, "trainable_parameters": self.trainable_parameters,
+                "cost": self.cost.as_dict() if self.cost else None}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """config.json, plus the LoRA adapter in `directory/adapter` for a tuned judge."""
+        _write(directory, self.config(), self.model if self.lora else None)
+
+    @classmethod
+    def _load(cls, directory: Path, config: dict, backbone=None) -> "GenerativeJudge":
+        backbone = _resolve_backbone(config, backbone)
+        model = backbone.model
+        if config["lora"]:
+            model = PeftModel.from_pretrained(copy.deepcopy(backbone.model), directory / ADAPTER_DIR)
+        return cls(backbone, model, _settings(JudgeSettings, config["settings"]), lora=config["lora"],
+                   seed=config["seed"], trainable_parameters=config["trainable_parameters"],
+                   cost=_saved_cost(config))
+
+
+def _verdict_rows(tokenizer, pairs, verdict_ids: list[int], max_length: int) -> dict[str, list]:
+    """SFT examples, two per pair (chosen shown as A, then as B): the judging prompt and the
+    correct verdict token, with the loss on that token only (labels −100 elsewhere)."""
+    input_ids, labels = [], []
+    for pair in pairs:
+        for chosen_as_a, verdict in ((True, verdict_ids[0]), (False, verdict_ids[1])):
+            prompt = _judge_ids(tokenizer, pair, chosen_as_a, max_length - 1)
+            input_ids.append(prompt + [verdict])
+            labels.append([-100] * len(prompt) + [verdict])
+    return {"input_ids": input_ids, "labels": labels}
+
+
+# ----------------------------------------------------------------------------- log-prob floor
+
+
+@dataclass(frozen=True)
+class LogProbSettings:
+    """How the log-prob floor reads responses (nothing is trained)."""
+
+    max_length: int = 512
+    scoring_batch_size: int = 16
+
+    def check(self) -> None:
+        if self.max_length < 2 or self.scoring_batch_size < 1:
+            raise ConfigError(f"max_length must be >= 2 and scoring_batch_size >= 1, got "
+                              f"{self.max_length}, {self.scoring_batch_size}")
+
+
+class LogProbPreference(RewardModel):
+    """The floor: the backbone's mean per-token log-prob of each response given its prompt."""
+
+    method: ClassVar[str] = "logprob"
+
+    def __init__(self, backbone, settings: LogProbSettings, cost: TrainingCost | None = None):
+        self.backbone, self.settings, self.cost = backbone, settings, cost
+
+    @classmethod
+    def fit(cls, backbone, train_pairs=None, val_pairs=None, *, seed: int = 0, progress: bool = True,
+            **settings) -> "LogProbPreference":
+        """Nothing to train; the pairs and seed are accepted for a uniform interface."""
+        settings = _settings(LogProbSettings, settings)
+        with _CostMeter() as meter:
+            pass
+        return cls(backbone, settings, meter.cost(0))
+
+    def score_pairs(self, pairs, *, progress: bool = False) -> tuple[Tensor, Tensor]:
+        """Mean log-prob per response token of the chosen and of the rejected responses."""
+        pairs = list(pairs)
+        items = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+        scores = _sequence_logprobs(self.backbone.model, self.backbone.tokenizer, items, normalize=True,
+                                    batch_size=self.settings.scoring_batch_size,
+                                    max_length=self.settings.max_length, progress=progress,
+                                    desc="mean log-probs")
+        return scores[: len(pairs)], scores[len(pairs):]
+
+    def score(self, texts: list[str]) -> Tensor:
+        raise ConfigError("the log-prob floor scores a response given its prompt; use score_pairs")
+
+    def num_trainable_parameters(self) -> int:
+        return 0
+
+    def config(self) -> dict[str, Any]:
+        return {**self._config_header(), "method": self.method, "backbone": _backbone_record(self.backbone),
+                "settings": asdict(self.settings), "trainable_parameters": 0,
+                "cost": self.cost.as_dict() if self.cost else None}
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        _write(directory, self.config())
+
+    @classmethod
+    def _load(cls, directory: Path, config: dict, backbone=None) -> "LogProbPreference":
+        return cls(_resolve_backbone(config, backbone), _settings(LogProbSettings, config["settings"]),
+                   _saved_cost(config))
+
+
+# ----------------------------------------------------------------------------- factory
+
+
+def fit_baseline(method: str, backbone, train_pairs=None, val_pairs=None, *, seed: int = 0,
+                 progress: bool = True, **settings) -> RewardModel:
+    """Fit the baseline named `method` (one of `METHODS`); `settings` go to its settings class
+    (`LoraSettings`, `GRMSettings`, `JudgeSettings`, `LogProbSettings`)."""
+    kwargs = dict(seed=seed, progress=progress, **settings)
+    if method == "standard":
+        return StandardRM.fit(backbone, train_pairs, val_pairs, **kwargs)
+    if method == "generalizable":
+        return GeneralizableRM.fit(backbone, train_pairs, val_pairs, **kwargs)
+    if method in ("judge", "judge-lora"):
+        return GenerativeJudge.fit(backbone, train_pairs, val_pairs, lora=method == "judge-lora", **kwargs)
+    if method == "logprob":
+        return LogProbPreference.fit(backbone, train_pairs, val_pairs, **kwargs)
+    raise ConfigError(f"unknown baseline method {method!r}; choose one of: {', '.join(METHODS)}")
