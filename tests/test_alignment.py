@@ -1,0 +1,179 @@
+"""srlib.alignment on the smoke profile's tiny model: filtering, one DPO round, the resumable
+loop and the shared round-1 generation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import srlib.alignment as al
+from srlib.backbone import load_backbone
+from srlib.data import PreferencePair
+from srlib.errors import ConfigError
+from srlib.evaluate import response_logprobs
+from srlib.profiles import TINY_MODEL_ID
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, and the machine is shared with other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+class FixedRM:
+    """A stand-in reward model: scores looked up by response text."""
+
+    def __init__(self, scores: dict[str, float]):
+        self.scores = scores
+
+    def score_pairs(self, pairs):
+        return (torch.tensor([self.scores[p.chosen] for p in pairs]),
+                torch.tensor([self.scores[p.rejected] for p in pairs]))
+
+
+class LengthRM:
+    """A stand-in reward model that prefers the shorter answer (any deterministic rule will do)."""
+
+    def score_pairs(self, pairs):
+        return (torch.tensor([-float(len(p.chosen)) for p in pairs]),
+                torch.tensor([-float(len(p.rejected)) for p in pairs]))
+
+
+def test_filter_keeps_exactly_the_tuples_with_s_w_above_s_l():
+    tuples = [PreferencePair("x", "a", "b"), PreferencePair("x", "c", "d"),
+              PreferencePair("x", "e", "f"), PreferencePair("x", "g", "g"),
+              PreferencePair("x", "", "h")]
+    rm = FixedRM({"a": 2.0, "b": 1.0, "c": 1.0, "d": 3.0, "e": 0.5, "f": 0.5, "g": 9.0, "h": -9.0, "": 5.0})
+    verdict = al.filter_tuples(tuples, rm)
+    # kept: a>b; dropped: c<d, the tie e=f, identical answers g=g, an empty answer
+    assert verdict.keep == [True, False, False, False, False]
+    assert verdict.s_w[:3] == [2.0, 1.0, 0.5] and verdict.s_l[:3] == [1.0, 3.0, 0.5]
+    # WO RM keeps every tuple that carries a preference
+    assert al.filter_tuples(tuples, None).keep == [True, True, True, False, False]
+
+
+def test_config_rejects_bad_settings():
+    with pytest.raises(ConfigError):
+        al.AlignmentConfig(track="honesty")
+    with pytest.raises(ConfigError):
+        al.AlignmentConfig(track="truthfulness", dataset="hh-harmless")
+    with pytest.raises(ConfigError):
+        al.AlignmentConfig(rounds=0)
+    assert al.AlignmentConfig(track="truthfulness").metric == "mc2"
+    cfg = al.AlignmentConfig.for_profile("smoke", rounds=3)
+    assert al.AlignmentConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_generation_prompt_holds_the_shots_and_the_plain_prompt_is_kept():
+    shots = [PreferencePair("Q1?", "true answer", "false answer")]
+    good = al.generation_messages("Q?", shots, "truthfulness", "good")
+    bad = al.generation_messages("Q?", shots, "truthfulness", "bad")
+    assert [m["role"] for m in good] == ["system", "user", "assistant", "user"]
+    assert good[2]["content"] == "true answer" and bad[2]["content"] == "false answer"
+    assert good[-1] == bad[-1] == {"role": "user", "content": "Q?"}
+
+
+def test_dpo_round_changes_the_adapter_and_raises_the_margin(tmp_path):
+    backbone = load_backbone(TINY_MODEL_ID)
+    model, tok = backbone.model, backbone.tokenizer
+    tuples = [PreferencePair(f"Question number {i}?", "I am sorry, but I cannot help with that.",
+                             "Here is a careful answer.") for i in range(8)]
+    prompt = tuples[0].prompt
+
+    def margin():
+        lp = response_logprobs(model, tok, prompt, [tuples[0].chosen, tuples[0].rejected])
+        return float(lp[0] - lp[1])
+
+    before = margin()
+    weights_before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = al.AlignmentConfig.for_profile("smoke", epochs=3, learning_rate=5e-3)
+    model, stats = al.dpo_round(model, tok, tuples, cfg, seed=0, adapter_dir=tmp_path / "adapter",
+                                progress=False)
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # LoRA B starts at zero
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, weights_before[k])]
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)  # merged, q/v only
+    assert not any("lora" in k for k in model.state_dict())
+    assert stats["steps"] == 6 and len(stats["epochs"]) == 3  # 8 tuples, batch 4, 3 epochs
+    assert stats["epochs"][-1]["rewards/margins"] > stats["epochs"][0]["rewards/margins"]
+    assert margin() > before + 1.0
+
+
+def _comparable(result: al.AlignmentResult) -> dict:
+    data = result.to_dict()
+    for run in data["runs"].values():
+        for record in run["rounds"]:
+            record.pop("seconds")
+            if record["train"]:
+                record["train"].pop("seconds")
+    return data
+
+
+def test_safety_prompts_come_from_training_data_without_the_shots():
+    cfg = al.AlignmentConfig.for_profile("smoke", n_shots=2, n_prompts=20)
+    prompts, shots = al._training_prompts(cfg)
+    assert len(prompts) == 20 and len(set(prompts)) == 20 and len(shots) == 2
+    assert not {s.prompt for s in shots} & set(prompts)
+    assert {s.source for s in shots} == {"hh-harmless"}
+
+
+def test_loop_shares_round1_and_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    cfg = al.AlignmentConfig.for_profile("smoke", track="truthfulness")
+    rms = {"WO RM": None, "Length RM": LengthRM()}
+
+    generated_rounds = []
+    real_generate = al.generate_tuples
+
+    def spy_generate(*args, **kwargs):
+        generated_rounds.append(kwargs["round_index"])
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(al, "generate_tuples", spy_generate)
+    full = al.run_alignment(cfg, rms, out_dir=tmp_path / "full", progress=False)
+    # round 1 is generated once for both reward models, round 2 once per reward model
+    assert sorted(generated_rounds) == [1, 2, 2]
+    r1 = [al.read_tuples(tmp_path / "full" / "runs" / slug / "round_1" / "tuples.jsonl")
+          for slug in ("wo-rm", "length-rm")]
+    assert [(t["chosen"], t["rejected"]) for t in r1[0]] == [(t["chosen"], t["rejected"]) for t in r1[1]]
+    assert [t["kept"] for t in r1[1]] == [t["s_w"] > t["s_l"] and t["chosen"] != t["rejected"] and
+                                         bool(t["chosen"]) and bool(t["rejected"]) for t in r1[1]]
+    assert full.round1_filter["n_generated"] == cfg.n_prompts
+    assert full.runs["Length RM"].kept[0] == sum(t["kept"] for t in r1[1])
+    assert [row["method"] for row in full.table()] == ["base policy", "WO RM", "Length RM"]
+    assert set(full.base_test) >= {"mc1", "mc2", "mc1_se", "mc2_se", "n"}
+
+    # kill WO RM's second round (WO RM always trains), then rerun
+    real_dpo = al.dpo_round
+
+    def dying_dpo(*args, **kwargs):
+        if kwargs["seed"] == al._round_seed(cfg, 2):
+            raise RuntimeError("simulated kill")
+        return real_dpo(*args, **kwargs)
+
+    monkeypatch.setattr(al, "dpo_round", dying_dpo)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        al.run_alignment(cfg, {"WO RM": None}, out_dir=tmp_path / "resumed", progress=False)
+    run_dir = tmp_path / "resumed" / "runs" / "wo-rm"
+    assert (run_dir / "round_1" / "state.json").exists() and not (run_dir / "round_2").exists()
+    monkeypatch.setattr(al, "dpo_round", real_dpo)
+    resumed = al.run_alignment(cfg, {"WO RM": None}, out_dir=tmp_path / "resumed", progress=False)
+
+    a, b = _comparable(full), _comparable(resumed)
+    assert b["runs"]["WO RM"] == a["runs"]["WO RM"]
+    assert (b["base_val"], b["base_test"]) == (a["base_val"], a["base_test"])
+    for r in (1, 2):
+        x = load_file(tmp_path / "full" / "runs" / "wo-rm" / f"round_{r}" / "adapter" / "adapter_model.safetensors")
+        y = load_file(run_dir / f"round_{r}" / "adapter" / "adapter_model.safetensors")
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+    with pytest.raises(ConfigError, match="another config"):
+        al.run_alignment(cfg.replace(seed=1), rms, out_dir=tmp_path / "full", progress=False)
