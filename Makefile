@@ -12,7 +12,7 @@ export SRLIB_DATA_DIR := $(abspath ../shared/data)
 endif
 endif
 
-.PHONY: install book test clean
+.PHONY: install book book-smoke mathjax chromium test clean
 
 install: $(STAMP)
 
@@ -24,7 +24,27 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[book,dev]"
 	touch $@
 
-test: $(STAMP)
+# Execute the chapter notebooks under PROFILE and build the HTML into _build/$(PROFILE)/html.
+book: $(STAMP)
+	$(PY) -m srlib.book --profile $(PROFILE)
+
+# The smoke book that the browser test opens; warnings are errors here.
+book-smoke: $(STAMP)
+	$(PY) -m srlib.book --profile smoke --strict
+
+# MathJax 3 from npm into book/_static/mathjax (git-ignored); `make book` does this when missing.
+mathjax: $(STAMP)
+	$(PY) -m srlib.book --mathjax-only
+
+# Debian's headless Chromium for the browser test: installed only when missing and we are root;
+# without it the browser tests skip and say why.
+chromium:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) \
+		|| echo "chromium could not be installed: the browser tests will skip"; \
+	fi
+
+test: $(STAMP) chromium book-smoke
 	$(PY) -m pytest
 
 clean:

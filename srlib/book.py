@@ -1,0 +1,718 @@
+"""Build the SparseRM book: execute the chapter notebooks, collect their results, render HTML.
+
+`make book PROFILE=cpu` runs `python -m srlib.book --profile cpu`, which
+
+1. checks that every notebook `_toc.yml` lists under `notebooks/` exists;
+2. fetches MathJax 3 from npm into `book/_static/mathjax/` if it is missing (math offline);
+3. stages a fresh source tree in `_build/<profile>/src/` (`_config.yml`, `_toc.yml`, `book/`);
+4. executes each listed notebook with papermill into `_build/<profile>/src/notebooks/`,
+   passing the parameters `PROFILE` and `RESULTS_PATH` (see "Notebook contract" below);
+5. renders every `<stem>.results.json` as tables into the staged `book/results.md`, and each
+   notebook's parameters cell into the staged `book/reproduce.md`;
+6. builds HTML with Jupyter Book (which never executes anything) into `_build/<profile>/html/`.
+
+Each profile has its own folder, so a smoke build never clobbers the cpu build.
+
+Notebook contract
+-----------------
+* One cell tagged `parameters` defines at least `PROFILE = "cpu"` and `RESULTS_PATH = ""`,
+  one parameter per line, each with a trailing `# comment` that says what it means (the
+  reproduce page shows it).
+* When `RESULTS_PATH` is not empty, the notebook writes its results there with
+  `write_results(RESULTS_PATH, profile=PROFILE, tables={...})`. The schema::
+
+      {"profile": "cpu",
+       "tables": {"<name>": {"caption": "one line",
+                             "columns": ["method", "accuracy"],
+                             "rows": [["SparseRM", 0.824], ...],
+                             "float_format": ".3f"}},      # optional
+       "metrics": {...}}                                   # optional, free-form, not rendered
+
+  Cells are strings, numbers, booleans or null; every row has one cell per column. The
+  results page shows floats to 4 significant digits unless the table gives `float_format`.
+* Exercise solutions go in cells tagged `solution`: the book shows them folded, and
+  `python -m srlib.book --handout DIR` writes the notebooks without them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from srlib.errors import ConfigError, DataError
+
+MATHJAX_VERSION = "3.2.2"
+#: The MathJax entry point that `_config.yml` names as `mathjax_path` (relative to `_static`).
+MATHJAX_ENTRY = "tex-mml-chtml.js"
+# The parts of MathJax's es5/ folder the book needs: the combined TeX+MathML→CommonHTML
+# component, the extensions it autoloads, its fonts, menu and accessibility components.
+# The speech-rule engine (sre/, 4 MB) and the SVG output are left out.
+_MATHJAX_KEEP = (MATHJAX_ENTRY, "input/", "output/chtml/", "output/chtml.js", "a11y/", "ui/",
+                 "adaptors/")
+NOTEBOOK_DIR = "notebooks"
+RESULTS_SUFFIX = ".results.json"
+RESULTS_MARKERS = ("<!-- begin results -->", "<!-- end results -->")
+PARAMETERS_MARKERS = ("<!-- begin parameters -->", "<!-- end parameters -->")
+_CELL_TYPES = (str, int, float, bool, type(None))
+
+
+class BuildError(ConfigError):
+    """The book cannot be built as configured (missing notebook, bad results file, ...)."""
+
+
+class NotebookFailed(BuildError):
+    """A chapter notebook raised an error while papermill executed it.
+
+    The message is one line; `details` holds the end of the notebook's traceback.
+    """
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
+
+
+# --------------------------------------------------------------------------- paths
+
+
+@dataclass(frozen=True)
+class BuildPaths:
+    """Where one profile's build lives: `_build/<profile>/{src,html,doctrees,screenshots}`."""
+
+    root: Path
+    profile: str
+
+    @property
+    def base(self) -> Path:
+        return self.root / "_build" / self.profile
+
+    @property
+    def src(self) -> Path:
+        """The staged book source: config, prose pages and the executed notebooks."""
+        return self.base / "src"
+
+    @property
+    def html(self) -> Path:
+        return self.base / "html"
+
+    @property
+    def doctrees(self) -> Path:
+        return self.base / "doctrees"
+
+    @property
+    def screenshots(self) -> Path:
+        return self.base / "screenshots"
+
+    @property
+    def warnings_log(self) -> Path:
+        return self.base / "sphinx-warnings.log"
+
+    def executed(self, stem: str) -> Path:
+        """The executed copy of `notebooks/<stem>.ipynb`."""
+        return self.src / NOTEBOOK_DIR / f"{stem}.ipynb"
+
+    def results(self, stem: str) -> Path:
+        """The results JSON that notebook `<stem>` writes beside its executed copy."""
+        return self.src / NOTEBOOK_DIR / f"{stem}{RESULTS_SUFFIX}"
+
+
+# --------------------------------------------------------------------------- table of contents
+
+
+def toc_files(toc: dict) -> list[str]:
+    """Every `file:` entry of a jb-book `_toc.yml` (already parsed), root first, in order."""
+    found: list[str] = [toc["root"]] if "root" in toc else []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if "file" in node:
+                found.append(str(node["file"]))
+            for key in ("parts", "chapters", "sections"):
+                walk(node.get(key, []))
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(toc)
+    return [re.sub(r"\.(md|ipynb)$", "", f) for f in found]
+
+
+def read_toc(path: Path) -> list[str]:
+    """The documents listed in the `_toc.yml` at `path`."""
+    import yaml
+
+    try:
+        toc = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise BuildError(f"{path}: no table of contents found") from None
+    if not isinstance(toc, dict) or "root" not in toc:
+        raise BuildError(f"{path}: not a jb-book table of contents (no 'root' key)")
+    return toc_files(toc)
+
+
+def chapter_stems(documents: Iterable[str]) -> list[str]:
+    """The notebook stems among the toc documents (`notebooks/03_sparserm` → `03_sparserm`)."""
+    prefix = NOTEBOOK_DIR + "/"
+    return [d[len(prefix):] for d in documents if d.startswith(prefix)]
+
+
+def chapter_notebooks(root: Path, stems: Sequence[str]) -> list[Path]:
+    """The source notebook of each listed chapter; raise BuildError naming any that is missing."""
+    paths = [root / NOTEBOOK_DIR / f"{stem}.ipynb" for stem in stems]
+    missing = [p.relative_to(root).as_posix() for p in paths if not p.is_file()]
+    if missing:
+        raise BuildError(f"_toc.yml lists notebooks that do not exist: {', '.join(missing)} "
+                         "(write them, or comment their entries out of _toc.yml)")
+    return paths
+
+
+def unlisted_notebooks(root: Path, stems: Sequence[str]) -> list[Path]:
+    """Chapter notebooks (`notebooks/NN_*.ipynb`) that `_toc.yml` does not list."""
+    listed = set(stems)
+    return [p for p in sorted((root / NOTEBOOK_DIR).glob("[0-9][0-9]_*.ipynb"))
+            if p.stem not in listed]
+
+
+# --------------------------------------------------------------------------- results schema
+
+
+def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], caption: str, *,
+          float_format: str | None = None) -> dict:
+    """One results table in the book's schema (NaN becomes null); validated."""
+    out = {"caption": caption, "columns": [str(c) for c in columns],
+           "rows": [[_json_cell(v) for v in row] for row in rows]}
+    if float_format is not None:
+        out["float_format"] = float_format
+    validate_table(out, "table")
+    return out
+
+
+def frame_table(frame: Any, caption: str, *, index: bool = False,
+                float_format: str | None = None) -> dict:
+    """A results table from a pandas DataFrame (its index becomes the first column if `index`)."""
+    if index:
+        frame = frame.reset_index()
+    return table(list(frame.columns), frame.itertuples(index=False), caption,
+                 float_format=float_format)
+
+
+def write_results(path: str | os.PathLike | None, *, profile: str, tables: dict[str, dict],
+                  metrics: dict | None = None) -> Path | None:
+    """Write a notebook's results JSON to `path` (the `RESULTS_PATH` parameter).
+
+    An empty path writes nothing, so a notebook run by hand leaves no file behind.
+    """
+    if not path:
+        return None
+    data: dict[str, Any] = {"profile": profile, "tables": tables}
+    if metrics:
+        data["metrics"] = _jsonable(metrics)
+    validate_results(data, str(path))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(value: Any) -> Any:
+    """`value` with numpy/torch scalars and arrays, tuples and paths made plain JSON; NaN → null."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if hasattr(value, "tolist") and callable(value.tolist):  # numpy / torch arrays and scalars
+        return _jsonable(value.tolist())
+    return _json_cell(value)
+
+
+def _json_cell(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def validate_table(tab: Any, where: str) -> None:
+    """Raise DataError unless `tab` is `{caption: str, columns: [str], rows: [[cell]]}`."""
+    if not isinstance(tab, dict):
+        raise DataError(f"{where}: a table must be an object, got {type(tab).__name__}")
+    unknown = set(tab) - {"caption", "columns", "rows", "float_format"}
+    if unknown:
+        raise DataError(f"{where}: unknown table keys {sorted(unknown)}")
+    if not isinstance(tab.get("caption"), str) or not tab["caption"].strip():
+        raise DataError(f"{where}: 'caption' must be a non-empty string")
+    columns = tab.get("columns")
+    if not isinstance(columns, list) or not columns or not all(isinstance(c, str) for c in columns):
+        raise DataError(f"{where}: 'columns' must be a non-empty list of strings")
+    rows = tab.get("rows")
+    if not isinstance(rows, list):
+        raise DataError(f"{where}: 'rows' must be a list of rows")
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != len(columns):
+            raise DataError(f"{where}: row {i} must be a list of {len(columns)} cells")
+        for cell in row:
+            if not isinstance(cell, _CELL_TYPES):
+                raise DataError(f"{where}: row {i} has a {type(cell).__name__} cell; cells are "
+                                "strings, numbers, booleans or null")
+    fmt = tab.get("float_format")
+    if fmt is not None:
+        try:
+            format(1.0, fmt)
+        except (TypeError, ValueError):
+            raise DataError(f"{where}: float_format {fmt!r} is not a format spec") from None
+
+
+def validate_results(data: Any, where: str) -> dict:
+    """Check a results object against the schema; return it."""
+    if not isinstance(data, dict):
+        raise DataError(f"{where}: results must be a JSON object")
+    if not isinstance(data.get("profile"), str):
+        raise DataError(f"{where}: 'profile' must be the PROFILE the notebook ran")
+    tables = data.get("tables")
+    if not isinstance(tables, dict):
+        raise DataError(f"{where}: 'tables' must be an object of name → table")
+    for name, tab in tables.items():
+        validate_table(tab, f"{where}: table {name!r}")
+    return data
+
+
+def load_results(path: Path) -> dict:
+    """Read and validate a results JSON file."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    return validate_results(data, str(path))
+
+
+# --------------------------------------------------------------------------- Markdown rendering
+
+
+def format_cell(value: Any, float_format: str | None = None) -> str:
+    """One table cell as Markdown text (null → en dash, floats to 4 significant digits)."""
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        text = format(value, float_format or ".4g")
+    else:
+        text = str(value)
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def slug(text: str) -> str:
+    """A label-safe slug: lowercase letters, digits and dashes."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def render_table(label: str, tab: dict) -> str:
+    """A results table as a captioned MyST `{table}` holding a pipe table."""
+    fmt = tab.get("float_format")
+    lines = [f"```{{table}} {tab['caption'].strip()}", f":name: {label}", "",
+             "| " + " | ".join(format_cell(c) for c in tab["columns"]) + " |",
+             "|" + "---|" * len(tab["columns"])]
+    lines += ["| " + " | ".join(format_cell(v, fmt) for v in row) + " |" for row in tab["rows"]]
+    lines.append("```")
+    return "\n".join(lines)
+
+
+def notebook_title(notebook: dict, default: str) -> str:
+    """The text of the first level-1 Markdown heading in a notebook, else `default`."""
+    for cell in notebook.get("cells", []):
+        if cell.get("cell_type") != "markdown":
+            continue
+        source = "".join(cell.get("source", ""))
+        match = re.search(r"^# +(.+?)\s*$", source, flags=re.M)
+        if match:
+            return match.group(1)
+    return default
+
+
+def render_results(chapters: Sequence[tuple[str, str, dict]]) -> str:
+    """The results page body: a section per chapter `(stem, title, results)`, a table per entry."""
+    if not chapters:
+        return ("*No chapter notebook has run in this build yet: every chapter that `_toc.yml` "
+                "lists adds its tables here.*")
+    parts = []
+    for stem, title, data in chapters:
+        parts.append(f"## {title}\n\nFrom {{doc}}`../{NOTEBOOK_DIR}/{stem}`, "
+                     f"profile `{data['profile']}`.")
+        if not data["tables"]:
+            parts.append("*This chapter reports no tables.*")
+        for name, tab in data["tables"].items():
+            parts.append(render_table(f"results-{slug(stem)}-{slug(name)}", tab))
+    return "\n\n".join(parts)
+
+
+def render_parameters(chapters: Sequence[tuple[str, str, dict]]) -> str:
+    """A table of papermill parameters per chapter `(stem, title, inspect_notebook(...))`."""
+    if not chapters:
+        return "*No chapter notebook is listed in `_toc.yml` yet.*"
+    parts = []
+    for stem, title, params in chapters:
+        parts.append(f"### {title}\n\n`{NOTEBOOK_DIR}/{stem}.ipynb`")
+        if not params:
+            parts.append("*No cell tagged `parameters`.*")
+            continue
+        rows = ["| parameter | default | meaning |", "|---|---|---|"]
+        for p in params.values():
+            rows.append(f"| `{p['name']}` | `{format_cell(p['default'])}` | "
+                        f"{format_cell(p.get('help') or '')} |")
+        parts.append("\n".join(rows))
+    return "\n\n".join(parts)
+
+
+def fill_between(text: str, markers: tuple[str, str], body: str) -> str:
+    """Replace what lies between the two marker comments in `text` with `body`."""
+    begin, end = markers
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < start:
+        raise BuildError(f"page is missing the markers {begin} ... {end}")
+    return text[:start + len(begin)] + "\n" + body + "\n" + text[stop:]
+
+
+# --------------------------------------------------------------------------- exercises
+
+SOLUTION_TAG = "solution"
+
+
+def fold_solutions(notebook: dict) -> int:
+    """Tag every `solution` cell `hide-input`, so the book shows it folded; return how many."""
+    count = 0
+    for cell in notebook.get("cells", []):
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if SOLUTION_TAG in tags:
+            count += 1
+            if "hide-input" not in tags:
+                tags.append("hide-input")
+    return count
+
+
+def handout_notebook(notebook: dict) -> dict:
+    """A student's copy: the cells tagged `solution` removed, every output cleared."""
+    cells = []
+    for cell in notebook.get("cells", []):
+        if SOLUTION_TAG in cell.get("metadata", {}).get("tags", []):
+            continue
+        cell = dict(cell)
+        if cell.get("cell_type") == "code":
+            cell["outputs"], cell["execution_count"] = [], None
+        cells.append(cell)
+    return {**notebook, "cells": cells}
+
+
+def write_handouts(root: Path, out_dir: Path) -> list[Path]:
+    """Write a handout copy of every chapter notebook (`notebooks/NN_*.ipynb`) to `out_dir`."""
+    sources = sorted((root / NOTEBOOK_DIR).glob("[0-9][0-9]_*.ipynb"))
+    if not sources:
+        raise BuildError(f"no chapter notebooks in {root / NOTEBOOK_DIR}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for source in sources:
+        target = out_dir / source.name
+        target.write_text(json.dumps(handout_notebook(json.loads(source.read_text())),
+                                     indent=1, ensure_ascii=False) + "\n")
+        written.append(target)
+    return written
+
+
+# --------------------------------------------------------------------------- MathJax
+
+
+def ensure_mathjax(static_dir: Path) -> Path:
+    """Vendor MathJax 3 into `static_dir/mathjax` from npm unless it is already there."""
+    target = static_dir / "mathjax"
+    if (target / MATHJAX_ENTRY).is_file():
+        return target
+    npm = shutil.which("npm")
+    if npm is None:
+        raise BuildError(f"MathJax is missing from {target} and npm is not installed: install "
+                         f"Node.js (npm), or unpack es5/ of mathjax@{MATHJAX_VERSION} there")
+    print(f"fetching mathjax@{MATHJAX_VERSION} from npm into {target}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([npm, "pack", f"mathjax@{MATHJAX_VERSION}", "--silent",
+                               "--pack-destination", tmp], capture_output=True, text=True)
+        tarballs = list(Path(tmp).glob("mathjax-*.tgz"))
+        if done.returncode != 0 or not tarballs:
+            raise BuildError(f"npm pack mathjax@{MATHJAX_VERSION} failed: "
+                             f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+        staging = Path(tmp) / "mathjax"
+        with tarfile.open(tarballs[0]) as tar:
+            for member in tar.getmembers():
+                name = member.name.removeprefix("package/")
+                inner = name.removeprefix("es5/")
+                if name == "LICENSE" or (name.startswith("es5/") and inner.startswith(_MATHJAX_KEEP)):
+                    if member.isfile():
+                        member.name = inner if name.startswith("es5/") else name
+                        tar.extract(member, staging, filter="data")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists():
+            shutil.rmtree(target)
+        shutil.move(str(staging), str(target))
+    return target
+
+
+# --------------------------------------------------------------------------- execution
+
+
+def kernel_python(argv: Sequence[str], executable: str) -> str:
+    """The Python that jupyter_client launches for a kernelspec `argv` from `executable`.
+
+    jupyter_client swaps a bare `python`/`python3`/`python3.X` for the launching interpreter.
+    """
+    bare = {"python", f"python{sys.version_info[0]}", "python%d.%d" % sys.version_info[:2]}
+    return executable if argv and argv[0] in bare else (argv[0] if argv else "")
+
+
+def check_kernel(name: str = "python3") -> None:
+    """Make sure kernel `name` runs this interpreter (the venv's ipykernel), not another one."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec(name)
+    except NoSuchKernel:
+        raise BuildError(f"no Jupyter kernel {name!r}: install ipykernel into this "
+                         f"environment ({sys.executable} -m pip install ipykernel)") from None
+    runs = kernel_python(spec.argv, sys.executable)
+    if os.path.realpath(runs) != os.path.realpath(sys.executable):
+        raise BuildError(f"kernel {name!r} ({spec.resource_dir}) runs {runs}, not "
+                         f"{sys.executable}: run `{sys.executable} -m ipykernel install "
+                         f"--sys-prefix` or remove that kernelspec")
+
+
+def execute_notebook(source: Path, executed: Path, results: Path, profile: str) -> float:
+    """Run `source` with papermill into `executed`; return seconds. Raise NotebookFailed."""
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    executed.parent.mkdir(parents=True, exist_ok=True)
+    results.unlink(missing_ok=True)
+    start = time.perf_counter()
+    name = f"{NOTEBOOK_DIR}/{source.name}"
+    try:
+        papermill.execute_notebook(
+            str(source), str(executed), kernel_name="python3", cwd=str(executed.parent),
+            parameters={"PROFILE": profile, "RESULTS_PATH": str(results.resolve())},
+            progress_bar=sys.stderr.isatty(),
+        )
+    except PapermillExecutionError as exc:
+        tail = _strip_ansi("\n".join(exc.traceback[-6:]))
+        raise NotebookFailed(f"notebook {name} failed in cell {exc.exec_count}: "
+                             f"{exc.ename}: {_first_line(exc.evalue)} (executed copy with the "
+                             f"traceback: {executed})", details=tail) from None
+    except Exception as exc:  # kernel died, timeout, unreadable notebook ...
+        raise NotebookFailed(f"notebook {name} did not run: {type(exc).__name__}: "
+                             f"{_first_line(str(exc))}") from exc
+    if not results.is_file():
+        raise BuildError(f"notebook {name} wrote no results: it must call "
+                         "srlib.book.write_results(RESULTS_PATH, ...) (a parameter the build "
+                         "passes; see srlib/book.py)")
+    return time.perf_counter() - start
+
+
+def _first_line(text: str) -> str:
+    lines = str(text).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def _strip_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+# --------------------------------------------------------------------------- the build
+
+
+def stage_sources(root: Path, paths: BuildPaths) -> None:
+    """A fresh `_build/<profile>/src/` holding the config, the toc and `book/`."""
+    if paths.src.exists():
+        shutil.rmtree(paths.src)
+    paths.src.mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy2(root / name, paths.src / name)
+    shutil.copytree(root / "book", paths.src / "book",
+                    ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
+
+
+class _Tee(io.TextIOBase):
+    """Write to a stream and remember what was written (Sphinx's warnings)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.parts = stream, []
+
+    def write(self, text: str) -> int:
+        self.parts.append(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def build_html(paths: BuildPaths, *, strict: bool) -> int:
+    """Jupyter Book (Sphinx) HTML from the staged tree; return the number of warnings."""
+    from jupyter_book.sphinx import build_sphinx
+
+    if paths.html.exists():
+        shutil.rmtree(paths.html)  # no stale page from a chapter since removed
+    tee = _Tee(sys.stderr)
+    with contextlib.redirect_stderr(tee):
+        status = build_sphinx(
+            str(paths.src), str(paths.html), noconfig=True, path_config=str(paths.src / "_config.yml"),
+            confoverrides={"external_toc_path": "_toc.yml", "latex_individualpages": False},
+            doctreedir=str(paths.doctrees),
+            freshenv=True, quiet=True, warningiserror=strict, keep_going=strict,
+        )
+    log = "".join(tee.parts)
+    paths.warnings_log.write_text(log)
+    n_warnings = len(re.findall(r"(WARNING|ERROR):", log))
+    if status != 0:
+        why = "warnings are errors under --strict" if strict and n_warnings else str(status)
+        raise BuildError(f"Sphinx failed ({why}); see {paths.warnings_log}")
+    return n_warnings
+
+
+def build(root: Path, profile: str, *, strict: bool = False) -> BuildPaths:
+    """Execute the listed notebooks under `profile` and build the book's HTML; return its paths."""
+    from srlib.profiles import get_profile
+
+    try:
+        get_profile(profile)
+    except ValueError as exc:
+        raise BuildError(str(exc)) from None
+    root = root.resolve()
+    paths = BuildPaths(root, profile)
+    started = time.perf_counter()
+    stems = chapter_stems(read_toc(root / "_toc.yml"))
+    sources = chapter_notebooks(root, stems)
+    for extra in unlisted_notebooks(root, stems):
+        print(f"note: {extra.relative_to(root)} is not in _toc.yml, so it is not run "
+              "(add its entry to _toc.yml)", flush=True)
+    ensure_mathjax(root / "book" / "_static")
+    stage_sources(root, paths)
+
+    chapters, params = [], []
+    if sources:
+        import papermill
+
+        check_kernel()
+    for i, source in enumerate(sources, 1):
+        stem = source.stem
+        print(f"[{i}/{len(sources)}] executing {NOTEBOOK_DIR}/{source.name} "
+              f"(PROFILE={profile})", flush=True)
+        seconds = execute_notebook(source, paths.executed(stem), paths.results(stem), profile)
+        print(f"      done in {seconds:.1f} s", flush=True)
+        executed = json.loads(paths.executed(stem).read_text())
+        if fold_solutions(executed):
+            paths.executed(stem).write_text(json.dumps(executed, indent=1, ensure_ascii=False))
+        title = notebook_title(executed, stem)
+        chapters.append((stem, title, load_results(paths.results(stem))))
+        params.append((stem, title, papermill.inspect_notebook(str(source))))
+
+    for page, markers, body in (("results.md", RESULTS_MARKERS, render_results(chapters)),
+                                ("reproduce.md", PARAMETERS_MARKERS, render_parameters(params))):
+        staged = paths.src / "book" / page
+        staged.write_text(fill_between(staged.read_text(), markers, body))
+
+    print("building HTML with Jupyter Book", flush=True)
+    n_warnings = build_html(paths, strict=strict)
+    elapsed = time.perf_counter() - started
+    print(f"{n_warnings} Sphinx warning(s); log: {paths.warnings_log}")
+    print(f"The book ({profile} profile) is at {paths.html / 'index.html'} "
+          f"(built in {elapsed:.0f} s)")
+    return paths
+
+
+_BULLET = re.compile(r"\s*([*\-]|\d+[.)])\s+")
+
+
+def reflow_docstring(lines: Sequence[str]) -> list[str]:
+    """Join the wrapped lines of each prose paragraph and list item; keep other lines as they are.
+
+    A paragraph starts at column 0; a list item starts with `*`, `-` or `1.` and continues on
+    lines indented to its text. Anything else (indented examples, tables) is left alone.
+    """
+    out: list[str] = []
+    mode, item_indent = None, 0
+    for line in lines:
+        text = line.rstrip()
+        indent = len(text) - len(text.lstrip())
+        bullet = _BULLET.match(text)
+        if not text:
+            out.append("")
+            mode = None
+        elif bullet:
+            out.append(text)
+            mode, item_indent = "item", bullet.end()
+        elif (mode == "para" and indent == 0) or (mode == "item" and indent == item_indent):
+            out[-1] += " " + text.strip()
+        else:
+            out.append(text)
+            mode = "para" if indent == 0 else None
+    return out
+
+
+def _docstring_as_text(app: Any, what: str, name: str, obj: Any, options: Any,
+                       lines: list[str]) -> None:
+    """Show a docstring as plain text (paragraphs reflowed) instead of parsing it as reST.
+
+    srlib's docstrings are plain text (`code` in backticks, chat tokens such as <|im_end|>,
+    indented lists) that reStructuredText would misread.
+    """
+    if lines:
+        lines[:] = ([".. code-block:: text", ""] + [f"   {line}" for line in reflow_docstring(lines)]
+                    + [""])
+
+
+def setup(app: Any) -> dict:
+    """The Sphinx extension `_config.yml` loads: the API page shows docstrings as plain text."""
+    app.connect("autodoc-process-docstring", _docstring_as_text)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m srlib.book", description=__doc__.split("\n")[0])
+    parser.add_argument("--profile", default="cpu", help="smoke | cpu | paper (default: cpu)")
+    parser.add_argument("--root", type=Path, default=Path("."),
+                        help="the repository root (default: the current directory)")
+    parser.add_argument("--strict", action="store_true", help="fail on any Sphinx warning")
+    parser.add_argument("--mathjax-only", action="store_true",
+                        help="only fetch MathJax into book/_static/mathjax if it is missing")
+    parser.add_argument("--handout", type=Path, metavar="DIR",
+                        help="only write the chapter notebooks without their solution cells to DIR")
+    args = parser.parse_args(argv)
+    try:
+        if args.handout:
+            for path in write_handouts(args.root, args.handout):
+                print(path)
+        elif args.mathjax_only:
+            print(ensure_mathjax(args.root / "book" / "_static"))
+        else:
+            build(args.root, args.profile, strict=args.strict)
+    except NotebookFailed as exc:
+        print(exc.details, file=sys.stderr)
+        print(f"book build stopped: {exc}", file=sys.stderr)
+        return 1
+    except (BuildError, DataError) as exc:
+        print(f"book build: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

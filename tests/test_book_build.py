@@ -1,0 +1,319 @@
+"""The book build (`srlib.book`): results JSON → tables, the toc ↔ notebook check, per-profile
+paths, the exercise tags, and one end-to-end build of a tiny book with papermill and Sphinx."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+import torch
+
+from srlib import book
+from srlib.book import BuildError, BuildPaths, NotebookFailed
+from srlib.errors import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _table(**changes):
+    tab = {"caption": "Pair accuracy", "columns": ["method", "accuracy"],
+           "rows": [["SparseRM", 0.82431], ["DenseRM", None]]}
+    tab.update(changes)
+    return tab
+
+
+# ----------------------------------------------------------------------------- paths and toc
+
+
+def test_each_profile_builds_into_its_own_folder(tmp_path):
+    smoke, cpu = BuildPaths(tmp_path, "smoke"), BuildPaths(tmp_path, "cpu")
+    assert smoke.html == tmp_path / "_build" / "smoke" / "html"
+    assert smoke.src == tmp_path / "_build" / "smoke" / "src"
+    assert smoke.executed("03_sparserm") == smoke.src / "notebooks" / "03_sparserm.ipynb"
+    assert smoke.results("03_sparserm") == smoke.src / "notebooks" / "03_sparserm.results.json"
+    assert not {smoke.base, smoke.src, smoke.html} & {cpu.base, cpu.src, cpu.html}
+
+
+def test_toc_files_walks_parts_chapters_and_sections():
+    toc = {"root": "book/intro", "parts": [
+        {"caption": "A", "chapters": [{"file": "book/setup.md"},
+                                      {"file": "notebooks/01_a", "sections": [{"file": "notebooks/02_b.ipynb"}]}]},
+        {"caption": "B", "chapters": [{"file": "book/results"}]},
+    ]}
+    docs = book.toc_files(toc)
+    assert docs == ["book/intro", "book/setup", "notebooks/01_a", "notebooks/02_b", "book/results"]
+    assert book.chapter_stems(docs) == ["01_a", "02_b"]
+
+
+def test_a_listed_notebook_that_is_missing_stops_the_build_with_its_name(tmp_path):
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "notebooks" / "01_a.ipynb").write_text("{}")
+    assert book.chapter_notebooks(tmp_path, ["01_a"]) == [tmp_path / "notebooks" / "01_a.ipynb"]
+    with pytest.raises(BuildError, match=r"notebooks/02_b\.ipynb") as err:
+        book.chapter_notebooks(tmp_path, ["01_a", "02_b"])
+    assert "\n" not in str(err.value)
+
+
+def test_unlisted_chapter_notebooks_are_found(tmp_path):
+    (tmp_path / "notebooks").mkdir()
+    for name in ("01_a.ipynb", "02_b.ipynb", "scratch.ipynb"):
+        (tmp_path / "notebooks" / name).write_text("{}")
+    assert [p.name for p in book.unlisted_notebooks(tmp_path, ["01_a"])] == ["02_b.ipynb"]
+
+
+def test_the_repository_toc_names_only_pages_and_notebooks_that_exist():
+    docs = book.read_toc(ROOT / "_toc.yml")
+    for doc in docs:
+        if not doc.startswith("notebooks/"):
+            assert (ROOT / f"{doc}.md").is_file(), doc
+    book.chapter_notebooks(ROOT, book.chapter_stems(docs))
+
+
+def test_the_pages_the_build_fills_keep_their_markers():
+    for page, markers in (("results.md", book.RESULTS_MARKERS),
+                          ("reproduce.md", book.PARAMETERS_MARKERS)):
+        text = (ROOT / "book" / page).read_text()
+        assert all(m in text for m in markers), page
+
+
+# ----------------------------------------------------------------------------- results schema
+
+
+def test_a_results_table_renders_as_a_captioned_markdown_table():
+    text = book.render_table("results-03-sparserm-accuracy",
+                             _table(rows=[["Sparse|RM", 0.82431], ["DenseRM", None], ["n", 1000]]))
+    assert text.splitlines() == [
+        "```{table} Pair accuracy",
+        ":name: results-03-sparserm-accuracy",
+        "",
+        "| method | accuracy |",
+        "|---|---|",
+        "| Sparse\\|RM | 0.8243 |",
+        "| DenseRM | – |",
+        "| n | 1000 |",
+        "```",
+    ]
+
+
+def test_float_format_applies_to_float_cells_only():
+    text = book.render_table("t", _table(rows=[["a", 82.4312], ["b", 7]], float_format=".1f"))
+    assert "| a | 82.4 |" in text and "| b | 7 |" in text
+
+
+@pytest.mark.parametrize("bad, message", [
+    (_table(caption=""), "caption"),
+    (_table(columns=[]), "columns"),
+    (_table(rows=[["only one cell"]]), "row 0 must be a list of 2 cells"),
+    (_table(rows=[["a", [1, 2]]]), "row 0 has a list cell"),
+    (_table(float_format="%.2f"), "float_format"),
+    (_table(colour="red"), "unknown table keys"),
+])
+def test_a_malformed_table_is_refused_with_its_name(bad, message):
+    with pytest.raises(DataError, match=message) as err:
+        book.validate_results({"profile": "smoke", "tables": {"accuracy": bad}}, "03.results.json")
+    assert "table 'accuracy'" in str(err.value)
+
+
+def test_results_need_a_profile_and_tables():
+    with pytest.raises(DataError, match="profile"):
+        book.validate_results({"tables": {}}, "x")
+    with pytest.raises(DataError, match="tables"):
+        book.validate_results({"profile": "cpu"}, "x")
+
+
+def test_write_results_round_trips_and_writes_nothing_without_a_path(tmp_path):
+    tab = book.table(["method", "accuracy", "n"],
+                     [["SparseRM", torch.tensor(0.5).item(), torch.tensor(3)], ["nan", math.nan, 0]],
+                     "Accuracy")
+    assert tab["rows"] == [["SparseRM", 0.5, 3], ["nan", None, 0]]
+    metrics = {"seconds": 1.5, "seeds": (0, 1), "scores": torch.tensor([0.5, math.inf]),
+               "records": [{"acc": torch.tensor(0.25)}], "path": tmp_path / "rm"}
+    path = book.write_results(tmp_path / "x" / "03.results.json", profile="smoke",
+                              tables={"accuracy": tab}, metrics=metrics)
+    data = book.load_results(path)
+    assert data == {"profile": "smoke", "tables": {"accuracy": tab},
+                    "metrics": {"seconds": 1.5, "seeds": [0, 1], "scores": [0.5, None],
+                                "records": [{"acc": 0.25}], "path": str(tmp_path / "rm")}}
+    assert book.write_results("", profile="smoke", tables={}) is None
+
+
+def test_a_data_frame_becomes_a_table():
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"accuracy": [0.8, 0.7]}, index=pd.Index(["SparseRM", "DenseRM"], name="method"))
+    tab = book.frame_table(frame, "Accuracy", index=True)
+    assert tab["columns"] == ["method", "accuracy"]
+    assert tab["rows"] == [["SparseRM", 0.8], ["DenseRM", 0.7]]
+
+
+def test_invalid_json_is_reported_with_its_line(tmp_path):
+    path = tmp_path / "bad.results.json"
+    path.write_text('{"profile": "cpu",\n "tables": }')
+    with pytest.raises(DataError, match="line 2"):
+        book.load_results(path)
+
+
+def test_the_results_page_gets_a_section_per_chapter_in_order():
+    body = book.render_results([
+        ("01_a", "SAE decomposition", {"profile": "smoke", "tables": {"quality": _table(caption="SAE quality")}}),
+        ("03_b", "SparseRM", {"profile": "smoke", "tables": {}}),
+    ])
+    assert body.index("## SAE decomposition") < body.index("## SparseRM")
+    assert "{doc}`../notebooks/01_a`" in body and "profile `smoke`" in body
+    assert ":name: results-01-a-quality" in body and "```{table} SAE quality" in body
+    assert "reports no tables" in body
+    assert "No chapter" in book.render_results([])
+
+
+def test_fill_between_replaces_only_the_marked_part():
+    markers = ("<!-- begin results -->", "<!-- end results -->")
+    page = "# Results\n\nintro\n\n<!-- begin results -->\nold\n<!-- end results -->\n"
+    filled = book.fill_between(page, markers, "NEW")
+    assert filled == "# Results\n\nintro\n\n<!-- begin results -->\nNEW\n<!-- end results -->\n"
+    with pytest.raises(BuildError, match="markers"):
+        book.fill_between("# Results\n", markers, "NEW")
+
+
+def test_the_parameters_table_lists_each_parameter_with_its_comment():
+    params = {"PROFILE": {"name": "PROFILE", "default": '"cpu"', "help": "smoke | cpu | paper"},
+              "K": {"name": "K", "default": "128", "help": ""}}
+    body = book.render_parameters([("03_sparserm", "SparseRM", params)])
+    assert "| `PROFILE` | `\"cpu\"` | smoke \\| cpu \\| paper |" in body
+    assert "| `K` | `128` |  |" in body
+
+
+def test_notebook_title_is_the_first_level_one_heading():
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("x = 1"),
+        nbformat.v4.new_markdown_cell("Some text\n\n# 3. SparseRM  \n\n## Section"),
+    ])
+    assert book.notebook_title(nb, "03_sparserm") == "3. SparseRM"
+    assert book.notebook_title(nbformat.v4.new_notebook(), "03_sparserm") == "03_sparserm"
+
+
+def test_the_kernel_resolves_a_bare_python_to_the_launching_interpreter():
+    assert book.kernel_python(["python", "-m", "ipykernel_launcher"], "/venv/bin/python") == "/venv/bin/python"
+    assert book.kernel_python(["python3", "-m", "ipykernel_launcher"], "/venv/bin/python") == "/venv/bin/python"
+    assert book.kernel_python(["/usr/bin/python3", "-m", "ipykernel_launcher"], "/venv/bin/python") == "/usr/bin/python3"
+
+
+# ----------------------------------------------------------------------------- exercises
+
+
+def _exercise_notebook():
+    return nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("# Chapter"),
+        nbformat.v4.new_code_cell("def f():\n    raise NotImplementedError", metadata={"tags": ["exercise"]}),
+        nbformat.v4.new_code_cell("def f():\n    return 1", metadata={"tags": ["solution"]},
+                                  outputs=[nbformat.v4.new_output("stream", text="hi")], execution_count=3),
+        nbformat.v4.new_code_cell("assert f() == 1", outputs=[nbformat.v4.new_output("stream", text="ok")]),
+    ])
+
+
+def test_solutions_are_folded_in_the_book_and_removed_from_handouts(tmp_path):
+    nb = _exercise_notebook()
+    assert book.fold_solutions(nb) == 1
+    assert nb["cells"][2]["metadata"]["tags"] == ["solution", "hide-input"]
+    handout = book.handout_notebook(_exercise_notebook())
+    assert [c["source"] for c in handout["cells"]] == ["# Chapter", "def f():\n    raise NotImplementedError",
+                                                         "assert f() == 1"]
+    assert all(c.get("outputs", []) == [] for c in handout["cells"])
+
+    (tmp_path / "notebooks").mkdir()
+    nbformat.write(_exercise_notebook(), tmp_path / "notebooks" / "01_a.ipynb")
+    written = book.write_handouts(tmp_path, tmp_path / "handout")
+    assert [p.name for p in written] == ["01_a.ipynb"]
+    assert len(nbformat.read(written[0], as_version=4).cells) == 3
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _tiny_book(root: Path, notebook_source: str) -> None:
+    """A repository root with the real config, the real generated pages and one chapter notebook."""
+    shutil.copy2(ROOT / "_config.yml", root / "_config.yml")
+    (root / "_toc.yml").write_text(
+        "format: jb-book\nroot: book/intro\nchapters:\n"
+        "  - file: notebooks/01_demo\n  - file: book/results\n  - file: book/reproduce\n"
+        "  - file: book/references\n")
+    (root / "book" / "_static" / "mathjax").mkdir(parents=True)
+    for name in ("custom.css", "pipeline.svg"):
+        shutil.copy2(ROOT / "book" / "_static" / name, root / "book" / "_static" / name)
+    (root / "book" / "_static" / "mathjax" / book.MATHJAX_ENTRY).write_text("// stub\n")
+    (root / "book" / "intro.md").write_text("# A tiny book\n\nOne chapter.\n")
+    for name in ("results.md", "reproduce.md", "references.md", "references.bib"):
+        shutil.copy2(ROOT / "book" / name, root / "book" / name)
+    (root / "notebooks").mkdir()
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("# A demo chapter"),
+        nbformat.v4.new_code_cell('PROFILE = "cpu"  # smoke | cpu | paper\nRESULTS_PATH = ""  # where to write results',
+                                  metadata={"tags": ["parameters"]}),
+        nbformat.v4.new_code_cell(notebook_source),
+    ])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, root / "notebooks" / "01_demo.ipynb")
+
+
+WRITES_RESULTS = """from srlib.book import table, write_results
+write_results(RESULTS_PATH, profile=PROFILE, tables={
+    "accuracy": table(["method", "accuracy"], [["SparseRM", 0.5]], "Demo accuracy on " + PROFILE)})"""
+
+
+@pytest.mark.notebook
+def test_a_tiny_book_builds_end_to_end(tmp_path):
+    _tiny_book(tmp_path, WRITES_RESULTS)
+    paths = book.build(tmp_path, "smoke", strict=True)
+    assert paths == BuildPaths(tmp_path.resolve(), "smoke")
+    assert json.loads(paths.results("01_demo").read_text())["profile"] == "smoke"
+    results = (paths.html / "book" / "results.html").read_text()
+    assert "Demo accuracy on smoke" in results and "SparseRM" in results
+    reproduce = (paths.html / "book" / "reproduce.html").read_text()
+    assert "where to write results" in reproduce
+    assert (paths.html / "notebooks" / "01_demo.html").is_file()
+    assert (paths.html / "index.html").is_file()
+
+
+@pytest.mark.notebook
+def test_a_failing_notebook_stops_the_build_with_its_name_and_error(tmp_path):
+    _tiny_book(tmp_path, "raise ValueError('layer 99 is out of range')")
+    with pytest.raises(NotebookFailed, match=r"notebooks/01_demo\.ipynb failed .*ValueError: layer 99") as err:
+        book.build(tmp_path, "smoke")
+    assert "ValueError" in err.value.details
+    assert not (tmp_path / "_build" / "smoke" / "html").exists()
+
+
+@pytest.mark.notebook
+def test_a_notebook_that_writes_no_results_is_an_error(tmp_path):
+    _tiny_book(tmp_path, "x = 1")
+    with pytest.raises(BuildError, match=r"01_demo\.ipynb wrote no results"):
+        book.build(tmp_path, "smoke")
+
+
+def test_docstrings_reflow_paragraphs_and_list_items_but_keep_examples():
+    lines = ["A paragraph that", "wraps.", "", "* an item that", "  wraps too", "* another",
+             "", "Example::", "", "    x = 1", "    y = 2", "1. numbered", "   item"]
+    assert book.reflow_docstring(lines) == [
+        "A paragraph that wraps.", "", "* an item that wraps too", "* another", "",
+        "Example::", "", "    x = 1", "    y = 2", "1. numbered item"]
+
+
+def test_every_srlib_object_the_pages_name_exists():
+    """The book and the library never drift: each {py:...} role in book/*.md names a real object."""
+    import importlib
+    import re
+
+    missing = []
+    for page in sorted((ROOT / "book").glob("*.md")):
+        for target in re.findall(r"\{py:\w+\}`~?(srlib\.[\w.]+)`", page.read_text()):
+            module_name, _, attr = target.rpartition(".")
+            try:
+                obj = importlib.import_module(module_name)
+            except ModuleNotFoundError:
+                module_name, _, owner = module_name.rpartition(".")
+                obj = getattr(importlib.import_module(module_name), owner, None)
+            if obj is None or not hasattr(obj, attr):
+                missing.append(f"{page.name}: {target}")
+    assert not missing, missing
