@@ -1,0 +1,277 @@
+"""Hidden states of a backbone at one layer: the last token of each text, or every token.
+
+Layer convention: layer L is the OUTPUT of decoder block L (0-indexed), TransformerLens /
+Gemma Scope `blocks.L.hook_resid_post`, which is transformers' `hidden_states[L + 1]` for
+L < num_layers - 1. (For the last block transformers' `hidden_states[-1]` has the final norm
+applied; we return the block's output without it, for every L.)
+
+The forward pass stops after block L: a forward hook on block L raises a private exception
+that carries the block's output, so the blocks above and the LM head never run. That works
+for any architecture whose blocks sit in one `ModuleList` (Llama, Gemma 2, Qwen, ...), without
+copying the model's own forward code.
+
+Tokenisation: a text that already starts with the BOS token (templates such as Gemma's and
+Llama 3's write it) is tokenised without special tokens, so the BOS is not doubled. A text
+longer than `max_length` tokens loses tokens on the LEFT, so its last token (the one the
+reward model reads) is kept; a leading BOS is kept too. Batches are padded on the right
+whatever the tokenizer's `padding_side`, so positions of real tokens do not move, and the
+state of each text's last real token is read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from srlib.backbone import Backbone, format_pair
+from srlib.data import PreferencePair
+from srlib.errors import ConfigError, DataError
+from srlib.paths import atomic_path, cache_dir
+
+# Texts sorted by length are processed in windows of this many batches by
+# `iter_token_activations`, which yields results in input order.
+_WINDOW_BATCHES = 8
+# A user message that cannot occur in real text, used to find the template's fixed prefix.
+_SENTINEL = "\u2063srlib-sentinel\u2063"
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """Token ids of one text and, per token, whether it belongs to the template's prefix."""
+
+    ids: list[int]
+    prefix: list[bool]
+
+
+class _StopForward(Exception):
+    """Raised by the hook on block L to end the forward pass; carries the block's output."""
+
+    def __init__(self, hidden: Tensor) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+
+def last_token_states(
+    backbone: Backbone,
+    texts: Sequence[str],
+    layer: int,
+    *,
+    max_length: int = 512,
+    batch_size: int = 16,
+    cache: bool = True,
+    progress: bool = True,
+) -> Tensor:
+    """[n, d] float32 CPU tensor: the layer-`layer` state of each text's last token, in order.
+
+    With `cache=True` each text's state is stored under
+    `cache_dir("activations", <backbone identity>, "layer<L>-max<max_length>")` as
+    `<sha256[:2]>/<sha256 of the text>.safetensors`, written atomically, and read back instead
+    of recomputed on later calls. The texts are already chat-formatted, so the formatting is
+    part of the key.
+    """
+    _check_layer(backbone, layer)
+    texts = list(texts)
+    if not texts:
+        return torch.zeros(0, backbone.hidden_size)
+    folder = _cache_folder(backbone, layer, max_length) if cache else None
+    keys = [hashlib.sha256(text.encode()).hexdigest() for text in texts]
+    states: dict[str, Tensor] = {}
+    if folder is not None:
+        for key in set(keys):
+            path = folder / key[:2] / f"{key}.safetensors"
+            if path.exists():
+                states[key] = load_file(path)["state"]
+    todo = {key: text for key, text in zip(keys, texts) if key not in states}
+    if todo:
+        todo_keys = list(todo)
+        encoded = [_encode(backbone.tokenizer, todo[key], max_length) for key in todo_keys]
+        bar = tqdm(total=len(encoded), desc=f"layer {layer} states", unit="text",
+                   disable=not progress)
+        for rows, hidden, lengths in _forward_batches(backbone, encoded, layer, batch_size):
+            last = hidden[torch.arange(len(rows)), lengths - 1].float().cpu()
+            for row, state in zip(rows, last):
+                key = todo_keys[row]
+                states[key] = state.clone()
+                if folder is not None:
+                    _write_entry(folder / key[:2] / f"{key}.safetensors", states[key])
+            bar.update(len(rows))
+        bar.close()
+    return torch.stack([states[key] for key in keys])
+
+
+def pair_states(
+    backbone: Backbone, pairs: Sequence[PreferencePair], layer: int, **kwargs
+) -> tuple[Tensor, Tensor]:
+    """(Z_chosen, Z_rejected), each [n_pairs, d]: last-token states of the formatted pairs.
+
+    Both sides go through one `last_token_states` call (kwargs passed on), so they share
+    batches and the cache.
+    """
+    chosen, rejected = zip(*(format_pair(backbone.tokenizer, pair) for pair in pairs)) if pairs \
+        else ((), ())
+    states = last_token_states(backbone, list(chosen) + list(rejected), layer, **kwargs)
+    return states[: len(pairs)], states[len(pairs):]
+
+
+def iter_token_activations(
+    backbone: Backbone,
+    texts: Sequence[str],
+    layer: int,
+    *,
+    max_length: int = 512,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> Iterator[Tensor]:
+    """Yield, for each text in order, a [n_tokens, d] float32 CPU tensor of its layer states.
+
+    Excluded tokens: padding, and the chat template's fixed prefix, i.e. every token that
+    lies wholly before the first message's content when the text starts with that prefix.
+    For SmolLM2 that is "<|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n" (the
+    default system prompt and the first user header); for a tokenizer that prepends a BOS it
+    includes the BOS. These tokens are the same in every formatted text, and attention is
+    causal, so their states are one identical vector in every text: keeping them would
+    flood an SAE's training set with copies. A text that does not start with the prefix (or
+    lost it to truncation) loses only a leading BOS. A text may yield zero rows. Not cached.
+    """
+    _check_layer(backbone, layer)
+    texts = list(texts)
+    prefix = _template_prefix(backbone.tokenizer)
+    window = max(1, batch_size * _WINDOW_BATCHES)
+    with tqdm(total=len(texts), desc=f"layer {layer} tokens", unit="text",
+              disable=not progress) as bar:
+        for start in range(0, len(texts), window):
+            encoded = [_encode(backbone.tokenizer, text, max_length, prefix)
+                       for text in texts[start:start + window]]
+            results: dict[int, Tensor] = {}
+            for rows, hidden, lengths in _forward_batches(backbone, encoded, layer, batch_size):
+                for i, row in enumerate(rows):
+                    keep = ~torch.tensor(encoded[row].prefix, dtype=torch.bool)
+                    results[row] = hidden[i, : int(lengths[i])][keep.to(hidden.device)].float().cpu()
+                bar.update(len(rows))
+            yield from (results[row] for row in range(len(encoded)))
+
+
+def _check_layer(backbone: Backbone, layer: int) -> None:
+    n = backbone.num_layers
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+        raise ConfigError(f"layer {layer} out of range: model has {n} layers (0..{n - 1})")
+
+
+def _cache_folder(backbone: Backbone, layer: int, max_length: int) -> Path:
+    """The cache folder for one backbone, layer and max_length; records what it holds."""
+    identity = "".join(c if c.isalnum() or c in "-_." else "_" for c in backbone.identity)
+    folder = cache_dir("activations", identity, f"layer{layer}-max{max_length}")
+    info = folder / "info.json"
+    if not info.exists():
+        with atomic_path(info) as tmp:
+            tmp.write_text(json.dumps({"model_id": backbone.model_id, "identity": backbone.identity,
+                                       "layer": layer, "max_length": max_length}, indent=1))
+    return folder
+
+
+def _write_entry(path: Path, state: Tensor) -> None:
+    """Store one state atomically: a crash mid-write leaves no file at `path`."""
+    with atomic_path(path) as tmp:
+        save_file({"state": state.contiguous()}, str(tmp))
+
+
+def _template_prefix(tokenizer) -> str:
+    """The chat template's text before the first message's content ("" without a template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return ""
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}],
+                                             tokenize=False, add_generation_prompt=False)
+    return rendered[: rendered.index(_SENTINEL)]
+
+
+def _encode(tokenizer, text: str, max_length: int, prefix: str = "") -> _Encoded:
+    """Token ids of `text`, left-truncated to `max_length` (keeping a leading BOS).
+
+    `prefix[i]` is True for the leading BOS and for tokens that end inside `prefix` when the
+    text starts with it.
+    """
+    if max_length < 1:
+        raise ConfigError(f"max_length must be at least 1, got {max_length}")
+    bos = tokenizer.bos_token
+    add_special = not (bos and text.startswith(bos))
+    enc = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    if not ids:
+        raise DataError(f"empty text {text!r}: it has no token to read a state from")
+    cut = len(prefix) if prefix and text.startswith(prefix) else 0
+    in_prefix = [end <= cut for _, end in enc["offset_mapping"]]
+    has_bos = bool(ids) and ids[0] == tokenizer.bos_token_id
+    if has_bos:
+        in_prefix[0] = True
+    if len(ids) > max_length:
+        head = 1 if has_bos and max_length > 1 else 0
+        tail = max_length - head
+        ids = ids[:head] + ids[len(ids) - tail:]
+        in_prefix = in_prefix[:head] + in_prefix[len(in_prefix) - tail:]
+    return _Encoded(ids, in_prefix)
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder blocks (`model.model.layers` for Llama, Gemma 2, Qwen)."""
+    n = model.config.get_text_config().num_hidden_layers
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(base, "layers", None)
+    if isinstance(layers, nn.ModuleList) and len(layers) == n:
+        return layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise ConfigError(f"cannot find the {n} decoder blocks of {type(model).__name__}")
+
+
+def _forward_to_layer(model: nn.Module, layer: int, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """[batch, tokens, d]: the output of block `layer`; no block above it runs."""
+
+    def stop(module: nn.Module, args, output) -> None:
+        raise _StopForward(output[0] if isinstance(output, tuple) else output)
+
+    handle = _decoder_layers(model)[layer].register_forward_hook(stop)
+    try:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward as stopped:
+        return stopped.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError(f"block {layer} did not run during the forward pass")
+
+
+def _batches(encoded: Sequence[_Encoded], batch_size: int, pad_id: int
+             ) -> Iterator[tuple[list[int], Tensor, Tensor]]:
+    """(rows, input_ids, attention_mask) of right-padded batches, longest texts first."""
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].ids))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        width = max(len(encoded[i].ids) for i in rows)
+        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, i in enumerate(rows):
+            n = len(encoded[i].ids)
+            input_ids[j, :n] = torch.tensor(encoded[i].ids)
+            attention_mask[j, :n] = 1
+        yield rows, input_ids, attention_mask
+
+
+def _forward_batches(backbone: Backbone, encoded: Sequence[_Encoded], layer: int, batch_size: int
+                     ) -> Iterator[tuple[list[int], Tensor, Tensor]]:
+    """(rows, block-`layer` output [b, t, d], real lengths [b]) for each batch."""
+    tokenizer = backbone.tokenizer
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+    device = backbone.device
+    with torch.inference_mode():
+        for rows, input_ids, attention_mask in _batches(encoded, batch_size, pad_id):
+            hidden = _forward_to_layer(backbone.model, layer, input_ids.to(device),
+                                       attention_mask.to(device))
+            yield rows, hidden, attention_mask.sum(dim=1).to(hidden.device)

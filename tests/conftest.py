@@ -1,0 +1,35 @@
+"""Shared pytest fixtures.
+
+- `tiny_backbone` (session): the tiny random Llama-style model (`TINY_MODEL_ID`) with its
+  ChatML tokenizer, built in-process in about 0.1 s. Shared by all tests: do not modify its
+  weights, or load your own with `load_backbone(TINY_MODEL_ID)`.
+- `smoke_profile` (session): `get_profile("smoke")`.
+- `isolated_cache` (function): points `SRLIB_CACHE_DIR` at a fresh temporary folder and
+  returns it, so a test's caches (activations, SAEs, models) start empty and vanish after.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from srlib.backbone import Backbone, load_backbone
+from srlib.profiles import TINY_MODEL_ID, Profile, get_profile
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone() -> Backbone:
+    return load_backbone(TINY_MODEL_ID, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smoke_profile() -> Profile:
+    return get_profile("smoke")
+
+
+@pytest.fixture
+def isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "srlib-cache"
+    monkeypatch.setenv("SRLIB_CACHE_DIR", str(cache))
+    return cache

@@ -1,0 +1,109 @@
+"""srlib.backbone on the tiny in-process model: loading, identity, text formatting."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+
+import pytest
+import torch
+
+from srlib.activations import last_token_states
+from srlib.backbone import (
+    _identity,
+    backbone_for_profile,
+    format_pair,
+    format_text,
+    load_backbone,
+    pretrained_path,
+)
+from srlib.data import PreferencePair
+from srlib.errors import ConfigError
+from srlib.profiles import TINY_MODEL_ID
+
+TINY_HEADER = "<|im_start|>system\nYou are a tiny test model.<|im_end|>\n"
+
+
+def test_tiny_backbone_shape_and_mode(tiny_backbone):
+    assert (tiny_backbone.num_layers, tiny_backbone.hidden_size) == (4, 64)
+    assert tiny_backbone.source == "tiny" and tiny_backbone.model_id == TINY_MODEL_ID
+    assert not tiny_backbone.model.training
+    assert next(tiny_backbone.model.parameters()).dtype == torch.float32
+    tok = tiny_backbone.tokenizer
+    assert tok.bos_token == "<s>" and tok.pad_token == "<pad>" and tok.eos_token == "<|im_end|>"
+    assert tok("hi")["input_ids"][0] == tok.bos_token_id
+
+
+def test_tiny_model_is_deterministic(tiny_backbone):
+    rng_before = torch.random.get_rng_state()
+    again = load_backbone(TINY_MODEL_ID, device="cpu")
+    assert torch.equal(rng_before, torch.random.get_rng_state()), "building must not touch the global RNG"
+    first, second = tiny_backbone.model.state_dict(), again.model.state_dict()
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+    assert again.tokenizer.get_vocab() == tiny_backbone.tokenizer.get_vocab()
+    assert again.identity == tiny_backbone.identity
+
+
+def test_identity_follows_the_weights(tiny_backbone):
+    other = load_backbone(TINY_MODEL_ID, device="cpu")
+    with torch.no_grad():
+        other.model.model.layers[1].mlp.up_proj.weight[0, 0] += 1.0
+    assert _identity(TINY_MODEL_ID, other.model, other.tokenizer) != tiny_backbone.identity
+
+
+def test_format_text_uses_the_chat_template(tiny_backbone):
+    text = format_text(tiny_backbone.tokenizer, "Is the sky blue?", "Yes.")
+    assert text == (TINY_HEADER + "<|im_start|>user\nIs the sky blue?<|im_end|>\n"
+                    "<|im_start|>assistant\nYes.<|im_end|>\n")
+
+
+def test_format_text_turns_a_transcript_into_turns(tiny_backbone):
+    prompt = "Human: Hi there\n\nAssistant: Hello!\n\nHuman: How do I bake bread?"
+    text = format_text(tiny_backbone.tokenizer, prompt, "Use flour.")
+    assert text == (TINY_HEADER + "<|im_start|>user\nHi there<|im_end|>\n"
+                    "<|im_start|>assistant\nHello!<|im_end|>\n"
+                    "<|im_start|>user\nHow do I bake bread?<|im_end|>\n"
+                    "<|im_start|>assistant\nUse flour.<|im_end|>\n")
+
+
+def test_format_text_plain_fallback_without_template():
+    no_template = types.SimpleNamespace(chat_template=None)
+    assert format_text(no_template, "Is the sky blue?", "Yes.") == "User: Is the sky blue?\nAssistant: Yes."
+
+
+def test_format_pair(tiny_backbone):
+    pair = PreferencePair(prompt="Q?", chosen="good", rejected="bad")
+    chosen, rejected = format_pair(tiny_backbone.tokenizer, pair)
+    assert chosen == format_text(tiny_backbone.tokenizer, "Q?", "good")
+    assert rejected == format_text(tiny_backbone.tokenizer, "Q?", "bad")
+
+
+def test_backbone_for_profile(smoke_profile):
+    backbone = backbone_for_profile(smoke_profile, device="cpu")
+    assert backbone.model_id == smoke_profile.model_id == TINY_MODEL_ID
+    assert backbone_for_profile("smoke", device="cpu").identity == backbone.identity
+
+
+def test_pretrained_path_round_trips_through_a_local_dir(tiny_backbone, isolated_cache):
+    path = pretrained_path(tiny_backbone)
+    assert path.startswith(str(isolated_cache))
+    assert pretrained_path(tiny_backbone) == path  # saved once
+    local = load_backbone(path, device="cpu")
+    assert local.source == "local" and local.path == path
+    texts = [format_text(tiny_backbone.tokenizer, "Q?", "An answer.")]
+    assert torch.allclose(last_token_states(local, texts, 2, cache=False, progress=False),
+                          last_token_states(tiny_backbone, texts, 2, cache=False, progress=False),
+                          atol=1e-6)
+
+
+def test_unknown_model_offline_is_a_one_line_config_error(monkeypatch, isolated_cache):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"cannot load 'nobody/no-such-model'") as error:
+        load_backbone("nobody/no-such-model", device="cpu")
+    assert "\n" not in str(error.value)
+
+
+def test_backbone_is_a_plain_dataclass(tiny_backbone):
+    renamed = dataclasses.replace(tiny_backbone, identity="x")
+    assert renamed.model is tiny_backbone.model and renamed.identity == "x"
