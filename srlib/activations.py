@@ -233,16 +233,21 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def _forward_to_layer(model: nn.Module, layer: int, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """[batch, tokens, d]: the output of block `layer`; no block above it runs."""
+    """[batch, tokens, d]: the output of block `layer`; no block above it runs.
+
+    The pass runs under `torch.inference_mode`; the result is cloned outside it, so callers
+    get an ordinary tensor that autograd accepts (an SAE or a reward head trains on it).
+    """
 
     def stop(module: nn.Module, args, output) -> None:
         raise _StopForward(output[0] if isinstance(output, tuple) else output)
 
     handle = _decoder_layers(model)[layer].register_forward_hook(stop)
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        with torch.inference_mode():
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     except _StopForward as stopped:
-        return stopped.hidden
+        return stopped.hidden.clone()
     finally:
         handle.remove()
     raise RuntimeError(f"block {layer} did not run during the forward pass")
@@ -270,8 +275,7 @@ def _forward_batches(backbone: Backbone, encoded: Sequence[_Encoded], layer: int
     tokenizer = backbone.tokenizer
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     device = backbone.device
-    with torch.inference_mode():
-        for rows, input_ids, attention_mask in _batches(encoded, batch_size, pad_id):
-            hidden = _forward_to_layer(backbone.model, layer, input_ids.to(device),
-                                       attention_mask.to(device))
-            yield rows, hidden, attention_mask.sum(dim=1).to(hidden.device)
+    for rows, input_ids, attention_mask in _batches(encoded, batch_size, pad_id):
+        hidden = _forward_to_layer(backbone.model, layer, input_ids.to(device),
+                                   attention_mask.to(device))
+        yield rows, hidden, attention_mask.sum(dim=1).to(hidden.device)

@@ -213,3 +213,14 @@ def test_token_activations_of_plain_and_truncated_texts_skip_only_the_bos(tiny_b
     assert streams[0].shape[0] == len(tok(plain)["input_ids"]) - 1
     torch.testing.assert_close(streams[1], streams[0])  # a BOS written in the text is skipped too
     assert streams[2].shape[0] == 30 - 1
+
+
+def test_outputs_are_ordinary_tensors_that_autograd_accepts(tiny_backbone):
+    texts = make_texts(tiny_backbone.tokenizer, 3)
+    head = torch.nn.Linear(64, 1)
+    states = last_token_states(tiny_backbone, texts, 1, cache=False, progress=False)
+    assert not states.is_inference()
+    head(states).sum().backward()
+    for tokens in iter_token_activations(tiny_backbone, texts, 1, batch_size=1, progress=False):
+        assert torch.is_grad_enabled() and not tokens.is_inference()
+        head(tokens).sum().backward()  # a training step between two batches of the stream
