@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import operator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -77,7 +78,7 @@ def last_token_states(
     of recomputed on later calls. The texts are already chat-formatted, so the formatting is
     part of the key.
     """
-    _check_layer(backbone, layer)
+    layer = _check_layer(backbone, layer)
     texts = list(texts)
     if not texts:
         return torch.zeros(0, backbone.hidden_size)
@@ -93,17 +94,16 @@ def last_token_states(
     if todo:
         todo_keys = list(todo)
         encoded = [_encode(backbone.tokenizer, todo[key], max_length) for key in todo_keys]
-        bar = tqdm(total=len(encoded), desc=f"layer {layer} states", unit="text",
-                   disable=not progress)
-        for rows, hidden, lengths in _forward_batches(backbone, encoded, layer, batch_size):
-            last = hidden[torch.arange(len(rows)), lengths - 1].float().cpu()
-            for row, state in zip(rows, last):
-                key = todo_keys[row]
-                states[key] = state.clone()
-                if folder is not None:
-                    _write_entry(folder / key[:2] / f"{key}.safetensors", states[key])
-            bar.update(len(rows))
-        bar.close()
+        with tqdm(total=len(encoded), desc=f"layer {layer} states", unit="text",
+                  disable=not progress) as bar:
+            for rows, hidden, lengths in _forward_batches(backbone, encoded, layer, batch_size):
+                last = hidden[torch.arange(len(rows)), lengths - 1].float().cpu()
+                for row, state in zip(rows, last):
+                    key = todo_keys[row]
+                    states[key] = state.clone()
+                    if folder is not None:
+                        _write_entry(folder / key[:2] / f"{key}.safetensors", states[key])
+                bar.update(len(rows))
     return torch.stack([states[key] for key in keys])
 
 
@@ -115,9 +115,9 @@ def pair_states(
     Both sides go through one `last_token_states` call (kwargs passed on), so they share
     batches and the cache.
     """
-    chosen, rejected = zip(*(format_pair(backbone.tokenizer, pair) for pair in pairs)) if pairs \
-        else ((), ())
-    states = last_token_states(backbone, list(chosen) + list(rejected), layer, **kwargs)
+    texts = [format_pair(backbone.tokenizer, pair) for pair in pairs]
+    states = last_token_states(backbone, [c for c, _ in texts] + [r for _, r in texts], layer,
+                               **kwargs)
     return states[: len(pairs)], states[len(pairs):]
 
 
@@ -141,7 +141,7 @@ def iter_token_activations(
     flood an SAE's training set with copies. A text that does not start with the prefix (or
     lost it to truncation) loses only a leading BOS. A text may yield zero rows. Not cached.
     """
-    _check_layer(backbone, layer)
+    layer = _check_layer(backbone, layer)
     texts = list(texts)
     prefix = _template_prefix(backbone.tokenizer)
     window = max(1, batch_size * _WINDOW_BATCHES)
@@ -159,10 +159,16 @@ def iter_token_activations(
             yield from (results[row] for row in range(len(encoded)))
 
 
-def _check_layer(backbone: Backbone, layer: int) -> None:
+def _check_layer(backbone: Backbone, layer: int) -> int:
+    """`layer` as an int (numpy integers welcome), or a one-line ConfigError."""
     n = backbone.num_layers
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+    try:
+        layer = operator.index(layer)
+    except TypeError:
+        raise ConfigError(f"layer must be an integer, got {layer!r}") from None
+    if not 0 <= layer < n:
         raise ConfigError(f"layer {layer} out of range: model has {n} layers (0..{n - 1})")
+    return layer
 
 
 def _cache_folder(backbone: Backbone, layer: int, max_length: int) -> Path:

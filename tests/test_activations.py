@@ -121,6 +121,14 @@ def test_layer_out_of_range(tiny_backbone, layer):
         next(iter_token_activations(tiny_backbone, ["x"], layer, progress=False))
 
 
+def test_layer_must_be_an_integer_but_numpy_integers_are_fine(tiny_backbone):
+    with pytest.raises(ConfigError, match=r"^layer must be an integer, got 1.5$"):
+        last_token_states(tiny_backbone, ["x"], 1.5, cache=False, progress=False)
+    numpy = pytest.importorskip("numpy")
+    assert last_token_states(tiny_backbone, ["x"], numpy.int64(1), cache=False,
+                             progress=False).shape == (1, 64)
+
+
 def test_empty_list_gives_an_empty_tensor(tiny_backbone):
     assert last_token_states(tiny_backbone, [], 1, progress=False).shape == (0, 64)
     chosen, rejected = pair_states(tiny_backbone, [], 1, progress=False)
