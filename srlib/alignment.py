@@ -52,6 +52,7 @@ from srlib.data import (
 from srlib.errors import ConfigError
 from srlib.evaluate import (
     filter_stats,
+    paired_difference,
     pairwise_logprob_accuracy,
     prompt_ids,
     truthfulqa_mc,
@@ -132,8 +133,12 @@ class AlignmentConfig:
     #: Validation metric that picks the best round: "mc1" or "mc2" (truthfulness),
     #: "accuracy" (safety). None: mc2 / accuracy.
     selection_metric: str | None = None
-    #: Seeds the data split, the prompt and shot draws, sampling and DPO (per round).
+    #: Seeds the prompt and shot draws, sampling and DPO (per round): vary it for seed spread.
     seed: int = 0
+    #: Seeds the train / val / test split of the data sets; keep it equal to the split the
+    #: reward models were trained on (srlib's default 0), or their training pairs leak into
+    #: the evaluation.
+    split_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.track not in TRACKS:
@@ -531,17 +536,18 @@ class _EvalData:
 
 def _eval_data(config: AlignmentConfig) -> _EvalData:
     if config.track == "truthfulness":
-        val, test = load_truthfulqa_mc("val", config.seed), load_truthfulqa_mc("test", config.seed)
+        val, test = load_truthfulqa_mc("val", config.split_seed), load_truthfulqa_mc("test", config.split_seed)
     else:
-        val = load_pairs(f"{config.data_name}:val", seed=config.seed)
-        test = load_pairs(f"{config.data_name}:test", seed=config.seed)
+        val = load_pairs(f"{config.data_name}:val", seed=config.split_seed)
+        test = load_pairs(f"{config.data_name}:test", seed=config.split_seed)
     return _EvalData(val[: config.max_val], test[: config.max_test])
 
 
 def evaluate_policy(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", items: Sequence,
-                    config: AlignmentConfig, *, progress: bool = True) -> dict:
+                    config: AlignmentConfig, *, progress: bool = True, per_item: bool = False) -> dict:
     """The track's metrics on `items`: TruthfulQA MC1/MC2 or pairwise log-prob accuracy."""
-    kwargs = dict(batch_size=config.eval_batch_size, max_length=config.max_length, progress=progress)
+    kwargs = dict(batch_size=config.eval_batch_size, max_length=config.max_length, progress=progress,
+                  per_item=per_item)
     if config.track == "truthfulness":
         return truthfulqa_mc(model, tokenizer, items, **kwargs)
     return pairwise_logprob_accuracy(model, tokenizer, items, **kwargs)
@@ -549,7 +555,7 @@ def evaluate_policy(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBas
 
 def _training_prompts(config: AlignmentConfig) -> tuple[list[str], list[PreferencePair]]:
     """(prompts, few-shot examples) of the track, both from training data and disjoint."""
-    train = load_pairs(f"{config.data_name}:train", seed=config.seed)
+    train = load_pairs(f"{config.data_name}:train", seed=config.split_seed)
     shots = select_shots(train, config.n_shots, seed=config.seed, max_chars=config.shot_max_chars,
                          track=config.track)
     if config.track == "truthfulness":
@@ -605,10 +611,19 @@ class AlignmentResult:
     round1_filter: dict
 
     def table(self) -> list[dict]:
-        """One row per policy: the base and each reward model's best round, test metrics."""
-        rows = [{"method": "base policy", "best_round": 0, "kept": None, **self.base_test}]
+        """One row per policy: the base and each reward model's best round, on test data.
+
+        Each metric comes with its SE, and for the reward models with `<metric>_delta`, the
+        paired difference from the base policy on the same items, and `<metric>_delta_se`.
+        """
+        metrics = ("mc1", "mc2") if self.config.track == "truthfulness" else ("accuracy",)
+        rows = [{"method": "base policy", "best_round": 0, "kept": None, **_summary(self.base_test)}]
         for name, run in self.runs.items():
-            rows.append({"method": name, "best_round": run.best_round, "kept": run.kept, **run.test})
+            row = {"method": name, "best_round": run.best_round, "kept": run.kept, **_summary(run.test)}
+            for metric in metrics:
+                delta = paired_difference(run.test[f"{metric}_items"], self.base_test[f"{metric}_items"])
+                row[f"{metric}_delta"], row[f"{metric}_delta_se"] = delta["diff"], delta["se"]
+            rows.append(row)
         return rows
 
     def to_dict(self) -> dict:
@@ -629,6 +644,11 @@ class AlignmentResult:
     @classmethod
     def load(cls, path: str | Path) -> "AlignmentResult":
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def _summary(metrics: dict) -> dict:
+    """The metrics without their per-item lists."""
+    return {k: v for k, v in metrics.items() if not isinstance(v, list)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -713,7 +733,7 @@ def run_alignment(
     else:
         _write_json(config.to_dict(), config_path)
 
-    base = load_backbone(config.model_id)
+    base = load_backbone(config.model_id, progress=progress)
     base_model, tokenizer = base.model, base.tokenizer
     data = _eval_data(config)
     prompts, shots = _training_prompts(config)
@@ -723,7 +743,8 @@ def run_alignment(
         base_eval = _read_json(base_path)
     else:
         base_eval = {"val": evaluate_policy(base_model, tokenizer, data.val, config, progress=progress),
-                     "test": evaluate_policy(base_model, tokenizer, data.test, config, progress=progress)}
+                     "test": evaluate_policy(base_model, tokenizer, data.test, config, progress=progress,
+                                             per_item=True)}
         _write_json(base_eval, base_path)
 
     round1_path, round1_time = out / "round1_tuples.jsonl", out / "round1_generation.json"
@@ -786,9 +807,13 @@ def run_alignment(
                                      train=train, seconds=seconds)
                 _write_json(dataclasses.asdict(record), tmp / "state.json")
             records.append(record)
+            if progress:
+                tqdm.write(f"{name} round {r}: kept {len(kept)}/{len(tuples)} tuples, "
+                           f"val {config.metric} {val[config.metric]:.3f} "
+                           f"({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})")
         best = max(records, key=lambda rec: (rec.val[config.metric], -rec.round)).round
         best_policy = _rebuild_policy(base_model, run_dir, best)
-        test = evaluate_policy(best_policy, tokenizer, data.test, config, progress=progress)
+        test = evaluate_policy(best_policy, tokenizer, data.test, config, progress=progress, per_item=True)
         del best_policy, policy
         runs[name] = RunRecord(name, records, best, test)
         _write_json({"rounds": [dataclasses.asdict(r) for r in records], "best_round": best, "test": test},

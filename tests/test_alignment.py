@@ -148,7 +148,9 @@ def test_loop_shares_round1_and_resumes_to_the_uninterrupted_result(tmp_path, mo
                                          bool(t["chosen"]) and bool(t["rejected"]) for t in r1[1]]
     assert full.round1_filter["n_generated"] == cfg.n_prompts
     assert full.runs["Length RM"].kept[0] == sum(t["kept"] for t in r1[1])
-    assert [row["method"] for row in full.table()] == ["base policy", "WO RM", "Length RM"]
+    table = full.table()
+    assert [row["method"] for row in table] == ["base policy", "WO RM", "Length RM"]
+    assert {"mc1", "mc1_se", "mc2_delta", "mc2_delta_se"} <= set(table[2]) and "mc1_items" not in table[2]
     assert set(full.base_test) >= {"mc1", "mc2", "mc1_se", "mc2_se", "n"}
 
     # kill WO RM's second round (WO RM always trains), then rerun

@@ -128,6 +128,17 @@ def test_pairwise_accuracy_on_the_tiny_model_agrees_with_direct_logprobs(tiny):
     assert out["accuracy"] == pytest.approx(sum(expected) / 2)
 
 
+def test_paired_difference_uses_the_per_item_differences(monkeypatch):
+    out = ev.paired_difference([1.0, 1.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0])
+    assert out["diff"] == pytest.approx(0.5)
+    assert out["se"] == pytest.approx(torch.tensor([1.0, 0.0, 0.0, 1.0]).std().item() / 2)
+    with pytest.raises(ValueError):
+        ev.paired_difference([1.0], [1.0, 0.0])
+    _patch_scores(monkeypatch, {("p", "a"): -1.0, ("p", "b"): -2.0})
+    items = ev.pairwise_logprob_accuracy(None, None, [PreferencePair("p", "a", "b")], progress=False, per_item=True)
+    assert items["accuracy_items"] == [1.0] and items["margins"] == [1.0]
+
+
 def test_filter_stats_counts_and_agreement():
     stats = ev.filter_stats({"A": [True, True, False, False], "B": [True, False, False, True],
                              "WO RM": torch.ones(4, dtype=torch.bool)})
