@@ -24,13 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +45,7 @@ from transformers import (
 
 from srlib.data import PreferencePair, prompt_messages
 from srlib.errors import ConfigError
-from srlib.paths import atomic_path, cache_dir
+from srlib.paths import atomic_path, cache_dir, hub_reachable
 from srlib.profiles import TINY_MODEL_ID, Profile, get_profile
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -145,7 +142,7 @@ def load_backbone(
         source = "hub"
         try:
             model, tokenizer = _from_pretrained(model_id, dtype, device,
-                                                local_files_only=not _hub_reachable())
+                                                local_files_only=not hub_reachable())
         except OSError as error:
             if model_id != DEFAULT_MODEL_ID:
                 raise ConfigError(
@@ -211,21 +208,6 @@ def _from_pretrained(
     model = AutoModelForCausalLM.from_pretrained(
         name, dtype=dtype, device_map=str(device), local_files_only=local_files_only)
     return model, tokenizer
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """False when HF_HUB_OFFLINE is set or the hub's host does not answer within `timeout` s.
-
-    Saves the ~25 s that transformers spends retrying before it gives up without a network.
-    """
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
-        return False
-    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _say(message: str, progress: bool) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from srlib.errors import ConfigError, DataError
-from srlib.paths import atomic_path, data_dir
+from srlib.paths import atomic_path, data_dir, hub_reachable
 
 SPLITS = ("train", "val", "test")
 BUILTIN_NAMES = (
@@ -236,6 +236,8 @@ class _Source:
 def _hub_rows(source: _Source) -> list[Row]:
     """Rows from `datasets.load_dataset`, or a one-line DataError saying what to set instead."""
     hub_id = source.hub_id
+    if not hub_reachable():
+        raise DataError(f"cannot load {hub_id}: the hub is unreachable; " + _DATA_DIR_HINT)
     try:
         import datasets
 

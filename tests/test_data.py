@@ -73,6 +73,7 @@ def hub(monkeypatch) -> list[tuple]:
         raise AssertionError(f"unexpected hub call {path} {kwargs}")
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(data, "hub_reachable", lambda: True)
     return calls
 
 
@@ -223,6 +224,7 @@ def test_hub_unreachable_without_data_dir_says_what_to_set(monkeypatch):
 
     monkeypatch.delenv("SRLIB_DATA_DIR", raising=False)
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr(data, "hub_reachable", lambda: True)
     with pytest.raises(DataError) as exc:
         data.load_truthfulqa("train")
     assert_one_line_error(
@@ -545,3 +547,17 @@ def test_real_hh_prompts_parse_into_alternating_turns():
             roles = [m["role"] for m in data.prompt_messages(pair.prompt)]
             assert roles[0] == roles[-1] == "user"
             assert all(a != b for a, b in itertools.pairwise(roles))
+
+
+def test_unreachable_hub_fails_fast_without_calling_it(monkeypatch):
+    import datasets
+
+    def must_not_be_called(*args, **kwargs):
+        raise AssertionError("load_dataset called although the hub is unreachable")
+
+    monkeypatch.delenv("SRLIB_DATA_DIR", raising=False)
+    monkeypatch.setattr(datasets, "load_dataset", must_not_be_called)
+    monkeypatch.setattr(data, "hub_reachable", lambda: False)
+    with pytest.raises(DataError) as exc:
+        data.load_hh_harmless("train")
+    assert_one_line_error(exc, "Anthropic/hh-rlhf", "unreachable", "SRLIB_DATA_DIR")
