@@ -1,0 +1,420 @@
+"""Sparse autoencoders through sae-lens: a pretrained one, or one trained here on the backbone.
+
+The paper reads Gemma Scope SAEs (`SAE.from_pretrained`). SmolLM2 has no published SAE, so
+the cpu and smoke profiles train one with sae-lens's own trainer (`SAETrainer`, a TopK SAE)
+on the backbone's activations and keep it in sae-lens's format. Where an SAE comes from is a
+profile's `sae_source`:
+
+* `"sae-lens:<release>/<sae_id>"`: `SAE.from_pretrained(release, sae_id)`; the sae_id may
+  contain slashes (the release never does), e.g.
+  `sae-lens:gemma-scope-2b-pt-res-canonical/layer_13/width_16k/canonical`;
+* `"train"`: `train_sae` on `default_sae_corpus` (below), cached;
+* a local folder holding a saved sae-lens SAE (`cfg.json` + weights).
+
+Training data (`train_sae`). Two kinds of rows, mixed in every batch:
+
+1. every token of the corpus texts (`srlib.activations.iter_token_activations`: padding, BOS
+   and the chat template's system-prompt header excluded), minus "attention sink" rows whose
+   norm exceeds `OUTLIER_NORM_FACTOR` times the median (the first kept token of a text that
+   lost its head to truncation gets a norm about 100 times the others; a handful of them
+   would otherwise dominate the squared error);
+2. the LAST token of each text, the position the reward model reads, as a share
+   `config.last_token_share` of every batch. An SAE trained on all tokens alone reconstructs
+   those positions poorly (held-out FVE 0.52 against 0.82 over all tokens, see the project's
+   measurements): they are few, and they sit in a tight cluster whose small variance is what
+   FVE divides by.
+
+The corpus rows are held in memory and reshuffled each pass (the buffer is the whole corpus,
+so the shuffle is exact); the last tokens are drawn the same way from their own pool. A slice
+of the texts (`HOLDOUT_FRACTION`) is held out and never trained on; the SAE's report on it is
+saved beside the weights. Everything is seeded by `config.seed`; wandb stays off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from sae_lens import SAE
+from sae_lens.config import LoggingConfig, SAETrainerConfig
+from sae_lens.constants import SAE_CFG_FILENAME
+from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+from sae_lens.training.sae_trainer import SAETrainer
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from srlib.activations import iter_token_activations
+from srlib.backbone import Backbone, format_pair, format_text
+from srlib.data import load_arc_prompts, load_pairs
+from srlib.errors import ConfigError, DataError
+from srlib.paths import atomic_path, cache_dir
+from srlib.profiles import Profile, SAETrainingConfig
+
+#: Share of the corpus texts held out from SAE training to measure its quality.
+HOLDOUT_FRACTION = 0.05
+#: Token rows with a norm above this multiple of the median norm are left out (attention sinks).
+OUTLIER_NORM_FACTOR = 10.0
+#: The train splits whose chosen and rejected texts make the default corpus (test splits never).
+CORPUS_SPLITS = ("truthfulqa:train", "hh-harmless:train", "pku-saferlhf:train")
+#: Written beside the sae-lens files of a trained SAE: cache key parts, report, corpus, timing.
+INFO_FILENAME = "srlib_sae.json"
+# Bump when the training procedure changes, so that older cached SAEs are not reused.
+_TRAINING_FORMAT = 1
+_ENCODE_BATCH = 4096
+
+
+@dataclass(frozen=True)
+class SAEReport:
+    """How well an SAE fits a set of activations.
+
+    `fve` = 1 - sum ||z - z_hat||^2 / sum ||z - mean(z)||^2 over the n rows (NaN when all rows
+    are equal); `l0` = mean number of latents > 0 per row; `dead_fraction` = share of latents
+    that never fire on these rows.
+    """
+
+    l0: float
+    fve: float
+    dead_fraction: float
+    n: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SAESource:
+    """A parsed `profile.sae_source`: kind "train", "sae-lens" (release, sae_id) or "disk" (path)."""
+
+    kind: str
+    release: str | None = None
+    sae_id: str | None = None
+    path: Path | None = None
+
+
+def parse_sae_source(source: str) -> SAESource:
+    """Parse "train", "sae-lens:<release>/<sae_id>" or a folder with a saved sae-lens SAE."""
+    if source == "train":
+        return SAESource("train")
+    if source.startswith("sae-lens:"):
+        release, _, sae_id = source[len("sae-lens:"):].partition("/")
+        if release and sae_id:
+            return SAESource("sae-lens", release=release, sae_id=sae_id)
+    elif (Path(source).expanduser() / SAE_CFG_FILENAME).is_file():
+        return SAESource("disk", path=Path(source).expanduser())
+    raise ConfigError(
+        f"bad sae_source {source!r}: use 'train', 'sae-lens:<release>/<sae_id>' or a folder "
+        f"holding a saved sae-lens SAE ({SAE_CFG_FILENAME} and weights)"
+    )
+
+
+def load_pretrained_sae(release: str, sae_id: str, device: str = "cpu") -> SAE:
+    """A published SAE through sae-lens's registry, e.g. Gemma Scope (needs the hub or its cache)."""
+    try:
+        return SAE.from_pretrained(release, sae_id, device=device)
+    except (OSError, ValueError, KeyError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"cannot load SAE {release}/{sae_id} through sae-lens: {reason}") from None
+
+
+def load_sae(path: str | Path, device: str = "cpu") -> SAE:
+    """An SAE saved in sae-lens's format (`save_model`), e.g. one `train_sae` cached."""
+    if not (Path(path) / SAE_CFG_FILENAME).is_file():
+        raise ConfigError(f"{path} holds no saved sae-lens SAE ({SAE_CFG_FILENAME} missing)")
+    return SAE.load_from_disk(path, device=device)
+
+
+def check_width(sae: SAE, d: int) -> None:
+    """Raise ConfigError unless the SAE reads d-dimensional activations."""
+    if sae.cfg.d_in != d:
+        raise ConfigError(
+            f"width mismatch: the SAE reads {sae.cfg.d_in}-dimensional activations, these are {d}"
+        )
+
+
+@torch.no_grad()
+def encode(sae: SAE, Z: Tensor) -> Tensor:
+    """SAE latents f(z) of each row of Z: [n, d] -> [n, d_sae], float32 on the CPU."""
+    check_width(sae, Z.shape[-1])
+    chunks = [sae.encode(Z[i:i + _ENCODE_BATCH].to(sae.device, sae.dtype)).float().cpu()
+              for i in range(0, len(Z), _ENCODE_BATCH)]
+    return torch.cat(chunks) if chunks else torch.zeros(0, sae.cfg.d_sae)
+
+
+@torch.no_grad()
+def sae_report(sae: SAE, activations: Tensor) -> SAEReport:
+    """Reconstruction quality (FVE), sparsity (L0) and dead latents of `sae` on `activations`."""
+    check_width(sae, activations.shape[-1])
+    n = len(activations)
+    if n == 0:
+        raise DataError("sae_report needs at least one activation row")
+    mean = activations.double().mean(dim=0)
+    sse = sst = 0.0
+    active_total = 0
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    for i in range(0, n, _ENCODE_BATCH):
+        z = activations[i:i + _ENCODE_BATCH].to(sae.device, sae.dtype)
+        f = sae.encode(z)
+        z_hat = sae.decode(f)
+        sse += (z - z_hat).double().pow(2).sum().item()
+        sst += (z.double() - mean.to(z.device)).pow(2).sum().item()
+        active = (f > 0).cpu()
+        active_total += int(active.sum())
+        fired |= active.any(dim=0)
+    return SAEReport(
+        l0=active_total / n,
+        fve=1.0 - sse / sst if sst > 0 else math.nan,
+        dead_fraction=1.0 - fired.float().mean().item(),
+        n=n,
+    )
+
+
+def sae_info(sae: SAE) -> dict | None:
+    """What `train_sae` recorded about this SAE (the `srlib_sae.json` contents), or None."""
+    return sae.cfg.metadata.get("srlib")
+
+
+def default_sae_corpus(tokenizer, *, max_pairs: int | None = None) -> list[str]:
+    """The texts the profile SAEs are trained on: local TRAIN splits only, no labels used.
+
+    Chosen and rejected texts of TruthfulQA (questions with their answers), HH-RLHF harmless
+    and PKU-SafeRLHF train pairs, both sides alike (which side is preferred is never read),
+    plus the ARC-Challenge questions with an empty answer (the prompts of the alignment
+    step; no answer, so no gold label). Chat-formatted with `format_text`; duplicates
+    removed; first `max_pairs` pairs (and ARC questions) of each set when given. No
+    validation or test split is in it, so reward-model test pairs stay unseen by the SAE.
+    """
+    texts: list[str] = []
+    for spec in CORPUS_SPLITS:
+        for pair in load_pairs(spec, max_pairs=max_pairs):
+            texts.extend(format_pair(tokenizer, pair))
+    questions = load_arc_prompts()[:max_pairs]
+    texts.extend(format_text(tokenizer, q.question, "") for q in questions)
+    return list(dict.fromkeys(texts))
+
+
+DEFAULT_CORPUS_DESCRIPTION = (
+    "chosen and rejected texts of the truthfulqa, hh-harmless and pku-saferlhf TRAIN splits "
+    "and the ARC-Challenge questions (empty answer), chat-formatted; no labels, no val/test split"
+)
+
+
+def sae_for_profile(
+    profile: Profile,
+    backbone: Backbone,
+    corpus_texts: Sequence[str] | None = None,
+    *,
+    progress: bool = True,
+) -> SAE:
+    """The SAE a profile names (`profile.sae_source`), checked against the backbone's width.
+
+    "train" trains (or loads from the cache) an SAE at `profile.layer` on `corpus_texts`,
+    by default `default_sae_corpus(tokenizer, max_pairs=profile.max_pairs)`.
+    """
+    source = parse_sae_source(profile.sae_source)
+    if source.kind == "train":
+        if profile.sae_training is None:
+            raise ConfigError(f"profile {profile.name!r} has sae_source 'train' but no sae_training")
+        if corpus_texts is None:
+            texts = default_sae_corpus(backbone.tokenizer, max_pairs=profile.max_pairs)
+            description = DEFAULT_CORPUS_DESCRIPTION
+        else:
+            texts, description = list(corpus_texts), "texts given by the caller"
+        sae = train_sae(backbone, profile.layer, texts, profile.sae_training,
+                        max_length=profile.max_length, batch_size=profile.batch_size,
+                        corpus_description=description, progress=progress)
+    elif source.kind == "sae-lens":
+        sae = load_pretrained_sae(source.release, source.sae_id, device=str(backbone.device))
+    else:
+        sae = load_sae(source.path, device=str(backbone.device))
+    check_width(sae, backbone.hidden_size)
+    _check_hook_layer(sae, profile.layer)
+    return sae
+
+
+def _check_hook_layer(sae: SAE, layer: int) -> None:
+    """Raise ConfigError when the SAE's hook names a residual-stream layer other than `layer`."""
+    match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", str(sae.cfg.metadata.get("hook_name")))
+    if match and int(match.group(1)) != layer:
+        raise ConfigError(
+            f"layer mismatch: the SAE was trained on {match.group(0)}, the profile reads layer {layer}"
+        )
+
+
+def sae_cache_key(backbone: Backbone, layer: int, texts: Sequence[str],
+                  config: SAETrainingConfig, *, max_length: int = 512) -> tuple[str, dict]:
+    """(key, parts): what a trained SAE depends on, and its hash (the cache folder's name)."""
+    corpus = hashlib.sha256()
+    for text in texts:
+        corpus.update(hashlib.sha256(text.encode()).digest())
+    parts = {
+        "backbone": backbone.identity,
+        "layer": layer,
+        "corpus_sha256": corpus.hexdigest(),
+        "n_texts": len(texts),
+        "max_length": max_length,
+        "config": asdict(config),
+        "holdout_fraction": HOLDOUT_FRACTION,
+        "outlier_norm_factor": OUTLIER_NORM_FACTOR,
+        "training_format": _TRAINING_FORMAT,
+    }
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+    return key, parts
+
+
+def train_sae(
+    backbone: Backbone,
+    layer: int,
+    texts: Sequence[str],
+    config: SAETrainingConfig,
+    *,
+    max_length: int = 512,
+    batch_size: int = 16,
+    corpus_description: str = "texts given by the caller",
+    progress: bool = True,
+) -> SAE:
+    """Train a TopK SAE with sae-lens on layer-`layer` activations of `texts`, or load it.
+
+    The result is cached in sae-lens's format under `cache_dir("sae", key)` (see
+    `sae_cache_key`), with `srlib_sae.json` beside it (also in `sae.cfg.metadata["srlib"]`,
+    read it with `sae_info`): the key's parts, the report on the held-out texts over all
+    their tokens and at their last tokens, the corpus description and the timings. A second
+    call with the same inputs loads the cached SAE. `batch_size` is the forward-pass batch.
+    """
+    texts = list(texts)
+    _check_config(config)
+    if len(texts) < 2:
+        raise DataError(f"train_sae needs at least 2 texts (one is held out), got {len(texts)}")
+    key, parts = sae_cache_key(backbone, layer, texts, config, max_length=max_length)
+    final = cache_dir("sae") / key
+    if (final / INFO_FILENAME).is_file():
+        return load_sae(final, device=str(backbone.device))
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    train_texts, heldout_texts = _split_holdout(texts, config.seed)
+    tokens, last = _collect(backbone, train_texts, layer, max_length, batch_size, progress)
+    extraction_s = time.perf_counter() - start
+    training_sae = _fit(tokens, last, config, progress)
+    training_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
+    heldout_tokens, heldout_last = _collect(backbone, heldout_texts, layer, max_length,
+                                            batch_size, progress)
+    with atomic_path(final, is_dir=True) as tmp:
+        training_sae.cfg.metadata.model_name = backbone.model_id
+        training_sae.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
+        training_sae.save_inference_model(tmp)  # folds decoder norms: W_dec rows unit-norm
+        sae = load_sae(tmp, device="cpu")
+        info = {
+            "key": key,
+            "key_parts": parts,
+            "corpus": {"description": corpus_description, "n_texts": len(texts),
+                       "n_train_texts": len(train_texts), "n_heldout_texts": len(heldout_texts)},
+            "training": {"token_rows": len(tokens), "last_token_rows": len(last),
+                         "samples_seen": _steps(config) * config.batch_size,
+                         "extraction_seconds": round(extraction_s, 1),
+                         "seconds": round(training_s, 1),
+                         "cpu_seconds": round(cpu_s, 1),
+                         "torch_threads": torch.get_num_threads()},
+            "heldout": {"all_tokens": sae_report(sae, heldout_tokens).as_dict(),
+                        "last_tokens": sae_report(sae, heldout_last).as_dict()},
+        }
+        sae.cfg.metadata.srlib = info
+        sae.save_model(tmp)
+        (tmp / INFO_FILENAME).write_text(json.dumps(info, indent=1))
+    return sae.to(backbone.device)
+
+
+def _check_config(config: SAETrainingConfig) -> None:
+    if not 1 <= config.k <= config.d_sae:
+        raise ConfigError(f"SAE k={config.k} must be between 1 and d_sae={config.d_sae}")
+    if not 0.0 <= config.last_token_share < 1.0:
+        raise ConfigError(f"last_token_share must be in [0, 1), got {config.last_token_share}")
+    if _steps(config) < 1:
+        raise ConfigError(
+            f"training_tokens={config.training_tokens} is less than one batch of {config.batch_size}"
+        )
+
+
+def _steps(config: SAETrainingConfig) -> int:
+    return config.training_tokens // config.batch_size
+
+
+def _split_holdout(texts: list[str], seed: int) -> tuple[list[str], list[str]]:
+    """(train, held-out): a seeded random `HOLDOUT_FRACTION` of the texts (at least one)."""
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    n_heldout = max(1, round(HOLDOUT_FRACTION * len(texts)))
+    heldout = set(order[:n_heldout])
+    return ([t for i, t in enumerate(texts) if i not in heldout],
+            [t for i, t in enumerate(texts) if i in heldout])
+
+
+def _collect(backbone: Backbone, texts: list[str], layer: int, max_length: int, batch_size: int,
+             progress: bool) -> tuple[Tensor, Tensor]:
+    """(token rows without outliers [N, d], last-token rows [n_texts, d]) of `texts`."""
+    per_text = [t for t in iter_token_activations(backbone, texts, layer, max_length=max_length,
+                                                  batch_size=batch_size, progress=progress)
+                if len(t)]
+    if not per_text:
+        raise DataError("the SAE corpus has no tokens outside the chat template's header")
+    return _without_outliers(torch.cat(per_text)), torch.stack([t[-1] for t in per_text])
+
+
+def _without_outliers(rows: Tensor) -> Tensor:
+    """`rows` minus those whose norm exceeds `OUTLIER_NORM_FACTOR` times the median norm."""
+    norms = rows.norm(dim=1)
+    return rows[norms <= OUTLIER_NORM_FACTOR * norms.median()]
+
+
+def _shuffled_rows(rows: Tensor, size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Endless chunks of `size` rows; each pass over `rows` is a fresh random permutation."""
+    pending = torch.zeros(0, dtype=torch.long)
+    while True:
+        while len(pending) < size:
+            pending = torch.cat([pending, torch.randperm(len(rows), generator=generator)])
+        yield rows[pending[:size]]
+        pending = pending[size:]
+
+
+def _mixed_batches(tokens: Tensor, last: Tensor, batch_size: int, last_share: float,
+                   generator: torch.Generator) -> Iterator[Tensor]:
+    """Batches of `batch_size` rows: round(share x size) last-token rows, the rest all-token rows."""
+    n_last = round(batch_size * last_share)
+    token_chunks = _shuffled_rows(tokens, batch_size - n_last, generator)
+    last_chunks = _shuffled_rows(last, n_last, generator)
+    while True:
+        yield torch.cat([next(token_chunks), next(last_chunks)])
+
+
+def _fit(tokens: Tensor, last: Tensor, config: SAETrainingConfig, progress: bool) -> TopKTrainingSAE:
+    """Train sae-lens's TopK SAE with its `SAETrainer` (Adam, cosine lr to `lr_end`, aux loss)."""
+    trainer_cfg = SAETrainerConfig(
+        total_training_samples=_steps(config) * config.batch_size,
+        train_batch_size_samples=config.batch_size,
+        lr=config.lr,
+        lr_end=config.lr_end,
+        lr_scheduler_name="cosineannealing",
+        device="cpu",
+        logger=LoggingConfig(log_to_wandb=False),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=tokens.shape[1], d_sae=config.d_sae,
+                                                    k=config.k))
+    generator = torch.Generator().manual_seed(config.seed)
+    batches = _mixed_batches(tokens, last, config.batch_size, config.last_token_share, generator)
+    trainer = SAETrainer(trainer_cfg, sae, batches)
+    # SAETrainer.fit's own loop, through the public seams sae-lens documents for outside
+    # coordinators, so that `progress=False` silences the bar and no wandb call is made.
+    for _ in tqdm(range(_steps(config)), desc="training SAE", unit="step", disable=not progress):
+        trainer.maybe_reset_sparsity()
+        trainer.step(next(batches))
+        trainer.n_training_steps += 1
+    trainer.set_final_sae_metadata()
+    return sae

@@ -1,0 +1,272 @@
+"""srlib.sae: source parsing, the pretrained path (mocked), metrics with known answers, training."""
+
+import dataclasses
+import json
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from sae_lens import SAE, TopKSAE, TopKSAEConfig
+
+import srlib.sae as sae_mod
+from srlib.backbone import format_pair, format_text
+from srlib.data import load_pairs
+from srlib.errors import ConfigError, DataError
+from srlib.profiles import SAETrainingConfig, get_profile
+from srlib.sae import (
+    INFO_FILENAME,
+    SAESource,
+    encode,
+    parse_sae_source,
+    sae_for_profile,
+    sae_info,
+    sae_report,
+    train_sae,
+)
+
+GEMMA = "sae-lens:gemma-scope-2b-pt-res-canonical/layer_13/width_16k/canonical"
+
+
+def identity_sae(d: int = 4) -> TopKSAE:
+    """f = relu([z, -z]) and z_hat = relu(z) - relu(-z) = z exactly (k = d_sae keeps all)."""
+    sae = TopKSAE(TopKSAEConfig(d_in=d, d_sae=2 * d, k=2 * d, rescale_acts_by_decoder_norm=False))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+# ---------------------------------------------------------------------------- sources
+
+
+def test_parse_sae_source():
+    assert parse_sae_source("train") == SAESource("train")
+    src = parse_sae_source(GEMMA)
+    assert (src.kind, src.release, src.sae_id) == (
+        "sae-lens", "gemma-scope-2b-pt-res-canonical", "layer_13/width_16k/canonical")
+
+
+def test_parse_sae_source_local_folder(tmp_path):
+    identity_sae().save_model(tmp_path / "mine")
+    src = parse_sae_source(str(tmp_path / "mine"))
+    assert src.kind == "disk" and src.path == tmp_path / "mine"
+
+
+@pytest.mark.parametrize("bad", ["sae-lens:gemma-scope", "sae-lens:/layer_13", "sae-lens:rel/",
+                                 "gemma-scope-2b", "", "TRAIN"])
+def test_bad_sae_source_is_one_line_config_error(bad, tmp_path):
+    with pytest.raises(ConfigError, match="bad sae_source") as err:
+        parse_sae_source(bad)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError):
+        parse_sae_source(str(tmp_path))  # a folder without cfg.json
+
+
+def fake_backbone(hidden_size: int):
+    return SimpleNamespace(hidden_size=hidden_size, device=torch.device("cpu"))
+
+
+def test_paper_profile_loads_gemma_scope_through_from_pretrained(monkeypatch):
+    calls = []
+
+    def from_pretrained(release, sae_id, device="cpu", **kw):
+        calls.append((release, sae_id, device))
+        sae = TopKSAE(TopKSAEConfig(d_in=2304, d_sae=8, k=2))
+        sae.cfg.metadata.hook_name = "blocks.13.hook_resid_post"
+        return sae
+
+    monkeypatch.setattr(SAE, "from_pretrained", from_pretrained)
+    sae = sae_for_profile(get_profile("paper"), fake_backbone(2304))
+    assert calls == [("gemma-scope-2b-pt-res-canonical", "layer_13/width_16k/canonical", "cpu")]
+    assert sae.cfg.d_in == 2304
+    with pytest.raises(ConfigError, match="width mismatch.*2304.*2048"):
+        sae_for_profile(get_profile("paper"), fake_backbone(2048))
+    with pytest.raises(ConfigError, match="layer mismatch"):
+        sae_for_profile(get_profile("paper").replace(layer=12), fake_backbone(2304))
+
+
+def test_pretrained_failure_is_one_line_config_error(monkeypatch):
+    def from_pretrained(release, sae_id, device="cpu", **kw):
+        raise ValueError(f"Release {release} not found.\nValid releases are: ...")
+
+    monkeypatch.setattr(SAE, "from_pretrained", from_pretrained)
+    with pytest.raises(ConfigError, match="cannot load SAE nope/x") as err:
+        sae_mod.load_pretrained_sae("nope", "x")
+    assert "\n" not in str(err.value)
+
+
+def test_profile_with_a_local_sae_folder(tmp_path):
+    identity_sae(4).save_model(tmp_path / "mine")
+    profile = get_profile("smoke").replace(sae_source=str(tmp_path / "mine"))
+    sae = sae_for_profile(profile, fake_backbone(4))
+    torch.testing.assert_close(sae.W_dec, identity_sae(4).W_dec)
+    with pytest.raises(ConfigError, match="width mismatch"):
+        sae_for_profile(profile, fake_backbone(5))
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def test_encode_is_relu_of_both_signs():
+    z = torch.randn(10, 4)
+    f = encode(identity_sae(), z)
+    assert f.dtype == torch.float32 and f.shape == (10, 8)
+    torch.testing.assert_close(f, torch.cat([z.relu(), (-z).relu()], dim=1))
+
+
+def test_width_mismatch_is_one_line_config_error():
+    with pytest.raises(ConfigError, match="4-dimensional.*5") as err:
+        encode(identity_sae(4), torch.randn(3, 5))
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError):
+        sae_report(identity_sae(4), torch.randn(3, 5))
+
+
+def test_report_of_an_exact_reconstruction():
+    z = torch.randn(200, 4)
+    z[:, 0] = z[:, 0].abs() + 0.1  # latent 4 (= relu(-z_0)) never fires
+    report = sae_report(identity_sae(), z)
+    assert report.fve == pytest.approx(1.0, abs=1e-6)
+    assert report.l0 == 4.0  # one of relu(z_i), relu(-z_i) per coordinate
+    assert report.dead_fraction == 1 / 8
+    assert report.n == 200
+    assert report.as_dict() == {"l0": 4.0, "fve": report.fve, "dead_fraction": 0.125, "n": 200}
+
+
+def test_report_of_a_zero_decoder():
+    z = torch.randn(100, 4) + 3.0
+    sae = identity_sae()
+    with torch.no_grad():
+        sae.W_dec.zero_()
+    assert sae_report(sae, z).fve < -1  # predicts 0, far from the mean of 3
+    with torch.no_grad():
+        sae.b_dec.copy_(z.mean(dim=0))  # predicts the mean: FVE exactly 0
+    assert sae_report(sae, z).fve == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(DataError):
+        sae_report(sae, torch.zeros(0, 4))
+
+
+# ---------------------------------------------------------------------------- training data
+
+
+def test_batches_mix_in_the_last_token_share():
+    tokens, last = torch.zeros(50, 3), torch.ones(7, 3)
+    batches = sae_mod._mixed_batches(tokens, last, 8, 0.25, torch.Generator().manual_seed(0))
+    for _ in range(10):
+        batch = next(batches)
+        assert batch.shape == (8, 3) and int(batch[:, 0].sum()) == 2
+    only_tokens = sae_mod._mixed_batches(tokens, last, 8, 0.0, torch.Generator().manual_seed(0))
+    assert next(only_tokens).sum() == 0
+
+
+def test_each_pass_is_a_permutation():
+    rows = torch.arange(5.0).unsqueeze(1)
+    chunks = sae_mod._shuffled_rows(rows, 2, torch.Generator().manual_seed(0))
+    drawn = torch.cat([next(chunks) for _ in range(5)]).flatten().tolist()
+    assert sorted(drawn[:5]) == [0, 1, 2, 3, 4] and sorted(drawn[5:]) == [0, 1, 2, 3, 4]
+
+
+def test_outlier_rows_are_dropped():
+    rows = torch.randn(100, 8)
+    rows[17] *= 1000.0  # an attention-sink-like row
+    kept = sae_mod._without_outliers(rows)
+    assert len(kept) == 99 and not (kept.norm(dim=1) > 100).any()
+
+
+# ---------------------------------------------------------------------------- training
+
+TINY_CONFIG = SAETrainingConfig(d_sae=32, k=4, training_tokens=64 * 15, batch_size=64,
+                                lr=3e-3, lr_end=3e-4)
+
+
+@pytest.fixture(scope="module")
+def texts(tiny_backbone):
+    subjects = ["the cat", "a dolphin", "my neighbour", "the river", "this recipe", "the moon"]
+    verbs = ["sleeps in the sun", "is a mammal", "asked for help", "floods in spring",
+             "needs more salt"]
+    return [format_text(tiny_backbone.tokenizer, f"Tell me about {s}.", f"I think {s} {v}.")
+            for s in subjects for v in verbs]
+
+
+@pytest.fixture
+def count_trainings(monkeypatch):
+    """Counts how many times an sae-lens SAETrainer is built (i.e. an SAE is trained)."""
+    calls = []
+
+    class Counting(sae_mod.SAETrainer):
+        def __init__(self, *args, **kwargs):
+            calls.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(sae_mod, "SAETrainer", Counting)
+    return calls
+
+
+def test_train_sae_saves_a_loadable_sae_lens_sae(tiny_backbone, texts, isolated_cache,
+                                                 count_trainings):
+    sae = train_sae(tiny_backbone, 2, texts, TINY_CONFIG, max_length=64, progress=False)
+    assert count_trainings == [1]
+    assert isinstance(sae, TopKSAE) and sae.cfg.k == 4
+    assert sae.W_dec.shape == (32, tiny_backbone.hidden_size)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(32))  # folded at save
+    (folder,) = (isolated_cache / "sae").iterdir()
+    assert {"cfg.json", "sae_weights.safetensors", INFO_FILENAME} <= set(os.listdir(folder))
+    reloaded = SAE.load_from_disk(folder)
+    torch.testing.assert_close(reloaded.W_dec, sae.W_dec)
+    info = json.loads((folder / INFO_FILENAME).read_text())
+    assert info == sae_info(sae) == sae_info(reloaded)
+    assert info["key_parts"]["layer"] == 2 and info["key_parts"]["n_texts"] == len(texts)
+    assert info["corpus"]["n_heldout_texts"] == 2  # 5% of 30, rounded
+    assert info["heldout"]["last_tokens"]["n"] == 2
+    assert info["training"]["samples_seen"] == 64 * 15
+    assert sae.cfg.metadata.hook_name == "blocks.2.hook_resid_post"
+
+
+def test_second_call_loads_and_another_config_trains_anew(tiny_backbone, texts, isolated_cache,
+                                                          count_trainings):
+    first = train_sae(tiny_backbone, 2, texts, TINY_CONFIG, max_length=64, progress=False)
+    again = train_sae(tiny_backbone, 2, texts, TINY_CONFIG, max_length=64, progress=False)
+    assert count_trainings == [1]
+    torch.testing.assert_close(again.W_dec, first.W_dec)
+    other = train_sae(tiny_backbone, 2, texts, dataclasses.replace(TINY_CONFIG, seed=1),
+                      max_length=64, progress=False)
+    assert count_trainings == [1, 1]
+    assert not torch.equal(other.W_dec, first.W_dec)
+    train_sae(tiny_backbone, 1, texts, TINY_CONFIG, max_length=64, progress=False)  # other layer
+    assert count_trainings == [1, 1, 1]
+    assert len(list((isolated_cache / "sae").iterdir())) == 3
+
+
+def test_training_is_deterministic(tiny_backbone, texts, tmp_path, monkeypatch):
+    weights = []
+    for run in ("a", "b"):
+        monkeypatch.setenv("SRLIB_CACHE_DIR", str(tmp_path / run))
+        weights.append(train_sae(tiny_backbone, 2, texts, TINY_CONFIG, max_length=64,
+                                 progress=False).W_dec)
+    assert torch.equal(weights[0], weights[1])
+
+
+def test_training_input_errors(tiny_backbone, texts, isolated_cache):
+    with pytest.raises(DataError, match="at least 2 texts"):
+        train_sae(tiny_backbone, 2, texts[:1], TINY_CONFIG, progress=False)
+    bad_k = SAETrainingConfig(d_sae=8, k=9, training_tokens=64)
+    with pytest.raises(ConfigError, match="k=9"):
+        train_sae(tiny_backbone, 2, texts, bad_k, progress=False)
+    with pytest.raises(ConfigError, match="layer 9"):
+        train_sae(tiny_backbone, 9, texts, TINY_CONFIG, progress=False)
+
+
+@pytest.mark.skipif(not os.environ.get("SRLIB_DATA_DIR"), reason="SRLIB_DATA_DIR is unset")
+def test_smoke_profile_trains_on_the_train_splits(tiny_backbone, smoke_profile, isolated_cache):
+    corpus = sae_mod.default_sae_corpus(tiny_backbone.tokenizer, max_pairs=smoke_profile.max_pairs)
+    full = set(sae_mod.default_sae_corpus(tiny_backbone.tokenizer))
+    held = {text for split in ("val", "test") for name in ("truthfulqa", "hh-harmless", "pku-saferlhf")
+            for pair in load_pairs(f"{name}:{split}") for text in format_pair(tiny_backbone.tokenizer, pair)}
+    assert set(corpus) <= full and not full & held
+    sae = sae_for_profile(smoke_profile, tiny_backbone, progress=False)
+    assert sae.cfg.d_sae == smoke_profile.sae_training.d_sae
+    assert sae_info(sae)["corpus"]["n_texts"] == len(corpus)
