@@ -1,0 +1,245 @@
+"""The command line: `python -m srlib fit | score | filter | sae | align`.
+
+The names and flags here are a contract (the book, the README and users' scripts call them).
+PAIRS is a JSONL file of `{"prompt","chosen","rejected"}` records or a built-in name such as
+`truthfulqa:train` (see `srlib.data.load_pairs`). A mistake in the input (a bad file, a layer
+out of range, K larger than the SAE, a folder that is not a saved reward model) ends the
+command with exit code 2 and one line that names the problem, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from srlib.errors import SrlibError
+from srlib.profiles import DEFAULT_PROFILE, PROFILES, Profile, get_profile
+
+FEATURES = ("projection", "latents", "random", "dense")
+LOSSES = ("margin", "bt", "bce")
+BASELINE_METHODS = ("standard", "generalizable", "judge", "judge-lora", "logprob")
+METHODS = ("sparserm",) + BASELINE_METHODS
+
+
+def _profile_from_args(args: argparse.Namespace) -> Profile:
+    """The profile named by --profile, with --model / --layer / --sae / --k overriding it."""
+    profile = get_profile(args.profile)
+    changes = {}
+    if getattr(args, "model", None):
+        changes["model_id"] = args.model
+    if getattr(args, "layer", None) is not None:
+        changes["layer"] = args.layer
+    if getattr(args, "sae", None):
+        changes["sae_source"] = args.sae
+    if getattr(args, "k", None) is not None:
+        changes["k"] = args.k
+    return profile.replace(**changes) if changes else profile
+
+
+def _load_pairs(spec: str, args: argparse.Namespace, profile: Profile | None = None):
+    """Pairs for `spec`, capped by --max-pairs (or the profile's cap for built-in sets)."""
+    from srlib.data import load_pairs
+
+    cap = getattr(args, "max_pairs", None)
+    if cap is None and profile is not None and ":" in spec and not Path(spec).exists():
+        cap = profile.max_pairs
+    return load_pairs(spec, seed=getattr(args, "split_seed", 0), max_pairs=cap)
+
+
+def _print_result(result: dict) -> None:
+    """The machine-readable summary: one JSON object on the last line of stdout."""
+    print(json.dumps(result, sort_keys=True))
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    """Train a reward model on PAIRS and save it under --out."""
+    from srlib.backbone import backbone_for_profile
+
+    profile = _profile_from_args(args)
+    train = _load_pairs(args.train, args, profile)
+    val = _load_pairs(args.val, args, profile) if args.val else None
+    backbone = backbone_for_profile(profile)
+    started = time.perf_counter()
+    if args.method != "sparserm":
+        from srlib.baselines import fit_baseline
+
+        model = fit_baseline(args.method, backbone, train, val, seed=args.seed)
+    elif args.features == "dense":
+        from srlib.reward import DenseRM
+
+        model = DenseRM.fit(backbone, train, val, layer=profile.layer, max_length=profile.max_length,
+                            batch_size=profile.batch_size, loss=args.loss, gamma=args.gamma, seed=args.seed)
+    else:
+        from srlib.reward import SparseRM
+        from srlib.sae import sae_for_profile
+
+        sae = sae_for_profile(profile, backbone)
+        model = SparseRM.fit(backbone, train, val, layer=profile.layer, sae=sae, k=profile.k,
+                             kind=args.features, feature_seed=args.seed, sae_source=profile.sae_source,
+                             max_length=profile.max_length, batch_size=profile.batch_size,
+                             loss=args.loss, gamma=args.gamma, seed=args.seed)
+    model.save_pretrained(args.out)
+    result = {"out": str(args.out), "method": args.method, "n_train": len(train),
+              "n_val": len(val) if val else 0, "trainable_parameters": model.num_trainable_parameters(),
+              "fit_seconds": round(time.perf_counter() - started, 2)}
+    if args.method == "sparserm":
+        result.update(features=args.features, loss=args.loss, layer=profile.layer,
+                      best_val_accuracy=model.history.best_val_accuracy)
+    _print_result(result)
+    return 0
+
+
+def _load_rm(path: str):
+    from srlib.reward import RewardModel
+
+    return RewardModel.from_pretrained(path)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """Score PAIRS with a saved reward model; print n and pair accuracy."""
+    from srlib.reward import pair_accuracy
+
+    model = _load_rm(args.rm)
+    pairs = _load_pairs(args.pairs, args)
+    s_w, s_l = model.score_pairs(pairs)
+    if args.out:
+        from srlib.paths import atomic_path
+
+        with atomic_path(args.out) as tmp, open(tmp, "w") as handle:
+            for pair, a, b in zip(pairs, s_w.tolist(), s_l.tolist()):
+                handle.write(json.dumps({"pair_id": pair.pair_id, "score_chosen": a, "score_rejected": b}) + "\n")
+    _print_result({"n": len(pairs), "accuracy": pair_accuracy(s_w, s_l), "pairs": args.pairs,
+                   "rm": str(args.rm)})
+    return 0
+
+
+def cmd_filter(args: argparse.Namespace) -> int:
+    """Keep the pairs the reward model agrees with (s_chosen > s_rejected) and write them."""
+    from srlib.alignment import filter_tuples
+    from srlib.data import write_jsonl
+
+    model = _load_rm(args.rm)
+    pairs = _load_pairs(args.pairs, args)
+    verdict = filter_tuples(pairs, model)
+    kept = [pair for pair, keep in zip(pairs, verdict.keep) if keep]
+    write_jsonl(kept, args.out)
+    _print_result({"n": len(pairs), "kept": len(kept), "out": str(args.out)})
+    return 0
+
+
+def cmd_sae(args: argparse.Namespace) -> int:
+    """`sae train` trains (or loads from the cache) the profile's SAE; `sae report` also
+    prints its quality on held-out texts."""
+    from srlib.backbone import backbone_for_profile
+    from srlib.sae import sae_for_profile, sae_quality
+
+    profile = _profile_from_args(args)
+    backbone = backbone_for_profile(profile)
+    sae = sae_for_profile(profile, backbone)
+    result = {"profile": profile.name, "model": profile.model_id, "layer": profile.layer,
+              "sae_source": profile.sae_source, "d_sae": int(sae.cfg.d_sae)}
+    if args.action == "report":
+        result.update(sae_quality(profile, backbone, sae))
+    _print_result(result)
+    return 0
+
+
+def cmd_align(args: argparse.Namespace) -> int:
+    """Iterative DPO with RM-filtered self-generated pairs (chapter 07), from the command line."""
+    from srlib.alignment import AlignmentConfig, run_alignment
+
+    changes = {"track": args.track, "seed": args.seed, "rounds": args.rounds, "n_prompts": args.prompts,
+               "model_id": args.model}
+    config = AlignmentConfig.for_profile(args.profile, **{k: v for k, v in changes.items() if v is not None})
+    reward_models = {"WO RM": None} if args.include_wo_rm else {}
+    for path in args.rm:
+        reward_models[Path(path).name] = _load_rm(path)
+    if not reward_models:
+        raise SrlibError("align needs at least one --rm DIR or --include-wo-rm")
+    result = run_alignment(config, reward_models, out_dir=args.out)
+    _print_result({"out": str(args.out), "track": config.track, "table": result.table()})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m srlib", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_model_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES),
+                       help=f"preset for model, layer, SAE and sizes (default {DEFAULT_PROFILE})")
+        p.add_argument("--model", help="backbone: hub id or local folder (overrides the profile)")
+        p.add_argument("--layer", type=int, help="layer L = output of block L, 0-indexed")
+        p.add_argument("--sae", help='"train", "sae-lens:<release>/<sae_id>" or a saved SAE folder')
+
+    def add_pairs_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-pairs", type=int, help="use only the first N pairs of each set")
+        p.add_argument("--split-seed", type=int, default=0, help="seed of the built-in splits")
+
+    fit = sub.add_parser("fit", help="train a reward model")
+    fit.add_argument("--train", required=True, metavar="PAIRS")
+    fit.add_argument("--val", metavar="PAIRS", help="validation pairs for early stopping")
+    fit.add_argument("--out", required=True, metavar="DIR")
+    add_model_flags(fit)
+    add_pairs_flags(fit)
+    fit.add_argument("--k", type=int, help="top-K latents per side (default: the profile's, 128)")
+    fit.add_argument("--features", default="projection", choices=FEATURES)
+    fit.add_argument("--loss", default="margin", choices=LOSSES)
+    fit.add_argument("--gamma", type=float, default=1.0, help="margin of the margin loss")
+    fit.add_argument("--method", default="sparserm", choices=METHODS,
+                     help="sparserm (with --features) or a baseline reward model")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.set_defaults(func=cmd_fit)
+
+    score = sub.add_parser("score", help="score pairs with a saved reward model")
+    score.add_argument("--rm", required=True, metavar="DIR")
+    score.add_argument("--pairs", required=True, metavar="PAIRS")
+    score.add_argument("--out", metavar="SCORES.jsonl")
+    add_pairs_flags(score)
+    score.set_defaults(func=cmd_score)
+
+    filt = sub.add_parser("filter", help="keep the pairs a reward model agrees with")
+    filt.add_argument("--rm", required=True, metavar="DIR")
+    filt.add_argument("--pairs", required=True, metavar="PAIRS")
+    filt.add_argument("--out", required=True, metavar="KEPT.jsonl")
+    add_pairs_flags(filt)
+    filt.set_defaults(func=cmd_filter)
+
+    sae = sub.add_parser("sae", help="train or report on the profile's SAE")
+    sae.add_argument("action", choices=("train", "report"))
+    add_model_flags(sae)
+    sae.set_defaults(func=cmd_sae)
+
+    align = sub.add_parser("align", help="iterative DPO on RM-filtered self-generated pairs")
+    align.add_argument("--rm", action="append", default=[], metavar="DIR",
+                       help="a saved reward model used as filter (repeatable)")
+    align.add_argument("--track", required=True, choices=("truthfulness", "safety"))
+    align.add_argument("--out", required=True, metavar="DIR", help="run folder (resumable)")
+    align.add_argument("--rounds", type=int, help="DPO rounds (default: the profile's)")
+    align.add_argument("--prompts", type=int, help="prompts per round (default: the profile's)")
+    align.add_argument("--include-wo-rm", action="store_true", help="also run without filtering")
+    align.add_argument("--seed", type=int, default=0)
+    align.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES))
+    align.add_argument("--model", help="policy model: hub id or local folder (overrides the profile)")
+    align.set_defaults(func=cmd_align)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; a user's mistake prints one line to stderr and returns 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SrlibError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as error:
+        print(f"error: {error.strerror}: {error.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
