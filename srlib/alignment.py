@@ -86,9 +86,12 @@ INSTRUCTIONS = {
 class AlignmentConfig:
     """Every setting of an alignment run; the defaults are the cpu profile's.
 
-    The cpu defaults are sized so that chapter 7 (base evaluation plus a run per reward
-    model) finishes in about 30 minutes on 2 CPU cores with SmolLM2-135M-Instruct; raise
-    `n_prompts` to 2000 and `rounds` to 5 for the paper's setting (`for_profile("paper")`).
+    The cpu defaults are sized for chapter 7 on 2 CPU cores with SmolLM2-135M-Instruct: base
+    evaluation plus three reward models (WO RM, SparseRM, DenseRM) × 2 rounds in about 25-30
+    minutes, by an estimate from a trial on a loaded machine (benchmarks/alignment_trial.py:
+    the costly stages are the DPO steps, ~20-30 s each on one free core with HH prompts, and
+    the test evaluation, ~0.5 s per scored response). Raise `n_prompts` to 2000, `rounds` to 5
+    and drop the evaluation caps for the paper's setting (`for_profile("paper")`).
     """
 
     #: "truthfulness" (ARC-Challenge prompts, TruthfulQA MC1/MC2) or "safety" (training
@@ -99,15 +102,16 @@ class AlignmentConfig:
     dataset: str | None = None
     #: The policy (and base) model, loaded with `srlib.backbone.load_backbone`.
     model_id: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    #: Prompts per round (the same prompts every round). Paper: 2,000.
-    n_prompts: int = 64
+    #: Prompts per round (the same prompts every round); None = every training prompt the
+    #: track has (ARC: 1,000 questions in the local copy; HH: 999; PKU: 250). Paper: 2,000.
+    n_prompts: int | None = 24
     #: DPO rounds. Paper: 5.
     rounds: int = 2
     #: Few-shot examples in each generation prompt (from the training split).
     n_shots: int = 3
     #: Few-shot examples are drawn among single-turn pairs whose answers are at most this long.
     shot_max_chars: int = 400
-    max_new_tokens: int = 48
+    max_new_tokens: int = 32
     temperature: float = 0.7
     top_p: float = 1.0
     generation_batch_size: int = 16
@@ -127,8 +131,8 @@ class AlignmentConfig:
     max_length: int = 512
     # Evaluation: validation picks the best round, test is scored at that round (and for the
     # base policy). Caps keep the first n items of the split (a seeded subset); None = all.
-    max_val: int | None = 100
-    max_test: int | None = 400
+    max_val: int | None = 50
+    max_test: int | None = 200
     eval_batch_size: int = 16
     #: Validation metric that picks the best round: "mc1" or "mc2" (truthfulness),
     #: "accuracy" (safety). None: mc2 / accuracy.
@@ -146,7 +150,9 @@ class AlignmentConfig:
         if self.dataset is not None and self.dataset not in TRACKS[self.track]:
             raise ConfigError(f"dataset for the {self.track} track must be one of "
                               f"{', '.join(TRACKS[self.track])}, got {self.dataset!r}")
-        for name in ("n_prompts", "rounds", "max_new_tokens", "epochs", "batch_size",
+        if self.n_prompts is not None and self.n_prompts < 1:
+            raise ConfigError(f"n_prompts must be at least 1 or None, got {self.n_prompts}")
+        for name in ("rounds", "max_new_tokens", "epochs", "batch_size",
                      "generation_batch_size", "eval_batch_size", "lora_r", "max_length",
                      "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
@@ -207,7 +213,7 @@ _PROFILE_CHANGES: dict[str, dict] = {
                   max_length=96, max_val=6, max_test=6),
     "cpu": {},
     # The paper's loop on Gemma-2-2B-it (a GPU and hub access).
-    "paper": dict(model_id="google/gemma-2-2b-it", n_prompts=2000, rounds=5, max_new_tokens=128,
+    "paper": dict(model_id="google/gemma-2-2b-it", n_prompts=None, rounds=5, max_new_tokens=128,
                   learning_rate=5e-5, max_length=1024, max_val=None, max_test=None),
 }
 
@@ -471,16 +477,16 @@ def dpo_round(
 
 @contextlib.contextmanager
 def _quiet_libraries(progress: bool):
-    """Silence a deprecation notice that TRL's own defaults trigger and, without `progress`,
-    the data set and reference-pass progress bars that TRL draws itself."""
+    """Silence a deprecation notice that TRL's own defaults trigger, the progress bars of
+    TRL's instant data set preparation and, without `progress`, its reference-pass bar."""
     import datasets
 
     bars_on = datasets.is_progress_bar_enabled()
     tqdm_env = os.environ.get("TQDM_DISABLE")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*", category=FutureWarning)
+        datasets.disable_progress_bars()
         if not progress:
-            datasets.disable_progress_bars()
             os.environ["TQDM_DISABLE"] = "1"
         try:
             yield
@@ -564,7 +570,7 @@ def _training_prompts(config: AlignmentConfig) -> tuple[list[str], list[Preferen
         shot_prompts = {s.prompt for s in shots}
         prompts = list(dict.fromkeys(p.prompt for p in train if p.prompt not in shot_prompts))
     random.Random(config.seed).shuffle(prompts)
-    if len(prompts) < config.n_prompts:
+    if config.n_prompts is not None and len(prompts) < config.n_prompts:
         raise ConfigError(f"n_prompts={config.n_prompts} but the {config.track} track has "
                           f"{len(prompts)} training prompts")
     return prompts[: config.n_prompts], shots
