@@ -26,8 +26,10 @@ Training data (`train_sae`). Two kinds of rows, mixed in every batch:
 
 The corpus rows are held in memory and reshuffled each pass (the buffer is the whole corpus,
 so the shuffle is exact); the last tokens are drawn the same way from their own pool. A slice
-of the texts (`HOLDOUT_FRACTION`) is held out and never trained on; the SAE's report on it is
-saved beside the weights. Everything is seeded by `config.seed`; wandb stays off.
+of the texts (`HOLDOUT_FRACTION`, fixed seed) is held out and never trained on; the SAE's
+report on it is saved beside the weights. The corpus activations are cached too
+(`corpus_activations`), so another SAE config on the same corpus skips the backbone. The
+training is seeded by `config.seed` (same inputs, same weights); wandb stays off.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from sae_lens.config import LoggingConfig, SAETrainerConfig
 from sae_lens.constants import SAE_CFG_FILENAME
 from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from sae_lens.training.sae_trainer import SAETrainer
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -67,7 +70,7 @@ CORPUS_SPLITS = ("truthfulqa:train", "hh-harmless:train", "pku-saferlhf:train")
 #: Written beside the sae-lens files of a trained SAE: cache key parts, report, corpus, timing.
 INFO_FILENAME = "srlib_sae.json"
 # Bump when the training procedure changes, so that older cached SAEs are not reused.
-_TRAINING_FORMAT = 1
+_TRAINING_FORMAT = 2
 _ENCODE_BATCH = 4096
 
 
@@ -181,23 +184,43 @@ def sae_info(sae: SAE) -> dict | None:
     return sae.cfg.metadata.get("srlib")
 
 
-def default_sae_corpus(tokenizer, *, max_pairs: int | None = None) -> list[str]:
+def default_sae_corpus(tokenizer, *, max_pairs: int | None = None,
+                       max_tokens: int | None = None) -> list[str]:
     """The texts the profile SAEs are trained on: local TRAIN splits only, no labels used.
 
     Chosen and rejected texts of TruthfulQA (questions with their answers), HH-RLHF harmless
     and PKU-SafeRLHF train pairs, both sides alike (which side is preferred is never read),
     plus the ARC-Challenge questions with an empty answer (the prompts of the alignment
     step; no answer, so no gold label). Chat-formatted with `format_text`; duplicates
-    removed; first `max_pairs` pairs (and ARC questions) of each set when given. No
-    validation or test split is in it, so reward-model test pairs stay unseen by the SAE.
+    removed. No validation or test split is in it, so reward-model test pairs stay unseen by
+    the SAE. `max_pairs` keeps the first pairs (and ARC questions) of each set.
+
+    `max_tokens` caps the corpus for time: the four sets share the budget equally, a set
+    smaller than its share is taken whole and leaves the rest to the others, and a set
+    larger than its share keeps its first texts (the loaders' seeded order) that fit.
     """
-    texts: list[str] = []
-    for spec in CORPUS_SPLITS:
-        for pair in load_pairs(spec, max_pairs=max_pairs):
-            texts.extend(format_pair(tokenizer, pair))
-    questions = load_arc_prompts()[:max_pairs]
-    texts.extend(format_text(tokenizer, q.question, "") for q in questions)
-    return list(dict.fromkeys(texts))
+    sources = [[text for pair in load_pairs(spec, max_pairs=max_pairs)
+                for text in format_pair(tokenizer, pair)] for spec in CORPUS_SPLITS]
+    sources.append([format_text(tokenizer, q.question, "") for q in load_arc_prompts()[:max_pairs]])
+    sources = [list(dict.fromkeys(texts)) for texts in sources]
+    if max_tokens is not None:
+        sources = _share_token_budget(tokenizer, sources, max_tokens)
+    return list(dict.fromkeys(text for texts in sources for text in texts))
+
+
+def _share_token_budget(tokenizer, sources: list[list[str]], budget: int) -> list[list[str]]:
+    """Each source's longest prefix within an equal share of `budget` tokens (water-filling)."""
+    lengths = [[len(ids) for ids in tokenizer(texts)["input_ids"]] if texts else []
+               for texts in sources]
+    kept: list[list[str]] = [[] for _ in sources]
+    order = sorted(range(len(sources)), key=lambda i: sum(lengths[i]))
+    for rank, i in enumerate(order):
+        share = budget / (len(sources) - rank)
+        cumulative = torch.tensor(lengths[i], dtype=torch.long).cumsum(0)
+        n = int((cumulative <= share).sum())
+        kept[i] = sources[i][:n]
+        budget -= int(cumulative[n - 1]) if n else 0
+    return kept
 
 
 DEFAULT_CORPUS_DESCRIPTION = (
@@ -216,15 +239,19 @@ def sae_for_profile(
     """The SAE a profile names (`profile.sae_source`), checked against the backbone's width.
 
     "train" trains (or loads from the cache) an SAE at `profile.layer` on `corpus_texts`,
-    by default `default_sae_corpus(tokenizer, max_pairs=profile.max_pairs)`.
+    by default `default_sae_corpus(tokenizer, max_pairs=profile.max_pairs,
+    max_tokens=profile.extra.get("sae_corpus_tokens"))`.
     """
     source = parse_sae_source(profile.sae_source)
     if source.kind == "train":
         if profile.sae_training is None:
             raise ConfigError(f"profile {profile.name!r} has sae_source 'train' but no sae_training")
         if corpus_texts is None:
-            texts = default_sae_corpus(backbone.tokenizer, max_pairs=profile.max_pairs)
-            description = DEFAULT_CORPUS_DESCRIPTION
+            budget = profile.extra.get("sae_corpus_tokens")
+            texts = default_sae_corpus(backbone.tokenizer, max_pairs=profile.max_pairs,
+                                       max_tokens=budget)
+            description = DEFAULT_CORPUS_DESCRIPTION + (
+                f", at most {budget:,} tokens" if budget is not None else "")
         else:
             texts, description = list(corpus_texts), "texts given by the caller"
         sae = train_sae(backbone, profile.layer, texts, profile.sae_training,
@@ -248,9 +275,62 @@ def _check_hook_layer(sae: SAE, layer: int) -> None:
         )
 
 
-def sae_cache_key(backbone: Backbone, layer: int, texts: Sequence[str],
-                  config: SAETrainingConfig, *, max_length: int = 512) -> tuple[str, dict]:
-    """(key, parts): what a trained SAE depends on, and its hash (the cache folder's name)."""
+@dataclass
+class CorpusActivations:
+    """Layer activations of an SAE corpus: its training texts and its held-out texts.
+
+    `*_tokens`: every token row (template header, padding and outliers removed);
+    `*_last`: the last-token row of each text. `info`: counts and the extraction time.
+    `from_cache`: whether this call read them from disk instead of running the backbone.
+    """
+
+    train_tokens: Tensor
+    train_last: Tensor
+    heldout_tokens: Tensor
+    heldout_last: Tensor
+    info: dict
+    from_cache: bool = False
+
+
+def corpus_activations(backbone: Backbone, layer: int, texts: Sequence[str], *,
+                       max_length: int = 512, batch_size: int = 16,
+                       progress: bool = True) -> CorpusActivations:
+    """The activations `train_sae` trains and evaluates on, cached on disk.
+
+    The held-out texts are a random `HOLDOUT_FRACTION` of `texts` (at least one) drawn with
+    a fixed seed, so every SAE trained on the same corpus is judged on the same texts.
+    Cached as float32 safetensors under `cache_dir("sae-corpus", key)` (about 2.3 KB per
+    token for d=576), so that another SAE config on the same corpus skips the forward passes.
+    """
+    texts = list(texts)
+    if len(texts) < 2:
+        raise DataError(f"an SAE corpus needs at least 2 texts (one is held out), got {len(texts)}")
+    key, parts = _corpus_key(backbone, layer, texts, max_length)
+    final = cache_dir("sae-corpus") / key
+    if (final / "info.json").is_file():
+        tensors = load_file(final / "activations.safetensors")
+        return CorpusActivations(**tensors, info=json.loads((final / "info.json").read_text()),
+                                 from_cache=True)
+    start = time.perf_counter()
+    train_texts, heldout_texts = _split_holdout(texts)
+    train_tokens, train_last, train_dropped = _collect(backbone, train_texts, layer, max_length,
+                                                       batch_size, progress)
+    heldout_tokens, heldout_last, heldout_dropped = _collect(backbone, heldout_texts, layer,
+                                                             max_length, batch_size, progress)
+    info = {"key": key, "key_parts": parts, "n_train_texts": len(train_texts),
+            "n_heldout_texts": len(heldout_texts),
+            "outlier_rows_dropped": train_dropped + heldout_dropped,
+            "extraction_seconds": round(time.perf_counter() - start, 1)}
+    tensors = {"train_tokens": train_tokens, "train_last": train_last,
+               "heldout_tokens": heldout_tokens, "heldout_last": heldout_last}
+    with atomic_path(final, is_dir=True) as tmp:
+        save_file(tensors, tmp / "activations.safetensors")
+        (tmp / "info.json").write_text(json.dumps(info, indent=1))
+    return CorpusActivations(**tensors, info=info)
+
+
+def _corpus_key(backbone: Backbone, layer: int, texts: list[str], max_length: int
+                ) -> tuple[str, dict]:
     corpus = hashlib.sha256()
     for text in texts:
         corpus.update(hashlib.sha256(text.encode()).digest())
@@ -260,13 +340,22 @@ def sae_cache_key(backbone: Backbone, layer: int, texts: Sequence[str],
         "corpus_sha256": corpus.hexdigest(),
         "n_texts": len(texts),
         "max_length": max_length,
-        "config": asdict(config),
         "holdout_fraction": HOLDOUT_FRACTION,
         "outlier_norm_factor": OUTLIER_NORM_FACTOR,
-        "training_format": _TRAINING_FORMAT,
     }
-    key = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
-    return key, parts
+    return _hash(parts), parts
+
+
+def _hash(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def sae_cache_key(backbone: Backbone, layer: int, texts: Sequence[str],
+                  config: SAETrainingConfig, *, max_length: int = 512) -> tuple[str, dict]:
+    """(key, parts): what a trained SAE depends on, and its hash (the cache folder's name)."""
+    _, parts = _corpus_key(backbone, layer, list(texts), max_length)
+    parts = {**parts, "config": asdict(config), "training_format": _TRAINING_FORMAT}
+    return _hash(parts), parts
 
 
 def train_sae(
@@ -290,21 +379,17 @@ def train_sae(
     """
     texts = list(texts)
     _check_config(config)
-    if len(texts) < 2:
-        raise DataError(f"train_sae needs at least 2 texts (one is held out), got {len(texts)}")
     key, parts = sae_cache_key(backbone, layer, texts, config, max_length=max_length)
     final = cache_dir("sae") / key
     if (final / INFO_FILENAME).is_file():
         return load_sae(final, device=str(backbone.device))
 
-    start, cpu_start = time.perf_counter(), time.process_time()
-    train_texts, heldout_texts = _split_holdout(texts, config.seed)
-    tokens, last = _collect(backbone, train_texts, layer, max_length, batch_size, progress)
-    extraction_s = time.perf_counter() - start
-    training_sae = _fit(tokens, last, config, progress)
-    training_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
-    heldout_tokens, heldout_last = _collect(backbone, heldout_texts, layer, max_length,
-                                            batch_size, progress)
+    cpu_start = time.process_time()
+    data = corpus_activations(backbone, layer, texts, max_length=max_length,
+                              batch_size=batch_size, progress=progress)
+    fit_start = time.perf_counter()
+    training_sae = _fit(data.train_tokens, data.train_last, config, progress)
+    fit_s, cpu_s = time.perf_counter() - fit_start, time.process_time() - cpu_start
     with atomic_path(final, is_dir=True) as tmp:
         training_sae.cfg.metadata.model_name = backbone.model_id
         training_sae.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
@@ -314,15 +399,20 @@ def train_sae(
             "key": key,
             "key_parts": parts,
             "corpus": {"description": corpus_description, "n_texts": len(texts),
-                       "n_train_texts": len(train_texts), "n_heldout_texts": len(heldout_texts)},
-            "training": {"token_rows": len(tokens), "last_token_rows": len(last),
+                       "n_train_texts": data.info["n_train_texts"],
+                       "n_heldout_texts": data.info["n_heldout_texts"],
+                       "outlier_rows_dropped": data.info["outlier_rows_dropped"]},
+            "training": {"token_rows": len(data.train_tokens),
+                         "last_token_rows": len(data.train_last),
                          "samples_seen": _steps(config) * config.batch_size,
-                         "extraction_seconds": round(extraction_s, 1),
-                         "seconds": round(training_s, 1),
-                         "cpu_seconds": round(cpu_s, 1),
+                         "extraction_seconds": data.info["extraction_seconds"],
+                         "activations_from_cache": data.from_cache,
+                         "fit_seconds": round(fit_s, 1),
+                         "seconds": round(data.info["extraction_seconds"] + fit_s, 1),
+                         "cpu_seconds_this_run": round(cpu_s, 1),
                          "torch_threads": torch.get_num_threads()},
-            "heldout": {"all_tokens": sae_report(sae, heldout_tokens).as_dict(),
-                        "last_tokens": sae_report(sae, heldout_last).as_dict()},
+            "heldout": {"all_tokens": sae_report(sae, data.heldout_tokens).as_dict(),
+                        "last_tokens": sae_report(sae, data.heldout_last).as_dict()},
         }
         sae.cfg.metadata.srlib = info
         sae.save_model(tmp)
@@ -345,25 +435,26 @@ def _steps(config: SAETrainingConfig) -> int:
     return config.training_tokens // config.batch_size
 
 
-def _split_holdout(texts: list[str], seed: int) -> tuple[list[str], list[str]]:
-    """(train, held-out): a seeded random `HOLDOUT_FRACTION` of the texts (at least one)."""
+def _split_holdout(texts: list[str]) -> tuple[list[str], list[str]]:
+    """(train, held-out): a random `HOLDOUT_FRACTION` of the texts (at least one), seed 0."""
     order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
-    n_heldout = max(1, round(HOLDOUT_FRACTION * len(texts)))
-    heldout = set(order[:n_heldout])
+    random.Random(0).shuffle(order)
+    heldout = set(order[:max(1, round(HOLDOUT_FRACTION * len(texts)))])
     return ([t for i, t in enumerate(texts) if i not in heldout],
             [t for i, t in enumerate(texts) if i in heldout])
 
 
 def _collect(backbone: Backbone, texts: list[str], layer: int, max_length: int, batch_size: int,
-             progress: bool) -> tuple[Tensor, Tensor]:
-    """(token rows without outliers [N, d], last-token rows [n_texts, d]) of `texts`."""
+             progress: bool) -> tuple[Tensor, Tensor, int]:
+    """(token rows without outliers [N, d], last-token rows [n_texts, d], outliers dropped)."""
     per_text = [t for t in iter_token_activations(backbone, texts, layer, max_length=max_length,
                                                   batch_size=batch_size, progress=progress)
                 if len(t)]
     if not per_text:
         raise DataError("the SAE corpus has no tokens outside the chat template's header")
-    return _without_outliers(torch.cat(per_text)), torch.stack([t[-1] for t in per_text])
+    tokens = torch.cat(per_text)
+    kept = _without_outliers(tokens)
+    return kept, torch.stack([t[-1] for t in per_text]), len(tokens) - len(kept)
 
 
 def _without_outliers(rows: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ import torch
 from sae_lens import SAE, TopKSAE, TopKSAEConfig
 
 import srlib.sae as sae_mod
+from srlib.activations import iter_token_activations
 from srlib.backbone import format_pair, format_text
 from srlib.data import load_pairs
 from srlib.errors import ConfigError, DataError
@@ -227,18 +228,41 @@ def test_train_sae_saves_a_loadable_sae_lens_sae(tiny_backbone, texts, isolated_
 
 
 def test_second_call_loads_and_another_config_trains_anew(tiny_backbone, texts, isolated_cache,
-                                                          count_trainings):
+                                                          count_trainings, monkeypatch):
+    extractions = []
+
+    def counting_stream(*args, **kwargs):
+        extractions.append(1)
+        return iter_token_activations(*args, **kwargs)
+
+    monkeypatch.setattr(sae_mod, "iter_token_activations", counting_stream)
     first = train_sae(tiny_backbone, 2, texts, TINY_CONFIG, max_length=64, progress=False)
+    assert count_trainings == [1] and extractions == [1, 1]  # training texts, held-out texts
     again = train_sae(tiny_backbone, 2, texts, TINY_CONFIG, max_length=64, progress=False)
-    assert count_trainings == [1]
+    assert count_trainings == [1] and extractions == [1, 1]
     torch.testing.assert_close(again.W_dec, first.W_dec)
     other = train_sae(tiny_backbone, 2, texts, dataclasses.replace(TINY_CONFIG, seed=1),
                       max_length=64, progress=False)
     assert count_trainings == [1, 1]
+    assert extractions == [1, 1]  # same corpus: its activations come from the cache
+    assert sae_info(other)["training"]["activations_from_cache"]
     assert not torch.equal(other.W_dec, first.W_dec)
     train_sae(tiny_backbone, 1, texts, TINY_CONFIG, max_length=64, progress=False)  # other layer
-    assert count_trainings == [1, 1, 1]
+    assert count_trainings == [1, 1, 1] and extractions == [1, 1, 1, 1]
     assert len(list((isolated_cache / "sae").iterdir())) == 3
+
+
+def test_token_budget_is_shared_equally():
+    def whitespace_tokenizer(texts):
+        return {"input_ids": [text.split() for text in texts]}
+
+    big = [f"{i} w w w w" for i in range(4)]  # 5 tokens each, 20 in all
+    small = ["a", "b"]  # 2 in all
+    mid = [f"{i} w w" for i in range(5)]  # 3 each, 15 in all
+    # budget 15: small takes its 2 (share 5); mid gets 13/2 = 6.5 -> 2 texts (6);
+    # big gets the 7 left -> 1 text (5).
+    kept = sae_mod._share_token_budget(whitespace_tokenizer, [big, small, mid], 15)
+    assert kept == [big[:1], small, mid[:2]]
 
 
 def test_training_is_deterministic(tiny_backbone, texts, tmp_path, monkeypatch):
