@@ -153,3 +153,30 @@ def mc2(fn: Callable[[Tensor, Tensor], Tensor]) -> None:
     cases = [("two against two", (torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -3.0]))),
              ("very negative log-probs", (torch.tensor([-300.0]), torch.tensor([-301.0, -302.0])))]
     _run("mc2", fn, reference, cases)
+
+
+def filter_rule(fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+    """Check the paper's filter (§3.3): `fn(s_w [n], s_l [n]) -> keep [n]` (booleans), True
+    exactly where the reward model scores the answer asked to be good strictly higher; a tie
+    is dropped. Compared with `srlib.alignment.filter_tuples` on tuples with distinct answers."""
+    from srlib.alignment import filter_tuples
+    from srlib.data import PreferencePair
+
+    class _Scores:
+        """A stand-in reward model that returns fixed scores."""
+
+        def __init__(self, s_w: Tensor, s_l: Tensor):
+            self.s_w, self.s_l = s_w, s_l
+
+        def score_pairs(self, pairs):
+            return self.s_w, self.s_l
+
+    def reference(s_w: Tensor, s_l: Tensor) -> Tensor:
+        tuples = [PreferencePair(f"x{i}", f"good {i}", f"bad {i}") for i in range(len(s_w))]
+        return torch.tensor(filter_tuples(tuples, _Scores(s_w, s_l)).keep, dtype=torch.float32)
+
+    g = _generator(8)
+    cases = [("random scores", (torch.randn(20, generator=g), torch.randn(20, generator=g))),
+             ("ties are dropped", (torch.tensor([0.5, 1.0, -2.0, 3.0]), torch.tensor([0.5, 0.0, -2.0, 3.5]))),
+             ("negative scores", (torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -4.0])))]
+    _run("filter_rule", lambda w, l: torch.as_tensor(fn(w, l)).float(), reference, cases)
