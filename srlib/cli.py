@@ -133,9 +133,10 @@ def cmd_filter(args: argparse.Namespace) -> int:
 
 def cmd_sae(args: argparse.Namespace) -> int:
     """`sae train` trains (or loads from the cache) the profile's SAE; `sae report` also
-    prints its quality on held-out texts."""
+    prints what its training recorded: quality on held-out texts over all their tokens and at
+    their last tokens (the positions the reward model reads), the corpus and the timings."""
     from srlib.backbone import backbone_for_profile
-    from srlib.sae import sae_for_profile, sae_quality
+    from srlib.sae import sae_for_profile, sae_info
 
     profile = _profile_from_args(args)
     backbone = backbone_for_profile(profile)
@@ -143,7 +144,7 @@ def cmd_sae(args: argparse.Namespace) -> int:
     result = {"profile": profile.name, "model": profile.model_id, "layer": profile.layer,
               "sae_source": profile.sae_source, "d_sae": int(sae.cfg.d_sae)}
     if args.action == "report":
-        result.update(sae_quality(profile, backbone, sae))
+        result["report"] = sae_info(sae) or "no training record: a pretrained SAE"
     _print_result(result)
     return 0
 

@@ -133,3 +133,12 @@ def test_real_process_prints_no_traceback(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert run.stderr.strip().startswith("error:") and "Traceback" not in run.stderr
+
+
+def test_sae_report_prints_the_held_out_quality(capsys):
+    assert main(["sae", "report", "--profile", "smoke"]) == 0
+    report = _last_json(capsys.readouterr().out)["report"]
+    for where in ("all_tokens", "last_tokens"):
+        quality = report["heldout"][where]
+        assert 0 < quality["l0"] <= 8  # TopK with k=8 under the smoke profile
+        assert quality["fve"] <= 1.0 and 0.0 <= quality["dead_fraction"] <= 1.0
