@@ -40,16 +40,23 @@ import math
 import random
 import re
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from sae_lens import SAE
-from sae_lens.config import LoggingConfig, SAETrainerConfig
-from sae_lens.constants import SAE_CFG_FILENAME
-from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
-from sae_lens.training.sae_trainer import SAETrainer
+
+with warnings.catch_warnings():
+    # sae-lens 6.54 imports `transformer_lens.utils`, which TransformerLens 3.9 deprecates:
+    # a note for sae-lens's maintainers, not for a reader of the book.
+    warnings.filterwarnings("ignore", message="The 'utils' module has been deprecated",
+                            category=DeprecationWarning)
+    from sae_lens import SAE
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
+    from sae_lens.constants import SAE_CFG_FILENAME
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
