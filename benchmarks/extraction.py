@@ -1,0 +1,90 @@
+"""How much the early exit in `srlib.activations` saves, on real TruthfulQA texts.
+
+Times (fastest of `--repeats` interleaved rounds) three ways of reading the last-token state at the profile's layer L, on the same
+tokenised, length-sorted, right-padded batches and with the cache off:
+
+- early exit: `last_token_states` (blocks 0..L, then a hook stops the pass);
+- all blocks: the base model's full forward with `output_hidden_states` (no LM head);
+- full LM: the causal LM's forward with `output_hidden_states`, as one would write it
+  naively (all blocks plus the LM head over every token).
+
+Blocks cost the same, so the expected speed-up of early exit over all blocks is about
+num_layers / (L + 1) (30 / 16 ≈ 1.9 for the cpu profile); the LM head adds more on top.
+
+    SRLIB_DATA_DIR=... python benchmarks/extraction.py --profile cpu --n 256 --batch-size 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from srlib import activations
+from srlib.activations import last_token_states
+from srlib.backbone import backbone_for_profile, format_pair
+from srlib.data import load_pairs
+from srlib.profiles import DEFAULT_PROFILE, get_profile
+
+
+def full_forward_states(backbone, texts, layer, max_length, batch_size, with_lm_head):
+    """Last-token states at `layer` from a forward pass through every block."""
+    encoded = [activations._encode(backbone.tokenizer, t, max_length) for t in texts]
+    pad_id = backbone.tokenizer.pad_token_id or 0
+    model = backbone.model if with_lm_head else backbone.model.get_decoder()
+    out = torch.empty(len(texts), backbone.hidden_size)
+    with torch.inference_mode():
+        for rows, input_ids, attention_mask in activations._batches(encoded, batch_size, pad_id):
+            hidden = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                           output_hidden_states=True).hidden_states[layer + 1]
+            out[rows] = hidden[torch.arange(len(rows)), attention_mask.sum(1) - 1].float()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=DEFAULT_PROFILE)
+    parser.add_argument("--n", type=int, default=256, help="number of texts (chosen + rejected)")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved rounds; the fastest round of each method is reported")
+    args = parser.parse_args()
+    profile = get_profile(args.profile)
+    batch_size = args.batch_size or profile.batch_size
+    layer, max_length = profile.layer, profile.max_length
+
+    backbone = backbone_for_profile(profile)
+    pairs = load_pairs("truthfulqa:train", max_pairs=(args.n + 1) // 2)
+    texts = [text for pair in pairs for text in format_pair(backbone.tokenizer, pair)][: args.n]
+    n_tokens = sum(len(activations._encode(backbone.tokenizer, t, max_length).ids) for t in texts)
+    print(f"{backbone.model_id} ({backbone.source}), layer {layer} of {backbone.num_layers}, "
+          f"{len(texts)} texts, {n_tokens} tokens, batch {batch_size}, "
+          f"{torch.get_num_threads()} threads, device {backbone.device}")
+
+    runs = {
+        "early exit": lambda: last_token_states(backbone, texts, layer, max_length=max_length,
+                                                batch_size=batch_size, cache=False, progress=False),
+        "all blocks": lambda: full_forward_states(backbone, texts, layer, max_length, batch_size, False),
+        "full LM": lambda: full_forward_states(backbone, texts, layer, max_length, batch_size, True),
+    }
+    last_token_states(backbone, texts[:batch_size], layer, cache=False, progress=False)  # warm-up
+    seconds, results = {name: float("inf") for name in runs}, {}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            results[name] = run()
+            seconds[name] = min(seconds[name], time.perf_counter() - start)
+
+    print(f"{'method':<12}{'seconds':>9}{'texts/s':>10}{'tokens/s':>10}{'EE speedup':>12}{'max |diff|':>12}")
+    for name in runs:
+        diff = (results[name] - results["early exit"]).abs().max().item()
+        print(f"{name:<12}{seconds[name]:>9.2f}{len(texts) / seconds[name]:>10.1f}"
+              f"{n_tokens / seconds[name]:>10.0f}{seconds[name] / seconds['early exit']:>12.2f}"
+              f"{diff:>12.1e}")
+    print(f"expected early-exit speed-up over all blocks ≈ {backbone.num_layers}/{layer + 1} = "
+          f"{backbone.num_layers / (layer + 1):.2f}")
+
+
+if __name__ == "__main__":
+    main()
