@@ -121,3 +121,39 @@ def training_curves(history, *, title: str):
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def sparsity_panels(active_per_row: Mapping[str, object], frequency: Mapping[str, object], *, title: str):
+    """Chapter 1's two views of an SAE code, one colour per group of hidden states: how many
+    latents fire per state (L0, left) and on what share of states each latent fires (right,
+    log10 axis; latents that never fire cannot be drawn there and are counted in the legend).
+
+    `active_per_row`: {group: [n] counts}; `frequency`: {group: [M] shares}, e.g. the fields
+    of `srlib.experiments.latent_statistics` for every token and for the last tokens.
+    """
+    import numpy as np
+    import pandas as pd
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(WIDTH * 1.2, 3.8))
+    counts = pd.concat([pd.DataFrame({"L0": np.asarray(v, dtype=float), "states": g})
+                        for g, v in active_per_row.items()], ignore_index=True)
+    sns.histplot(data=counts, x="L0", hue="states", discrete=True, stat="percent", common_norm=False,
+                 element="step", ax=left)
+    left.set(title="active latents per state", xlabel="latents that fire (> 0) on a state (L0)",
+             ylabel="share of states (%)", xlim=(0, counts["L0"].max() * 1.15 + 1))
+    rows = []
+    for group, values in frequency.items():
+        values = np.asarray(values, dtype=float)
+        alive = values[values > 0]
+        label = f"{group} ({int((values == 0).sum()):,} of {values.size:,} never fire)"
+        rows.append(pd.DataFrame({"log10 frequency": np.log10(alive), "states": label}))
+    sns.histplot(data=pd.concat(rows, ignore_index=True), x="log10 frequency", hue="states", bins=40,
+                 element="step", ax=right)
+    right.set(title="how often each latent fires", xlabel="log10 of the share of states where it fires",
+              ylabel="latents")
+    for ax in (left, right):
+        if ax.get_legend() is not None:
+            sns.move_legend(ax, "upper left", fontsize="small", title=None)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
