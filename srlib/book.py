@@ -509,7 +509,9 @@ def execute_notebook(source: Path, executed: Path, results: Path, profile: str) 
     try:
         papermill.execute_notebook(
             str(source), str(executed), kernel_name="python3", cwd=str(executed.parent),
-            parameters={"PROFILE": profile, "RESULTS_PATH": str(results.resolve())},
+            # Relative to the notebook's folder (the kernel's cwd), so the injected cell that
+            # the book shows names no folder of the machine that built it.
+            parameters={"PROFILE": profile, "RESULTS_PATH": os.path.relpath(results, executed.parent)},
             progress_bar=sys.stderr.isatty(),
         )
     except PapermillExecutionError as exc:
