@@ -23,13 +23,7 @@ PROFILE = get_profile("smoke")
 QUICK = dict(max_steps=4, batch_size=4, learning_rate=5e-3, max_length=PROFILE.max_length)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread: the tiny model is far faster so when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,13 +29,7 @@ from srlib.reward import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The heads here are tiny: one thread avoids oversubscribing a busy CI machine (40x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @dataclass
