@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from srlib.backbone import left_pad
 from srlib.data import (
     PreferencePair,
     load_arc_prompts,
@@ -309,18 +310,13 @@ def _generate_batch(model, tokenizer, encoded: list[list[int]], pad_id: int, *, 
                     temperature: float, top_p: float) -> list[str]:
     """Sample answers for one left-padded batch of prompt ids."""
     device = next(model.parameters()).device
-    width = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, ids in enumerate(encoded):
-        input_ids[row, width - len(ids):] = torch.tensor(ids)
-        attention[row, width - len(ids):] = 1
+    input_ids, attention = left_pad(encoded, pad_id)
     output = model.generate(
         input_ids=input_ids.to(device), attention_mask=attention.to(device),
         do_sample=True, temperature=temperature, top_p=top_p, top_k=0,
         max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
     )
-    return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in output]
+    return [tokenizer.decode(row[input_ids.shape[1]:], skip_special_tokens=True).strip() for row in output]
 
 
 def generate_tuples(

@@ -179,6 +179,21 @@ def pretrained_path(backbone: Backbone) -> str:
     return str(final)
 
 
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) for token-id lists padded on the LEFT to the longest.
+
+    Left padding puts every sequence's last token in the last column, where generation
+    continues and where a next-token distribution is read.
+    """
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        attention[row, width - len(ids):] = 1
+    return input_ids, attention
+
+
 def format_text(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> str:
     """The chat-formatted text of `prompt` followed by the assistant's `response`.
 

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from trl.data_utils import common_prefix_length
 
+from srlib.backbone import left_pad
 from srlib.data import prompt_messages
 from srlib.errors import ConfigError
 
@@ -93,13 +94,8 @@ def _sequence_logprobs(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         seqs = [encoded[i][0] + encoded[i][1] for i in batch]
-        width = max(len(s) for s in seqs)
         resp_width = max(len(encoded[i][1]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, s in enumerate(seqs):
-            input_ids[row, width - len(s):] = torch.tensor(s)
-            attention[row, width - len(s):] = 1
+        input_ids, attention = left_pad(seqs, pad_id)
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
         logits = model(
             input_ids=input_ids.to(device),
@@ -107,7 +103,7 @@ def _sequence_logprobs(
             position_ids=position_ids.to(device),
             logits_to_keep=resp_width + 1,
         ).logits[:, :-1].float()
-        targets = input_ids[:, width - resp_width:].to(device)
+        targets = input_ids[:, input_ids.shape[1] - resp_width:].to(device)
         # log_softmax at the targets only, without a second [batch, length, vocab] tensor
         token_logp = (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
                       - torch.logsumexp(logits, dim=-1)).cpu()
