@@ -123,6 +123,101 @@ def training_curves(history, *, title: str):
     return fig
 
 
+def beside_paper(summary, paper: Mapping[str, Mapping[str, float]], *,
+                 paper_label: str = "paper (Gemma-2-9B-it)"):
+    """Our "mean ± sd" next to the paper's number, per data set: a table for the book.
+
+    `summary`: `srlib.experiments.summarize` output (columns dataset, variant, label).
+    `paper`: {variant: {dataset: accuracy %}} (e.g. `srlib.paper.TABLE2_INPUTS`); variants
+    the paper lacks get an empty cell. Columns: "<data set> (ours)", "<data set> · <paper_label>".
+    """
+    import pandas as pd
+
+    from srlib.experiments import DATASET_LABELS
+
+    variants = list(dict.fromkeys(summary["variant"]))
+    datasets = list(dict.fromkeys(summary["dataset"]))
+    datasets = [d for d in DATASET_LABELS if d in datasets] + [d for d in datasets if d not in DATASET_LABELS]
+    labels = summary.set_index(["variant", "dataset"])["label"]
+    columns = {}
+    for dataset in datasets:
+        name = DATASET_LABELS.get(dataset, dataset)
+        columns[f"{name} (ours)"] = [labels.get((v, dataset), "") for v in variants]
+        columns[f"{name} · {paper_label}"] = [
+            "" if paper.get(v, {}).get(dataset) is None else f"{paper[v][dataset]:.1f}" for v in variants]
+    return pd.DataFrame(columns, index=pd.Index(variants, name="variant"))
+
+
+def similarity_histograms(frame, *, title: str, aggregate: str = "mean", centered: bool = False,
+                          bins: int = 40):
+    """Figure 5 as distributions: one panel per space, one histogram per group of samples, of
+    each sample's cosine similarity to the training data (`srlib.shift.similarity_frame`),
+    with each group's mean as a dashed line."""
+    data = frame[(frame["aggregate"] == aggregate) & (frame["centered"] == centered)]
+    spaces = list(dict.fromkeys(data["space"]))
+    groups = list(dict.fromkeys(data["group"]))
+    palette = dict(zip(groups, sns.color_palette(n_colors=len(groups))))
+    fig, axes = plt.subplots(1, len(spaces), figsize=(WIDTH, 3.8), squeeze=False)
+    how = "mean over training samples" if aggregate == "mean" else "nearest training sample"
+    for ax, space in zip(axes[0], spaces):
+        part = data[data["space"] == space]
+        sns.histplot(data=part, x="similarity", hue="group", hue_order=groups, palette=palette, bins=bins,
+                     stat="density", common_norm=False, element="step", ax=ax, legend=ax is axes[0][-1])
+        for group in groups:
+            ax.axvline(part.loc[part["group"] == group, "similarity"].mean(), color=palette[group], ls="--", lw=1.2)
+        ax.set(title=f"{space} space", xlabel=f"cosine similarity to training data\n({how}"
+               f"{', centered' if centered else ''})", ylabel="density")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def tsne_panels(embeddings: Mapping[str, object], *, labels: Sequence[str], sources: Sequence[str], title: str,
+                highlight: str = "generated"):
+    """One t-SNE panel per space (`srlib.shift.tsne_embedding` output, [n, 2] each), points
+    coloured by `labels` (e.g. chosen / rejected) and shaped by `sources` (training / generated);
+    the points of the source `highlight` are drawn larger."""
+    import pandas as pd
+
+    fig, axes = plt.subplots(1, len(embeddings), figsize=(WIDTH * 1.25, 4.8), squeeze=False)
+    for ax, (space, points) in zip(axes[0], embeddings.items()):
+        data = pd.DataFrame({"t-SNE 1": points[:, 0], "t-SNE 2": points[:, 1], "answer": list(labels),
+                             "data": list(sources)})
+        sns.scatterplot(data=data, x="t-SNE 1", y="t-SNE 2", hue="answer", style="data", size="data",
+                        sizes={source: 36 if source == highlight else 10 for source in set(sources)}, alpha=0.7, ax=ax, legend=ax is axes[0][-1])
+        ax.set(title=f"{space} space", xlabel="t-SNE 1 (no unit)", ylabel="t-SNE 2 (no unit)")
+    if axes[0][-1].get_legend() is not None:
+        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def gamma_sweep(sweep, *, title: str):
+    """The margin-γ sweep: test accuracy (%) against γ (left) and the scale of the scores
+    relative to the γ = 1 head of the same seed (right, log-log, with the line y = γ that a pure
+    rescaling would follow). `sweep`: one row per (gamma, seed) with columns gamma,
+    test_accuracy, scale_vs_gamma1. Error bars: ±1 sd over seeds."""
+    data = sweep.assign(test_accuracy=sweep["test_accuracy"] * 100)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(WIDTH, 3.6))
+    sns.lineplot(data=data, x="gamma", y="test_accuracy", errorbar="sd", marker="o", err_style="bars", ax=left)
+    left.set(title="test pair accuracy", xlabel="margin γ (log scale)", ylabel="accuracy (%)")
+    sns.lineplot(data=data, x="gamma", y="scale_vs_gamma1", errorbar="sd", marker="o", err_style="bars", ax=right,
+                 label="measured: sd(scores) / sd at γ = 1")
+    gammas = sorted(data["gamma"].unique())
+    right.plot(gammas, gammas, color="grey", ls="--", lw=1, label="pure rescaling: y = γ")
+    right.set_yscale("log")
+    right.set(title="score scale vs the γ = 1 head", xlabel="margin γ (log scale)", ylabel="scale ratio (log scale)")
+    right.legend(loc="upper left", fontsize="x-small")
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xticks(gammas, [f"{g:g}" for g in gammas])
+        ax.minorticks_off()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 def sparsity_panels(active_per_row: Mapping[str, object], frequency: Mapping[str, object], *, title: str):
     """Chapter 1's two views of an SAE code, one colour per group of hidden states: how many
     latents fire per state (L0, left) and on what share of states each latent fires (right,
@@ -156,4 +251,70 @@ def sparsity_panels(active_per_row: Mapping[str, object], frequency: Mapping[str
             sns.move_legend(ax, "upper left", fontsize="small", title=None)
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def accuracy_vs_parameters(trials, *, title: str, backbone_parameters: int | None = None,
+                           value: str = "test_accuracy", dataset_labels: Mapping[str, str] | None = None):
+    """Figure 3: mean test accuracy (%) against trainable parameters (log x axis), one panel per
+    data set, error bars ± one sd over seeds (none for a single run).
+
+    `trials`: one row per (dataset, variant, seed) with `value` (a fraction) and
+    `trainable_parameters`. Models with the same parameter count are spread slightly sideways
+    so that none hides another. Methods with no trainable parameter (a zero-shot judge, the
+    log-prob floor) cannot sit on a log axis: they are dashed horizontal lines. With
+    `backbone_parameters`, a dotted vertical line marks 1% of the backbone (the paper's bound)
+    and the top axis reads the share of the backbone (%).
+    """
+    import math
+
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    from srlib.experiments import DATASET_LABELS
+
+    names = DATASET_LABELS if dataset_labels is None else dataset_labels
+    data = trials.assign(accuracy=trials[value] * 100)
+    datasets = list(dict.fromkeys(data["dataset"]))
+    variants = list(dict.fromkeys(data["variant"]))
+    palette = dict(zip(variants, sns.color_palette("tab10", n_colors=max(len(variants), 3))))
+    markers = dict(zip(variants, "osD^vP*Xph" * 3))
+    trained = data.loc[data["trainable_parameters"] > 0, "trainable_parameters"]
+    bound = backbone_parameters / 100 if backbone_parameters else None
+    known = [*trained.tolist(), *([bound] if bound else [])] or [1e3, 1e6]
+    low, high = min(known) / 3, max(known) * 3
+    fig, axes = plt.subplots(1, len(datasets), figsize=(max(WIDTH, 3.6 * len(datasets)), 4.6), squeeze=False,
+                             sharey=True)
+    handles: dict[str, object] = {}
+    for ax, dataset in zip(axes[0], datasets):
+        stats = (data[data["dataset"] == dataset].groupby("variant", sort=False)
+                 .agg(mean=("accuracy", "mean"), sd=("accuracy", "std"), params=("trainable_parameters", "first")))
+        seen: dict[int, int] = {}
+        for variant, row in stats.iterrows():
+            if row["params"] > 0:
+                shift = seen.get(row["params"], 0)
+                seen[row["params"]] = shift + 1
+                sd = 0.0 if math.isnan(row["sd"]) else row["sd"]
+                handle = ax.errorbar(row["params"] * 1.12 ** shift, row["mean"], yerr=sd, fmt=markers[variant], ms=8,
+                                     capsize=4, color=palette[variant], linestyle="none")
+                handles.setdefault(variant, handle)
+            else:
+                handle = ax.axhline(row["mean"], color=palette[variant], ls="--", lw=1.5)
+                handles.setdefault(f"{variant} (0 trainable)", handle)
+        ax.axhline(50, color="grey", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_xlim(low, high)
+        if bound:
+            handles.setdefault("1% of the backbone (the paper's bound)",
+                               ax.axvline(bound, color="black", ls=":", lw=1.2))
+            top = ax.secondary_xaxis("top", functions=(lambda x: 100 * x / backbone_parameters,
+                                                       lambda s: s * backbone_parameters / 100))
+            top.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+            top.xaxis.set_minor_formatter(NullFormatter())
+            top.set_xlabel("share of the backbone", fontsize="small")
+        ax.set(title=names.get(dataset, dataset), xlabel="trainable parameters (log scale)")
+    axes[0][0].set_ylabel("test pair accuracy (%)")
+    fig.suptitle(title)
+    rows = math.ceil(len(handles) / 3)
+    fig.tight_layout(rect=(0, 0.04 + 0.055 * rows, 1, 1))
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize="small", frameon=True)
     return fig
