@@ -36,19 +36,28 @@ Cost: `TrainingCost.seconds` is the wall time of training (data preparation incl
 scoring excluded); memory is the process's resident set size (RSS) sampled by psutil every
 20 ms while training (tracemalloc misses torch's allocations; getrusage's ru_maxrss is a peak
 over the whole process life, so a second run in one process would report the first's peak).
+`measure_cost` puts any other training (SparseRM's head, say) under the same meter.
+
+Caching: `cached_fit_baseline` fits a baseline once and saves it under
+`cache_dir("baselines", key)`, the key hashing the backbone's identity, the method, its
+settings (defaults filled in), the seed and the texts and ids of the pairs it learns from; a
+later call loads it, training cost included. `cached_score_pairs` keeps its scores of a pair
+set beside it, with the scoring time, so a rebuilt book neither trains nor scores again.
+`baseline_trials` runs methods × seeds through both and returns one row per fit.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import psutil
 import torch
@@ -60,14 +69,16 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, PrinterCallback, set_seed
 from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 from trl.data_utils import common_prefix_length
+from safetensors import safe_open
+from safetensors.torch import save_file
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from srlib.backbone import format_text
 from srlib.data import prompt_messages
 from srlib.errors import ConfigError, DataError
 from srlib.evaluate import _sequence_logprobs, prompt_ids
-from srlib.paths import atomic_path
-from srlib.reward import CONFIG_NAME, RewardModel
+from srlib.paths import atomic_path, cache_dir
+from srlib.reward import CONFIG_NAME, RewardModel, pair_accuracy
 
 METHODS = ("standard", "generalizable", "judge", "judge-lora", "logprob")
 ADAPTER_DIR = "adapter"
@@ -791,3 +802,249 @@ def fit_baseline(method: str, backbone, train_pairs=None, val_pairs=None, *, see
     if method == "logprob":
         return LogProbPreference.fit(backbone, train_pairs, val_pairs, **kwargs)
     raise ConfigError(f"unknown baseline method {method!r}; choose one of: {', '.join(METHODS)}")
+
+
+def measure_cost(fn: Callable[..., Any], *args, n_train_pairs: int, **kwargs) -> tuple[Any, TrainingCost]:
+    """Call `fn(*args, **kwargs)` under the meter the baselines are costed with (wall time,
+    psutil peak RSS); return its result and the `TrainingCost`. Lets any other reward model
+    (SparseRM, DenseRM) be timed and weighed exactly as the baselines are."""
+    with _CostMeter() as meter:
+        result = fn(*args, **kwargs)
+    return result, meter.cost(n_train_pairs)
+
+
+def trainable_parameters(method: str, backbone, **settings) -> int:
+    """How many numbers fitting `method` with these settings trains, without training: the
+    model is wrapped with its LoRA adapter (and score head) as the trainer would wrap it, and
+    its trainable parameters are counted. 0 for the zero-shot judge and the log-prob floor."""
+    if method not in SETTINGS_CLASSES:
+        raise ConfigError(f"unknown baseline method {method!r}; choose one of: {', '.join(METHODS)}")
+    resolved = _settings(SETTINGS_CLASSES[method], settings)
+    if method not in TRAINED_METHODS:
+        return 0
+    from peft import get_peft_model
+
+    if method == "judge-lora":
+        model = get_peft_model(copy.deepcopy(backbone.model), resolved.lora_config(TaskType.CAUSAL_LM))
+    else:
+        pad_id = backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else 0
+        model = get_peft_model(_sequence_classifier(backbone, pad_id),
+                               resolved.lora_config(TaskType.SEQ_CLS, modules_to_save=["score"]))
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------- cache and trials
+
+#: Bump when a change to the baselines makes earlier cached fits stale.
+CACHE_VERSION = 1
+SETTINGS_CLASSES: dict[str, type] = {"standard": LoraSettings, "generalizable": GRMSettings,
+                                     "judge": JudgeSettings, "judge-lora": JudgeSettings,
+                                     "logprob": LogProbSettings}
+#: The methods that learn from the training pairs (the others ignore pairs and seed).
+TRAINED_METHODS = ("standard", "generalizable", "judge-lora")
+#: How the book names each method.
+METHOD_LABELS = {"standard": "StandardRM (LoRA)", "generalizable": "GeneralizableRM (LoRA)",
+                 "judge": "zero-shot judge", "judge-lora": "LoRA judge", "logprob": "log-prob floor"}
+SCORES_DIR = "scores"
+#: The columns of `baseline_trials`' table.
+TRIAL_COLUMNS = ("dataset", "variant", "method", "seed", "test_accuracy", "trainable_parameters", "fit_seconds",
+                 "peak_rss_mb", "rss_increase_mb", "pairs_per_second", "n_train_pairs", "n_test_pairs", "from_cache")
+
+
+def pairs_digest(pairs: Sequence | None) -> str | None:
+    """A hash of a pair list: ids and texts, in order (None for no pairs). Two lists hash
+    alike only if every pair has the same id, prompt, chosen and rejected text."""
+    if not pairs:
+        return None
+    digest = hashlib.sha256()
+    for pair in pairs:
+        for part in (pair.pair_id, pair.prompt, pair.chosen, pair.rejected):
+            digest.update(part.encode())
+            digest.update(b"\x00")
+    return digest.hexdigest()
+
+
+def baseline_key(method: str, backbone, train_pairs: Sequence | None = None, val_pairs: Sequence | None = None,
+                 *, seed: int = 0, **settings) -> str:
+    """The cache key of one baseline fit: "<method>-<hash>".
+
+    The hash covers the backbone's identity, the method, its settings with the defaults filled
+    in (so leaving a setting out and passing its default give one key), a cache version and,
+    for the methods that train (`TRAINED_METHODS`), the seed and the training and validation
+    pairs (`pairs_digest`). The zero-shot judge and the log-prob floor learn nothing, so their
+    key ignores pairs and seed.
+    """
+    if method not in SETTINGS_CLASSES:
+        raise ConfigError(f"unknown baseline method {method!r}; choose one of: {', '.join(METHODS)}")
+    resolved = _settings(SETTINGS_CLASSES[method], settings)
+    # 1 and 1.0 epochs are one fit: numbers of float fields are hashed as floats
+    canonical = {f.name: float(getattr(resolved, f.name)) if f.type == "float" else getattr(resolved, f.name)
+                 for f in dataclasses.fields(resolved)}
+    record: dict[str, Any] = {"version": CACHE_VERSION, "method": method, "backbone": backbone.identity,
+                              "settings": canonical}
+    if method in TRAINED_METHODS:
+        record.update(seed=seed, train=pairs_digest(train_pairs), val=pairs_digest(val_pairs))
+    text = json.dumps(record, sort_keys=True)
+    return f"{method}-{hashlib.sha256(text.encode()).hexdigest()[:24]}"
+
+
+def cached_fit_baseline(method: str, backbone, train_pairs: Sequence | None = None,
+                        val_pairs: Sequence | None = None, *, seed: int = 0, progress: bool = True,
+                        **settings) -> RewardModel:
+    """`fit_baseline`, but only once: the fitted model is saved (atomically) under
+    `cache_dir("baselines", baseline_key(...))` and a later call with the same backbone, method,
+    settings, seed and pairs loads it instead of training.
+
+    The returned model has `cache_path` (its folder, for `cached_score_pairs`) and
+    `from_cache` (True when loaded); its `.cost` is the cost measured when it was trained.
+    """
+    directory = cache_dir("baselines") / baseline_key(method, backbone, train_pairs, val_pairs, seed=seed,
+                                                      **settings)
+    if (directory / CONFIG_NAME).is_file():
+        rm = RewardModel.from_pretrained(directory, backbone=backbone)
+        rm.from_cache = True
+    else:
+        rm = fit_baseline(method, backbone, train_pairs, val_pairs, seed=seed, progress=progress, **settings)
+        rm.save_pretrained(directory)
+        rm.from_cache = False
+    rm.cache_path = directory
+    return rm
+
+
+@dataclass
+class PairScores:
+    """A reward model's scores of a pair set and how long computing them took."""
+
+    chosen: Tensor
+    rejected: Tensor
+    seconds: float  # wall time of score_pairs when the scores were computed (not when loaded)
+    from_cache: bool = False
+
+    @property
+    def accuracy(self) -> float:
+        return pair_accuracy(self.chosen, self.rejected)
+
+    @property
+    def pairs_per_second(self) -> float:
+        return len(self.chosen) / self.seconds if self.seconds > 0 else float("inf")
+
+
+def _scores_path(directory: str | Path, pairs: Sequence) -> Path:
+    return Path(directory) / SCORES_DIR / f"{pairs_digest(pairs)}.safetensors"
+
+
+def cached_score_pairs(rm: RewardModel, pairs: Sequence, *, progress: bool = False) -> PairScores:
+    """`rm.score_pairs(pairs)`, timed, kept in the model's cache folder (`scores/<pairs_digest>`)
+    so a second call with the same pairs loads the scores and the time first measured.
+    `rm` must come from `cached_fit_baseline`."""
+    directory = getattr(rm, "cache_path", None)
+    if directory is None:
+        raise ConfigError("cached_score_pairs needs a reward model from cached_fit_baseline (it has no cache_path)")
+    pairs = _check_pairs(pairs, "scoring")
+    path = _scores_path(directory, pairs)
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            seconds = float(f.metadata()["seconds"])
+            return PairScores(f.get_tensor("chosen"), f.get_tensor("rejected"), seconds, from_cache=True)
+    started = time.perf_counter()
+    chosen, rejected = rm.score_pairs(pairs, progress=progress)
+    scores = PairScores(chosen.float(), rejected.float(), time.perf_counter() - started)
+    with atomic_path(path) as tmp:
+        save_file({"chosen": scores.chosen.contiguous(), "rejected": scores.rejected.contiguous()}, str(tmp),
+                  metadata={"seconds": repr(scores.seconds), "n_pairs": str(len(pairs))})
+    return scores
+
+
+def baseline_settings(max_length: int, *, epochs: float = 1.0, learning_rate: float = 2e-4,
+                      batch_size: int = 1) -> dict[str, dict[str, Any]]:
+    """The settings keywords of every method as the book runs them (chapter 8 and
+    `benchmarks/rm_cost.py` share them, so both hit the same cache entries): the LoRA methods
+    with the given epochs, learning rate and batch size, texts cut to `max_length` tokens and
+    the judges' two-answer prompts to twice that."""
+    lora = dict(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, max_length=max_length)
+    return {"standard": lora, "generalizable": dict(lora), "judge-lora": {**lora, "max_length": 2 * max_length},
+            "judge": {"max_length": 2 * max_length}, "logprob": {"max_length": max_length}}
+
+
+def baseline_trials(backbone, dataset: str, train_pairs: Sequence, val_pairs: Sequence | None,
+                    test_pairs: Sequence, methods: Sequence[str], seeds: Sequence[int], *,
+                    settings: Mapping[str, dict] | None = None, only_cached: bool = False, progress: bool = False):
+    """Fit (or load) every baseline in `methods` with every seed and score `test_pairs`, all
+    through the cache; a DataFrame with one row per fit.
+
+    Columns: dataset, variant (`METHOD_LABELS`), method, seed, test_accuracy (fraction),
+    trainable_parameters, fit_seconds, peak_rss_mb, rss_increase_mb, pairs_per_second (test
+    scoring), n_train_pairs, n_test_pairs, from_cache. `settings` maps a method to its settings
+    keywords. The untrained methods (zero-shot judge, log-prob floor) do not depend on the
+    seed or the pairs: they run once, with the first seed. With `only_cached`, nothing is
+    trained or scored: fits whose model and test scores are not both cached are left out.
+    """
+    import pandas as pd
+
+    if not seeds:
+        raise ConfigError("baseline_trials needs at least one seed")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown baseline method {unknown[0]!r}; choose from: {', '.join(METHODS)}")
+    rows = []
+    for method in methods:
+        trained = method in TRAINED_METHODS
+        for seed in seeds if trained else seeds[:1]:
+            fit = dict(method=method, backbone=backbone, train_pairs=train_pairs if trained else None,
+                       val_pairs=val_pairs if trained else None, seed=seed, **dict((settings or {}).get(method, {})))
+            if only_cached:
+                directory = cache_dir("baselines") / baseline_key(**fit)
+                if not _scores_path(directory, test_pairs).is_file() or not (directory / CONFIG_NAME).is_file():
+                    continue
+            rm = cached_fit_baseline(progress=progress, **fit)
+            scores = cached_score_pairs(rm, test_pairs, progress=progress)
+            rows.append({"dataset": dataset, "variant": METHOD_LABELS[method], "method": method, "seed": seed,
+                         "test_accuracy": scores.accuracy, "trainable_parameters": rm.num_trainable_parameters(),
+                         "fit_seconds": rm.cost.seconds, "peak_rss_mb": rm.cost.peak_rss_mb,
+                         "rss_increase_mb": rm.cost.rss_increase_mb, "pairs_per_second": scores.pairs_per_second,
+                         "n_train_pairs": rm.cost.n_train_pairs, "n_test_pairs": len(test_pairs),
+                         "from_cache": rm.from_cache})
+    return pd.DataFrame(rows, columns=list(TRIAL_COLUMNS))
+
+
+def comparison_table(trials, backbone_parameters: int):
+    """Figure 3 as a table: one row per (dataset, variant) of `trials`, in their order.
+
+    `trials`: rows of `baseline_trials` and of SparseRM/DenseRM fits with the same columns
+    (dataset, variant, seed, test_accuracy, trainable_parameters, fit_seconds, peak_rss_mb,
+    rss_increase_mb, pairs_per_second, n_train_pairs); optional columns
+    `full_test_accuracy` (accuracy on the whole test split) and `fit_seconds_with_extraction`
+    (training time counting the hidden states' extraction; where it is missing or NaN the
+    method read the texts itself, so its `fit_seconds` already counts everything).
+    Accuracies are "mean ± sd" in % over seeds; times, memory and speed are means.
+    """
+    import pandas as pd
+
+    from srlib.experiments import DATASET_LABELS
+
+    data = trials.copy()
+    if "fit_seconds_with_extraction" not in data:
+        data["fit_seconds_with_extraction"] = float("nan")
+    data["fit_seconds_with_extraction"] = data["fit_seconds_with_extraction"].fillna(data["fit_seconds"])
+
+    def label(values) -> str:
+        values = values.dropna() * 100
+        if values.empty:
+            return "–"
+        return f"{values.mean():.1f} ± {values.std():.1f}" if len(values) > 1 else f"{values.mean():.1f}"
+
+    rows = []
+    for (dataset, variant), group in data.groupby(["dataset", "variant"], sort=False):
+        params = int(group["trainable_parameters"].iloc[0])
+        row = {"data set": DATASET_LABELS.get(dataset, dataset), "method": variant,
+               "test accuracy (%)": label(group["test_accuracy"])}
+        if "full_test_accuracy" in group:
+            row["full test split (%)"] = label(group["full_test_accuracy"])
+        row.update({"seeds": int(group["seed"].nunique()), "train pairs": int(group["n_train_pairs"].iloc[0]),
+                    "trainable parameters": params, "% of backbone": 100 * params / backbone_parameters,
+                    "train time (s)": group["fit_seconds"].mean(),
+                    "train time with extraction (s)": group["fit_seconds_with_extraction"].mean(),
+                    "RSS increase (MB)": group["rss_increase_mb"].mean(), "peak RSS (MB)": group["peak_rss_mb"].mean(),
+                    "scoring pairs/s": group["pairs_per_second"].mean()})
+        rows.append(row)
+    return pd.DataFrame(rows)
