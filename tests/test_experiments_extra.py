@@ -164,3 +164,14 @@ def test_shuffled_separation_is_a_relabelling():
     assert null.abs().max() < true.abs().min()  # swapping half the pairs cancels the real gap
     assert (null.abs() <= (lat_w > 0).float().mean(0) + (lat_l > 0).float().mean(0)).all()
     assert torch.equal(null, ex.shuffled_separation(lat_w, lat_l, seed=1))
+
+
+def test_latent_cards_html_escapes_and_can_leave_texts_out():
+    pairs = [PreferencePair("Is 2 < 3 & $5 *cheap*?", "Yes <b>", "No", group_id="q0")] * 2
+    lat_w, lat_l = torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+    d = ex.select_directions(torch.eye(2), lat_w, lat_l, k=1)
+    cards = ex.latent_cards(d, lat_w, lat_l, pairs, n_latents=1, sae_source=get_profile("paper").sae_source)
+    html = ex.latent_cards_html(cards)
+    assert "2 &lt; 3 &amp; $5 *cheap*? → Yes &lt;b&gt;" in html and "<b>" in html
+    assert html.count('href="https://www.neuronpedia.org/gemma-2-2b/13-gemmascope-res-16k/') == 2
+    assert "<li>" not in ex.latent_cards_html(cards, quote_texts=False)
