@@ -73,7 +73,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
-from srlib.backbone import format_text
+from srlib.backbone import format_text, left_pad
 from srlib.data import prompt_messages
 from srlib.errors import ConfigError, DataError
 from srlib.evaluate import _sequence_logprobs, prompt_ids
@@ -598,13 +598,7 @@ def _next_token_logits(model, sequences: list[list[int]], token_ids: list[int], 
     was_training = model.training
     model.eval()
     for batch in tqdm(_length_batches(sequences, batch_size), desc=desc, disable=not progress, leave=False):
-        rows = [sequences[i] for i in batch]
-        width = max(len(s) for s in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, s in enumerate(rows):
-            input_ids[r, width - len(s):] = torch.tensor(s)
-            attention[r, width - len(s):] = 1
+        input_ids, attention = left_pad([sequences[i] for i in batch], pad_id)
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
                        logits_to_keep=1).logits[:, -1]
