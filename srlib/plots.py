@@ -157,7 +157,7 @@ def similarity_histograms(frame, *, title: str, aggregate: str = "mean", centere
     spaces = list(dict.fromkeys(data["space"]))
     groups = list(dict.fromkeys(data["group"]))
     palette = dict(zip(groups, sns.color_palette(n_colors=len(groups))))
-    fig, axes = plt.subplots(1, len(spaces), figsize=(WIDTH, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(spaces), figsize=(WIDTH, 4.1), squeeze=False)
     how = "mean over training samples" if aggregate == "mean" else "nearest training sample"
     for ax, space in zip(axes[0], spaces):
         part = data[data["space"] == space]
@@ -168,7 +168,12 @@ def similarity_histograms(frame, *, title: str, aggregate: str = "mean", centere
         ax.set(title=f"{space} space", xlabel=f"cosine similarity to training data\n({how}"
                f"{', centered' if centered else ''})", ylabel="density")
     fig.suptitle(title)
-    fig.tight_layout()
+    legend = axes[0][-1].get_legend()
+    if legend is not None:  # one legend for both panels, below them
+        handles, names = legend.legend_handles, [t.get_text() for t in legend.get_texts()]
+        legend.remove()
+        fig.legend(handles, names, loc="lower center", ncol=len(names), fontsize="small", frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return fig
 
 
@@ -317,4 +322,13 @@ def accuracy_vs_parameters(trials, *, title: str, backbone_parameters: int | Non
     rows = math.ceil(len(handles) / 3)
     fig.tight_layout(rect=(0, 0.04 + 0.055 * rows, 1, 1))
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize="small", frameon=True)
+    return fig
+
+
+def legend_below(fig, *, ncol: int = 4):
+    """Move the legend of a one-panel figure below the axes, in one row, so it covers no bars."""
+    ax = fig.axes[0]
+    if ax.get_legend() is not None:
+        sns.move_legend(ax, "upper center", bbox_to_anchor=(0.5, -0.1), ncol=ncol, fontsize="small", frameon=False)
+    fig.tight_layout()
     return fig

@@ -189,3 +189,33 @@ def test_shift_size_is_in_units_of_the_reference_spread():
     assert rescaled["standardised"] == pytest.approx(size["standardised"])
     with pytest.raises(ConfigError):
         shift.shift_size(reference[:1], shifted)
+
+
+def test_legend_below_moves_the_legend_under_the_axes():
+    import matplotlib
+    import pandas as pd
+
+    matplotlib.use("Agg")
+    from srlib import plots
+
+    trials = pd.DataFrame({"dataset": ["truthfulqa"] * 4, "variant": ["A", "A", "B", "B"],
+                           "test_accuracy": [0.8, 0.82, 0.7, 0.72]})
+    fig = plots.legend_below(plots.accuracy_bars(trials, title="t"))
+    legend = fig.axes[0].get_legend()
+    assert legend is not None and legend.get_bbox_to_anchor().y0 < fig.axes[0].get_window_extent().y0
+    matplotlib.pyplot.close("all")
+
+
+def test_neighbour_share_is_chance_for_one_distribution_and_high_for_a_separate_cluster():
+    g = torch.Generator().manual_seed(8)
+    reference = torch.randn(300, 16, generator=g)
+    mixed = shift.neighbour_share(reference, torch.randn(100, 16, generator=g), k=10)
+    assert mixed["chance"] == pytest.approx(99 / 399)
+    assert abs(mixed["share"] - mixed["chance"]) < 0.08
+    apart = torch.randn(100, 16, generator=g) + 4.0
+    assert shift.neighbour_share(reference, apart, k=10)["share"] > 0.95
+    # the point itself is never counted: two identical shifted rows see each other, not themselves
+    twins = shift.neighbour_share(reference, torch.full((2, 16), 9.0), k=1)
+    assert twins["share"] == 1.0
+    with pytest.raises(ConfigError):
+        shift.neighbour_share(reference, apart, k=0)
