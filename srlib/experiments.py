@@ -257,7 +257,8 @@ def latent_cards(directions: Directions, latents_w: Tensor, latents_l: Tensor, p
                  *, n_latents: int = 5, n_texts: int = 3, chars: int = 200, sae_source: str = ""):
     """For the strongest `n_latents` latents of each side: its scores, its max-activating
     training answers (among chosen and rejected, "question → answer" cut to `chars`), how many
-    pairs it separates and one of them, and its public dashboard when there is one.
+    pairs it separates and the one where it fires most strongly, and its public dashboard
+    when there is one.
 
     The max-activating texts are read from the same last-token latents the selection used, so
     a reader sees what the reward model sees.
@@ -273,8 +274,9 @@ def latent_cards(directions: Directions, latents_w: Tensor, latents_l: Tensor, p
             top = max_activating(both, latent, n_texts)
             separated = separated_pairs(latents_w, latents_l, latent, side)
             example = ""
-            if separated.numel():
-                pair = pairs[int(separated[0])]
+            if separated.numel():  # the separated pair where the latent fires most strongly
+                firing = (latents_w if side == "w" else latents_l)[separated, latent]
+                pair = pairs[int(separated[firing.argmax()])]
                 example = (f"{_cut(pair.prompt, chars // 2)} | chosen: {_cut(pair.chosen, chars // 3)}"
                            f" | rejected: {_cut(pair.rejected, chars // 3)}")
             rows.append({

@@ -76,7 +76,7 @@ def test_latent_cards_one_row_per_shown_latent():
     first = cards.iloc[0]
     assert first["pairs separated"] == 2 and first["μ_w"] == 0.75 and first["dashboard"] is None
     assert first["max-activating answers"][0].startswith("[chosen, 3.00] Question 3? → Right answer 3")
-    assert "rejected: Wrong answer 0" in first["example pair"]
+    assert "rejected: Wrong answer 1" in first["example pair"]  # pair 1 fires latent 0 harder than pair 0
 
 
 def test_jaccard():
@@ -112,7 +112,7 @@ def test_profile_at_layer_trained_and_gemma_scope():
     cpu = get_profile("cpu")
     moved = ex.profile_at_layer(cpu, 8, sae_tokens=1000, sae_corpus_tokens=5000)
     assert moved.layer == 8 and moved.sae_training.training_tokens == 1000
-    assert moved.extra["sae_corpus_tokens"] == 5000 and "sae_corpus_tokens" not in cpu.extra
+    assert moved.extra["sae_corpus_tokens"] == 5000 and cpu.extra.get("sae_corpus_tokens") != 5000
     assert moved.sae_training.d_sae == cpu.sae_training.d_sae
     assert ex.profile_at_layer(cpu, 8).sae_training == cpu.sae_training
     paper = ex.profile_at_layer(get_profile("paper"), 20)
