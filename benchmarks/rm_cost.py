@@ -1,0 +1,211 @@
+"""What each reward model costs on one profile: trainable parameters, fit time, scoring speed.
+
+    SRLIB_DATA_DIR=... python benchmarks/rm_cost.py --profile cpu [--baselines]
+
+Prints four tables for one data set (default TruthfulQA):
+
+1. trainable parameters of every reward head (SparseRM with K latents per side: projection,
+   latents, random; DenseRM) and of every baseline (counted on the wrapped model, nothing is
+   trained), and their share of the backbone;
+2. SparseRM / DenseRM fit time from cached hidden states (direction selection included), on
+   all training pairs and on the baselines' first `--baseline-train-pairs`, mean ± sd over
+   `--seeds`, with the growth of resident memory while fitting;
+3. scoring pairs per second with the early exit of `srlib.activations` (blocks 0..L) against a
+   forward pass through all blocks (`extraction.full_forward_states`), cache off, plus the head;
+4. the baselines as chapter 8 runs them (`srlib.baselines.baseline_settings`): test accuracy on
+   the first `--baseline-test-pairs` test pairs, training time, peak RSS, RSS growth and scoring
+   pairs/s, read from the baselines cache; `--baselines` trains and scores what is missing.
+
+Needs the profile's SAE (`srlib.sae.sae_for_profile` trains it if it is not cached). Timings
+depend on the threads (`--threads`) and on whatever else runs on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+
+from extraction import full_forward_states  # benchmarks/extraction.py: the full forward, timed the same way
+from srlib.activations import last_token_states
+from srlib.backbone import backbone_for_profile, format_pair
+from srlib.baselines import (METHOD_LABELS, METHODS, baseline_settings, baseline_trials, measure_cost,
+                             trainable_parameters)
+from srlib.errors import SrlibError
+from srlib.experiments import DATASET_LABELS, SplitStates, dataset_states, fit_variant, make_model, select_for
+from srlib.profiles import DEFAULT_PROFILE, get_profile
+from srlib.reward import RewardHead
+from srlib.sae import sae_for_profile
+
+
+def spread(values: list[float], fmt: str = ".2f") -> str:
+    """"mean ± sd" (just the mean for one value)."""
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    cells = [[str(c) for c in row] for row in [header, *rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    print(f"\n## {title}")
+    for n, row in enumerate(cells):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def parameter_rows(backbone, k: int, settings: dict, total: int) -> list[list]:
+    """Table 1: every model's trainable parameters and share of the backbone."""
+    heads = {f"SparseRM K={k} (projection, 2K inputs)": RewardHead(2 * k),
+             f"SparseRM K={k} (SAE latents, 2K inputs)": RewardHead(2 * k),
+             f"SparseRM K={k} (random directions, 2K inputs)": RewardHead(2 * k),
+             f"DenseRM (d = {backbone.hidden_size} inputs)": RewardHead(backbone.hidden_size)}
+    counts = {name: head.num_trainable_parameters() for name, head in heads.items()}
+    counts.update({METHOD_LABELS[m]: trainable_parameters(m, backbone, **settings[m]) for m in METHODS})
+    return [[name, f"{n:,}", f"{100 * n / total:.3f}"] for name, n in counts.items()]
+
+
+def first_pairs(split: SplitStates, n: int) -> SplitStates:
+    return SplitStates(split.pairs[:n], split.chosen[:n], split.rejected[:n])
+
+
+def fit_rows(states, sae, k: int, seeds: list[int], subset: int) -> tuple[list[list], dict[str, float]]:
+    """Table 2: fit times from cached states; returns the rows and the mean seconds per model."""
+    import dataclasses
+
+    data = {"all": states, "subset": dataclasses.replace(states, train=first_pairs(states.train, subset))}
+    rows, means = [], {}
+    for which, part in data.items():
+        for features in ("projection", "dense"):
+            seconds, growth, accuracy = [], [], []
+            for seed in seeds:
+                def fit():
+                    directions = select_for(part, sae, k) if features == "projection" else None
+                    return fit_variant(part, features=features, directions=directions, seed=seed)[1]
+
+                trial, cost = measure_cost(fit, n_train_pairs=len(part.train))
+                seconds.append(cost.seconds)
+                growth.append(cost.rss_increase_mb)
+                accuracy.append(100 * trial.test_accuracy)
+            name = f"{'SparseRM' if features == 'projection' else 'DenseRM'} ({which})"
+            means[name] = statistics.mean(seconds)
+            rows.append([name, len(part.train), spread(seconds), spread(growth, ".0f"), spread(accuracy, ".1f")])
+    return rows, means
+
+
+def scoring_rows(backbone, profile, states, sae, k: int, n_pairs: int) -> list[list]:
+    """Table 3: pairs/s of SparseRM scoring with early exit vs a full forward (cache off)."""
+    pairs = states.test.pairs[:n_pairs]
+    texts = [t for pair in pairs for t in format_pair(backbone.tokenizer, pair)]
+    model = make_model("projection", directions=select_for(states, sae, k), layer=profile.layer)
+    model.fit_states(states.train.chosen, states.train.rejected, states.val.chosen, states.val.rejected, seed=0)
+    layer, max_length, batch = profile.layer, profile.max_length, profile.batch_size
+    runs = {
+        f"early exit (blocks 0..{layer})": lambda: last_token_states(backbone, texts, layer, max_length=max_length,
+                                                                     batch_size=batch, cache=False, progress=False),
+        f"full forward (all {backbone.num_layers} blocks)": lambda: full_forward_states(backbone, texts, layer,
+                                                                                        max_length, batch, False),
+    }
+    last_token_states(backbone, texts[:batch], layer, cache=False, progress=False)  # warm-up
+    rows, results = [], {}
+    for name, run in runs.items():
+        start = time.perf_counter()
+        Z = run()
+        model.score_states(Z)
+        seconds = time.perf_counter() - start
+        results[name] = Z
+        rows.append([name, len(pairs), f"{seconds:.1f}", f"{len(pairs) / seconds:.2f}"])
+    first, second = results.values()
+    base = float(rows[0][2])
+    for row in rows:
+        row.append(f"{float(row[2]) / base:.2f}×")
+    rows.append(["max |difference| of the states", "", "", "", f"{(first - second).abs().max().item():.1e}"])
+    return rows
+
+
+def baseline_rows(backbone, dataset: str, args, settings: dict, total: int, sparse_seconds: float) -> list[list]:
+    """Table 4: the baselines from the cache (or trained now with --baselines)."""
+    from srlib.data import load_pairs
+
+    train = load_pairs(f"{dataset}:train")[: args.baseline_train_pairs]
+    test = load_pairs(f"{dataset}:test")[: args.baseline_test_pairs]
+    trials = baseline_trials(backbone, dataset, train, None, test, args.methods, args.seeds, settings=settings,
+                             only_cached=not args.baselines, progress=args.baselines)
+    rows = []
+    for method in args.methods:
+        part = trials[trials["method"] == method]
+        if part.empty:
+            rows.append([METHOD_LABELS[method], "0", "not cached", "", "", "", "", "", ""])
+            continue
+        seconds = part["fit_seconds"].tolist()
+        trained = part["n_train_pairs"].iloc[0] > 0
+        rows.append([METHOD_LABELS[method], len(part), spread((100 * part["test_accuracy"]).tolist(), ".1f"),
+                     f"{int(part['trainable_parameters'].iloc[0]):,}",
+                     f"{100 * part['trainable_parameters'].iloc[0] / total:.3f}",
+                     spread(seconds, ".0f") if trained else "–",
+                     f"{statistics.mean(seconds) / sparse_seconds:,.0f}×" if trained else "–",
+                     f"{part['peak_rss_mb'].mean():.0f} / +{part['rss_increase_mb'].mean():.0f}",
+                     f"{part['pairs_per_second'].mean():.2f}"])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=DEFAULT_PROFILE)
+    parser.add_argument("--dataset", default="truthfulqa", choices=tuple(DATASET_LABELS))
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the profile's")
+    parser.add_argument("--n-score", type=int, default=64, help="test pairs timed for the scoring speed")
+    parser.add_argument("--baselines", action="store_true", help="train and score the baselines that are not cached")
+    parser.add_argument("--methods", nargs="+", default=["standard", "generalizable", "judge", "logprob"],
+                        choices=METHODS)
+    parser.add_argument("--baseline-train-pairs", type=int, default=64)
+    parser.add_argument("--baseline-test-pairs", type=int, default=200)
+    parser.add_argument("--baseline-epochs", type=float, default=1.0)
+    parser.add_argument("--baseline-lr", type=float, default=2e-4)
+    parser.add_argument("--baseline-batch-size", type=int, default=1)
+    parser.add_argument("--sae-corpus-tokens", type=int, default=None,
+                        help="token budget of the SAE's corpus (default: the profile's), as in sae_quality.py")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        profile = get_profile(args.profile)
+        if args.sae_corpus_tokens is not None:
+            profile = profile.replace(extra={**profile.extra, "sae_corpus_tokens": args.sae_corpus_tokens})
+        args.seeds = args.seeds or list(profile.seeds)
+        backbone = backbone_for_profile(profile, progress=False)
+        total = sum(p.numel() for p in backbone.model.parameters())
+        settings = baseline_settings(profile.max_length, epochs=args.baseline_epochs, learning_rate=args.baseline_lr,
+                                     batch_size=args.baseline_batch_size)
+        print(f"{backbone.model_id}: {total:,} parameters, layer {profile.layer}, K = {profile.k}; "
+              f"{DATASET_LABELS[args.dataset]}; {torch.get_num_threads()} torch thread(s); seeds {args.seeds}")
+        print_table("Trainable parameters", ["model", "trainable", "% of backbone"],
+                    parameter_rows(backbone, profile.k, settings, total))
+        sae = sae_for_profile(profile, backbone, progress=False)
+        states = dataset_states(backbone, args.dataset, profile, progress=False)
+        rows, means = fit_rows(states, sae, profile.k, args.seeds, args.baseline_train_pairs)
+        print_table("Fit time from cached hidden states (selection + head; mean ± sd over seeds)",
+                    ["model (training pairs)", "pairs", "seconds", "RSS growth (MB)", "accuracy, whole test split (%)"], rows)
+        print_table(f"Scoring speed, cache off ({args.n_score} test pairs; SparseRM head included)",
+                    ["forward pass", "pairs", "seconds", "pairs/s", "time vs early exit"],
+                    scoring_rows(backbone, profile, states, sae, profile.k, args.n_score))
+        print_table(f"Baselines ({args.baseline_train_pairs} training pairs, {args.baseline_test_pairs} test pairs; "
+                    "cost measured when each was trained and scored)",
+                    ["baseline", "seeds", "accuracy, these test pairs (%)", "trainable", "% of backbone", "train seconds",
+                     "vs SparseRM (subset)", "peak RSS / growth (MB)", "scoring pairs/s"],
+                    baseline_rows(backbone, args.dataset, args, settings, total, means["SparseRM (subset)"]))
+        if not args.baselines:
+            print("(baselines read from the cache only; --baselines trains and scores those not cached)")
+    except SrlibError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
