@@ -195,24 +195,26 @@ def top_latents(latents: Tensor, n: int = 5) -> list[list[tuple[int, float]]]:
 
 def pair_latent_table(pairs: Sequence[PreferencePair], latents_w: Tensor, latents_l: Tensor, *,
                       n: int = 5, chars: int = 80):
-    """One row per answer of each pair: the answer and its `n` strongest latents ("j (activation)"),
-    and which of them the other answer of the pair does not switch on."""
+    """One row per answer of each pair: the answer, its `n` strongest latents ("j (activation)"),
+    the `n` strongest of those it fires that the other answer of the pair does not, and how
+    many latents fire on it."""
     import pandas as pd
 
     rows = []
     for i, pair in enumerate(pairs):
-        fired = {"chosen": set(torch.nonzero(latents_w[i] > 0).flatten().tolist()),
-                 "rejected": set(torch.nonzero(latents_l[i] > 0).flatten().tolist())}
-        for side, latents, other in (("chosen", latents_w, "rejected"), ("rejected", latents_l, "chosen")):
-            top = top_latents(latents[i : i + 1], n)[0]
-            answer = pair.chosen if side == "chosen" else pair.rejected
-            rows.append({"pair": i + 1, "answer": side, "text": _cut(answer, chars),
-                         "strongest latents (activation)": ", ".join(f"{j} ({v:.2f})" for j, v in top),
-                         "not active on the other answer": ", ".join(str(j) for j, _ in top if j not in fired[other])
-                         or "–",
-                         "active latents": len(fired[side])})
+        for side, own, other in (("chosen", latents_w[i], latents_l[i]), ("rejected", latents_l[i], latents_w[i])):
+            exclusive = torch.where(other > 0, torch.zeros(()), own)
+            rows.append({"pair": i + 1, "answer": side,
+                         "text": _cut(pair.chosen if side == "chosen" else pair.rejected, chars),
+                         "strongest latents (activation)": _latent_list(own, n),
+                         "strongest of those the other answer lacks": _latent_list(exclusive, n) or "–",
+                         "active latents": int((own > 0).sum())})
     return pd.DataFrame(rows)
 
+
+def _latent_list(latents: Tensor, n: int) -> str:
+    """The `n` strongest active entries of one latent vector as "j (activation), ..."."""
+    return ", ".join(f"{j} ({v:.2f})" for j, v in top_latents(latents[None], n)[0])
 
 def _cut(text: str, chars: int) -> str:
     text = " ".join(text.split())

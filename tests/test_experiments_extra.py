@@ -38,8 +38,8 @@ def test_pair_latent_table_names_latents_the_other_answer_lacks():
     table = ex.pair_latent_table(PAIRS[:2], LAT_W[:2], LAT_L[:2], n=2, chars=12)
     assert list(table["answer"]) == ["chosen", "rejected", "chosen", "rejected"]
     assert table.loc[0, "strongest latents (activation)"] == "0 (1.00), 2 (0.50)"
-    assert table.loc[0, "not active on the other answer"] == "0"
-    assert table.loc[1, "not active on the other answer"] == "1"
+    assert table.loc[0, "strongest of those the other answer lacks"] == "0 (1.00)"
+    assert table.loc[1, "strongest of those the other answer lacks"] == "1 (1.00)"
     assert table.loc[0, "text"] == "Right answe…" and table.loc[0, "active latents"] == 2
 
 
