@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         profile = get_profile(args.profile)
         if args.sae_corpus_tokens is not None:
-            profile = profile.replace(extra={**profile.extra, "sae_corpus_tokens": args.sae_corpus_tokens})
+            profile = profile.replace(sae_corpus_tokens=args.sae_corpus_tokens)
         args.seeds = args.seeds or list(profile.seeds)
         backbone = backbone_for_profile(profile, progress=False)
         total = sum(p.numel() for p in backbone.model.parameters())

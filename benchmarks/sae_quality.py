@@ -1,6 +1,7 @@
 """How good is a profile's SAE? Train it (or load it from the cache) and report its quality.
 
-    python benchmarks/sae_quality.py --profile cpu [--corpus-tokens N] [--test-pairs 300]
+    python benchmarks/sae_quality.py --profile cpu [--corpus-tokens N] [--sae FIELD=VALUE ...]
+                                     [--test-pairs 300] [--out result.json]
 
 Prints, as JSON: the held-out report `train_sae` saved (FVE, L0 and dead latents over all
 tokens of the held-out corpus texts and at their last tokens), the same report at the last
@@ -12,6 +13,7 @@ Needs `SRLIB_DATA_DIR` (or the dataset hub).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -30,6 +32,9 @@ def main() -> None:
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--corpus-tokens", type=int, default=None,
                         help="token budget of the SAE corpus (default: the profile's)")
+    parser.add_argument("--sae", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a field of the profile's SAETrainingConfig, e.g. "
+                             "--sae last_token_share=0.4 (repeatable)")
     parser.add_argument("--test-pairs", type=int, default=300,
                         help="test pairs per data set for the last-token report (0: skip)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
@@ -37,7 +42,14 @@ def main() -> None:
 
     profile = get_profile(args.profile)
     if args.corpus_tokens is not None:
-        profile = profile.replace(extra={**profile.extra, "sae_corpus_tokens": args.corpus_tokens})
+        profile = profile.replace(sae_corpus_tokens=args.corpus_tokens)
+    if args.sae:
+        changes = {}
+        for item in args.sae:
+            field, _, value = item.partition("=")
+            kind = type(getattr(profile.sae_training, field))
+            changes[field] = kind(float(value)) if kind is int else kind(value)
+        profile = profile.replace(sae_training=dataclasses.replace(profile.sae_training, **changes))
     backbone = backbone_for_profile(profile)
     start = time.perf_counter()
     sae = sae_for_profile(profile, backbone)

@@ -555,7 +555,7 @@ def evaluate_policy(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBas
     return pairwise_logprob_accuracy(model, tokenizer, items, **kwargs)
 
 
-def _training_prompts(config: AlignmentConfig) -> tuple[list[str], list[PreferencePair]]:
+def training_prompts(config: AlignmentConfig) -> tuple[list[str], list[PreferencePair]]:
     """(prompts, few-shot examples) of the track, both from training data and disjoint."""
     train = load_pairs(f"{config.data_name}:train", seed=config.split_seed)
     shots = select_shots(train, config.n_shots, seed=config.seed, max_chars=config.shot_max_chars,
@@ -738,7 +738,7 @@ def run_alignment(
     base = load_backbone(config.model_id, progress=progress)
     base_model, tokenizer = base.model, base.tokenizer
     data = _eval_data(config)
-    prompts, shots = _training_prompts(config)
+    prompts, shots = training_prompts(config)
 
     base_path = out / "base_eval.json"
     if base_path.exists():

@@ -55,6 +55,7 @@ import json
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Mapping, Sequence
@@ -376,7 +377,7 @@ def chosen_response_logprob(hidden: Tensor, input_ids: Tensor, attention_mask: T
     lengths = attention_mask[:n].sum(-1)
     first = (starts.to(input_ids.device) - 1).clamp(min=0)
     mask = (positions[None] >= first[:, None]) & (positions[None] <= lengths[:, None] - 2)
-    logits = F.linear(hidden[:n, :-1][mask], lm_head_weight.to(hidden.dtype))
+    logits = F.linear(hidden[:n, :-1][mask], lm_head_weight.to(hidden.device, hidden.dtype))
     if logit_softcap:
         logits = logit_softcap * torch.tanh(logits / logit_softcap)
     token_logp = logits.log_softmax(-1).gather(-1, input_ids[:n, 1:][mask].unsqueeze(-1)).squeeze(-1)
@@ -418,14 +419,19 @@ class StandardRM(RewardModel):
             classifier = _sequence_classifier(backbone, pad_id)
             with tempfile.TemporaryDirectory(prefix="srlib-rm-") as out:
                 args = RewardConfig(**settings.trainer_kwargs(out, seed, val_pairs is not None, progress))
-                trainer = _PairRewardTrainer(
-                    model=classifier, args=args, processing_class=_tokenizer_with_pad(backbone.tokenizer, pad_id),
-                    train_dataset=Dataset.from_dict(train_rows),
-                    eval_dataset=Dataset.from_dict(val_rows) if val_rows else None,
-                    data_collator=_ResponseStartCollator(pad_token_id=pad_id),
-                    peft_config=settings.lora_config(TaskType.SEQ_CLS, modules_to_save=["score"]),
-                    **cls._trainer_extras(backbone, settings),
-                )
+                with warnings.catch_warnings():
+                    # peft's get_peft_model (called by RewardTrainer) still asks transformers
+                    # for `is_gradient_checkpointing`, deprecated in transformers 5.
+                    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                            category=FutureWarning)
+                    trainer = _PairRewardTrainer(
+                        model=classifier, args=args, processing_class=_tokenizer_with_pad(backbone.tokenizer, pad_id),
+                        train_dataset=Dataset.from_dict(train_rows),
+                        eval_dataset=Dataset.from_dict(val_rows) if val_rows else None,
+                        data_collator=_ResponseStartCollator(pad_token_id=pad_id),
+                        peft_config=settings.lora_config(TaskType.SEQ_CLS, modules_to_save=["score"]),
+                        **cls._trainer_extras(backbone, settings),
+                    )
                 trainable = _train(trainer, progress)
                 model = trainer.model
         return cls(backbone, model, pad_id, settings, seed=seed, trainable_parameters=trainable,
@@ -595,13 +601,14 @@ def _next_token_logits(model, sequences: list[list[int]], token_ids: list[int], 
     would alone, and only the last position's logits are computed.
     """
     out = torch.empty(len(sequences), len(token_ids), dtype=torch.float32)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     for batch in tqdm(_length_batches(sequences, batch_size), desc=desc, disable=not progress, leave=False):
         input_ids, attention = left_pad([sequences[i] for i in batch], pad_id)
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
-                       logits_to_keep=1).logits[:, -1]
+        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                       position_ids=position_ids.to(device), logits_to_keep=1).logits[:, -1]
         out[batch] = logits[:, token_ids].float().cpu()
     model.train(was_training)
     return out

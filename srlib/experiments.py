@@ -373,7 +373,7 @@ def profile_at_layer(profile: Profile, layer: int, *, sae_tokens: int | None = N
 
     A trained SAE (`sae_source="train"`) is trained at the new layer; `sae_tokens` replaces
     its training-token budget and `sae_corpus_tokens` caps its corpus
-    (`profile.extra["sae_corpus_tokens"]`, read by `srlib.sae.sae_for_profile`); both only
+    (`profile.sae_corpus_tokens`, read by `srlib.sae.sae_for_profile`); both only
     make a sweep cheaper. A Gemma Scope source ".../layer_<L>/..." is pointed at the new
     layer. Any other pretrained source cannot follow the layer: ConfigError.
     """
@@ -387,7 +387,7 @@ def profile_at_layer(profile: Profile, layer: int, *, sae_tokens: int | None = N
         if sae_tokens is not None:
             changes["sae_training"] = dataclasses.replace(profile.sae_training, training_tokens=sae_tokens)
         if sae_corpus_tokens is not None:
-            changes["extra"] = {**profile.extra, "sae_corpus_tokens": sae_corpus_tokens}
+            changes["sae_corpus_tokens"] = sae_corpus_tokens
     elif layer != profile.layer:
         source, count = re.subn(r"/layer_\d+/", f"/layer_{layer}/", profile.sae_source)
         if count != 1:

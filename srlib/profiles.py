@@ -8,7 +8,7 @@ here, so the book, the command line and the tests agree on what "the cpu profile
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 #: The model id that the smoke profile resolves to a tiny random model built in-process.
 TINY_MODEL_ID = "srlib/tiny-random-llama"
@@ -55,7 +55,9 @@ class Profile:
     seeds: tuple[int, ...] = (0, 1, 2)
     datasets: tuple[str, ...] = ("truthfulqa", "pku-saferlhf", "hh-harmless")
     description: str = ""
-    extra: dict = field(default_factory=dict)
+    # Token budget of the SAE corpus drawn from the train splits (None: all their texts);
+    # only read when `sae_source` is "train".
+    sae_corpus_tokens: int | None = None
 
     def replace(self, **changes) -> "Profile":
         """A copy with some fields changed (e.g. another layer for a sweep)."""
@@ -87,7 +89,7 @@ PROFILES: dict[str, Profile] = {
         k=128,
         # The SAE corpus: at most 400k tokens of the train splits, shared equally across the
         # data sets (~4,200 texts; extraction is the slow part on a CPU).
-        extra={"sae_corpus_tokens": 400_000},
+        sae_corpus_tokens=400_000,
         max_length=512,
         batch_size=16,
         max_pairs=None,

@@ -302,11 +302,11 @@ def policy_pairs(backbone, config, n_prompts: int, *, cache: bool = True, progre
     The prompts and few-shot examples are those chapter 7's first alignment round uses
     (`srlib.alignment`), so the generated pairs are the data a reward model filters there.
     """
-    from srlib.alignment import _training_prompts
+    from srlib.alignment import training_prompts
 
     if n_prompts < 1:
         raise ConfigError(f"n_prompts must be at least 1, got {n_prompts}")
     config = config.replace(n_prompts=n_prompts)
-    prompts, shots = _training_prompts(config)
+    prompts, shots = training_prompts(config)
     return generated_pairs(backbone.model, backbone.tokenizer, prompts, shots, config,
                            model_identity=backbone.identity, cache=cache, progress=progress)

@@ -112,7 +112,7 @@ def _comparable(result: al.AlignmentResult) -> dict:
 
 def test_safety_prompts_come_from_training_data_without_the_shots():
     cfg = al.AlignmentConfig.for_profile("smoke", n_shots=2, n_prompts=20)
-    prompts, shots = al._training_prompts(cfg)
+    prompts, shots = al.training_prompts(cfg)
     assert len(prompts) == 20 and len(set(prompts)) == 20 and len(shots) == 2
     assert not {s.prompt for s in shots} & set(prompts)
     assert {s.source for s in shots} == {"hh-harmless"}

@@ -112,7 +112,7 @@ def test_profile_at_layer_trained_and_gemma_scope():
     cpu = get_profile("cpu")
     moved = ex.profile_at_layer(cpu, 8, sae_tokens=1000, sae_corpus_tokens=5000)
     assert moved.layer == 8 and moved.sae_training.training_tokens == 1000
-    assert moved.extra["sae_corpus_tokens"] == 5000 and cpu.extra.get("sae_corpus_tokens") != 5000
+    assert moved.sae_corpus_tokens == 5000 and cpu.sae_corpus_tokens != 5000
     assert moved.sae_training.d_sae == cpu.sae_training.d_sae
     assert ex.profile_at_layer(cpu, 8).sae_training == cpu.sae_training
     paper = ex.profile_at_layer(get_profile("paper"), 20)

@@ -199,9 +199,13 @@ def count_trainings(monkeypatch):
     calls = []
 
     class Counting(sae_mod.SAETrainer):
-        def __init__(self, *args, **kwargs):
+        def __init__(self, cfg, *args, **kwargs):
             calls.append(1)
-            super().__init__(*args, **kwargs)
+            windows.append(cfg.dead_feature_window)
+            super().__init__(cfg, *args, **kwargs)
+
+    windows: list[int] = []
+    Counting.windows = windows
 
     monkeypatch.setattr(sae_mod, "SAETrainer", Counting)
     return calls
@@ -225,6 +229,7 @@ def test_train_sae_saves_a_loadable_sae_lens_sae(tiny_backbone, texts, isolated_
     assert info["heldout"]["last_tokens"]["n"] == 2
     assert info["training"]["samples_seen"] == 64 * 15
     assert sae.cfg.metadata.hook_name == "blocks.2.hook_resid_post"
+    assert sae_mod.SAETrainer.windows == [15 // sae_mod.DEAD_WINDOW_DIVISOR]  # a tenth of 15 steps
 
 
 def test_second_call_loads_and_another_config_trains_anew(tiny_backbone, texts, isolated_cache,
