@@ -177,7 +177,7 @@ class LoraSettings:
                           target_modules=list(self.target_modules), modules_to_save=modules_to_save)
 
     def trainer_kwargs(self, output_dir: str, seed: int, has_val: bool, progress: bool) -> dict[str, Any]:
-        """Arguments shared by RewardConfig and SFTConfig (CPU-safe: no bf16, no checkpointing)."""
+        """Arguments shared by RewardConfig and SFTConfig: float32, no checkpointing; the GPU if any."""
         per_epoch = "epoch" if has_val else "no"
         return dict(
             output_dir=output_dir, num_train_epochs=self.epochs, max_steps=self.max_steps,
@@ -187,7 +187,7 @@ class LoraSettings:
             gradient_accumulation_steps=self.gradient_accumulation_steps,
             eval_strategy=per_epoch, save_strategy=per_epoch, save_only_model=True, save_total_limit=1,
             load_best_model_at_end=has_val, prediction_loss_only=True,
-            seed=seed, data_seed=seed, use_cpu=True, bf16=False, fp16=False, activation_checkpointing=False,
+            seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False, activation_checkpointing=False,
             report_to="none", logging_steps=10, disable_tqdm=not progress, dataloader_num_workers=0,
             train_sampling_strategy="group_by_length",  # shuffled batches of similar length: less padding
             max_length=None,  # texts are cut from the left beforehand; TRL would drop long ones
@@ -458,10 +458,12 @@ class StandardRM(RewardModel):
         if bad:
             raise ConfigError(f"text {bad[0]} is empty or ends with the pad token, which the classifier skips")
         out = torch.empty(len(sequences), dtype=torch.float32)
+        device = next(self.model.parameters()).device
         batches = _length_batches(sequences, self.settings.scoring_batch_size)
         for batch in tqdm(batches, desc=f"{type(self).__name__} scores", disable=not progress, leave=False):
             input_ids, attention = _right_pad([sequences[i] for i in batch], self.pad_id)
-            out[batch] = self.model(input_ids=input_ids, attention_mask=attention).logits[:, 0].float().cpu()
+            logits = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+            out[batch] = logits[:, 0].float().cpu()
         return out
 
     def score(self, texts: list[str], *, progress: bool = False) -> Tensor:

@@ -506,7 +506,7 @@ def _fit(tokens: Tensor, last: Tensor, config: SAETrainingConfig, progress: bool
         # the cpu profile): it left 74% of the latents dead on held-out tokens (FVE 0.81);
         # with a tenth, 13% (FVE 0.83). `python benchmarks/sae_quality.py --profile cpu`.
         dead_feature_window=max(1, _steps(config) // DEAD_WINDOW_DIVISOR),
-        device="cpu",
+        device="cuda" if torch.cuda.is_available() else "cpu",  # the trainer moves each batch there
         logger=LoggingConfig(log_to_wandb=False),
     )
     with torch.random.fork_rng(devices=[]):
