@@ -516,7 +516,7 @@ def _sequence_classifier(backbone, pad_id: int):
     config.get_text_config().pad_token_id = pad_id
     classifier = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
     classifier.base_model.load_state_dict(backbone.model.base_model.state_dict())
-    return classifier
+    return classifier.to(backbone.device)
 
 
 class GeneralizableRM(StandardRM):

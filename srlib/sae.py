@@ -495,6 +495,7 @@ def _mixed_batches(tokens: Tensor, last: Tensor, batch_size: int, last_share: fl
 
 def _fit(tokens: Tensor, last: Tensor, config: SAETrainingConfig, progress: bool) -> TopKTrainingSAE:
     """Train sae-lens's TopK SAE with its `SAETrainer` (Adam, cosine lr to `lr_end`, aux loss)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     trainer_cfg = SAETrainerConfig(
         total_training_samples=_steps(config) * config.batch_size,
         train_batch_size_samples=config.batch_size,
@@ -506,13 +507,14 @@ def _fit(tokens: Tensor, last: Tensor, config: SAETrainingConfig, progress: bool
         # the cpu profile): it left 74% of the latents dead on held-out tokens (FVE 0.81);
         # with a tenth, 13% (FVE 0.83). `python benchmarks/sae_quality.py --profile cpu`.
         dead_feature_window=max(1, _steps(config) // DEAD_WINDOW_DIVISOR),
-        device="cuda" if torch.cuda.is_available() else "cpu",  # the trainer moves each batch there
+        device=device,
         logger=LoggingConfig(log_to_wandb=False),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=tokens.shape[1], d_sae=config.d_sae,
                                                     k=config.k))
+    sae.to(device)  # initialised on the CPU, so a seed gives the same start on any device
     generator = torch.Generator().manual_seed(config.seed)
     batches = _mixed_batches(tokens, last, config.batch_size, config.last_token_share, generator)
     trainer = SAETrainer(trainer_cfg, sae, batches)
