@@ -119,7 +119,9 @@ class AlignmentConfig:
     # DPO (TRL DPOTrainer) and the LoRA adapter (peft).
     beta: float = 0.1
     epochs: int = 3
-    learning_rate: float = 1e-4
+    # A LoRA adapter on a 135M model barely moves at 1e-4: one cpu round on 24 tuples took the
+    # DPO loss from 0.692 to 0.668; at 2e-3, to 0.20 (margin 1.7 on the training tuples).
+    learning_rate: float = 2e-3
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     lora_r: int = 8
