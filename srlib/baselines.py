@@ -48,6 +48,7 @@ set beside it, with the scoring time, so a rebuilt book neither trains nor score
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -58,7 +59,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import psutil
 import torch
@@ -276,6 +277,16 @@ def _length_batches(sequences: Sequence[list[int]], batch_size: int) -> list[lis
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+@contextlib.contextmanager
+def _peft_wrapping() -> Iterator[None]:
+    """Around code that wraps a model with a LoRA adapter (peft's `get_peft_model` directly
+    or inside a TRL trainer, `PeftModel.from_pretrained`): peft still asks transformers for `is_gradient_checkpointing`,
+    deprecated in transformers 5, and that notice means nothing to a user."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _train(trainer, progress: bool) -> int:
     """Run a TRL trainer (quietly unless `progress`); return its trainable parameter count."""
     if not progress:
@@ -419,11 +430,7 @@ class StandardRM(RewardModel):
             classifier = _sequence_classifier(backbone, pad_id)
             with tempfile.TemporaryDirectory(prefix="srlib-rm-") as out:
                 args = RewardConfig(**settings.trainer_kwargs(out, seed, val_pairs is not None, progress))
-                with warnings.catch_warnings():
-                    # peft's get_peft_model (called by RewardTrainer) still asks transformers
-                    # for `is_gradient_checkpointing`, deprecated in transformers 5.
-                    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
-                                            category=FutureWarning)
+                with _peft_wrapping():
                     trainer = _PairRewardTrainer(
                         model=classifier, args=args, processing_class=_tokenizer_with_pad(backbone.tokenizer, pad_id),
                         train_dataset=Dataset.from_dict(train_rows),
@@ -500,7 +507,8 @@ class StandardRM(RewardModel):
     def _load(cls, directory: Path, config: dict, backbone=None) -> "StandardRM":
         backbone = _resolve_backbone(config, backbone)
         classifier = _sequence_classifier(backbone, config["pad_id"])
-        model = PeftModel.from_pretrained(classifier, directory / ADAPTER_DIR)
+        with _peft_wrapping():
+            model = PeftModel.from_pretrained(classifier, directory / ADAPTER_DIR)
         return cls(backbone, model, config["pad_id"], _settings(cls.settings_class, config["settings"]),
                    seed=config["seed"], trainable_parameters=config["trainable_parameters"],
                    cost=_saved_cost(config))
@@ -658,12 +666,13 @@ class GenerativeJudge(RewardModel):
             set_seed(seed)
             with tempfile.TemporaryDirectory(prefix="srlib-judge-") as out:
                 args = SFTConfig(**settings.trainer_kwargs(out, seed, val_pairs is not None, progress))
-                trainer = SFTTrainer(
-                    model=copy.deepcopy(backbone.model), args=args, processing_class=tokenizer,
-                    train_dataset=Dataset.from_dict(rows),
-                    eval_dataset=Dataset.from_dict(val_rows) if val_rows else None,
-                    peft_config=settings.lora_config(TaskType.CAUSAL_LM),
-                )
+                with _peft_wrapping():
+                    trainer = SFTTrainer(
+                        model=copy.deepcopy(backbone.model), args=args, processing_class=tokenizer,
+                        train_dataset=Dataset.from_dict(rows),
+                        eval_dataset=Dataset.from_dict(val_rows) if val_rows else None,
+                        peft_config=settings.lora_config(TaskType.CAUSAL_LM),
+                    )
                 trainable = _train(trainer, progress)
                 model = trainer.model
         return cls(backbone, model, settings, lora=True, seed=seed, trainable_parameters=trainable,
@@ -707,7 +716,8 @@ class GenerativeJudge(RewardModel):
         backbone = _resolve_backbone(config, backbone)
         model = backbone.model
         if config["lora"]:
-            model = PeftModel.from_pretrained(copy.deepcopy(backbone.model), directory / ADAPTER_DIR)
+            with _peft_wrapping():
+                model = PeftModel.from_pretrained(copy.deepcopy(backbone.model), directory / ADAPTER_DIR)
         return cls(backbone, model, _settings(JudgeSettings, config["settings"]), lora=config["lora"],
                    seed=config["seed"], trainable_parameters=config["trainable_parameters"],
                    cost=_saved_cost(config))
@@ -827,12 +837,13 @@ def trainable_parameters(method: str, backbone, **settings) -> int:
         return 0
     from peft import get_peft_model
 
-    if method == "judge-lora":
-        model = get_peft_model(copy.deepcopy(backbone.model), resolved.lora_config(TaskType.CAUSAL_LM))
-    else:
-        pad_id = backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else 0
-        model = get_peft_model(_sequence_classifier(backbone, pad_id),
-                               resolved.lora_config(TaskType.SEQ_CLS, modules_to_save=["score"]))
+    with _peft_wrapping():
+        if method == "judge-lora":
+            model = get_peft_model(copy.deepcopy(backbone.model), resolved.lora_config(TaskType.CAUSAL_LM))
+        else:
+            pad_id = backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else 0
+            model = get_peft_model(_sequence_classifier(backbone, pad_id),
+                                   resolved.lora_config(TaskType.SEQ_CLS, modules_to_save=["score"]))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
