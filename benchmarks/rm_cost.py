@@ -23,6 +23,7 @@ depend on the threads (`--threads`) and on whatever else runs on the machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -35,7 +36,7 @@ from srlib.backbone import backbone_for_profile, format_pair
 from srlib.baselines import (METHOD_LABELS, METHODS, baseline_settings, baseline_trials, measure_cost,
                              trainable_parameters)
 from srlib.errors import SrlibError
-from srlib.experiments import DATASET_LABELS, SplitStates, dataset_states, fit_variant, make_model, select_for
+from srlib.experiments import DATASET_LABELS, dataset_states, fit_variant, make_model, select_for
 from srlib.profiles import DEFAULT_PROFILE, get_profile
 from srlib.reward import RewardHead
 from srlib.sae import sae_for_profile
@@ -69,15 +70,9 @@ def parameter_rows(backbone, k: int, settings: dict, total: int) -> list[list]:
     return [[name, f"{n:,}", f"{100 * n / total:.3f}"] for name, n in counts.items()]
 
 
-def first_pairs(split: SplitStates, n: int) -> SplitStates:
-    return SplitStates(split.pairs[:n], split.chosen[:n], split.rejected[:n])
-
-
 def fit_rows(states, sae, k: int, seeds: list[int], subset: int) -> tuple[list[list], dict[str, float]]:
     """Table 2: fit times from cached states; returns the rows and the mean seconds per model."""
-    import dataclasses
-
-    data = {"all": states, "subset": dataclasses.replace(states, train=first_pairs(states.train, subset))}
+    data = {"all": states, "subset": dataclasses.replace(states, train=states.train.first(subset))}
     rows, means = [], {}
     for which, part in data.items():
         for features in ("projection", "dense"):

@@ -45,6 +45,10 @@ class SplitStates:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def first(self, n: int) -> "SplitStates":
+        """The first `n` pairs with their states (splits are already seeded and grouped)."""
+        return SplitStates(self.pairs[:n], self.chosen[:n], self.rejected[:n])
+
 
 @dataclass
 class DatasetStates:
@@ -215,6 +219,7 @@ def pair_latent_table(pairs: Sequence[PreferencePair], latents_w: Tensor, latent
 def _latent_list(latents: Tensor, n: int) -> str:
     """The `n` strongest active entries of one latent vector as "j (activation), ..."."""
     return ", ".join(f"{j} ({v:.2f})" for j, v in top_latents(latents[None], n)[0])
+
 
 def _cut(text: str, chars: int) -> str:
     text = " ".join(text.split())

@@ -175,3 +175,12 @@ def test_latent_cards_html_escapes_and_can_leave_texts_out():
     assert "2 &lt; 3 &amp; $5 *cheap*? → Yes &lt;b&gt;" in html and "<b>" in html
     assert html.count('href="https://www.neuronpedia.org/gemma-2-2b/13-gemmascope-res-16k/') == 2
     assert "<li>" not in ex.latent_cards_html(cards, quote_texts=False)
+
+
+def test_split_first_keeps_pairs_and_their_states_together():
+    pairs = [PreferencePair(f"q{i}", f"c{i}", f"r{i}", pair_id=f"p{i}", group_id=f"g{i}") for i in range(5)]
+    split = ex.SplitStates(pairs, torch.arange(10.0).reshape(5, 2), -torch.arange(10.0).reshape(5, 2))
+    head = split.first(3)
+    assert [p.pair_id for p in head.pairs] == ["p0", "p1", "p2"]
+    assert torch.equal(head.chosen, split.chosen[:3]) and torch.equal(head.rejected, split.rejected[:3])
+    assert len(split.first(99)) == 5
