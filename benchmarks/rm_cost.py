@@ -106,18 +106,16 @@ def scoring_rows(backbone, profile, states, sae, k: int, n_pairs: int) -> list[l
                                                                                         max_length, batch, False),
     }
     last_token_states(backbone, texts[:batch], layer, cache=False, progress=False)  # warm-up
-    rows, results = [], {}
+    seconds, states_by_run = {}, {}
     for name, run in runs.items():
         start = time.perf_counter()
-        Z = run()
-        model.score_states(Z)
-        seconds = time.perf_counter() - start
-        results[name] = Z
-        rows.append([name, len(pairs), f"{seconds:.1f}", f"{len(pairs) / seconds:.2f}"])
-    first, second = results.values()
-    base = float(rows[0][2])
-    for row in rows:
-        row.append(f"{float(row[2]) / base:.2f}×")
+        states_by_run[name] = run()
+        model.score_states(states_by_run[name])
+        seconds[name] = time.perf_counter() - start
+    early_exit = next(iter(seconds.values()))
+    rows = [[name, len(pairs), f"{s:.2f}", f"{len(pairs) / s:.2f}", f"{s / early_exit:.2f}×"]
+            for name, s in seconds.items()]
+    first, second = states_by_run.values()
     rows.append(["max |difference| of the states", "", "", "", f"{(first - second).abs().max().item():.1e}"])
     return rows
 

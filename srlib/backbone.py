@@ -42,7 +42,6 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
-
 from transformers.utils import logging as hf_logging
 
 from srlib.data import PreferencePair, prompt_messages
