@@ -10,15 +10,22 @@ the DPO objective therefore score the same tokens.
 Every metric comes with its standard error, so a reader can tell a change from seed noise:
 for a proportion p over n items the binomial SE sqrt(p(1 - p) / n), for a mean of per-item
 scores their sample standard deviation over sqrt(n).
+
+`compare_paired` is the book's one test of "method A vs method B": per-pair outcomes on the same
+test pairs (ties count 1/2), seed-averaged per pair, a paired bootstrap interval of the
+difference and a one-line verdict computed from it. No chapter writes its own.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+from scipy import stats
 from tqdm.auto import tqdm
 from trl.data_utils import common_prefix_length
 
@@ -281,3 +288,127 @@ def filter_stats(keep: Mapping[str, Sequence[bool] | torch.Tensor]) -> dict:
         "agreement": {a: {b: float((ma == mb).float().mean()) if n else float("nan")
                           for b, mb in masks.items()} for a, ma in masks.items()},
     }
+
+
+# ----------------------------------------------------------------------------- paired verdicts
+
+
+def pair_outcomes(s_w: "torch.Tensor | np.ndarray | Sequence[float]",
+                  s_l: "torch.Tensor | np.ndarray | Sequence[float]") -> np.ndarray:
+    """Per-pair outcome of a reward model: 1 if s_w > s_l, 0 if s_w < s_l, 0.5 on a tie.
+
+    Counting a tie as half a pair is what a coin flip between the two answers would score, so
+    an input that often gives both answers the same score (an SAE latent that fires on
+    neither) is neither rewarded nor punished for it. Works on [n] or [n_seeds, n] scores.
+    """
+    w, l = _as_array(s_w), _as_array(s_l)
+    if w.shape != l.shape or w.size == 0:
+        raise ConfigError(f"pair_outcomes needs two non-empty score arrays of one shape, got "
+                          f"{w.shape} and {l.shape}")
+    return np.where(w > l, 1.0, np.where(w < l, 0.0, 0.5))
+
+
+def tie_share(s_w: "torch.Tensor | np.ndarray | Sequence[float]",
+              s_l: "torch.Tensor | np.ndarray | Sequence[float]") -> float:
+    """Fraction of pairs (over all seeds, if given [n_seeds, n]) where s_w == s_l exactly."""
+    return float((pair_outcomes(s_w, s_l) == 0.5).mean())
+
+
+def _as_array(values: "torch.Tensor | np.ndarray | Sequence[float]") -> np.ndarray:
+    if torch.is_tensor(values):
+        return values.detach().cpu().double().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Method A against method B on the same test pairs: accuracies, their difference and its interval.
+
+    Accuracies are percent, seed-averaged, ties counted as 1/2; `difference` is accuracy_a −
+    accuracy_b in points and [`low`, `high`] its paired-bootstrap interval at `confidence`.
+    """
+
+    name_a: str
+    name_b: str
+    accuracy_a: float
+    accuracy_b: float
+    difference: float
+    low: float
+    high: float
+    n_pairs: int
+    n_seeds: int
+    confidence: float = 0.95
+
+    def verdict(self) -> str:
+        """One line computed from the numbers: who beats whom, or no clear difference.
+
+        A difference is clear when its interval excludes 0; otherwise the line says so and
+        gives the interval, which shows how large a difference the run could have missed.
+        """
+        def evidence(low: float, high: float) -> str:
+            return (f"{self.confidence:.0%} CI {low:.1f} to {high:.1f}; paired over "
+                    f"{self.n_pairs:,} test pairs, {self.n_seeds} seed{'s' * (self.n_seeds != 1)}")
+
+        if self.low > 0:
+            verb = "beat" if self.name_a.endswith("s") else "beats"
+            return (f"{self.name_a} {verb} {self.name_b} by {self.difference:.1f} points "
+                    f"({evidence(self.low, self.high)})")
+        if self.high < 0:
+            verb = "beat" if self.name_b.endswith("s") else "beats"
+            return (f"{self.name_b} {verb} {self.name_a} by {-self.difference:.1f} points "
+                    f"({evidence(-self.high, -self.low)})")
+        return (f"no clear difference between {self.name_a} and {self.name_b}: "
+                f"{self.name_a} − {self.name_b} = {self.difference:+.1f} points "
+                f"({evidence(self.low, self.high)})")
+
+    def as_row(self) -> dict:
+        """The comparison as one table row (names, accuracies, difference, interval, sizes)."""
+        return {"A": self.name_a, "B": self.name_b, "A acc (%)": self.accuracy_a,
+                "B acc (%)": self.accuracy_b, "A − B (points)": self.difference,
+                "CI low": self.low, "CI high": self.high, "pairs": self.n_pairs,
+                "seeds": self.n_seeds}
+
+
+def compare_paired(
+    outcomes_a: "np.ndarray | torch.Tensor | Sequence",
+    outcomes_b: "np.ndarray | torch.Tensor | Sequence",
+    *,
+    name_a: str,
+    name_b: str,
+    n_boot: int = 10_000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> PairedComparison:
+    """The book's one test of "A vs B": a paired bootstrap over the same test pairs.
+
+    `outcomes_*` are per-pair outcomes (`pair_outcomes`) as [n_pairs] or [n_seeds, n_pairs] on
+    the same pairs in the same order. Seeds are averaged per pair first (a seed's noise stays
+    in the per-pair score), then the per-pair differences are resampled with replacement
+    `n_boot` times and the percentile interval of their mean is reported. Pairing removes the
+    pair-to-pair difficulty the two methods share, which separate errors would count twice.
+    `n_seeds` is the larger of the two sides' seed counts (a deterministic method has one).
+    """
+    a, b = _as_array(outcomes_a), _as_array(outcomes_b)
+    if a.ndim not in (1, 2) or b.ndim not in (1, 2):
+        raise ConfigError(f"compare_paired takes [n_pairs] or [n_seeds, n_pairs] outcomes, got "
+                          f"shapes {a.shape} and {b.shape}")
+    per_a, per_b = np.atleast_2d(a).mean(0), np.atleast_2d(b).mean(0)
+    if per_a.shape != per_b.shape or per_a.size == 0:
+        raise ConfigError(f"compare_paired needs outcomes on the same non-empty set of pairs, got "
+                          f"{per_a.size} and {per_b.size} pairs")
+    if not 0 < confidence < 1:
+        raise ConfigError(f"confidence must be in (0, 1), got {confidence}")
+    diff = 100.0 * (per_a - per_b)
+    if np.all(diff == diff[0]):  # a degenerate sample: every resample has the same mean
+        low = high = float(diff[0])
+    else:
+        ci = stats.bootstrap((diff,), np.mean, n_resamples=n_boot, confidence_level=confidence,
+                             method="percentile", vectorized=True,
+                             rng=np.random.default_rng(seed)).confidence_interval
+        low, high = float(ci.low), float(ci.high)
+    return PairedComparison(
+        name_a=name_a, name_b=name_b, accuracy_a=100.0 * float(per_a.mean()),
+        accuracy_b=100.0 * float(per_b.mean()), difference=float(diff.mean()), low=low, high=high,
+        n_pairs=int(diff.size), n_seeds=max(np.atleast_2d(a).shape[0], np.atleast_2d(b).shape[0]),
+        confidence=confidence,
+    )

@@ -1,0 +1,104 @@
+"""srlib.evaluate's paired verdict: per-pair outcomes with ties as 1/2, the paired bootstrap's
+interval and coverage, seed averaging per pair, the verdict line, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from srlib.errors import SrlibError
+from srlib.evaluate import compare_paired, pair_outcomes, tie_share
+
+
+def _correlated_outcomes(rng: np.random.Generator, n: int, p_a: float, p_b: float) -> tuple[np.ndarray, np.ndarray]:
+    """Outcomes of two methods that share pair difficulty: one uniform draw per pair for both."""
+    u = rng.random(n)
+    return (u < p_a).astype(float), (u < p_b).astype(float)
+
+
+def test_pair_outcomes_count_ties_as_half_and_tie_share():
+    s_w = torch.tensor([2.0, 0.0, 1.0, 1.0])
+    s_l = torch.tensor([1.0, 0.0, 3.0, 1.0])
+    assert pair_outcomes(s_w, s_l).tolist() == [1.0, 0.5, 0.0, 0.5]
+    assert tie_share(s_w, s_l) == 0.5
+    assert tie_share([1.0, 2.0], [0.0, 3.0]) == 0.0
+    with pytest.raises(SrlibError, match="same shape|one shape"):
+        pair_outcomes([1.0, 2.0], [1.0])
+
+
+def test_ties_count_half_in_the_accuracy():
+    tied = pair_outcomes(np.zeros(10), np.zeros(10))      # a constant model: all ties
+    right = np.ones(10)
+    c = compare_paired(tied, right, name_a="constant", name_b="oracle")
+    assert c.accuracy_a == pytest.approx(50.0)
+    assert c.difference == pytest.approx(-50.0)
+
+
+def test_interval_covers_the_true_difference_on_synthetic_data():
+    rng = np.random.default_rng(0)
+    true_diff, hits, runs = 5.0, 0, 60
+    for i in range(runs):
+        a, b = _correlated_outcomes(rng, 800, 0.70, 0.65)
+        c = compare_paired(a, b, name_a="a", name_b="b", n_boot=1_000, seed=i)
+        assert c.low <= c.difference <= c.high
+        hits += c.low <= true_diff <= c.high
+    assert 0.85 <= hits / runs <= 1.0
+
+
+def test_pairing_gives_a_narrower_interval_than_independent_errors():
+    rng = np.random.default_rng(1)
+    a, b = _correlated_outcomes(rng, 1_000, 0.72, 0.68)
+    c = compare_paired(a, b, name_a="a", name_b="b")
+    unpaired_half_width = 196 * np.sqrt(a.var() / a.size + b.var() / b.size)
+    assert (c.high - c.low) / 2 < 0.5 * unpaired_half_width
+
+
+def test_clear_difference_is_a_beat_and_null_is_no_clear_difference():
+    rng = np.random.default_rng(2)
+    a, b = _correlated_outcomes(rng, 1_000, 0.80, 0.60)
+    beat = compare_paired(a, b, name_a="top-K directions", name_b="random directions")
+    assert beat.low > 0
+    assert beat.verdict().startswith(f"top-K directions beat random directions by {beat.difference:.1f} points")
+    assert "paired over 1,000 test pairs, 1 seed)" in beat.verdict()
+    reverse = compare_paired(b, a, name_a="DenseRM", name_b="SparseRM")
+    assert reverse.high < 0
+    assert reverse.verdict().startswith(f"SparseRM beats DenseRM by {-reverse.difference:.1f} points")
+
+    null_a, null_b = rng.random((2, 1_000)) < 0.7
+    null = compare_paired(null_a, null_b, name_a="A", name_b="B")
+    assert null.low < 0 < null.high
+    assert null.verdict().startswith("no clear difference between A and B: A − B = ")
+    assert f"CI {null.low:.1f} to {null.high:.1f}" in null.verdict()
+
+
+def test_seeds_are_averaged_per_pair_before_the_bootstrap():
+    # seed 0 right on the first half, seed 1 on the second: per pair the mean is 0.5 exactly,
+    # so against a method at 0.5 on every pair the paired difference is 0 with no spread.
+    half = np.r_[np.ones(50), np.zeros(50)]
+    a = np.stack([half, 1 - half])
+    b = np.full(100, 0.5)
+    c = compare_paired(a, b, name_a="two seeds", name_b="coin")
+    assert (c.n_seeds, c.n_pairs) == (2, 100)
+    assert (c.difference, c.low, c.high) == (0.0, 0.0, 0.0)
+    # resampling rows of [n_seeds, n_pairs] as if they were pairs would see a spread
+    flat = compare_paired(a.ravel(), np.full(200, 0.5), name_a="flat", name_b="coin")
+    assert flat.high - flat.low > 10
+
+
+def test_seeded_determinism_and_as_row():
+    rng = np.random.default_rng(3)
+    a, b = _correlated_outcomes(rng, 300, 0.7, 0.66)
+    first = compare_paired(a, b, name_a="a", name_b="b", seed=7)
+    assert compare_paired(a, b, name_a="a", name_b="b", seed=7) == first
+    assert compare_paired(a, b, name_a="a", name_b="b", seed=8) != first
+    row = first.as_row()
+    assert row["A − B (points)"] == pytest.approx(row["A acc (%)"] - row["B acc (%)"])
+    assert (row["CI low"], row["CI high"], row["pairs"]) == (first.low, first.high, 300)
+
+
+def test_mismatched_pairs_are_a_user_error():
+    with pytest.raises(SrlibError, match="same non-empty set of pairs"):
+        compare_paired(np.ones(5), np.ones(6), name_a="a", name_b="b")
+    with pytest.raises(SrlibError, match="confidence"):
+        compare_paired(np.ones(5), np.zeros(5), name_a="a", name_b="b", confidence=95)
