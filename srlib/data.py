@@ -10,7 +10,9 @@ records.
 Splits are deterministic and grouped: every pair carries a `group_id` (the question or the
 prompt it came from), the groups are shuffled with `random.Random(seed)` and cut into
 train / val / test, so no question or prompt is in two splits. The pairs of a split come in
-the shuffled group order, so the first `n` of them are a seeded random subset of groups.
+the shuffled group order, so the first `n` of them are a seeded random subset of groups. The
+safety data sets also have a generation split "gen" (`GENERATION_PAIRS`): prompts that only
+the aligning policy answers (`generation_prompts`).
 
 Rows a loader drops on purpose (identical responses, a malformed transcript) are counted in
 `skipped_counts(name)`. User files (`read_jsonl`) are checked strictly instead: every
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from srlib.errors import ConfigError, DataError
+from srlib.errors import ConfigError, DataError, one_line
 from srlib.paths import atomic_path, data_dir, hub_reachable
 
 SPLITS = ("train", "val", "test")
@@ -41,14 +43,26 @@ BUILTIN_NAMES = (
     *(f"truthfulqa:{s}" for s in SPLITS),
     *(f"hh-harmless:{s}" for s in SPLITS),
     *(f"pku-saferlhf:{s}" for s in SPLITS),
+    "hh-harmless:gen",
+    "pku-saferlhf:gen",
     "arc:pairs",
 )
 _DATA_DIR_HINT = (
     "set SRLIB_DATA_DIR=<folder with truthfulqa/, hh_rlhf/, pku_saferlhf/, arc/>"
     " or connect to the hub"
 )
-#: HH-RLHF pair counts for train and val (the rest is test), after the paper's setup.
+#: HH-RLHF pair counts for train and val (test and generation share the rest). The paper
+#: samples 1,000 / 1,000 for train / val (plus 2,000 generation and 1,000 test prompts); the
+#: local harmless-base copy has 2,312 pairs, so train keeps the paper's 1,000 and val is cut to
+#: 312 to leave pairs for test and generation.
 HH_SPLIT_SIZES = (1000, 312)
+#: The generation split ("gen"): prompts that no reward model trains, validates or is tested
+#: on, for the policy to answer during alignment (the paper samples 2,000 additional prompts).
+#: It is carved from the END of each safety data set's shuffled prompt order, so train and val
+#: are the same groups as without it and test is what lies between; about this many pairs
+#: (whole groups). The truthfulness track needs none: it generates from ARC-Challenge questions.
+GENERATION_SPLIT = "gen"
+GENERATION_PAIRS = {"hh-harmless": 300, "pku-saferlhf": 100}
 
 
 @dataclass(frozen=True)
@@ -132,11 +146,6 @@ def prompt_messages(prompt: str) -> list[dict[str, str]]:
 Row = tuple[str, dict[str, Any]]  # (location "file:line" or "hub_id[row]", fields)
 
 
-def _one_line(text: str, limit: int = 200) -> str:
-    """`text` squeezed onto one line (error messages must be a single line)."""
-    return " ".join(text.split())[:limit]
-
-
 def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, decoded line) for a UTF-8 text file, gzip-compressed if it ends in .gz."""
     opener = gzip.open if path.suffix == ".gz" else open
@@ -149,7 +158,7 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
                     raise DataError(f"{path}:{lineno}: not UTF-8 text") from None
     except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
         raise DataError(
-            f"{path}: cannot read ({_one_line(str(exc)) or type(exc).__name__})"
+            f"{path}: cannot read ({one_line(str(exc)) or type(exc).__name__})"
         ) from exc
 
 
@@ -244,7 +253,7 @@ def _hub_rows(source: _Source) -> list[Row]:
         dataset = datasets.load_dataset(hub_id, **source.hub_kwargs)
         rows = [(f"{hub_id}[{i}]", dict(row)) for i, row in enumerate(dataset)]
     except Exception as exc:  # offline, hub down, changed schema: all mean "cannot use the hub"
-        detail = _one_line(str(exc), 120)
+        detail = one_line(str(exc), 120)
         raise DataError(
             f"cannot load {hub_id} from the hub ({type(exc).__name__}"
             f"{': ' + detail if detail else ''}); " + _DATA_DIR_HINT
@@ -544,9 +553,10 @@ _SOURCES = {
 # Splits
 
 
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise DataError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+def _check_split(split: str, gen_pairs: int = 0) -> None:
+    valid = (*SPLITS, GENERATION_SPLIT) if gen_pairs else SPLITS
+    if split not in valid:
+        raise DataError(f"unknown split {split!r}; valid: {', '.join(valid)}")
 
 
 def _fraction_cut(sizes: Sequence[int]) -> tuple[int, int]:
@@ -574,15 +584,40 @@ def _size_cut(targets: tuple[int, int]) -> Callable[[Sequence[int]], tuple[int, 
     return cut
 
 
+def _generation_start(sizes: Sequence[int], test_start: int, gen_pairs: int) -> int:
+    """Where the generation groups begin: the last groups holding `gen_pairs` pairs together.
+
+    Only when the groups after val hold at least 2 × `gen_pairs` pairs, so test keeps at least
+    as many pairs as generation; a smaller data set (a test fixture) has no generation split.
+    """
+    start, total = len(sizes), 0
+    if sum(sizes[test_start:]) < 2 * gen_pairs:
+        return start
+    while total < gen_pairs:
+        start -= 1
+        total += sizes[start]
+    return start
+
+
 def _split_indices(
-    sizes: Sequence[int], split: str, seed: int, cut: Callable[[Sequence[int]], tuple[int, int]]
+    sizes: Sequence[int],
+    split: str,
+    seed: int,
+    cut: Callable[[Sequence[int]], tuple[int, int]],
+    gen_pairs: int = 0,
 ) -> list[int]:
-    """Indices of the groups in `split`, in seeded shuffled order (groups have `sizes` pairs)."""
-    _check_split(split)
+    """Indices of the groups in `split`, in seeded shuffled order (groups have `sizes` pairs).
+
+    With `gen_pairs` > 0 the last groups of the order, about `gen_pairs` pairs, form the
+    generation split "gen" and the test split ends before them.
+    """
+    _check_split(split, gen_pairs)
     order = list(range(len(sizes)))
     random.Random(seed).shuffle(order)
-    a, b = cut([sizes[i] for i in order])
-    return {"train": order[:a], "val": order[a:b], "test": order[b:]}[split]
+    ordered = [sizes[i] for i in order]
+    a, b = cut(ordered)
+    g = _generation_start(ordered, b, gen_pairs)
+    return {"train": order[:a], "val": order[a:b], "test": order[b:g], GENERATION_SPLIT: order[g:]}[split]
 
 
 def _split_pairs(
@@ -590,8 +625,9 @@ def _split_pairs(
     split: str,
     seed: int,
     cut: Callable[[Sequence[int]], tuple[int, int]],
+    gen_pairs: int = 0,
 ) -> list[PreferencePair]:
-    chosen = _split_indices([len(g) for g in groups], split, seed, cut)
+    chosen = _split_indices([len(g) for g in groups], split, seed, cut, gen_pairs)
     return [pair for i in chosen for pair in groups[i]]
 
 
@@ -617,13 +653,36 @@ def load_truthfulqa_mc(split: str, seed: int = 0) -> list[MCQuestion]:
 
 
 def load_hh_harmless(split: str, seed: int = 0) -> list[PreferencePair]:
-    """HH-RLHF harmless-base test pairs, split ~1,000 / 312 / rest by prompt."""
-    return _split_pairs(_normalised("hh-harmless").groups, split, seed, _size_cut(HH_SPLIT_SIZES))
+    """HH-RLHF harmless-base test pairs, split ~1,000 / 312 / rest / ~300 (train / val / test /
+    gen) by prompt."""
+    return _split_pairs(_normalised("hh-harmless").groups, split, seed, _size_cut(HH_SPLIT_SIZES),
+                        GENERATION_PAIRS["hh-harmless"])
 
 
 def load_pku_saferlhf(split: str, seed: int = 0) -> list[PreferencePair]:
-    """PKU-SafeRLHF pairs (safer response chosen) of one split, by prompt 4:1:5."""
-    return _split_pairs(_normalised("pku-saferlhf").groups, split, seed, _fraction_cut)
+    """PKU-SafeRLHF pairs (safer response chosen) of one split, by prompt 4:1:5, the last ~100
+    pairs of the test share kept apart as the generation split "gen"."""
+    return _split_pairs(_normalised("pku-saferlhf").groups, split, seed, _fraction_cut,
+                        GENERATION_PAIRS["pku-saferlhf"])
+
+
+def generation_prompts(dataset: str, seed: int = 0) -> list[str]:
+    """The prompts a policy answers during alignment on `dataset`'s track, none of which any
+    reward model of that data set trains, validates or is tested on.
+
+    "truthfulqa": the ARC-Challenge questions (the paper's prompts for the truthfulness track;
+    the reward models see TruthfulQA only). "hh-harmless", "pku-saferlhf": the distinct prompts
+    of the "gen" split of `seed`'s split, in split order.
+    """
+    if dataset == "truthfulqa":
+        return list(dict.fromkeys(question.question for question in load_arc_prompts()))
+    if dataset not in GENERATION_PAIRS:
+        raise DataError(f"no generation prompts for {dataset!r}; valid: truthfulqa, {', '.join(GENERATION_PAIRS)}")
+    prompts = list(dict.fromkeys(pair.prompt for pair in load_pairs(f"{dataset}:{GENERATION_SPLIT}", seed=seed)))
+    if not prompts:
+        raise DataError(f"{dataset} is too small for a generation split (it needs {2 * GENERATION_PAIRS[dataset]} "
+                        "pairs after train and val); point SRLIB_DATA_DIR at the full local copy")
+    return prompts
 
 
 def load_arc_pairs() -> list[PreferencePair]:
@@ -640,6 +699,8 @@ _LOADERS: dict[str, Callable[[int], list[PreferencePair]]] = {
     **{f"truthfulqa:{s}": functools.partial(load_truthfulqa, s) for s in SPLITS},
     **{f"hh-harmless:{s}": functools.partial(load_hh_harmless, s) for s in SPLITS},
     **{f"pku-saferlhf:{s}": functools.partial(load_pku_saferlhf, s) for s in SPLITS},
+    f"hh-harmless:{GENERATION_SPLIT}": functools.partial(load_hh_harmless, GENERATION_SPLIT),
+    f"pku-saferlhf:{GENERATION_SPLIT}": functools.partial(load_pku_saferlhf, GENERATION_SPLIT),
     "arc:pairs": lambda seed: load_arc_pairs(),
 }
 

@@ -514,7 +514,7 @@ def test_real_truthfulqa_loads_fast():
 @needs_real_data
 def test_real_hh_harmless_counts():
     sizes = [len(data.load_hh_harmless(s)) for s in data.SPLITS]
-    assert sizes == [1000, 312, 991]
+    assert sizes == [1000, 312, 691]  # and 300 generation pairs (srlib.data.GENERATION_PAIRS)
     assert data.skipped_counts("hh-harmless") == {
         "prefix_mismatch": 5,
         "empty_response": 4,
@@ -526,7 +526,7 @@ def test_real_hh_harmless_counts():
 
 @needs_real_data
 def test_real_pku_and_arc_counts():
-    assert [len(data.load_pku_saferlhf(s)) for s in data.SPLITS] == [250, 62, 316]
+    assert [len(data.load_pku_saferlhf(s)) for s in data.SPLITS] == [250, 62, 216]  # and 100 generation pairs
     assert len(data.load_arc_pairs()) == 1000 and len(data.load_arc_prompts()) == 1000
 
 
