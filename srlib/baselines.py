@@ -78,7 +78,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 from srlib.backbone import format_text, left_pad
 from srlib.data import prompt_messages
 from srlib.errors import ConfigError, DataError
-from srlib.evaluate import _sequence_logprobs, prompt_ids
+from srlib.evaluate import _sequence_logprobs, pair_outcomes, prompt_ids
 from srlib.paths import atomic_path, cache_dir
 from srlib.reward import CONFIG_NAME, RewardModel, pair_accuracy
 
@@ -407,10 +407,13 @@ class StandardRM(RewardModel):
     settings_class: ClassVar[type] = LoraSettings
 
     def __init__(self, backbone, model: PeftModel, pad_id: int, settings: LoraSettings, *, seed: int,
-                 trainable_parameters: int, cost: TrainingCost | None = None):
+                 trainable_parameters: int, cost: TrainingCost | None = None,
+                 val_loss: Sequence[float] = (), best_epoch: int | None = None):
         self.backbone, self.model, self.pad_id = backbone, model.eval(), pad_id
         self.settings, self.seed = settings, seed
         self.trainable_parameters, self.cost = trainable_parameters, cost
+        # With validation pairs: the validation loss after each epoch and the 1-based epoch kept
+        self.val_loss, self.best_epoch = [float(v) for v in val_loss], best_epoch
 
     # -- fitting ----------------------------------------------------------------------------
 
@@ -441,8 +444,9 @@ class StandardRM(RewardModel):
                     )
                 trainable = _train(trainer, progress)
                 model = trainer.model
+                val_loss, best_epoch = _kept_epoch(trainer.state)
         return cls(backbone, model, pad_id, settings, seed=seed, trainable_parameters=trainable,
-                   cost=meter.cost(len(train_pairs)))
+                   cost=meter.cost(len(train_pairs)), val_loss=val_loss, best_epoch=best_epoch)
 
     @classmethod
     def _rows(cls, tokenizer, pairs, max_length: int) -> dict[str, list]:
@@ -497,7 +501,8 @@ class StandardRM(RewardModel):
         return {**self._config_header(), "method": self.method, "backbone": _backbone_record(self.backbone),
                 "settings": asdict(self.settings), "seed": self.seed, "pad_id": self.pad_id,
                 "trainable_parameters": self.trainable_parameters,
-                "cost": self.cost.as_dict() if self.cost else None}
+                "cost": self.cost.as_dict() if self.cost else None,
+                "val_loss": self.val_loss, "best_epoch": self.best_epoch}
 
     def save_pretrained(self, directory: str | Path) -> None:
         """config.json + the peft adapter (LoRA and score head) in `directory/adapter`."""
@@ -511,7 +516,23 @@ class StandardRM(RewardModel):
             model = PeftModel.from_pretrained(classifier, directory / ADAPTER_DIR)
         return cls(backbone, model, config["pad_id"], _settings(cls.settings_class, config["settings"]),
                    seed=config["seed"], trainable_parameters=config["trainable_parameters"],
-                   cost=_saved_cost(config))
+                   cost=_saved_cost(config), val_loss=config.get("val_loss", ()),
+                   best_epoch=config.get("best_epoch"))
+
+
+def _kept_epoch(state) -> tuple[list[float], int | None]:
+    """From a finished trainer's state: the validation loss after each epoch and the 1-based
+    epoch whose weights `load_best_model_at_end` restored (([], None) without validation).
+
+    The kept weights are those of the checkpoint `state.best_model_checkpoint` names
+    ("checkpoint-<step>"); the epoch is the evaluation logged at that step.
+    """
+    evals = [entry for entry in state.log_history if "eval_loss" in entry]
+    if not evals or state.best_model_checkpoint is None:
+        return [entry["eval_loss"] for entry in evals], None
+    step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[1])
+    kept = [i for i, entry in enumerate(evals) if entry["step"] == step]
+    return [entry["eval_loss"] for entry in evals], kept[0] + 1 if kept else None
 
 
 def _sequence_classifier(backbone, pad_id: int):
@@ -862,7 +883,8 @@ METHOD_LABELS = {"standard": "StandardRM (LoRA)", "generalizable": "Generalizabl
 SCORES_DIR = "scores"
 #: The columns of `baseline_trials`' table.
 TRIAL_COLUMNS = ("dataset", "variant", "method", "seed", "test_accuracy", "trainable_parameters", "fit_seconds",
-                 "peak_rss_mb", "rss_increase_mb", "pairs_per_second", "n_train_pairs", "n_test_pairs", "from_cache")
+                 "peak_rss_mb", "rss_increase_mb", "pairs_per_second", "n_train_pairs", "n_test_pairs", "from_cache",
+                 "best_epoch", "outcomes")
 
 
 def pairs_digest(pairs: Sequence | None) -> str | None:
@@ -988,7 +1010,9 @@ def baseline_trials(backbone, dataset: str, train_pairs: Sequence, val_pairs: Se
 
     Columns: dataset, variant (`METHOD_LABELS`), method, seed, test_accuracy (fraction),
     trainable_parameters, fit_seconds, peak_rss_mb, rss_increase_mb, pairs_per_second (test
-    scoring), n_train_pairs, n_test_pairs, from_cache. `settings` maps a method to its settings
+    scoring), n_train_pairs, n_test_pairs, from_cache, best_epoch (the epoch a LoRA model kept
+    on the validation split; None without one), outcomes (per test pair, 1 / 0 / ½ for a tie,
+    `srlib.evaluate.pair_outcomes`, for `compare_paired`). `settings` maps a method to its settings
     keywords. The untrained methods (zero-shot judge, log-prob floor) do not depend on the
     seed or the pairs: they run once, with the first seed. With `only_cached`, nothing is
     trained or scored: fits whose model and test scores are not both cached are left out.
@@ -1017,7 +1041,8 @@ def baseline_trials(backbone, dataset: str, train_pairs: Sequence, val_pairs: Se
                          "fit_seconds": rm.cost.seconds, "peak_rss_mb": rm.cost.peak_rss_mb,
                          "rss_increase_mb": rm.cost.rss_increase_mb, "pairs_per_second": scores.pairs_per_second,
                          "n_train_pairs": rm.cost.n_train_pairs, "n_test_pairs": len(test_pairs),
-                         "from_cache": rm.from_cache})
+                         "from_cache": rm.from_cache, "best_epoch": getattr(rm, "best_epoch", None),
+                         "outcomes": pair_outcomes(scores.chosen, scores.rejected)})
     return pd.DataFrame(rows, columns=list(TRIAL_COLUMNS))
 
 

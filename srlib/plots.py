@@ -332,3 +332,38 @@ def legend_below(fig, *, ncol: int = 4):
         sns.move_legend(ax, "upper center", bbox_to_anchor=(0.5, -0.1), ncol=ncol, fontsize="small", frameon=False)
     fig.tight_layout()
     return fig
+
+
+def data_efficiency(summary, *, title: str, dataset_labels: Mapping[str, str] | None = None):
+    """Test accuracy (%) against the number of training pairs (log x axis), one line per
+    method and one panel per data set, the band the interval over seeds.
+
+    `summary`: `srlib.data_efficiency.efficiency_summary` rows (dataset, method,
+    n_train_pairs, mean, low, high); a point with no interval (one seed) is drawn without a band.
+    """
+    from srlib.experiments import DATASET_LABELS
+
+    names = DATASET_LABELS if dataset_labels is None else dataset_labels
+    datasets = list(dict.fromkeys(summary["dataset"]))
+    methods = list(dict.fromkeys(summary["method"]))
+    palette = dict(zip(methods, sns.color_palette("tab10", n_colors=max(len(methods), 3))))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(max(WIDTH, 4.5 * len(datasets)), 4.2), squeeze=False,
+                             sharey=True)
+    for ax, dataset in zip(axes[0], datasets):
+        part = summary[summary["dataset"] == dataset]
+        for method, rows in part.groupby("method", sort=False):
+            rows = rows.sort_values("n_train_pairs")
+            ax.plot(rows["n_train_pairs"], rows["mean"], "o-", color=palette[method], label=method)
+            ax.fill_between(rows["n_train_pairs"], rows["low"], rows["high"], color=palette[method], alpha=0.2,
+                            linewidth=0)
+        sizes = sorted(part["n_train_pairs"].unique())
+        ax.axhline(50, color="grey", ls=":", lw=1)
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
+        ax.minorticks_off()
+        ax.set(title=names.get(dataset, dataset), xlabel="training pairs (log scale)")
+    axes[0][0].set_ylabel("test pair accuracy (%)")
+    axes[0][0].legend(loc="best", fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

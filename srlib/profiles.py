@@ -58,6 +58,11 @@ class Profile:
     # Token budget of the SAE corpus drawn from the train splits (None: all their texts);
     # only read when `sae_source` is "train".
     sae_corpus_tokens: int | None = None
+    # Chapter 8's data-efficiency curve: the training-set sizes (pairs) SparseRM and DenseRM
+    # are fitted at (the whole train split is always added), and the sizes StandardRM joins
+    # at (a LoRA fit per size and seed: the expensive part, so fewer on a CPU).
+    efficiency_sizes: tuple[int, ...] = (16, 64, 256)
+    efficiency_lora_sizes: tuple[int, ...] = (16, 64)
 
     def replace(self, **changes) -> "Profile":
         """A copy with some fields changed (e.g. another layer for a sweep)."""
@@ -77,6 +82,8 @@ PROFILES: dict[str, Profile] = {
         batch_size=16,
         max_pairs=48,
         seeds=(0, 1, 2),
+        efficiency_sizes=(8, 16),
+        efficiency_lora_sizes=(8,),
         description="Tiny random Llama-style model built in-process; runs in seconds; "
                     "numbers are meaningless.",
     ),
@@ -108,6 +115,8 @@ PROFILES: dict[str, Profile] = {
         batch_size=8,
         max_pairs=None,
         seeds=(0, 1, 2, 3, 4),
+        efficiency_sizes=(16, 64, 256, 1000),
+        efficiency_lora_sizes=(16, 64, 256, 1000),
         description="Gemma-2-2B-it, layer 13, Gemma Scope SAE; needs a GPU and hub access.",
     ),
 }
