@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from srlib.errors import ConfigError, DataError, one_line
-from srlib.paths import atomic_path, data_dir, hub_reachable
+from srlib.paths import atomic_path, data_dir, hub_offline, hub_reachable
 
 SPLITS = ("train", "val", "test")
 BUILTIN_NAMES = (
@@ -175,6 +175,11 @@ def _json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             ) from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        try:  # JSON allows a lone surrogate escape ("\ud800"); no tokenizer or file can hold one
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(f"{path}:{lineno}: a string holds a lone surrogate escape (\\ud800-\\udfff), "
+                            "which is not text; fix or remove it") from None
         yield lineno, obj
 
 
@@ -243,10 +248,15 @@ class _Source:
 
 
 def _hub_rows(source: _Source) -> list[Row]:
-    """Rows from `datasets.load_dataset`, or a one-line DataError saying what to set instead."""
+    """Rows from `datasets.load_dataset`, or a one-line DataError saying what to set instead.
+
+    Under HF_HUB_OFFLINE, `datasets` reads its own cache (a data set loaded once online), so
+    the call is made; otherwise an unreachable hub is reported at once (see `hub_reachable`).
+    """
     hub_id = source.hub_id
-    if not hub_reachable():
-        raise DataError(f"cannot load {hub_id}: the hub is unreachable; " + _DATA_DIR_HINT)
+    if not hub_offline() and not hub_reachable():
+        raise DataError(f"cannot load {hub_id}: the hub is unreachable; " + _DATA_DIR_HINT
+                        + " (or set HF_HUB_OFFLINE=1 to read the datasets cache)")
     try:
         import datasets
 
@@ -744,12 +754,15 @@ def read_jsonl(path: str | os.PathLike) -> list[PreferencePair]:
 
     Optional string keys `source`, `pair_id`, `group_id` are kept; other keys are ignored.
     Missing ids get stable defaults: pair_id "<file name>:<line>", group_id a hash of the
-    prompt (so splits keep a prompt's pairs together). Texts are kept as written.
+    prompt (so splits keep a prompt's pairs together). Texts are kept as written. Refused with
+    the line: a pair_id used twice (scores and kept pairs are matched back by it) and a lone
+    surrogate escape ("\\ud800"), which JSON allows but is not text.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    pairs = []
+    pairs: list[PreferencePair] = []
+    first_line: dict[str, int] = {}  # pair_id -> the line that used it first
     for lineno, obj in _json_objects(path):
         where = f"{path}:{lineno}"
         row = (where, obj)
@@ -761,6 +774,11 @@ def read_jsonl(path: str | os.PathLike) -> list[PreferencePair]:
         extras = {key: _field(row, key) for key in _EXTRA_FIELDS if key in obj}
         extras.setdefault("pair_id", f"{path.name}:{lineno}")
         extras.setdefault("group_id", f"prompt:{_short_hash(prompt)}")
+        pair_id = extras["pair_id"]
+        if pair_id in first_line:  # output rows are matched back to pairs by pair_id
+            raise DataError(f"{where}: pair_id {pair_id!r} repeats the pair_id of line {first_line[pair_id]}; "
+                            "give each pair its own pair_id (or leave it out: \"<file name>:<line>\")")
+        first_line[pair_id] = lineno
         pairs.append(PreferencePair(prompt, chosen, rejected, **extras))
     if not pairs:
         n_lines = sum(1 for _ in _text_lines(path))

@@ -21,13 +21,19 @@ def data_dir() -> Path | None:
     return Path(value).expanduser() if value else None
 
 
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE is set: transformers, sae-lens and datasets then read only
+    their local caches (the hub cache, the datasets cache) and never try the network."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
     """False when HF_HUB_OFFLINE is set or the hub's host does not answer within `timeout` s.
 
     Asked before any hub call, it saves the ~25-40 s that transformers and datasets spend
     retrying before they give up on a machine without a network.
     """
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+    if hub_offline():
         return False
     endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
