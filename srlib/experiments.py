@@ -7,14 +7,21 @@ those states (`fit_variant`), once per seed (`run_trials`), and `summarize` give
 and spread a reader needs to tell a real difference from noise.
 
 Seeds change the head's initialisation and minibatch order and, for the random-directions
-ablation, the directions themselves. Directions are selected on the training split only.
+ablation, the directions themselves. With `run_trials(..., resample=True)` a seed also
+selects the directions on its own bootstrap resample of the training questions, so the spread
+includes how much the selection depends on which training pairs were drawn (`seed_sources`
+names what a table's spread covers). Directions are selected on the training split only.
+
+Every trial keeps its per-pair test outcomes (1 right, 0 wrong, 1/2 tie) and its tie share:
+`compare_variants` turns two variants' outcomes into the book's one paired verdict
+(`srlib.evaluate.compare_paired`).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from typing import Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -24,6 +31,7 @@ from srlib.data import PreferencePair, load_pairs
 from srlib.directions import Directions, select_directions
 from srlib.errors import ConfigError
 from srlib.profiles import Profile
+from srlib.evaluate import PairedComparison, compare_paired, pair_outcomes
 from srlib.reward import DenseRM, FeatureRM, SparseRM, pair_accuracy
 
 #: How the book names the data sets (the paper's names, with what the data here really is).
@@ -59,6 +67,7 @@ class DatasetStates:
     train: SplitStates
     val: SplitStates
     test: SplitStates
+    position: str = "last"
 
     @property
     def label(self) -> str:
@@ -70,30 +79,61 @@ class DatasetStates:
 
 def dataset_states(backbone, dataset: str, profile: Profile, *, layer: int | None = None,
                    max_pairs: int | None = None, seed: int = 0, progress: bool = True) -> DatasetStates:
-    """Load the three splits of a built-in data set and extract their states at `layer`.
+    """Load the three splits of a built-in data set and extract their states at `layer`, read at
+    the profile's token position.
 
     `max_pairs` caps each split (default: the profile's cap); `layer` defaults to the
     profile's. States come from the activation cache when they were extracted before.
     """
-    from srlib.activations import pair_states
+    return states_at_positions(backbone, dataset, profile, (profile.position,), layer=layer,
+                               max_pairs=max_pairs, seed=seed, progress=progress)[profile.position]
+
+
+def states_at_positions(backbone, dataset: str, profile: Profile, positions: Sequence[str], *,
+                        layer: int | None = None, max_pairs: int | None = None, seed: int = 0,
+                        progress: bool = True) -> dict[str, DatasetStates]:
+    """`dataset_states` read at several token positions (`srlib.activations.POSITIONS`), from
+    one forward pass per text: {position: DatasetStates}."""
+    from srlib.activations import pair_token_states
 
     layer = profile.layer if layer is None else layer
     cap = profile.max_pairs if max_pairs is None else max_pairs
-    splits = {}
+    splits: dict[str, dict[str, SplitStates]] = {position: {} for position in positions}
     for split in ("train", "val", "test"):
         pairs = load_pairs(f"{dataset}:{split}", seed=seed, max_pairs=cap)
-        chosen, rejected = pair_states(backbone, pairs, layer, max_length=profile.max_length,
-                                       batch_size=profile.batch_size, progress=progress)
-        splits[split] = SplitStates(pairs, chosen, rejected)
-    return DatasetStates(dataset, layer, **splits)
+        read = pair_token_states(backbone, pairs, layer, positions=positions, max_length=profile.max_length,
+                                 batch_size=profile.batch_size, progress=progress)
+        for position, (chosen, rejected) in read.items():
+            splits[position][split] = SplitStates(pairs, chosen, rejected)
+    return {position: DatasetStates(dataset, layer, **splits[position], position=position) for position in positions}
 
 
-def select_for(states: DatasetStates, sae, k: int, **options) -> Directions:
-    """Top-K directions per side from the training split's SAE latents (eq. 6-9)."""
+def select_for(states: DatasetStates, sae, k: int, *, resample_seed: int | None = None, **options) -> Directions:
+    """Top-K directions per side from the training split's SAE latents (eq. 6-9).
+
+    `resample_seed` selects on a bootstrap resample of the training split instead: its
+    questions (`group_id`) are drawn with replacement, each with all its pairs, so the
+    directions vary as they would with another training set of the same size.
+    """
     from srlib.sae import encode
 
-    return select_directions(sae, encode(sae, states.train.chosen), encode(sae, states.train.rejected),
+    rows = (torch.arange(len(states.train)) if resample_seed is None
+            else bootstrap_rows([p.group_id for p in states.train.pairs], resample_seed))
+    return select_directions(sae, encode(sae, states.train.chosen[rows]), encode(sae, states.train.rejected[rows]),
                              k, **options)
+
+
+def bootstrap_rows(groups: Sequence[str], seed: int) -> Tensor:
+    """Row indices of a cluster bootstrap: the distinct groups drawn with replacement (as many
+    as there are), each bringing all its rows, so pairs of one question stay together."""
+    import numpy as np
+
+    members: dict[str, list[int]] = {}
+    for row, group in enumerate(groups):
+        members.setdefault(group, []).append(row)
+    keys = list(members)
+    drawn = np.random.default_rng(seed).integers(0, len(keys), size=len(keys))
+    return torch.tensor([row for g in drawn for row in members[keys[g]]], dtype=torch.long)
 
 
 @dataclass
@@ -103,47 +143,71 @@ class Trial:
     dataset: str
     variant: str
     seed: int
-    test_accuracy: float
+    test_accuracy: float | None  # None where the test split was not scored (a selection run); a tie counts as wrong
     val_accuracy: float | None
     trainable_parameters: int
     fit_seconds: float
     best_epoch: int | None
+    test_ties: float | None = None  # share of test pairs scored as a tie (s_w == s_l)
+    test_accuracy_half_ties: float | None = None  # test accuracy with a tie counted as 1/2
+    test_outcomes: list[float] | None = None  # per test pair: 1 right, 0 wrong, 0.5 tie (compare_variants)
+    resample_seed: int | None = None  # the bootstrap resample its directions were selected on, if any
 
 
 def make_model(features: str, *, directions: Directions | None = None, sae=None, seed: int = 0,
-               layer: int | None = None) -> FeatureRM:
+               layer: int | None = None, position: str = "last") -> FeatureRM:
     """An unfitted reward model of one kind: `dense` (DenseRM) or a SparseRM feature map
-    (`projection`, `latents`, `random`) on the given directions."""
+    (`projection`, `latents`, `random`) on the given directions, reading `layer` at `position`."""
     if features == "dense":
-        return DenseRM(layer=layer)
+        return DenseRM(layer=layer, position=position)
     if directions is None:
         raise ConfigError(f"features={features!r} needs directions (srlib.experiments.select_for)")
     return SparseRM(directions, kind=features, sae=sae if features == "latents" else None,
-                    feature_seed=seed, layer=layer)
+                    feature_seed=seed, layer=layer, position=position)
 
 
 def fit_variant(states: DatasetStates, *, features: str = "projection", directions: Directions | None = None,
-                sae=None, seed: int = 0, variant: str | None = None, **fit_kwargs) -> tuple[FeatureRM, Trial]:
-    """Fit one reward model on the training states (early stopping on val) and test it."""
-    model = make_model(features, directions=directions, sae=sae, seed=seed, layer=states.layer)
+                sae=None, seed: int = 0, variant: str | None = None, score_test: bool = True,
+                select: Mapping | None = None, resample_seed: int | None = None,
+                **fit_kwargs) -> tuple[FeatureRM, Trial]:
+    """Fit one reward model on the training states (early stopping on val) and test it
+    (`score_test=False`: a selection run, which never looks at the test split).
+
+    `select` (e.g. `dict(sae=sae, k=128)`) selects the directions here instead of taking
+    `directions`, on the bootstrap resample `resample_seed` of the training split if given.
+    """
+    if select is not None:
+        directions = select_for(states, resample_seed=resample_seed, **select)
+    model = make_model(features, directions=directions, sae=sae, seed=seed, layer=states.layer,
+                       position=states.position)
     started = time.perf_counter()
     model.fit_states(states.train.chosen, states.train.rejected, states.val.chosen, states.val.rejected,
                      seed=seed, **fit_kwargs)
     seconds = time.perf_counter() - started
-    test = pair_accuracy(model.score_states(states.test.chosen), model.score_states(states.test.rejected))
-    trial = Trial(dataset=states.name, variant=variant or features, seed=seed, test_accuracy=test,
+    trial = Trial(dataset=states.name, variant=variant or features, seed=seed, test_accuracy=None,
                   val_accuracy=model.history.best_val_accuracy,
                   trainable_parameters=model.num_trainable_parameters(), fit_seconds=seconds,
-                  best_epoch=model.history.best_epoch)
+                  best_epoch=model.history.best_epoch,
+                  resample_seed=resample_seed if select is not None else None)
+    if score_test:
+        s_w, s_l = model.score_states(states.test.chosen), model.score_states(states.test.rejected)
+        outcomes = pair_outcomes(s_w, s_l)
+        trial.test_accuracy = pair_accuracy(s_w, s_l)
+        trial.test_ties = float((outcomes == 0.5).mean())
+        trial.test_accuracy_half_ties = float(outcomes.mean())
+        trial.test_outcomes = outcomes.tolist()
     return model, trial
 
 
 def run_trials(states: DatasetStates, variants: Mapping[str, dict], seeds: Sequence[int], *,
-               progress: bool = True):
+               resample: bool = False, progress: bool = True):
     """Fit every variant with every seed; a DataFrame with one row per (variant, seed).
 
     `variants` maps a display name to `fit_variant` keyword arguments, e.g.
-    `{"Top-K directions": dict(features="projection", directions=d)}`.
+    `{"Top-K directions": dict(features="projection", directions=d)}` or, to select the
+    directions per seed, `dict(features="projection", select=dict(sae=sae, k=128))`.
+    `resample=True`: each seed selects those directions on its own bootstrap resample of the
+    training split (`select_for`), so the seed spread includes the selection's variation.
     """
     import pandas as pd
 
@@ -152,23 +216,63 @@ def run_trials(states: DatasetStates, variants: Mapping[str, dict], seeds: Seque
     rows = []
     jobs = [(name, kwargs, seed) for name, kwargs in variants.items() for seed in seeds]
     for name, kwargs, seed in tqdm(jobs, desc=f"{states.name}: fitting", disable=not progress):
-        _, trial = fit_variant(states, seed=seed, variant=name, **kwargs)
+        resample_seed = seed if resample and "select" in kwargs else None
+        _, trial = fit_variant(states, seed=seed, variant=name, resample_seed=resample_seed, **kwargs)
         rows.append(asdict(trial))
     return pd.DataFrame(rows)
 
 
-def summarize(trials, by: Sequence[str] = ("dataset", "variant"), value: str = "test_accuracy",
-              scale: float = 100.0):
-    """Mean, standard deviation and count of `value` per group, and a "mean ± sd" label.
+def seed_sources(trials) -> str:
+    """What the seed spread of these trials covers, in words, for a table's caption."""
+    sources = ["the head's initialisation", "its minibatch order", "random directions where a row uses them"]
+    if "resample_seed" in trials and trials["resample_seed"].notna().any():
+        sources.append("the top-K selection, made on a bootstrap resample of the training questions")
+    return "seeds vary " + ", ".join(sources[:-1]) + " and " + sources[-1]
 
-    The standard deviation is over seeds (ddof=1), so it measures how much a result moves
-    when only the seed changes; with n=1 it is reported as NaN rather than 0.
+
+def compare_variants(trials, name_a: str, name_b: str, *, column: str = "variant", labels: tuple[str, str] | None = None,
+                     **where) -> PairedComparison:
+    """`compare_paired` between two rows of a trials table on the same test pairs.
+
+    Rows are those with `column == name_a` (and `name_b`) and every `where` column equal to its
+    value (e.g. `dataset="truthfulqa"`, `K=8`); each side's per-pair outcomes are stacked
+    over its seeds. `labels` replaces the names in the verdict.
+    """
+    import numpy as np
+
+    mask = np.ones(len(trials), dtype=bool)
+    for key, value in where.items():
+        mask &= (trials[key] == value).to_numpy()
+    sides = []
+    for name in (name_a, name_b):
+        rows = trials[mask & (trials[column] == name).to_numpy()].sort_values("seed")
+        if rows.empty or rows["test_outcomes"].isna().any():
+            raise ConfigError(f"no scored trials of {column}={name!r} where {where}: fit them with score_test=True")
+        sides.append(np.stack([np.asarray(o, dtype=float) for o in rows["test_outcomes"]]))
+    label_a, label_b = labels or (name_a, name_b)
+    return compare_paired(sides[0], sides[1], name_a=label_a, name_b=label_b)
+
+
+def summarize(trials, by: Sequence[str] = ("dataset", "variant"), *, value: str, scale: float = 100.0):
+    """Mean, standard deviation, count and standard error of the column `value` per group, and
+    a "mean ± sd" label; for a test column, also the mean tie share `ties` (%), which the label
+    shows where it is non-zero ("71.0 ± 1.2 (ties 3.1%)").
+
+    `value` has no default: a table of `test_accuracy` reports results, a table of
+    `val_accuracy` is what a setting may be chosen on (`best_setting`). The standard deviation
+    is over seeds (ddof=1), so it measures how much a result moves when only the seed changes;
+    with n=1 it is reported as NaN rather than 0.
     """
     grouped = trials.groupby(list(by), sort=False)[value]
     table = grouped.agg(["mean", "std", "count"]).reset_index()
     table["mean"] *= scale
     table["std"] *= scale
+    table["se"] = table["std"] / table["count"] ** 0.5
     table["label"] = [f"{m:.1f} ± {s:.1f}" if s == s else f"{m:.1f}" for m, s in zip(table["mean"], table["std"])]
+    if value.startswith("test_") and "test_ties" in trials and trials["test_ties"].notna().any():
+        table["ties"] = 100 * trials.groupby(list(by), sort=False)["test_ties"].mean().to_numpy()
+        table["label"] = [f"{label} (ties {t:.1f}%)" if t > 0 else label
+                          for label, t in zip(table["label"], table["ties"])]
     return table
 
 
@@ -405,14 +509,16 @@ def profile_at_layer(profile: Profile, layer: int, *, sae_tokens: int | None = N
 def layer_k_sweep(backbone, profile: Profile, *, layers: Sequence[int], ks: Sequence[int], dataset: str,
                   seeds: Sequence[int], sae_tokens: int | None = None, sae_corpus_tokens: int | None = None,
                   progress: bool = True, **fit_kwargs):
-    """Figure 4: SparseRM test accuracy for every (layer, K, seed) on one data set.
+    """Figure 4: SparseRM accuracy for every (layer, K, seed) on one data set, read at the
+    profile's token position.
 
     Every layer gets its own SAE (`profile_at_layer`, then `srlib.sae.sae_for_profile`), all
     trained with the same budgets (`sae_tokens`, `sae_corpus_tokens`), so the layers are
     compared on equal terms; SAEs and hidden states are cached, so a second run trains and
-    extracts nothing. Directions are selected
-    on the training split, heads stop early on validation, accuracy is on test. Returns the
-    rows of `run_trials` with two more columns, `layer` and `k`.
+    extracts nothing. Directions are selected on the training split, heads stop early on
+    validation; with `score_test=False` in `fit_kwargs` the test split is never scored (a
+    selection run: `validation_study`). Returns the rows of `run_trials` with two more columns,
+    `layer` and `k`.
     """
     import pandas as pd
 
@@ -432,12 +538,122 @@ def layer_k_sweep(backbone, profile: Profile, *, layers: Sequence[int], ks: Sequ
     return pd.concat(frames, ignore_index=True)
 
 
-def best_setting(summary, by: Sequence[str] = ("layer", "k")) -> dict:
-    """The row of a `summarize(trials, by=by)` table with the highest mean accuracy, as a dict
-    of its `by` values, mean, std and label (ties: the first row, i.e. the earliest listed)."""
-    row = summary.loc[summary["mean"].idxmax()]
-    best = {key: (row[key].item() if hasattr(row[key], "item") else row[key]) for key in by}
-    return {**best, "mean": float(row["mean"]), "std": float(row["std"]), "label": str(row["label"])}
+#: How `best_setting` chooses, in words the book prints beside the choice.
+SELECTION_RULE = ("the best mean validation accuracy over seeds; every setting whose mean lies within one "
+                  "standard error of the best counts as tied with it, and a tie goes to the simpler setting")
+
+
+def best_setting(trials, by: Sequence[str], *, select_on: str, simpler: Callable[[dict], Any] | None = None) -> dict:
+    """The setting (one value of each `by` column) chosen on the column `select_on` by `SELECTION_RULE`.
+
+    `select_on` has no default and may not be a test column (ConfigError): settings are chosen
+    on validation data. "Simpler" is the smallest `simpler(setting)` (a dict of `by` values);
+    without it, the setting listed first in `trials`. Returns the chosen `by` values with the
+    mean, std, se (points), count and label of `select_on`, and `tied`: the other settings
+    within one standard error.
+    """
+    if "test" in select_on:
+        raise ConfigError(f"best_setting was asked to choose on {select_on!r}, a test column; choose on "
+                          "validation data (select_on='val_accuracy')")
+    summary = summarize(trials, by, value=select_on)
+    if summary.empty:
+        raise ConfigError("best_setting needs at least one trial")
+    top = summary.loc[summary["mean"].idxmax()]
+    margin = float(top["se"]) if top["se"] == top["se"] else 0.0  # one seed: no se, no tie margin
+    rows = summary[summary["mean"] >= top["mean"] - margin].to_dict("records")
+    settings = [{key: (row[key].item() if hasattr(row[key], "item") else row[key]) for key in by} for row in rows]
+    index = min(range(len(rows)), key=lambda i: (simpler(settings[i]) if simpler else 0, i))
+    chosen = rows[index]
+    return {**settings[index], "mean": float(chosen["mean"]), "std": float(chosen["std"]),
+            "se": float(chosen["se"]), "count": int(chosen["count"]), "label": str(chosen["label"]),
+            "tied": [setting for i, setting in enumerate(settings) if i != index]}
+
+
+@dataclass
+class ValidationStudy:
+    """Chapter 3's study: the settings compared on validation, the selection, the one test score.
+
+    `reading`: trials of read position × head-input standardisation at the profile's layer and K;
+    `grid`: trials of layer × K (Figure 4) at the reading chosen first; neither scored the test
+    split. `selected`: the chosen position, standardize, layer and k; `choices`: the
+    `best_setting` result of each stage; `test`: the selected setting refitted with every seed,
+    the only trials that scored the test split.
+    """
+
+    dataset: str
+    reading: Any
+    grid: Any
+    choices: dict[str, dict]
+    selected: dict[str, Any]
+    test: Any
+
+    def defaults_match(self, profile: Profile) -> dict[str, bool]:
+        """For each studied setting, whether `profile`'s default equals the study's selection."""
+        return {key: getattr(profile, key) == value for key, value in self.selected.items()}
+
+    def both_columns(self):
+        """One row for the selected setting: validation and test accuracy (%), mean ± sd over seeds."""
+        import pandas as pd
+
+        row = {**self.selected}
+        for column, name in (("val_accuracy", "validation accuracy (%)"), ("test_accuracy", "test accuracy (%)")):
+            row[name] = summarize(self.test.assign(setting="selected"), ("setting",), value=column)["label"][0]
+        return pd.DataFrame([row])
+
+
+def validation_study(backbone, profile: Profile, sae, *, dataset: str, layers: Sequence[int], ks: Sequence[int],
+                     seeds: Sequence[int], positions: Sequence[str] | None = None,
+                     standardize: Sequence[bool] = (True, False), sae_tokens: int | None = None,
+                     sae_corpus_tokens: int | None = None, progress: bool = True, **fit_kwargs) -> ValidationStudy:
+    """Choose the read position, the head's input standardisation, the layer and K on the
+    validation split of `dataset`, then score the test split once, for the choice.
+
+    Stage 1 fits every position × standardisation at the profile's layer and K (directions
+    from `sae`, the profile's SAE); stage 2 runs the layer × K grid (`layer_k_sweep`, each
+    layer with its own SAE) at the reading stage 1 chose. Each stage chooses by
+    `SELECTION_RULE` on `val_accuracy` (the best epoch's validation accuracy); simpler means
+    the profile's own position and standardisation, then the smaller K, then the shallower
+    layer. Stage 3 refits the chosen setting with every seed and scores the test split.
+    """
+    import pandas as pd
+
+    from srlib.activations import POSITIONS
+    from srlib.sae import sae_for_profile
+
+    if len(seeds) < 1:
+        raise ConfigError("validation_study needs at least one seed")
+    positions = [profile.position] + [p for p in (positions or POSITIONS) if p != profile.position]
+    standardize = sorted(set(standardize), key=lambda s: s != profile.standardize)
+    read = states_at_positions(backbone, dataset, profile, positions, progress=progress)
+    variants = {}
+    for position in positions:
+        directions = select_for(read[position], sae, profile.k)
+        for scaled in standardize:
+            variants[(position, scaled)] = dict(features="projection", directions=directions, standardize=scaled,
+                                                score_test=False, **fit_kwargs)
+    frames = []
+    for (position, scaled), kwargs in variants.items():
+        trials = run_trials(read[position], {f"{position}, {'standardised' if scaled else 'raw'}": kwargs},
+                            seeds, progress=progress)
+        frames.append(trials.assign(position=position, standardize=scaled))
+    reading = pd.concat(frames, ignore_index=True)
+    first = best_setting(reading, ("position", "standardize"), select_on="val_accuracy",
+                         simpler=lambda s: (s["position"] != profile.position, s["standardize"] != profile.standardize))
+    at_reading = profile.replace(position=first["position"])
+    grid = layer_k_sweep(backbone, at_reading, layers=layers, ks=ks, dataset=dataset, seeds=seeds,
+                         sae_tokens=sae_tokens, sae_corpus_tokens=sae_corpus_tokens, progress=progress,
+                         standardize=first["standardize"], score_test=False, **fit_kwargs)
+    second = best_setting(grid, ("layer", "k"), select_on="val_accuracy", simpler=lambda s: (s["k"], s["layer"]))
+    selected = {"position": first["position"], "standardize": first["standardize"],
+                "layer": second["layer"], "k": second["k"]}
+    at_layer = profile_at_layer(at_reading, selected["layer"], sae_tokens=sae_tokens,
+                                sae_corpus_tokens=sae_corpus_tokens)
+    layer_sae = sae_for_profile(at_layer, backbone, progress=progress)
+    states = dataset_states(backbone, dataset, at_reading, layer=selected["layer"], progress=progress)
+    test = run_trials(states, {"selected": dict(features="projection", directions=select_for(states, layer_sae, selected["k"]),
+                                                standardize=selected["standardize"], **fit_kwargs)},
+                      seeds, progress=progress)
+    return ValidationStudy(dataset, reading, grid, {"reading": first, "grid": second}, selected, test)
 
 
 def shuffled_separation(latents_w: Tensor, latents_l: Tensor, *, seed: int = 0) -> Tensor:

@@ -102,3 +102,75 @@ def test_mismatched_pairs_are_a_user_error():
         compare_paired(np.ones(5), np.ones(6), name_a="a", name_b="b")
     with pytest.raises(SrlibError, match="confidence"):
         compare_paired(np.ones(5), np.zeros(5), name_a="a", name_b="b", confidence=95)
+
+
+# ----------------------------------------------------------------------------- trials tables (srlib.experiments)
+
+
+def _states(n: int = 40, d: int = 6, seed: int = 0):
+    """Synthetic states: the chosen answer is shifted along the first axis; 2 pairs per question."""
+    from srlib.data import PreferencePair
+    from srlib.experiments import DatasetStates, SplitStates
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def split(tag: str) -> SplitStates:
+        pairs = [PreferencePair(f"q{i}", "a", "b", group_id=f"{tag}{i // 2}") for i in range(n)]
+        rejected = torch.randn(n, d, generator=gen)
+        chosen = rejected + torch.randn(n, d, generator=gen) * 0.3 + torch.eye(d)[0]
+        return SplitStates(pairs, chosen, rejected)
+
+    return DatasetStates("truthfulqa", 0, split("train"), split("val"), split("test"))
+
+
+def _tiny_sae(d_in: int = 6, d_sae: int = 16):
+    from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(0)
+    return TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=4))
+
+
+def test_bootstrap_rows_keep_questions_together_and_depend_on_the_seed():
+    from srlib.experiments import bootstrap_rows
+
+    groups = ["a", "a", "b", "c", "c", "c"]
+    rows = bootstrap_rows(groups, seed=0)
+    drawn = [groups[r] for r in rows.tolist()]
+    for g in set(drawn):  # a drawn question brings all its pairs, as often as it was drawn
+        assert drawn.count(g) % groups.count(g) == 0
+    assert bootstrap_rows(groups, seed=0).tolist() == rows.tolist()
+    assert any(bootstrap_rows(groups, seed=s).tolist() != rows.tolist() for s in range(1, 5))
+
+
+def test_run_trials_records_outcomes_ties_and_resampled_selection():
+    from srlib.experiments import compare_variants, run_trials, seed_sources, select_for, summarize
+
+    states, sae = _states(), _tiny_sae()
+    fixed = select_for(states, sae, 3)
+    assert any(not torch.equal(select_for(states, sae, 3, resample_seed=s).indices, fixed.indices)
+               for s in range(5))
+    fast = dict(epochs=3, batch_size=8)
+    variants = {"Top-K directions": dict(features="projection", select=dict(sae=sae, k=3), **fast),
+                "Dense": dict(features="dense", **fast)}
+    trials = run_trials(states, variants, seeds=(0, 1), resample=True, progress=False)
+    topk = trials[trials.variant == "Top-K directions"]
+    assert topk.resample_seed.tolist() == [0, 1]
+    assert trials[trials.variant == "Dense"].resample_seed.isna().all()
+    assert "bootstrap resample" in seed_sources(trials)
+    assert "bootstrap resample" not in seed_sources(trials.assign(resample_seed=None))
+    for _, row in trials.iterrows():
+        outcomes = np.asarray(row.test_outcomes)
+        assert outcomes.size == len(states.test)
+        assert row.test_accuracy == pytest.approx((outcomes == 1).mean())
+        assert row.test_accuracy_half_ties == pytest.approx(outcomes.mean())
+        assert row.test_ties == pytest.approx((outcomes == 0.5).mean())
+    c = compare_variants(trials, "Top-K directions", "Dense", dataset="truthfulqa")
+    assert (c.n_pairs, c.n_seeds) == (len(states.test), 2)
+    assert c.accuracy_a == pytest.approx(100 * topk.test_accuracy_half_ties.mean())
+    with pytest.raises(SrlibError, match="no scored trials"):
+        compare_variants(trials, "Top-K directions", "missing")
+    # a tie share shows in the label where it is non-zero
+    tied = trials.assign(test_ties=[0.25, 0.25, 0.0, 0.0])
+    labels = summarize(tied, value="test_accuracy").set_index("variant")["label"]
+    assert labels["Top-K directions"].endswith("(ties 25.0%)")
+    assert "ties" not in labels["Dense"]
