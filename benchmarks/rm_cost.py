@@ -36,9 +36,10 @@ from srlib.backbone import backbone_for_profile, format_pair
 from srlib.baselines import (METHOD_LABELS, METHODS, baseline_settings, baseline_trials, measure_cost,
                              trainable_parameters)
 from srlib.errors import SrlibError
-from srlib.experiments import DATASET_LABELS, dataset_states, fit_variant, make_model, select_for
+from srlib.data_efficiency import fit_feature_rm
+from srlib.experiments import DATASET_LABELS, dataset_states, make_model, select_for
 from srlib.profiles import DEFAULT_PROFILE, get_profile
-from srlib.reward import RewardHead
+from srlib.reward import RewardHead, pair_accuracy
 from srlib.sae import sae_for_profile
 
 
@@ -70,22 +71,22 @@ def parameter_rows(backbone, k: int, settings: dict, total: int) -> list[list]:
     return [[name, f"{n:,}", f"{100 * n / total:.3f}"] for name, n in counts.items()]
 
 
-def fit_rows(states, sae, k: int, seeds: list[int], subset: int) -> tuple[list[list], dict[str, float]]:
-    """Table 2: fit times from cached states; returns the rows and the mean seconds per model."""
+def fit_rows(states, sae, k: int, seeds: list[int], subset: int,
+             validation: bool) -> tuple[list[list], dict[str, float]]:
+    """Table 2: fit times from cached states (early stopping on the validation split only with
+    `validation`, as chapter 8's `VALIDATION`); returns the rows and the mean seconds per model."""
     data = {"all": states, "subset": dataclasses.replace(states, train=states.train.first(subset))}
     rows, means = [], {}
     for which, part in data.items():
         for features in ("projection", "dense"):
             seconds, growth, accuracy = [], [], []
             for seed in seeds:
-                def fit():
-                    directions = select_for(part, sae, k) if features == "projection" else None
-                    return fit_variant(part, features=features, directions=directions, seed=seed)[1]
-
-                trial, cost = measure_cost(fit, n_train_pairs=len(part.train))
+                model, cost = measure_cost(fit_feature_rm, part, features, sae=sae, k=k, seed=seed,
+                                           validation=validation, n_train_pairs=len(part.train))
                 seconds.append(cost.seconds)
                 growth.append(cost.rss_increase_mb)
-                accuracy.append(100 * trial.test_accuracy)
+                accuracy.append(100 * pair_accuracy(model.score_states(part.test.chosen),
+                                                    model.score_states(part.test.rejected)))
             name = f"{'SparseRM' if features == 'projection' else 'DenseRM'} ({which})"
             means[name] = statistics.mean(seconds)
             rows.append([name, len(part.train), spread(seconds), spread(growth, ".0f"), spread(accuracy, ".1f")])
@@ -126,7 +127,8 @@ def baseline_rows(backbone, dataset: str, args, settings: dict, total: int, spar
 
     train = load_pairs(f"{dataset}:train")[: args.baseline_train_pairs]
     test = load_pairs(f"{dataset}:test")[: args.baseline_test_pairs]
-    trials = baseline_trials(backbone, dataset, train, None, test, args.methods, args.seeds, settings=settings,
+    val = load_pairs(f"{dataset}:val") if args.validation == "all" else None
+    trials = baseline_trials(backbone, dataset, train, val, test, args.methods, args.seeds, settings=settings,
                              only_cached=not args.baselines, progress=args.baselines)
     rows = []
     for method in args.methods:
@@ -158,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-train-pairs", type=int, default=64)
     parser.add_argument("--baseline-test-pairs", type=int, default=200)
     parser.add_argument("--baseline-epochs", type=float, default=1.0)
+    parser.add_argument("--validation", choices=("none", "all"), default="none",
+                        help="the validation labels every model reads, as chapter 8's VALIDATION (default: none)")
     parser.add_argument("--baseline-lr", type=float, default=2e-4)
     parser.add_argument("--baseline-batch-size", type=int, default=1)
     parser.add_argument("--sae-corpus-tokens", type=int, default=None,
@@ -181,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                     parameter_rows(backbone, profile.k, settings, total))
         sae = sae_for_profile(profile, backbone, progress=False)
         states = dataset_states(backbone, args.dataset, profile, progress=False)
-        rows, means = fit_rows(states, sae, profile.k, args.seeds, args.baseline_train_pairs)
+        rows, means = fit_rows(states, sae, profile.k, args.seeds, args.baseline_train_pairs,
+                               args.validation == "all")
         print_table("Fit time from cached hidden states (selection + head; mean ± sd over seeds)",
                     ["model (training pairs)", "pairs", "seconds", "RSS growth (MB)", "accuracy, whole test split (%)"], rows)
         print_table(f"Scoring speed, cache off ({args.n_score} test pairs; SparseRM head included)",
