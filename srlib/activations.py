@@ -28,11 +28,12 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from srlib.backbone import Backbone, format_pair
+from srlib.cache import read_cache_entry
 from srlib.data import PreferencePair
 from srlib.errors import ConfigError, DataError
 from srlib.paths import atomic_path, cache_dir
@@ -88,8 +89,10 @@ def last_token_states(
     if folder is not None:
         for key in set(keys):
             path = folder / key[:2] / f"{key}.safetensors"
-            if path.exists():
-                states[key] = load_file(path)["state"]
+            if path.exists():  # a damaged entry is warned about, recomputed and rewritten below
+                entry = read_cache_entry(path, "activations", check=lambda found: _is_state(found, backbone))
+                if entry is not None:
+                    states[key] = entry["state"]
     todo = {key: text for key, text in zip(keys, texts) if key not in states}
     if todo:
         todo_keys = list(todo)
@@ -181,6 +184,13 @@ def _cache_folder(backbone: Backbone, layer: int, max_length: int) -> Path:
             tmp.write_text(json.dumps({"model_id": backbone.model_id, "identity": backbone.identity,
                                        "layer": layer, "max_length": max_length}, indent=1))
     return folder
+
+
+def _is_state(tensors: dict[str, Tensor], backbone: Backbone) -> bool:
+    """Whether a cache entry holds one finite hidden state of the backbone's width."""
+    state = tensors.get("state")
+    return (set(tensors) == {"state"} and state.shape == (backbone.hidden_size,)
+            and bool(torch.isfinite(state).all()))
 
 
 def _write_entry(path: Path, state: Tensor) -> None:

@@ -53,6 +53,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import tempfile
 import threading
 import time
@@ -71,16 +72,17 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, PrinterCallback, set_seed
 from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 from trl.data_utils import common_prefix_length
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from srlib.backbone import format_text, left_pad
 from srlib.data import prompt_messages
-from srlib.errors import ConfigError, DataError
+from srlib.cache import check_safetensors, read_json, warn_recomputing
+from srlib.errors import ConfigError, DamagedFileError, DataError, one_line
 from srlib.evaluate import _sequence_logprobs, pair_outcomes, prompt_ids
 from srlib.paths import atomic_path, cache_dir
-from srlib.reward import CONFIG_NAME, RewardModel, pair_accuracy
+from srlib.reward import CONFIG_NAME, RewardModel, damaged_remedy, pair_accuracy
 
 METHODS = ("standard", "generalizable", "judge", "judge-lora", "logprob")
 ADAPTER_DIR = "adapter"
@@ -169,6 +171,9 @@ class LoraSettings:
         for name in ("batch_size", "gradient_accumulation_steps", "max_length", "lora_r", "scoring_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (math.isfinite(self.learning_rate) and math.isfinite(self.epochs)):
+            raise ConfigError(f"learning_rate and epochs must be finite numbers, got {self.learning_rate}, "
+                              f"{self.epochs}")
         if not self.learning_rate > 0 or not self.epochs > 0:
             raise ConfigError(f"learning_rate and epochs must be > 0, got {self.learning_rate}, {self.epochs}")
 
@@ -511,9 +516,7 @@ class StandardRM(RewardModel):
     @classmethod
     def _load(cls, directory: Path, config: dict, backbone=None) -> "StandardRM":
         backbone = _resolve_backbone(config, backbone)
-        classifier = _sequence_classifier(backbone, config["pad_id"])
-        with _peft_wrapping():
-            model = PeftModel.from_pretrained(classifier, directory / ADAPTER_DIR)
+        model = _load_adapter(_sequence_classifier(backbone, config["pad_id"]), directory)
         return cls(backbone, model, config["pad_id"], _settings(cls.settings_class, config["settings"]),
                    seed=config["seed"], trainable_parameters=config["trainable_parameters"],
                    cost=_saved_cost(config), val_loss=config.get("val_loss", ()),
@@ -533,6 +536,19 @@ def _kept_epoch(state) -> tuple[list[float], int | None]:
     step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[1])
     kept = [i for i, entry in enumerate(evals) if entry["step"] == step]
     return [entry["eval_loss"] for entry in evals], kept[0] + 1 if kept else None
+
+
+def _load_adapter(model, directory: Path) -> PeftModel:
+    """`model` with the peft adapter saved in `directory/adapter`. Safetensors only (peft would
+    fall back to a pickled .bin); a missing or damaged adapter raises one line naming it."""
+    adapter, remedy = directory / ADAPTER_DIR, damaged_remedy(directory)
+    read_json(adapter / "adapter_config.json", remedy)
+    check_safetensors(adapter / "adapter_model.safetensors", remedy)
+    try:
+        with _peft_wrapping():
+            return PeftModel.from_pretrained(model, adapter)
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError) as error:
+        raise DamagedFileError(f"{adapter}: cannot load the LoRA adapter ({one_line(str(error))}); {remedy}") from None
 
 
 def _sequence_classifier(backbone, pad_id: int):
@@ -737,8 +753,7 @@ class GenerativeJudge(RewardModel):
         backbone = _resolve_backbone(config, backbone)
         model = backbone.model
         if config["lora"]:
-            with _peft_wrapping():
-                model = PeftModel.from_pretrained(copy.deepcopy(backbone.model), directory / ADAPTER_DIR)
+            model = _load_adapter(copy.deepcopy(backbone.model), directory)
         return cls(backbone, model, _settings(JudgeSettings, config["settings"]), lora=config["lora"],
                    seed=config["seed"], trainable_parameters=config["trainable_parameters"],
                    cost=_saved_cost(config))
@@ -936,10 +951,14 @@ def cached_fit_baseline(method: str, backbone, train_pairs: Sequence | None = No
     """
     directory = cache_dir("baselines") / baseline_key(method, backbone, train_pairs, val_pairs, seed=seed,
                                                       **settings)
+    rm = None
     if (directory / CONFIG_NAME).is_file():
-        rm = RewardModel.from_pretrained(directory, backbone=backbone)
-        rm.from_cache = True
-    else:
+        try:
+            rm = RewardModel.from_pretrained(directory, backbone=backbone)
+            rm.from_cache = True
+        except DamagedFileError as error:
+            warn_recomputing(directory, error)
+    if rm is None:
         rm = fit_baseline(method, backbone, train_pairs, val_pairs, seed=seed, progress=progress, **settings)
         rm.save_pretrained(directory)
         rm.from_cache = False
@@ -979,9 +998,12 @@ def cached_score_pairs(rm: RewardModel, pairs: Sequence, *, progress: bool = Fal
     pairs = _check_pairs(pairs, "scoring")
     path = _scores_path(directory, pairs)
     if path.is_file():
-        with safe_open(str(path), framework="pt") as f:
-            seconds = float(f.metadata()["seconds"])
-            return PairScores(f.get_tensor("chosen"), f.get_tensor("rejected"), seconds, from_cache=True)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                seconds = float(f.metadata()["seconds"])
+                return PairScores(f.get_tensor("chosen"), f.get_tensor("rejected"), seconds, from_cache=True)
+        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as error:
+            warn_recomputing(path, error)  # damaged: scored again below and rewritten
     started = time.perf_counter()
     chosen, rejected = rm.score_pairs(pairs, progress=progress)
     scores = PairScores(chosen.float(), rejected.float(), time.perf_counter() - started)

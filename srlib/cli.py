@@ -1,4 +1,4 @@
-"""The command line: `python -m srlib fit | score | filter | sae | align`.
+"""The command line: `python -m srlib fit | score | filter | sae | align | cache`.
 
 The names and flags here are a contract (the book, the README and users' scripts call them).
 PAIRS is a JSONL file of `{"prompt","chosen","rejected"}` records or a built-in name such as
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -51,6 +52,17 @@ def _load_pairs(spec: str, args: argparse.Namespace, profile: Profile | None = N
 
 
 def _print_result(result: dict) -> None:
+def finite_float(text: str) -> float:
+    """argparse type: a float that is not inf or nan (Python's float() accepts both)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
     """The machine-readable summary: one JSON object on the last line of stdout."""
     print(json.dumps(result, sort_keys=True))
 
@@ -174,6 +186,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES),
                        help=f"preset for model, layer, SAE and sizes (default {DEFAULT_PROFILE})")
         p.add_argument("--model", help="backbone: hub id or local folder (overrides the profile)")
+def cmd_cache(args: argparse.Namespace) -> int:
+    """`cache list`: each cache's folder, entries and size; `verify`: open every entry, one line
+    per damaged one on stderr (exit 2 if any); `clear --what KIND`: remove those caches only."""
+    from srlib.cache import CACHE_KINDS, clear_caches, list_caches, verify_caches
+
+    if args.action == "clear" and not args.what:
+        raise SrlibError("name the caches to clear: --what KIND (repeatable) or --what all")
+    kinds = list(CACHE_KINDS) if not args.what or "all" in args.what else list(dict.fromkeys(args.what))
+    if args.action == "list":
+        _print_result(list_caches(kinds))
+    elif args.action == "clear":
+        removed = clear_caches(kinds)
+        for item in removed:
+            print(f"removed {item['folder']} ({item['entries']} entries, {item['bytes']:,} bytes)")
+        _print_result({"removed": [item["kind"] for item in removed]})
+    else:
+        checked, damaged = verify_caches(kinds)
+        for line in damaged:
+            print(f"damaged: {line}", file=sys.stderr)
+        _print_result({"checked": checked, "damaged": len(damaged)})
+        return 2 if damaged else 0
+    return 0
+
+
         p.add_argument("--layer", type=int, help="layer L = output of block L, 0-indexed")
         p.add_argument("--sae", help='"train", "sae-lens:<release>/<sae_id>" or a saved SAE folder')
 
@@ -190,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--k", type=int, help="top-K latents per side (default: the profile's, 128)")
     fit.add_argument("--features", default="projection", choices=FEATURES)
     fit.add_argument("--loss", default="margin", choices=LOSSES)
-    fit.add_argument("--gamma", type=float, default=1.0, help="margin of the margin loss")
+    fit.add_argument("--gamma", type=finite_float, default=1.0, help="margin of the margin loss")
     fit.add_argument("--method", default="sparserm", choices=METHODS,
                      help="sparserm (with --features) or a baseline reward model")
     fit.add_argument("--seed", type=int, default=0)
@@ -239,6 +275,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except FileNotFoundError as error:
+
+    from srlib.cache import CACHE_KINDS
+
+    cache = sub.add_parser("cache", help="list, verify or clear srlib's caches")
+    cache.add_argument("action", choices=("list", "verify", "clear"))
+    cache.add_argument("--what", action="append", choices=(*CACHE_KINDS, "all"), metavar="KIND",
+                       help=f"a cache ({', '.join(CACHE_KINDS)}) or all; repeatable (list, verify: all by default)")
+    cache.set_defaults(func=cmd_cache)
         print(f"error: {error.strerror}: {error.filename}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

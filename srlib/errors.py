@@ -16,3 +16,12 @@ class DataError(SrlibError):
 
 class ConfigError(SrlibError):
     """A bad setting: layer out of range, K larger than the SAE, widths that disagree, ..."""
+
+
+class DamagedFileError(SrlibError):
+    """A file srlib wrote (a saved model, an SAE, a cache entry) that cannot be read back."""
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """`text` squeezed onto one line of at most `limit` characters (error messages are one line)."""
+    return " ".join(text.split())[:limit]

@@ -687,3 +687,17 @@ def latent_cards_html(cards, *, quote_texts: bool = True) -> str:
         body = f"<ul>{''.join(items)}</ul>" if items else ""
         blocks.append(f'<div class="mathjax_ignore" style="margin-bottom:0.8em">{header}{body}</div>')
     return "\n".join(blocks)
+
+
+def paired_table(trials, comparisons: Sequence[tuple[str, str]], *, by: str = "dataset", labels: Mapping[str, str] | None = None):
+    """`compare_variants` for every (A, B) in `comparisons` within every value of `by`: one row
+    each (`PairedComparison.as_row`, the `by` value, the verdict line). `labels` renames the
+    `by` values (e.g. `DATASET_LABELS`)."""
+    import pandas as pd
+
+    rows = []
+    for group in dict.fromkeys(trials[by]):
+        for a, b in comparisons:
+            c = compare_variants(trials, a, b, **{by: group})
+            rows.append({by: (labels or {}).get(group, group), **c.as_row(), "verdict": c.verdict()})
+    return pd.DataFrame(rows)

@@ -43,18 +43,20 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import srlib
-from srlib.errors import ConfigError, SrlibError
+from srlib.cache import read_json, read_tensors
+from srlib.errors import ConfigError, DamagedFileError, SrlibError, one_line
 from srlib.paths import atomic_path
 
 CONFIG_NAME = "config.json"
@@ -423,6 +425,9 @@ def fit_head(
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("patience", patience)):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
+    for name, value in (("lr", lr), ("gamma", gamma), ("weight_decay", weight_decay)):
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value}")
     if not lr > 0:
         raise ConfigError(f"lr must be > 0, got {lr}")
     loss_fn = get_loss(loss, gamma=gamma)
@@ -484,14 +489,8 @@ class RewardModel:
     A subclass implements `score`, `score_pairs`, `num_trainable_parameters`,
     `save_pretrained` (writing `config.json` that starts with `self._config_header()`) and
     the classmethod `_load(directory, config, backbone)`. `RewardModel.from_pretrained` finds
-    the subclass from the config (importing its module if needed).
+    the subclass through `rm_class` (srlib's own classes only: see `RM_CLASSES`).
     """
-
-    _registry: ClassVar[dict[str, type["RewardModel"]]] = {}
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        RewardModel._registry[cls.__name__] = cls
 
     def score(self, texts: list[str]) -> Tensor:
         """Scores [n] for chat-formatted prompt+response texts (`srlib.backbone.format_text`)."""
@@ -510,7 +509,7 @@ class RewardModel:
     def _config_header(self) -> dict[str, Any]:
         cls = type(self)
         return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "srlib_version": srlib.__version__,
-                "rm_class": cls.__name__, "rm_module": cls.__module__}
+                "rm_class": cls.__name__}
 
     @classmethod
     def _load(cls, directory: Path, config: dict, backbone=None) -> "RewardModel":
@@ -518,31 +517,55 @@ class RewardModel:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, backbone=None) -> "RewardModel":
-        """Load a saved reward model of whatever class saved it; optionally attach a backbone now."""
+        """Load a saved reward model of whatever srlib class saved it; optionally attach a backbone now.
+
+        Nothing in the folder is run: the class comes from srlib's fixed table `RM_CLASSES`, the
+        weights from safetensors. A damaged folder raises a one-line `DamagedFileError` naming the file.
+        """
         directory = Path(directory)
         path = directory / CONFIG_NAME
         if not path.is_file():
             raise SrlibError(f"{directory} is not a saved reward model: {CONFIG_NAME} missing")
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise SrlibError(f"{path} is not valid JSON: {error}") from None
+        config = read_json(path, damaged_remedy(directory))
         if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
             raise SrlibError(f"{directory} is not a saved reward model: {path} is not an srlib reward model config")
-        if config.get("format_version", 0) > FORMAT_VERSION:
-            raise SrlibError(f"{directory} was saved by a newer srlib (format {config['format_version']}); upgrade srlib")
-        name = config.get("rm_class")
-        if name not in cls._registry and config.get("rm_module"):
-            try:
-                importlib.import_module(config["rm_module"])
-            except ImportError:
-                pass
-        if name not in cls._registry:
-            raise SrlibError(f"{path}: unknown reward model class {name!r}")
-        model_cls = cls._registry[name]
+        version = config.get("format_version", 0)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise DamagedFileError(f"{path}: format_version {version!r} is not a version number; "
+                                   f"{damaged_remedy(directory)}")
+        if version > FORMAT_VERSION:
+            raise SrlibError(f"{directory} was saved by a newer srlib (format {version}); upgrade srlib")
+        model_cls = rm_class(config.get("rm_class"), where=str(path))
         if not issubclass(model_cls, cls):
-            raise SrlibError(f"{directory} holds a {name}, not a {cls.__name__}")
-        return model_cls._load(directory, config, backbone)
+            raise SrlibError(f"{directory} holds a {model_cls.__name__}, not a {cls.__name__}")
+        try:
+            return model_cls._load(directory, config, backbone)
+        except KeyError as error:
+            raise DamagedFileError(f"{path}: missing entry {error}; {damaged_remedy(directory)}") from None
+        except (TypeError, AttributeError) as error:
+            raise DamagedFileError(f"{path}: malformed entry ({one_line(str(error))}); "
+                                   f"{damaged_remedy(directory)}") from None
+
+
+#: srlib's reward-model classes by the name `config.json` stores, with the srlib module that
+#: defines each. A saved folder can name only these: no module a file names is ever imported.
+RM_CLASSES: dict[str, str] = {"SparseRM": "srlib.reward", "DenseRM": "srlib.reward", "FeatureRM": "srlib.reward",
+                              "StandardRM": "srlib.baselines", "GeneralizableRM": "srlib.baselines",
+                              "GenerativeJudge": "srlib.baselines", "LogProbPreference": "srlib.baselines"}
+
+
+def rm_class(name: Any, *, where: str = "the config") -> type[RewardModel]:
+    """srlib's reward-model class called `name`, its module imported from the fixed table
+    `RM_CLASSES`; any other name is refused with one line."""
+    if not isinstance(name, str) or name not in RM_CLASSES:
+        raise SrlibError(f"{where}: {name!r} is not one of srlib's reward model classes "
+                         f"({', '.join(RM_CLASSES)}); srlib loads only its own classes and runs no code from a folder")
+    return getattr(importlib.import_module(RM_CLASSES[name]), name)
+
+
+def damaged_remedy(directory: str | Path) -> str:
+    """What to do about a damaged reward-model folder (the end of its one-line error)."""
+    return f"the reward model in {directory} is damaged or incomplete: save it again (python -m srlib fit ... --out DIR)"
 
 
 class FeatureRM(RewardModel):
@@ -643,7 +666,7 @@ class FeatureRM(RewardModel):
         return self.head
 
     def score_states(self, Z: Tensor) -> Tensor:
-        """Scores [n] (float32, CPU) for hidden states Z [n, d]."""
+        """Scores [n] (float32, CPU) for hidden states Z [n, d]; NaN or infinite states are refused."""
         head = self._require_fitted()
         with torch.no_grad():
             return head(self.features(Z)).float().cpu()
@@ -659,6 +682,12 @@ class FeatureRM(RewardModel):
 
         self._require_fitted()
         kwargs = self._extract_kwargs(batch_size, cache, progress)
+        Z = _as_states(Z, "hidden states")
+        bad = (~torch.isfinite(Z).all(dim=1)).nonzero().flatten()
+        if len(bad):
+            raise ConfigError(f"the hidden states to score contain NaN or infinite values ({len(bad)} of "
+                              f"{len(Z)} rows, first row {int(bad[0])}); a float16 backbone can overflow: "
+                              "load it in float32")
         return self.score_states(last_token_states(self.backbone, list(texts), self.layer, **kwargs))
 
     def score_pairs(self, pairs, *, batch_size: int = 16, cache: bool = True,
@@ -712,19 +741,30 @@ class FeatureRM(RewardModel):
 
     @classmethod
     def _load(cls, directory: Path, config: dict, backbone=None) -> "FeatureRM":
-        tensors = load_file(str(directory / WEIGHTS_NAME))
+        """Rebuild from config.json and model.safetensors; a file that does not fit raises a
+        one-line `DamagedFileError` naming it (KeyError / TypeError: see `from_pretrained`)."""
+        weights = directory / WEIGHTS_NAME
+        tensors = read_tensors(weights, damaged_remedy(directory))
+        kind, feature_config, head_config = config["feature_kind"], config["features"], config["head"]
+        if kind not in FEATURE_MAPS:
+            raise DamagedFileError(f"{directory / CONFIG_NAME}: unknown feature kind {kind!r} (srlib knows "
+                                   f"{', '.join(FEATURE_MAPS)}); {damaged_remedy(directory)}")
         sae = None
-        if config["feature_kind"] == LatentFeatures.kind:
-            from sae_lens import SAE
+        if kind == LatentFeatures.kind:
+            from srlib.sae import load_sae
 
-            sae = SAE.load_from_disk(directory / SAE_DIR_NAME)
+            sae = load_sae(directory / SAE_DIR_NAME)
         feature_tensors = {name[len("features."):]: t for name, t in tensors.items() if name.startswith("features.")}
-        features = FEATURE_MAPS[config["feature_kind"]].from_state(config["features"], feature_tensors, sae)
+        head = RewardHead(**head_config)
+        try:
+            features = FEATURE_MAPS[kind].from_state(feature_config, feature_tensors, sae)
+            head.load_state_dict({name[len("head."):]: t for name, t in tensors.items() if name.startswith("head.")})
+        except (KeyError, RuntimeError) as error:
+            raise DamagedFileError(f"{weights}: its tensors do not match {directory / CONFIG_NAME} "
+                                   f"({one_line(str(error))}); {damaged_remedy(directory)}") from None
         model = cls.__new__(cls)
         FeatureRM.__init__(model, features, layer=config["layer"], max_length=config["max_length"],
                            sae_info=config["sae"])
-        head = RewardHead(**config["head"])
-        head.load_state_dict({name[len("head."):]: t for name, t in tensors.items() if name.startswith("head.")})
         model.head = head.eval()
         model.history = FitHistory.from_dict(config["history"])
         model.k = config["k"]

@@ -54,17 +54,18 @@ with warnings.catch_warnings():
                             category=DeprecationWarning)
     from sae_lens import SAE
     from sae_lens.config import LoggingConfig, SAETrainerConfig
-    from sae_lens.constants import SAE_CFG_FILENAME
+    from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.training.sae_trainer import SAETrainer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from srlib.activations import iter_token_activations
 from srlib.backbone import Backbone, format_pair, format_text
 from srlib.data import load_arc_prompts, load_pairs
-from srlib.errors import ConfigError, DataError
+from srlib.cache import check_safetensors, clear_command, read_cache_entry, read_json, warn_recomputing
+from srlib.errors import ConfigError, DamagedFileError, DataError, one_line
 from srlib.paths import atomic_path, cache_dir
 from srlib.profiles import Profile, SAETrainingConfig
 
@@ -137,10 +138,24 @@ def load_pretrained_sae(release: str, sae_id: str, device: str = "cpu") -> SAE:
 
 
 def load_sae(path: str | Path, device: str = "cpu") -> SAE:
-    """An SAE saved in sae-lens's format (`save_model`), e.g. one `train_sae` cached."""
-    if not (Path(path) / SAE_CFG_FILENAME).is_file():
+    """An SAE saved in sae-lens's format (`save_model`), e.g. one `train_sae` cached.
+
+    A damaged folder (config not JSON or missing a key, weights missing, empty or truncated)
+    raises a one-line `DamagedFileError` naming the file; nothing in the folder is run (sae-lens
+    reads the weights with safetensors and maps the architecture through its own registry).
+    """
+    path = Path(path)
+    if not (path / SAE_CFG_FILENAME).is_file():
         raise ConfigError(f"{path} holds no saved sae-lens SAE ({SAE_CFG_FILENAME} missing)")
-    return SAE.load_from_disk(path, device=device)
+    remedy = ("save the SAE again, or if it is in srlib's cache clear it: "
+              f"{clear_command('sae')}")
+    read_json(path / SAE_CFG_FILENAME, remedy)
+    weights = path / SAE_WEIGHTS_FILENAME
+    check_safetensors(weights, remedy)  # missing, empty or truncated weights: one line naming the file
+    try:
+        return SAE.load_from_disk(path, device=device)
+    except (KeyError, TypeError, ValueError, RuntimeError, OSError) as error:
+        raise DamagedFileError(f"{path}: not a loadable sae-lens SAE ({one_line(str(error))}); {remedy}") from None
 
 
 def check_width(sae: SAE, d: int) -> None:
@@ -317,9 +332,16 @@ def corpus_activations(backbone: Backbone, layer: int, texts: Sequence[str], *,
     key, parts = _corpus_key(backbone, layer, texts, max_length)
     final = cache_dir("sae-corpus") / key
     if (final / "info.json").is_file():
-        tensors = load_file(final / "activations.safetensors")
-        return CorpusActivations(**tensors, info=json.loads((final / "info.json").read_text()),
-                                 from_cache=True)
+        names = {"train_tokens", "train_last", "heldout_tokens", "heldout_last"}
+        tensors = read_cache_entry(final / "activations.safetensors", "sae-corpus",
+                                   check=lambda found: set(found) == names)
+        try:
+            info = read_json(final / "info.json", clear_command("sae-corpus"))
+        except DamagedFileError as error:
+            warn_recomputing(final / "info.json", error)
+            tensors = None
+        if tensors is not None:
+            return CorpusActivations(**tensors, info=info, from_cache=True)
     start = time.perf_counter()
     train_texts, heldout_texts = _split_holdout(texts)
     train_tokens, train_last, train_dropped = _collect(backbone, train_texts, layer, max_length,
@@ -392,7 +414,10 @@ def train_sae(
     key, parts = sae_cache_key(backbone, layer, texts, config, max_length=max_length)
     final = cache_dir("sae") / key
     if (final / INFO_FILENAME).is_file():
-        return load_sae(final, device=str(backbone.device))
+        try:
+            return load_sae(final, device=str(backbone.device))
+        except DamagedFileError as error:
+            warn_recomputing(final, error)
 
     cpu_start = time.process_time()
     data = corpus_activations(backbone, layer, texts, max_length=max_length,
@@ -435,6 +460,8 @@ def _check_config(config: SAETrainingConfig) -> None:
         raise ConfigError(f"SAE k={config.k} must be between 1 and d_sae={config.d_sae}")
     if not 0.0 <= config.last_token_share < 1.0:
         raise ConfigError(f"last_token_share must be in [0, 1), got {config.last_token_share}")
+    if not (math.isfinite(config.lr) and config.lr > 0 and math.isfinite(config.lr_end) and config.lr_end >= 0):
+        raise ConfigError(f"SAE lr must be a finite number > 0 and lr_end one >= 0, got {config.lr}, {config.lr_end}")
     if _steps(config) < 1:
         raise ConfigError(
             f"training_tokens={config.training_tokens} is less than one batch of {config.batch_size}"

@@ -174,3 +174,19 @@ def test_run_trials_records_outcomes_ties_and_resampled_selection():
     labels = summarize(tied, value="test_accuracy").set_index("variant")["label"]
     assert labels["Top-K directions"].endswith("(ties 25.0%)")
     assert "ties" not in labels["Dense"]
+
+
+def test_paired_table_has_one_verdict_per_group_and_comparison():
+    from srlib.experiments import compare_variants, paired_table
+
+    rng = np.random.default_rng(4)
+    rows = [dict(dataset=d, variant=v, seed=s, test_outcomes=list(rng.random(50) < p))
+            for d in ("truthfulqa", "hh-harmless") for v, p in (("A", 0.9), ("B", 0.5)) for s in (0, 1)]
+    import pandas as pd
+
+    trials = pd.DataFrame(rows)
+    table = paired_table(trials, [("A", "B")], labels={"truthfulqa": "TruthfulQA"})
+    assert table["dataset"].tolist() == ["TruthfulQA", "hh-harmless"]
+    expected = compare_variants(trials, "A", "B", dataset="hh-harmless")
+    assert table.iloc[1]["verdict"] == expected.verdict()
+    assert table.iloc[1]["CI low"] == expected.low
