@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baselines", action="store_true", help="train and score the baselines that are not cached")
     parser.add_argument("--methods", nargs="+", default=["standard", "generalizable", "judge", "logprob"],
                         choices=METHODS)
-    parser.add_argument("--baseline-train-pairs", type=int, default=64)
-    parser.add_argument("--baseline-test-pairs", type=int, default=200)
+    parser.add_argument("--baseline-train-pairs", type=int, default=None, help="default: the profile's")
+    parser.add_argument("--baseline-test-pairs", type=int, default=None, help="default: the profile's")
     parser.add_argument("--baseline-epochs", type=float, default=1.0)
     parser.add_argument("--validation", choices=("none", "all"), default="none",
                         help="the validation labels every model reads, as chapter 8's VALIDATION (default: none)")
@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.sae_corpus_tokens is not None:
             profile = profile.replace(sae_corpus_tokens=args.sae_corpus_tokens)
         args.seeds = args.seeds or list(profile.seeds)
+        args.baseline_train_pairs = args.baseline_train_pairs or profile.baseline_train_pairs
+        args.baseline_test_pairs = args.baseline_test_pairs or profile.baseline_test_pairs
         backbone = backbone_for_profile(profile, progress=False)
         total = sum(p.numel() for p in backbone.model.parameters())
         settings = baseline_settings(profile.max_length, epochs=args.baseline_epochs, learning_rate=args.baseline_lr,

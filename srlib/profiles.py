@@ -48,6 +48,11 @@ class Profile:
     sae_source: str
     sae_training: SAETrainingConfig | None
     k: int = 128
+    # The token the reward model reads (`srlib.activations.POSITIONS`) and whether its head
+    # standardises its inputs. With `layer` and `k`, the settings chapter 3's validation study
+    # (`srlib.experiments.validation_study`) compares; a default stays until a study selects another.
+    position: str = "last"
+    standardize: bool = True
     max_length: int = 512
     batch_size: int = 16
     # Cap on the number of pairs taken from each split (None = all). Keeps smoke runs small.
@@ -63,6 +68,12 @@ class Profile:
     # at (a LoRA fit per size and seed: the expensive part, so fewer on a CPU).
     efficiency_sizes: tuple[int, ...] = (16, 64, 256)
     efficiency_lora_sizes: tuple[int, ...] = (16, 64)
+    # Chapter 8's comparison: the training pairs of the LoRA baselines (the first N of the
+    # train split), the common test pairs every model is scored on, and the training pairs
+    # whose hidden-state extraction is timed.
+    baseline_train_pairs: int = 64
+    baseline_test_pairs: int = 200
+    extraction_sample: int = 16
 
     def replace(self, **changes) -> "Profile":
         """A copy with some fields changed (e.g. another layer for a sweep)."""
@@ -84,6 +95,9 @@ PROFILES: dict[str, Profile] = {
         seeds=(0, 1, 2),
         efficiency_sizes=(8, 16),
         efficiency_lora_sizes=(8,),
+        baseline_train_pairs=8,
+        baseline_test_pairs=24,
+        extraction_sample=8,
         description="Tiny random Llama-style model built in-process; runs in seconds; "
                     "numbers are meaningless.",
     ),
@@ -119,6 +133,22 @@ PROFILES: dict[str, Profile] = {
         efficiency_lora_sizes=(16, 64, 256, 1000),
         description="Gemma-2-2B-it, layer 13, Gemma Scope SAE; needs a GPU and hub access.",
     ),
+}
+
+
+#: Chapter 7's alignment loop per profile: the `srlib.alignment.AlignmentConfig` fields that
+#: differ from its defaults (`AlignmentConfig.for_profile` reads them from here).
+ALIGNMENT: dict[str, dict] = {
+    # Seconds on the tiny random model; the numbers mean nothing.
+    "smoke": dict(model_id=TINY_MODEL_ID, n_prompts=6, rounds=2, n_shots=1, max_new_tokens=6,
+                  generation_batch_size=8, epochs=1, batch_size=4, learning_rate=1e-3,
+                  max_length=96, max_val=6, max_test=6),
+    # SmolLM2-135M-Instruct on 2 CPU cores: a few dozen prompts, two rounds, capped evaluation.
+    "cpu": dict(model_id="HuggingFaceTB/SmolLM2-135M-Instruct", n_prompts=24, rounds=2, max_new_tokens=32,
+                learning_rate=2e-3, max_length=512, max_val=50, max_test=200),
+    # The paper's loop on Gemma-2-2B-it (a GPU and hub access): every generation prompt, 5 rounds.
+    "paper": dict(model_id="google/gemma-2-2b-it", n_prompts=None, rounds=5, max_new_tokens=128,
+                  learning_rate=5e-5, max_length=1024, max_val=None, max_test=None),
 }
 
 
