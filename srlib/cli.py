@@ -51,7 +51,6 @@ def _load_pairs(spec: str, args: argparse.Namespace, profile: Profile | None = N
     return load_pairs(spec, seed=getattr(args, "split_seed", 0), max_pairs=cap)
 
 
-def _print_result(result: dict) -> None:
 def finite_float(text: str) -> float:
     """argparse type: a float that is not inf or nan (Python's float() accepts both)."""
     try:
@@ -63,6 +62,7 @@ def finite_float(text: str) -> float:
     return value
 
 
+def _print_result(result: dict) -> None:
     """The machine-readable summary: one JSON object on the last line of stdout."""
     print(json.dumps(result, sort_keys=True))
 
@@ -178,14 +178,6 @@ def cmd_align(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m srlib", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    def add_model_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES),
-                       help=f"preset for model, layer, SAE and sizes (default {DEFAULT_PROFILE})")
-        p.add_argument("--model", help="backbone: hub id or local folder (overrides the profile)")
 def cmd_cache(args: argparse.Namespace) -> int:
     """`cache list`: each cache's folder, entries and size; `verify`: open every entry, one line
     per damaged one on stderr (exit 2 if any); `clear --what KIND`: remove those caches only."""
@@ -210,6 +202,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m srlib", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_model_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES),
+                       help=f"preset for model, layer, SAE and sizes (default {DEFAULT_PROFILE})")
+        p.add_argument("--model", help="backbone: hub id or local folder (overrides the profile)")
         p.add_argument("--layer", type=int, help="layer L = output of block L, 0-indexed")
         p.add_argument("--sae", help='"train", "sae-lens:<release>/<sae_id>" or a saved SAE folder')
 
@@ -263,6 +263,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
     align.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES))
     align.add_argument("--model", help="policy model: hub id or local folder (overrides the profile)")
     align.set_defaults(func=cmd_align)
+
+    from srlib.cache import CACHE_KINDS
+
+    cache = sub.add_parser("cache", help="list, verify or clear srlib's caches")
+    cache.add_argument("action", choices=("list", "verify", "clear"))
+    cache.add_argument("--what", action="append", choices=(*CACHE_KINDS, "all"), metavar="KIND",
+                       help=f"a cache ({', '.join(CACHE_KINDS)}) or all; repeatable (list, verify: all by default)")
+    cache.set_defaults(func=cmd_cache)
     return parser
 
 
@@ -275,14 +283,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except FileNotFoundError as error:
-
-    from srlib.cache import CACHE_KINDS
-
-    cache = sub.add_parser("cache", help="list, verify or clear srlib's caches")
-    cache.add_argument("action", choices=("list", "verify", "clear"))
-    cache.add_argument("--what", action="append", choices=(*CACHE_KINDS, "all"), metavar="KIND",
-                       help=f"a cache ({', '.join(CACHE_KINDS)}) or all; repeatable (list, verify: all by default)")
-    cache.set_defaults(func=cmd_cache)
         print(f"error: {error.strerror}: {error.filename}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
