@@ -1,6 +1,6 @@
 """Time each stage of the alignment loop on a real backbone and report what DPO moved.
 
-    python benchmarks/alignment_trial.py --track safety --n-prompts 48 --rounds 1 --rms wo,dense \
+    python benchmarks/alignment_trial.py --track red-teaming --n-prompts 48 --rounds 1 --rms wo,dense \
         --out /tmp/align-trial/a
 
 Runs `srlib.alignment.run_alignment` with the cpu profile's config and the changes given on the
@@ -27,7 +27,7 @@ from srlib.alignment import AlignmentConfig, run_alignment
 from srlib.errors import SrlibError
 
 # Settings that change what is generated or how it is evaluated: a reused trial must match them.
-_SHARED_FIELDS = ("track", "dataset", "model_id", "n_prompts", "n_shots", "shot_max_chars",
+_SHARED_FIELDS = ("track", "model_id", "n_prompts", "n_shots", "shot_max_chars",
                   "max_new_tokens", "temperature", "top_p", "generation_batch_size", "max_length",
                   "max_val", "max_test", "eval_batch_size", "seed", "split_seed")
 
@@ -52,8 +52,7 @@ def _dense_rm(config: AlignmentConfig, layer: int, out: Path, progress: bool):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="cpu")
-    parser.add_argument("--track", default="safety")
-    parser.add_argument("--dataset", default=None)
+    parser.add_argument("--track", default="red-teaming", help="truthfulqa, saferlhf or red-teaming")
     parser.add_argument("--n-prompts", type=int)
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--max-new-tokens", type=int)
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     changes = {key: value for key, value in {
-        "track": args.track, "dataset": args.dataset, "n_prompts": args.n_prompts, "rounds": args.rounds,
+        "track": args.track, "n_prompts": args.n_prompts, "rounds": args.rounds,
         "max_new_tokens": args.max_new_tokens, "learning_rate": args.lr, "epochs": args.epochs,
         "batch_size": args.batch_size, "max_val": args.max_val, "max_test": args.max_test, "seed": args.seed,
     }.items() if value is not None}

@@ -1,18 +1,20 @@
 """Online iterative DPO with reward-model filtering (the paper's §3.3, after GRATH).
 
-One round, for every prompt x:
+One round, for every prompt x (prompts no reward model sees: `srlib.data.generation_prompts`,
+as the paper samples additional prompts):
 1. generate: the current policy answers twice, once under a few-shot prompt asking for a good
    answer (truthful / safe: y_w) and once under one asking for a bad answer (a plausible
    falsehood / an unsafe compliance: y_l). The few-shot examples come from the training split.
 2. filter: the reward model scores (x, y_w) and (x, y_l); the tuple is kept iff s_w > s_l
-   (strictly; ties are dropped). "WO RM" (reward model None) keeps every tuple.
+   (ties are dropped unless `keep_ties`). "WO RM" (reward model None) keeps every tuple.
 3. DPO: TRL's DPOTrainer trains a fresh LoRA adapter on the kept tuples, with x the PLAIN
    prompt (not the few-shot one) so sequences stay short, beta 0.1, 3 epochs.
 
 Each round starts from the previous round's policy: the round's adapter is merged into the
-weights after training, so round r trains a new adapter on top of policy r−1, and its DPO
-reference (the model with the adapter switched off) is policy r−1 itself — the usual
-iterative-DPO reference. Every round is checkpointed as its adapter plus a JSON state,
+weights after training, so round r trains a new adapter on top of policy r−1. Its DPO
+reference pi_ref is the base model (`reference="base"`, the paper: "both pi_theta and pi_ref
+are initialized as the base model") or policy r−1 itself (`reference="previous"`, the usual
+iterative-DPO choice; TRL switches the adapter off). Every round is checkpointed as its adapter plus a JSON state,
 written atomically; a rerun with the same `out_dir` rebuilds the policy by merging the saved
 adapters in order and carries on, giving the same numbers as an uninterrupted run because
 every random draw is seeded from (seed, round). The reported result of each reward model is
@@ -45,30 +47,39 @@ from tqdm.auto import tqdm
 from srlib.backbone import left_pad
 from srlib.data import (
     PreferencePair,
-    load_arc_prompts,
+    generation_prompts,
     load_pairs,
     load_truthfulqa_mc,
     prompt_messages,
 )
 from srlib.errors import ConfigError
 from srlib.evaluate import (
+    PairedComparison,
+    compare_paired,
     filter_stats,
-    paired_difference,
     pairwise_logprob_accuracy,
     prompt_ids,
     truthfulqa_mc,
 )
+from srlib.paper import TABLE1_TRACKS
 from srlib.paths import atomic_path
-from srlib.profiles import TINY_MODEL_ID
+from srlib.profiles import ALIGNMENT
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from srlib.reward import RewardModel
 
-TRACKS = {"truthfulness": ("truthfulqa",), "safety": ("hh-harmless", "pku-saferlhf")}
+#: The three tracks of the paper's Table 1 (`srlib.paper.TABLE1_TRACKS`): "truthfulqa",
+#: "saferlhf", "red-teaming".
+TRACKS = TABLE1_TRACKS
+#: The name of the base policy (round 0, before any DPO) in result tables and comparisons.
+BASE = "base policy"
+#: Where the DPO reference pi_ref comes from each round: "base" (the paper: pi_ref is the base
+#: model throughout) or "previous" (the previous round's policy, the usual iterative-DPO choice).
+REFERENCES = ("base", "previous")
 
-#: System instructions of the generation prompts, by (track, side). The few-shot turns that
+#: System instructions of the generation prompts, by (track kind, side). The few-shot turns that
 #: follow show training-split answers of the same side (correct / chosen for "good",
 #: incorrect / rejected for "bad").
 INSTRUCTIONS = {
@@ -87,25 +98,27 @@ INSTRUCTIONS = {
 class AlignmentConfig:
     """Every setting of an alignment run; the defaults are the cpu profile's.
 
-    The cpu defaults are sized for chapter 7 on 2 CPU cores with SmolLM2-135M-Instruct: base
-    evaluation plus three reward models (WO RM, SparseRM, DenseRM) × 2 rounds in about 25-30
-    minutes, by an estimate from a trial on a loaded machine (benchmarks/alignment_trial.py:
-    the costly stages are the DPO steps, ~20-30 s each on one free core with HH prompts, and
-    the test evaluation, ~0.5 s per scored response). Raise `n_prompts` to 2000, `rounds` to 5
-    and drop the evaluation caps for the paper's setting (`for_profile("paper")`).
+    The sizes of each profile live in `srlib.profiles.ALIGNMENT` (`for_profile`): the cpu
+    sizes fit chapter 7 on 2 CPU cores with SmolLM2-135M-Instruct (benchmarks/alignment_trial.py
+    times the stages: DPO steps and the test evaluation dominate); `for_profile("paper")` has
+    5 rounds, every generation prompt and no evaluation caps.
     """
 
-    #: "truthfulness" (ARC-Challenge prompts, TruthfulQA MC1/MC2) or "safety" (training
-    #: prompts of `dataset`, pairwise log-prob accuracy on its pairs).
-    track: str = "safety"
-    #: truthfulqa for truthfulness; hh-harmless (red-teaming) or pku-saferlhf for safety.
-    #: None picks the first: truthfulqa / hh-harmless.
-    dataset: str | None = None
+    #: A Table 1 track (`TRACKS`): "truthfulqa" (ARC-Challenge prompts, TruthfulQA MC1/MC2),
+    #: "saferlhf" or "red-teaming" (prompts of the data set's generation split, pairwise
+    #: log-prob accuracy on its test pairs).
+    track: str = "red-teaming"
     #: The policy (and base) model, loaded with `srlib.backbone.load_backbone`.
     model_id: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    #: Prompts per round (the same prompts every round); None = every training prompt the
-    #: track has (ARC: 1,000 questions in the local copy; HH: 999; PKU: 250). Paper: 2,000.
+    #: Prompts per round (the same prompts every round), drawn from prompts no reward model
+    #: sees (`srlib.data.generation_prompts`); None = all of them (local copies: 999 ARC
+    #: questions, 300 HH, 98 PKU prompts). Paper: 2,000.
     n_prompts: int | None = 24
+    #: The DPO reference pi_ref (`REFERENCES`): "base" as in the paper, or "previous".
+    reference: str = "base"
+    #: The filter keeps a tuple iff s_w > s_l; with keep_ties also when s_w == s_l. The paper
+    #: only says it discards a tuple "if s_w is lower than s_l".
+    keep_ties: bool = False
     #: DPO rounds. Paper: 5.
     rounds: int = 2
     #: Few-shot examples in each generation prompt (from the training split).
@@ -119,8 +132,8 @@ class AlignmentConfig:
     # DPO (TRL DPOTrainer) and the LoRA adapter (peft).
     beta: float = 0.1
     epochs: int = 3
-    # A LoRA adapter on a 135M model barely moves at 1e-4: one cpu round on 24 tuples took the
-    # DPO loss from 0.692 to 0.668; at 2e-3, to 0.20 (margin 1.7 on the training tuples).
+    # A LoRA adapter on a 135M model barely moves at the usual 1e-4 (commit ea8f1f9 has the
+    # DPO losses of one cpu round at both rates).
     learning_rate: float = 2e-3
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
@@ -150,9 +163,8 @@ class AlignmentConfig:
     def __post_init__(self) -> None:
         if self.track not in TRACKS:
             raise ConfigError(f"track must be one of {', '.join(TRACKS)}, got {self.track!r}")
-        if self.dataset is not None and self.dataset not in TRACKS[self.track]:
-            raise ConfigError(f"dataset for the {self.track} track must be one of "
-                              f"{', '.join(TRACKS[self.track])}, got {self.dataset!r}")
+        if self.reference not in REFERENCES:
+            raise ConfigError(f"reference must be one of {', '.join(REFERENCES)}, got {self.reference!r}")
         if self.n_prompts is not None and self.n_prompts < 1:
             raise ConfigError(f"n_prompts must be at least 1 or None, got {self.n_prompts}")
         for name in ("rounds", "max_new_tokens", "epochs", "batch_size",
@@ -169,20 +181,25 @@ class AlignmentConfig:
         for name in ("max_val", "max_test"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1 or None, got {getattr(self, name)}")
-        valid = ("mc1", "mc2") if self.track == "truthfulness" else ("accuracy",)
+        valid = TRACKS[self.track].metrics
         if self.selection_metric is not None and self.selection_metric not in valid:
             raise ConfigError(f"selection_metric for the {self.track} track must be one of "
                               f"{', '.join(valid)}, got {self.selection_metric!r}")
 
     @property
+    def kind(self) -> str:
+        """"truthfulness" or "safety": the track's generation instructions and metric."""
+        return TRACKS[self.track].kind
+
+    @property
     def data_name(self) -> str:
-        """The data set that gives few-shot examples, (safety) prompts and evaluation items."""
-        return self.dataset or TRACKS[self.track][0]
+        """The data set of the reward models, few-shot examples, prompts and evaluation items."""
+        return TRACKS[self.track].dataset
 
     @property
     def metric(self) -> str:
         """The validation metric that picks the best round."""
-        return self.selection_metric or ("mc2" if self.track == "truthfulness" else "accuracy")
+        return self.selection_metric or TRACKS[self.track].metrics[-1]
 
     def replace(self, **changes: Any) -> "AlignmentConfig":
         """A copy with some fields changed."""
@@ -204,21 +221,37 @@ class AlignmentConfig:
     @classmethod
     def for_profile(cls, profile: str, **changes: Any) -> "AlignmentConfig":
         """The preset of a profile (smoke, cpu, paper), with `changes` applied."""
-        if profile not in _PROFILE_CHANGES:
-            raise ConfigError(f"unknown profile {profile!r}; choose one of: {', '.join(_PROFILE_CHANGES)}")
-        return cls(**{**_PROFILE_CHANGES[profile], **changes})
+        if profile not in ALIGNMENT:
+            raise ConfigError(f"unknown profile {profile!r}; choose one of: {', '.join(ALIGNMENT)}")
+        return cls(**{**ALIGNMENT[profile], **changes})
 
-
-_PROFILE_CHANGES: dict[str, dict] = {
-    # Seconds on the tiny random model; the numbers mean nothing.
-    "smoke": dict(model_id=TINY_MODEL_ID, n_prompts=6, rounds=2, n_shots=1, max_new_tokens=6,
-                  generation_batch_size=8, epochs=1, batch_size=4, learning_rate=1e-3,
-                  max_length=96, max_val=6, max_test=6),
-    "cpu": {},
-    # The paper's loop on Gemma-2-2B-it (a GPU and hub access).
-    "paper": dict(model_id="google/gemma-2-2b-it", n_prompts=None, rounds=5, max_new_tokens=128,
-                  learning_rate=5e-5, max_length=1024, max_val=None, max_test=None),
-}
+    def paper_deviations(self) -> list[dict[str, str]]:
+        """Every way this configuration departs from the paper's §3.3 / §4 alignment setup, one
+        row each (setting, paper, here), computed from the fields so the table never drifts."""
+        rows = [
+            ("policy and base model", "Gemma-2-2B-it / Gemma-2-9B-it", self.model_id),
+            ("generation prompts per round", "2,000 additional prompts (ARC-Challenge for truthfulness)",
+             f"{self.n_prompts or 'all'} of {TRACKS[self.track].dataset}'s generation prompts"
+             + (" (ARC-Challenge)" if self.kind == "truthfulness" else "")),
+            ("rounds", "5", str(self.rounds)),
+            ("DPO reference pi_ref", "the base model", "the base model" if self.reference == "base"
+             else "the previous round's policy"),
+            ("filter on a tie s_w = s_l", "not said (it discards a tuple if s_w < s_l)",
+             "kept" if self.keep_ties else "dropped"),
+            ("tuples without a preference (empty or identical answers)", "not said", "dropped for every filter"),
+            ("generation prompt", "the templates of the paper's appendix",
+             f"a system instruction and {self.n_shots} few-shot training pairs per side (GRATH-style)"),
+            ("DPO beta / epochs per round", "0.1 / 3", f"{self.beta:g} / {self.epochs}"),
+            ("fine-tuning", "LoRA (rank not given)", f"LoRA r={self.lora_r} on {self.lora_target_modules}, "
+             "a fresh adapter each round, merged after it"),
+            ("learning rate", "not given", f"{self.learning_rate:g}"),
+            ("longest generated answer", "not given", f"{self.max_new_tokens} tokens"),
+            ("reported round", "the checkpoint with the best evaluation accuracy (split not said)",
+             f"the round with the highest validation {self.metric} (earliest on a tie), then test once"),
+            ("validation / test items", "not said / 1,000 test items (safety)",
+             f"{self.max_val or 'all'} / {self.max_test or 'all'}"),
+        ]
+        return [{"setting": s, "paper": p, "here": h} for s, p, h in rows]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,16 +267,16 @@ REFUSAL = re.compile(r"\b(sorry|can[’']?t|cannot|won[’']?t|unable|not (?:abl
 
 
 def select_shots(pairs: Sequence[PreferencePair], n_shots: int, *, seed: int, max_chars: int = 400,
-                 track: str = "truthfulness") -> list[PreferencePair]:
+                 kind: str = "truthfulness") -> list[PreferencePair]:
     """`n_shots` few-shot examples: single-turn pairs with short answers, distinct prompts.
 
-    Drawn with `random.Random(seed)`, one per group (question / prompt). For the safety track
-    only pairs whose chosen answer refuses or warns and whose rejected answer does not
+    Drawn with `random.Random(seed)`, one per group (question / prompt). For a safety track
+    (`kind="safety"`) only pairs whose chosen answer refuses or warns and whose rejected answer does not
     (`REFUSAL`) qualify.
     """
     candidates = [p for p in pairs if len(prompt_messages(p.prompt)) == 1
                   and len(p.chosen) <= max_chars and len(p.rejected) <= max_chars
-                  and (track != "safety" or (REFUSAL.search(p.chosen) and not REFUSAL.search(p.rejected)))]
+                  and (kind != "safety" or (REFUSAL.search(p.chosen) and not REFUSAL.search(p.rejected)))]
     random.Random(seed).shuffle(candidates)
     shots, groups = [], set()
     for pair in candidates:
@@ -258,13 +291,14 @@ def select_shots(pairs: Sequence[PreferencePair], n_shots: int, *, seed: int, ma
     return shots
 
 
-def generation_messages(prompt: str, shots: Sequence[PreferencePair], track: str, side: str) -> list[dict]:
-    """The chat turns that ask the policy for a good (`side="good"`) or bad answer to `prompt`.
+def generation_messages(prompt: str, shots: Sequence[PreferencePair], kind: str, side: str) -> list[dict]:
+    """The chat turns that ask the policy for a good (`side="good"`) or bad answer to `prompt`,
+    for a track of `kind` "truthfulness" or "safety".
 
     A system instruction, then each shot as a user turn and an assistant turn (its chosen
     answer for "good", its rejected answer for "bad"), then the prompt's own turns.
     """
-    messages = [{"role": "system", "content": INSTRUCTIONS[(track, side)]}]
+    messages = [{"role": "system", "content": INSTRUCTIONS[(kind, side)]}]
     for shot in shots:
         messages += prompt_messages(shot.prompt)
         messages.append({"role": "assistant", "content": shot.chosen if side == "good" else shot.rejected})
@@ -336,7 +370,7 @@ def generate_tuples(
     Returns PreferencePairs with the plain prompt x, `pair_id` "r<round>:<prompt index>" and
     source "generated:round<r>". Sampling is seeded from (config.seed, round_index).
     """
-    conversations = [generation_messages(p, shots, config.track, side)
+    conversations = [generation_messages(p, shots, config.kind, side)
                      for side in ("good", "bad") for p in prompts]
     answers = generate_responses(
         model, tokenizer, conversations, max_new_tokens=config.max_new_tokens,
@@ -371,10 +405,12 @@ class FilterResult:
         return sum(self.keep)
 
 
-def filter_tuples(tuples: Sequence[PreferencePair], reward_model: "RewardModel | None") -> FilterResult:
+def filter_tuples(tuples: Sequence[PreferencePair], reward_model: "RewardModel | None", *,
+                  keep_ties: bool = False) -> FilterResult:
     """Score each (x, y_w) and (x, y_l) with `reward_model` and keep the tuples with s_w > s_l.
 
-    A tie is dropped. A tuple whose two answers are identical or one is empty carries no
+    A tie s_w == s_l is dropped, or kept with `keep_ties` (the paper discards a tuple only
+    "if s_w is lower than s_l"; `AlignmentConfig.keep_ties`). A tuple whose two answers are identical or one is empty carries no
     preference and is dropped for every reward model, "WO RM" (None) included; None keeps
     all the others. Scores are returned for inspection.
     """
@@ -385,7 +421,7 @@ def filter_tuples(tuples: Sequence[PreferencePair], reward_model: "RewardModel |
         return FilterResult(keep=[], s_w=[], s_l=[])
     s_w, s_l = reward_model.score_pairs(list(tuples))
     s_w, s_l = [float(v) for v in s_w], [float(v) for v in s_l]
-    keep = [v and w > l for v, w, l in zip(valid, s_w, s_l)]
+    keep = [v and (w > l or (keep_ties and w == l)) for v, w, l in zip(valid, s_w, s_l)]
     return FilterResult(keep=keep, s_w=s_w, s_l=s_l)
 
 
@@ -412,12 +448,14 @@ def dpo_round(
     *,
     seed: int,
     adapter_dir: str | Path,
+    reference: "PreTrainedModel | None" = None,
     progress: bool = True,
 ) -> tuple["PreTrainedModel", dict]:
     """Train a fresh LoRA adapter with DPO on `tuples`, save it, merge it into `model`.
 
-    The reference policy is `model` as passed in (TRL switches the adapter off), and its
-    log-probabilities are computed once before training (`precompute_ref_log_probs`).
+    The reference policy pi_ref is `reference` (e.g. the base model, as in the paper) or, when
+    None, `model` as passed in (TRL switches the adapter off). Its log-probabilities are
+    computed once before training (`precompute_ref_log_probs`); `reference` is not changed.
     Returns (the merged model, training statistics: per-epoch loss, reward margin and
     accuracy as TRL logs them, steps, seconds). `model` itself is modified in place.
     """
@@ -447,7 +485,7 @@ def dpo_round(
                             if isinstance(config.lora_target_modules, tuple) else config.lora_target_modules),
             task_type="CAUSAL_LM",
         )
-        trainer = DPOTrainer(model=model, args=args, train_dataset=_dpo_dataset(tuples),
+        trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=_dpo_dataset(tuples),
                              processing_class=tokenizer, peft_config=lora)
         # TRL drops a tuple whose prompt alone fills max_length; log once per epoch of what is left.
         n_trained = len(trainer.train_dataset)
@@ -461,6 +499,8 @@ def dpo_round(
         with atomic_path(adapter_dir, is_dir=True) as tmp:
             peft_model.save_pretrained(tmp)
         history, steps = trainer.state.log_history, trainer.state.global_step
+    if reference is not None:
+        _unpatch(reference)
     merged = _merge(peft_model)
     stats = {
         "n_tuples": len(tuples),
@@ -506,9 +546,12 @@ def apply_adapter(model: "PreTrainedModel", adapter_dir: str | Path) -> "PreTrai
 
 
 def _merge(peft_model) -> "PreTrainedModel":
-    model = peft_model.merge_and_unload()
-    # DPOTrainer patches `forward` on the instance (its fused LM head); drop the patch so the
-    # next round starts from the plain class method, as a freshly loaded model does.
+    return _unpatch(peft_model.merge_and_unload())
+
+
+def _unpatch(model: "PreTrainedModel") -> "PreTrainedModel":
+    """DPOTrainer patches `forward` on the policy and reference instances (its fused LM head);
+    drop the patch so the model behaves as a freshly loaded one does."""
     model.__dict__.pop("forward", None)
     return model
 
@@ -539,7 +582,7 @@ class _EvalData:
 
 
 def _eval_data(config: AlignmentConfig) -> _EvalData:
-    if config.track == "truthfulness":
+    if config.kind == "truthfulness":
         val, test = load_truthfulqa_mc("val", config.split_seed), load_truthfulqa_mc("test", config.split_seed)
     else:
         val = load_pairs(f"{config.data_name}:val", seed=config.split_seed)
@@ -552,25 +595,27 @@ def evaluate_policy(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBas
     """The track's metrics on `items`: TruthfulQA MC1/MC2 or pairwise log-prob accuracy."""
     kwargs = dict(batch_size=config.eval_batch_size, max_length=config.max_length, progress=progress,
                   per_item=per_item)
-    if config.track == "truthfulness":
+    if config.kind == "truthfulness":
         return truthfulqa_mc(model, tokenizer, items, **kwargs)
     return pairwise_logprob_accuracy(model, tokenizer, items, **kwargs)
 
 
-def training_prompts(config: AlignmentConfig) -> tuple[list[str], list[PreferencePair]]:
-    """(prompts, few-shot examples) of the track, both from training data and disjoint."""
+def prompts_and_shots(config: AlignmentConfig) -> tuple[list[str], list[PreferencePair]]:
+    """(generation prompts, few-shot examples) of the track.
+
+    The prompts are `config.n_prompts` of the track's generation prompts, which no reward
+    model of its data set trains, validates or is tested on (`srlib.data.generation_prompts`:
+    ARC-Challenge questions for truthfulqa, the "gen" split otherwise), drawn with
+    `config.seed`; the few-shot examples are training pairs (`select_shots`).
+    """
     train = load_pairs(f"{config.data_name}:train", seed=config.split_seed)
     shots = select_shots(train, config.n_shots, seed=config.seed, max_chars=config.shot_max_chars,
-                         track=config.track)
-    if config.track == "truthfulness":
-        prompts = [q.question for q in load_arc_prompts()]
-    else:
-        shot_prompts = {s.prompt for s in shots}
-        prompts = list(dict.fromkeys(p.prompt for p in train if p.prompt not in shot_prompts))
+                         kind=config.kind)
+    prompts = generation_prompts(config.data_name, seed=config.split_seed)
     random.Random(config.seed).shuffle(prompts)
     if config.n_prompts is not None and len(prompts) < config.n_prompts:
         raise ConfigError(f"n_prompts={config.n_prompts} but the {config.track} track has "
-                          f"{len(prompts)} training prompts")
+                          f"{len(prompts)} generation prompts; lower n_prompts")
     return prompts[: config.n_prompts], shots
 
 
@@ -617,18 +662,31 @@ class AlignmentResult:
     def table(self) -> list[dict]:
         """One row per policy: the base and each reward model's best round, on test data.
 
-        Each metric comes with its SE, and for the reward models with `<metric>_delta`, the
-        paired difference from the base policy on the same items, and `<metric>_delta_se`.
+        Each row names its Table 1 `track`; each metric comes with its SE, and for the reward
+        models with `<metric>_delta`, the change from the base policy in points on the same
+        items, and `<metric>_delta_low` / `_high`, its 95% paired-bootstrap interval (`compare`).
         """
-        metrics = ("mc1", "mc2") if self.config.track == "truthfulness" else ("accuracy",)
-        rows = [{"method": "base policy", "best_round": 0, "kept": None, **_summary(self.base_test)}]
+        rows = [{"track": self.config.track, "method": BASE, "best_round": 0, "kept": None,
+                 **_summary(self.base_test)}]
         for name, run in self.runs.items():
-            row = {"method": name, "best_round": run.best_round, "kept": run.kept, **_summary(run.test)}
-            for metric in metrics:
-                delta = paired_difference(run.test[f"{metric}_items"], self.base_test[f"{metric}_items"])
-                row[f"{metric}_delta"], row[f"{metric}_delta_se"] = delta["diff"], delta["se"]
+            row = {"track": self.config.track, "method": name, "best_round": run.best_round, "kept": run.kept,
+                   **_summary(run.test)}
+            for metric in TRACKS[self.config.track].metrics:
+                change = self.compare(name, BASE, metric)
+                row[f"{metric}_delta"], row[f"{metric}_delta_low"], row[f"{metric}_delta_high"] = (
+                    change.difference, change.low, change.high)
             rows.append(row)
         return rows
+
+    def compare(self, a: str, b: str, metric: str) -> PairedComparison:
+        """Policy `a` against policy `b` (reward model names or `BASE`) on `metric`'s test items,
+        paired over the same items (`srlib.evaluate.compare_paired`, the book's one verdict)."""
+        def items(name: str) -> list[float]:
+            if name != BASE and name not in self.runs:
+                raise ConfigError(f"no policy {name!r} in this run; choose {BASE!r} or one of {', '.join(self.runs)}")
+            return (self.base_test if name == BASE else self.runs[name].test)[f"{metric}_items"]
+
+        return compare_paired(items(a), items(b), name_a=a, name_b=b)
 
     def to_dict(self) -> dict:
         return {"config": self.config.to_dict(), "base_val": self.base_val,
@@ -740,7 +798,7 @@ def run_alignment(
     base = load_backbone(config.model_id, progress=progress)
     base_model, tokenizer = base.model, base.tokenizer
     data = _eval_data(config)
-    prompts, shots = training_prompts(config)
+    prompts, shots = prompts_and_shots(config)
 
     base_path = out / "base_eval.json"
     if base_path.exists():
@@ -793,7 +851,7 @@ def run_alignment(
                                          progress=progress)
                 seconds["generate"] = time.perf_counter() - start
             start = time.perf_counter()
-            verdict = filter_tuples(tuples, reward_model)
+            verdict = filter_tuples(tuples, reward_model, keep_ties=config.keep_ties)
             seconds["filter"] = time.perf_counter() - start
             kept = [t for t, k in zip(tuples, verdict.keep) if k]
             with atomic_path(round_dir, is_dir=True) as tmp:
@@ -802,6 +860,7 @@ def run_alignment(
                 if kept:
                     policy, train = dpo_round(policy, tokenizer, kept, config,
                                               seed=_round_seed(config, r), adapter_dir=tmp / "adapter",
+                                              reference=base_model if config.reference == "base" else None,
                                               progress=progress)
                     seconds["dpo"] = train["seconds"]
                 start = time.perf_counter()

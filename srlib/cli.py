@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from srlib.errors import SrlibError
+from srlib.paper import TABLE1_TRACKS
 from srlib.profiles import DEFAULT_PROFILE, PROFILES, Profile, get_profile
 
 FEATURES = ("projection", "latents", "random", "dense")
@@ -254,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     align = sub.add_parser("align", help="iterative DPO on RM-filtered self-generated pairs")
     align.add_argument("--rm", action="append", default=[], metavar="DIR",
                        help="a saved reward model used as filter (repeatable)")
-    align.add_argument("--track", required=True, choices=("truthfulness", "safety"))
+    align.add_argument("--track", required=True, choices=TABLE1_TRACKS, help="a track of the paper's Table 1")
     align.add_argument("--out", required=True, metavar="DIR", help="run folder (resumable)")
     align.add_argument("--rounds", type=int, help="DPO rounds (default: the profile's)")
     align.add_argument("--prompts", type=int, help="prompts per round (default: the profile's)")

@@ -7,6 +7,8 @@ SAEs, not for the backbone a chapter ran. Copied from `shared/paper/sparserm-aaa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 #: Column order of the paper's data sets, with srlib's data set names.
 PAPER_DATASETS = {"pku-saferlhf": "SafeRLHF", "hh-harmless": "Red-Teaming", "truthfulqa": "TruthfulQA"}
 
@@ -53,6 +55,35 @@ TABLE1_ALIGNMENT = {
     },
 }
 TABLE1_COLUMNS = ("SafeRLHF", "Red-Teaming", "TQA MC1", "TQA MC2")
+
+
+@dataclass(frozen=True)
+class Track:
+    """One column group of Table 1: what the policy is asked and how it is scored (§4).
+
+    `kind` picks the generation instructions and the metric: "truthfulness" (TruthfulQA
+    MC1/MC2, prompts from ARC-Challenge) or "safety" (pairwise log-prob accuracy on `dataset`'s
+    test pairs, prompts from its generation split). `dataset` is srlib's name of the data the
+    reward models are trained on; `paper_columns` are the track's columns in `TABLE1_COLUMNS`.
+    """
+
+    kind: str
+    dataset: str
+    paper_columns: tuple[str, ...]
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics a policy is scored with on this track (srlib.evaluate's keys)."""
+        return ("mc1", "mc2") if self.kind == "truthfulness" else ("accuracy",)
+
+
+#: The three tracks of Table 1, by the name the CLI (`align --track`) and chapter 7 use; here,
+#: not in srlib.alignment, so that the command line can list them without importing torch.
+TABLE1_TRACKS: dict[str, Track] = {
+    "truthfulqa": Track("truthfulness", "truthfulqa", ("TQA MC1", "TQA MC2")),
+    "saferlhf": Track("safety", "pku-saferlhf", ("SafeRLHF",)),
+    "red-teaming": Track("safety", "hh-harmless", ("Red-Teaming",)),
+}
 
 #: Figure 4's chosen settings: the layer per backbone and K.
 FIGURE4_CHOICE = {"Gemma-2-2B-it": {"layer": 13, "k": 128}, "Gemma-2-9B-it": {"layer": 31, "k": 128}}

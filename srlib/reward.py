@@ -568,6 +568,7 @@ def damaged_remedy(directory: str | Path) -> str:
     return f"the reward model in {directory} is damaged or incomplete: save it again (python -m srlib fit ... --out DIR)"
 
 
+
 class FeatureRM(RewardModel):
     """A reward model = a fixed feature map on hidden states + a trained `RewardHead`.
 
@@ -668,6 +669,12 @@ class FeatureRM(RewardModel):
     def score_states(self, Z: Tensor) -> Tensor:
         """Scores [n] (float32, CPU) for hidden states Z [n, d]; NaN or infinite states are refused."""
         head = self._require_fitted()
+        Z = _as_states(Z, "hidden states")
+        bad = (~torch.isfinite(Z).all(dim=1)).nonzero().flatten()
+        if len(bad):
+            raise ConfigError(f"the hidden states to score contain NaN or infinite values ({len(bad)} of "
+                              f"{len(Z)} rows, first row {int(bad[0])}); a float16 backbone can overflow: "
+                              "load it in float32")
         with torch.no_grad():
             return head(self.features(Z)).float().cpu()
 
@@ -682,12 +689,6 @@ class FeatureRM(RewardModel):
 
         self._require_fitted()
         kwargs = self._extract_kwargs(batch_size, cache, progress)
-        Z = _as_states(Z, "hidden states")
-        bad = (~torch.isfinite(Z).all(dim=1)).nonzero().flatten()
-        if len(bad):
-            raise ConfigError(f"the hidden states to score contain NaN or infinite values ({len(bad)} of "
-                              f"{len(Z)} rows, first row {int(bad[0])}); a float16 backbone can overflow: "
-                              "load it in float32")
         return self.score_states(last_token_states(self.backbone, list(texts), self.layer, **kwargs))
 
     def score_pairs(self, pairs, *, batch_size: int = 16, cache: bool = True,

@@ -16,9 +16,8 @@ answers of the training split):
   max_j cos(x, t_j): how close the nearest training example is.
 * **centering** (`center=True`): the training mean is subtracted from every vector first.
   Hidden states of language models share a large common offset, which alone makes
-  uncentered cosines high (on SmolLM2 layer 15 every answer has a mean cosine of about 0.9
-  to the training answers, and raw projections about 0.99), so the uncentered "mean" mostly
-  measures that offset. Centering asks whether x points the same way as the training data
+  uncentered cosines high for every answer, raw projections even more so (chapter 6 prints
+  the values for its backbone), so the uncentered "mean" mostly measures that offset. Centering asks whether x points the same way as the training data
   once the offset is removed. In the projection space centering is the same as projecting
   the centered states, since the projection is linear. Centered "mean" is uninformative by
   construction: the mean of the centered unit training vectors is close to zero, so every
@@ -74,7 +73,8 @@ def similarity_to_training(samples: Tensor, training: Tensor, *, aggregate: str 
                            center: bool = False, chunk: int = 1024) -> Tensor:
     """For each row x of `samples` [n, d], its cosine similarity to the training rows [m, d].
 
-    aggregate="mean": mean_j cos(x, t_j) (the primary measure); "nearest": max_j cos(x, t_j).
+    aggregate="mean": mean_j cos(x, t_j) (the paper-style reading); "nearest": max_j cos(x, t_j)
+    (with center=True, the book's primary measure: see the module docstring).
     center=True subtracts the mean training row from both sides first. Returns [n] float32.
     """
     _check_spaces(samples, training)
@@ -296,17 +296,19 @@ def generated_pairs(model, tokenizer, prompts: Sequence[str], shots: Sequence[Pr
 
 def policy_pairs(backbone, config, n_prompts: int, *, cache: bool = True, progress: bool = True
                  ) -> list[PreferencePair]:
-    """The policy (the backbone itself) answers `n_prompts` training prompts of `config`'s data
-    set twice, GRATH-style: once asked for a good answer (y_w), once for a bad one (y_l).
+    """The policy (the backbone itself) answers `n_prompts` generation prompts of `config`'s
+    track twice, GRATH-style: once asked for a good answer (y_w), once for a bad one (y_l).
 
-    The prompts and few-shot examples are those chapter 7's first alignment round uses
-    (`srlib.alignment`), so the generated pairs are the data a reward model filters there.
+    The prompts are ones no reward model sees (`srlib.data.generation_prompts`, like the
+    paper's 1,000 sampled Red-Teaming examples) and the few-shot examples training pairs, as
+    in chapter 7's first alignment round (`srlib.alignment.prompts_and_shots`), so the
+    generated pairs are the data a reward model filters there.
     """
-    from srlib.alignment import training_prompts
+    from srlib.alignment import prompts_and_shots
 
     if n_prompts < 1:
         raise ConfigError(f"n_prompts must be at least 1, got {n_prompts}")
     config = config.replace(n_prompts=n_prompts)
-    prompts, shots = training_prompts(config)
+    prompts, shots = prompts_and_shots(config)
     return generated_pairs(backbone.model, backbone.tokenizer, prompts, shots, config,
                            model_identity=backbone.identity, cache=cache, progress=progress)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import srlib.alignment as al
 from srlib.backbone import load_backbone
-from srlib.data import PreferencePair
+from srlib.data import PreferencePair, load_pairs
 from srlib.errors import ConfigError
 from srlib.evaluate import response_logprobs
 from srlib.profiles import TINY_MODEL_ID
@@ -56,10 +56,12 @@ def test_config_rejects_bad_settings():
     with pytest.raises(ConfigError):
         al.AlignmentConfig(track="honesty")
     with pytest.raises(ConfigError):
-        al.AlignmentConfig(track="truthfulness", dataset="hh-harmless")
+        al.AlignmentConfig(track="truthfulness")  # a kind of track, not a Table 1 track
+    with pytest.raises(ConfigError):
+        al.AlignmentConfig(reference="policy")
     with pytest.raises(ConfigError):
         al.AlignmentConfig(rounds=0)
-    assert al.AlignmentConfig(track="truthfulness").metric == "mc2"
+    assert al.AlignmentConfig(track="truthfulqa").metric == "mc2"
     cfg = al.AlignmentConfig.for_profile("smoke", rounds=3)
     assert al.AlignmentConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
@@ -110,16 +112,17 @@ def _comparable(result: al.AlignmentResult) -> dict:
     return data
 
 
-def test_safety_prompts_come_from_training_data_without_the_shots():
+def test_safety_prompts_come_from_the_generation_split_and_shots_from_training_data():
     cfg = al.AlignmentConfig.for_profile("smoke", n_shots=2, n_prompts=20)
-    prompts, shots = al.training_prompts(cfg)
+    prompts, shots = al.prompts_and_shots(cfg)
     assert len(prompts) == 20 and len(set(prompts)) == 20 and len(shots) == 2
-    assert not {s.prompt for s in shots} & set(prompts)
+    assert set(prompts) <= {p.prompt for p in load_pairs("hh-harmless:gen")}
     assert {s.source for s in shots} == {"hh-harmless"}
+    assert {s.pair_id for s in shots} <= {p.pair_id for p in load_pairs("hh-harmless:train")}
 
 
 def test_loop_shares_round1_and_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
-    cfg = al.AlignmentConfig.for_profile("smoke", track="truthfulness")
+    cfg = al.AlignmentConfig.for_profile("smoke", track="truthfulqa", reference="previous")
     rms = {"WO RM": None, "Length RM": LengthRM()}
 
     generated_rounds = []
@@ -142,7 +145,11 @@ def test_loop_shares_round1_and_resumes_to_the_uninterrupted_result(tmp_path, mo
     assert full.runs["Length RM"].kept[0] == sum(t["kept"] for t in r1[1])
     table = full.table()
     assert [row["method"] for row in table] == ["base policy", "WO RM", "Length RM"]
-    assert {"mc1", "mc1_se", "mc2_delta", "mc2_delta_se"} <= set(table[2]) and "mc1_items" not in table[2]
+    assert {row["track"] for row in table} == {"truthfulqa"}
+    assert {"mc1", "mc1_se", "mc2_delta", "mc2_delta_low", "mc2_delta_high"} <= set(table[2])
+    assert "mc1_items" not in table[2]
+    change = full.compare("Length RM", "base policy", "mc2")
+    assert table[2]["mc2_delta"] == change.difference and change.low <= change.difference <= change.high
     assert set(full.base_test) >= {"mc1", "mc2", "mc1_se", "mc2_se", "n"}
 
     # kill WO RM's second round (WO RM always trains), then rerun

@@ -3,11 +3,21 @@ the base model as the DPO reference, and one runnable configuration per Table 1 
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
+import torch
 
+import srlib.alignment as al
 from srlib import data
+from srlib.backbone import load_backbone
+from srlib.cli import build_parser
+from srlib.data import PreferencePair
+from srlib.paper import TABLE1_COLUMNS
+from srlib.profiles import PROFILES, TINY_MODEL_ID
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
 needs_real_data = pytest.mark.skipif(
     not os.environ.get("SRLIB_DATA_DIR"),
@@ -56,3 +66,94 @@ def test_split_rule_on_toy_groups():
     assert len(data._split_indices(sizes, "test", 0, cut, 11)) == 20
     with pytest.raises(data.DataError, match="gen"):
         data._split_indices(sizes, "gen", 0, cut)  # a data set without one names the valid splits
+
+
+# ---------------------------------------------------------------------------------------------
+# The DPO reference, the tie rule and the three tracks
+
+def _tuples(n: int = 8) -> list[PreferencePair]:
+    return [PreferencePair(f"Question number {i}?", "I am sorry, but I cannot help with that.",
+                           "Here is a careful answer.") for i in range(n)]
+
+
+def test_the_paper_reference_is_the_default_and_dpo_measures_against_it(tmp_path):
+    assert al.AlignmentConfig().reference == "base"
+    base = load_backbone(TINY_MODEL_ID)
+    tok, tuples = base.tokenizer, _tuples()
+    cfg = al.AlignmentConfig.for_profile("smoke", epochs=3, learning_rate=5e-3)
+    policy, _ = al.dpo_round(copy.deepcopy(base.model), tok, tuples, cfg, seed=0,
+                             adapter_dir=tmp_path / "round1", progress=False)
+    weights = {k: v.clone() for k, v in base.model.state_dict().items()}
+    # a second round that barely moves: its first-epoch loss is the loss at the start
+    still = cfg.replace(epochs=1, learning_rate=1e-9)
+    _, against_base = al.dpo_round(copy.deepcopy(policy), tok, tuples, still, seed=1,
+                                   adapter_dir=tmp_path / "a", reference=base.model, progress=False)
+    _, against_self = al.dpo_round(copy.deepcopy(policy), tok, tuples, still, seed=1,
+                                   adapter_dir=tmp_path / "b", progress=False)
+    assert abs(against_self["epochs"][0]["loss"] - 0.6931) < 1e-3  # pi_ref = pi_theta: log 2
+    assert against_base["epochs"][0]["loss"] < 0.6  # round 1 already prefers y_w over the base
+    assert against_base["epochs"][0]["rewards/margins"] > 0.5
+    # the reference is left as it was: same weights, no patched forward
+    assert all(torch.equal(v, weights[k]) for k, v in base.model.state_dict().items())
+    assert "forward" not in base.model.__dict__
+
+
+def test_run_alignment_passes_the_configured_reference(tmp_path, monkeypatch):
+    seen = []
+    real = al.dpo_round
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("reference"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(al, "dpo_round", spy)
+    cfg = al.AlignmentConfig.for_profile("smoke", rounds=2, n_prompts=4)
+    al.run_alignment(cfg, {"WO RM": None}, out_dir=tmp_path / "base", progress=False)
+    assert len(seen) == 2 and all(ref is not None for ref in seen)
+    assert seen[0] is seen[1]  # the one base model, both rounds
+    seen.clear()
+    al.run_alignment(cfg.replace(reference="previous"), {"WO RM": None}, out_dir=tmp_path / "prev", progress=False)
+    assert seen == [None, None]
+
+
+class _Scores:
+    def __init__(self, s_w, s_l):
+        self.s_w, self.s_l = s_w, s_l
+
+    def score_pairs(self, pairs):
+        return torch.tensor(self.s_w), torch.tensor(self.s_l)
+
+
+def test_the_tie_rule_is_a_setting_and_the_deviation_table_reports_it():
+    tuples = [PreferencePair("x", "a", "b"), PreferencePair("x", "c", "d"), PreferencePair("x", "e", "f")]
+    rm = _Scores([1.0, 0.5, 0.0], [0.0, 0.5, 1.0])
+    assert al.filter_tuples(tuples, rm).keep == [True, False, False]
+    assert al.filter_tuples(tuples, rm, keep_ties=True).keep == [True, True, False]
+    rows = {r["setting"]: r for r in al.AlignmentConfig(keep_ties=True, reference="previous").paper_deviations()}
+    assert rows["filter on a tie s_w = s_l"]["here"] == "kept"
+    assert rows["DPO reference pi_ref"]["here"] == "the previous round's policy"
+    default = {r["setting"]: r for r in al.AlignmentConfig().paper_deviations()}
+    assert default["DPO reference pi_ref"]["here"] == default["DPO reference pi_ref"]["paper"] == "the base model"
+
+
+@needs_real_data
+@pytest.mark.parametrize("track", ["truthfulqa", "saferlhf", "red-teaming"])
+def test_each_table1_track_has_a_runnable_configuration(track):
+    assert set(al.TRACKS) == {"truthfulqa", "saferlhf", "red-teaming"}
+    assert {c for t in al.TRACKS.values() for c in t.paper_columns} == set(TABLE1_COLUMNS)
+    assert build_parser().parse_args(["align", "--track", track, "--out", "x", "--include-wo-rm"]).track == track
+    for profile in PROFILES:
+        cfg = al.AlignmentConfig.for_profile(profile, track=track)
+        assert cfg.metric in al.TRACKS[track].metrics
+    cfg = al.AlignmentConfig.for_profile("smoke", track=track)
+    prompts, shots = al.prompts_and_shots(cfg)
+    assert len(prompts) == cfg.n_prompts and len(shots) == cfg.n_shots
+    assert not set(prompts) & _rm_prompts(cfg.data_name, cfg.split_seed)
+    data = al._eval_data(cfg)
+    assert len(data.val) == cfg.max_val and len(data.test) == cfg.max_test
+
+
+def test_the_cli_refuses_a_track_that_is_not_in_table1(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["align", "--track", "safety", "--out", "x"])
+    assert "red-teaming" in capsys.readouterr().err

@@ -106,7 +106,7 @@ def test_tsne_embedding_is_deterministic_and_handles_small_sets():
 def test_policy_pairs_are_generated_once_then_read_from_the_cache(tiny_backbone, isolated_cache, monkeypatch):
     import srlib.alignment
 
-    config = AlignmentConfig.for_profile("smoke", track="safety", dataset="hh-harmless")
+    config = AlignmentConfig.for_profile("smoke", track="red-teaming")
     first = shift.policy_pairs(tiny_backbone, config, 3, progress=False)
     assert len(first) == 3 and all(p.source == "generated:round1" for p in first)
     assert list((isolated_cache / "generated").glob("*.json"))
