@@ -62,7 +62,7 @@ from srlib.evaluate import (
     truthfulqa_mc,
 )
 from srlib.paper import TABLE1_TRACKS
-from srlib.paths import atomic_path
+from srlib.paths import atomic_path, check_creatable
 from srlib.profiles import ALIGNMENT
 
 if TYPE_CHECKING:
@@ -763,6 +763,28 @@ def _rebuild_policy(base_model: "PreTrainedModel", run_dir: Path, up_to: int) ->
     return policy
 
 
+def _is_run_folder(out: Path) -> bool:
+    """True when `out/config.json` is an alignment run's config (of this or an earlier srlib)."""
+    try:
+        config = _read_json(out / "config.json")
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and {"track", "model_id", "rounds", "n_prompts"} <= config.keys()
+
+
+def check_run_folder(out_dir: str | Path) -> Path:
+    """`out_dir` as a Path if a run may be written there: a new or empty folder, or a run folder
+    (resumed). A folder holding anything else may be a user's data and is refused with one line."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; choose a folder for the run")
+    if out.is_dir() and any(out.iterdir()) and not _is_run_folder(out):
+        raise ConfigError(f"{out} holds files that are not an srlib alignment run; choose a new or empty "
+                          "folder (nothing was changed)")
+    check_creatable(out)
+    return out
+
+
 def run_alignment(
     config: AlignmentConfig,
     reward_models: dict[str, "RewardModel | None"],
@@ -785,20 +807,20 @@ def run_alignment(
     slugs = {name: _slug(name) for name in reward_models}
     if len(set(slugs.values())) != len(slugs):
         raise ConfigError(f"reward model names {list(reward_models)} collide as folder names")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_run_folder(out_dir)
     config_path = out / "config.json"
-    if config_path.exists():
-        if _read_json(config_path) != config.to_dict():
-            raise ConfigError(f"{config_path} holds another config; resume with the same config "
-                              "or choose a new out_dir")
-    else:
-        _write_json(config.to_dict(), config_path)
+    if config_path.exists() and _read_json(config_path) != config.to_dict():
+        raise ConfigError(f"{config_path} holds another config; resume with the same config "
+                          "or choose a new out_dir")
 
+    # everything the run needs is loaded and checked before anything is written
     base = load_backbone(config.model_id, progress=progress)
     base_model, tokenizer = base.model, base.tokenizer
     data = _eval_data(config)
     prompts, shots = prompts_and_shots(config)
+    out.mkdir(parents=True, exist_ok=True)
+    if not config_path.exists():
+        _write_json(config.to_dict(), config_path)
 
     base_path = out / "base_eval.json"
     if base_path.exists():

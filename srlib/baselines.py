@@ -82,7 +82,7 @@ from srlib.cache import check_safetensors, read_json, warn_recomputing
 from srlib.errors import ConfigError, DamagedFileError, DataError, one_line
 from srlib.evaluate import _sequence_logprobs, pair_outcomes, prompt_ids
 from srlib.paths import atomic_path, cache_dir
-from srlib.reward import CONFIG_NAME, RewardModel, damaged_remedy, pair_accuracy
+from srlib.reward import CONFIG_NAME, RewardModel, damaged_remedy, is_saved_reward_model, pair_accuracy
 
 METHODS = ("standard", "generalizable", "judge", "judge-lora", "logprob")
 ADAPTER_DIR = "adapter"
@@ -322,9 +322,9 @@ def _saved_cost(config: dict) -> TrainingCost | None:
     return TrainingCost(**config["cost"]) if config.get("cost") else None
 
 
-def _write(directory: str | Path, config: dict, model=None) -> None:
-    """Save config.json (and a peft adapter, if any) atomically."""
-    with atomic_path(directory, is_dir=True) as tmp:
+def _write(directory: str | Path, config: dict, model=None, *, overwrite: bool = True) -> None:
+    """Save config.json (and a peft adapter, if any) atomically, as `RewardModel.save_pretrained` says."""
+    with atomic_path(directory, is_dir=True, overwrite=overwrite, is_ours=is_saved_reward_model) as tmp:
         if model is not None:
             model.save_pretrained(tmp / ADAPTER_DIR)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -509,9 +509,9 @@ class StandardRM(RewardModel):
                 "cost": self.cost.as_dict() if self.cost else None,
                 "val_loss": self.val_loss, "best_epoch": self.best_epoch}
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, *, overwrite: bool = True) -> None:
         """config.json + the peft adapter (LoRA and score head) in `directory/adapter`."""
-        _write(directory, self.config(), self.model)
+        _write(directory, self.config(), self.model, overwrite=overwrite)
 
     @classmethod
     def _load(cls, directory: Path, config: dict, backbone=None) -> "StandardRM":
@@ -744,9 +744,9 @@ class GenerativeJudge(RewardModel):
                 "judge_template": JUDGE_TEMPLATE, "trainable_parameters": self.trainable_parameters,
                 "cost": self.cost.as_dict() if self.cost else None}
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, *, overwrite: bool = True) -> None:
         """config.json, plus the LoRA adapter in `directory/adapter` for a tuned judge."""
-        _write(directory, self.config(), self.model if self.lora else None)
+        _write(directory, self.config(), self.model if self.lora else None, overwrite=overwrite)
 
     @classmethod
     def _load(cls, directory: Path, config: dict, backbone=None) -> "GenerativeJudge":
@@ -825,8 +825,8 @@ class LogProbPreference(RewardModel):
                 "settings": asdict(self.settings), "trainable_parameters": 0,
                 "cost": self.cost.as_dict() if self.cost else None}
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        _write(directory, self.config())
+    def save_pretrained(self, directory: str | Path, *, overwrite: bool = True) -> None:
+        _write(directory, self.config(), overwrite=overwrite)
 
     @classmethod
     def _load(cls, directory: Path, config: dict, backbone=None) -> "LogProbPreference":

@@ -71,7 +71,10 @@ def _print_result(result: dict) -> None:
 def cmd_fit(args: argparse.Namespace) -> int:
     """Train a reward model on PAIRS and save it under --out."""
     from srlib.backbone import backbone_for_profile
+    from srlib.paths import check_output
+    from srlib.reward import is_saved_reward_model
 
+    check_output(args.out, is_dir=True, overwrite=args.overwrite, is_ours=is_saved_reward_model)
     profile = _profile_from_args(args)
     train = _load_pairs(args.train, args, profile)
     val = _load_pairs(args.val, args, profile) if args.val else None
@@ -95,7 +98,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                              kind=args.features, feature_seed=args.seed, sae_source=profile.sae_source,
                              max_length=profile.max_length, batch_size=profile.batch_size,
                              loss=args.loss, gamma=args.gamma, seed=args.seed)
-    model.save_pretrained(args.out)
+    model.save_pretrained(args.out, overwrite=args.overwrite)
     result = {"out": str(args.out), "method": args.method, "n_train": len(train),
               "n_val": len(val) if val else 0, "trainable_parameters": model.num_trainable_parameters(),
               "fit_seconds": round(time.perf_counter() - started, 2)}
@@ -114,15 +117,16 @@ def _load_rm(path: str):
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Score PAIRS with a saved reward model; print n and pair accuracy."""
+    from srlib.paths import atomic_path, check_output
     from srlib.reward import pair_accuracy
 
+    if args.out:
+        check_output(args.out, overwrite=args.overwrite)
     model = _load_rm(args.rm)
     pairs = _load_pairs(args.pairs, args)
     s_w, s_l = model.score_pairs(pairs)
     if args.out:
-        from srlib.paths import atomic_path
-
-        with atomic_path(args.out) as tmp, open(tmp, "w") as handle:
+        with atomic_path(args.out, overwrite=args.overwrite) as tmp, open(tmp, "w") as handle:
             for pair, a, b in zip(pairs, s_w.tolist(), s_l.tolist()):
                 handle.write(json.dumps({"pair_id": pair.pair_id, "score_chosen": a, "score_rejected": b}) + "\n")
     _print_result({"n": len(pairs), "accuracy": pair_accuracy(s_w, s_l), "pairs": args.pairs,
@@ -134,12 +138,14 @@ def cmd_filter(args: argparse.Namespace) -> int:
     """Keep the pairs the reward model agrees with (s_chosen > s_rejected) and write them."""
     from srlib.alignment import filter_tuples
     from srlib.data import write_jsonl
+    from srlib.paths import check_output
 
+    check_output(args.out, overwrite=args.overwrite)
     model = _load_rm(args.rm)
     pairs = _load_pairs(args.pairs, args)
     verdict = filter_tuples(pairs, model)
     kept = [pair for pair, keep in zip(pairs, verdict.keep) if keep]
-    write_jsonl(kept, args.out)
+    write_jsonl(kept, args.out, overwrite=args.overwrite)
     _print_result({"n": len(pairs), "kept": len(kept), "out": str(args.out)})
     return 0
 
@@ -164,8 +170,9 @@ def cmd_sae(args: argparse.Namespace) -> int:
 
 def cmd_align(args: argparse.Namespace) -> int:
     """Iterative DPO with RM-filtered self-generated pairs (chapter 07), from the command line."""
-    from srlib.alignment import AlignmentConfig, run_alignment
+    from srlib.alignment import AlignmentConfig, check_run_folder, run_alignment
 
+    check_run_folder(args.out)
     changes = {"track": args.track, "seed": args.seed, "rounds": args.rounds, "n_prompts": args.prompts,
                "model_id": args.model}
     config = AlignmentConfig.for_profile(args.profile, **{k: v for k, v in changes.items() if v is not None})
@@ -221,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="train a reward model")
     fit.add_argument("--train", required=True, metavar="PAIRS")
     fit.add_argument("--val", metavar="PAIRS", help="validation pairs for early stopping")
-    fit.add_argument("--out", required=True, metavar="DIR")
+    fit.add_argument("--out", required=True, metavar="DIR",
+                     help="a new or empty folder, or a saved reward model to replace with --overwrite")
+    fit.add_argument("--overwrite", action="store_true", help="replace the reward model saved in --out")
     add_model_flags(fit)
     add_pairs_flags(fit)
     fit.add_argument("--k", type=int, help="top-K latents per side (default: the profile's, 128)")
@@ -237,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--rm", required=True, metavar="DIR")
     score.add_argument("--pairs", required=True, metavar="PAIRS")
     score.add_argument("--out", metavar="SCORES.jsonl")
+    score.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_pairs_flags(score)
     score.set_defaults(func=cmd_score)
 
@@ -244,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     filt.add_argument("--rm", required=True, metavar="DIR")
     filt.add_argument("--pairs", required=True, metavar="PAIRS")
     filt.add_argument("--out", required=True, metavar="KEPT.jsonl")
+    filt.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_pairs_flags(filt)
     filt.set_defaults(func=cmd_filter)
 
@@ -283,8 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SrlibError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except FileNotFoundError as error:
-        print(f"error: {error.strerror}: {error.filename}", file=sys.stderr)
+    except OSError as error:  # not found, permission, a folder for a file, a full disk, a network ...
+        what = error.strerror or (str(error).splitlines() or [type(error).__name__])[0]
+        where = "".join(f": {name}" for name in (error.filename, error.filename2) if name)
+        print(f"error: {what}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -732,7 +732,7 @@ def load_pairs(
         isinstance(spec, os.PathLike)
         or text.endswith((".jsonl", ".jsonl.gz"))
         or os.sep in text
-        or Path(text).is_file()
+        or os.path.exists(text)
     ):
         pairs = read_jsonl(text)
     else:
@@ -759,7 +759,9 @@ def read_jsonl(path: str | os.PathLike) -> list[PreferencePair]:
     surrogate escape ("\\ud800"), which JSON allows but is not text.
     """
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; give a .jsonl file of pairs or a built-in name")
+    if not path.exists():  # a pipe or FIFO (/dev/stdin, <(...)) is read like a file
         raise DataError(f"{path}: no such file")
     pairs: list[PreferencePair] = []
     first_line: dict[str, int] = {}  # pair_id -> the line that used it first
@@ -781,14 +783,15 @@ def read_jsonl(path: str | os.PathLike) -> list[PreferencePair]:
         first_line[pair_id] = lineno
         pairs.append(PreferencePair(prompt, chosen, rejected, **extras))
     if not pairs:
-        n_lines = sum(1 for _ in _text_lines(path))
+        n_lines = sum(1 for _ in _text_lines(path)) if path.is_file() else 1  # a pipe reads once
         raise DataError(f"{path}:{max(n_lines, 1)}: no preference pairs in the file (it is empty)")
     return pairs
 
 
-def write_jsonl(pairs: Iterable[PreferencePair], path: str | os.PathLike) -> None:
-    """Write pairs as JSONL in TRL's format (non-empty source/pair_id/group_id kept), atomically."""
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+def write_jsonl(pairs: Iterable[PreferencePair], path: str | os.PathLike, *, overwrite: bool = True) -> None:
+    """Write pairs as JSONL in TRL's format (non-empty source/pair_id/group_id kept), atomically;
+    an existing file is replaced only with `overwrite`."""
+    with atomic_path(path, overwrite=overwrite) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         for pair in pairs:
             record = {"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
             record.update({key: getattr(pair, key) for key in _EXTRA_FIELDS if getattr(pair, key)})

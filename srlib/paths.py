@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import shutil
 import socket
+import stat
 import tempfile
 import urllib.parse
+import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+from srlib.errors import SrlibError
 
 
 def data_dir() -> Path | None:
@@ -53,32 +59,165 @@ def cache_dir(*parts: str) -> Path:
     return path
 
 
+#: Temporaries beside a target NAME are `.NAME.PID.new-XXXX` (being written) and
+#: `.NAME.PID.old-XXXX` (the version being replaced, until deleted): the writer's process id in
+#: the name lets a later write tell a dead writer's leftovers (swept) from a live one's (kept).
+_TEMP_KINDS = ("new", "old")
+
+
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _plain_mode(is_dir: bool) -> int:
+    """The mode a plain mkdir() or open() would give a new folder or file under the umask."""
+    return (0o777 if is_dir else 0o666) & ~_umask()
+
+
+def _pid_alive(pid: int) -> bool:
+    """False only when no process `pid` exists (a recycled pid counts as alive: kept, not lost)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, link or folder tree if it is there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def sweep_temporaries(final: Path) -> None:
+    """Remove the temporaries of dead writers beside `final` (a writer killed mid-write).
+
+    A dead writer's replaced version (`old`) is put back when `final` is missing: it died
+    between its two renames, and the old version is the complete one.
+    """
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(\d+)\.({'|'.join(_TEMP_KINDS)})-")
+    try:
+        entries = sorted(final.parent.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match is None or _pid_alive(int(match[1])):
+            continue
+        if match[2] == "old" and not os.path.lexists(final):
+            os.replace(entry, final)
+        else:
+            _remove(entry)
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path` or its closest ancestor that exists."""
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_creatable(final: str | os.PathLike) -> Path:
+    """The absolute `final` if it can be created: its closest existing ancestor is a writable folder.
+
+    Raises a one-line `SrlibError` naming the ancestor otherwise (a file on the way, a read-only folder).
+    """
+    final = Path(os.path.abspath(final))
+    parent = _nearest_existing(final.parent)
+    if not parent.is_dir():
+        raise SrlibError(f"{parent} is a file, so {final} cannot be created; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SrlibError(f"{parent} is not writable, so {final} cannot be created; choose another path")
+    return final
+
+
+def check_output(final: str | os.PathLike, *, is_dir: bool = False, overwrite: bool = False,
+                 is_ours: Callable[[Path], bool] | None = None) -> Path:
+    """The absolute path of output `final` if writing it there harms nothing; else a one-line `SrlibError`.
+
+    Refused: a folder output on an existing file, a file output on an existing folder, the
+    working directory or a folder holding it, an existing output without `overwrite`, and a
+    folder holding files that `is_ours` does not recognise (a user's data: never replaced, not
+    even with `overwrite`). `is_ours=None` takes whatever is there as srlib's own (a cache).
+    A symbolic link stands for the path it names. Called by `atomic_path` when it starts and
+    before it moves its result in; a command calls it first too, to refuse before any work.
+    """
+    final = Path(os.path.abspath(final))
+    if final.is_symlink():
+        final = final.resolve()
+    if is_dir:
+        if final.exists() and not final.is_dir():
+            raise SrlibError(f"{final} is a file, not a folder; choose a folder name for the output")
+        if final == Path.cwd() or final in Path.cwd().parents:
+            raise SrlibError(f"{final} is the working directory or holds it; choose a new folder for the output")
+        if final.is_dir() and any(final.iterdir()):
+            if is_ours is not None and not is_ours(final):
+                raise SrlibError(f"{final} already holds files srlib did not write; choose a new or empty "
+                                 "folder (nothing was changed)")
+            if not overwrite:
+                raise SrlibError(f"{final} holds an earlier output; pass --overwrite (overwrite=True) to "
+                                 "replace it, or choose a new folder")
+    else:
+        if final.is_dir():
+            raise SrlibError(f"{final} is a folder; choose a file name for the output")
+        if final.exists() and not overwrite:
+            raise SrlibError(f"{final} already exists; pass --overwrite (overwrite=True) to replace it, "
+                             "or choose a new file name")
+    return check_creatable(final)
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`; an existing folder `final` is renamed aside first and deleted last,
+    so a reader sees the old version until the new one is in place (a crash between the two
+    renames leaves the old version aside, which `sweep_temporaries` puts back)."""
+    if not (tmp.is_dir() and os.path.lexists(final)):
+        os.replace(tmp, final)
+        return
+    aside = final.with_name(f".{final.name}.{os.getpid()}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(final, aside)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        os.rename(aside, final)
+        raise
+    _remove(aside)
+
+
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Path]:
+def atomic_path(final: str | os.PathLike, *, is_dir: bool = False, overwrite: bool = True,
+                is_ours: Callable[[Path], bool] | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `final`; move it into place only if the block succeeds.
 
-    An interrupted run (exception, Ctrl-C) leaves no half-written file or folder at `final`.
+    An interrupted run (exception, Ctrl-C, kill) leaves no half-written file or folder at
+    `final`; an existing `final` stays whole until the new one replaces it, and only as
+    `check_output(final, is_dir=..., overwrite=..., is_ours=...)` allows (the defaults suit
+    srlib's caches; a user's output passes `overwrite` and `is_ours`). The result gets the mode
+    a plain open()/mkdir() would give (a replaced file keeps its mode). Dead writers'
+    temporaries beside `final` are swept first.
     """
-    final = Path(final)
+    final = check_output(final, is_dir=is_dir, overwrite=overwrite, is_ours=is_ours)
     final.parent.mkdir(parents=True, exist_ok=True)
+    sweep_temporaries(final)
+    prefix = f".{final.name}.{os.getpid()}.new-"
     if is_dir:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
     else:
-        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
         os.close(fd)
         tmp = Path(name)
     try:
         yield tmp
-        if is_dir and final.exists():
-            import shutil
-
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        check_output(final, is_dir=is_dir, overwrite=overwrite, is_ours=is_ours)  # still so after the work
+        mode = stat.S_IMODE(final.stat().st_mode) if not is_dir and final.exists() else _plain_mode(is_dir)
+        os.chmod(tmp, mode)
+        _move_into_place(tmp, final)
     except BaseException:
-        import shutil
-
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise

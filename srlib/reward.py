@@ -503,7 +503,9 @@ class RewardModel:
     def num_trainable_parameters(self) -> int:
         raise NotImplementedError
 
-    def save_pretrained(self, directory: str | Path) -> None:
+    def save_pretrained(self, directory: str | Path, *, overwrite: bool = True) -> None:
+        """Save to `directory`, atomically; an existing saved reward model there is replaced only
+        with `overwrite`, and a folder holding anything else is refused (`srlib.paths.check_output`)."""
         raise NotImplementedError
 
     def _config_header(self) -> dict[str, Any]:
@@ -567,6 +569,16 @@ def damaged_remedy(directory: str | Path) -> str:
     """What to do about a damaged reward-model folder (the end of its one-line error)."""
     return f"the reward model in {directory} is damaged or incomplete: save it again (python -m srlib fit ... --out DIR)"
 
+
+def is_saved_reward_model(directory: str | Path) -> bool:
+    """True when `directory/config.json` opens with srlib's reward-model header, even if the rest
+    is damaged: the only folders `save_pretrained` may replace (anything else may be a user's data)."""
+    try:
+        with open(Path(directory) / CONFIG_NAME, encoding="utf-8", errors="replace") as handle:
+            head = handle.read(300)
+    except OSError:
+        return False
+    return json.dumps({"format": FORMAT_NAME})[1:-1] in head
 
 
 class FeatureRM(RewardModel):
@@ -728,12 +740,13 @@ class FeatureRM(RewardModel):
             "history": self.history.as_dict(),
         }
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json + model.safetensors (+ sae/ for latent features), atomically."""
+    def save_pretrained(self, directory: str | Path, *, overwrite: bool = True) -> None:
+        """Write config.json + model.safetensors (+ sae/ for latent features), atomically
+        (`RewardModel.save_pretrained` says what may be replaced)."""
         config = self.config()
         tensors = {f"head.{name}": t for name, t in self.head.state_dict().items()}
         tensors.update({f"features.{name}": t for name, t in self.features.state_dict().items()})
-        with atomic_path(directory, is_dir=True) as tmp:
+        with atomic_path(directory, is_dir=True, overwrite=overwrite, is_ours=is_saved_reward_model) as tmp:
             save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()},
                       str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             if isinstance(self.features, LatentFeatures):
