@@ -457,7 +457,9 @@ def dpo_round(
     None, `model` as passed in (TRL switches the adapter off). Its log-probabilities are
     computed once before training (`precompute_ref_log_probs`); `reference` is not changed.
     Returns (the merged model, training statistics: per-epoch loss, reward margin and
-    accuracy as TRL logs them, steps, seconds). `model` itself is modified in place.
+    accuracy as TRL logs them, steps, seconds). `model` itself is modified in place. When every
+    prompt alone fills `config.max_length`, nothing can be trained: `model` comes back as it was,
+    with no adapter saved and 0 steps.
     """
     from peft import LoraConfig
     from transformers.trainer import DEFAULT_PROGRESS_CALLBACK
@@ -467,6 +469,10 @@ def dpo_round(
     if not tuples:
         raise ConfigError("dpo_round needs at least one tuple")
     start = time.perf_counter()
+    if all(len(prompt_ids(tokenizer, prompt_messages(t.prompt))) >= config.max_length for t in tuples):
+        # TRL drops a tuple whose prompt alone fills max_length and cannot train on none
+        return model, {"n_tuples": len(tuples), "n_trained": 0, "steps": 0,
+                       "seconds": time.perf_counter() - start, "epochs": []}
     with tempfile.TemporaryDirectory(prefix="srlib-dpo-") as scratch, _quiet_libraries(progress):
         args = DPOConfig(
             output_dir=scratch, beta=config.beta, learning_rate=config.learning_rate,

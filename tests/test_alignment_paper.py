@@ -157,3 +157,12 @@ def test_the_cli_refuses_a_track_that_is_not_in_table1(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["align", "--track", "safety", "--out", "x"])
     assert "red-teaming" in capsys.readouterr().err
+
+
+def test_a_round_whose_prompts_all_fill_max_length_trains_nothing(tmp_path):
+    base = load_backbone(TINY_MODEL_ID)
+    model = copy.deepcopy(base.model)
+    cfg = al.AlignmentConfig.for_profile("smoke", max_length=4)
+    out, stats = al.dpo_round(model, base.tokenizer, _tuples(2), cfg, seed=0, adapter_dir=tmp_path / "a",
+                              progress=False)
+    assert out is model and stats["steps"] == 0 and stats["n_trained"] == 0 and not (tmp_path / "a").exists()
