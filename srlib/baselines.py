@@ -54,6 +54,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import shutil
 import tempfile
 import threading
 import time
@@ -958,6 +959,7 @@ def cached_fit_baseline(method: str, backbone, train_pairs: Sequence | None = No
             rm.from_cache = True
         except DamagedFileError as error:
             warn_recomputing(directory, error)
+            shutil.rmtree(directory)  # srlib's own cache entry: the refit below writes it anew
     if rm is None:
         rm = fit_baseline(method, backbone, train_pairs, val_pairs, seed=seed, progress=progress, **settings)
         rm.save_pretrained(directory)

@@ -49,7 +49,8 @@ import torch
 from torch import Tensor
 
 from srlib.data import PreferencePair
-from srlib.errors import ConfigError
+from srlib.cache import clear_command, read_json, warn_recomputing
+from srlib.errors import ConfigError, DamagedFileError
 from srlib.paths import atomic_path, cache_dir
 
 AGGREGATES = ("mean", "nearest")
@@ -285,8 +286,10 @@ def generated_pairs(model, tokenizer, prompts: Sequence[str], shots: Sequence[Pr
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     path = cache_dir("generated") / f"{key}.json"
     if cache and path.exists():
-        records = json.loads(path.read_text())
-        return [PreferencePair(**record) for record in records]
+        try:
+            return [PreferencePair(**record) for record in read_json(path, clear_command("generated"))]
+        except (DamagedFileError, TypeError) as error:  # not JSON, or not a list of pairs
+            warn_recomputing(path, error)  # generated again below and rewritten
     pairs = generate_tuples(model, tokenizer, prompts, shots, config, round_index=round_index, progress=progress)
     if cache:
         with atomic_path(path) as tmp:

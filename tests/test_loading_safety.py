@@ -291,3 +291,44 @@ def test_non_finite_states_at_scoring_are_refused(saved_rm):
     Z[1, 3] = float("inf")
     with pytest.raises(SrlibError, match="NaN or infinite"):
         model.score_states(Z)
+
+
+def test_a_corrupt_generated_pairs_entry_is_generated_again(isolated_cache, monkeypatch):
+    from srlib import alignment
+    from srlib.alignment import AlignmentConfig
+    from srlib.shift import generated_pairs
+
+    made = [PreferencePair("Q?", "good answer", "bad answer", pair_id="g0")]
+    calls = []
+    monkeypatch.setattr(alignment, "generate_tuples", lambda *args, **kwargs: calls.append(1) or made)
+    config = AlignmentConfig.for_profile("smoke")
+    assert generated_pairs(None, None, ["Q?"], [], config, model_identity="m", progress=False) == made
+    entry = next((isolated_cache / "generated").glob("*.json"))
+    entry.write_text('[{"prompt": "Q?"')
+    with pytest.warns(UserWarning, match=str(entry)):
+        assert generated_pairs(None, None, ["Q?"], [], config, model_identity="m", progress=False) == made
+    assert len(calls) == 2
+    assert generated_pairs(None, None, ["Q?"], [], config, model_identity="m", progress=False) == made
+    assert len(calls) == 2  # rewritten: read back
+
+
+def test_a_damaged_converted_model_gets_one_line_with_the_clear_command(tiny_backbone, tmp_path, monkeypatch):
+    from srlib import backbone as backbone_module
+
+    folder = tmp_path / "converted"
+    tiny_backbone.model.save_pretrained(folder)
+    tiny_backbone.tokenizer.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    original = backbone_module._from_pretrained
+
+    def hub_copy_missing(name, *args, **kwargs):
+        if name == backbone_module.DEFAULT_MODEL_ID:
+            raise OSError("not in the Hugging Face cache")
+        return original(name, *args, **kwargs)
+
+    monkeypatch.setattr(backbone_module, "hub_reachable", lambda *args, **kwargs: False)
+    monkeypatch.setattr(backbone_module, "_from_pretrained", hub_copy_missing)
+    monkeypatch.setattr(backbone_module, "_smollm2_from_wheel", lambda progress: folder)
+    with pytest.raises(SrlibError, match=rf"{folder}: .*cache clear --what models"):
+        backbone_module.load_backbone(backbone_module.DEFAULT_MODEL_ID, device="cpu", progress=False)
