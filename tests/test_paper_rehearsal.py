@@ -51,7 +51,7 @@ GEMMA_CHAT_TEMPLATE = (
 D_MODEL = 2304  # what sae-lens's gemma_2 loader assumes for a "2b" repo
 N_LAYERS = 16
 K = 8
-N_QUESTIONS = 40
+N_QUESTIONS = 30
 SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"  # a fake commit hash for refs/main
 
 
@@ -134,8 +134,8 @@ def _questions() -> list[dict]:
     return [{"type": "Adversarial", "category": "Misconceptions",
              "question": f"Question {i}: what about the {words[i % len(words)]}?",
              "best_answer": sentence(5),
-             "correct_answers": [sentence(5), sentence(6), sentence(4)],
-             "incorrect_answers": [sentence(5), sentence(7), sentence(3)],
+             "correct_answers": [sentence(5), sentence(6)],
+             "incorrect_answers": [sentence(5), sentence(7)],
              "source": "https://example.org"} for i in range(N_QUESTIONS)]
 
 
@@ -157,7 +157,7 @@ def _truthfulqa_cache(datasets_cache: Path, rows: list[dict]) -> None:
 
 
 @pytest.fixture(scope="module")
-def offline_hub(tmp_path_factory) -> dict:
+def offline_hub(tmp_path_factory, one_thread) -> dict:
     """Build every stand-in once; return the environment of an offline run and some paths."""
     from sae_lens.loading.pretrained_saes_directory import get_repo_id_and_folder_name
 
@@ -176,7 +176,7 @@ def offline_hub(tmp_path_factory) -> dict:
     rows = _questions()
     texts = [tokenizer.apply_chat_template(
         [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": answer}],
-        tokenize=False) for row in rows for answer in row["correct_answers"] + row["incorrect_answers"]]
+        tokenize=False) for row in rows[:10] for answer in row["correct_answers"] + row["incorrect_answers"]]
     source = parse_sae_source(profile.sae_source)
     repo_id, folder = get_repo_id_and_folder_name(source.release, source.sae_id)
     _gemma_scope_params(_snapshot(hub, repo_id) / folder / "params.npz", model, tokenizer, texts,
@@ -259,8 +259,8 @@ def test_library_and_command_line_offline(offline_hub):
     assert (seen["source"], seen["num_layers"], seen["hidden_size"]) == ("hub", N_LAYERS, D_MODEL)
     assert seen["text"] == "<bos><start_of_turn>user\nHi?<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
     assert (seen["d_sae"], seen["hook"]) == (16_384, "blocks.13.hook_resid_post")
-    # TruthfulQA came through `datasets` from its cache: 40 questions, 3 pairs each, split 4:1:5.
-    assert (seen["n_train"], seen["n_val"], seen["mc_questions"]) == (48, 12, 20)
+    # TruthfulQA came through `datasets` from its cache: 30 questions, 2 pairs each, split 4:1:5.
+    assert (seen["n_train"], seen["n_val"], seen["mc_questions"]) == (24, 6, 15)
     questions = {row["question"]: row for row in offline_hub["rows"]}
     assert seen["first_pair"][1] in questions[seen["first_pair"][0]]["correct_answers"]
     assert len(seen["indices_w"]) == K and seen["sae_info"]["source"].startswith("sae-lens:gemma-scope-2b")
@@ -268,3 +268,26 @@ def test_library_and_command_line_offline(offline_hub):
     # The command line and the library fit the same model from the same pairs.
     assert seen["cli_indices_w"] == seen["refit_indices_w"]
     assert seen["cli_scores"] == seen["refit_scores"]
+
+
+def test_chapter_2_under_papermill_offline(offline_hub, monkeypatch):
+    """Chapter 2 (SAE latents, direction selection, latent cards) with PROFILE="paper"."""
+    import papermill
+
+    root = offline_hub["root"]
+    for key in [key for key in os.environ if key.startswith(("HF_", "SRLIB_", "TRANSFORMERS_"))]:
+        monkeypatch.delenv(key)
+    for key, value in offline_hub["env"].items():
+        monkeypatch.setenv(key, value)  # the kernel inherits this process's environment
+    source = ROOT / "notebooks" / "02_direction_selection.ipynb"
+    executed, results = root / source.name, root / "02.results.json"
+    papermill.execute_notebook(
+        str(source), str(executed), kernel_name="python3", cwd=str(root), progress_bar=False,
+        parameters={"PROFILE": "paper", "RESULTS_PATH": str(results), "K": K, "N_TABLE": 4, "N_SHOW": 2,
+                    "N_TEXTS": 2, "STABILITY_KS": [4, K], "STABILITY_SEEDS": [0]})
+    data = json.loads(results.read_text())
+    assert data["profile"] == "paper" and set(data["tables"]) == {"top_latents", "stability"}
+    assert (data["metrics"]["k"], data["metrics"]["layer"]) == (K, 13)
+    printed = "".join(text for cell in json.loads(executed.read_text())["cells"]
+                      for out in cell.get("outputs", []) for text in out.get("text", []))
+    assert "google/gemma-2-2b-it, layer 13; SAE with 16,384 latents" in printed
