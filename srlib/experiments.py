@@ -152,6 +152,7 @@ class Trial:
     test_accuracy_half_ties: float | None = None  # test accuracy with a tie counted as 1/2
     test_outcomes: list[float] | None = None  # per test pair: 1 right, 0 wrong, 0.5 tie (compare_variants)
     resample_seed: int | None = None  # the bootstrap resample its directions were selected on, if any
+    features: str = ""  # the head's input: dense, projection, latents or random
 
 
 def make_model(features: str, *, directions: Directions | None = None, sae=None, seed: int = 0,
@@ -188,7 +189,7 @@ def fit_variant(states: DatasetStates, *, features: str = "projection", directio
                   val_accuracy=model.history.best_val_accuracy,
                   trainable_parameters=model.num_trainable_parameters(), fit_seconds=seconds,
                   best_epoch=model.history.best_epoch,
-                  resample_seed=resample_seed if select is not None else None)
+                  resample_seed=resample_seed if select is not None else None, features=features)
     if score_test:
         s_w, s_l = model.score_states(states.test.chosen), model.score_states(states.test.rejected)
         outcomes = pair_outcomes(s_w, s_l)
@@ -224,7 +225,9 @@ def run_trials(states: DatasetStates, variants: Mapping[str, dict], seeds: Seque
 
 def seed_sources(trials) -> str:
     """What the seed spread of these trials covers, in words, for a table's caption."""
-    sources = ["the head's initialisation", "its minibatch order", "random directions where a row uses them"]
+    sources = ["the head's initialisation", "its minibatch order"]
+    if "features" in trials and (trials["features"] == "random").any():
+        sources.append("the random directions")
     if "resample_seed" in trials and trials["resample_seed"].notna().any():
         sources.append("the top-K selection, made on a bootstrap resample of the training questions")
     return "seeds vary " + ", ".join(sources[:-1]) + " and " + sources[-1]

@@ -341,7 +341,11 @@ def get_loss(name: str, *, gamma: float = 1.0) -> Callable[[Tensor, Tensor], Ten
 
 
 def pair_accuracy(s_w: Tensor, s_l: Tensor) -> float:
-    """Fraction of pairs with s_w > s_l. A tie counts as wrong (a constant model scores 0, not 0.5)."""
+    """Fraction of pairs with s_w > s_l. A tie counts as wrong (a constant model scores 0, not 0.5).
+
+    The book's method comparisons count a tie as 1/2 instead (`srlib.evaluate.pair_outcomes`,
+    `compare_paired`) and report the tie share beside every accuracy where it is non-zero.
+    """
     if s_w.shape != s_l.shape or s_w.numel() == 0:
         raise ConfigError(f"pair_accuracy needs two non-empty score tensors of one shape, got "
                           f"{tuple(s_w.shape)} and {tuple(s_l.shape)}")

@@ -158,6 +158,8 @@ def test_run_trials_records_outcomes_ties_and_resampled_selection():
     assert trials[trials.variant == "Dense"].resample_seed.isna().all()
     assert "bootstrap resample" in seed_sources(trials)
     assert "bootstrap resample" not in seed_sources(trials.assign(resample_seed=None))
+    assert "random directions" not in seed_sources(trials)
+    assert "random directions" in seed_sources(trials.assign(features="random"))
     for _, row in trials.iterrows():
         outcomes = np.asarray(row.test_outcomes)
         assert outcomes.size == len(states.test)
