@@ -12,10 +12,22 @@ copying the model's own forward code.
 
 Tokenisation: a text that already starts with the BOS token (templates such as Gemma's and
 Llama 3's write it) is tokenised without special tokens, so the BOS is not doubled. A text
-longer than `max_length` tokens loses tokens on the LEFT, so its last token (the one the
-reward model reads) is kept; a leading BOS is kept too. Batches are padded on the right
-whatever the tokenizer's `padding_side`, so positions of real tokens do not move, and the
-state of each text's last real token is read.
+longer than `max_length` tokens loses tokens on the LEFT, so the tokens the reward model
+reads (near the end) are kept; a leading BOS is kept too.
+
+Read position (`POSITIONS`): the paper reads "the last token" of prompt + response and leaves
+open which one, since a chat template closes the answer with its own tokens (SmolLM2:
+"<|im_end|>\n"). `last` is the template's last token (the "\n"), `end_of_turn` the token that
+closes the assistant turn (<|im_end|>, Gemma's <end_of_turn>), `answer` the answer's own last
+token. One forward pass reads every requested position. A text that does not end with the
+template's closing text (no template, or formatted otherwise) is read at its last token for
+every position.
+
+Batch invariance: a text is batched only with texts of the same token count, so no batch is
+padded, and its state is the same bits whatever else is extracted with it. (With padded
+batches the masked attention and matmul shapes changed a state's last bits with the batch's
+composition, so a cold and a warm cache gave different scores.) Where a cache entry
+exists it wins over a recomputation, so the first value computed is the one every run uses.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -41,16 +54,22 @@ from srlib.paths import atomic_path, cache_dir
 # Texts sorted by length are processed in windows of this many batches by
 # `iter_token_activations`, which yields results in input order.
 _WINDOW_BATCHES = 8
-# A user message that cannot occur in real text, used to find the template's fixed prefix.
+# A message that cannot occur in real text, used to find the template's fixed prefix and suffix.
 _SENTINEL = "\u2063srlib-sentinel\u2063"
+#: Tokens a reward model can read (module docstring): the template's last token, the token that
+#: closes the assistant turn, the answer's last token.
+POSITIONS = ("last", "end_of_turn", "answer")
+DEFAULT_POSITION = "last"
 
 
 @dataclass(frozen=True)
 class _Encoded:
-    """Token ids of one text and, per token, whether it belongs to the template's prefix."""
+    """Token ids of one text, per token whether it belongs to the template's prefix, and the
+    index (counted from the end, -1 = last) of each read position."""
 
     ids: list[int]
     prefix: list[bool]
+    reads: dict[str, int]
 
 
 class _StopForward(Exception):
@@ -61,53 +80,68 @@ class _StopForward(Exception):
         self.hidden = hidden
 
 
-def last_token_states(
+def token_states(
     backbone: Backbone,
     texts: Sequence[str],
     layer: int,
     *,
+    positions: Sequence[str] = (DEFAULT_POSITION,),
     max_length: int = 512,
     batch_size: int = 16,
     cache: bool = True,
     progress: bool = True,
-) -> Tensor:
-    """[n, d] float32 CPU tensor: the layer-`layer` state of each text's last token, in order.
+) -> dict[str, Tensor]:
+    """{position: [n, d] float32 CPU tensor}: the layer-`layer` state of each text at each of
+    `positions` (`POSITIONS`), in input order; one forward pass per text serves them all.
 
-    With `cache=True` each text's state is stored under
-    `cache_dir("activations", <backbone identity>, "layer<L>-max<max_length>")` as
+    With `cache=True` each text's state at each position is stored under
+    `cache_dir("activations", <backbone identity>, "layer<L>-max<max_length>-<position>")` as
     `<sha256[:2]>/<sha256 of the text>.safetensors`, written atomically, and read back instead
     of recomputed on later calls. The texts are already chat-formatted, so the formatting is
     part of the key.
     """
     layer = _check_layer(backbone, layer)
+    positions = _check_positions(positions)
     texts = list(texts)
     if not texts:
-        return torch.zeros(0, backbone.hidden_size)
-    folder = _cache_folder(backbone, layer, max_length) if cache else None
+        return {position: torch.zeros(0, backbone.hidden_size) for position in positions}
+    folders = {p: _cache_folder(backbone, layer, max_length, p) for p in positions} if cache else {}
     keys = [hashlib.sha256(text.encode()).hexdigest() for text in texts]
-    states: dict[str, Tensor] = {}
-    if folder is not None:
+    states: dict[str, dict[str, Tensor]] = {position: {} for position in positions}
+    for position, folder in folders.items():
         for key in set(keys):
             path = folder / key[:2] / f"{key}.safetensors"
             if path.exists():  # a damaged entry is warned about, recomputed and rewritten below
                 entry = read_cache_entry(path, "activations", check=lambda found: _is_state(found, backbone))
                 if entry is not None:
-                    states[key] = entry["state"]
-    todo = {key: text for key, text in zip(keys, texts) if key not in states}
+                    states[position][key] = entry["state"]
+    todo = {key: text for key, text in zip(keys, texts)
+            if any(key not in states[position] for position in positions)}
     if todo:
         todo_keys = list(todo)
-        encoded = [_encode(backbone.tokenizer, todo[key], max_length) for key in todo_keys]
+        suffix = _template_suffix(backbone.tokenizer)
+        encoded = [_encode(backbone.tokenizer, todo[key], max_length, suffix=suffix) for key in todo_keys]
         with tqdm(total=len(encoded), desc=f"layer {layer} states", unit="text",
                   disable=not progress) as bar:
-            for rows, hidden, lengths in _forward_batches(backbone, encoded, layer, batch_size):
-                last = hidden[torch.arange(len(rows)), lengths - 1].float().cpu()
-                for row, state in zip(rows, last):
+            for rows, hidden in _forward_batches(backbone, encoded, layer, batch_size):
+                for i, row in enumerate(rows):
                     key = todo_keys[row]
-                    states[key] = state.clone()
-                    if folder is not None:
-                        _write_entry(folder / key[:2] / f"{key}.safetensors", states[key])
+                    for position in positions:
+                        if key in states[position]:
+                            continue  # a cached value wins: every run uses the first value computed
+                        state = hidden[i, encoded[row].reads[position]].float().cpu().clone()
+                        states[position][key] = state
+                        if position in folders:
+                            _write_entry(folders[position] / key[:2] / f"{key}.safetensors", state)
                 bar.update(len(rows))
-    return torch.stack([states[key] for key in keys])
+    return {position: torch.stack([states[position][key] for key in keys]) for position in positions}
+
+
+def last_token_states(backbone: Backbone, texts: Sequence[str], layer: int, *,
+                      position: str = DEFAULT_POSITION, **kwargs) -> Tensor:
+    """[n, d] float32 CPU tensor: the layer-`layer` state of each text at one read `position`
+    (default the text's last token), in order; kwargs as `token_states` (cache included)."""
+    return token_states(backbone, texts, layer, positions=(position,), **kwargs)[position]
 
 
 def pair_states(
@@ -124,6 +158,16 @@ def pair_states(
     return states[: len(pairs)], states[len(pairs):]
 
 
+def pair_token_states(backbone: Backbone, pairs: Sequence[PreferencePair], layer: int, *,
+                      positions: Sequence[str] = POSITIONS, **kwargs) -> dict[str, tuple[Tensor, Tensor]]:
+    """{position: (Z_chosen, Z_rejected)}: `pair_states` at several read positions, from one
+    forward pass per text (kwargs as `token_states`)."""
+    texts = [format_pair(backbone.tokenizer, pair) for pair in pairs]
+    states = token_states(backbone, [c for c, _ in texts] + [r for _, r in texts], layer,
+                          positions=positions, **kwargs)
+    return {position: (Z[: len(pairs)], Z[len(pairs):]) for position, Z in states.items()}
+
+
 def iter_token_activations(
     backbone: Backbone,
     texts: Sequence[str],
@@ -135,7 +179,7 @@ def iter_token_activations(
 ) -> Iterator[Tensor]:
     """Yield, for each text in order, a [n_tokens, d] float32 CPU tensor of its layer states.
 
-    Excluded tokens: padding, and the chat template's fixed prefix, i.e. every token that
+    Excluded tokens: the chat template's fixed prefix, i.e. every token that
     lies wholly before the first message's content when the text starts with that prefix.
     For SmolLM2 that is "<|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n" (the
     default system prompt and the first user header); for a tokenizer that prepends a BOS it
@@ -154,10 +198,10 @@ def iter_token_activations(
             encoded = [_encode(backbone.tokenizer, text, max_length, prefix)
                        for text in texts[start:start + window]]
             results: dict[int, Tensor] = {}
-            for rows, hidden, lengths in _forward_batches(backbone, encoded, layer, batch_size):
+            for rows, hidden in _forward_batches(backbone, encoded, layer, batch_size):
                 for i, row in enumerate(rows):
                     keep = ~torch.tensor(encoded[row].prefix, dtype=torch.bool)
-                    results[row] = hidden[i, : int(lengths[i])][keep.to(hidden.device)].float().cpu()
+                    results[row] = hidden[i][keep.to(hidden.device)].float().cpu()
                 bar.update(len(rows))
             yield from (results[row] for row in range(len(encoded)))
 
@@ -174,15 +218,26 @@ def _check_layer(backbone: Backbone, layer: int) -> int:
     return layer
 
 
-def _cache_folder(backbone: Backbone, layer: int, max_length: int) -> Path:
-    """The cache folder for one backbone, layer and max_length; records what it holds."""
+def _check_positions(positions: Sequence[str]) -> tuple[str, ...]:
+    """`positions` as a tuple without repeats, or a one-line ConfigError naming the valid ones."""
+    positions = tuple(dict.fromkeys([positions] if isinstance(positions, str) else positions))
+    unknown = [p for p in positions if p not in POSITIONS]
+    if unknown or not positions:
+        raise ConfigError(f"unknown read position {unknown[0] if unknown else None!r}; "
+                          f"choose among: {', '.join(POSITIONS)}")
+    return positions
+
+
+def _cache_folder(backbone: Backbone, layer: int, max_length: int, position: str) -> Path:
+    """The cache folder for one backbone, layer, max_length and read position; records what it holds."""
     identity = "".join(c if c.isalnum() or c in "-_." else "_" for c in backbone.identity)
-    folder = cache_dir("activations", identity, f"layer{layer}-max{max_length}")
+    folder = cache_dir("activations", identity, f"layer{layer}-max{max_length}-{position}")
     info = folder / "info.json"
     if not info.exists():
         with atomic_path(info) as tmp:
             tmp.write_text(json.dumps({"model_id": backbone.model_id, "identity": backbone.identity,
-                                       "layer": layer, "max_length": max_length}, indent=1))
+                                       "layer": layer, "max_length": max_length, "position": position},
+                                      indent=1))
     return folder
 
 
@@ -208,11 +263,36 @@ def _template_prefix(tokenizer) -> str:
     return rendered[: rendered.index(_SENTINEL)]
 
 
-def _encode(tokenizer, text: str, max_length: int, prefix: str = "") -> _Encoded:
+def _template_suffix(tokenizer) -> str:
+    """The chat template's text after an assistant answer's content ("" without a template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return ""
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "?"}, {"role": "assistant", "content": _SENTINEL}],
+        tokenize=False, add_generation_prompt=False)
+    return rendered[rendered.index(_SENTINEL) + len(_SENTINEL):]
+
+
+def _read_positions(offsets: Sequence[tuple[int, int]], text: str, suffix: str) -> dict[str, int]:
+    """Each read position as an index from the end (-1 = last token); see the module docstring.
+
+    The answer ends where the template's closing `suffix` starts: `answer` is the last token
+    that ends there or before, `end_of_turn` the first token after it.
+    """
+    n = len(offsets)
+    if not suffix.strip() or not text.endswith(suffix):
+        return {position: -1 for position in POSITIONS}
+    cut = len(text) - len(suffix)
+    closing = next((i for i, (_, end) in enumerate(offsets) if end > cut), n - 1)
+    return {"last": -1, "end_of_turn": closing - n, "answer": max(closing - 1, 0) - n}
+
+
+def _encode(tokenizer, text: str, max_length: int, prefix: str = "", suffix: str = "") -> _Encoded:
     """Token ids of `text`, left-truncated to `max_length` (keeping a leading BOS).
 
     `prefix[i]` is True for the leading BOS and for tokens that end inside `prefix` when the
-    text starts with it.
+    text starts with it; `reads` gives the read positions of a text that ends with `suffix`
+    (the template's closing text), counted from the end so truncation cannot move them.
     """
     if max_length < 1:
         raise ConfigError(f"max_length must be at least 1, got {max_length}")
@@ -227,12 +307,14 @@ def _encode(tokenizer, text: str, max_length: int, prefix: str = "") -> _Encoded
     has_bos = bool(ids) and ids[0] == tokenizer.bos_token_id
     if has_bos:
         in_prefix[0] = True
+    reads = _read_positions(enc["offset_mapping"], text, suffix)
     if len(ids) > max_length:
         head = 1 if has_bos and max_length > 1 else 0
         tail = max_length - head
         ids = ids[:head] + ids[len(ids) - tail:]
         in_prefix = in_prefix[:head] + in_prefix[len(in_prefix) - tail:]
-    return _Encoded(ids, in_prefix)
+        reads = {position: max(index, -len(ids)) for position, index in reads.items()}
+    return _Encoded(ids, in_prefix, reads)
 
 
 def _decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -269,29 +351,25 @@ def _forward_to_layer(model: nn.Module, layer: int, input_ids: Tensor, attention
     raise RuntimeError(f"block {layer} did not run during the forward pass")
 
 
-def _batches(encoded: Sequence[_Encoded], batch_size: int, pad_id: int
-             ) -> Iterator[tuple[list[int], Tensor, Tensor]]:
-    """(rows, input_ids, attention_mask) of right-padded batches, longest texts first."""
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].ids))
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
-        width = max(len(encoded[i].ids) for i in rows)
-        input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, i in enumerate(rows):
-            n = len(encoded[i].ids)
-            input_ids[j, :n] = torch.tensor(encoded[i].ids)
-            attention_mask[j, :n] = 1
-        yield rows, input_ids, attention_mask
+def _batches(encoded: Sequence[_Encoded], batch_size: int) -> Iterator[tuple[list[int], Tensor]]:
+    """(rows, input_ids [b, t]) of up to `batch_size` texts of the same length t, longest first.
+
+    No batch is padded, so a text's states do not depend on the texts batched with it.
+    """
+    by_length: dict[int, list[int]] = defaultdict(list)
+    for row, text in enumerate(encoded):
+        by_length[len(text.ids)].append(row)
+    for length in sorted(by_length, reverse=True):
+        same = by_length[length]
+        for start in range(0, len(same), batch_size):
+            rows = same[start:start + batch_size]
+            yield rows, torch.tensor([encoded[row].ids for row in rows], dtype=torch.long)
 
 
 def _forward_batches(backbone: Backbone, encoded: Sequence[_Encoded], layer: int, batch_size: int
-                     ) -> Iterator[tuple[list[int], Tensor, Tensor]]:
-    """(rows, block-`layer` output [b, t, d], real lengths [b]) for each batch."""
-    tokenizer = backbone.tokenizer
-    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
+                     ) -> Iterator[tuple[list[int], Tensor]]:
+    """(rows, block-`layer` output [b, t, d]) for each same-length batch (`_batches`)."""
     device = backbone.device
-    for rows, input_ids, attention_mask in _batches(encoded, batch_size, pad_id):
-        hidden = _forward_to_layer(backbone.model, layer, input_ids.to(device),
-                                   attention_mask.to(device))
-        yield rows, hidden, attention_mask.sum(dim=1).to(hidden.device)
+    for rows, input_ids in _batches(encoded, batch_size):
+        input_ids = input_ids.to(device)
+        yield rows, _forward_to_layer(backbone.model, layer, input_ids, torch.ones_like(input_ids))

@@ -102,7 +102,8 @@ def sweep_lines(trials, *, x: str, hue: str, title: str, xlabel: str, value: str
     if log_x:
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(data[x].unique()), [str(v) for v in sorted(data[x].unique())])
-    ax.set(title=title, xlabel=xlabel, ylabel="test pair accuracy (%)")
+    split = "validation" if value.startswith("val") else "test"
+    ax.set(title=title, xlabel=xlabel, ylabel=f"{split} pair accuracy (%)")
     fig.tight_layout()
     return fig
 

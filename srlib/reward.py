@@ -591,18 +591,19 @@ class FeatureRM(RewardModel):
     `SparseRM` (projection on SAE directions, and its `latents` / `random` ablations) and
     `DenseRM` are its two named forms; all the logic lives here.
 
-    Metadata: `layer` and `max_length` say which hidden states the model reads (needed by
-    `score`, `score_pairs`); `sae_info` records the SAE the directions came from (source,
+    Metadata: `layer`, `max_length` and `position` (the token read, `srlib.activations.POSITIONS`)
+    say which hidden states the model reads (needed by `score`, `score_pairs`); `sae_info` records the SAE the directions came from (source,
     widths, architecture).
     """
 
     def __init__(self, features: FeatureMap | None, *, backbone=None, layer: int | None = None,
-                 max_length: int = 512, sae_info: dict[str, Any] | None = None):
+                 max_length: int = 512, sae_info: dict[str, Any] | None = None, position: str = "last"):
         self.features = features
         self.head: RewardHead | None = None
         self.history: FitHistory | None = None
         self.layer = layer
         self.max_length = max_length
+        self.position = position
         self.sae_info = sae_info
         self.sae = getattr(features, "sae", None)
         self.directions = None
@@ -691,13 +692,17 @@ class FeatureRM(RewardModel):
             raise ConfigError(f"the hidden states to score contain NaN or infinite values ({len(bad)} of "
                               f"{len(Z)} rows, first row {int(bad[0])}); a float16 backbone can overflow: "
                               "load it in float32")
+        # Row by row: a matrix product's rounding depends on how many rows it multiplies, so
+        # scoring rows together made a text's score depend on what it was scored with.
         with torch.no_grad():
-            return head(self.features(Z)).float().cpu()
+            rows = [head(self.features(z[None])) for z in Z]
+        return torch.cat(rows).float().cpu() if rows else torch.zeros(0)
 
     def _extract_kwargs(self, batch_size: int, cache: bool, progress: bool) -> dict[str, Any]:
         if self.layer is None:
             raise ConfigError("this reward model has no layer recorded; set rm.layer before scoring texts")
-        return dict(max_length=self.max_length, batch_size=batch_size, cache=cache, progress=progress)
+        return dict(max_length=self.max_length, position=self.position, batch_size=batch_size, cache=cache,
+                    progress=progress)
 
     def score(self, texts: list[str], *, batch_size: int = 16, cache: bool = True, progress: bool = False) -> Tensor:
         """Scores [n] for chat-formatted prompt+response texts, read through the backbone."""
@@ -734,6 +739,7 @@ class FeatureRM(RewardModel):
             "backbone": {"model_id": self.backbone_id, "identity": self.backbone_identity},
             "layer": self.layer,
             "max_length": self.max_length,
+            "position": self.position,
             "sae": self.sae_info,
             "k": self.k,
             "latent_indices": None if self.indices_w is None else {"w": self.indices_w, "l": self.indices_l},
@@ -789,6 +795,7 @@ class FeatureRM(RewardModel):
         if config["latent_indices"] is not None:
             model.indices_w, model.indices_l = config["latent_indices"]["w"], config["latent_indices"]["l"]
         model.directions_normalized = config["directions_normalized"]
+        model.position = config.get("position", "last")  # saved before read positions existed: the last token
         model.backbone_id = config["backbone"]["model_id"]
         model.backbone_identity = config["backbone"]["identity"]
         if backbone is not None:
@@ -807,7 +814,8 @@ class SparseRM(FeatureRM):
     kinds: ClassVar[tuple[str, ...]] = ("projection", "latents", "random")
 
     def __init__(self, directions, *, kind: str = "projection", sae=None, feature_seed: int = 0,
-                 backbone=None, layer: int | None = None, max_length: int = 512, sae_source: str | None = None):
+                 backbone=None, layer: int | None = None, max_length: int = 512, sae_source: str | None = None,
+                 position: str = "last"):
         if kind not in self.kinds:
             raise ConfigError(f"unknown SparseRM feature kind {kind!r}; choose one of: {', '.join(self.kinds)}")
         sae_info = None if sae is None and sae_source is None else {"source": sae_source}
@@ -816,7 +824,8 @@ class SparseRM(FeatureRM):
             d_in, d_sae = _sae_dims(sae)
             sae_info.update(d_in=d_in, d_sae=d_sae, architecture=sae.cfg.architecture())
         features = make_features(kind, directions=directions, sae=sae, seed=feature_seed)
-        super().__init__(features, backbone=backbone, layer=layer, max_length=max_length, sae_info=sae_info)
+        super().__init__(features, backbone=backbone, layer=layer, max_length=max_length, sae_info=sae_info,
+                         position=position)
         self.sae = sae
         self.directions = directions
         self.k = int(directions.k)
@@ -827,7 +836,7 @@ class SparseRM(FeatureRM):
     @classmethod
     def fit(cls, backbone, train_pairs, val_pairs=None, *, layer: int, sae, k: int = 128,
             kind: str = "projection", normalize_directions: bool = False, allow_overlap: bool = True,
-            feature_seed: int = 0, sae_source: str | None = None, max_length: int = 512,
+            feature_seed: int = 0, sae_source: str | None = None, max_length: int = 512, position: str = "last",
             batch_size: int = 16, cache: bool = True, progress: bool = True, **fit_kwargs) -> "SparseRM":
         """The whole method: hidden states of the pairs at `layer`, SAE latents of the training
         states, top-k directions per side (`srlib.directions.select_directions`), then the head.
@@ -838,7 +847,8 @@ class SparseRM(FeatureRM):
         if sae is None:
             raise ConfigError("SparseRM.fit needs an SAE (srlib.sae.sae_for_profile or load_pretrained_sae)")
         _check_sae(sae, backbone.hidden_size, k)
-        extract = dict(max_length=max_length, batch_size=batch_size, cache=cache, progress=progress)
+        extract = dict(max_length=max_length, position=position, batch_size=batch_size, cache=cache,
+                       progress=progress)
         Z_w, Z_l = cls._pair_states(backbone, train_pairs, layer, "training", **extract)
         Zv = cls._pair_states(backbone, val_pairs, layer, "validation", **extract) if val_pairs else (None, None)
         from srlib.directions import select_directions
@@ -847,7 +857,7 @@ class SparseRM(FeatureRM):
         directions = select_directions(sae, encode(sae, Z_w), encode(sae, Z_l), k,
                                        normalize=normalize_directions, allow_overlap=allow_overlap)
         model = cls(directions, kind=kind, sae=sae, feature_seed=feature_seed, backbone=backbone,
-                    layer=layer, max_length=max_length, sae_source=sae_source)
+                    layer=layer, max_length=max_length, sae_source=sae_source, position=position)
         return model.fit_states(Z_w, Z_l, *Zv, progress=progress, **fit_kwargs)
 
 
@@ -855,9 +865,10 @@ class DenseRM(FeatureRM):
     """DenseRM (§5.2): the same head on the hidden state itself. The width is taken from the
     states at fit time (or give `d`)."""
 
-    def __init__(self, d: int | None = None, *, backbone=None, layer: int | None = None, max_length: int = 512):
+    def __init__(self, d: int | None = None, *, backbone=None, layer: int | None = None, max_length: int = 512,
+                 position: str = "last"):
         features = DenseFeatures(d) if d is not None else None
-        super().__init__(features, backbone=backbone, layer=layer, max_length=max_length)
+        super().__init__(features, backbone=backbone, layer=layer, max_length=max_length, position=position)
 
     def _prepare_features(self, d: int) -> FeatureMap:
         if self.features is None:
@@ -871,10 +882,12 @@ class DenseRM(FeatureRM):
 
     @classmethod
     def fit(cls, backbone, train_pairs, val_pairs=None, *, layer: int, max_length: int = 512,
-            batch_size: int = 16, cache: bool = True, progress: bool = True, **fit_kwargs) -> "DenseRM":
+            position: str = "last", batch_size: int = 16, cache: bool = True, progress: bool = True,
+            **fit_kwargs) -> "DenseRM":
         """Hidden states of the pairs at `layer`, then the head. `fit_kwargs` go to `fit_head`."""
-        extract = dict(max_length=max_length, batch_size=batch_size, cache=cache, progress=progress)
+        extract = dict(max_length=max_length, position=position, batch_size=batch_size, cache=cache,
+                       progress=progress)
         Z_w, Z_l = cls._pair_states(backbone, train_pairs, layer, "training", **extract)
         Zv = cls._pair_states(backbone, val_pairs, layer, "validation", **extract) if val_pairs else (None, None)
-        model = cls(backbone=backbone, layer=layer, max_length=max_length)
+        model = cls(backbone=backbone, layer=layer, max_length=max_length, position=position)
         return model.fit_states(Z_w, Z_l, *Zv, progress=progress, **fit_kwargs)

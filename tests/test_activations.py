@@ -75,7 +75,7 @@ def test_blocks_above_the_layer_do_not_run(tiny_backbone):
     with ForwardCounter(layers[1]) as at, ForwardCounter(layers[2]) as above, \
             ForwardCounter(tiny_backbone.model.lm_head) as head:
         last_token_states(tiny_backbone, texts, 1, batch_size=2, cache=False, progress=False)
-    assert (at.calls, above.calls, head.calls) == (2, 0, 0)
+    assert (at.calls, above.calls, head.calls) == (4, 0, 0)  # one pass per text length
 
 
 def test_batching_restores_the_input_order(tiny_backbone):
@@ -140,7 +140,7 @@ def test_cache_hits_skip_the_forward_pass(tiny_backbone, isolated_cache):
     texts = make_texts(tiny_backbone.tokenizer, 6)
     with ForwardCounter(tiny_backbone.model) as counter:
         first = last_token_states(tiny_backbone, texts, 2, batch_size=4, progress=False)
-    assert counter.calls == 2
+    assert counter.calls == 6  # the 6 texts have 6 lengths: batches are never padded
     with ForwardCounter(tiny_backbone.model) as counter:
         again = last_token_states(tiny_backbone, texts, 2, batch_size=4, progress=False)
         subset = last_token_states(tiny_backbone, texts[3:] + texts[:1], 2, progress=False)
@@ -150,7 +150,7 @@ def test_cache_hits_skip_the_forward_pass(tiny_backbone, isolated_cache):
         extended = last_token_states(tiny_backbone, texts + ["one new text"], 2, progress=False)
     assert counter.calls == 1 and torch.equal(extended[:6], first)
     entries = list(isolated_cache.rglob("*.safetensors"))
-    assert len(entries) == 7 and all(p.parent.parent.name == "layer2-max512" for p in entries)
+    assert len(entries) == 7 and all(p.parent.parent.name == "layer2-max512-last" for p in entries)
 
 
 @pytest.mark.parametrize("change", [{"layer": 1}, {"max_length": 256}, {"identity": "other-weights"}])
@@ -161,7 +161,7 @@ def test_cache_misses_when_the_key_changes(tiny_backbone, isolated_cache, change
     with ForwardCounter(tiny_backbone.model) as counter:
         last_token_states(backbone, texts, change.get("layer", 2),
                           max_length=change.get("max_length", 512), progress=False)
-    assert counter.calls == 1
+    assert counter.calls == 3  # one pass per text (3 lengths)
 
 
 def test_interrupted_cache_write_leaves_no_entry(tiny_backbone, isolated_cache, monkeypatch):
@@ -175,13 +175,13 @@ def test_interrupted_cache_write_leaves_no_entry(tiny_backbone, isolated_cache, 
     monkeypatch.setattr(activations, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         last_token_states(tiny_backbone, texts, 2, progress=False)
-    folder = next(isolated_cache.rglob("layer2-max512"))
+    folder = next(isolated_cache.rglob("layer2-max512-last"))
     assert [p for p in folder.rglob("*") if p.is_file() and p.name != "info.json"] == []
     monkeypatch.undo()
     monkeypatch.setenv("SRLIB_CACHE_DIR", str(isolated_cache))
     with ForwardCounter(tiny_backbone.model) as counter:
         states = last_token_states(tiny_backbone, texts, 2, progress=False)
-    assert counter.calls == 1
+    assert counter.calls == 3  # one pass per text (3 lengths)
     torch.testing.assert_close(states, last_token_states(tiny_backbone, texts, 2, cache=False,
                                                          progress=False))
 

@@ -150,9 +150,10 @@ def test_layer_k_sweep_one_row_per_layer_k_seed(monkeypatch):
     assert len(trials) == 2 * 2 * 2
     assert set(trials["k"]) == {2, 4} and set(trials["layer"]) == {1, 2}
     assert trials["test_accuracy"].between(0, 1).all()
-    summary = ex.summarize(trials, by=("layer", "k"))
-    best = ex.best_setting(summary)
-    assert best["mean"] == summary["mean"].max() and set(best) == {"layer", "k", "mean", "std", "label"}
+    summary = ex.summarize(trials, by=("layer", "k"), value="val_accuracy")
+    best = ex.best_setting(trials, ("layer", "k"), select_on="val_accuracy")
+    assert set(best) == {"layer", "k", "mean", "std", "se", "count", "label", "tied"}
+    assert best["mean"] >= summary["mean"].max() - summary["se"].max()
 
 
 def test_shuffled_separation_is_a_relabelling():

@@ -143,7 +143,7 @@ def test_beside_paper_puts_the_papers_number_next_to_ours():
     trials = pd.DataFrame({"dataset": ["truthfulqa"] * 4 + ["hh-harmless"] * 4,
                            "variant": ["A", "A", "B", "B"] * 2,
                            "test_accuracy": [0.8, 0.82, 0.7, 0.72, 0.6, 0.6, 0.5, 0.52]})
-    table = beside_paper(summarize(trials), {"A": {"truthfulqa": 93.6, "hh-harmless": 90.2}})
+    table = beside_paper(summarize(trials, value="test_accuracy"), {"A": {"truthfulqa": 93.6, "hh-harmless": 90.2}})
     assert list(table.index) == ["A", "B"]
     assert list(table.columns) == ["TruthfulQA (ours)", "TruthfulQA · paper (Gemma-2-9B-it)",
                                    "Red-Teaming (HH harmless) (ours)",
