@@ -88,6 +88,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         from srlib.reward import DenseRM
 
         model = DenseRM.fit(backbone, train, val, layer=profile.layer, max_length=profile.max_length,
+                            position=profile.position, standardize=profile.standardize,
                             batch_size=profile.batch_size, loss=args.loss, gamma=args.gamma, seed=args.seed)
     else:
         from srlib.reward import SparseRM
@@ -96,7 +97,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         sae = sae_for_profile(profile, backbone)
         model = SparseRM.fit(backbone, train, val, layer=profile.layer, sae=sae, k=profile.k,
                              kind=args.features, feature_seed=args.seed, sae_source=profile.sae_source,
-                             max_length=profile.max_length, batch_size=profile.batch_size,
+                             max_length=profile.max_length, position=profile.position,
+                             standardize=profile.standardize, batch_size=profile.batch_size,
                              loss=args.loss, gamma=args.gamma, seed=args.seed)
     model.save_pretrained(args.out, overwrite=args.overwrite)
     result = {"out": str(args.out), "method": args.method, "n_train": len(train),
