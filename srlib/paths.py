@@ -62,7 +62,10 @@ def cache_dir(*parts: str) -> Path:
 #: Temporaries beside a target NAME are `.NAME.PID.new-XXXX` (being written) and
 #: `.NAME.PID.old-XXXX` (the version being replaced, until deleted): the writer's process id in
 #: the name lets a later write tell a dead writer's leftovers (swept) from a live one's (kept).
-_TEMP_KINDS = ("new", "old")
+#: (Writers on other machines or in other pid namespaces sharing the folder are not told apart.)
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.(?P<kind>new|old)-\w+")
+_OURS: set[Path] = set()  # this process's temporaries in use (an earlier process may have had its pid)
+_SWEPT: set[Path] = set()  # folders swept by this process (once each: a cache folder holds thousands of files)
 
 
 def _umask() -> int:
@@ -77,8 +80,11 @@ def _plain_mode(is_dir: bool) -> int:
     return (0o777 if is_dir else 0o666) & ~_umask()
 
 
-def _pid_alive(pid: int) -> bool:
-    """False only when no process `pid` exists (a recycled pid counts as alive: kept, not lost)."""
+def _writer_alive(pid: int, temporary: Path) -> bool:
+    """False when no process `pid` exists, or it is this process and `temporary` is not one of its
+    own (a pid recycled by another process counts as alive: its temporary is kept, never lost)."""
+    if pid == os.getpid():
+        return temporary in _OURS
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, OverflowError):
@@ -96,25 +102,26 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def sweep_temporaries(final: Path) -> None:
-    """Remove the temporaries of dead writers beside `final` (a writer killed mid-write).
+def sweep_temporaries(folder: Path) -> None:
+    """Remove the temporaries that dead writers (killed mid-write) left in `folder`.
 
-    A dead writer's replaced version (`old`) is put back when `final` is missing: it died
-    between its two renames, and the old version is the complete one.
+    A dead writer's replaced version (`old`) is put back when its target is missing: the writer
+    died between its two renames, and the old version is the complete one.
     """
-    pattern = re.compile(rf"\.{re.escape(final.name)}\.(\d+)\.({'|'.join(_TEMP_KINDS)})-")
     try:
-        entries = sorted(final.parent.iterdir())
+        entries = sorted(folder.iterdir())
     except OSError:
         return
     for entry in entries:
-        match = pattern.match(entry.name)
-        if match is None or _pid_alive(int(match[1])):
+        match = _TEMP_NAME.fullmatch(entry.name)
+        if match is None or _writer_alive(int(match["pid"]), entry):
             continue
-        if match[2] == "old" and not os.path.lexists(final):
-            os.replace(entry, final)
+        target = folder / match["name"]
+        if match["kind"] == "old" and not os.path.lexists(target):
+            os.replace(entry, target)
         else:
             _remove(entry)
+    _SWEPT.add(folder)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -146,10 +153,14 @@ def check_output(final: str | os.PathLike, *, is_dir: bool = False, overwrite: b
     working directory or a folder holding it, an existing output without `overwrite`, and a
     folder holding files that `is_ours` does not recognise (a user's data: never replaced, not
     even with `overwrite`). `is_ours=None` takes whatever is there as srlib's own (a cache).
-    A symbolic link stands for the path it names. Called by `atomic_path` when it starts and
-    before it moves its result in; a command calls it first too, to refuse before any work.
+    A symbolic link stands for the path it names; an existing file that is not a regular file
+    (`/dev/stdout`, a pipe) is written in place and needs no `overwrite`. Called by `atomic_path`
+    when it starts and before it moves its result in; a command calls it first too, to refuse
+    before any work.
     """
     final = Path(os.path.abspath(final))
+    if not is_dir and _is_special(final):
+        return final
     if final.is_symlink():
         final = final.resolve()
     if is_dir:
@@ -173,6 +184,11 @@ def check_output(final: str | os.PathLike, *, is_dir: bool = False, overwrite: b
     return check_creatable(final)
 
 
+def _is_special(path: Path) -> bool:
+    """True for an existing file that is neither a regular file nor a folder: a device or a pipe."""
+    return path.exists() and not path.is_file() and not path.is_dir()
+
+
 def _move_into_place(tmp: Path, final: Path) -> None:
     """Rename `tmp` to `final`; an existing folder `final` is renamed aside first and deleted last,
     so a reader sees the old version until the new one is in place (a crash between the two
@@ -181,13 +197,17 @@ def _move_into_place(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
         return
     aside = final.with_name(f".{final.name}.{os.getpid()}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(final, aside)
+    _OURS.add(aside)
     try:
-        os.rename(tmp, final)
-    except BaseException:
-        os.rename(aside, final)
-        raise
-    _remove(aside)
+        os.rename(final, aside)
+        try:
+            os.rename(tmp, final)
+        except BaseException:
+            os.rename(aside, final)
+            raise
+        _remove(aside)
+    finally:
+        _OURS.discard(aside)
 
 
 @contextlib.contextmanager
@@ -200,11 +220,15 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool = False, overwrite: bo
     `check_output(final, is_dir=..., overwrite=..., is_ours=...)` allows (the defaults suit
     srlib's caches; a user's output passes `overwrite` and `is_ours`). The result gets the mode
     a plain open()/mkdir() would give (a replaced file keeps its mode). Dead writers'
-    temporaries beside `final` are swept first.
+    temporaries in the folder of `final` are swept first (once per folder and process).
     """
     final = check_output(final, is_dir=is_dir, overwrite=overwrite, is_ours=is_ours)
+    if not is_dir and _is_special(final):  # /dev/stdout, a pipe: nothing to replace, nothing to keep
+        yield final
+        return
     final.parent.mkdir(parents=True, exist_ok=True)
-    sweep_temporaries(final)
+    if final.parent not in _SWEPT:
+        sweep_temporaries(final.parent)
     prefix = f".{final.name}.{os.getpid()}.new-"
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=final.parent))
@@ -212,6 +236,7 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool = False, overwrite: bo
         fd, name = tempfile.mkstemp(prefix=prefix, dir=final.parent)
         os.close(fd)
         tmp = Path(name)
+    _OURS.add(tmp)
     try:
         yield tmp
         check_output(final, is_dir=is_dir, overwrite=overwrite, is_ours=is_ours)  # still so after the work
@@ -221,3 +246,5 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool = False, overwrite: bo
     except BaseException:
         _remove(tmp)
         raise
+    finally:
+        _OURS.discard(tmp)

@@ -121,6 +121,7 @@ def test_overwrite_replaces_a_model_atomically(workdir, tmp_path, capsys, monkey
         (tmp_path / f".rm.{dead.pid}.new-stale").mkdir()
         (tmp_path / f".rm.{dead.pid}.old-stale").mkdir()
         (tmp_path / f".rm.{live.pid}.new-busy").mkdir()
+        (tmp_path / f".rm.{os.getpid()}.new-earlier").mkdir()  # an earlier process that had our pid
 
         def crash(*args, **kwargs):
             raise RuntimeError("simulated crash while writing the weights")
@@ -140,6 +141,34 @@ def test_overwrite_replaces_a_model_atomically(workdir, tmp_path, capsys, monkey
     finally:
         live.kill()
         live.wait()
+
+
+def test_a_crash_between_the_two_renames_leaves_the_old_folder(tmp_path, monkeypatch):
+    from srlib import paths
+
+    final = tmp_path / "rm"
+    final.mkdir()
+    (final / "weights").write_text("old")
+    real_rename = os.rename
+
+    def second_rename_fails(src, dst):
+        if Path(src).name.startswith(".rm.") and ".new-" in Path(src).name:
+            raise OSError(5, "Input/output error", str(dst))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(paths.os, "rename", second_rename_fails)
+    with pytest.raises(OSError, match="Input/output"):
+        with paths.atomic_path(final, is_dir=True) as tmp:
+            (tmp / "weights").write_text("new")
+    monkeypatch.undo()
+    assert (final / "weights").read_text() == "old" and _hidden(tmp_path) == []
+
+    # killed between the renames: the old folder waits aside and the next write puts it back
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    real_rename(final, tmp_path / f".rm.{dead.pid}.old-abcd")
+    paths.sweep_temporaries(tmp_path)
+    assert (final / "weights").read_text() == "old" and _hidden(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------- operating-system errors
@@ -222,6 +251,20 @@ def test_fifo_and_process_substitution_as_pairs(workdir, tmp_path, capsys):
     assert main(["score", "--rm", str(workdir / "rm"), "--pairs", str(fifo)]) == 0
     writer.join(timeout=10)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["n"] == 8
+
+    # a FIFO (or /dev/stdout) as --out is written in place, not replaced by a regular file
+    received: list[str] = []
+
+    def drain():
+        with open(fifo) as handle:
+            received.extend(handle)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    assert main(["score", "--rm", str(workdir / "rm"), "--pairs", str(workdir / "val.jsonl"), "--out", str(fifo)]) == 0
+    reader.join(timeout=10)
+    assert stat.S_ISFIFO(fifo.stat().st_mode) and len(received) == 8 and _hidden(tmp_path) == []
+    capsys.readouterr()
 
     bash = shutil.which("bash")
     if bash is None:
