@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import string
 import subprocess
 import sys
@@ -186,7 +185,7 @@ def offline_hub(tmp_path_factory, one_thread) -> dict:
     pairs = root / "pairs.jsonl"
     with pairs.open("w") as handle:
         for row in rows[:12]:
-            for good, bad in list(zip(row["correct_answers"], row["incorrect_answers"]))[:2]:
+            for good, bad in zip(row["correct_answers"], row["incorrect_answers"]):
                 handle.write(json.dumps({"prompt": row["question"], "chosen": good, "rejected": bad}) + "\n")
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("HF_", "SRLIB_", "TRANSFORMERS_"))}
@@ -197,6 +196,7 @@ def offline_hub(tmp_path_factory, one_thread) -> dict:
 
 
 def _run(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    """Run a command in a fresh interpreter with `env`; fail the test with its stderr if it fails."""
     result = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{' '.join(args[:4])} failed:\n{result.stderr[-3000:]}"
     return result
