@@ -185,3 +185,6 @@ def test_scores_are_the_same_bits_from_a_cold_and_a_warm_cache(tiny_backbone, tm
     assert torch.equal(warm, cold)
     assert torch.equal(warm, model.score(texts, batch_size=4, cache=False))
     assert torch.equal(torch.stack(model.score_pairs(PAIRS[2:5]), 1).flatten(), warm)
+    Z = last_token_states(tiny_backbone, texts, 2, max_length=96, progress=False)
+    alone = torch.cat([model.score_states(Z[i:i + 1]) for i in range(len(Z))])
+    assert torch.equal(model.score_states(Z), alone)  # a score does not depend on the rows scored with it
