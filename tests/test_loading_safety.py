@@ -332,3 +332,16 @@ def test_a_damaged_converted_model_gets_one_line_with_the_clear_command(tiny_bac
     monkeypatch.setattr(backbone_module, "_smollm2_from_wheel", lambda progress: folder)
     with pytest.raises(SrlibError, match=rf"{folder}: .*cache clear --what models"):
         backbone_module.load_backbone(backbone_module.DEFAULT_MODEL_ID, device="cpu", progress=False)
+
+
+def test_a_corrupt_sae_corpus_entry_is_recomputed(tiny_backbone, isolated_cache):
+    from srlib.sae import corpus_activations
+
+    texts = ["a first corpus text", "a second corpus text", "and a third one"]
+    cold = corpus_activations(tiny_backbone, 1, texts, progress=False)
+    entry = _corrupt_first(isolated_cache / "sae-corpus", "activations.safetensors")
+    with pytest.warns(UserWarning, match=str(entry)):
+        again = corpus_activations(tiny_backbone, 1, texts, progress=False)
+    assert not again.from_cache
+    torch.testing.assert_close(again.train_tokens, cold.train_tokens)
+    assert corpus_activations(tiny_backbone, 1, texts, progress=False).from_cache
