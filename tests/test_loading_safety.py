@@ -345,3 +345,17 @@ def test_a_corrupt_sae_corpus_entry_is_recomputed(tiny_backbone, isolated_cache)
     assert not again.from_cache
     torch.testing.assert_close(again.train_tokens, cold.train_tokens)
     assert corpus_activations(tiny_backbone, 1, texts, progress=False).from_cache
+
+
+def test_srlib_has_no_loader_that_can_run_code_from_a_file():
+    """No pickle-based loading anywhere in the package: safetensors and JSON only."""
+    import re
+
+    import srlib
+
+    risky = re.compile(r"torch\.load\(|\bpickle\b|allow_pickle\s*=\s*True|trust_remote_code\s*=\s*True"
+                       r"|weights_only\s*=\s*False|importlib\.import_module\(config")
+    package = Path(srlib.__file__).parent
+    hits = [f"{path.name}:{n}" for path in sorted(package.glob("*.py"))
+            for n, line in enumerate(path.read_text().splitlines(), 1) if risky.search(line)]
+    assert hits == []
