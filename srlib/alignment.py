@@ -31,6 +31,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import re
@@ -174,6 +175,9 @@ class AlignmentConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.n_shots < 0:
             raise ConfigError(f"n_shots must be 0 or more, got {self.n_shots}")
+        for name in ("temperature", "top_p", "learning_rate", "beta"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be positive, got {self.temperature}")
         if self.learning_rate <= 0 or self.beta <= 0:

@@ -275,11 +275,15 @@ def test_non_finite_fit_settings_are_refused(setting):
         fit_head(X + 1, X, epochs=1, hidden=2, **setting)
 
 
-def test_non_finite_lora_settings_are_refused():
+def test_non_finite_lora_and_alignment_settings_are_refused():
+    from srlib.alignment import AlignmentConfig
     from srlib.baselines import LoraSettings
 
     with pytest.raises(SrlibError, match="finite"):
         LoraSettings(learning_rate=float("inf")).check()
+    for name in ("learning_rate", "beta", "temperature"):
+        with pytest.raises(SrlibError, match=f"{name} must be a finite"):
+            AlignmentConfig.for_profile("smoke", **{name: float("nan")})
 
 
 def test_non_finite_states_at_scoring_are_refused(saved_rm):
@@ -359,3 +363,13 @@ def test_srlib_has_no_loader_that_can_run_code_from_a_file():
     hits = [f"{path.name}:{n}" for path in sorted(package.glob("*.py"))
             for n, line in enumerate(path.read_text().splitlines(), 1) if risky.search(line)]
     assert hits == []
+
+
+def test_cache_clear_removes_a_symlinked_cache_folder_but_not_what_it_points_to(isolated_cache, tmp_path, capsys):
+    users = tmp_path / "user-data"
+    users.mkdir()
+    (users / "thesis.txt").write_text("mine")
+    isolated_cache.mkdir(parents=True, exist_ok=True)
+    (isolated_cache / "sae").symlink_to(users, target_is_directory=True)
+    assert main(["cache", "clear", "--what", "sae"]) == 0
+    assert not (isolated_cache / "sae").exists() and (users / "thesis.txt").read_text() == "mine"
