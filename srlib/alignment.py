@@ -53,7 +53,8 @@ from srlib.data import (
     load_truthfulqa_mc,
     prompt_messages,
 )
-from srlib.errors import ConfigError
+from srlib.cache import clear_command, read_json
+from srlib.errors import ConfigError, DamagedFileError, one_line
 from srlib.evaluate import (
     PairedComparison,
     compare_paired,
@@ -715,7 +716,7 @@ class AlignmentResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "AlignmentResult":
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        return cls.from_dict(_read_json(Path(path)))
 
 
 def _summary(metrics: dict) -> dict:
@@ -732,8 +733,14 @@ def _write_json(data: Any, path: str | Path) -> None:
         tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
 
 
+#: The end of the one-line error for a damaged file in a run folder.
+_RUN_REMEDY = ("the run folder is damaged: remove it, or choose another --out, to run afresh "
+               f"(chapter 7's run folders: {clear_command('alignment')})")
+
+
 def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
+    """A JSON file of a run folder; a damaged one raises a one-line `DamagedFileError` naming it."""
+    return read_json(path, _RUN_REMEDY)
 
 
 def _slug(name: str) -> str:
@@ -754,8 +761,11 @@ def _write_tuples(tuples: Sequence[PreferencePair], verdict: FilterResult | None
 
 def read_tuples(path: str | Path) -> list[dict]:
     """The generated tuples of a round as written by `run_alignment` (with scores and verdicts)."""
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return [json.loads(line) for line in handle if line.strip()]
+    except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DamagedFileError(f"{path}: not readable JSONL ({one_line(str(error))}); {_RUN_REMEDY}") from None
 
 
 def _tuples_from_records(records: Sequence[dict]) -> list[PreferencePair]:

@@ -373,3 +373,15 @@ def test_cache_clear_removes_a_symlinked_cache_folder_but_not_what_it_points_to(
     (isolated_cache / "sae").symlink_to(users, target_is_directory=True)
     assert main(["cache", "clear", "--what", "sae"]) == 0
     assert not (isolated_cache / "sae").exists() and (users / "thesis.txt").read_text() == "mine"
+
+
+def test_a_damaged_alignment_run_file_gets_one_line_naming_it(tmp_path):
+    from srlib.alignment import AlignmentResult, read_tuples
+
+    tuples, result = tmp_path / "tuples.jsonl", tmp_path / "result.json"
+    tuples.write_text('{"prompt": "Q?", "chosen": "a", "rejected": "b"}\n{"prompt": ')
+    result.write_text("{")
+    for load, path in ((read_tuples, tuples), (AlignmentResult.load, result)):
+        with pytest.raises(SrlibError, match=rf"{path}: .*remove it") as error:
+            load(path)
+        assert "\n" not in str(error.value)
