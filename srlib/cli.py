@@ -212,8 +212,15 @@ def cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (exit 2), as every other user error here."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m srlib", description=__doc__.split("\n\n")[0])
+    parser = _OneLineParser(prog="python -m srlib", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_model_flags(p: argparse.ArgumentParser) -> None:

@@ -263,7 +263,8 @@ def test_non_finite_cli_floats_are_refused(value, pairs_file, tmp_path, capsys):
         main(["fit", "--profile", "smoke", "--train", str(pairs_file), "--out", str(tmp_path / "rm"),
               f"--gamma={value}"])
     assert exit_.value.code == 2
-    assert "finite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "finite" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "rm").exists()
 
 
