@@ -1,7 +1,7 @@
 """How much the early exit in `srlib.activations` saves, on real TruthfulQA texts.
 
 Times (fastest of `--repeats` interleaved rounds) three ways of reading the last-token state at the profile's layer L, on the same
-tokenised batches (texts of one token count together, unpadded: `srlib.activations._batches`) and with the cache off:
+tokenised batches (texts of one padded width together: `srlib.activations._batches`) and with the cache off:
 
 - early exit: `last_token_states` (blocks 0..L, then a hook stops the pass);
 - all blocks: the base model's full forward with `output_hidden_states` (no LM head);
@@ -31,13 +31,14 @@ from srlib.profiles import DEFAULT_PROFILE, get_profile
 def full_forward_states(backbone, texts, layer, max_length, batch_size, with_lm_head):
     """Last-token states at `layer` from a forward pass through every block."""
     encoded = [activations._encode(backbone.tokenizer, t, max_length) for t in texts]
+    pad_id = backbone.tokenizer.pad_token_id or 0
     model = backbone.model if with_lm_head else backbone.model.get_decoder()
     out = torch.empty(len(texts), backbone.hidden_size)
     with torch.inference_mode():
-        for rows, input_ids in activations._batches(encoded, batch_size):
-            hidden = model(input_ids=input_ids, use_cache=False,
+        for rows, input_ids, attention_mask in activations._batches(encoded, batch_size, pad_id):
+            hidden = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                            output_hidden_states=True).hidden_states[layer + 1]
-            out[rows] = hidden[:, -1].float()
+            out[rows] = hidden[torch.arange(len(rows)), attention_mask.sum(1) - 1].float()
     return out
 
 

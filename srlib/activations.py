@@ -23,10 +23,11 @@ token. One forward pass reads every requested position. A text that does not end
 template's closing text (no template, or formatted otherwise) is read at its last token for
 every position.
 
-Batch invariance: a text is batched only with texts of the same token count, so no batch is
-padded, and its state is the same bits whatever else is extracted with it. (With padded
-batches the masked attention and matmul shapes changed a state's last bits with the batch's
-composition, so a cold and a warm cache gave different scores.) Where a cache entry
+Batch invariance: a text is right-padded to a width fixed by its own length (the next
+multiple of `_PAD_MULTIPLE` tokens, at least one pad) and batched only with texts of that
+width, so its state is the same bits whatever else is extracted with it. (Padded to the
+longest text of its batch, a state's last bits changed with the batch's composition, so a
+cold and a warm cache gave different scores.) Where a cache entry
 exists it wins over a recomputation, so the first value computed is the one every run uses.
 """
 
@@ -54,6 +55,10 @@ from srlib.paths import atomic_path, cache_dir
 # Texts sorted by length are processed in windows of this many batches by
 # `iter_token_activations`, which yields results in input order.
 _WINDOW_BATCHES = 8
+# Every text is right-padded to the next multiple of this many tokens, with at least one pad
+# token (`_padded_width`), so its shapes and the masked attention path never depend on the
+# texts batched with it.
+_PAD_MULTIPLE = 32
 # A message that cannot occur in real text, used to find the template's fixed prefix and suffix.
 _SENTINEL = "\u2063srlib-sentinel\u2063"
 #: Tokens a reward model can read (module docstring): the template's last token, the token that
@@ -129,7 +134,8 @@ def token_states(
                     for position in positions:
                         if key in states[position]:
                             continue  # a cached value wins: every run uses the first value computed
-                        state = hidden[i, encoded[row].reads[position]].float().cpu().clone()
+                        index = len(encoded[row].ids) + encoded[row].reads[position]
+                        state = hidden[i, index].float().cpu().clone()
                         states[position][key] = state
                         if position in folders:
                             _write_entry(folders[position] / key[:2] / f"{key}.safetensors", state)
@@ -179,7 +185,7 @@ def iter_token_activations(
 ) -> Iterator[Tensor]:
     """Yield, for each text in order, a [n_tokens, d] float32 CPU tensor of its layer states.
 
-    Excluded tokens: the chat template's fixed prefix, i.e. every token that
+    Excluded tokens: padding, and the chat template's fixed prefix, i.e. every token that
     lies wholly before the first message's content when the text starts with that prefix.
     For SmolLM2 that is "<|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n" (the
     default system prompt and the first user header); for a tokenizer that prepends a BOS it
@@ -201,7 +207,8 @@ def iter_token_activations(
             for rows, hidden in _forward_batches(backbone, encoded, layer, batch_size):
                 for i, row in enumerate(rows):
                     keep = ~torch.tensor(encoded[row].prefix, dtype=torch.bool)
-                    results[row] = hidden[i][keep.to(hidden.device)].float().cpu()
+                    real = hidden[i, : len(encoded[row].ids)]
+                    results[row] = real[keep.to(hidden.device)].float().cpu()
                 bar.update(len(rows))
             yield from (results[row] for row in range(len(encoded)))
 
@@ -351,25 +358,37 @@ def _forward_to_layer(model: nn.Module, layer: int, input_ids: Tensor, attention
     raise RuntimeError(f"block {layer} did not run during the forward pass")
 
 
-def _batches(encoded: Sequence[_Encoded], batch_size: int) -> Iterator[tuple[list[int], Tensor]]:
-    """(rows, input_ids [b, t]) of up to `batch_size` texts of the same length t, longest first.
+def _padded_width(n_tokens: int) -> int:
+    """The width a text of `n_tokens` tokens is padded to: the next multiple of `_PAD_MULTIPLE`
+    with at least one pad token, so no mask is all ones (which would switch attention kernels)."""
+    return (n_tokens // _PAD_MULTIPLE + 1) * _PAD_MULTIPLE
 
-    No batch is padded, so a text's states do not depend on the texts batched with it.
-    """
-    by_length: dict[int, list[int]] = defaultdict(list)
+
+def _batches(encoded: Sequence[_Encoded], batch_size: int, pad_id: int
+             ) -> Iterator[tuple[list[int], Tensor, Tensor]]:
+    """(rows, input_ids, attention_mask) of up to `batch_size` texts of one padded width
+    (`_padded_width`), right-padded, widest first: a text's shapes do not depend on its batch."""
+    by_width: dict[int, list[int]] = defaultdict(list)
     for row, text in enumerate(encoded):
-        by_length[len(text.ids)].append(row)
-    for length in sorted(by_length, reverse=True):
-        same = by_length[length]
+        by_width[_padded_width(len(text.ids))].append(row)
+    for width in sorted(by_width, reverse=True):
+        same = by_width[width]
         for start in range(0, len(same), batch_size):
             rows = same[start:start + batch_size]
-            yield rows, torch.tensor([encoded[row].ids for row in rows], dtype=torch.long)
+            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, row in enumerate(rows):
+                n = len(encoded[row].ids)
+                input_ids[j, :n] = torch.tensor(encoded[row].ids)
+                attention_mask[j, :n] = 1
+            yield rows, input_ids, attention_mask
 
 
 def _forward_batches(backbone: Backbone, encoded: Sequence[_Encoded], layer: int, batch_size: int
                      ) -> Iterator[tuple[list[int], Tensor]]:
-    """(rows, block-`layer` output [b, t, d]) for each same-length batch (`_batches`)."""
+    """(rows, block-`layer` output [b, width, d]) for each batch of `_batches`."""
+    tokenizer = backbone.tokenizer
+    pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     device = backbone.device
-    for rows, input_ids in _batches(encoded, batch_size):
-        input_ids = input_ids.to(device)
-        yield rows, _forward_to_layer(backbone.model, layer, input_ids, torch.ones_like(input_ids))
+    for rows, input_ids, attention_mask in _batches(encoded, batch_size, pad_id):
+        yield rows, _forward_to_layer(backbone.model, layer, input_ids.to(device), attention_mask.to(device))

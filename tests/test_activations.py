@@ -75,7 +75,7 @@ def test_blocks_above_the_layer_do_not_run(tiny_backbone):
     with ForwardCounter(layers[1]) as at, ForwardCounter(layers[2]) as above, \
             ForwardCounter(tiny_backbone.model.lm_head) as head:
         last_token_states(tiny_backbone, texts, 1, batch_size=2, cache=False, progress=False)
-    assert (at.calls, above.calls, head.calls) == (4, 0, 0)  # one pass per text length
+    assert (at.calls, above.calls, head.calls) == (3, 0, 0)  # batches of <= 2 texts of one padded width
 
 
 def test_batching_restores_the_input_order(tiny_backbone):
@@ -140,7 +140,7 @@ def test_cache_hits_skip_the_forward_pass(tiny_backbone, isolated_cache):
     texts = make_texts(tiny_backbone.tokenizer, 6)
     with ForwardCounter(tiny_backbone.model) as counter:
         first = last_token_states(tiny_backbone, texts, 2, batch_size=4, progress=False)
-    assert counter.calls == 6  # the 6 texts have 6 lengths: batches are never padded
+    assert counter.calls == 2  # batches of <= 4 texts of one padded width
     with ForwardCounter(tiny_backbone.model) as counter:
         again = last_token_states(tiny_backbone, texts, 2, batch_size=4, progress=False)
         subset = last_token_states(tiny_backbone, texts[3:] + texts[:1], 2, progress=False)
@@ -161,7 +161,7 @@ def test_cache_misses_when_the_key_changes(tiny_backbone, isolated_cache, change
     with ForwardCounter(tiny_backbone.model) as counter:
         last_token_states(backbone, texts, change.get("layer", 2),
                           max_length=change.get("max_length", 512), progress=False)
-    assert counter.calls == 3  # one pass per text (3 lengths)
+    assert counter.calls == 1
 
 
 def test_interrupted_cache_write_leaves_no_entry(tiny_backbone, isolated_cache, monkeypatch):
@@ -181,7 +181,7 @@ def test_interrupted_cache_write_leaves_no_entry(tiny_backbone, isolated_cache, 
     monkeypatch.setenv("SRLIB_CACHE_DIR", str(isolated_cache))
     with ForwardCounter(tiny_backbone.model) as counter:
         states = last_token_states(tiny_backbone, texts, 2, progress=False)
-    assert counter.calls == 3  # one pass per text (3 lengths)
+    assert counter.calls == 1
     torch.testing.assert_close(states, last_token_states(tiny_backbone, texts, 2, cache=False,
                                                          progress=False))
 
