@@ -153,13 +153,12 @@ def check_output(final: str | os.PathLike, *, is_dir: bool = False, overwrite: b
     working directory or a folder holding it, an existing output without `overwrite`, and a
     folder holding files that `is_ours` does not recognise (a user's data: never replaced, not
     even with `overwrite`). `is_ours=None` takes whatever is there as srlib's own (a cache).
-    A symbolic link stands for the path it names; an existing file that is not a regular file
-    (`/dev/stdout`, a pipe) is written in place and needs no `overwrite`. Called by `atomic_path`
-    when it starts and before it moves its result in; a command calls it first too, to refuse
-    before any work.
+    A symbolic link stands for the path it names; a device or pipe (`/dev/stdout`, a FIFO) is
+    written in place and needs no `overwrite`. Called by `atomic_path` when it starts and before
+    it moves its result in; a command calls it first too, to refuse before any work.
     """
     final = Path(os.path.abspath(final))
-    if not is_dir and _is_special(final):
+    if not is_dir and _is_stream(final):
         return final
     if final.is_symlink():
         final = final.resolve()
@@ -184,9 +183,10 @@ def check_output(final: str | os.PathLike, *, is_dir: bool = False, overwrite: b
     return check_creatable(final)
 
 
-def _is_special(path: Path) -> bool:
-    """True for an existing file that is neither a regular file nor a folder: a device or a pipe."""
-    return path.exists() and not path.is_file() and not path.is_dir()
+def _is_stream(path: Path) -> bool:
+    """True for an existing device or pipe, and for anything under /dev or /proc (/dev/stdout is
+    a regular file when the shell redirects it to one): written in place, never replaced."""
+    return (path.exists() and not path.is_file() and not path.is_dir()) or path.parts[1:2] in (("dev",), ("proc",))
 
 
 def _move_into_place(tmp: Path, final: Path) -> None:
@@ -223,7 +223,7 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool = False, overwrite: bo
     temporaries in the folder of `final` are swept first (once per folder and process).
     """
     final = check_output(final, is_dir=is_dir, overwrite=overwrite, is_ours=is_ours)
-    if not is_dir and _is_special(final):  # /dev/stdout, a pipe: nothing to replace, nothing to keep
+    if not is_dir and _is_stream(final):  # /dev/stdout, a pipe: nothing to replace, nothing to keep
         yield final
         return
     final.parent.mkdir(parents=True, exist_ok=True)
