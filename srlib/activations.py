@@ -17,9 +17,9 @@ reads (near the end) are kept; a leading BOS is kept too.
 
 Read position (`POSITIONS`): the paper reads "the last token" of prompt + response and leaves
 open which one, since a chat template closes the answer with its own tokens (SmolLM2:
-"<|im_end|>\n"). `last` is the template's last token (the "\n"), `end_of_turn` the token that
-closes the assistant turn (<|im_end|>, Gemma's <end_of_turn>), `answer` the answer's own last
-token. One forward pass reads every requested position. A text that does not end with the
+``<|im_end|>`` and a newline). `last` is the template's last token (that newline),
+`end_of_turn` the token that closes the assistant turn (``<|im_end|>``, Gemma's
+``<end_of_turn>``), `answer` the answer's own last token. One forward pass reads every requested position. A text that does not end with the
 template's closing text (no template, or formatted otherwise) is read at its last token for
 every position.
 
