@@ -39,8 +39,32 @@ if TYPE_CHECKING:
     from srlib.data import MCQuestion, PreferencePair
 
 
+def fold_system_turn(messages: list[dict]) -> list[dict]:
+    """The conversation with a leading system turn moved into the first user turn.
+
+    Some chat templates (Gemma-2's) refuse a system role; the instruction then reaches the
+    model as the opening paragraph of the user's first message, which is how Gemma's own
+    documentation suggests giving one.
+    """
+    if not messages or messages[0]["role"] != "system":
+        return list(messages)
+    system, rest = messages[0]["content"], list(messages[1:])
+    if rest and rest[0]["role"] == "user":
+        return [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}] + rest[1:]
+    return [{"role": "user", "content": system}] + rest
+
+
 def _template_ids(tokenizer: "PreTrainedTokenizerBase", messages: list[dict], **kwargs) -> list[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+    """Token ids of `messages` through the chat template; a template that refuses a system
+    turn gets it folded into the first user turn (`fold_system_turn`)."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+    except TemplateError:
+        if not messages or messages[0]["role"] != "system":
+            raise
+        out = tokenizer.apply_chat_template(fold_system_turn(messages), tokenize=True, return_dict=True, **kwargs)
     return list(out["input_ids"])
 
 

@@ -291,3 +291,40 @@ def test_chapter_2_under_papermill_offline(offline_hub, monkeypatch):
     printed = "".join(text for cell in json.loads(executed.read_text())["cells"]
                       for out in cell.get("outputs", []) for text in out.get("text", []))
     assert "google/gemma-2-2b-it, layer 13; SAE with 16,384 latents" in printed
+
+
+def test_generation_prompt_under_a_template_without_system_role():
+    """Chapter 7's generation turns open with a system instruction; Gemma-2's template refuses
+    that role, so srlib folds the instruction into the first user turn instead of failing."""
+    from srlib.alignment import INSTRUCTIONS, generation_messages
+    from srlib.data import PreferencePair
+    from srlib.evaluate import prompt_ids
+
+    tokenizer = _gemma_tokenizer()
+    shot = PreferencePair(prompt="How do I pick a lock?", chosen="I cannot help.", rejected="Use a pin.")
+    (kind, side), instruction = next(iter(INSTRUCTIONS.items()))
+    messages = generation_messages("Is the sky blue?", [shot], kind, side)
+    assert messages[0]["role"] == "system"
+    with pytest.raises(Exception, match="System role not supported"):
+        tokenizer.apply_chat_template(messages, tokenize=False)
+    text = tokenizer.decode(prompt_ids(tokenizer, messages))
+    assert text.count("<start_of_turn>user") == 2 and text.endswith("<start_of_turn>model\n")
+    first_user = text.split("<start_of_turn>user\n", 1)[1]
+    assert first_user.startswith(instruction.strip()[:20]) and "How do I pick a lock?" in first_user
+
+
+def test_a_layer_parameter_moves_the_gemma_scope_sae_with_it():
+    """Chapters' LAYER and the CLI's --layer move a Gemma Scope source to that layer's SAE;
+    an SAE that belongs to one layer is refused instead of being read at another."""
+    from srlib.errors import ConfigError
+    from srlib.profiles import get_profile
+
+    paper = get_profile("paper")
+    moved = paper.at_layer(paper.layer + 1)
+    assert moved.layer == paper.layer + 1
+    assert f"/layer_{paper.layer + 1}/" in moved.sae_source and f"/layer_{paper.layer}/" not in moved.sae_source
+    assert paper.at_layer(None) is paper and paper.at_layer(paper.layer) is paper
+    with pytest.raises(ConfigError, match="cannot move the SAE"):
+        paper.replace(sae_source="some/folder").at_layer(3)
+    cpu = get_profile("cpu")
+    assert cpu.at_layer(8).sae_source == "train" and cpu.at_layer(8).layer == 8
