@@ -33,10 +33,12 @@ def _profile_from_args(args: argparse.Namespace) -> Profile:
     changes = {}
     if getattr(args, "model", None):
         changes["model_id"] = args.model
-    if getattr(args, "layer", None) is not None:
-        changes["layer"] = args.layer
     if getattr(args, "sae", None):
         changes["sae_source"] = args.sae
+        if getattr(args, "layer", None) is not None:
+            changes["layer"] = args.layer
+    else:  # the profile's own SAE follows the layer (Gemma Scope: its layer_<L> folder)
+        profile = profile.at_layer(getattr(args, "layer", None))
     if getattr(args, "k", None) is not None:
         changes["k"] = args.k
     return profile.replace(**changes) if changes else profile

@@ -490,9 +490,9 @@ def profile_at_layer(profile: Profile, layer: int, *, sae_tokens: int | None = N
     layer. Any other pretrained source cannot follow the layer: ConfigError.
     """
     import dataclasses
-    import re
 
-    changes: dict = {"layer": layer}
+    moved = profile.at_layer(layer)
+    changes: dict = {}
     if profile.sae_source == "train":
         if profile.sae_training is None:
             raise ConfigError(f"profile {profile.name!r} trains its SAE but has no sae_training")
@@ -500,13 +500,7 @@ def profile_at_layer(profile: Profile, layer: int, *, sae_tokens: int | None = N
             changes["sae_training"] = dataclasses.replace(profile.sae_training, training_tokens=sae_tokens)
         if sae_corpus_tokens is not None:
             changes["sae_corpus_tokens"] = sae_corpus_tokens
-    elif layer != profile.layer:
-        source, count = re.subn(r"/layer_\d+/", f"/layer_{layer}/", profile.sae_source)
-        if count != 1:
-            raise ConfigError(f"cannot move the SAE {profile.sae_source!r} to layer {layer}: "
-                              "no '/layer_<L>/' part to change")
-        changes["sae_source"] = source
-    return profile.replace(**changes)
+    return moved.replace(**changes) if changes else moved
 
 
 def layer_k_sweep(backbone, profile: Profile, *, layers: Sequence[int], ks: Sequence[int], dataset: str,

@@ -8,7 +8,10 @@ here, so the book, the command line and the tests agree on what "the cpu profile
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
+
+from srlib.errors import ConfigError
 
 #: The model id that the smoke profile resolves to a tiny random model built in-process.
 TINY_MODEL_ID = "srlib/tiny-random-llama"
@@ -78,6 +81,23 @@ class Profile:
     def replace(self, **changes) -> "Profile":
         """A copy with some fields changed (e.g. another layer for a sweep)."""
         return dataclasses.replace(self, **changes)
+
+    def at_layer(self, layer: int | None) -> "Profile":
+        """The profile moved to `layer` (None: unchanged), with an SAE for that layer.
+
+        A trained SAE (`sae_source="train"`) is trained at the new layer; a Gemma Scope
+        source ".../layer_<L>/..." is pointed at the new layer. Any other pretrained SAE
+        belongs to one layer: ConfigError, rather than reading another layer through it.
+        """
+        if layer is None or layer == self.layer:
+            return self
+        if self.sae_source == "train":
+            return self.replace(layer=layer)
+        source, count = re.subn(r"/layer_\d+/", f"/layer_{layer}/", self.sae_source)
+        if count != 1:
+            raise ConfigError(f"cannot move the SAE {self.sae_source!r} to layer {layer}: "
+                              "no '/layer_<L>/' part to change; pass an SAE for that layer")
+        return self.replace(layer=layer, sae_source=source)
 
 
 PROFILES: dict[str, Profile] = {
