@@ -30,6 +30,13 @@ ALLOWED: list[tuple[str, str, str]] = [
     ("book/teachers.md", " min | ", "a lesson plan's time budget per session, a teacher's choice, not a measurement"),
     ("book/method.md", "| margin ( ) | | 1.0", "the default of the margin γ, a setting"),
     ("book/setup.md", "(3.11 is what CI uses)", "a Python version"),
+    # The paper profile's sizes on the Setup page: arithmetic on the published parameter counts
+    # (2.61 B, 75.5 M), labelled there as estimates; no machine here can measure them.
+    ("book/setup.md", "5.2 GB | 10.5 GB", "bytes per parameter x the published parameter count"),
+    ("book/setup.md", "0.3 GB (also its downlo", "4 bytes x the SAE's 75.5 M parameters"),
+    ("book/setup.md", "about 1 GB to the 5.5 GB", "activation memory from the model's widths, labelled an estimate"),
+    ("book/setup.md", "**8 GB** suffices", "the sum of the estimates above, rounded up"),
+    ("book/setup.md", "2.2 GFLOP per token", "2 x the parameters of the 14 blocks read"),
 ]
 
 _STRIP = [
