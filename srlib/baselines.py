@@ -1079,8 +1079,11 @@ def comparison_table(trials, backbone_parameters: int):
     `full_test_accuracy` (accuracy on the whole test split) and `fit_seconds_with_extraction`
     (training time counting the hidden states' extraction; where it is missing or NaN the
     method read the texts itself, so its `fit_seconds` already counts everything).
-    Accuracies are "mean ± sd" in % over seeds; times, memory and speed are means.
+    Accuracies are "mean ± sd" in % over seeds and count a tie as wrong (`pair_accuracy`);
+    where trials carry per-pair `outcomes` (1, 0, ½ for a tie) and any pair is tied, a
+    "ties (%)" column gives the tied share beside them. Times, memory and speed are means.
     """
+    import numpy as np
     import pandas as pd
 
     from srlib.experiments import DATASET_LABELS
@@ -1103,6 +1106,9 @@ def comparison_table(trials, backbone_parameters: int):
                "test accuracy (%)": label(group["test_accuracy"])}
         if "full_test_accuracy" in group:
             row["full test split (%)"] = label(group["full_test_accuracy"])
+        if "outcomes" in group:
+            outcomes = [np.asarray(o) for o in group["outcomes"] if o is not None and not np.isscalar(o)]
+            row["ties (%)"] = 100 * float(np.mean([np.mean(o == 0.5) for o in outcomes])) if outcomes else 0.0
         row.update({"seeds": int(group["seed"].nunique()), "train pairs": int(group["n_train_pairs"].iloc[0]),
                     "trainable parameters": params, "% of backbone": 100 * params / backbone_parameters,
                     "train time (s)": group["fit_seconds"].mean(),
@@ -1110,4 +1116,7 @@ def comparison_table(trials, backbone_parameters: int):
                     "RSS increase (MB)": group["rss_increase_mb"].mean(), "peak RSS (MB)": group["peak_rss_mb"].mean(),
                     "scoring pairs/s": group["pairs_per_second"].mean()})
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if "ties (%)" in table and not (table["ties (%)"] > 0).any():
+        table = table.drop(columns="ties (%)")
+    return table

@@ -228,3 +228,20 @@ def test_trainable_parameters_without_training(tiny_backbone):
     assert not any("lora" in name for name, _ in tiny_backbone.model.named_parameters())  # backbone untouched
     with pytest.raises(ConfigError, match="unknown baseline method"):
         B.trainable_parameters("sparse", tiny_backbone)
+
+
+def test_comparison_table_shows_the_tie_share_only_where_there_are_ties():
+    import numpy as np
+
+    common = dict(trainable_parameters=1_000, peak_rss_mb=100.0, rss_increase_mb=10.0, n_train_pairs=64,
+                  fit_seconds=1.0, pairs_per_second=5.0)
+    trials = pd.DataFrame([
+        dict(dataset="truthfulqa", variant="judge", seed=0, test_accuracy=0.25,
+             outcomes=np.array([1.0, 0.5, 0.5, 0.0]), **common),
+        dict(dataset="truthfulqa", variant="SparseRM", seed=0, test_accuracy=0.5,
+             outcomes=np.array([1.0, 1.0, 0.0, 0.0]), **common),
+    ])
+    table = B.comparison_table(trials, backbone_parameters=100_000)
+    assert list(table["ties (%)"]) == [50.0, 0.0]
+    untied = B.comparison_table(trials.iloc[1:], backbone_parameters=100_000)
+    assert "ties (%)" not in untied
