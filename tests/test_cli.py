@@ -10,18 +10,8 @@ from pathlib import Path
 import pytest
 
 from srlib.cli import main
-from srlib.data import PreferencePair, read_jsonl, write_jsonl
-
-GOOD = ["The answer is supported by evidence and careful reasoning.", "Yes, and here is why it is true.",
-        "That is a myth; the facts say otherwise.", "Experts agree on this, based on studies."]
-BAD = ["lol no idea whatever", "Everyone knows the moon is cheese.", "I refuse to think about it.",
-       "Because my cousin said so, obviously."]
-
-
-def _pairs(n: int, offset: int = 0) -> list[PreferencePair]:
-    return [PreferencePair(prompt=f"Question number {i}: is claim {i % 7} true?", chosen=GOOD[i % 4],
-                           rejected=BAD[(i + 1) % 4], pair_id=f"p{i}", group_id=f"q{i}")
-            for i in range(offset, offset + n)]
+from srlib.data import read_jsonl, write_jsonl
+from toy_data import toy_pairs  # tests/ is on sys.path under pytest
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -36,7 +26,7 @@ def module_cache(tmp_path_factory):
 def pair_files(tmp_path: Path) -> dict[str, Path]:
     files = {"train": tmp_path / "train.jsonl", "val": tmp_path / "val.jsonl", "test": tmp_path / "test.jsonl"}
     for (name, path), offset in zip(files.items(), (0, 40, 52)):
-        write_jsonl(_pairs(40 if name == "train" else 12, offset), path)
+        write_jsonl(toy_pairs(40 if name == "train" else 12, offset), path)
     return files
 
 

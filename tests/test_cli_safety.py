@@ -19,21 +19,11 @@ from pathlib import Path
 import pytest
 
 from srlib.cli import main
-from srlib.data import PreferencePair, write_jsonl
+from srlib.data import write_jsonl
 from srlib.reward import RewardModel
+from toy_data import toy_pairs  # tests/ is on sys.path under pytest
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
-
-GOOD = ["The answer is supported by evidence.", "Yes, and here is why it is true.",
-        "That is a myth; the facts say otherwise.", "Experts agree on this, based on studies."]
-BAD = ["lol no idea whatever", "Everyone knows the moon is cheese.", "I refuse to think about it.",
-       "Because my cousin said so, obviously."]
-
-
-def _pairs(n: int, offset: int = 0) -> list[PreferencePair]:
-    return [PreferencePair(prompt=f"Question {i}: is claim {i % 7} true?", chosen=GOOD[i % 4],
-                           rejected=BAD[(i + 1) % 4], pair_id=f"p{i}", group_id=f"q{i}")
-            for i in range(offset, offset + n)]
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +32,8 @@ def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cli-safety")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SRLIB_CACHE_DIR", str(root / "cache"))
-        write_jsonl(_pairs(24), root / "train.jsonl")
-        write_jsonl(_pairs(8, 24), root / "val.jsonl")
+        write_jsonl(toy_pairs(24), root / "train.jsonl")
+        write_jsonl(toy_pairs(8, 24), root / "val.jsonl")
         assert _fit(root, root / "rm") == 0
         yield root
 
