@@ -18,8 +18,8 @@ picks the final values on validation data):
 * Feature scaling (``standardize=True``): each feature is standardised with the mean and
   standard deviation of the training features of chosen AND rejected responses; the
   statistics live in the head as buffers, so they are applied inside ``forward`` and saved
-  with it. A constant feature (std ≤ 1e-6) keeps scale 1. This gained +1.9 points on
-  TruthfulQA in earlier trials. With standardisation on, decoder-row normalisation
+  with it. A constant feature (std ≤ 1e-6) keeps scale 1. Chapter 3's validation study
+  compares it with raw inputs (`srlib.experiments.validation_study`). With standardisation on, decoder-row normalisation
   (``normalize_directions``, default False as in the paper) cannot change the model: scaling
   a direction scales its projection and its std alike.
 * γ (``gamma=1.0``): with standardised inputs the scores are O(1); for a ReLU head γ only

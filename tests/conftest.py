@@ -5,8 +5,8 @@
   weights, or load your own with `load_backbone(TINY_MODEL_ID)`.
 - `smoke_profile` (session): `get_profile("smoke")`.
 - `one_thread` (module): torch on one thread while a module runs. Tiny models and heads run
-  fastest so, and far faster when other processes share the cores (2 threads were 40-50x
-  slower on a busy 2-core machine). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`.
+  fastest so, and far faster when other processes share the cores (benchmarks/extraction.py
+  measures threads against speed). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`.
 - `isolated_cache` (function): points `SRLIB_CACHE_DIR` at a fresh temporary folder and
   returns it, so a test's caches (activations, SAEs, models) start empty and vanish after.
 """
