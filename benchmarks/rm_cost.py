@@ -37,7 +37,7 @@ from srlib.baselines import (METHOD_LABELS, METHODS, baseline_settings, baseline
                              trainable_parameters)
 from srlib.errors import SrlibError
 from srlib.data_efficiency import fit_feature_rm
-from srlib.experiments import DATASET_LABELS, dataset_states, make_model, select_for
+from srlib.experiments import DATASET_LABELS, dataset_states
 from srlib.profiles import DEFAULT_PROFILE, get_profile
 from srlib.reward import RewardHead, pair_accuracy
 from srlib.sae import sae_for_profile
@@ -97,8 +97,7 @@ def scoring_rows(backbone, profile, states, sae, k: int, n_pairs: int) -> list[l
     """Table 3: pairs/s of SparseRM scoring with early exit vs a full forward (cache off)."""
     pairs = states.test.pairs[:n_pairs]
     texts = [t for pair in pairs for t in format_pair(backbone.tokenizer, pair)]
-    model = make_model("projection", directions=select_for(states, sae, k), layer=profile.layer)
-    model.fit_states(states.train.chosen, states.train.rejected, states.val.chosen, states.val.rejected, seed=0)
+    model = fit_feature_rm(states, "projection", sae=sae, k=k, seed=0)
     layer, max_length, batch = profile.layer, profile.max_length, profile.batch_size
     runs = {
         f"early exit (blocks 0..{layer})": lambda: last_token_states(backbone, texts, layer, max_length=max_length,

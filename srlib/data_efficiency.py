@@ -24,7 +24,7 @@ import torch
 
 from srlib.errors import ConfigError
 from srlib.evaluate import pair_outcomes, tie_share
-from srlib.experiments import DatasetStates, SplitStates, make_model, select_for
+from srlib.experiments import DatasetStates, SplitStates, fit_on_states, make_model, select_for
 from srlib.reward import FeatureRM
 
 #: The columns of `data_efficiency`'s table.
@@ -41,7 +41,8 @@ def fit_feature_rm(states: DatasetStates, features: str, *, sae=None, k: int | N
 
     With `validation`, training stops early on `states.val` and keeps its best epoch (the
     recipe); without it, no validation label is read: every epoch of `srlib.reward.fit_head`
-    runs and the last state is kept. `fit_kwargs` go to `fit_head`.
+    runs and the last state is kept. The head standardises its inputs as `states.standardize`
+    says (`srlib.experiments.fit_on_states`); `fit_kwargs` go to `fit_head`.
     """
     if features not in FEATURE_METHODS:
         raise ConfigError(f"features must be one of {', '.join(FEATURE_METHODS)}, got {features!r}")
@@ -50,9 +51,8 @@ def fit_feature_rm(states: DatasetStates, features: str, *, sae=None, k: int | N
         if sae is None or k is None:
             raise ConfigError("SparseRM needs the SAE and K to select its directions (sae=..., k=...)")
         directions = select_for(states, sae, k)
-    model = make_model(features, directions=directions, seed=seed, layer=states.layer)
-    val = (states.val.chosen, states.val.rejected) if validation else ()
-    return model.fit_states(states.train.chosen, states.train.rejected, *val, seed=seed, **fit_kwargs)
+    model = make_model(features, directions=directions, seed=seed, layer=states.layer, position=states.position)
+    return fit_on_states(model, states, validation=validation, seed=seed, **fit_kwargs)
 
 
 def training_subset(split: SplitStates, n: int, seed: int) -> SplitStates:

@@ -60,7 +60,12 @@ class SplitStates:
 
 @dataclass
 class DatasetStates:
-    """Train / val / test states of one data set at one layer."""
+    """Train / val / test states of one data set at one layer, with how a head reads them.
+
+    `position` (the token the states were read at) and `standardize` (whether a head fitted on
+    them standardises its inputs) come from the profile the states were built with
+    (`dataset_states`); `fit_on_states` applies them to every head fitted here.
+    """
 
     name: str
     layer: int
@@ -68,6 +73,7 @@ class DatasetStates:
     val: SplitStates
     test: SplitStates
     position: str = "last"
+    standardize: bool = True
 
     @property
     def label(self) -> str:
@@ -105,7 +111,8 @@ def states_at_positions(backbone, dataset: str, profile: Profile, positions: Seq
                                  batch_size=profile.batch_size, progress=progress)
         for position, (chosen, rejected) in read.items():
             splits[position][split] = SplitStates(pairs, chosen, rejected)
-    return {position: DatasetStates(dataset, layer, **splits[position], position=position) for position in positions}
+    return {position: DatasetStates(dataset, layer, **splits[position], position=position,
+                                    standardize=profile.standardize) for position in positions}
 
 
 def select_for(states: DatasetStates, sae, k: int, *, resample_seed: int | None = None, **options) -> Directions:
@@ -167,6 +174,15 @@ def make_model(features: str, *, directions: Directions | None = None, sae=None,
                     feature_seed=seed, layer=layer, position=position)
 
 
+def fit_on_states(model: FeatureRM, states: DatasetStates, *, validation: bool = True, **fit_kwargs) -> FeatureRM:
+    """Fit `model`'s head on the training states; with `validation`, stop early on the validation
+    states and keep the best epoch. The one place the profile's head settings (`states.standardize`)
+    reach `srlib.reward.fit_head`; a `standardize` in `fit_kwargs` overrides it (a study comparing both)."""
+    val = (states.val.chosen, states.val.rejected) if validation else ()
+    return model.fit_states(states.train.chosen, states.train.rejected, *val,
+                            **{"standardize": states.standardize, **fit_kwargs})
+
+
 def fit_variant(states: DatasetStates, *, features: str = "projection", directions: Directions | None = None,
                 sae=None, seed: int = 0, variant: str | None = None, score_test: bool = True,
                 select: Mapping | None = None, resample_seed: int | None = None,
@@ -182,8 +198,7 @@ def fit_variant(states: DatasetStates, *, features: str = "projection", directio
     model = make_model(features, directions=directions, sae=sae, seed=seed, layer=states.layer,
                        position=states.position)
     started = time.perf_counter()
-    model.fit_states(states.train.chosen, states.train.rejected, states.val.chosen, states.val.rejected,
-                     seed=seed, **fit_kwargs)
+    fit_on_states(model, states, seed=seed, **fit_kwargs)
     seconds = time.perf_counter() - started
     trial = Trial(dataset=states.name, variant=variant or features, seed=seed, test_accuracy=None,
                   val_accuracy=model.history.best_val_accuracy,

@@ -96,6 +96,32 @@ def test_feature_rm_reads_validation_labels_only_when_asked(states, sae):
         de.fit_feature_rm(states, "projection")
 
 
+def test_heads_follow_the_profiles_standardize(states, sae, monkeypatch):
+    """The profile's `standardize` reaches every head through the states it builds: raw inputs
+    leave the head's standardisation the identity, standardised ones do not."""
+    from srlib import activations
+    from srlib import experiments as ex
+
+    def fake_states(backbone, pairs, layer, *, positions, **kwargs):
+        split = {8: states.train, 4: states.val}.get(len(pairs), states.test)
+        return {position: (split.chosen[:len(pairs)], split.rejected[:len(pairs)]) for position in positions}
+
+    monkeypatch.setattr(ex, "load_pairs", lambda name, seed, max_pairs: _pairs(8 if name.endswith("train") else 4))
+    monkeypatch.setattr(activations, "pair_token_states", fake_states)
+    for scaled in (False, True):
+        built = ex.dataset_states(None, "toy", PROFILE.replace(standardize=scaled), progress=False)
+        assert built.standardize is scaled
+        heads = [ex.fit_variant(built, features="projection", select=dict(sae=sae, k=4), epochs=1)[0].head,
+                 ex.fit_variant(built, features="dense", epochs=1)[0].head,
+                 de.fit_feature_rm(built, "projection", sae=sae, k=4, epochs=1).head,
+                 de.fit_feature_rm(built, "dense", validation=False, epochs=1).head]
+        for head in heads:
+            identity = bool(torch.all(head.mean == 0) and torch.all(head.std == 1))
+            assert identity is not scaled
+    # an explicit setting (chapter 3's study compares both) still overrides the profile's
+    assert ex.fit_variant(built, features="dense", standardize=False, epochs=1)[0].head.mean.abs().sum() == 0
+
+
 def test_training_subsets_are_seeded_and_nested(states):
     small, large = de.training_subset(states.train, 4, seed=3), de.training_subset(states.train, 8, seed=3)
     assert len(small) == 4 and len(large) == 8
