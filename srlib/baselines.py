@@ -26,8 +26,10 @@ What each one is, and how far it is from the published method:
   (`JUDGE_TEMPLATE`); the verdict is read from the next-token logits of "A" and "B" and
   averaged over both orders to cancel position bias. ``judge`` is zero-shot; ``judge-lora``
   tunes a LoRA (same shape as above) with TRL's `SFTTrainer` on the correct verdict token of
-  every training pair, in both orders. Its `score_pairs` returns s_chosen = P(chosen is
-  better) and s_rejected = 1 − s_chosen: a pairwise judge has no score for one response.
+  every training pair, in both orders; given validation pairs it keeps the epoch of lowest
+  validation loss and records it (`best_epoch`, `val_loss`), as the two RMs above do. Its
+  `score_pairs` returns s_chosen = P(chosen is better) and s_rejected = 1 − s_chosen: a
+  pairwise judge has no score for one response.
 * `LogProbPreference` (``logprob``): no reward model at all, the floor: each response is
   scored by the backbone's mean per-token log-probability of it given the prompt
   (`srlib.evaluate`'s reading of the response tokens).
@@ -670,10 +672,14 @@ class GenerativeJudge(RewardModel):
     """
 
     def __init__(self, backbone, model, settings: JudgeSettings, *, lora: bool, seed: int,
-                 trainable_parameters: int, cost: TrainingCost | None = None):
+                 trainable_parameters: int, cost: TrainingCost | None = None,
+                 val_loss: Sequence[float] = (), best_epoch: int | None = None):
         self.backbone, self.model, self.settings = backbone, model.eval(), settings
         self.lora, self.seed = lora, seed
         self.trainable_parameters, self.cost = trainable_parameters, cost
+        # A LoRA judge tuned with validation pairs: the validation loss after each epoch and the
+        # 1-based epoch kept (`_kept_epoch`, as StandardRM)
+        self.val_loss, self.best_epoch = [float(v) for v in val_loss], best_epoch
         self.verdict_ids = _verdict_ids(backbone.tokenizer)
 
     @property
@@ -713,8 +719,9 @@ class GenerativeJudge(RewardModel):
                     )
                 trainable = _train(trainer, progress)
                 model = trainer.model
+                val_loss, best_epoch = _kept_epoch(trainer.state)
         return cls(backbone, model, settings, lora=True, seed=seed, trainable_parameters=trainable,
-                   cost=meter.cost(len(train_pairs)))
+                   cost=meter.cost(len(train_pairs)), val_loss=val_loss, best_epoch=best_epoch)
 
     def verdict_logits(self, pairs, *, progress: bool = False) -> tuple[Tensor, Tensor]:
         """Logits of ("A", "B") [n, 2] with the chosen answer shown as A, and shown as B."""
@@ -743,7 +750,8 @@ class GenerativeJudge(RewardModel):
         return {**self._config_header(), "method": self.method, "backbone": _backbone_record(self.backbone),
                 "settings": asdict(self.settings), "lora": self.lora, "seed": self.seed,
                 "judge_template": JUDGE_TEMPLATE, "trainable_parameters": self.trainable_parameters,
-                "cost": self.cost.as_dict() if self.cost else None}
+                "cost": self.cost.as_dict() if self.cost else None,
+                "val_loss": self.val_loss, "best_epoch": self.best_epoch}
 
     def save_pretrained(self, directory: str | Path, *, overwrite: bool = True) -> None:
         """config.json, plus the LoRA adapter in `directory/adapter` for a tuned judge."""
@@ -757,7 +765,8 @@ class GenerativeJudge(RewardModel):
             model = _load_adapter(copy.deepcopy(backbone.model), directory)
         return cls(backbone, model, _settings(JudgeSettings, config["settings"]), lora=config["lora"],
                    seed=config["seed"], trainable_parameters=config["trainable_parameters"],
-                   cost=_saved_cost(config))
+                   cost=_saved_cost(config), val_loss=config.get("val_loss", ()),
+                   best_epoch=config.get("best_epoch"))
 
 
 def _verdict_rows(tokenizer, pairs, verdict_ids: list[int], max_length: int) -> dict[str, list]:

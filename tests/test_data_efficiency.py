@@ -77,6 +77,31 @@ def test_standard_rm_keeps_the_epoch_the_validation_split_picks(tiny_backbone, t
     assert without.best_epoch is None and without.val_loss == []
 
 
+def test_lora_judge_keeps_the_epoch_the_validation_split_picks(tiny_backbone, tmp_path):
+    train = _pairs(8)
+    # two answers per prompt; a larger step than StandardRM's so that four epochs overfit
+    settings = dict(LORA, max_length=2 * PROFILE.max_length, learning_rate=2e-2)
+    # Validation = the training pairs: the loss falls every epoch, so the last is kept. With
+    # their labels flipped (the other verdict is correct) it falls while the judge learns to
+    # answer with a verdict token at all, then rises as it learns the training verdicts: an
+    # earlier epoch is kept.
+    agree = B.fit_baseline("judge-lora", tiny_backbone, train, train, seed=0, progress=False, epochs=4, **settings)
+    flipped = B.fit_baseline("judge-lora", tiny_backbone, train, _flipped(train), seed=0, progress=False, epochs=4,
+                             **settings)
+    assert len(agree.val_loss) == len(flipped.val_loss) == 4
+    for rm in (agree, flipped):
+        assert rm.best_epoch == 1 + int(np.argmin(rm.val_loss))
+    assert agree.best_epoch == 4 and flipped.best_epoch < 4 and flipped.val_loss[-1] > min(flipped.val_loss)
+    # the kept weights are the chosen epoch's: the flipped run prefers the chosen answers less
+    preference = {name: float(rm.score_pairs(train)[0].mean()) for name, rm in (("agree", agree), ("flipped", flipped))}
+    assert preference["agree"] > preference["flipped"]
+    flipped.save_pretrained(tmp_path / "judge")
+    loaded = RewardModel.from_pretrained(tmp_path / "judge", backbone=tiny_backbone)
+    assert loaded.best_epoch == flipped.best_epoch and loaded.val_loss == pytest.approx(flipped.val_loss)
+    without = B.fit_baseline("judge-lora", tiny_backbone, train, seed=0, progress=False, max_steps=1, **settings)
+    assert without.best_epoch is None and without.val_loss == []
+
+
 def test_feature_rm_reads_validation_labels_only_when_asked(states, sae):
     flipped = dataclasses.replace(states, val=SplitStates(states.val.pairs, states.val.rejected, states.val.chosen))
     for features in ("projection", "dense"):
