@@ -11,7 +11,7 @@ import pytest
 
 from srlib.cli import main
 from srlib.data import read_jsonl, write_jsonl
-from toy_data import toy_pairs  # tests/ is on sys.path under pytest
+from toy_data import error_line, toy_pairs  # tests/ is on sys.path under pytest
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -76,35 +76,26 @@ def test_fit_is_deterministic_given_the_seed(pair_files, tmp_path, capsys):
     assert outputs[0] == outputs[1]
 
 
-def _error_line(capsys) -> str:
-    """The one error line at the end of stderr (progress bars may come before it)."""
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    last = err.splitlines()[-1]
-    assert last.startswith("error: "), err[-500:]
-    return last
-
-
 def test_bad_inputs_exit_2_with_one_line(pair_files, tmp_path, capsys):
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n{"prompt": "q", "chosen": \n')
     assert main(["score", "--rm", str(tmp_path), "--pairs", str(broken)]) == 2
-    assert "config.json" in _error_line(capsys)  # the rm folder is checked first
+    assert "config.json" in error_line(capsys)  # the rm folder is checked first
 
     assert _fit({**pair_files, "train": broken}, tmp_path / "x", "--features", "dense") == 2
-    assert "broken.jsonl" in _error_line(capsys) and not (tmp_path / "x").exists()
+    assert "broken.jsonl" in error_line(capsys) and not (tmp_path / "x").exists()
 
     assert _fit(pair_files, tmp_path / "x", "--features", "dense", "--layer", "40") == 2
-    assert "layer 40" in _error_line(capsys)
+    assert "layer 40" in error_line(capsys)
 
     assert _fit(pair_files, tmp_path / "x", "--features", "projection", "--k", "100000") == 2
-    assert "k=100000" in _error_line(capsys)
+    assert "k=100000" in error_line(capsys)
 
     assert main(["score", "--rm", str(tmp_path / "missing"), "--pairs", str(pair_files["test"])]) == 2
-    assert "not a saved reward model" in _error_line(capsys)
+    assert "not a saved reward model" in error_line(capsys)
 
     assert main(["score", "--rm", str(tmp_path), "--pairs", "nosuchset:train"]) == 2
-    _error_line(capsys)
+    error_line(capsys)
 
 
 def test_sae_width_mismatch_is_reported(pair_files, tmp_path, capsys):
@@ -113,7 +104,7 @@ def test_sae_width_mismatch_is_reported(pair_files, tmp_path, capsys):
     sae_dir = tmp_path / "narrow-sae"
     StandardSAE(StandardSAEConfig(d_in=32, d_sae=64)).save_model(str(sae_dir))  # the backbone has 64
     assert _fit(pair_files, tmp_path / "x", "--sae", str(sae_dir), "--k", "4") == 2
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "32" in line and "64" in line
 
 

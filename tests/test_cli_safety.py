@@ -21,7 +21,7 @@ import pytest
 from srlib.cli import main
 from srlib.data import write_jsonl
 from srlib.reward import RewardModel
-from toy_data import toy_pairs  # tests/ is on sys.path under pytest
+from toy_data import error_line, toy_pairs  # tests/ is on sys.path under pytest
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -43,15 +43,6 @@ def _fit(root: Path, out: Path | str, *extra: str) -> int:
                  "--val", str(root / "val.jsonl"), "--out", str(out), *extra])
 
 
-def _error_line(capsys) -> str:
-    """The one error line at the end of stderr, no traceback."""
-    err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err
-    last = err.splitlines()[-1]
-    assert last.startswith("error: "), err[-500:]
-    return last
-
-
 def _hidden(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
 
@@ -64,12 +55,12 @@ def test_out_folder_with_a_users_files_is_refused(workdir, tmp_path, capsys, mon
     keep.mkdir()
     (keep / "thesis.tex").write_text("years of work")
     assert _fit(workdir, keep) == 2
-    assert "keep" in _error_line(capsys)
+    assert "keep" in error_line(capsys)
     assert (keep / "thesis.tex").read_text() == "years of work" and len(list(keep.iterdir())) == 1
 
     monkeypatch.chdir(keep)
     assert _fit(workdir, ".") == 2
-    _error_line(capsys)
+    error_line(capsys)
     assert sorted(p.name for p in keep.iterdir()) == ["thesis.tex"]
     monkeypatch.chdir(tmp_path)
 
@@ -78,7 +69,7 @@ def test_out_folder_with_a_users_files_is_refused(workdir, tmp_path, capsys, mon
         out.write_text("mine\n")
         args = [command, "--rm", str(workdir / "rm"), "--pairs", str(workdir / "val.jsonl"), "--out", str(out)]
         assert main(args) == 2
-        assert "--overwrite" in _error_line(capsys) and out.read_text() == "mine\n"
+        assert "--overwrite" in error_line(capsys) and out.read_text() == "mine\n"
         assert main([*args, "--overwrite"]) == 0
         assert out.read_text() != "mine\n"
     capsys.readouterr()
@@ -90,7 +81,7 @@ def test_out_folder_with_a_users_files_is_refused(workdir, tmp_path, capsys, mon
 
     assert main(["align", "--profile", "smoke", "--track", next(iter(TRACKS)), "--include-wo-rm",
                  "--out", str(run)]) == 2
-    assert "not-a-run" in _error_line(capsys) and sorted(p.name for p in run.iterdir()) == ["notes.txt"]
+    assert "not-a-run" in error_line(capsys) and sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 
 def test_overwrite_replaces_a_model_atomically(workdir, tmp_path, capsys, monkeypatch):
@@ -100,7 +91,7 @@ def test_overwrite_replaces_a_model_atomically(workdir, tmp_path, capsys, monkey
     shutil.copytree(workdir / "rm", rm)
     before = json.loads((rm / "config.json").read_text())
     assert _fit(workdir, rm, "--seed", "1") == 2
-    assert "--overwrite" in _error_line(capsys)
+    assert "--overwrite" in error_line(capsys)
     assert json.loads((rm / "config.json").read_text()) == before
 
     # a dead writer's leftovers beside the target are swept by the next write; a live one's stay
@@ -172,13 +163,13 @@ def test_os_errors_are_one_line(workdir, tmp_path, capsys):
     score = ["score", "--rm", str(workdir / "rm"), "--pairs", str(workdir / "val.jsonl")]
 
     assert _fit(workdir, a_file) == 2  # a folder output on an existing file
-    assert "a-file" in _error_line(capsys) and a_file.read_text() == "x"
+    assert "a-file" in error_line(capsys) and a_file.read_text() == "x"
     assert _fit(workdir, a_file / "rm") == 2  # under a file
-    assert "a-file" in _error_line(capsys)
+    assert "a-file" in error_line(capsys)
     assert main([*score, "--out", str(a_dir)]) == 2  # a file output on a folder
-    assert "a-dir" in _error_line(capsys) and a_dir.is_dir()
+    assert "a-dir" in error_line(capsys) and a_dir.is_dir()
     assert main(["score", "--rm", str(workdir / "rm"), "--pairs", str(a_dir)]) == 2  # a folder as pairs
-    assert "a-dir" in _error_line(capsys)
+    assert "a-dir" in error_line(capsys)
 
 
 def _root_can_mount_read_only() -> bool:
@@ -221,7 +212,7 @@ def test_main_turns_os_errors_into_one_line(monkeypatch, capsys):
 
     monkeypatch.setattr(srlib.cli, "cmd_score", denied)
     assert main(["score", "--rm", "x", "--pairs", "y"]) == 2
-    assert _error_line(capsys) == "error: Permission denied: /somewhere/out"
+    assert error_line(capsys) == "error: Permission denied: /somewhere/out"
 
 
 # ----------------------------------------------------------------------------- pipes as --pairs
@@ -278,7 +269,7 @@ def test_align_validates_before_it_writes(tmp_path, capsys):
     align = ["align", "--profile", "smoke", "--track", next(iter(TRACKS)), "--include-wo-rm", "--rounds", "1",
              "--out", str(run)]
     assert main([*align, "--prompts", "100000"]) == 2
-    assert "n_prompts=100000" in _error_line(capsys)
+    assert "n_prompts=100000" in error_line(capsys)
     assert not run.exists()
     assert main([*align, "--prompts", "2"]) == 0
     assert (run / "result.json").is_file()
@@ -296,7 +287,7 @@ def test_fit_refuses_its_out_before_training(workdir, tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(srlib.reward.DenseRM, "fit", no_training)
     assert _fit(workdir, keep) == 2
-    _error_line(capsys)
+    error_line(capsys)
 
 
 # ----------------------------------------------------------------------------- umask

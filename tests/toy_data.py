@@ -1,4 +1,4 @@
-"""Toy preference pairs the command-line tests write to JSONL (imported by those tests)."""
+"""Toy preference pairs and the one-error-line check that the command-line tests share."""
 
 from __future__ import annotations
 
@@ -15,3 +15,13 @@ def toy_pairs(n: int, offset: int = 0) -> list[PreferencePair]:
     return [PreferencePair(prompt=f"Question number {i}: is claim {i % 7} true?", chosen=GOOD[i % 4],
                            rejected=BAD[(i + 1) % 4], pair_id=f"p{i}", group_id=f"q{i}")
             for i in range(offset, offset + n)]
+
+
+def error_line(capsys) -> str:
+    """The one error line at the end of captured stderr (progress bars may come before it),
+    after checking that no traceback was printed."""
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert last.startswith("error: "), err[-500:]
+    return last
