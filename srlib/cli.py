@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--overwrite", action="store_true", help="replace the reward model saved in --out")
     add_model_flags(fit)
     add_pairs_flags(fit)
-    fit.add_argument("--k", type=int, help="top-K latents per side (default: the profile's, 128)")
+    fit.add_argument("--k", type=int, help="top-K latents per side (default: the profile's K)")
     fit.add_argument("--features", default="projection", choices=FEATURES)
     fit.add_argument("--loss", default="margin", choices=LOSSES)
     fit.add_argument("--gamma", type=finite_float, default=1.0, help="margin of the margin loss")
