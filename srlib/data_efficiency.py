@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from srlib.errors import ConfigError
-from srlib.evaluate import pair_outcomes, tie_share
+from srlib.evaluate import pair_outcomes, seed_interval, tie_share
 from srlib.experiments import DatasetStates, SplitStates, fit_on_states, make_model, select_for
 from srlib.reward import FeatureRM
 
@@ -120,22 +120,6 @@ def data_efficiency(states: DatasetStates, sae, k: int, *, sizes: Sequence[int],
                 scores = cached_score_pairs(rm, test.pairs, progress=progress)
                 add(METHOD_LABELS["standard"], n, seed, digest, scores.chosen, scores.rejected)
     return pd.DataFrame(rows, columns=list(EFFICIENCY_COLUMNS))
-
-
-def seed_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
-    """Mean of per-seed values and its Student-t interval at `confidence` (NaN with one seed;
-    the mean twice when every seed agrees)."""
-    from scipy import stats
-
-    values = np.asarray(values, dtype=np.float64)
-    mean = float(values.mean())
-    if len(values) < 2:
-        return mean, float("nan"), float("nan")
-    sem = float(stats.sem(values))
-    if sem == 0:
-        return mean, mean, mean
-    low, high = stats.t.interval(confidence, len(values) - 1, loc=mean, scale=sem)
-    return mean, float(low), float(high)
 
 
 def efficiency_summary(curve, confidence: float = 0.95):

@@ -207,7 +207,7 @@ def truthfulqa_mc(
     """TruthfulQA MC1 and MC2 with standard errors: dict(mc1, mc2, n, mc1_se, mc2_se).
 
     With `per_item=True` also the per-question scores (`mc1_items`, `mc2_items`), for paired
-    comparisons between policies on the same questions (`paired_difference`).
+    comparisons between policies on the same questions (`compare_paired`).
 
     Each answer is scored by its summed log-probability after the question (chat template).
     The correct set is the best answer plus the listed correct answers, without duplicates.
@@ -261,7 +261,7 @@ def pairwise_logprob_accuracy(
 
     The paper's safety metric. Returns dict(accuracy, n, se, mean_margin, margin_se) where the
     margin is log p(chosen) − log p(rejected) (a tie counts as wrong); with `per_item=True`
-    also `accuracy_items` (1.0 / 0.0 per pair) and `margins`, for `paired_difference`.
+    also `accuracy_items` (1.0 / 0.0 per pair) and `margins`, for `compare_paired`.
     """
     if not pairs:
         raise ValueError("pairwise_logprob_accuracy needs at least one pair")
@@ -278,18 +278,6 @@ def pairwise_logprob_accuracy(
     if per_item:
         out.update(accuracy_items=correct.tolist(), margins=margin.tolist())
     return out
-
-
-def paired_difference(after: Sequence[float], before: Sequence[float]) -> dict:
-    """Mean of after − before over the same items, with its paired standard error.
-
-    Two policies scored on the same test items differ by far less noise than their two
-    separate standard errors suggest; this is the SE to judge a change by.
-    """
-    if len(after) != len(before) or not after:
-        raise ValueError(f"paired_difference needs equal, non-empty lists; got {len(after)} and {len(before)}")
-    diff = torch.tensor(after, dtype=torch.float64) - torch.tensor(before, dtype=torch.float64)
-    return {"diff": float(diff.mean()), "se": mean_se(diff), "n": len(diff)}
 
 
 def filter_stats(keep: Mapping[str, Sequence[bool] | torch.Tensor]) -> dict:
@@ -436,3 +424,17 @@ def compare_paired(
         n_pairs=int(diff.size), n_seeds=max(np.atleast_2d(a).shape[0], np.atleast_2d(b).shape[0]),
         confidence=confidence,
     )
+
+
+def seed_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean of per-seed values and its Student-t interval at `confidence` (NaN with one seed;
+    the mean twice when every seed agrees)."""
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    sem = float(stats.sem(values))
+    if sem == 0:
+        return mean, mean, mean
+    low, high = stats.t.interval(confidence, len(values) - 1, loc=mean, scale=sem)
+    return mean, float(low), float(high)

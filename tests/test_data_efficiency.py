@@ -189,14 +189,6 @@ def test_data_efficiency_gives_every_method_the_same_pairs(tiny_backbone, states
         de.data_efficiency(states, sae, 4, sizes=(4,), lora_sizes=(4,), seeds=(0,))
 
 
-def test_seed_interval_is_a_t_interval():
-    mean, low, high = de.seed_interval([60.0, 62.0, 64.0])
-    assert mean == 62.0 and high - mean == pytest.approx(mean - low)
-    assert high - mean == pytest.approx(4.302653 * 2 / np.sqrt(3), rel=1e-5)  # t(0.975, 2) · sd / √3
-    assert de.seed_interval([55.0, 55.0]) == (55.0, 55.0, 55.0)
-    assert np.isnan(de.seed_interval([55.0])[1])
-
-
 def test_data_efficiency_figure_has_a_line_per_method_and_a_band_per_interval():
     import matplotlib.pyplot as plt
     import pandas as pd

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,12 +123,7 @@ def test_pairwise_accuracy_on_the_tiny_model_agrees_with_direct_logprobs(tiny):
     assert out["accuracy"] == pytest.approx(sum(expected) / 2)
 
 
-def test_paired_difference_uses_the_per_item_differences(monkeypatch):
-    out = ev.paired_difference([1.0, 1.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0])
-    assert out["diff"] == pytest.approx(0.5)
-    assert out["se"] == pytest.approx(torch.tensor([1.0, 0.0, 0.0, 1.0]).std().item() / 2)
-    with pytest.raises(ValueError):
-        ev.paired_difference([1.0], [1.0, 0.0])
+def test_per_item_logprob_outcomes_are_returned_for_paired_comparisons(monkeypatch):
     _patch_scores(monkeypatch, {("p", "a"): -1.0, ("p", "b"): -2.0})
     items = ev.pairwise_logprob_accuracy(None, None, [PreferencePair("p", "a", "b")], progress=False, per_item=True)
     assert items["accuracy_items"] == [1.0] and items["margins"] == [1.0]
@@ -144,3 +140,11 @@ def test_filter_stats_counts_and_agreement():
     assert stats["agreement"]["B"]["B"] == 1.0
     with pytest.raises(ValueError):
         ev.filter_stats({"A": [True], "B": [True, False]})
+
+
+def test_seed_interval_is_a_t_interval():
+    mean, low, high = ev.seed_interval([60.0, 62.0, 64.0])
+    assert mean == 62.0 and high - mean == pytest.approx(mean - low)
+    assert high - mean == pytest.approx(4.302653 * 2 / np.sqrt(3), rel=1e-5)  # t(0.975, 2) · sd / √3
+    assert ev.seed_interval([55.0, 55.0]) == (55.0, 55.0, 55.0)
+    assert np.isnan(ev.seed_interval([55.0])[1])
