@@ -1,6 +1,8 @@
 # The README's two commands: `make book` and `make test`. Each sets up what it needs once
 # (a virtual environment in .venv, stamped so a second run installs nothing) and then works.
 PROFILE ?= cpu
+# Chapters executed at once after chapter 1 (which builds the SAE and states the others read).
+JOBS ?= 2
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -25,12 +27,14 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Execute the chapter notebooks under PROFILE and build the HTML into _build/$(PROFILE)/html.
+# A chapter whose notebook, srlib modules, libraries and data are unchanged since its last run
+# is reused; FORCE=1 executes every chapter.
 book: $(STAMP)
-	$(PY) -m srlib.book --profile $(PROFILE)
+	$(PY) -m srlib.book --profile $(PROFILE) --jobs $(JOBS) $(if $(FORCE),--force)
 
 # The smoke book that the browser test opens; warnings are errors here.
 book-smoke: $(STAMP)
-	$(PY) -m srlib.book --profile smoke --strict
+	$(PY) -m srlib.book --profile smoke --strict --jobs $(JOBS)
 
 # MathJax 3 from npm into book/_static/mathjax (git-ignored); `make book` does this when missing.
 mathjax: $(STAMP)

@@ -37,6 +37,7 @@ Notebook contract
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import io
 import json
@@ -127,6 +128,10 @@ class BuildPaths:
     def results(self, stem: str) -> Path:
         """The results JSON that notebook `<stem>` writes beside its executed copy."""
         return self.src / NOTEBOOK_DIR / f"{stem}{RESULTS_SUFFIX}"
+
+    def fingerprint(self, stem: str) -> Path:
+        """The inputs digest and running time of the build that executed `<stem>` (reuse)."""
+        return self.src / NOTEBOOK_DIR / f"{stem}.inputs.json"
 
 
 # --------------------------------------------------------------------------- table of contents
@@ -497,6 +502,88 @@ def check_kernel(name: str = "python3") -> None:
                          f"--sys-prefix` or remove that kernelspec")
 
 
+# --------------------------------------------------------------------------- reuse between builds
+
+#: Libraries whose version can change a chapter's numbers: a new version re-executes every chapter.
+FINGERPRINT_PACKAGES = ("torch", "transformers", "sae-lens", "trl", "peft", "datasets", "numpy", "scipy")
+
+
+def _srlib_imports(tree: ast.AST, package_dir: Path) -> set[str]:
+    """The srlib modules an AST imports (`import srlib.x`, `from srlib.x import y`, `from srlib
+    import x` where x is a module), anywhere in it, functions included."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "srlib")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                and node.module.split(".")[0] == "srlib":
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names
+                         if node.module == "srlib" and (package_dir / f"{a.name}.py").is_file())
+    return found
+
+
+def srlib_closure(code: str) -> list[Path]:
+    """The source files of every srlib module `code` imports, directly or through other srlib
+    modules (the package's `__init__` always): what a chapter's output can depend on in srlib."""
+    package_dir = Path(__file__).resolve().parent
+    seen: set[Path] = set()
+    todo = [package_dir / "__init__.py"]
+    todo += [package_dir / f"{m.split('.', 1)[1]}.py" for m in _srlib_imports(ast.parse(code), package_dir)
+             if "." in m]
+    while todo:
+        path = todo.pop()
+        if path in seen or not path.is_file():
+            continue
+        seen.add(path)
+        todo += [package_dir / f"{m.split('.', 1)[1]}.py"
+                 for m in _srlib_imports(ast.parse(path.read_text()), package_dir) if "." in m]
+    return sorted(seen)
+
+
+def chapter_fingerprint(source: Path, profile: str) -> str:
+    """A digest of everything a chapter's executed copy depends on that the build can see: the
+    notebook, the profile, the srlib modules it imports (transitively), the versions of the
+    libraries in `FINGERPRINT_PACKAGES` and the local data files (names and sizes under
+    `SRLIB_DATA_DIR`). Caches (SAEs, states, runs) are content-keyed and need no entry here."""
+    import hashlib
+    from importlib import metadata
+
+    notebook = json.loads(source.read_text())
+    code = "\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
+    code = "\n".join(line for line in code.splitlines() if not line.lstrip().startswith(("%", "!")))
+    digest = hashlib.sha256()
+    digest.update(source.read_bytes())
+    digest.update(profile.encode())
+    for path in srlib_closure(code):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    for package in FINGERPRINT_PACKAGES:
+        try:
+            digest.update(f"{package}=={metadata.version(package)}".encode())
+        except metadata.PackageNotFoundError:
+            digest.update(f"{package} absent".encode())
+    data_dir = os.environ.get("SRLIB_DATA_DIR")
+    if data_dir and Path(data_dir).is_dir():
+        for path in sorted(Path(data_dir).rglob("*")):
+            if path.is_file():
+                digest.update(f"{path.relative_to(data_dir).as_posix()}:{path.stat().st_size}".encode())
+    return digest.hexdigest()
+
+
+def reusable(paths: "BuildPaths", stem: str, fingerprint: str) -> float | None:
+    """The seconds a previous build took to execute `stem` when its executed copy and results
+    are still there and its inputs have not changed since (`chapter_fingerprint`); else None."""
+    try:
+        stamp = json.loads(paths.fingerprint(stem).read_text())
+    except (OSError, ValueError):
+        return None
+    if (stamp.get("fingerprint") == fingerprint and paths.executed(stem).is_file()
+            and paths.results(stem).is_file()):
+        return float(stamp.get("seconds", 0.0))
+    return None
+
+
 def execute_notebook(source: Path, executed: Path, results: Path, profile: str) -> float:
     """Run `source` with papermill into `executed`; return seconds. Raise NotebookFailed."""
     import papermill
@@ -541,11 +628,20 @@ def _strip_ansi(text: str) -> str:
 # --------------------------------------------------------------------------- the build
 
 
-def stage_sources(root: Path, paths: BuildPaths) -> None:
-    """A fresh `_build/<profile>/src/` holding the config, the toc and `book/`."""
+def stage_sources(root: Path, paths: BuildPaths, stems: Sequence[str]) -> None:
+    """A fresh `_build/<profile>/src/` holding the config, the toc and `book/`; the executed
+    copies of the chapters in `stems` (with their results and fingerprints) are kept for reuse,
+    those of chapters no longer listed are removed."""
     if paths.src.exists():
-        shutil.rmtree(paths.src)
-    paths.src.mkdir(parents=True)
+        for entry in paths.src.iterdir():
+            if entry.name != NOTEBOOK_DIR:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        executed_dir = paths.src / NOTEBOOK_DIR
+        if executed_dir.is_dir():
+            for entry in executed_dir.iterdir():
+                if entry.name.split(".")[0] not in stems:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    paths.src.mkdir(parents=True, exist_ok=True)
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy2(root / name, paths.src / name)
     shutil.copytree(root / "book", paths.src / "book",
@@ -589,8 +685,67 @@ def build_html(paths: BuildPaths, *, strict: bool) -> int:
     return n_warnings
 
 
-def build(root: Path, profile: str, *, strict: bool = False) -> BuildPaths:
-    """Execute the listed notebooks under `profile` and build the book's HTML; return its paths."""
+def _run_chapter(source: Path, paths: BuildPaths, profile: str, position: str,
+                 fingerprint: str) -> float:
+    """Execute one chapter, fold its solutions, stamp its inputs; return seconds."""
+    stem = source.stem
+    paths.fingerprint(stem).unlink(missing_ok=True)  # a failed run is never reused
+    print(f"{position} executing {NOTEBOOK_DIR}/{source.name} (PROFILE={profile})", flush=True)
+    seconds = execute_notebook(source, paths.executed(stem), paths.results(stem), profile)
+    executed = json.loads(paths.executed(stem).read_text())
+    if fold_solutions(executed):
+        paths.executed(stem).write_text(json.dumps(executed, indent=1, ensure_ascii=False))
+    paths.fingerprint(stem).write_text(json.dumps({"fingerprint": fingerprint, "seconds": seconds}))
+    print(f"{position} {NOTEBOOK_DIR}/{source.name} done in {seconds:.1f} s", flush=True)
+    return seconds
+
+
+def execute_chapters(sources: Sequence[Path], paths: BuildPaths, profile: str, *, jobs: int = 1,
+                     force: bool = False) -> None:
+    """Execute the chapters whose inputs changed since their last execution (all with `force`).
+
+    With `jobs` > 1 the first chapter to run goes alone (chapter 1 builds the SAE and the
+    hidden states every later chapter reads from the cache), then up to `jobs` chapters run
+    at once, each in its own kernel. The first failure stops the build once running
+    chapters finish.
+    """
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+    if jobs < 1:
+        raise BuildError(f"jobs must be at least 1, got {jobs}")
+    todo = []
+    for i, source in enumerate(sources, 1):
+        position, fingerprint = f"[{i}/{len(sources)}]", chapter_fingerprint(source, profile)
+        seconds = None if force else reusable(paths, source.stem, fingerprint)
+        if seconds is None:
+            todo.append((source, position, fingerprint))
+        else:
+            print(f"{position} {NOTEBOOK_DIR}/{source.name}: unchanged since its last run "
+                  f"({seconds:.0f} s then), reused", flush=True)
+    if not todo:
+        return
+    first, rest = (todo[:1], todo[1:]) if jobs > 1 else (todo, [])
+    for source, position, fingerprint in first:
+        _run_chapter(source, paths, profile, position, fingerprint)
+    if rest:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(_run_chapter, source, paths, profile, position, fingerprint)
+                       for source, position, fingerprint in rest]
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in pending:
+                future.cancel()
+            for future in futures:
+                if future.done() and not future.cancelled() and future.exception():
+                    raise future.exception()
+
+
+def build(root: Path, profile: str, *, strict: bool = False, jobs: int = 1,
+          force: bool = False) -> BuildPaths:
+    """Execute the listed notebooks under `profile` and build the book's HTML; return its paths.
+
+    A chapter whose inputs (`chapter_fingerprint`) are unchanged since it last ran is not
+    executed again; `force` executes every chapter. `jobs`: chapters executed at once.
+    """
     from srlib.profiles import get_profile
 
     try:
@@ -606,23 +761,17 @@ def build(root: Path, profile: str, *, strict: bool = False) -> BuildPaths:
         print(f"note: {extra.relative_to(root)} is not in _toc.yml, so it is not run "
               "(add its entry to _toc.yml)", flush=True)
     ensure_mathjax(root / "book" / "_static")
-    stage_sources(root, paths)
+    stage_sources(root, paths, stems)
 
     chapters, params = [], []
     if sources:
         import papermill
 
         check_kernel()
-    for i, source in enumerate(sources, 1):
+        execute_chapters(sources, paths, profile, jobs=jobs, force=force)
+    for source in sources:
         stem = source.stem
-        print(f"[{i}/{len(sources)}] executing {NOTEBOOK_DIR}/{source.name} "
-              f"(PROFILE={profile})", flush=True)
-        seconds = execute_notebook(source, paths.executed(stem), paths.results(stem), profile)
-        print(f"      done in {seconds:.1f} s", flush=True)
-        executed = json.loads(paths.executed(stem).read_text())
-        if fold_solutions(executed):
-            paths.executed(stem).write_text(json.dumps(executed, indent=1, ensure_ascii=False))
-        title = notebook_title(executed, stem)
+        title = notebook_title(json.loads(paths.executed(stem).read_text()), stem)
         chapters.append((stem, title, load_results(paths.results(stem))))
         params.append((stem, title, papermill.inspect_notebook(str(source))))
 
@@ -693,6 +842,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path("."),
                         help="the repository root (default: the current directory)")
     parser.add_argument("--strict", action="store_true", help="fail on any Sphinx warning")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="chapters executed at once after the first (default: 1)")
+    parser.add_argument("--force", action="store_true",
+                        help="execute every chapter, even those unchanged since their last run")
     parser.add_argument("--mathjax-only", action="store_true",
                         help="only fetch MathJax into book/_static/mathjax if it is missing")
     parser.add_argument("--handout", type=Path, metavar="DIR",
@@ -705,7 +858,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.mathjax_only:
             print(ensure_mathjax(args.root / "book" / "_static"))
         else:
-            build(args.root, args.profile, strict=args.strict)
+            build(args.root, args.profile, strict=args.strict, jobs=args.jobs, force=args.force)
     except NotebookFailed as exc:
         print(exc.details, file=sys.stderr)
         print(f"book build stopped: {exc}", file=sys.stderr)

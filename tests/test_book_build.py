@@ -229,6 +229,135 @@ def test_solutions_are_folded_in_the_book_and_removed_from_handouts(tmp_path):
     assert len(nbformat.read(written[0], as_version=4).cells) == 3
 
 
+# ----------------------------------------------------------------------------- reuse and parallel runs
+
+
+def _chapters(root: Path, n: int) -> list[Path]:
+    """`n` chapter notebooks that import srlib.evaluate (so srlib is in their fingerprint)."""
+    (root / "notebooks").mkdir(exist_ok=True)
+    sources = []
+    for i in range(1, n + 1):
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f"from srlib.evaluate import compare_paired\nx = {i}")])
+        path = root / "notebooks" / f"0{i}_ch.ipynb"
+        nbformat.write(nb, path)
+        sources.append(path)
+    return sources
+
+
+class _FakePapermill:
+    """Stands in for `execute_notebook`: writes the executed copy and results, records each run
+    with its start and end times, and fails the chapters named in `fail`."""
+
+    def __init__(self, seconds: float = 0.0, fail: tuple[str, ...] = ()):
+        import threading
+
+        self.seconds, self.fail, self.runs, self.lock = seconds, set(fail), [], threading.Lock()
+
+    def __call__(self, source, executed, results, profile):
+        import time
+
+        start = time.perf_counter()
+        time.sleep(self.seconds)
+        if source.stem in self.fail:
+            raise NotebookFailed(f"notebook {source.name} failed")
+        executed.parent.mkdir(parents=True, exist_ok=True)
+        executed.write_text(source.read_text())
+        results.write_text(json.dumps({"profile": profile, "tables": {}}))
+        with self.lock:
+            self.runs.append((source.stem, start, time.perf_counter()))
+        return 1.0
+
+
+def test_unchanged_chapters_are_reused_and_an_edited_one_runs_again(tmp_path, monkeypatch):
+    sources = _chapters(tmp_path, 3)
+    paths = BuildPaths(tmp_path, "smoke")
+    fake = _FakePapermill()
+    monkeypatch.setattr(book, "execute_notebook", fake)
+    book.execute_chapters(sources, paths, "smoke")
+    assert [r[0] for r in fake.runs] == ["01_ch", "02_ch", "03_ch"]
+    book.execute_chapters(sources, paths, "smoke")
+    assert len(fake.runs) == 3  # nothing changed: nothing runs
+    nb = nbformat.read(sources[1], as_version=4)
+    nb.cells[0].source += "\ny = 2"
+    nbformat.write(nb, sources[1])
+    book.execute_chapters(sources, paths, "smoke")
+    assert [r[0] for r in fake.runs[3:]] == ["02_ch"]
+    book.execute_chapters(sources, paths, "cpu")  # another profile is another input
+    assert len(fake.runs) == 7
+    book.execute_chapters(sources, paths, "cpu", force=True)
+    assert len(fake.runs) == 10
+
+
+def test_a_failed_chapter_is_never_reused(tmp_path, monkeypatch):
+    sources = _chapters(tmp_path, 2)
+    paths = BuildPaths(tmp_path, "smoke")
+    monkeypatch.setattr(book, "execute_notebook", _FakePapermill())
+    book.execute_chapters(sources, paths, "smoke")
+    nb = nbformat.read(sources[1], as_version=4)
+    nb.cells[0].source += "\nbroken = True"
+    nbformat.write(nb, sources[1])
+    monkeypatch.setattr(book, "execute_notebook", _FakePapermill(fail=("02_ch",)))
+    with pytest.raises(NotebookFailed):
+        book.execute_chapters(sources, paths, "smoke")
+    assert not paths.fingerprint("02_ch").exists()  # the old copy's stamp is gone with the failed run
+    fake = _FakePapermill()
+    monkeypatch.setattr(book, "execute_notebook", fake)
+    book.execute_chapters(sources, paths, "smoke")
+    assert [r[0] for r in fake.runs] == ["02_ch"]
+
+
+def test_with_two_jobs_the_first_chapter_runs_alone_then_two_at_a_time(tmp_path, monkeypatch):
+    sources = _chapters(tmp_path, 5)
+    fake = _FakePapermill(seconds=0.3)
+    monkeypatch.setattr(book, "execute_notebook", fake)
+    book.execute_chapters(sources, BuildPaths(tmp_path, "smoke"), "smoke", jobs=2)
+    runs = {stem: (start, end) for stem, start, end in fake.runs}
+    assert sorted(runs) == [s.stem for s in sources]
+    assert all(start >= runs["01_ch"][1] for stem, (start, _) in runs.items() if stem != "01_ch")
+    events = sorted([(t, +1) for t, _ in runs.values()] + [(t, -1) for _, t in runs.values()])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    assert peak == 2
+    with pytest.raises(BuildError, match="jobs"):
+        book.execute_chapters(sources, BuildPaths(tmp_path, "smoke"), "smoke", jobs=0)
+
+
+def test_the_fingerprint_follows_srlib_imports_and_the_data_files(tmp_path, monkeypatch):
+    closure = {p.name for p in book.srlib_closure("from srlib.evaluate import compare_paired")}
+    assert {"__init__.py", "evaluate.py", "data.py", "errors.py"} <= closure  # evaluate imports data
+    assert "cli.py" not in closure and "book.py" not in closure
+    assert {p.name for p in book.srlib_closure("from srlib import plots")} >= {"plots.py"}
+    source = _chapters(tmp_path, 1)[0]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.csv").write_text("x\n")
+    monkeypatch.setenv("SRLIB_DATA_DIR", str(data))
+    before = book.chapter_fingerprint(source, "smoke")
+    assert book.chapter_fingerprint(source, "smoke") == before
+    assert book.chapter_fingerprint(source, "cpu") != before
+    (data / "a.csv").write_text("x\ny\n")
+    assert book.chapter_fingerprint(source, "smoke") != before
+
+
+def test_staging_keeps_listed_executed_chapters_and_drops_the_rest(tmp_path):
+    shutil.copy2(ROOT / "_config.yml", tmp_path / "_config.yml")
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: book/intro\n")
+    (tmp_path / "book").mkdir()
+    (tmp_path / "book" / "intro.md").write_text("# intro\n")
+    paths = BuildPaths(tmp_path, "smoke")
+    (paths.src / "notebooks").mkdir(parents=True)
+    for name in ("01_kept.ipynb", "01_kept.results.json", "01_kept.inputs.json", "02_gone.ipynb"):
+        (paths.src / "notebooks" / name).write_text("{}")
+    (paths.src / "book").mkdir()
+    (paths.src / "book" / "stale.md").write_text("old page")
+    book.stage_sources(tmp_path, paths, ["01_kept"])
+    assert sorted(p.name for p in (paths.src / "notebooks").iterdir()) == [
+        "01_kept.inputs.json", "01_kept.ipynb", "01_kept.results.json"]
+    assert not (paths.src / "book" / "stale.md").exists() and (paths.src / "book" / "intro.md").is_file()
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
