@@ -52,7 +52,7 @@ def _dense_rm(config: AlignmentConfig, layer: int, out: Path, progress: bool):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="cpu")
-    parser.add_argument("--track", default="red-teaming", help="truthfulqa, saferlhf or red-teaming")
+    parser.add_argument("--track", required=True, help="truthfulqa, saferlhf or red-teaming")
     parser.add_argument("--n-prompts", type=int)
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--max-new-tokens", type=int)

@@ -108,8 +108,9 @@ class AlignmentConfig:
 
     #: A Table 1 track (`TRACKS`): "truthfulqa" (ARC-Challenge prompts, TruthfulQA MC1/MC2),
     #: "saferlhf" or "red-teaming" (prompts of the data set's generation split, pairwise
-    #: log-prob accuracy on its test pairs).
-    track: str = "red-teaming"
+    #: log-prob accuracy on its test pairs). No default: chapter 7 chooses one on validation
+    #: pairs (`track_filter_accuracy`, `choose_track`).
+    track: str
     #: The policy (and base) model, loaded with `srlib.backbone.load_backbone`.
     model_id: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     #: Prompts per round (the same prompts every round), drawn from prompts no reward model
@@ -432,6 +433,54 @@ def filter_tuples(tuples: Sequence[PreferencePair], reward_model: "RewardModel |
 
 # ---------------------------------------------------------------------------------------------
 # DPO
+
+
+def track_filter_accuracy(backbone, profile, sae, *, k: int, seed: int = 0, arc_pairs: int = 300,
+                          progress: bool = False):
+    """How well each track's filter judges held-out labelled pairs of its own generation domain:
+    the validation figures chapter 7 chooses its track on (no test split is read).
+
+    The filter of a track is SparseRM with `k` directions per side, fitted on the track's data
+    set with early stopping on its validation split (`srlib.experiments.fit_variant`). A safety
+    track generates answers to prompts of its own data set, so its measure is the filter's
+    accuracy on that validation split. The truthfulness track generates answers to
+    ARC-Challenge questions and is tested on TruthfulQA MC, so its measure is the filter's
+    accuracy on the first `arc_pairs` ARC gold-vs-distractor pairs, which no reward model
+    trains on and Table 1 never tests on. A tie counts as wrong: the filter drops it.
+    Returns a DataFrame indexed by track: data set, held-out pairs (what they are), n, accuracy
+    (%) and its binomial standard error (points).
+    """
+    import pandas as pd
+
+    from srlib.data import load_arc_pairs
+    from srlib.evaluate import binomial_se
+    from srlib.experiments import dataset_states, fit_variant, select_for
+    from srlib.reward import pair_accuracy
+
+    if arc_pairs < 1:
+        raise ConfigError(f"arc_pairs must be at least 1, got {arc_pairs}")
+    rows = []
+    for track, spec in TRACKS.items():
+        states = dataset_states(backbone, spec.dataset, profile, progress=progress)
+        model, trial = fit_variant(states, directions=select_for(states, sae, k), seed=seed, score_test=False)
+        if spec.kind == "truthfulness":
+            pairs = load_arc_pairs()[:arc_pairs]
+            model.max_length = profile.max_length
+            s_w, s_l = model.attach_backbone(backbone).score_pairs(pairs, progress=progress)
+            accuracy, n, held_out = pair_accuracy(s_w, s_l), len(pairs), "ARC gold vs distractor"
+        else:
+            accuracy, n, held_out = trial.val_accuracy, len(states.val.pairs), "validation split"
+        rows.append({"track": track, "data set": spec.dataset, "held-out pairs": held_out, "n": n,
+                     "accuracy (%)": 100 * accuracy, "se (points)": 100 * binomial_se(accuracy, n)})
+    return pd.DataFrame(rows).set_index("track")
+
+
+def choose_track(filter_accuracy) -> str:
+    """The track whose filter is most accurate on its held-out pairs (`track_filter_accuracy`):
+    filtering can only help where the filter tells good answers from bad ones. Ties go to the
+    first track in Table 1's order."""
+    column = filter_accuracy["accuracy (%)"]
+    return str(column.index[int(column.to_numpy().argmax())])
 
 
 def _dpo_dataset(tuples: Sequence[PreferencePair]):

@@ -58,11 +58,13 @@ def test_config_rejects_bad_settings():
     with pytest.raises(ConfigError):
         al.AlignmentConfig(track="truthfulness")  # a kind of track, not a Table 1 track
     with pytest.raises(ConfigError):
-        al.AlignmentConfig(reference="policy")
+        al.AlignmentConfig(track="red-teaming", reference="policy")
     with pytest.raises(ConfigError):
-        al.AlignmentConfig(rounds=0)
+        al.AlignmentConfig(track="red-teaming", rounds=0)
+    with pytest.raises(TypeError, match="track"):
+        al.AlignmentConfig()  # no default track: chapter 7 chooses one on validation
     assert al.AlignmentConfig(track="truthfulqa").metric == "mc2"
-    cfg = al.AlignmentConfig.for_profile("smoke", rounds=3)
+    cfg = al.AlignmentConfig.for_profile("smoke", track="red-teaming", rounds=3)
     assert al.AlignmentConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
@@ -88,7 +90,7 @@ def test_dpo_round_changes_the_adapter_and_raises_the_margin(tmp_path):
 
     before = margin()
     weights_before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = al.AlignmentConfig.for_profile("smoke", epochs=3, learning_rate=5e-3)
+    cfg = al.AlignmentConfig.for_profile("smoke", track="red-teaming", epochs=3, learning_rate=5e-3)
     model, stats = al.dpo_round(model, tok, tuples, cfg, seed=0, adapter_dir=tmp_path / "adapter",
                                 progress=False)
     adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
@@ -113,7 +115,7 @@ def _comparable(result: al.AlignmentResult) -> dict:
 
 
 def test_safety_prompts_come_from_the_generation_split_and_shots_from_training_data():
-    cfg = al.AlignmentConfig.for_profile("smoke", n_shots=2, n_prompts=20)
+    cfg = al.AlignmentConfig.for_profile("smoke", track="red-teaming", n_shots=2, n_prompts=20)
     prompts, shots = al.prompts_and_shots(cfg)
     assert len(prompts) == 20 and len(set(prompts)) == 20 and len(shots) == 2
     assert set(prompts) <= {p.prompt for p in load_pairs("hh-harmless:gen")}

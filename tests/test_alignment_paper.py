@@ -77,10 +77,10 @@ def _tuples(n: int = 8) -> list[PreferencePair]:
 
 
 def test_the_paper_reference_is_the_default_and_dpo_measures_against_it(tmp_path):
-    assert al.AlignmentConfig().reference == "base"
+    assert al.AlignmentConfig(track="red-teaming").reference == "base"
     base = load_backbone(TINY_MODEL_ID)
     tok, tuples = base.tokenizer, _tuples()
-    cfg = al.AlignmentConfig.for_profile("smoke", epochs=3, learning_rate=5e-3)
+    cfg = al.AlignmentConfig.for_profile("smoke", track="red-teaming", epochs=3, learning_rate=5e-3)
     policy, _ = al.dpo_round(copy.deepcopy(base.model), tok, tuples, cfg, seed=0,
                              adapter_dir=tmp_path / "round1", progress=False)
     weights = {k: v.clone() for k, v in base.model.state_dict().items()}
@@ -107,7 +107,7 @@ def test_run_alignment_passes_the_configured_reference(tmp_path, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(al, "dpo_round", spy)
-    cfg = al.AlignmentConfig.for_profile("smoke", rounds=2, n_prompts=4)
+    cfg = al.AlignmentConfig.for_profile("smoke", track="red-teaming", rounds=2, n_prompts=4)
     al.run_alignment(cfg, {"WO RM": None}, out_dir=tmp_path / "base", progress=False)
     assert len(seen) == 2 and all(ref is not None for ref in seen)
     assert seen[0] is seen[1]  # the one base model, both rounds
@@ -129,10 +129,10 @@ def test_the_tie_rule_is_a_setting_and_the_deviation_table_reports_it():
     rm = _Scores([1.0, 0.5, 0.0], [0.0, 0.5, 1.0])
     assert al.filter_tuples(tuples, rm).keep == [True, False, False]
     assert al.filter_tuples(tuples, rm, keep_ties=True).keep == [True, True, False]
-    rows = {r["setting"]: r for r in al.AlignmentConfig(keep_ties=True, reference="previous").paper_deviations()}
+    rows = {r["setting"]: r for r in al.AlignmentConfig(track="red-teaming", keep_ties=True, reference="previous").paper_deviations()}
     assert rows["filter on a tie s_w = s_l"]["here"] == "kept"
     assert rows["DPO reference pi_ref"]["here"] == "the previous round's policy"
-    default = {r["setting"]: r for r in al.AlignmentConfig().paper_deviations()}
+    default = {r["setting"]: r for r in al.AlignmentConfig(track="red-teaming").paper_deviations()}
     assert default["DPO reference pi_ref"]["here"] == default["DPO reference pi_ref"]["paper"] == "the base model"
 
 
@@ -162,7 +162,41 @@ def test_the_cli_refuses_a_track_that_is_not_in_table1(capsys):
 def test_a_round_whose_prompts_all_fill_max_length_trains_nothing(tmp_path):
     base = load_backbone(TINY_MODEL_ID)
     model = copy.deepcopy(base.model)
-    cfg = al.AlignmentConfig.for_profile("smoke", max_length=4)
+    cfg = al.AlignmentConfig.for_profile("smoke", track="red-teaming", max_length=4)
     out, stats = al.dpo_round(model, base.tokenizer, _tuples(2), cfg, seed=0, adapter_dir=tmp_path / "a",
                               progress=False)
     assert out is model and stats["steps"] == 0 and stats["n_trained"] == 0 and not (tmp_path / "a").exists()
+
+
+def test_choose_track_takes_the_most_accurate_filter_and_breaks_ties_by_table1_order():
+    import pandas as pd
+
+    table = pd.DataFrame({"accuracy (%)": [61.0, 74.0, 74.0]}, index=["truthfulqa", "saferlhf", "red-teaming"])
+    assert al.choose_track(table) == "saferlhf"
+    assert al.choose_track(table.assign(**{"accuracy (%)": [80.0, 74.0, 74.0]})) == "truthfulqa"
+
+
+@needs_real_data
+def test_track_filter_accuracy_reads_validation_and_arc_pairs_only(smoke_profile, tiny_backbone, monkeypatch):
+    from srlib import experiments
+    from srlib.sae import sae_for_profile
+
+    fitted = []
+    fit_variant = experiments.fit_variant
+
+    def recording_fit_variant(states, **kwargs):
+        fitted.append(kwargs["score_test"])
+        return fit_variant(states, **kwargs)
+
+    monkeypatch.setattr(experiments, "fit_variant", recording_fit_variant)
+    sae = sae_for_profile(smoke_profile, tiny_backbone, progress=False)
+    table = al.track_filter_accuracy(tiny_backbone, smoke_profile, sae, k=4, arc_pairs=12)
+    assert list(table.index) == list(al.TRACKS) and fitted == [False] * 3  # never scores a test split
+    assert table.loc["truthfulqa", "n"] == 12 and table.loc["truthfulqa", "held-out pairs"] == "ARC gold vs distractor"
+    for track in ("saferlhf", "red-teaming"):
+        val = experiments.dataset_states(tiny_backbone, al.TRACKS[track].dataset, smoke_profile, progress=False).val
+        assert table.loc[track, "n"] == len(val.pairs)
+    assert table["accuracy (%)"].between(0, 100).all() and (table["se (points)"] > 0).all()
+    assert al.choose_track(table) in al.TRACKS
+    with pytest.raises(al.ConfigError, match="arc_pairs"):
+        al.track_filter_accuracy(tiny_backbone, smoke_profile, sae, k=4, arc_pairs=0)
