@@ -571,6 +571,14 @@ def chapter_fingerprint(source: Path, profile: str) -> str:
     return digest.hexdigest()
 
 
+def last_seconds(paths: "BuildPaths", stem: str) -> float | None:
+    """How long `stem` took when it last ran under this profile (whatever has changed since)."""
+    try:
+        return float(json.loads(paths.fingerprint(stem).read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def reusable(paths: "BuildPaths", stem: str, fingerprint: str) -> float | None:
     """The seconds a previous build took to execute `stem` when its executed copy and results
     are still there and its inputs have not changed since (`chapter_fingerprint`); else None."""
@@ -704,10 +712,11 @@ def execute_chapters(sources: Sequence[Path], paths: BuildPaths, profile: str, *
                      force: bool = False) -> None:
     """Execute the chapters whose inputs changed since their last execution (all with `force`).
 
-    With `jobs` > 1 the first chapter to run goes alone (chapter 1 builds the SAE and the
-    hidden states every later chapter reads from the cache), then up to `jobs` chapters run
-    at once, each in its own kernel. The first failure stops the build once running
-    chapters finish.
+    With `jobs` > 1 the book's first chapter, when it must run, goes alone (chapter 1 builds
+    the SAE and the hidden states every later chapter reads from the cache), then up to `jobs` chapters run
+    at once, each in its own kernel, the longest first by their last running time (a chapter
+    never run counts as longest), so that a long chapter does not start last. The first
+    failure stops the build once running chapters finish.
     """
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
@@ -724,7 +733,13 @@ def execute_chapters(sources: Sequence[Path], paths: BuildPaths, profile: str, *
                   f"({seconds:.0f} s then), reused", flush=True)
     if not todo:
         return
-    first, rest = (todo[:1], todo[1:]) if jobs > 1 else (todo, [])
+    if jobs == 1:
+        first, rest = todo, []
+    elif todo[0][0] == sources[0]:
+        first, rest = todo[:1], todo[1:]
+    else:
+        first, rest = [], todo
+    rest.sort(key=lambda item: -(last_seconds(paths, item[0].stem) or math.inf))
     for source, position, fingerprint in first:
         _run_chapter(source, paths, profile, position, fingerprint)
     if rest:

@@ -324,6 +324,20 @@ def test_with_two_jobs_the_first_chapter_runs_alone_then_two_at_a_time(tmp_path,
         book.execute_chapters(sources, BuildPaths(tmp_path, "smoke"), "smoke", jobs=0)
 
 
+def test_with_two_jobs_the_longest_chapters_start_first(tmp_path, monkeypatch):
+    sources = _chapters(tmp_path, 4)
+    paths = BuildPaths(tmp_path, "smoke")
+    monkeypatch.setattr(book, "execute_notebook", _FakePapermill())
+    book.execute_chapters(sources, paths, "smoke")
+    for stem, seconds in {"02_ch": 5.0, "03_ch": 50.0, "04_ch": 20.0}.items():
+        paths.fingerprint(stem).write_text(json.dumps({"fingerprint": "old inputs", "seconds": seconds}))
+    fake = _FakePapermill(seconds=0.1)
+    monkeypatch.setattr(book, "execute_notebook", fake)
+    book.execute_chapters(sources, paths, "smoke", jobs=2)
+    started = [stem for stem, _, _ in sorted(fake.runs, key=lambda run: run[1])]
+    assert started == ["03_ch", "04_ch", "02_ch"]  # 01_ch is unchanged: reused
+
+
 def test_the_fingerprint_follows_srlib_imports_and_the_data_files(tmp_path, monkeypatch):
     closure = {p.name for p in book.srlib_closure("from srlib.evaluate import compare_paired")}
     assert {"__init__.py", "evaluate.py", "data.py", "errors.py"} <= closure  # evaluate imports data
