@@ -248,16 +248,27 @@ class _FakePapermill:
     """Stands in for `execute_notebook`: writes the executed copy and results, records each run
     with its start and end times, and fails the chapters named in `fail`."""
 
-    def __init__(self, seconds: float = 0.0, fail: tuple[str, ...] = ()):
+    def __init__(self, seconds: float = 0.0, fail: tuple[str, ...] = (), pairs: tuple[str, ...] = ()):
         import threading
 
         self.seconds, self.fail, self.runs, self.lock = seconds, set(fail), [], threading.Lock()
+        # chapters in `pairs` wait inside the run until a second one is running too
+        self.pairs, self.barrier = set(pairs), threading.Barrier(2, timeout=30)
+        self.entered, self.active, self.peak = [], 0, 0
 
     def __call__(self, source, executed, results, profile):
         import time
 
         start = time.perf_counter()
+        with self.lock:
+            self.entered.append(source.stem)
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        if source.stem in self.pairs:
+            self.barrier.wait()  # a BrokenBarrierError here: no second chapter ran beside this one
         time.sleep(self.seconds)
+        with self.lock:
+            self.active -= 1
         if source.stem in self.fail:
             raise NotebookFailed(f"notebook {source.name} failed")
         executed.parent.mkdir(parents=True, exist_ok=True)
@@ -308,18 +319,13 @@ def test_a_failed_chapter_is_never_reused(tmp_path, monkeypatch):
 
 def test_with_two_jobs_the_first_chapter_runs_alone_then_two_at_a_time(tmp_path, monkeypatch):
     sources = _chapters(tmp_path, 5)
-    fake = _FakePapermill(seconds=0.3)
+    fake = _FakePapermill(seconds=0.05, pairs=("02_ch", "03_ch", "04_ch", "05_ch"))
     monkeypatch.setattr(book, "execute_notebook", fake)
     book.execute_chapters(sources, BuildPaths(tmp_path, "smoke"), "smoke", jobs=2)
     runs = {stem: (start, end) for stem, start, end in fake.runs}
-    assert sorted(runs) == [s.stem for s in sources]
+    assert sorted(runs) == [s.stem for s in sources] and fake.entered[0] == "01_ch"
     assert all(start >= runs["01_ch"][1] for stem, (start, _) in runs.items() if stem != "01_ch")
-    events = sorted([(t, +1) for t, _ in runs.values()] + [(t, -1) for _, t in runs.values()])
-    running = peak = 0
-    for _, step in events:
-        running += step
-        peak = max(peak, running)
-    assert peak == 2
+    assert fake.peak == 2  # the other four met in pairs, never three at once
     with pytest.raises(BuildError, match="jobs"):
         book.execute_chapters(sources, BuildPaths(tmp_path, "smoke"), "smoke", jobs=0)
 
@@ -331,11 +337,10 @@ def test_with_two_jobs_the_longest_chapters_start_first(tmp_path, monkeypatch):
     book.execute_chapters(sources, paths, "smoke")
     for stem, seconds in {"02_ch": 5.0, "03_ch": 50.0, "04_ch": 20.0}.items():
         paths.fingerprint(stem).write_text(json.dumps({"fingerprint": "old inputs", "seconds": seconds}))
-    fake = _FakePapermill(seconds=0.1)
+    fake = _FakePapermill(pairs=("03_ch", "04_ch"))  # the two longest run side by side ...
     monkeypatch.setattr(book, "execute_notebook", fake)
     book.execute_chapters(sources, paths, "smoke", jobs=2)
-    started = [stem for stem, _, _ in sorted(fake.runs, key=lambda run: run[1])]
-    assert started == ["03_ch", "04_ch", "02_ch"]  # 01_ch is unchanged: reused
+    assert sorted(fake.entered[:2]) == ["03_ch", "04_ch"] and fake.entered[2:] == ["02_ch"]  # ... 02 after
 
 
 def test_the_fingerprint_follows_srlib_imports_and_the_data_files(tmp_path, monkeypatch):
