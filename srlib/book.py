@@ -68,6 +68,7 @@ NOTEBOOK_DIR = "notebooks"
 RESULTS_SUFFIX = ".results.json"
 RESULTS_MARKERS = ("<!-- begin results -->", "<!-- end results -->")
 PARAMETERS_MARKERS = ("<!-- begin parameters -->", "<!-- end parameters -->")
+REPORT_MARKERS = ("<!-- begin build report -->", "<!-- end build report -->")
 _CELL_TYPES = (str, int, float, bool, type(None))
 
 
@@ -120,6 +121,11 @@ class BuildPaths:
     @property
     def warnings_log(self) -> Path:
         return self.base / "sphinx-warnings.log"
+
+    @property
+    def report(self) -> Path:
+        """`build-report.json`: per chapter its seconds and whether it was executed or reused."""
+        return self.base / "build-report.json"
 
     def executed(self, stem: str) -> Path:
         """The executed copy of `notebooks/<stem>.ipynb`."""
@@ -364,6 +370,31 @@ def render_results(chapters: Sequence[tuple[str, str, dict]]) -> str:
         for name, tab in data["tables"].items():
             parts.append(render_table(f"results-{slug(stem)}-{slug(name)}", tab))
     return "\n\n".join(parts)
+
+
+def write_report(paths: BuildPaths, records: Sequence[dict], *, jobs: int, seconds: float) -> Path:
+    """`_build/<profile>/build-report.json`: the chapter records of `execute_chapters`, the
+    number of jobs and the wall-clock seconds the execution took."""
+    report = {"profile": paths.profile, "jobs": jobs, "execution_seconds": seconds, "chapters": list(records)}
+    paths.base.mkdir(parents=True, exist_ok=True)
+    paths.report.write_text(json.dumps(report, indent=1) + "\n")
+    return paths.report
+
+
+def render_report(records: Sequence[dict], execution_seconds: float) -> str:
+    """The "what this build cost" table of the Reproduce page: per chapter, whether this build
+    executed it or reused the copy of an earlier run, and that run's minutes."""
+    if not records:
+        return "*No chapter notebook is listed in `_toc.yml` yet.*"
+    rows = ["| chapter | this build | minutes |", "|---|---|---|"]
+    rows += [f"| `{r['chapter']}` | {'reused' if r['reused'] else 'executed'} | {r['seconds'] / 60:.1f} |"
+             for r in records]
+    executed = [r for r in records if not r["reused"]]
+    summary = (f"This build executed {len(executed)} of {len(records)} chapters in "
+               f"{execution_seconds / 60:.1f} minutes of wall-clock time"
+               + (f" (their running times add up to {sum(r['seconds'] for r in executed) / 60:.1f} minutes: "
+                  "chapters ran side by side)." if len(executed) > 1 else "."))
+    return "\n".join(rows) + "\n\n" + summary
 
 
 def render_parameters(chapters: Sequence[tuple[str, str, dict]]) -> str:
@@ -709,8 +740,10 @@ def _run_chapter(source: Path, paths: BuildPaths, profile: str, position: str,
 
 
 def execute_chapters(sources: Sequence[Path], paths: BuildPaths, profile: str, *, jobs: int = 1,
-                     force: bool = False) -> None:
-    """Execute the chapters whose inputs changed since their last execution (all with `force`).
+                     force: bool = False) -> list[dict]:
+    """Execute the chapters whose inputs changed since their last execution (all with `force`);
+    return one record per chapter, in book order: `chapter`, `seconds` (of the run that made its
+    executed copy) and `reused`.
 
     With `jobs` > 1 the book's first chapter, when it must run, goes alone (chapter 1 builds
     the SAE and the hidden states every later chapter reads from the cache), then up to `jobs` chapters run
@@ -722,17 +755,21 @@ def execute_chapters(sources: Sequence[Path], paths: BuildPaths, profile: str, *
 
     if jobs < 1:
         raise BuildError(f"jobs must be at least 1, got {jobs}")
-    todo = []
+    todo, records = [], {}
     for i, source in enumerate(sources, 1):
         position, fingerprint = f"[{i}/{len(sources)}]", chapter_fingerprint(source, profile)
         seconds = None if force else reusable(paths, source.stem, fingerprint)
         if seconds is None:
             todo.append((source, position, fingerprint))
         else:
+            records[source.stem] = {"chapter": source.stem, "seconds": seconds, "reused": True}
             print(f"{position} {NOTEBOOK_DIR}/{source.name}: unchanged since its last run "
                   f"({seconds:.0f} s then), reused", flush=True)
-    if not todo:
-        return
+
+    def run(source: Path, position: str, fingerprint: str) -> None:
+        seconds = _run_chapter(source, paths, profile, position, fingerprint)
+        records[source.stem] = {"chapter": source.stem, "seconds": seconds, "reused": False}
+
     if jobs == 1:
         first, rest = todo, []
     elif todo[0][0] == sources[0]:
@@ -741,17 +778,17 @@ def execute_chapters(sources: Sequence[Path], paths: BuildPaths, profile: str, *
         first, rest = [], todo
     rest.sort(key=lambda item: -(last_seconds(paths, item[0].stem) or math.inf))
     for source, position, fingerprint in first:
-        _run_chapter(source, paths, profile, position, fingerprint)
+        run(source, position, fingerprint)
     if rest:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(_run_chapter, source, paths, profile, position, fingerprint)
-                       for source, position, fingerprint in rest]
+            futures = [pool.submit(run, source, position, fingerprint) for source, position, fingerprint in rest]
             done, pending = wait(futures, return_when=FIRST_EXCEPTION)
             for future in pending:
                 future.cancel()
             for future in futures:
                 if future.done() and not future.cancelled() and future.exception():
                     raise future.exception()
+    return [records[source.stem] for source in sources]
 
 
 def build(root: Path, profile: str, *, strict: bool = False, jobs: int = 1,
@@ -778,12 +815,15 @@ def build(root: Path, profile: str, *, strict: bool = False, jobs: int = 1,
     ensure_mathjax(root / "book" / "_static")
     stage_sources(root, paths, stems)
 
-    chapters, params = [], []
+    chapters, params, records, execution_seconds = [], [], [], 0.0
     if sources:
         import papermill
 
         check_kernel()
-        execute_chapters(sources, paths, profile, jobs=jobs, force=force)
+        execute_started = time.perf_counter()
+        records = execute_chapters(sources, paths, profile, jobs=jobs, force=force)
+        execution_seconds = time.perf_counter() - execute_started
+        write_report(paths, records, jobs=jobs, seconds=execution_seconds)
     for source in sources:
         stem = source.stem
         title = notebook_title(json.loads(paths.executed(stem).read_text()), stem)
@@ -791,7 +831,8 @@ def build(root: Path, profile: str, *, strict: bool = False, jobs: int = 1,
         params.append((stem, title, papermill.inspect_notebook(str(source))))
 
     for page, markers, body in (("results.md", RESULTS_MARKERS, render_results(chapters)),
-                                ("reproduce.md", PARAMETERS_MARKERS, render_parameters(params))):
+                                ("reproduce.md", PARAMETERS_MARKERS, render_parameters(params)),
+                                ("reproduce.md", REPORT_MARKERS, render_report(records, execution_seconds))):
         staged = paths.src / "book" / page
         staged.write_text(fill_between(staged.read_text(), markers, body))
 

@@ -422,6 +422,12 @@ def test_a_tiny_book_builds_end_to_end(tmp_path):
     assert "where to write results" in reproduce
     assert (paths.html / "notebooks" / "01_demo.html").is_file()
     assert (paths.html / "index.html").is_file()
+    report = json.loads(paths.report.read_text())
+    assert [(c["chapter"], c["reused"]) for c in report["chapters"]] == [("01_demo", False)]
+    assert "executed" in reproduce and "01_demo" in reproduce
+    book.build(tmp_path, "smoke", strict=True)  # nothing changed: the chapter is reused, and the page says so
+    assert json.loads(paths.report.read_text())["chapters"][0]["reused"] is True
+    assert "reused" in (paths.html / "book" / "reproduce.html").read_text()
 
 
 @pytest.mark.notebook
