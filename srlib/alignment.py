@@ -435,21 +435,23 @@ def filter_tuples(tuples: Sequence[PreferencePair], reward_model: "RewardModel |
 # DPO
 
 
-def track_filter_accuracy(backbone, profile, sae, *, k: int, seed: int = 0, arc_pairs: int = 300,
-                          progress: bool = False):
+def track_filter_accuracy(backbone, profile, sae, *, k: int, seeds: Sequence[int] = (0, 1, 2),
+                          arc_pairs: int = 300, progress: bool = False):
     """How well each track's filter judges held-out labelled pairs of its own generation domain:
     the validation figures chapter 7 chooses its track on (no test split is read).
 
     The filter of a track is SparseRM with `k` directions per side, fitted on the track's data
-    set with early stopping on its validation split (`srlib.experiments.fit_variant`). A safety
-    track generates answers to prompts of its own data set, so its measure is the filter's
-    accuracy on that validation split. The truthfulness track generates answers to
+    set with early stopping on its validation split (`srlib.experiments.fit_variant`), once per
+    seed. A safety track generates answers to prompts of its own data set, so its measure is the
+    filter's accuracy on that validation split. The truthfulness track generates answers to
     ARC-Challenge questions and is tested on TruthfulQA MC, so its measure is the filter's
     accuracy on the first `arc_pairs` ARC gold-vs-distractor pairs, which no reward model
     trains on and Table 1 never tests on. A tie counts as wrong: the filter drops it.
     Returns a DataFrame indexed by track: data set, held-out pairs (what they are), n, accuracy
-    (%) and its binomial standard error (points).
+    (%) averaged over seeds, its spread over seeds (sd, points) and the binomial standard error
+    of one seed's accuracy on n pairs (points).
     """
+    import numpy as np
     import pandas as pd
 
     from srlib.data import load_arc_pairs
@@ -459,24 +461,35 @@ def track_filter_accuracy(backbone, profile, sae, *, k: int, seed: int = 0, arc_
 
     if arc_pairs < 1:
         raise ConfigError(f"arc_pairs must be at least 1, got {arc_pairs}")
+    if not seeds:
+        raise ConfigError("track_filter_accuracy needs at least one seed")
     rows = []
     for track, spec in TRACKS.items():
         states = dataset_states(backbone, spec.dataset, profile, progress=progress)
-        model, trial = fit_variant(states, directions=select_for(states, sae, k), seed=seed, score_test=False)
-        if spec.kind == "truthfulness":
-            pairs = load_arc_pairs()[:arc_pairs]
-            model.max_length = profile.max_length
-            s_w, s_l = model.attach_backbone(backbone).score_pairs(pairs, progress=progress)
-            accuracy, n, held_out = pair_accuracy(s_w, s_l), len(pairs), "ARC gold vs distractor"
-        else:
-            accuracy, n, held_out = trial.val_accuracy, len(states.val.pairs), "validation split"
+        directions = select_for(states, sae, k)
+        accuracies = []
+        for seed in seeds:
+            model, trial = fit_variant(states, directions=directions, seed=seed, score_test=False)
+            if spec.kind == "truthfulness":
+                pairs = load_arc_pairs()[:arc_pairs]
+                model.max_length = profile.max_length
+                s_w, s_l = model.attach_backbone(backbone).score_pairs(pairs, progress=progress)
+                accuracies.append(pair_accuracy(s_w, s_l))
+                n, held_out = len(pairs), "ARC gold vs distractor"
+            else:
+                accuracies.append(trial.val_accuracy)
+                n, held_out = len(states.val.pairs), "validation split"
+        accuracy = float(np.mean(accuracies))
         rows.append({"track": track, "data set": spec.dataset, "held-out pairs": held_out, "n": n,
-                     "accuracy (%)": 100 * accuracy, "se (points)": 100 * binomial_se(accuracy, n)})
+                     "seeds": len(accuracies), "accuracy (%)": 100 * accuracy,
+                     "sd over seeds (points)": 100 * float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else 0.0,
+                     "se (points)": 100 * binomial_se(accuracy, n)})
     return pd.DataFrame(rows).set_index("track")
 
 
 def choose_track(filter_accuracy) -> str:
-    """The track whose filter is most accurate on its held-out pairs (`track_filter_accuracy`):
+    """The track whose filter is most accurate on its held-out pairs, on average over seeds
+    (`track_filter_accuracy`):
     filtering can only help where the filter tells good answers from bad ones. Ties go to the
     first track in Table 1's order."""
     column = filter_accuracy["accuracy (%)"]

@@ -190,8 +190,9 @@ def test_track_filter_accuracy_reads_validation_and_arc_pairs_only(smoke_profile
 
     monkeypatch.setattr(experiments, "fit_variant", recording_fit_variant)
     sae = sae_for_profile(smoke_profile, tiny_backbone, progress=False)
-    table = al.track_filter_accuracy(tiny_backbone, smoke_profile, sae, k=4, arc_pairs=12)
-    assert list(table.index) == list(al.TRACKS) and fitted == [False] * 3  # never scores a test split
+    table = al.track_filter_accuracy(tiny_backbone, smoke_profile, sae, k=4, seeds=(0, 1), arc_pairs=12)
+    assert list(table.index) == list(al.TRACKS) and fitted == [False] * 6  # never scores a test split
+    assert (table["seeds"] == 2).all()
     assert table.loc["truthfulqa", "n"] == 12 and table.loc["truthfulqa", "held-out pairs"] == "ARC gold vs distractor"
     for track in ("saferlhf", "red-teaming"):
         val = experiments.dataset_states(tiny_backbone, al.TRACKS[track].dataset, smoke_profile, progress=False).val
@@ -200,3 +201,5 @@ def test_track_filter_accuracy_reads_validation_and_arc_pairs_only(smoke_profile
     assert al.choose_track(table) in al.TRACKS
     with pytest.raises(al.ConfigError, match="arc_pairs"):
         al.track_filter_accuracy(tiny_backbone, smoke_profile, sae, k=4, arc_pairs=0)
+    with pytest.raises(al.ConfigError, match="seed"):
+        al.track_filter_accuracy(tiny_backbone, smoke_profile, sae, k=4, seeds=())
