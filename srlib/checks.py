@@ -12,7 +12,7 @@ saying it is correct or raises `AssertionError` naming the case that differs and
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -180,3 +180,58 @@ def filter_rule(fn: Callable[[Tensor, Tensor], Tensor]) -> None:
              ("ties are dropped", (torch.tensor([0.5, 1.0, -2.0, 3.0]), torch.tensor([0.5, 0.0, -2.0, 3.5]))),
              ("negative scores", (torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -4.0])))]
     _run("filter_rule", lambda w, l: torch.as_tensor(fn(w, l)).float(), reference, cases)
+
+
+def agreement(fn: Callable[[Tensor, Tensor], float]) -> None:
+    """Check the agreement of two filters (chapter 6): `fn(keep_a [n], keep_b [n]) -> the share
+    of positions where both keep or both drop`, against `srlib.shift.agreement_counts`."""
+    from srlib.shift import agreement_counts
+
+    def reference(keep_a: Tensor, keep_b: Tensor) -> Tensor:
+        return torch.tensor(agreement_counts(keep_a, keep_b)["agreement"])
+
+    g = _generator(9)
+    cases = [("random decisions", (torch.rand(40, generator=g) < 0.5, torch.rand(40, generator=g) < 0.7)),
+             ("identical filters", (torch.tensor([True, False, True]), torch.tensor([True, False, True]))),
+             ("opposite filters", (torch.tensor([True, False]), torch.tensor([False, True])))]
+    _run("agreement", lambda a, b: torch.as_tensor(fn(a, b), dtype=torch.float32), reference, cases)
+
+
+def nearest_similarity(fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+    """Check chapter 6's primary shift measure: `fn(samples [n, d], training [m, d]) -> [n]`,
+    each sample's largest cosine to a training row after both are centered on the training
+    mean, against `srlib.shift.similarity_to_training(aggregate="nearest", center=True)`."""
+    from srlib.shift import similarity_to_training
+
+    def reference(samples: Tensor, training: Tensor) -> Tensor:
+        return similarity_to_training(samples, training, aggregate="nearest", center=True)
+
+    g = _generator(10)
+    training = torch.randn(30, 8, generator=g) + 2.0
+    cases = [("random samples", (torch.randn(7, 8, generator=g) + 2.0, training)),
+             ("a sample equal to a training row", (training[3:4].clone(), training)),
+             ("one training row far from the rest", (torch.randn(5, 8, generator=g),
+                                                     torch.cat([training, 10 * torch.ones(1, 8)])))]
+    _run("nearest_similarity", fn, reference, cases)
+
+
+def paired_difference(fn: Callable[[Sequence[float], Sequence[float]], tuple[float, float]]) -> None:
+    """Check chapter 7's paired comparison: `fn(after [n], before [n]) -> (mean of after - before,
+    its standard error)`, the mean against `srlib.evaluate.compare_paired` (which reports it in
+    points) and the standard error against `scipy.stats.sem` of the differences."""
+    import numpy as np
+    from scipy import stats
+
+    from srlib.evaluate import compare_paired
+
+    def reference(after: Tensor, before: Tensor) -> tuple[Tensor, Tensor]:
+        comparison = compare_paired(after.numpy(), before.numpy(), name_a="after", name_b="before", n_boot=10)
+        return (torch.tensor(comparison.difference / 100), torch.tensor(stats.sem(np.subtract(after, before))))
+
+    g = _generator(11)
+    correct = (torch.rand(50, generator=g) < 0.6).float()
+    cases = [("per-item correctness", (correct, (torch.rand(50, generator=g) < 0.5).float())),
+             ("per-item scores", (torch.rand(30, generator=g), torch.rand(30, generator=g))),
+             ("one item changed", (torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 0.0, 1.0])))]
+    _run("paired_difference", lambda a, b: tuple(torch.as_tensor(v, dtype=torch.float32) for v in fn(a, b)),
+         reference, cases)

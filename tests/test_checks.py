@@ -32,3 +32,28 @@ def test_right_answers_pass(capsys):
 def test_wrong_answers_fail_naming_the_case(check, wrong, message):
     with pytest.raises(AssertionError, match=message):
         check(wrong)
+
+
+def _nearest(samples, training):
+    mean = training.mean(0)
+    x, t = samples - mean, training - mean
+    return ((x / x.norm(dim=1, keepdim=True)) @ (t / t.norm(dim=1, keepdim=True)).T).max(1).values
+
+
+def _paired(after, before):
+    d = torch.as_tensor(after, dtype=torch.float64) - torch.as_tensor(before, dtype=torch.float64)
+    return float(d.mean()), float(d.std() / len(d) ** 0.5)
+
+
+def test_the_chapter_6_and_7_checks_pass_right_answers_and_reject_wrong_ones(capsys):
+    checks.agreement(lambda a, b: float((a == b).float().mean()))
+    checks.nearest_similarity(_nearest)
+    checks.paired_difference(_paired)
+    assert capsys.readouterr().out.count("correct on") == 3
+    with pytest.raises(AssertionError, match="agreement"):
+        checks.agreement(lambda a, b: float((a & b).float().mean()))  # counts only "both keep"
+    with pytest.raises(AssertionError, match="nearest_similarity"):
+        checks.nearest_similarity(lambda s, t: torch.nn.functional.normalize(s, dim=1).matmul(
+            torch.nn.functional.normalize(t, dim=1).T).max(1).values)  # forgot to center
+    with pytest.raises(AssertionError, match="result 1"):
+        checks.paired_difference(lambda a, b: (_paired(a, b)[0], (_paired(a, b)[1] ** 2 * 2) ** 0.5))  # unpaired-style SE
