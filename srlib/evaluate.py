@@ -350,6 +350,9 @@ class PairedComparison:
     n_pairs: int
     n_seeds: int
     confidence: float = 0.95
+    #: The smallest true difference (points) this comparison would find clear with 80% power
+    #: (`minimum_detectable_difference`): how large an effect a "no clear difference" can hide.
+    detectable: float = float("nan")
 
     def verdict(self) -> str:
         """One line computed from the numbers: who beats whom, or no clear difference.
@@ -369,16 +372,31 @@ class PairedComparison:
             verb = "beat" if self.name_b.endswith("s") else "beats"
             return (f"{self.name_b} {verb} {self.name_a} by {-self.difference:.1f} points "
                     f"({evidence(-self.high, -self.low)})")
+        power = (f"; a true difference of {self.detectable:.1f} points would be found with 80% power"
+                 if math.isfinite(self.detectable) else "")
         return (f"no clear difference between {self.name_a} and {self.name_b}: "
                 f"{self.name_a} − {self.name_b} = {self.difference:+.1f} points "
-                f"({evidence(self.low, self.high)})")
+                f"({evidence(self.low, self.high)}{power})")
 
     def as_row(self) -> dict:
         """The comparison as one table row (names, accuracies, difference, interval, sizes)."""
         return {"A": self.name_a, "B": self.name_b, "A acc (%)": self.accuracy_a,
                 "B acc (%)": self.accuracy_b, "A − B (points)": self.difference,
                 "CI low": self.low, "CI high": self.high, "pairs": self.n_pairs,
-                "seeds": self.n_seeds}
+                "seeds": self.n_seeds, "detectable at 80% power (points)": self.detectable}
+
+
+def minimum_detectable_difference(differences: "np.ndarray | Sequence[float]", *, confidence: float = 0.95,
+                                  power: float = 0.8) -> float:
+    """The smallest true mean difference that a two-sided test at `confidence` would find with
+    probability `power`, given per-pair differences like these: (z_(1+c)/2 + z_power) times
+    their standard error (normal approximation, the spread estimated from the run itself).
+    In the units of `differences`; NaN with fewer than two pairs."""
+    differences = np.asarray(differences, dtype=np.float64)
+    if differences.size < 2:
+        return float("nan")
+    z = stats.norm.ppf(0.5 + confidence / 2) + stats.norm.ppf(power)
+    return float(z * differences.std(ddof=1) / math.sqrt(differences.size))
 
 
 def compare_paired(
@@ -422,7 +440,7 @@ def compare_paired(
         name_a=name_a, name_b=name_b, accuracy_a=100.0 * float(per_a.mean()),
         accuracy_b=100.0 * float(per_b.mean()), difference=float(diff.mean()), low=low, high=high,
         n_pairs=int(diff.size), n_seeds=max(np.atleast_2d(a).shape[0], np.atleast_2d(b).shape[0]),
-        confidence=confidence,
+        confidence=confidence, detectable=minimum_detectable_difference(diff, confidence=confidence),
     )
 
 

@@ -192,3 +192,29 @@ def test_paired_table_has_one_verdict_per_group_and_comparison():
     expected = compare_variants(trials, "A", "B", dataset="hh-harmless")
     assert table.iloc[1]["verdict"] == expected.verdict()
     assert table.iloc[1]["CI low"] == expected.low
+
+
+def test_a_true_difference_equal_to_the_detectable_one_is_found_about_80_percent_of_the_time():
+    from srlib.evaluate import minimum_detectable_difference
+
+    rng = np.random.default_rng(1)
+    n, sd = 200, 40.0
+    mdd = minimum_detectable_difference(rng.normal(0.0, sd, size=100_000)) * np.sqrt(100_000 / n)
+    assert mdd == pytest.approx((1.959964 + 0.841621) * sd / np.sqrt(n), rel=0.01)
+    found = 0
+    for _ in range(2000):
+        d = rng.normal(mdd, sd, size=n)
+        found += abs(d.mean()) / (d.std(ddof=1) / np.sqrt(n)) > 1.959964
+    assert 0.76 < found / 2000 < 0.84
+    assert np.isnan(minimum_detectable_difference([1.0]))
+
+
+def test_the_comparison_reports_what_it_could_detect_and_says_it_when_nothing_is_clear():
+    rng = np.random.default_rng(2)
+    a, b = (rng.random(400) < 0.70).astype(float), (rng.random(400) < 0.69).astype(float)  # unrelated errors
+    c = compare_paired(a, b, name_a="A", name_b="B")
+    assert c.detectable == pytest.approx(2.8016 * np.std(100 * (a - b), ddof=1) / np.sqrt(400), rel=1e-3)
+    assert c.as_row()["detectable at 80% power (points)"] == c.detectable
+    assert "no clear difference" in c.verdict() and f"{c.detectable:.1f} points would be found" in c.verdict()
+    clear = compare_paired(np.ones(50), np.zeros(50), name_a="A", name_b="B")
+    assert "would be found" not in clear.verdict()
