@@ -182,8 +182,13 @@ def iter_token_activations(
     max_length: int = 512,
     batch_size: int = 16,
     progress: bool = True,
+    cache_positions: Sequence[str] = (),
 ) -> Iterator[Tensor]:
     """Yield, for each text in order, a [n_tokens, d] float32 CPU tensor of its layer states.
+
+    `cache_positions`: read positions (`POSITIONS`) whose state of each text this same pass
+    also stores in `token_states`'s cache (an entry already there is kept), so a text whose
+    tokens an SAE corpus needs is never run again for its reward-model state.
 
     Excluded tokens: padding, and the chat template's fixed prefix, i.e. every token that
     lies wholly before the first message's content when the text starts with that prefix.
@@ -197,18 +202,23 @@ def iter_token_activations(
     layer = _check_layer(backbone, layer)
     texts = list(texts)
     prefix = _template_prefix(backbone.tokenizer)
+    suffix = _template_suffix(backbone.tokenizer)
+    folders = {position: _cache_folder(backbone, layer, max_length, position)
+               for position in _check_positions(cache_positions)} if cache_positions else {}
     window = max(1, batch_size * _WINDOW_BATCHES)
     with tqdm(total=len(texts), desc=f"layer {layer} tokens", unit="text",
               disable=not progress) as bar:
         for start in range(0, len(texts), window):
-            encoded = [_encode(backbone.tokenizer, text, max_length, prefix)
-                       for text in texts[start:start + window]]
+            chunk = texts[start:start + window]
+            encoded = [_encode(backbone.tokenizer, text, max_length, prefix, suffix) for text in chunk]
             results: dict[int, Tensor] = {}
             for rows, hidden in _forward_batches(backbone, encoded, layer, batch_size):
                 for i, row in enumerate(rows):
                     keep = ~torch.tensor(encoded[row].prefix, dtype=torch.bool)
                     real = hidden[i, : len(encoded[row].ids)]
                     results[row] = real[keep.to(hidden.device)].float().cpu()
+                    if folders:
+                        _store_states(folders, chunk[row], real, encoded[row].reads)
                 bar.update(len(rows))
             yield from (results[row] for row in range(len(encoded)))
 
@@ -259,6 +269,16 @@ def _write_entry(path: Path, state: Tensor) -> None:
     """Store one state atomically: a crash mid-write leaves no file at `path`."""
     with atomic_path(path) as tmp:
         save_file({"state": state.contiguous()}, str(tmp))
+
+
+def _store_states(folders: dict[str, Path], text: str, hidden: Tensor, reads: dict[str, int]) -> None:
+    """Cache the state of `text` (its rows `hidden` [n_tokens, d]) at each position of
+    `folders` that has no entry yet: the entry `token_states` would read or write."""
+    key = hashlib.sha256(text.encode()).hexdigest()
+    for position, folder in folders.items():
+        path = folder / key[:2] / f"{key}.safetensors"
+        if not path.exists():
+            _write_entry(path, hidden[len(hidden) + reads[position]].float().cpu().clone())
 
 
 def _template_prefix(tokenizer) -> str:

@@ -61,7 +61,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from srlib.activations import iter_token_activations
+from srlib.activations import POSITIONS, iter_token_activations
 from srlib.backbone import Backbone, format_pair, format_text
 from srlib.data import load_arc_prompts, load_pairs
 from srlib.cache import check_safetensors, clear_command, read_cache_entry, read_json, warn_recomputing
@@ -484,8 +484,11 @@ def _split_holdout(texts: list[str]) -> tuple[list[str], list[str]]:
 def _collect(backbone: Backbone, texts: list[str], layer: int, max_length: int, batch_size: int,
              progress: bool) -> tuple[Tensor, Tensor, int]:
     """(token rows without outliers [N, d], last-token rows [n_texts, d], outliers dropped)."""
+    # The same pass stores each text's reward-model states (every read position): the pair
+    # states of the training texts in the corpus then cost no second forward pass.
     per_text = [t for t in iter_token_activations(backbone, texts, layer, max_length=max_length,
-                                                  batch_size=batch_size, progress=progress)
+                                                  batch_size=batch_size, progress=progress,
+                                                  cache_positions=POSITIONS)
                 if len(t)]
     if not per_text:
         raise DataError("the SAE corpus has no tokens outside the chat template's header")

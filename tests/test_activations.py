@@ -232,3 +232,34 @@ def test_outputs_are_ordinary_tensors_that_autograd_accepts(tiny_backbone):
     for tokens in iter_token_activations(tiny_backbone, texts, 1, batch_size=1, progress=False):
         assert torch.is_grad_enabled() and not tokens.is_inference()
         head(tokens).sum().backward()  # a training step between two batches of the stream
+
+
+def test_the_token_pass_fills_the_state_cache_so_each_text_runs_once(tiny_backbone, isolated_cache):
+    texts = make_texts(tiny_backbone.tokenizer, 9)
+    fresh = activations.token_states(tiny_backbone, texts, 2, positions=activations.POSITIONS, batch_size=4,
+                                     cache=False, progress=False)
+    rows = list(iter_token_activations(tiny_backbone, texts[:6], 2, batch_size=2, progress=False,
+                                       cache_positions=activations.POSITIONS))
+    assert len(rows) == 6
+    with ForwardCounter(tiny_backbone.model) as unseen:
+        activations.token_states(tiny_backbone, texts[6:], 2, batch_size=4, cache=False, progress=False)
+    with ForwardCounter(tiny_backbone.model) as counter:
+        cached = activations.token_states(tiny_backbone, texts, 2, positions=activations.POSITIONS,
+                                          batch_size=4, progress=False)
+    assert counter.calls == unseen.calls  # only the three texts the token pass did not see
+    for position in activations.POSITIONS:  # the same values a state pass computes, bit for bit
+        assert torch.equal(cached[position], fresh[position])
+    assert torch.equal(rows[0][-1], fresh["last"][0])
+    without = list(isolated_cache.rglob("*.safetensors"))
+    list(iter_token_activations(tiny_backbone, texts[6:], 1, progress=False))  # no cache_positions: no entries
+    assert list(isolated_cache.rglob("*.safetensors")) == without
+
+
+def test_the_sae_corpus_pass_leaves_the_reward_model_states_cached(tiny_backbone, isolated_cache):
+    from srlib.sae import corpus_activations
+
+    texts = make_texts(tiny_backbone.tokenizer, 8, seed=1)
+    corpus_activations(tiny_backbone, 2, texts, batch_size=4, progress=False)
+    with ForwardCounter(tiny_backbone.model) as counter:
+        states = last_token_states(tiny_backbone, texts, 2, progress=False)
+    assert counter.calls == 0 and states.shape == (8, tiny_backbone.hidden_size)
