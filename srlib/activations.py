@@ -103,44 +103,66 @@ def token_states(
     `cache_dir("activations", <backbone identity>, "layer<L>-max<max_length>-<position>")` as
     `<sha256[:2]>/<sha256 of the text>.safetensors`, written atomically, and read back instead
     of recomputed on later calls. The texts are already chat-formatted, so the formatting is
-    part of the key.
+    part of the key. `states_at_layers` does the same for several layers in one pass.
     """
-    layer = _check_layer(backbone, layer)
+    return states_at_layers(backbone, texts, (layer,), positions=positions, max_length=max_length,
+                            batch_size=batch_size, cache=cache, progress=progress)[_check_layer(backbone, layer)]
+
+
+def states_at_layers(
+    backbone: Backbone,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    *,
+    positions: Sequence[str] = (DEFAULT_POSITION,),
+    max_length: int = 512,
+    batch_size: int = 16,
+    cache: bool = True,
+    progress: bool = True,
+) -> dict[int, dict[str, Tensor]]:
+    """{layer: {position: [n, d] float32 CPU tensor}}: `token_states` at several layers, from
+    one forward pass per text that stops at the deepest of them (a layer sweep costs the
+    blocks above the shallowest layer once, not one pass per layer). Cached per layer and
+    position exactly as `token_states` caches, so either function reads the other's entries.
+    """
+    layers = list(dict.fromkeys(_check_layer(backbone, layer) for layer in layers))
+    if not layers:
+        raise ConfigError("states_at_layers needs at least one layer")
     positions = _check_positions(positions)
     texts = list(texts)
+    slots = [(layer, position) for layer in layers for position in positions]
     if not texts:
-        return {position: torch.zeros(0, backbone.hidden_size) for position in positions}
-    folders = {p: _cache_folder(backbone, layer, max_length, p) for p in positions} if cache else {}
+        return {layer: {p: torch.zeros(0, backbone.hidden_size) for p in positions} for layer in layers}
+    folders = {(layer, p): _cache_folder(backbone, layer, max_length, p) for layer, p in slots} if cache else {}
     keys = [hashlib.sha256(text.encode()).hexdigest() for text in texts]
-    states: dict[str, dict[str, Tensor]] = {position: {} for position in positions}
-    for position, folder in folders.items():
+    states: dict[tuple[int, str], dict[str, Tensor]] = {slot: {} for slot in slots}
+    for slot, folder in folders.items():
         for key in set(keys):
             path = folder / key[:2] / f"{key}.safetensors"
             if path.exists():  # a damaged entry is warned about, recomputed and rewritten below
                 entry = read_cache_entry(path, "activations", check=lambda found: _is_state(found, backbone))
                 if entry is not None:
-                    states[position][key] = entry["state"]
-    todo = {key: text for key, text in zip(keys, texts)
-            if any(key not in states[position] for position in positions)}
+                    states[slot][key] = entry["state"]
+    todo = {key: text for key, text in zip(keys, texts) if any(key not in states[slot] for slot in slots)}
     if todo:
         todo_keys = list(todo)
         suffix = _template_suffix(backbone.tokenizer)
         encoded = [_encode(backbone.tokenizer, todo[key], max_length, suffix=suffix) for key in todo_keys]
-        with tqdm(total=len(encoded), desc=f"layer {layer} states", unit="text",
-                  disable=not progress) as bar:
-            for rows, hidden in _forward_batches(backbone, encoded, layer, batch_size):
+        what = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
+        with tqdm(total=len(encoded), desc=f"{what} states", unit="text", disable=not progress) as bar:
+            for rows, hidden in _forward_batches_at(backbone, encoded, layers, batch_size):
                 for i, row in enumerate(rows):
                     key = todo_keys[row]
-                    for position in positions:
-                        if key in states[position]:
+                    for layer, position in slots:
+                        if key in states[layer, position]:
                             continue  # a cached value wins: every run uses the first value computed
                         index = len(encoded[row].ids) + encoded[row].reads[position]
-                        state = hidden[i, index].float().cpu().clone()
-                        states[position][key] = state
-                        if position in folders:
-                            _write_entry(folders[position] / key[:2] / f"{key}.safetensors", state)
+                        state = hidden[layer][i, index].float().cpu().clone()
+                        states[layer, position][key] = state
+                        if (layer, position) in folders:
+                            _write_entry(folders[layer, position] / key[:2] / f"{key}.safetensors", state)
                 bar.update(len(rows))
-    return {position: torch.stack([states[position][key] for key in keys]) for position in positions}
+    return {layer: {p: torch.stack([states[layer, p][key] for key in keys]) for p in positions} for layer in layers}
 
 
 def last_token_states(backbone: Backbone, texts: Sequence[str], layer: int, *,
@@ -357,25 +379,38 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ConfigError(f"cannot find the {n} decoder blocks of {type(model).__name__}")
 
 
-def _forward_to_layer(model: nn.Module, layer: int, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """[batch, tokens, d]: the output of block `layer`; no block above it runs.
+def _forward_to_layers(model: nn.Module, layers: Sequence[int], input_ids: Tensor,
+                       attention_mask: Tensor) -> dict[int, Tensor]:
+    """{layer: [batch, tokens, d]}: the output of each block in `layers` from one pass; no
+    block above the deepest of them runs.
 
-    The pass runs under `torch.inference_mode`; the result is cloned outside it, so callers
-    get an ordinary tensor that autograd accepts (an SAE or a reward head trains on it).
+    The pass runs under `torch.inference_mode`; the results are cloned outside it, so callers
+    get ordinary tensors that autograd accepts (an SAE or a reward head trains on them).
     """
+    blocks, deepest, outputs = _decoder_layers(model), max(layers), {}
 
-    def stop(module: nn.Module, args, output) -> None:
-        raise _StopForward(output[0] if isinstance(output, tuple) else output)
+    def keep(layer: int):
+        def hook(module: nn.Module, args, output) -> None:
+            outputs[layer] = output[0] if isinstance(output, tuple) else output
+            if layer == deepest:
+                raise _StopForward(outputs[layer])
+        return hook
 
-    handle = _decoder_layers(model)[layer].register_forward_hook(stop)
+    handles = [blocks[layer].register_forward_hook(keep(layer)) for layer in set(layers)]
     try:
         with torch.inference_mode():
             model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _StopForward as stopped:
-        return stopped.hidden.clone()
+    except _StopForward:
+        return {layer: outputs[layer].clone() for layer in layers}
     finally:
-        handle.remove()
-    raise RuntimeError(f"block {layer} did not run during the forward pass")
+        for handle in handles:
+            handle.remove()
+    raise RuntimeError(f"block {deepest} did not run during the forward pass")
+
+
+def _forward_to_layer(model: nn.Module, layer: int, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """[batch, tokens, d]: the output of block `layer`; no block above it runs."""
+    return _forward_to_layers(model, (layer,), input_ids, attention_mask)[layer]
 
 
 def _padded_width(n_tokens: int) -> int:
@@ -407,8 +442,16 @@ def _batches(encoded: Sequence[_Encoded], batch_size: int, pad_id: int
 def _forward_batches(backbone: Backbone, encoded: Sequence[_Encoded], layer: int, batch_size: int
                      ) -> Iterator[tuple[list[int], Tensor]]:
     """(rows, block-`layer` output [b, width, d]) for each batch of `_batches`."""
+    for rows, hidden in _forward_batches_at(backbone, encoded, (layer,), batch_size):
+        yield rows, hidden[layer]
+
+
+def _forward_batches_at(backbone: Backbone, encoded: Sequence[_Encoded], layers: Sequence[int],
+                        batch_size: int) -> Iterator[tuple[list[int], dict[int, Tensor]]]:
+    """(rows, {layer: block output [b, width, d]}) for each batch of `_batches`, every layer
+    from one pass."""
     tokenizer = backbone.tokenizer
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     device = backbone.device
     for rows, input_ids, attention_mask in _batches(encoded, batch_size, pad_id):
-        yield rows, _forward_to_layer(backbone.model, layer, input_ids.to(device), attention_mask.to(device))
+        yield rows, _forward_to_layers(backbone.model, layers, input_ids.to(device), attention_mask.to(device))

@@ -115,6 +115,24 @@ def states_at_positions(backbone, dataset: str, profile: Profile, positions: Seq
                                     standardize=profile.standardize) for position in positions}
 
 
+def warm_states(backbone, dataset: str, profile: Profile, layers: Sequence[int], *,
+                positions: Sequence[str] | None = None, max_pairs: int | None = None, seed: int = 0,
+                progress: bool = True) -> None:
+    """Put the states of every pair of `dataset` (all splits) at every layer of `layers` into the
+    activation cache, one forward pass per text to the deepest layer
+    (`srlib.activations.states_at_layers`): a layer sweep's per-layer `dataset_states` then
+    reads them instead of running the backbone once per layer."""
+    from srlib.activations import states_at_layers
+    from srlib.backbone import format_pair
+
+    cap = profile.max_pairs if max_pairs is None else max_pairs
+    texts = [text for split in ("train", "val", "test")
+             for pair in load_pairs(f"{dataset}:{split}", seed=seed, max_pairs=cap)
+             for text in format_pair(backbone.tokenizer, pair)]
+    states_at_layers(backbone, texts, layers, positions=positions or (profile.position,),
+                     max_length=profile.max_length, batch_size=profile.batch_size, progress=progress)
+
+
 def select_for(states: DatasetStates, sae, k: int, *, resample_seed: int | None = None, **options) -> Directions:
     """Top-K directions per side from the training split's SAE latents (eq. 6-9).
 
@@ -536,6 +554,7 @@ def layer_k_sweep(backbone, profile: Profile, *, layers: Sequence[int], ks: Sequ
 
     from srlib.sae import sae_for_profile
 
+    warm_states(backbone, dataset, profile, layers, progress=progress)  # every layer from one pass
     frames = []
     for layer in layers:
         at_layer = profile_at_layer(profile, layer, sae_tokens=sae_tokens, sae_corpus_tokens=sae_corpus_tokens)

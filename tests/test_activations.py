@@ -263,3 +263,24 @@ def test_the_sae_corpus_pass_leaves_the_reward_model_states_cached(tiny_backbone
     with ForwardCounter(tiny_backbone.model) as counter:
         states = last_token_states(tiny_backbone, texts, 2, progress=False)
     assert counter.calls == 0 and states.shape == (8, tiny_backbone.hidden_size)
+
+
+def test_several_layers_come_from_one_pass_and_equal_single_layer_states(tiny_backbone, isolated_cache):
+    texts = make_texts(tiny_backbone.tokenizer, 5, seed=2)
+    single = {layer: activations.token_states(tiny_backbone, texts, layer, positions=activations.POSITIONS,
+                                              cache=False, progress=False) for layer in (0, 2)}
+    blocks = activations._decoder_layers(tiny_backbone.model)
+    with ForwardCounter(tiny_backbone.model) as passes, ForwardCounter(blocks[2]) as top:
+        both = activations.states_at_layers(tiny_backbone, texts, [2, 0], positions=activations.POSITIONS,
+                                            batch_size=8, progress=False)
+    with ForwardCounter(tiny_backbone.model) as fresh:
+        activations.token_states(tiny_backbone, texts, 2, cache=False, progress=False)
+    assert passes.calls == fresh.calls and top.calls == fresh.calls  # one pass per batch, not per layer
+    for layer in (0, 2):
+        for position in activations.POSITIONS:
+            assert torch.equal(both[layer][position], single[layer][position])
+    with ForwardCounter(tiny_backbone.model) as counter:  # both layers are cached for token_states now
+        activations.token_states(tiny_backbone, texts, 0, positions=activations.POSITIONS, progress=False)
+    assert counter.calls == 0
+    with pytest.raises(ConfigError, match="at least one layer"):
+        activations.states_at_layers(tiny_backbone, texts, [])

@@ -74,6 +74,7 @@ def test_validation_study_scores_the_test_split_once_for_the_selection(monkeypat
         return {p: _toy_states(profile.layer if layer is None else layer, p) for p in positions}
 
     monkeypatch.setattr(ex, "states_at_positions", fake_positions)
+    monkeypatch.setattr(ex, "warm_states", lambda *args, **kwargs: None)  # toy states need no backbone
     monkeypatch.setattr(srlib.sae, "sae_for_profile", lambda profile, backbone, *a, progress=True, **k:
                         TopKSAE(TopKSAEConfig(d_in=3, d_sae=8, k=2)))
     profile = get_profile("smoke")
@@ -189,3 +190,26 @@ def test_scores_are_the_same_bits_from_a_cold_and_a_warm_cache(tiny_backbone, tm
     Z = last_token_states(tiny_backbone, texts, 2, max_length=96, progress=False)
     alone = torch.cat([model.score_states(Z[i:i + 1]) for i in range(len(Z))])
     assert torch.equal(model.score_states(Z), alone)  # a score does not depend on the rows scored with it
+
+
+def test_a_layer_sweep_reads_every_layer_from_one_pass(tiny_backbone, isolated_cache, smoke_profile):
+    import os
+
+    if not os.environ.get("SRLIB_DATA_DIR"):
+        pytest.skip("SRLIB_DATA_DIR is unset: set it to the folder with truthfulqa/, ...")
+    profile = smoke_profile.replace(max_pairs=6)
+    passes = []
+    handle = tiny_backbone.model.register_forward_pre_hook(lambda module, args: passes.append(1))
+    try:
+        ex.warm_states(tiny_backbone, "truthfulqa", profile, [1, 2], progress=False)
+        warm = len(passes)
+        states = {layer: ex.dataset_states(tiny_backbone, "truthfulqa", profile, layer=layer, progress=False)
+                  for layer in (1, 2)}
+        assert warm > 0 and len(passes) == warm  # the sweep's layers were all read by the warm pass
+    finally:
+        handle.remove()
+    texts = [format_pair(tiny_backbone.tokenizer, p)[0] for p in states[1].val.pairs]
+    for layer in (1, 2):  # the same bits a pass to that layer alone gives
+        alone = last_token_states(tiny_backbone, texts, layer, max_length=profile.max_length, cache=False,
+                                  progress=False)
+        assert torch.equal(states[layer].val.chosen, alone)
