@@ -144,6 +144,7 @@ def test_layer_k_sweep_one_row_per_layer_k_seed(monkeypatch):
 
     monkeypatch.setattr(srlib.sae, "sae_for_profile", fake_sae_for_profile)
     monkeypatch.setattr(ex, "dataset_states", lambda backbone, dataset, profile, *, layer, progress: _fake_states(layer))
+    monkeypatch.setattr(ex, "warm_states", lambda *args, **kwargs: None)  # fake states need no backbone
     trials = ex.layer_k_sweep(None, get_profile("smoke"), layers=[1, 2], ks=[2, 4], dataset="toy", seeds=[0, 1],
                               sae_tokens=512, progress=False, epochs=3)
     assert calls == [(1, 512), (2, 512)]
