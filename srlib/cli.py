@@ -1,4 +1,4 @@
-"""The command line: `python -m srlib fit | score | filter | sae | align | cache`.
+"""The command line: `python -m srlib fit | score | filter | explain | steer | sae | align | cache`.
 
 The names and flags here are a contract (the book, the README and users' scripts call them).
 PAIRS is a JSONL file of `{"prompt","chosen","rejected"}` records or a built-in name such as
@@ -154,6 +154,53 @@ def cmd_filter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Attribute each pair's chosen and rejected scores to the SparseRM's selected directions:
+    one JSON record per pair (to --out, or to stdout), baseline + contributions + rest = score."""
+    from srlib.explain import explain_records, read_pair_states, require_sae_inputs
+    from srlib.paths import atomic_path, check_output
+
+    if args.out:
+        check_output(args.out, overwrite=args.overwrite)
+    if args.top < 0:
+        raise SrlibError(f"--top must be >= 0, got {args.top}")
+    model = require_sae_inputs(_load_rm(args.rm))
+    pairs = _load_pairs(args.pairs, args)
+    records = explain_records(model, pairs, *read_pair_states(model, pairs), top=args.top)
+    lines = [json.dumps(record) + "\n" for record in records]
+    if not args.out:
+        sys.stdout.writelines(lines)
+        return 0
+    with atomic_path(args.out, overwrite=args.overwrite) as tmp, open(tmp, "w") as handle:
+        handle.writelines(lines)
+    _print_result({"n": len(records), "out": str(args.out), "rm": str(args.rm), "top": args.top})
+    return 0
+
+
+def cmd_steer(args: argparse.Namespace) -> int:
+    """Scale or mask selected directions of a SparseRM; save the steered model (--out) and, with
+    --pairs, print the pair accuracy before and after (ties count 1/2) and the pairs that flipped."""
+    from srlib.explain import parse_scales, read_pair_states, steer, steering_effect
+    from srlib.paths import check_output
+    from srlib.reward import is_saved_reward_model
+
+    scales = parse_scales(args.scale)
+    if args.out:
+        check_output(args.out, is_dir=True, overwrite=args.overwrite, is_ours=is_saved_reward_model)
+    model = _load_rm(args.rm)
+    steered = steer(model, scales)
+    result = {"rm": str(args.rm), "steering": {str(k): v for k, v in steered.steering.items()}}
+    if args.pairs:
+        pairs = _load_pairs(args.pairs, args)
+        effect = steering_effect(model, steered, pairs, *read_pair_states(model, pairs))
+        result.update(n=len(pairs), **effect.as_dict())
+    if args.out:
+        steered.save_pretrained(args.out, overwrite=args.overwrite)
+        result["out"] = str(args.out)
+    _print_result(result)
+    return 0
+
+
 def cmd_sae(args: argparse.Namespace) -> int:
     """`sae train` trains (or loads from the cache) the profile's SAE; `sae report` also
     prints what its training recorded: quality on held-out texts over all their tokens and at
@@ -268,6 +315,25 @@ def build_parser() -> argparse.ArgumentParser:
     filt.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_pairs_flags(filt)
     filt.set_defaults(func=cmd_filter)
+
+    explain = sub.add_parser("explain", help="attribute a SparseRM's scores to its selected directions")
+    explain.add_argument("--rm", required=True, metavar="DIR", help="a saved SparseRM (projection or latents)")
+    explain.add_argument("--pairs", required=True, metavar="PAIRS")
+    explain.add_argument("--top", type=int, default=10, help="contributions listed per answer (default 10)")
+    explain.add_argument("--out", metavar="EXPLAINED.jsonl", help="write the records here (default: stdout)")
+    explain.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    add_pairs_flags(explain)
+    explain.set_defaults(func=cmd_explain)
+
+    steer = sub.add_parser("steer", help="scale or mask a SparseRM's directions and measure the change")
+    steer.add_argument("--rm", required=True, metavar="DIR", help="a saved SparseRM (projection or latents)")
+    steer.add_argument("--scale", action="append", required=True, metavar="LATENT=FACTOR",
+                       help="multiply that latent's standardised input by FACTOR (0 masks it); repeatable")
+    steer.add_argument("--pairs", metavar="PAIRS", help="pairs to measure the accuracy before and after on")
+    steer.add_argument("--out", metavar="DIR", help="save the steered reward model here")
+    steer.add_argument("--overwrite", action="store_true", help="replace the reward model saved in --out")
+    add_pairs_flags(steer)
+    steer.set_defaults(func=cmd_steer)
 
     sae = sub.add_parser("sae", help="train or report on the profile's SAE")
     sae.add_argument("action", choices=("train", "report"))

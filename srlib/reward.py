@@ -557,7 +557,8 @@ class RewardModel:
 #: defines each. A saved folder can name only these: no module a file names is ever imported.
 RM_CLASSES: dict[str, str] = {"SparseRM": "srlib.reward", "DenseRM": "srlib.reward", "FeatureRM": "srlib.reward",
                               "StandardRM": "srlib.baselines", "GeneralizableRM": "srlib.baselines",
-                              "GenerativeJudge": "srlib.baselines", "LogProbPreference": "srlib.baselines"}
+                              "GenerativeJudge": "srlib.baselines", "LogProbPreference": "srlib.baselines",
+                              "SteeredSparseRM": "srlib.explain"}
 
 
 def rm_class(name: Any, *, where: str = "the config") -> type[RewardModel]:

@@ -75,7 +75,7 @@ def test_every_srlib_reward_model_class_is_known_without_importing_it_first():
     from srlib import reward
 
     assert set(reward.RM_CLASSES) == {"SparseRM", "DenseRM", "FeatureRM", "StandardRM", "GeneralizableRM",
-                                      "GenerativeJudge", "LogProbPreference"}
+                                      "GenerativeJudge", "LogProbPreference", "SteeredSparseRM"}
     for name in reward.RM_CLASSES:
         assert reward.rm_class(name).__name__ == name
 
