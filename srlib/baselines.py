@@ -305,7 +305,7 @@ def _train(trainer, progress: bool) -> int:
 
 
 def _backbone_record(backbone) -> dict[str, str]:
-    return {"model_id": backbone.model_id, "identity": backbone.identity}
+    return {"model_id": backbone.model_id, "identity": backbone.identity, "weights": backbone.weights}
 
 
 def _resolve_backbone(config: dict, backbone):

@@ -383,21 +383,34 @@ def separated_pairs(latents_w: Tensor, latents_l: Tensor, latent: int, side: str
     return torch.nonzero(on_w & ~on_l if side == "w" else on_l & ~on_w).flatten()
 
 
-def neuronpedia_url(sae_source: str, latent: int) -> str | None:
-    """The public Neuronpedia dashboard of a Gemma Scope residual-stream latent, or None.
+def neuronpedia_url(sae_or_source, latent: int) -> str | None:
+    """The public Neuronpedia dashboard of an SAE latent, from the SAE's own sae-lens metadata.
 
-    `sae_source` is a profile's "sae-lens:gemma-scope-<2b|9b>-pt-res[-canonical]/layer_<L>/width_<W>/..."
-    string; the page is https://www.neuronpedia.org/gemma-2-<2b|9b>/<L>-gemmascope-res-<W>/<latent>.
-    SAEs trained here (and other releases) have no public dashboard: None.
+    `sae_or_source` is a loaded sae-lens SAE (its `cfg.metadata.neuronpedia_id`, which
+    `SAE.from_pretrained` fills in) or a profile's "sae-lens:<release>/<sae_id>" string (the
+    `neuronpedia_id` that sae-lens's registry of pretrained SAEs lists for it, read offline).
+    The page is https://www.neuronpedia.org/<neuronpedia_id>/<latent>. An SAE without one (every
+    SAE trained here, a release Neuronpedia does not host) has no public dashboard: None.
     """
-    import re
+    if isinstance(sae_or_source, str):
+        from srlib.sae import parse_sae_source
 
-    match = re.fullmatch(r"sae-lens:gemma-scope-(2b|9b)-pt-res(?:-canonical)?/layer_(\d+)/width_(\w+?)/.*",
-                         sae_source)
-    if match is None:
-        return None
-    size, layer, width = match.groups()
-    return f"https://www.neuronpedia.org/gemma-2-{size}/{layer}-gemmascope-res-{width}/{int(latent)}"
+        try:
+            source = parse_sae_source(sae_or_source)
+        except ConfigError:
+            return None
+        neuronpedia_id = _registry_neuronpedia_id(source) if source.kind == "sae-lens" else None
+    else:
+        neuronpedia_id = getattr(sae_or_source.cfg.metadata, "neuronpedia_id", None)
+    return f"https://www.neuronpedia.org/{neuronpedia_id}/{int(latent)}" if neuronpedia_id else None
+
+
+def _registry_neuronpedia_id(source) -> str | None:
+    """The `neuronpedia_id` sae-lens's bundled registry lists for a release / sae_id (no download)."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    release = get_pretrained_saes_directory().get(source.release)
+    return (release.neuronpedia_id or {}).get(source.sae_id) if release is not None else None
 
 
 def latent_cards(directions: Directions, latents_w: Tensor, latents_l: Tensor, pairs: Sequence[PreferencePair],

@@ -614,6 +614,7 @@ class FeatureRM(RewardModel):
         self.directions_normalized: bool | None = None
         self.backbone_id: str | None = None
         self.backbone_identity: str | None = None
+        self.backbone_weights: str | None = None  # `Backbone.weights`: which weights were read
         self._backbone = None
         if backbone is not None:
             self.attach_backbone(backbone)
@@ -631,6 +632,7 @@ class FeatureRM(RewardModel):
                               f"(identity {backbone.identity!r} != {self.backbone_identity!r}); pass strict=False to force")
         self._backbone = backbone
         self.backbone_id, self.backbone_identity = backbone.model_id, backbone.identity
+        self.backbone_weights = backbone.weights
         return self
 
     @property
@@ -737,7 +739,8 @@ class FeatureRM(RewardModel):
             "feature_kind": self.features.kind,
             "features": self.features.config(),
             "head": head.config(),
-            "backbone": {"model_id": self.backbone_id, "identity": self.backbone_identity},
+            "backbone": {"model_id": self.backbone_id, "identity": self.backbone_identity,
+                         "weights": self.backbone_weights},
             "layer": self.layer,
             "max_length": self.max_length,
             "position": self.position,
@@ -799,6 +802,7 @@ class FeatureRM(RewardModel):
         model.position = config.get("position", "last")  # saved before read positions existed: the last token
         model.backbone_id = config["backbone"]["model_id"]
         model.backbone_identity = config["backbone"]["identity"]
+        model.backbone_weights = config["backbone"].get("weights")  # saved before it was recorded: unknown
         if backbone is not None:
             model.attach_backbone(backbone)
         return model

@@ -199,18 +199,15 @@ def score_relation(scores_a: Tensor, scores_b: Tensor) -> dict[str, float]:
     """How the scores of two reward models on the same texts relate: Pearson and Spearman
     correlation, and the scale ratio sd(a) / sd(b). Two models that differ only by a positive
     rescaling give correlations of 1 and a ratio equal to the factor."""
+    from scipy import stats
+
     a, b = scores_a.double().flatten(), scores_b.double().flatten()
     if a.shape != b.shape or a.numel() < 2:
         raise ConfigError(f"two score vectors of one length >= 2 are needed, got {tuple(a.shape)} and {tuple(b.shape)}")
-
-    def pearson(x: Tensor, y: Tensor) -> float:
-        x, y = x - x.mean(), y - y.mean()
-        return float((x @ y) / (x.norm() * y.norm()).clamp_min(1e-300))
-
-    def ranks(x: Tensor) -> Tensor:
-        return torch.empty_like(x).scatter_(0, x.argsort(), torch.arange(len(x), dtype=x.dtype))
-
-    return {"pearson": pearson(a, b), "spearman": pearson(ranks(a), ranks(b)),
+    x, y = a.numpy(), b.numpy()
+    # scipy.stats: Spearman ranks tied scores by their average rank; a constant vector has no
+    # correlation (NaN, with scipy's ConstantInputWarning).
+    return {"pearson": float(stats.pearsonr(x, y).statistic), "spearman": float(stats.spearmanr(x, y).statistic),
             "scale": float(a.std() / b.std().clamp_min(1e-300))}
 
 

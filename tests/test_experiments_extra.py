@@ -60,13 +60,16 @@ def test_pair_text_is_one_line_and_cut():
     assert ex.pair_text(pair, chars=8) == "Why so?…"
 
 
-def test_neuronpedia_url_for_gemma_scope_only():
+def test_neuronpedia_url_from_the_sae_lens_registry():
     paper = get_profile("paper").sae_source
     assert ex.neuronpedia_url(paper, 42) == "https://www.neuronpedia.org/gemma-2-2b/13-gemmascope-res-16k/42"
     nine = "sae-lens:gemma-scope-9b-pt-res-canonical/layer_31/width_131k/canonical"
     assert ex.neuronpedia_url(nine, 7) == "https://www.neuronpedia.org/gemma-2-9b/31-gemmascope-res-131k/7"
     assert ex.neuronpedia_url("train", 42) is None
-    assert ex.neuronpedia_url("sae-lens:llama_scope_lxr_8x/l15r_8x", 1) is None
+    # any release sae-lens lists a neuronpedia_id for, not only Gemma Scope
+    assert ex.neuronpedia_url("sae-lens:llama_scope_lxr_8x/l15r_8x", 1) == \
+        "https://www.neuronpedia.org/llama3.1-8b/15-llamascope-res-32k/1"
+    assert ex.neuronpedia_url("sae-lens:no-such-release/layer_1", 1) is None
 
 
 def test_latent_cards_one_row_per_shown_latent():
