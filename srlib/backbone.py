@@ -50,7 +50,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from srlib.data import PreferencePair, prompt_messages
+from srlib.data import Conversation, PreferencePair, prompt_messages
 from srlib.cache import clear_command
 from srlib.errors import ConfigError, DamagedFileError, one_line
 from srlib.paths import atomic_path, cache_dir, hub_reachable
@@ -234,18 +234,30 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return input_ids, attention
 
 
-def format_text(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> str:
+def format_text(tokenizer: PreTrainedTokenizerBase, prompt: "str | Conversation", response: str) -> str:
     """The chat-formatted text of `prompt` followed by the assistant's `response`.
 
     Uses the tokenizer's chat template (turns from `srlib.data.prompt_messages`, so HH-style
-    transcripts become alternating turns), without a generation prompt: the text ends where
-    the template ends the assistant turn (for SmolLM2, "<|im_end|>\\n"). Templates that add a
-    default system prompt (SmolLM2) keep it. A tokenizer without a template gets plain
+    transcripts become alternating turns and a multi-turn conversation keeps its turns),
+    without a generation prompt: the text ends where the template ends the assistant turn (for
+    SmolLM2, "<|im_end|>\\n"). Templates that add a default system prompt (SmolLM2) keep it; a
+    template that refuses a system turn (Gemma-2's) gets it folded into the first user turn
+    (`srlib.evaluate.fold_system_turn`). A tokenizer without a template gets plain
     "User: ...\\nAssistant: ..." lines.
     """
     messages = prompt_messages(prompt) + [{"role": "assistant", "content": response}]
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        from jinja2.exceptions import TemplateError
+
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
+        except TemplateError:
+            if messages[0]["role"] != "system":
+                raise
+            from srlib.evaluate import fold_system_turn
+
+            return tokenizer.apply_chat_template(fold_system_turn(messages), tokenize=False,
+                                                 add_generation_prompt=False)
     return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 

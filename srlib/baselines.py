@@ -80,7 +80,7 @@ from safetensors.torch import save_file
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from srlib.backbone import format_text, left_pad
-from srlib.data import prompt_messages
+from srlib.data import prompt_messages, prompt_text
 from srlib.cache import check_safetensors, read_json, warn_recomputing
 from srlib.errors import ConfigError, DamagedFileError, DataError, one_line
 from srlib.evaluate import _sequence_logprobs, pair_outcomes, prompt_ids
@@ -638,7 +638,7 @@ def _judge_ids(tokenizer, pair, chosen_as_a: bool, max_length: int) -> list[int]
     """The judging prompt for one pair and order, rendered for the model to answer next,
     cut from the left to `max_length` tokens (the verdict question at the end is kept)."""
     a, b = (pair.chosen, pair.rejected) if chosen_as_a else (pair.rejected, pair.chosen)
-    content = JUDGE_TEMPLATE.format(prompt=pair.prompt.strip(), answer_a=a.strip(), answer_b=b.strip())
+    content = JUDGE_TEMPLATE.format(prompt=prompt_text(pair.prompt).strip(), answer_a=a.strip(), answer_b=b.strip())
     return prompt_ids(tokenizer, [{"role": "user", "content": content}])[-max_length:]
 
 
@@ -920,7 +920,7 @@ def pairs_digest(pairs: Sequence | None) -> str | None:
     digest = hashlib.sha256()
     for pair in pairs:
         for part in (pair.pair_id, pair.prompt, pair.chosen, pair.rejected):
-            digest.update(part.encode())
+            digest.update((part if isinstance(part, str) else json.dumps(part)).encode())  # a conversation prompt
             digest.update(b"\x00")
     return digest.hexdigest()
 

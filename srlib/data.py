@@ -30,6 +30,7 @@ import json
 import os
 import random
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,15 +66,22 @@ GENERATION_SPLIT = "gen"
 GENERATION_PAIRS = {"hh-harmless": 300, "pku-saferlhf": 100}
 
 
+#: A conversation in TRL's conversational format: {"role", "content"} messages, in order.
+Conversation = tuple[dict[str, str], ...]
+
+
 @dataclass(frozen=True)
 class PreferencePair:
     """One preference: `chosen` is the better response to `prompt`, `rejected` the worse.
 
+    `prompt` is a string (one user turn, or an HH-style "Human: ... Assistant: ..." transcript)
+    or, for multi-turn data in TRL's conversational format, a `Conversation` that ends on a
+    user turn; `prompt_messages` turns either into chat turns for the chat template.
     `group_id` names the question or prompt the pair came from; splits never separate a group.
     `pair_id` is unique and stable across runs (it names the source row).
     """
 
-    prompt: str
+    prompt: str | Conversation
     chosen: str
     rejected: str
     source: str = ""
@@ -109,14 +117,30 @@ class ArcQuestion:
 _TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 
 
-def prompt_messages(prompt: str) -> list[dict[str, str]]:
+def prompt_messages(prompt: str | Conversation) -> list[dict[str, str]]:
     """The chat turns of a prompt, for a chat template.
 
-    A plain prompt is one user turn. An HH-style transcript ("Human: ...\\n\\nAssistant: ...
+    A `Conversation` (TRL's conversational format) is its own turns, as given. A plain prompt
+    is one user turn. An HH-style transcript ("Human: ...\\n\\nAssistant: ...
     \\n\\nHuman: ...") becomes alternating user/assistant turns ending on a user turn; empty
     turns are dropped and consecutive turns of one speaker merged, since most chat templates
     insist on alternation. A transcript that ends on a non-empty Assistant turn is an error.
     """
+    if not isinstance(prompt, str):
+        return [dict(message) for message in prompt]
+    return _string_prompt_messages(prompt)
+
+
+def prompt_text(prompt: str | Conversation) -> str:
+    """A prompt as one text, for a judge's instructions or a table: a string as written, a
+    conversation as "User: ..." / "Assistant: ..." paragraphs (never fed to a chat template)."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content'].strip()}" for m in prompt)
+
+
+def _string_prompt_messages(prompt: str) -> list[dict[str, str]]:
+    """The chat turns of a string prompt: one user turn, or an HH-style transcript's turns."""
     text = prompt.strip()
     if not text.startswith("Human:"):
         return [{"role": "user", "content": text}]
@@ -247,28 +271,29 @@ class _Source:
     normalise: Callable[[list[Row]], _Normalised]
 
 
-def _hub_rows(source: _Source) -> list[Row]:
-    """Rows from `datasets.load_dataset`, or a one-line DataError saying what to set instead.
+def _hub_rows(hub_id: str, hub_kwargs: dict[str, str], hint: str) -> list[Row]:
+    """Rows of `datasets.load_dataset(hub_id, **hub_kwargs)`, located "hub_id[i]", or a one-line
+    DataError ending in `hint` (what to set instead).
 
-    Under HF_HUB_OFFLINE, `datasets` reads its own cache (a data set loaded once online), so
-    the call is made; otherwise an unreachable hub is reported at once (see `hub_reachable`).
+    Under HF_HUB_OFFLINE or HF_DATASETS_OFFLINE, `datasets` reads its own cache (a data set
+    loaded once online), so the call is made; otherwise an unreachable hub is reported at once
+    (see `hub_reachable`).
     """
-    hub_id = source.hub_id
-    if not hub_offline() and not hub_reachable():
-        raise DataError(f"cannot load {hub_id}: the hub is unreachable; " + _DATA_DIR_HINT
+    offline = hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+    if not offline and not hub_reachable():
+        raise DataError(f"cannot load {hub_id}: the hub is unreachable; " + hint
                         + " (or set HF_HUB_OFFLINE=1 to read the datasets cache)")
     try:
         import datasets
 
-        dataset = datasets.load_dataset(hub_id, **source.hub_kwargs)
-        rows = [(f"{hub_id}[{i}]", dict(row)) for i, row in enumerate(dataset)]
+        dataset = datasets.load_dataset(hub_id, **hub_kwargs)
+        return [(f"{hub_id}[{i}]", dict(row)) for i, row in enumerate(dataset)]
     except Exception as exc:  # offline, hub down, changed schema: all mean "cannot use the hub"
         detail = one_line(str(exc), 120)
         raise DataError(
             f"cannot load {hub_id} from the hub ({type(exc).__name__}"
-            f"{': ' + detail if detail else ''}); " + _DATA_DIR_HINT
+            f"{': ' + detail if detail else ''}); " + hint
         ) from exc
-    return [source.from_hub(row) for row in rows]
 
 
 def _file_stamp(path: Path) -> tuple[int, int]:
@@ -289,7 +314,8 @@ def _normalised(name: str) -> _Normalised:
     source = _SOURCES[name]
     folder = data_dir()
     if folder is None:
-        return source.normalise(_hub_rows(source))
+        return source.normalise([source.from_hub(row) for row in
+                                 _hub_rows(source.hub_id, source.hub_kwargs, _DATA_DIR_HINT)])
     path = folder / source.relpath
     if not path.is_file():
         raise DataError(f"SRLIB_DATA_DIR={folder} has no {source.relpath}; " + _DATA_DIR_HINT)
@@ -383,6 +409,43 @@ def _normalise_truthfulqa(rows: list[Row]) -> _Normalised:
 _ASSISTANT = "\n\nAssistant:"
 
 
+class _Unusable(DataError):
+    """A row that cannot be a pair, with the `reason` a built-in loader counts it under."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _is_transcript(text: str) -> bool:
+    """True for an HH-style transcript ("Human: ... Assistant: ...")."""
+    return text.lstrip().startswith("Human:") and _ASSISTANT in text
+
+
+def _split_transcripts(row: Row, chosen_text: str, rejected_text: str) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) of two HH-style transcripts: the prompt is the shared dialogue
+    before each one's last Assistant turn, the answers that turn's text (stripped).
+
+    Raises `_Unusable` (a DataError naming the row) when the transcripts differ before their
+    last Assistant turn, a final answer is empty, or both final answers are the same.
+    """
+    where = row[0]
+    cut_c, cut_r = chosen_text.rfind(_ASSISTANT), rejected_text.rfind(_ASSISTANT)
+    if cut_c < 0 or cut_r < 0:
+        raise DataError(f"{where}: field '{'chosen' if cut_c < 0 else 'rejected'}' has no Assistant turn")
+    if chosen_text[:cut_c] != rejected_text[:cut_r]:
+        raise _Unusable(f"{where}: 'chosen' and 'rejected' differ before their last Assistant turn, "
+                        "so they share no prompt", "prefix_mismatch")
+    chosen = chosen_text[cut_c + len(_ASSISTANT):].strip()
+    rejected = rejected_text[cut_r + len(_ASSISTANT):].strip()
+    if not chosen or not rejected:
+        raise _Unusable(f"{where}: field '{'chosen' if not chosen else 'rejected'}' has an empty last "
+                        "Assistant turn", "empty_response")
+    if chosen == rejected:
+        raise _Unusable(f"{where}: field 'rejected' is identical to 'chosen'", "identical_pairs")
+    return chosen_text[:cut_c].strip(), chosen, rejected
+
+
 def _normalise_hh(rows: list[Row]) -> _Normalised:
     """One pair per row: prompt = the shared dialogue before the last Assistant turn.
 
@@ -393,24 +456,12 @@ def _normalise_hh(rows: list[Row]) -> _Normalised:
     counts = {"prefix_mismatch": 0, "empty_response": 0, "identical_pairs": 0}
     pairs = []
     for index, row in enumerate(rows):
-        chosen_text, rejected_text = _text_field(row, "chosen"), _text_field(row, "rejected")
-        cut_c, cut_r = chosen_text.rfind(_ASSISTANT), rejected_text.rfind(_ASSISTANT)
-        if cut_c < 0 or cut_r < 0:
-            raise DataError(
-                f"{row[0]}: field '{'chosen' if cut_c < 0 else 'rejected'}' has no Assistant turn"
-            )
-        if chosen_text[:cut_c] != rejected_text[:cut_r]:
-            counts["prefix_mismatch"] += 1
+        try:
+            prompt, chosen, rejected = _split_transcripts(
+                row, _text_field(row, "chosen"), _text_field(row, "rejected"))
+        except _Unusable as skip:
+            counts[skip.reason] += 1
             continue
-        chosen = chosen_text[cut_c + len(_ASSISTANT) :].strip()
-        rejected = rejected_text[cut_r + len(_ASSISTANT) :].strip()
-        if not chosen or not rejected:
-            counts["empty_response"] += 1
-            continue
-        if chosen == rejected:
-            counts["identical_pairs"] += 1
-            continue
-        prompt = chosen_text[:cut_c].strip()
         pairs.append(
             PreferencePair(
                 prompt,
@@ -716,18 +767,30 @@ _LOADERS: dict[str, Callable[[int], list[PreferencePair]]] = {
 
 
 def load_pairs(
-    spec: str | os.PathLike, *, seed: int = 0, max_pairs: int | None = None
+    spec: str | os.PathLike | Any, *, seed: int = 0, max_pairs: int | None = None
 ) -> list[PreferencePair]:
-    """Pairs from a built-in name (see `BUILTIN_NAMES`) or a JSONL file.
+    """Pairs from a built-in name (see `BUILTIN_NAMES`), a file, a hub data set or a Dataset.
 
-    `seed` picks the split of a built-in data set (ignored for `arc:pairs` and files);
+    `spec` is one of: a built-in name; a JSONL file (".jsonl", ".jsonl.gz", a pipe) or a parquet
+    file (".parquet") of records in one of TRL's preference formats (see `pairs_from_records`);
+    "hub:<dataset id>[:<split>]" (split "train" by default), read with `datasets.load_dataset`;
+    or a `datasets.Dataset` object. Problems in a file or a Dataset are errors naming the row;
+    a hub data set cannot be fixed by its user, so its unusable rows are dropped, counted in
+    one warning.
+
+    `seed` picks the split of a built-in data set (ignored otherwise);
     `max_pairs` keeps the first n pairs, i.e. a seeded subset of whole groups plus a part of one.
     """
     if max_pairs is not None and max_pairs < 1:
         raise ConfigError(f"max_pairs must be at least 1, got {max_pairs}")
-    text = os.fspath(spec)
-    if text in _LOADERS:
+    if not isinstance(spec, (str, os.PathLike)):
+        pairs = _dataset_pairs(spec)
+    elif (text := os.fspath(spec)) in _LOADERS:
         pairs = _LOADERS[text](seed)
+    elif text.startswith(HUB_PREFIX):
+        pairs = load_hub_pairs(text)
+    elif text.endswith(".parquet"):
+        pairs = read_parquet(text)
     elif (
         isinstance(spec, os.PathLike)
         or text.endswith((".jsonl", ".jsonl.gz"))
@@ -737,54 +800,233 @@ def load_pairs(
         pairs = read_jsonl(text)
     else:
         raise DataError(
-            f"unknown data set {text!r}; valid: {', '.join(BUILTIN_NAMES)},"
-            " or a path to a .jsonl file"
+            f"unknown data set {text!r}; valid: {', '.join(BUILTIN_NAMES)}, a .jsonl or .parquet"
+            " file, or hub:<dataset id>[:<split>]"
         )
     return pairs[:max_pairs] if max_pairs is not None else pairs
 
 
 # ---------------------------------------------------------------------------------------------
-# JSONL in TRL's format
+# User data in TRL's preference formats
 
 _EXTRA_FIELDS = ("source", "pair_id", "group_id")
+_ROLES = ("system", "user", "assistant")
+HUB_PREFIX = "hub:"
+_HUB_HINT = ("set HF_DATASETS_OFFLINE=1 (or HF_HUB_OFFLINE=1) to read a data set cached by an earlier online "
+             "load, or give a local .jsonl or .parquet file")
+
+
+def _conversation(row: Row, name: str) -> Conversation:
+    """Field `name` as a conversation: a non-empty list of {"role", "content"} string messages."""
+    where, value = row[0], row[1][name]
+    if not value:
+        raise DataError(f"{where}: field '{name}' is an empty conversation")
+    messages = []
+    for index, message in enumerate(value):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise DataError(f"{where}: field '{name}' message {index} must be "
+                            '{"role": str, "content": str}')
+        if message["role"] not in _ROLES:
+            raise DataError(f"{where}: field '{name}' message {index} has role {message['role']!r}; "
+                            f"valid: {', '.join(_ROLES)}")
+        if not message["content"].strip():
+            raise DataError(f"{where}: field '{name}' message {index} is empty")
+        messages.append({"role": message["role"], "content": message["content"]})
+    return tuple(messages)
+
+
+def _text_or_conversation(row: Row, name: str) -> str | Conversation:
+    """Field `name`: a non-empty string (standard format) or a conversation (conversational)."""
+    where, fields = row
+    if name not in fields:
+        raise DataError(f"{where}: missing field '{name}'")
+    if isinstance(fields[name], list):
+        return _conversation(row, name)
+    return _text_field(row, name)
+
+
+def _answer(row: Row, name: str, value: str | Conversation) -> str:
+    """A response as text: a string as written, a conversational response its one assistant message."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(f"{row[0]}: field '{name}' is empty")
+        return value
+    if len(value) != 1 or value[0]["role"] != "assistant":
+        roles = ", ".join(message["role"] for message in value)
+        raise DataError(f"{row[0]}: field '{name}' must be one assistant message after the prompt, got [{roles}]; "
+                        "srlib scores one answer to a prompt")
+    return value[0]["content"]
+
+
+def _implicit_prompt(row: Row, chosen: str | Conversation, rejected: str | Conversation):
+    """(prompt, chosen, rejected) of a record without a prompt: TRL's implicit-prompt format,
+    where both responses are whole conversations (or transcripts) that share the prompt.
+
+    Conversations and plain strings are split by TRL's own `extract_prompt` (the longest
+    shared prefix: whole messages for conversations, characters for strings). HH-style
+    transcripts ("Human: ... Assistant: ...") are split at each one's last Assistant turn, as
+    the built-in HH-RLHF loader does, since a character prefix would take the answers' shared
+    first words into the prompt.
+    """
+    from trl.data_utils import extract_prompt
+
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        raise DataError(f"{row[0]}: fields 'chosen' and 'rejected' must both be strings or both conversations")
+    if isinstance(chosen, str) and _is_transcript(chosen) and _is_transcript(rejected):
+        return _split_transcripts(row, chosen, rejected)
+    split = extract_prompt({"chosen": chosen, "rejected": rejected})
+    if not split["prompt"]:
+        raise DataError(f"{row[0]}: no field 'prompt', and 'chosen' and 'rejected' share no prefix to be one; "
+                        "add the prompt")
+    if isinstance(chosen, str):
+        return split["prompt"], split["chosen"].strip(), split["rejected"].strip()
+    return tuple(split["prompt"]), tuple(split["chosen"]), tuple(split["rejected"])
+
+
+def _plain_prompt(row: Row, prompt: str | Conversation) -> str | Conversation:
+    """The prompt, a one-user-turn conversation as its text (so both formats give the same pair
+    and share cached states); a conversation must end on a user turn, where the answer starts."""
+    if isinstance(prompt, str):
+        return prompt
+    if prompt[-1]["role"] != "user":
+        raise DataError(f"{row[0]}: field 'prompt' ends on a '{prompt[-1]['role']}' message; "
+                        "a prompt must end on a user turn, where the answer starts")
+    if len(prompt) == 1 and not prompt[0]["content"].lstrip().startswith("Human:"):
+        return prompt[0]["content"]
+    return prompt
+
+
+def _record_pair(row: Row, default_pair_id: str) -> PreferencePair:
+    """The pair of one record in any of TRL's preference formats (see `pairs_from_records`)."""
+    where, obj = row
+    chosen, rejected = (_text_or_conversation(row, key) for key in ("chosen", "rejected"))
+    if "prompt" in obj:
+        prompt = _text_or_conversation(row, "prompt")
+    else:
+        prompt, chosen, rejected = _implicit_prompt(row, chosen, rejected)
+    prompt = _plain_prompt(row, prompt)
+    chosen, rejected = _answer(row, "chosen", chosen), _answer(row, "rejected", rejected)
+    if chosen == rejected:
+        raise DataError(f"{where}: field 'rejected' is identical to 'chosen'")
+    extras = {key: _field(row, key) for key in _EXTRA_FIELDS if key in obj}
+    extras.setdefault("pair_id", default_pair_id)
+    key = prompt if isinstance(prompt, str) else json.dumps(prompt, ensure_ascii=False)
+    extras.setdefault("group_id", f"prompt:{_short_hash(key)}")
+    return PreferencePair(prompt, chosen, rejected, **extras)
+
+
+def pairs_from_records(rows: Iterable[tuple[str, str, dict[str, Any]]], *, strict: bool = True,
+                       name: str = "") -> list[PreferencePair]:
+    """Pairs from (location, default pair_id, record) rows in TRL's preference formats.
+
+    A record is standard ("prompt", "chosen", "rejected" strings), conversational (the same
+    keys as lists of {"role", "content"} messages; the prompt ends on a user turn, each
+    response is one assistant message) or implicit-prompt ("chosen" and "rejected" only, whole
+    conversations or transcripts sharing the prompt: see `_implicit_prompt`). Multi-turn
+    prompts stay conversations and reach the model through the backbone's chat template
+    (`prompt_messages`). Optional string keys `source`, `pair_id`, `group_id` are kept; other
+    keys are ignored; a missing group_id is a hash of the prompt, so splits keep a prompt's
+    pairs together. A pair_id used twice is refused (scores are matched back by it).
+
+    `strict`: a bad record is a DataError naming its location; otherwise it is dropped and the
+    drops are counted in one UserWarning naming `name` and the first problem.
+    """
+    pairs: list[PreferencePair] = []
+    first_use: dict[str, str] = {}  # pair_id -> the location that used it first
+    dropped: list[str] = []
+    for where, default_id, obj in rows:
+        try:
+            pair = _record_pair((where, obj), default_id)
+            if pair.pair_id in first_use:
+                raise DataError(f"{where}: pair_id {pair.pair_id!r} repeats the pair_id of {first_use[pair.pair_id]}; "
+                                "give each pair its own pair_id (or leave it out)")
+        except DataError as error:
+            if strict:
+                raise
+            dropped.append(str(error))
+            continue
+        tail = where.rpartition(":")[2]
+        first_use[pair.pair_id] = f"line {tail}" if tail.isdigit() else where
+        pairs.append(pair)
+    if dropped:
+        warnings.warn(f"{name}: dropped {len(dropped)} of {len(dropped) + len(pairs)} records that are no "
+                      f"preference pair (first: {one_line(dropped[0], 160)})", UserWarning, stacklevel=3)
+    return pairs
 
 
 def read_jsonl(path: str | os.PathLike) -> list[PreferencePair]:
-    """Pairs from a JSONL file of {"prompt", "chosen", "rejected"} objects (TRL's format).
+    """Pairs from a JSONL file of records in TRL's preference formats (`pairs_from_records`).
 
-    Optional string keys `source`, `pair_id`, `group_id` are kept; other keys are ignored.
-    Missing ids get stable defaults: pair_id "<file name>:<line>", group_id a hash of the
-    prompt (so splits keep a prompt's pairs together). Texts are kept as written. Refused with
-    the line: a pair_id used twice (scores and kept pairs are matched back by it) and a lone
-    surrogate escape ("\\ud800"), which JSON allows but is not text.
+    Missing pair_ids default to "<file name>:<line>". Every problem is a DataError naming the
+    file and the line, including a lone surrogate escape ("\\ud800"), which JSON allows but is
+    not text.
     """
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path} is a folder; give a .jsonl file of pairs or a built-in name")
     if not path.exists():  # a pipe or FIFO (/dev/stdin, <(...)) is read like a file
         raise DataError(f"{path}: no such file")
-    pairs: list[PreferencePair] = []
-    first_line: dict[str, int] = {}  # pair_id -> the line that used it first
-    for lineno, obj in _json_objects(path):
-        where = f"{path}:{lineno}"
-        row = (where, obj)
-        prompt, chosen, rejected = (
-            _text_field(row, key) for key in ("prompt", "chosen", "rejected")
-        )
-        if chosen == rejected:
-            raise DataError(f"{where}: field 'rejected' is identical to 'chosen'")
-        extras = {key: _field(row, key) for key in _EXTRA_FIELDS if key in obj}
-        extras.setdefault("pair_id", f"{path.name}:{lineno}")
-        extras.setdefault("group_id", f"prompt:{_short_hash(prompt)}")
-        pair_id = extras["pair_id"]
-        if pair_id in first_line:  # output rows are matched back to pairs by pair_id
-            raise DataError(f"{where}: pair_id {pair_id!r} repeats the pair_id of line {first_line[pair_id]}; "
-                            "give each pair its own pair_id (or leave it out: \"<file name>:<line>\")")
-        first_line[pair_id] = lineno
-        pairs.append(PreferencePair(prompt, chosen, rejected, **extras))
+    rows = ((f"{path}:{lineno}", f"{path.name}:{lineno}", obj) for lineno, obj in _json_objects(path))
+    pairs = pairs_from_records(rows)
     if not pairs:
         n_lines = sum(1 for _ in _text_lines(path)) if path.is_file() else 1  # a pipe reads once
         raise DataError(f"{path}:{max(n_lines, 1)}: no preference pairs in the file (it is empty)")
+    return pairs
+
+
+def read_parquet(path: str | os.PathLike) -> list[PreferencePair]:
+    """Pairs from a parquet file of records in TRL's preference formats (as `read_jsonl`);
+    rows are located and pair_ids default to "<file name>:<row>", rows counted from 1."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        records = pq.read_table(path).to_pylist()
+    except Exception as exc:  # pyarrow's errors for a damaged or foreign file
+        raise DataError(f"{path}: not a readable parquet file ({one_line(str(exc), 120)})") from exc
+    rows = ((f"{path}:row {i}", f"{path.name}:{i}", obj) for i, obj in enumerate(records, start=1))
+    pairs = pairs_from_records(rows)
+    if not pairs:
+        raise DataError(f"{path}: no preference pairs in the file (it has no rows)")
+    return pairs
+
+
+def _dataset_pairs(dataset: Any) -> list[PreferencePair]:
+    """Pairs from a `datasets.Dataset` (rows located "dataset[i]", pair_ids "dataset:i")."""
+    if not (hasattr(dataset, "column_names") and hasattr(dataset, "__iter__")):
+        raise DataError(f"cannot read pairs from a {type(dataset).__name__}; give a datasets.Dataset, "
+                        "a file or a data set name")
+    pairs = pairs_from_records((f"dataset[{i}]", f"dataset:{i}", dict(row)) for i, row in enumerate(dataset))
+    if not pairs:
+        raise DataError("the Dataset has no rows")
+    return pairs
+
+
+def parse_hub_spec(spec: str) -> tuple[str, str]:
+    """(dataset id, split) of "hub:<dataset id>[:<split>]"; the split defaults to "train"."""
+    hub_id, _, split = spec.removeprefix(HUB_PREFIX).partition(":")
+    if not hub_id or hub_id.count("/") > 1 or ":" in split:
+        raise DataError(f"{spec!r} is no hub data set; write hub:<owner>/<name>[:<split>], "
+                        "e.g. hub:Anthropic/hh-rlhf:test")
+    return hub_id, split or "train"
+
+
+def load_hub_pairs(spec: str) -> list[PreferencePair]:
+    """Pairs of a hub data set, "hub:<dataset id>[:<split>]", through `datasets.load_dataset`.
+
+    Offline (or with the hub unreachable) this is one DataError saying what to set. Records
+    that are no usable pair (identical answers, malformed transcripts: Anthropic/hh-rlhf has a
+    few) are dropped with one warning, since the user cannot fix the hub's rows.
+    """
+    hub_id, split = parse_hub_spec(spec)
+    rows = _hub_rows(hub_id, {"split": split}, _HUB_HINT)
+    pairs = pairs_from_records(((where, f"{hub_id}:{split}:{i}", obj) for i, (where, obj) in enumerate(rows)),
+                               strict=False, name=spec)
+    if not pairs:
+        raise DataError(f"{spec}: no preference pairs in split {split!r}")
     return pairs
 
 
