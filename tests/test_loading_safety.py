@@ -284,7 +284,7 @@ def test_non_finite_lora_and_alignment_settings_are_refused():
         LoraSettings(learning_rate=float("inf")).check()
     for name in ("learning_rate", "beta", "temperature"):
         with pytest.raises(SrlibError, match=f"{name} must be a finite"):
-            AlignmentConfig.for_profile("smoke", **{name: float("nan")})
+            AlignmentConfig.for_profile("smoke", track="red-teaming", **{name: float("nan")})
 
 
 def test_non_finite_states_at_scoring_are_refused(saved_rm):
@@ -306,7 +306,7 @@ def test_a_corrupt_generated_pairs_entry_is_generated_again(isolated_cache, monk
     made = [PreferencePair("Q?", "good answer", "bad answer", pair_id="g0")]
     calls = []
     monkeypatch.setattr(alignment, "generate_tuples", lambda *args, **kwargs: calls.append(1) or made)
-    config = AlignmentConfig.for_profile("smoke")
+    config = AlignmentConfig.for_profile("smoke", track="red-teaming")
     assert generated_pairs(None, None, ["Q?"], [], config, model_identity="m", progress=False) == made
     entry = next((isolated_cache / "generated").glob("*.json"))
     entry.write_text('[{"prompt": "Q?"')
