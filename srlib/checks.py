@@ -235,3 +235,29 @@ def paired_difference(fn: Callable[[Sequence[float], Sequence[float]], tuple[flo
              ("one item changed", (torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 0.0, 1.0])))]
     _run("paired_difference", lambda a, b: tuple(torch.as_tensor(v, dtype=torch.float32) for v in fn(a, b)),
          reference, cases)
+
+
+def path_share(fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+    """Check chapter 9's exact integrated gradients: `fn(b [n], a [n]) -> [n]`, for each hidden
+    unit the share of α in [0, 1] on which its pre-activation b + α·a is positive (the share of
+    the path from the baseline on which a ReLU passes its gradient)."""
+    from srlib.explain import _relu_path_shares
+
+    g = _generator(12)
+    cases = [("random units", (torch.randn(40, generator=g).double(), torch.randn(40, generator=g).double())),
+             ("no slope: on or off all the way", (torch.tensor([1.0, -1.0, 0.0]).double(), torch.zeros(3).double())),
+             ("crossing zero inside and outside the path",
+              (torch.tensor([-0.5, 0.5, -2.0, 2.0]).double(), torch.tensor([1.0, -1.0, 1.0, -1.0]).double()))]
+    _run("path_share", fn, _relu_path_shares, cases)
+
+
+def top_m_mask(fn: Callable[[Tensor, int], Tensor]) -> None:
+    """Check chapter 9's deletion: `fn(contributions [n, M], m) -> [n, M]` booleans, True at each
+    row's m largest contributions (signed: the ones that push the margin up most)."""
+    from srlib.explain import top_m_mask as reference
+
+    g = _generator(13)
+    cases = [("random rows, m = 3", (torch.randn(6, 10, generator=g), 3)),
+             ("negative contributions are the last to go", (torch.tensor([[-5.0, 1.0, 0.5, -0.1]]), 2)),
+             ("m = M deletes everything", (torch.randn(2, 5, generator=g), 5))]
+    _run("top_m_mask", lambda c, m: fn(c, m).float(), lambda c, m: reference(c, m).float(), cases)

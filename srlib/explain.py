@@ -250,12 +250,12 @@ def contribution_frame(attribution: Attribution, row: int, *, top: int = 10, lab
 
 def card_labels(cards, *, chars: int = 60) -> dict[int, str]:
     """A short label per latent from `srlib.experiments.latent_cards`: the start of its most
-    strongly activating training answer (what the latent fires on)."""
+    strongly activating training answer (what the latent fires on), without the question."""
     labels = {}
     for card in cards.to_dict("records"):
         answers = card["max-activating answers"]
         if answers and card["latent"] not in labels:
-            text = answers[0].split("] ", 1)[-1]
+            text = answers[0].split("] ", 1)[-1].split(" → ", 1)[-1]
             labels[card["latent"]] = text if len(text) <= chars else text[: chars - 1] + "…"
     return labels
 
@@ -447,6 +447,17 @@ class DeletionCurve:
                               name_a=f"random {m} deleted", name_b=f"top {m} deleted")
 
 
+def top_m_mask(contributions: Tensor, m: int) -> Tensor:
+    """[n, 2K] booleans: True at each row's `m` largest contributions (equal ones: the lower input first)."""
+    order = contributions.argsort(dim=1, descending=True, stable=True)
+    return _mask_of(order, m)
+
+
+def _mask_of(order: Tensor, m: int) -> Tensor:
+    """[n, width] booleans, True at the first `m` entries of each row of `order` (input indices)."""
+    return torch.zeros(order.shape, dtype=torch.bool).scatter_(1, order[:, :m], True)
+
+
 def _masked_margins(net: nn.Sequential, u_w: Tensor, u_l: Tensor, masks: Tensor) -> np.ndarray:
     """s_w − s_l with the inputs where `masks` [n, 2K] is True set to the baseline (u = 0)."""
     with torch.no_grad():
@@ -466,7 +477,6 @@ def deletion_curve(model: FeatureRM, Z_w: Tensor, Z_l: Tensor, ms: Sequence[int]
     if draws < 1:
         raise ConfigError(f"draws must be >= 1, got {draws}")
     margin_contributions = attribute(model, Z_w).contributions - attribute(model, Z_l).contributions
-    order = margin_contributions.argsort(dim=1, descending=True, stable=True)
     _, u_w = standardized_inputs(model, Z_w)
     _, u_l = standardized_inputs(model, Z_l)
     net = _mlp64(head)
@@ -477,8 +487,7 @@ def deletion_curve(model: FeatureRM, Z_w: Tensor, Z_l: Tensor, ms: Sequence[int]
     curve = DeletionCurve(list(ms), {}, {}, {}, {})
     for m in tqdm(list(ms), desc="deletion curve", disable=not progress):
         results = []
-        for chosen in [order] + random_orders:
-            masks = torch.zeros(n, width, dtype=torch.bool).scatter_(1, chosen[:, :m], True)
+        for masks in [top_m_mask(margin_contributions, m)] + [_mask_of(order, m) for order in random_orders]:
             after = _masked_margins(net, u_w, u_l, masks)
             results.append((margin - after, pair_outcomes(after, np.zeros_like(after))))
         curve.top_drop[m], curve.top_outcomes[m] = results[0]

@@ -368,3 +368,45 @@ def data_efficiency(summary, *, title: str, dataset_labels: Mapping[str, str] | 
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def contribution_bars(parts: Mapping[str, object], *, title: str):
+    """Chapter 9's reading of one pair: a panel per answer (e.g. chosen, rejected), a horizontal
+    bar per input with its contribution to the score (`srlib.explain.contribution_frame`: the
+    largest first, then the sum of all others), labelled with the latent, its side and what it
+    fires on; blue bars come from the chosen-side list, orange from the rejected-side list."""
+    colours = {"chosen": sns.color_palette()[0], "rejected": sns.color_palette()[1], "": "grey"}
+    rows = max(len(frame) for frame in parts.values())
+    fig, axes = plt.subplots(1, len(parts), figsize=(WIDTH * 1.5, 0.35 * rows + 1.6), squeeze=False)
+    for ax, (name, frame) in zip(axes[0], parts.items()):
+        labels = [(f"{label[:40]} · " if label else "latent ") + f"{latent} ({side[0]})" if latent >= 0 else label
+                  for latent, side, label in zip(frame["latent"], frame["side"], frame["label"])]
+        positions = list(range(len(frame)))[::-1]
+        ax.barh(positions, frame["contribution"], color=[colours[s] for s in frame["side"]])
+        ax.set_yticks(positions, labels, fontsize="x-small")
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set(title=name, xlabel="contribution to the score (baseline: the training mean)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def deletion_curves(frames: Mapping[str, object], *, title: str):
+    """Chapter 9's faithfulness test, one panel per data set: the mean drop of the margin
+    s_chosen − s_rejected after deleting each pair's top-m attributed directions and m random
+    ones (`srlib.explain.DeletionCurve.frame`), against m (log x), the band its 95% interval over pairs."""
+    fig, axes = plt.subplots(1, len(frames), figsize=(max(WIDTH, 4.2 * len(frames)), 3.8), squeeze=False)
+    for ax, (name, frame) in zip(axes[0], frames.items()):
+        for deleted, rows in frame.groupby("deleted", sort=False):
+            line, = ax.plot(rows["m"], rows["margin drop"], "o-", label=deleted)
+            ax.fill_between(rows["m"], rows["low"], rows["high"], color=line.get_color(), alpha=0.2, linewidth=0)
+        ms = sorted(frame["m"].unique())
+        ax.set_xscale("log")
+        ax.set_xticks(ms, [str(m) for m in ms])
+        ax.minorticks_off()
+        ax.axhline(0, color="grey", ls=":", lw=1)
+        ax.set(title=name, xlabel="directions deleted, m (log scale)", ylabel="margin drop (score units)")
+    axes[0][0].legend(loc="best", fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -294,3 +294,65 @@ def test_bad_input_exits_2_with_one_line(smoke_rms, capsys, case):
     expected = {"unknown latent": "latent 999999", "infinite factor": "finite", "nan factor": "finite",
                 "dense": "DenseRM", "dense explain": "DenseRM", "not a pair": "LATENT=FACTOR"}[case]
     assert expected in line
+
+
+# ----------------------------------------------------------------------------- figures, labels and exercise checks
+
+
+def test_contribution_frame_and_bars_show_the_top_inputs_and_the_rest():
+    import matplotlib.pyplot as plt
+
+    from srlib import plots
+
+    model, Z_w, _ = toy_rm(8)
+    attribution = explain.attribute(model, Z_w[:2])
+    frame = explain.contribution_frame(attribution, 0, top=3, labels={0: "careful answers"})
+    assert len(frame) == 4 and frame["label"].iloc[-1] == "all other 5 inputs"
+    assert attribution.baseline + frame["contribution"].sum() == pytest.approx(float(attribution.scores[0]), abs=1e-9)
+    fig = plots.contribution_bars({"chosen": frame, "rejected": explain.contribution_frame(attribution, 1, top=3)},
+                                  title="a pair")
+    left = fig.axes[0]
+    widths = sorted(patch.get_width() for patch in left.patches)
+    assert widths == pytest.approx(sorted(frame["contribution"]))
+    ticks = [t.get_text() for t in left.get_yticklabels()]
+    assert ticks[-1] == "all other 5 inputs"  # the rest is the bottom bar
+    named = [t for t in ticks if t.startswith("careful answers")]
+    assert all(t.endswith("0 (c)") for t in named)
+    assert all(t.startswith("latent ") or t.startswith("careful") or t.startswith("all other") for t in ticks)
+    plt.close(fig)
+
+
+def test_card_labels_take_the_answer_of_the_strongest_card():
+    import pandas as pd
+
+    cards = pd.DataFrame([{"latent": 5, "max-activating answers": ["[chosen, 0.90] Is it? → Yes, it is.",
+                                                                   "[rejected, 0.20] Q → no"]},
+                          {"latent": 7, "max-activating answers": []}])
+    assert explain.card_labels(cards) == {5: "Yes, it is."}
+    assert explain.card_labels(cards, chars=5) == {5: "Yes,…"}
+
+
+def test_deletion_curves_figure_has_a_panel_per_data_set():
+    import matplotlib.pyplot as plt
+
+    from srlib import plots
+
+    model, Z_w, Z_l = toy_rm(9)
+    frame = explain.deletion_curve(model, Z_w, Z_l, [1, 2, 4], draws=2).frame()
+    fig = plots.deletion_curves({"A": frame, "B": frame}, title="t")
+    assert [ax.get_title() for ax in fig.axes] == ["A", "B"]
+    top = fig.axes[0].get_lines()[0]
+    assert list(top.get_ydata()) == pytest.approx(list(frame[frame["deleted"] == "top-m attributed"]["margin drop"]))
+    plt.close(fig)
+
+
+def test_the_exercise_checks_pass_right_answers_and_catch_wrong_ones(capsys):
+    from srlib import checks
+
+    checks.path_share(explain._relu_path_shares)
+    checks.top_m_mask(explain.top_m_mask)
+    assert "correct on 3 cases" in capsys.readouterr().out
+    with pytest.raises(AssertionError, match="path_share"):
+        checks.path_share(lambda b, a: (b + a > 0).double())  # on or off at the end of the path only
+    with pytest.raises(AssertionError, match="top_m_mask"):
+        checks.top_m_mask(lambda c, m: explain.top_m_mask(c.abs(), m))  # by size, not by sign
