@@ -1,7 +1,8 @@
-"""The command line: `python -m srlib fit | score | filter | explain | steer | sae | align | cache`.
+"""The command line: `python -m srlib fit | score | filter | eval | explain | steer | sae | align | cache`.
 
 The names and flags here are a contract (the book, the README and users' scripts call them).
-PAIRS is a JSONL file of `{"prompt","chosen","rejected"}` records or a built-in name such as
+PAIRS is a JSONL or parquet file of records in one of TRL's preference formats (standard,
+conversational, implicit prompt), `hub:<dataset id>[:<split>]`, or a built-in name such as
 `truthfulqa:train` (see `srlib.data.load_pairs`). A mistake in the input (a bad file, a layer
 out of range, K larger than the SAE, a folder that is not a saved reward model) ends the
 command with exit code 2 and one line that names the problem, never a traceback.
@@ -201,6 +202,18 @@ def cmd_steer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Score a RewardBench-format file or hub data set: a table of accuracy per section and
+    subset, then the JSON summary (RewardBench's weighting; a tie is a loss: srlib.rewardbench)."""
+    from srlib.rewardbench import evaluate_rewardbench
+
+    model = _load_rm(args.rm)
+    result = evaluate_rewardbench(model, args.rewardbench)
+    print(result.table())
+    _print_result({"rm": str(args.rm), "rewardbench": str(args.rewardbench), **result.to_dict()})
+    return 0
+
+
 def cmd_sae(args: argparse.Namespace) -> int:
     """`sae train` trains (or loads from the cache) the profile's SAE; `sae report` also
     prints what its training recorded: quality on held-out texts over all their tokens and at
@@ -315,6 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     filt.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     add_pairs_flags(filt)
     filt.set_defaults(func=cmd_filter)
+
+    from srlib.rewardbench import REWARDBENCH_HUB_ID, REWARDBENCH_SPLIT
+
+    evaluate = sub.add_parser("eval", help="RewardBench-style accuracy per subset and section")
+    evaluate.add_argument("--rm", required=True, metavar="DIR")
+    evaluate.add_argument("--rewardbench", default=REWARDBENCH_HUB_ID, metavar="FILE_OR_ID",
+                          help="a RewardBench-format .jsonl/.parquet file (prompt, chosen, rejected, subset) or a "
+                               f"hub id, read at split {REWARDBENCH_SPLIT!r} (default {REWARDBENCH_HUB_ID})")
+    evaluate.set_defaults(func=cmd_eval)
 
     explain = sub.add_parser("explain", help="attribute a SparseRM's scores to its selected directions")
     explain.add_argument("--rm", required=True, metavar="DIR", help="a saved SparseRM (projection or latents)")

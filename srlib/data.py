@@ -783,21 +783,18 @@ def load_pairs(
     """
     if max_pairs is not None and max_pairs < 1:
         raise ConfigError(f"max_pairs must be at least 1, got {max_pairs}")
-    if not isinstance(spec, (str, os.PathLike)):
-        pairs = _dataset_pairs(spec)
-    elif (text := os.fspath(spec)) in _LOADERS:
+    text = os.fspath(spec) if isinstance(spec, (str, os.PathLike)) else None
+    if text in _LOADERS:
         pairs = _LOADERS[text](seed)
-    elif text.startswith(HUB_PREFIX):
-        pairs = load_hub_pairs(text)
-    elif text.endswith(".parquet"):
-        pairs = read_parquet(text)
     elif (
-        isinstance(spec, os.PathLike)
-        or text.endswith((".jsonl", ".jsonl.gz"))
+        text is None
+        or isinstance(spec, os.PathLike)
+        or text.startswith(HUB_PREFIX)
+        or text.endswith((".jsonl", ".jsonl.gz", ".parquet"))
         or os.sep in text
         or os.path.exists(text)
     ):
-        pairs = read_jsonl(text)
+        pairs = pairs_from_records(read_records(spec))
     else:
         raise DataError(
             f"unknown data set {text!r}; valid: {', '.join(BUILTIN_NAMES)}, a .jsonl or .parquet"
@@ -916,9 +913,8 @@ def _record_pair(row: Row, default_pair_id: str) -> PreferencePair:
     return PreferencePair(prompt, chosen, rejected, **extras)
 
 
-def pairs_from_records(rows: Iterable[tuple[str, str, dict[str, Any]]], *, strict: bool = True,
-                       name: str = "") -> list[PreferencePair]:
-    """Pairs from (location, default pair_id, record) rows in TRL's preference formats.
+def pairs_from_records(records: Records) -> list[PreferencePair]:
+    """The pairs of `records` (see `read_records`), each record in one of TRL's preference formats.
 
     A record is standard ("prompt", "chosen", "rejected" strings), conversational (the same
     keys as lists of {"role", "content"} messages; the prompt ends on a user turn, each
@@ -929,20 +925,20 @@ def pairs_from_records(rows: Iterable[tuple[str, str, dict[str, Any]]], *, stric
     keys are ignored; a missing group_id is a hash of the prompt, so splits keep a prompt's
     pairs together. A pair_id used twice is refused (scores are matched back by it).
 
-    `strict`: a bad record is a DataError naming its location; otherwise it is dropped and the
-    drops are counted in one UserWarning naming `name` and the first problem.
+    With `records.strict` a bad record is a DataError naming its location; otherwise it is
+    dropped and the drops are counted in one UserWarning naming the source and the first problem.
     """
     pairs: list[PreferencePair] = []
     first_use: dict[str, str] = {}  # pair_id -> the location that used it first
     dropped: list[str] = []
-    for where, default_id, obj in rows:
+    for where, default_id, obj in records.rows:
         try:
             pair = _record_pair((where, obj), default_id)
             if pair.pair_id in first_use:
                 raise DataError(f"{where}: pair_id {pair.pair_id!r} repeats the pair_id of {first_use[pair.pair_id]}; "
                                 "give each pair its own pair_id (or leave it out)")
         except DataError as error:
-            if strict:
+            if records.strict:
                 raise
             dropped.append(str(error))
             continue
@@ -950,59 +946,72 @@ def pairs_from_records(rows: Iterable[tuple[str, str, dict[str, Any]]], *, stric
         first_use[pair.pair_id] = f"line {tail}" if tail.isdigit() else where
         pairs.append(pair)
     if dropped:
-        warnings.warn(f"{name}: dropped {len(dropped)} of {len(dropped) + len(pairs)} records that are no "
+        warnings.warn(f"{records.name}: dropped {len(dropped)} of {len(records.rows)} records that are no "
                       f"preference pair (first: {one_line(dropped[0], 160)})", UserWarning, stacklevel=3)
+    if not pairs:
+        raise DataError(f"{records.name}: no preference pairs among its {len(records.rows)} records")
     return pairs
+
+
+class Records(NamedTuple):
+    """The raw records of a file, a Dataset or a hub split, before they become pairs."""
+
+    rows: list[tuple[str, str, dict[str, Any]]]  # (location for messages, default pair_id, record)
+    strict: bool  # True: a bad record is a DataError; False (a hub split): dropped, with one warning
+    name: str  # where the records came from, for messages
+
+
+def read_records(spec: str | os.PathLike | Any) -> Records:
+    """The records of a JSONL file (".jsonl", ".jsonl.gz", a pipe), a parquet file, a
+    `datasets.Dataset` or "hub:<dataset id>[:<split>]" (split "train" by default, read with
+    `datasets.load_dataset`), located for error messages.
+
+    Default pair_ids: "<file name>:<line>" (JSONL), "<file name>:<row>" (parquet, rows counted
+    from 1), "dataset:<i>", "<dataset id>:<split>:<i>". An empty source is a DataError. A hub
+    split cannot be fixed by its user, so its records are not strict (see `pairs_from_records`).
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        if not (hasattr(spec, "column_names") and hasattr(spec, "__iter__")):
+            raise DataError(f"cannot read pairs from a {type(spec).__name__}; give a datasets.Dataset, "
+                            "a file or a data set name")
+        rows = [(f"dataset[{i}]", f"dataset:{i}", dict(row)) for i, row in enumerate(spec)]
+        if not rows:
+            raise DataError("the Dataset has no rows")
+        return Records(rows, True, "the Dataset")
+    text = os.fspath(spec)
+    if text.startswith(HUB_PREFIX):
+        hub_id, split = parse_hub_spec(text)
+        rows = [(where, f"{hub_id}:{split}:{i}", obj)
+                for i, (where, obj) in enumerate(_hub_rows(hub_id, {"split": split}, _HUB_HINT))]
+        return Records(rows, False, text)
+    path = Path(text)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; give a .jsonl or .parquet file of pairs or a built-in name")
+    if not path.exists():  # a pipe or FIFO (/dev/stdin, <(...)) is read like a file
+        raise DataError(f"{path}: no such file")
+    if text.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow's errors for a damaged or foreign file
+            raise DataError(f"{path}: not a readable parquet file ({one_line(str(exc), 120)})") from exc
+        if not table:
+            raise DataError(f"{path}: no preference pairs in the file (it has no rows)")
+        return Records([(f"{path}:row {i}", f"{path.name}:{i}", obj) for i, obj in enumerate(table, start=1)],
+                       True, str(path))
+    rows = [(f"{path}:{lineno}", f"{path.name}:{lineno}", obj) for lineno, obj in _json_objects(path)]
+    if not rows:
+        n_lines = sum(1 for _ in _text_lines(path)) if path.is_file() else 1  # a pipe reads once
+        raise DataError(f"{path}:{max(n_lines, 1)}: no preference pairs in the file (it is empty)")
+    return Records(rows, True, str(path))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[PreferencePair]:
-    """Pairs from a JSONL file of records in TRL's preference formats (`pairs_from_records`).
-
-    Missing pair_ids default to "<file name>:<line>". Every problem is a DataError naming the
-    file and the line, including a lone surrogate escape ("\\ud800"), which JSON allows but is
-    not text.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(f"{path} is a folder; give a .jsonl file of pairs or a built-in name")
-    if not path.exists():  # a pipe or FIFO (/dev/stdin, <(...)) is read like a file
-        raise DataError(f"{path}: no such file")
-    rows = ((f"{path}:{lineno}", f"{path.name}:{lineno}", obj) for lineno, obj in _json_objects(path))
-    pairs = pairs_from_records(rows)
-    if not pairs:
-        n_lines = sum(1 for _ in _text_lines(path)) if path.is_file() else 1  # a pipe reads once
-        raise DataError(f"{path}:{max(n_lines, 1)}: no preference pairs in the file (it is empty)")
-    return pairs
-
-
-def read_parquet(path: str | os.PathLike) -> list[PreferencePair]:
-    """Pairs from a parquet file of records in TRL's preference formats (as `read_jsonl`);
-    rows are located and pair_ids default to "<file name>:<row>", rows counted from 1."""
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        records = pq.read_table(path).to_pylist()
-    except Exception as exc:  # pyarrow's errors for a damaged or foreign file
-        raise DataError(f"{path}: not a readable parquet file ({one_line(str(exc), 120)})") from exc
-    rows = ((f"{path}:row {i}", f"{path.name}:{i}", obj) for i, obj in enumerate(records, start=1))
-    pairs = pairs_from_records(rows)
-    if not pairs:
-        raise DataError(f"{path}: no preference pairs in the file (it has no rows)")
-    return pairs
-
-
-def _dataset_pairs(dataset: Any) -> list[PreferencePair]:
-    """Pairs from a `datasets.Dataset` (rows located "dataset[i]", pair_ids "dataset:i")."""
-    if not (hasattr(dataset, "column_names") and hasattr(dataset, "__iter__")):
-        raise DataError(f"cannot read pairs from a {type(dataset).__name__}; give a datasets.Dataset, "
-                        "a file or a data set name")
-    pairs = pairs_from_records((f"dataset[{i}]", f"dataset:{i}", dict(row)) for i, row in enumerate(dataset))
-    if not pairs:
-        raise DataError("the Dataset has no rows")
-    return pairs
+    """Pairs from a JSONL file of records in TRL's preference formats: every problem is a
+    DataError naming the file and the line, including a lone surrogate escape ("\\ud800"),
+    which JSON allows but is not text."""
+    return pairs_from_records(read_records(Path(path)))
 
 
 def parse_hub_spec(spec: str) -> tuple[str, str]:
@@ -1012,22 +1021,6 @@ def parse_hub_spec(spec: str) -> tuple[str, str]:
         raise DataError(f"{spec!r} is no hub data set; write hub:<owner>/<name>[:<split>], "
                         "e.g. hub:Anthropic/hh-rlhf:test")
     return hub_id, split or "train"
-
-
-def load_hub_pairs(spec: str) -> list[PreferencePair]:
-    """Pairs of a hub data set, "hub:<dataset id>[:<split>]", through `datasets.load_dataset`.
-
-    Offline (or with the hub unreachable) this is one DataError saying what to set. Records
-    that are no usable pair (identical answers, malformed transcripts: Anthropic/hh-rlhf has a
-    few) are dropped with one warning, since the user cannot fix the hub's rows.
-    """
-    hub_id, split = parse_hub_spec(spec)
-    rows = _hub_rows(hub_id, {"split": split}, _HUB_HINT)
-    pairs = pairs_from_records(((where, f"{hub_id}:{split}:{i}", obj) for i, (where, obj) in enumerate(rows)),
-                               strict=False, name=spec)
-    if not pairs:
-        raise DataError(f"{spec}: no preference pairs in split {split!r}")
-    return pairs
 
 
 def write_jsonl(pairs: Iterable[PreferencePair], path: str | os.PathLike, *, overwrite: bool = True) -> None:
