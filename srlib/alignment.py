@@ -412,20 +412,21 @@ class FilterResult:
 
 
 def filter_tuples(tuples: Sequence[PreferencePair], reward_model: "RewardModel | None", *,
-                  keep_ties: bool = False) -> FilterResult:
+                  keep_ties: bool = False, progress: bool = False) -> FilterResult:
     """Score each (x, y_w) and (x, y_l) with `reward_model` and keep the tuples with s_w > s_l.
 
     A tie s_w == s_l is dropped, or kept with `keep_ties` (the paper discards a tuple only
     "if s_w is lower than s_l"; `AlignmentConfig.keep_ties`). A tuple whose two answers are identical or one is empty carries no
     preference and is dropped for every reward model, "WO RM" (None) included; None keeps
-    all the others. Scores are returned for inspection.
+    all the others. Scores are returned for inspection. `progress` shows the scoring's bar.
     """
     valid = [bool(t.chosen) and bool(t.rejected) and t.chosen != t.rejected for t in tuples]
     if reward_model is None:
         return FilterResult(keep=valid)
     if not tuples:
         return FilterResult(keep=[], s_w=[], s_l=[])
-    s_w, s_l = reward_model.score_pairs(list(tuples))
+    # only asked for a bar when one is wanted: stand-in models (tests, exercise checks) take pairs alone
+    s_w, s_l = reward_model.score_pairs(list(tuples), **({"progress": True} if progress else {}))
     s_w, s_l = [float(v) for v in s_w], [float(v) for v in s_l]
     keep = [v and (w > l or (keep_ties and w == l)) for v, w, l in zip(valid, s_w, s_l)]
     return FilterResult(keep=keep, s_w=s_w, s_l=s_l)

@@ -129,7 +129,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         check_output(args.out, overwrite=args.overwrite)
     model = _load_rm(args.rm)
     pairs = _load_pairs(args.pairs, args)
-    s_w, s_l = model.score_pairs(pairs)
+    s_w, s_l = model.score_pairs(pairs, progress=True)  # a bar on stderr: long inputs take a while
     if args.out:
         with atomic_path(args.out, overwrite=args.overwrite) as tmp, open(tmp, "w") as handle:
             for pair, a, b in zip(pairs, s_w.tolist(), s_l.tolist()):
@@ -148,7 +148,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
     check_output(args.out, overwrite=args.overwrite)
     model = _load_rm(args.rm)
     pairs = _load_pairs(args.pairs, args)
-    verdict = filter_tuples(pairs, model)
+    verdict = filter_tuples(pairs, model, progress=True)
     kept = [pair for pair, keep in zip(pairs, verdict.keep) if keep]
     write_jsonl(kept, args.out, overwrite=args.overwrite)
     _print_result({"n": len(pairs), "kept": len(kept), "out": str(args.out)})

@@ -500,12 +500,22 @@ class RewardModel:
         """Scores [n] for chat-formatted prompt+response texts (`srlib.backbone.format_text`)."""
         raise NotImplementedError
 
-    def score_pairs(self, pairs) -> tuple[Tensor, Tensor]:
-        """(s_chosen, s_rejected), 1-D float32, for a list of `PreferencePair`s."""
+    def score_pairs(self, pairs, *, progress: bool = False) -> tuple[Tensor, Tensor]:
+        """(s_chosen, s_rejected), 1-D float32, for a list of `PreferencePair`s (`progress`: a bar)."""
         raise NotImplementedError
 
     def num_trainable_parameters(self) -> int:
         raise NotImplementedError
+
+    def as_reward_function(self, *, name: str | None = None, **score_kwargs) -> "RewardFunction":
+        """This model as a TRL reward function, for `GRPOTrainer(reward_funcs=...)` (`RewardFunction`).
+
+        `score_kwargs` go to `score` on every call (e.g. `batch_size`)."""
+        return RewardFunction(self, name=name, **score_kwargs)
+
+    def as_pairwise_judge(self, **score_kwargs) -> "PairwiseJudge":
+        """This model as a pairwise judge with the interface of TRL's judges (`PairwiseJudge`)."""
+        return PairwiseJudge(self.as_reward_function(**score_kwargs))
 
     def save_pretrained(self, directory: str | Path, *, overwrite: bool = True) -> None:
         """Save to `directory`, atomically; an existing saved reward model there is replaced only
@@ -584,6 +594,84 @@ def is_saved_reward_model(directory: str | Path) -> bool:
     except OSError:
         return False
     return json.dumps({"format": FORMAT_NAME})[1:-1] in head
+
+
+# ----------------------------------------------------------------------------- TRL adapters
+
+
+class RewardFunction:
+    """A reward model as TRL's reward function: `f(prompts, completions, **kwargs) -> list[float]`.
+
+    TRL's online trainers (`GRPOTrainer(reward_funcs=...)`, RLOO, online DPO) call it with a
+    batch of prompts and their completions, in either of TRL's formats: standard (strings: the
+    prompt is the user's turn, the completion the assistant's answer) or conversational
+    (lists of `{"role", "content"}` messages: the prompt's turns, and the completion's
+    assistant turn). Each pair goes through the backbone's chat template
+    (`srlib.backbone.format_text`), the text a reward model's training pairs became, and is
+    scored by `model.score`; the other arguments TRL passes (completion_ids, trainer_state,
+    the data set's columns) are not read. TRL names a reward function by `__name__`, the
+    reward model's class unless `name` is given: its logs say `rewards/<name>/mean`.
+    """
+
+    def __init__(self, model: "RewardModel", *, name: str | None = None, **score_kwargs):
+        self.model = model
+        self.__name__ = name or type(model).__name__
+        self.score_kwargs = score_kwargs
+
+    def texts(self, prompts: Sequence, completions: Sequence) -> list[str]:
+        """The chat-formatted prompt+completion texts the model scores."""
+        from srlib.backbone import format_text
+
+        if len(prompts) != len(completions):
+            raise ConfigError(f"{len(prompts)} prompts but {len(completions)} completions: give one prompt per completion")
+        tokenizer = self.model.backbone.tokenizer
+        return [format_text(tokenizer, prompt if isinstance(prompt, str) else tuple(prompt), _answer(completion))
+                for prompt, completion in zip(prompts, completions)]
+
+    def __call__(self, prompts: Sequence, completions: Sequence, **kwargs) -> list[float]:
+        """One reward per completion, in order."""
+        return [float(s) for s in self.model.score(self.texts(prompts, completions), **self.score_kwargs)]
+
+
+def _answer(completion) -> str:
+    """The assistant's answer of a completion: the string itself, or the content of a
+    conversational completion's assistant message(s)."""
+    if isinstance(completion, str):
+        return completion
+    parts = [m.get("content") for m in completion if isinstance(m, dict) and m.get("role") == "assistant"]
+    if not parts or not all(isinstance(p, str) for p in parts):
+        raise ConfigError(f"a completion must be a string or a list of messages with an assistant turn of text, "
+                          f"got {one_line(repr(completion), 80)}")
+    return "".join(parts)
+
+
+class PairwiseJudge:
+    """A reward model as a pairwise judge, with the interface of TRL's judges.
+
+    `judge(prompts, completions, shuffle_order=True, return_scores=False)` follows TRL's
+    `BasePairwiseJudge.judge` (trl 1.16 no longer ships the judges, so this class stands alone
+    with the same signature): `completions[i]` holds two answers to `prompts[i]` (strings or
+    conversational completions); the result is the index, 0 or 1, of the answer the reward model
+    scores higher, or with `return_scores` the probability that the first is better,
+    sigmoid(s_0 - s_1) (the Bradley-Terry reading of a score gap; 0.5 on a tie). A tie picks
+    the first answer (index 0). `shuffle_order` is accepted and has no effect: each answer is
+    scored alone, so the order of the two cannot bias the verdict as it can an LLM judge's.
+    """
+
+    def __init__(self, reward_function: RewardFunction):
+        self.reward_function = reward_function
+
+    def judge(self, prompts: Sequence, completions: Sequence[Sequence], shuffle_order: bool = True,
+              return_scores: bool = False) -> list[int] | list[float]:
+        """For each prompt, which of its two completions is better (or how likely the first is)."""
+        if len(prompts) != len(completions) or any(len(pair) != 2 for pair in completions):
+            raise ConfigError("a pairwise judge needs one prompt per pair of exactly two completions")
+        firsts = self.reward_function(prompts, [pair[0] for pair in completions])
+        seconds = self.reward_function(prompts, [pair[1] for pair in completions])
+        if return_scores:
+            gap = torch.tensor(firsts, dtype=torch.float64) - torch.tensor(seconds, dtype=torch.float64)
+            return torch.sigmoid(gap).tolist()
+        return [0 if a >= b else 1 for a, b in zip(firsts, seconds)]
 
 
 class FeatureRM(RewardModel):
@@ -714,6 +802,11 @@ class FeatureRM(RewardModel):
         self._require_fitted()
         kwargs = self._extract_kwargs(batch_size, cache, progress)
         return self.score_states(last_token_states(self.backbone, list(texts), self.layer, **kwargs))
+
+    def as_reward_function(self, *, name: str | None = None, **score_kwargs) -> RewardFunction:
+        """This model as a TRL reward function (`RewardFunction`). Its completions are not written
+        to the state cache (`cache=False` unless given): each training step's are new texts."""
+        return super().as_reward_function(name=name, **{"cache": False, **score_kwargs})
 
     def score_pairs(self, pairs, *, batch_size: int = 16, cache: bool = True,
                     progress: bool = False) -> tuple[Tensor, Tensor]:

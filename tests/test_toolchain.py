@@ -110,3 +110,106 @@ def test_spearman_averages_tied_ranks():
     # average ranks [1.5, 1.5, 3, 4] against [1, 2, 3, 4]: below 1 (ranking ties by position gave 1)
     assert relation["spearman"] == pytest.approx(stats.spearmanr(a, b).statistic)
     assert relation["spearman"] == pytest.approx(0.9486833, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- section 2
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tiny_backbone):
+    """A SparseRM on the tiny backbone (a random SAE, a few toy pairs), nothing cached."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from toy_data import toy_pairs
+
+    from srlib.reward import SparseRM
+
+    torch.manual_seed(0)
+    sae = StandardSAE(StandardSAEConfig(d_in=tiny_backbone.hidden_size, d_sae=64))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.randn(64, tiny_backbone.hidden_size))
+        sae.W_enc.copy_(torch.randn(tiny_backbone.hidden_size, 64))
+    return SparseRM.fit(tiny_backbone, toy_pairs(12), toy_pairs(6, 100), layer=1, sae=sae, k=4, max_length=64,
+                        sae_source="train", cache=False, progress=False, epochs=2)
+
+
+PROMPTS = ["Is the moon made of cheese?", "What is the capital of France?"]
+ANSWERS = ["No, it is rock.", "Paris is the capital of France."]
+
+
+def reference_scores(rm, prompts, answers) -> list[float]:
+    """rm.score of the chat-formatted texts, computed without the adapter."""
+    from srlib.backbone import format_text
+
+    texts = [format_text(rm.backbone.tokenizer, p, a) for p, a in zip(prompts, answers)]
+    return rm.score(texts, cache=False).tolist()
+
+
+def test_reward_function_has_trls_signature_in_both_formats(tiny_rm):
+    from trl.trainer.utils import get_callable_name
+
+    reward = tiny_rm.as_reward_function()
+    expected = reference_scores(tiny_rm, PROMPTS, ANSWERS)
+    assert expected[0] != expected[1]
+    assert reward(prompts=PROMPTS, completions=ANSWERS, completion_ids=[[1], [2]], trainer_state=None) == expected
+    conversational = reward(prompts=[[{"role": "user", "content": p}] for p in PROMPTS],
+                            completions=[[{"role": "assistant", "content": a}] for a in ANSWERS])
+    assert conversational == pytest.approx(expected, abs=1e-6)
+    assert get_callable_name(reward) == "SparseRM"
+    assert get_callable_name(tiny_rm.as_reward_function(name="truthfulness")) == "truthfulness"
+    with pytest.raises(ConfigError):
+        reward(prompts=PROMPTS[:1], completions=[[{"role": "user", "content": "no assistant turn"}]])
+
+
+def test_pairwise_judge_prefers_the_higher_score(tiny_rm):
+    judge = tiny_rm.as_pairwise_judge()
+    good, bad = reference_scores(tiny_rm, PROMPTS, ANSWERS), reference_scores(tiny_rm, PROMPTS, ["lol", "whatever"])
+    pairs = [[a, b] for a, b in zip(ANSWERS, ["lol", "whatever"])]
+    expected = [0 if g >= b else 1 for g, b in zip(good, bad)]
+    assert judge.judge(PROMPTS, pairs) == expected
+    assert judge.judge(PROMPTS, [pair[::-1] for pair in pairs]) == [1 - i for i in expected]
+    probabilities = judge.judge(PROMPTS, pairs, return_scores=True)
+    assert probabilities == pytest.approx(torch.sigmoid(torch.tensor(good) - torch.tensor(bad)).tolist(), abs=1e-6)
+    with pytest.raises(ConfigError):
+        judge.judge(PROMPTS, [["only one"], ["a", "b"]])
+
+
+def test_grpo_steps_log_the_sparserm_rewards(tiny_rm, tiny_backbone, isolated_cache, tmp_path):
+    """A GRPO step on the tiny policy with the SparseRM as its reward: TRL's logged rewards are
+    rm.score of the completions it generated (conversational prompts, chat template)."""
+    from datasets import Dataset
+    from toy_data import toy_pairs
+    from trl import GRPOConfig, GRPOTrainer
+
+    from srlib.backbone import pretrained_path
+
+    prompts = [[{"role": "user", "content": p.prompt}] for p in toy_pairs(4)]
+    args = GRPOConfig(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=2,
+                      max_completion_length=6, max_steps=1, use_cpu=True, bf16=False, fp16=False,
+                      gradient_checkpointing=False, report_to="none", logging_steps=1, save_strategy="no",
+                      disable_tqdm=True, seed=0)
+    trainer = GRPOTrainer(model=pretrained_path(tiny_backbone), reward_funcs=tiny_rm.as_reward_function(),
+                          args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
+                          processing_class=tiny_backbone.tokenizer)
+    trainer.train()
+    logged_prompts, completions = list(trainer._logs["prompt"]), list(trainer._logs["completion"])
+    assert len(completions) == 4 and all(c[0]["role"] == "assistant" for c in completions)
+    expected = reference_scores(tiny_rm, [tuple(p) for p in logged_prompts], [c[0]["content"] for c in completions])
+    assert list(trainer._logs["rewards"]["SparseRM"]) == pytest.approx(expected, abs=1e-5)
+    step = trainer.state.log_history[0]
+    assert step["rewards/SparseRM/mean"] == pytest.approx(sum(expected) / len(expected), abs=1e-5)
+
+
+def test_score_and_filter_show_a_progress_bar(tiny_rm, isolated_cache, tmp_path, capsys):
+    from toy_data import toy_pairs
+
+    from srlib.cli import main
+    from srlib.data import write_jsonl
+
+    tiny_rm.save_pretrained(tmp_path / "rm")
+    write_jsonl(toy_pairs(5), tmp_path / "pairs.jsonl")
+    assert main(["score", "--rm", str(tmp_path / "rm"), "--pairs", str(tmp_path / "pairs.jsonl")]) == 0
+    assert "states" in capsys.readouterr().err
+    write_jsonl(toy_pairs(5, 50), tmp_path / "new.jsonl")  # not cached by the scoring above: read again
+    assert main(["filter", "--rm", str(tmp_path / "rm"), "--pairs", str(tmp_path / "new.jsonl"),
+                 "--out", str(tmp_path / "kept.jsonl")]) == 0
+    assert "states" in capsys.readouterr().err
