@@ -212,6 +212,15 @@ def truthfulqa_mc(
     Each answer is scored by its summed log-probability after the question (chat template).
     The correct set is the best answer plus the listed correct answers, without duplicates.
     Unlike the original code we do not add "I have no comment." to the correct answers.
+
+    This is the book's TruthfulQA MC1/MC2, not lm-evaluation-harness's `truthfulqa_mc1` /
+    `truthfulqa_mc2`, and the two are not comparable: the harness scores all 817 questions of
+    the `multiple_choice` config (its `mc1_targets` / `mc2_targets` answer lists) after a fixed
+    six-question "Q: ... A: ..." plain-text preamble without a chat template, and its MC1 takes
+    the argmax (a tie goes to the correct answer); here only the questions of `questions` (this
+    project's split of the `generation` config, `srlib.data.load_truthfulqa_mc`) are scored,
+    each answer as the assistant turn after the question under the chat template (its
+    end-of-turn tokens included), and an MC1 tie counts as wrong.
     """
     if not questions:
         raise ValueError("truthfulqa_mc needs at least one question")
