@@ -103,7 +103,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
                              max_length=profile.max_length, position=profile.position,
                              standardize=profile.standardize, batch_size=profile.batch_size,
                              loss=args.loss, gamma=args.gamma, seed=args.seed)
-    model.save_pretrained(args.out, overwrite=args.overwrite)
+    # the model card names the training data (a local file by its name only, never its path)
+    card = {"training_data": Path(args.train).name if Path(args.train).exists() else args.train}
+    model.save_pretrained(args.out, overwrite=args.overwrite,
+                          **({"model_card_kwargs": card} if args.method == "sparserm" else {}))
     result = {"out": str(args.out), "method": args.method, "n_train": len(train),
               "n_val": len(val) if val else 0, "trainable_parameters": model.num_trainable_parameters(),
               "fit_seconds": round(time.perf_counter() - started, 2)}

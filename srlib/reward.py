@@ -35,7 +35,9 @@ Saved format (``save_pretrained(dir)``): ``dir/config.json`` (what the model is 
 was trained) and ``dir/model.safetensors`` (``head.*`` weights and standardisation,
 ``features.*`` tensors: for ``projection`` and ``random`` the [2K, d] direction matrix, so
 scoring needs no SAE). The ``latents`` map needs the whole SAE encoder (a TopK SAE picks its
-active latents among all of them), so it also writes ``dir/sae/`` in sae-lens format.
+active latents among all of them), so it also writes ``dir/sae/`` in sae-lens format. A model
+card ``dir/README.md`` (`srlib.hub.model_card`) describes it for the Hugging Face Hub, where
+``push_to_hub`` uploads the folder and ``from_pretrained`` reads a repo id like a folder.
 """
 
 from __future__ import annotations
@@ -531,14 +533,30 @@ class RewardModel:
     def _load(cls, directory: Path, config: dict, backbone=None) -> "RewardModel":
         raise NotImplementedError
 
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload this model to the Hugging Face Hub repo `repo_id` (created if missing), as
+        huggingface_hub's `ModelHubMixin.push_to_hub`; see `srlib.hub.push_to_hub` for the options."""
+        from srlib.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, backbone=None) -> "RewardModel":
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, backbone=None, revision: str | None = None,
+                        token: str | None = None, cache_dir: str | Path | None = None, local_files_only: bool = False,
+                        force_download: bool = False) -> "RewardModel":
         """Load a saved reward model of whatever srlib class saved it; optionally attach a backbone now.
 
-        Nothing in the folder is run: the class comes from srlib's fixed table `RM_CLASSES`, the
-        weights from safetensors. A damaged folder raises a one-line `DamagedFileError` naming the file.
+        A local folder, or a Hugging Face Hub repo id ("owner/name", with huggingface_hub's
+        `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`): the repo's
+        snapshot is fetched (`srlib.hub.download`, srlib's own files only) and read like a
+        local folder. Nothing in the folder is run: the class comes from srlib's fixed table
+        `RM_CLASSES`, the weights from safetensors. A damaged folder raises a one-line
+        `DamagedFileError` naming the file.
         """
-        directory = Path(directory)
+        from srlib.hub import download
+
+        directory = download(pretrained_model_name_or_path, revision=revision, token=token, cache_dir=cache_dir,
+                             local_files_only=local_files_only, force_download=force_download)
         path = directory / CONFIG_NAME
         if not path.is_file():
             raise SrlibError(f"{directory} is not a saved reward model: {CONFIG_NAME} missing")
@@ -847,10 +865,15 @@ class FeatureRM(RewardModel):
             "history": self.history.as_dict(),
         }
 
-    def save_pretrained(self, directory: str | Path, *, overwrite: bool = True) -> None:
-        """Write config.json + model.safetensors (+ sae/ for latent features), atomically
-        (`RewardModel.save_pretrained` says what may be replaced)."""
+    def save_pretrained(self, directory: str | Path, *, overwrite: bool = True,
+                        model_card_kwargs: dict[str, Any] | None = None) -> None:
+        """Write config.json + model.safetensors (+ sae/ for latent features) and the model card
+        README.md (`srlib.hub.model_card`, given `model_card_kwargs`: training_data, evaluation,
+        license, ...), atomically (`RewardModel.save_pretrained` says what may be replaced)."""
+        from srlib.hub import model_card
+
         config = self.config()
+        card = model_card(self, **(model_card_kwargs or {}))
         tensors = {f"head.{name}": t for name, t in self.head.state_dict().items()}
         tensors.update({f"features.{name}": t for name, t in self.features.state_dict().items()})
         with atomic_path(directory, is_dir=True, overwrite=overwrite, is_ours=is_saved_reward_model) as tmp:
@@ -858,6 +881,7 @@ class FeatureRM(RewardModel):
                       str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
             if isinstance(self.features, LatentFeatures):
                 self.features.sae.save_model(tmp / SAE_DIR_NAME)
+            card.save(tmp / "README.md")
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod

@@ -158,6 +158,18 @@ def load_sae(path: str | Path, device: str = "cpu") -> SAE:
         raise DamagedFileError(f"{path}: not a loadable sae-lens SAE ({one_line(str(error))}); {remedy}") from None
 
 
+def save_sae(sae: SAE, directory: str | Path, *, overwrite: bool = False) -> Path:
+    """Write `sae` in sae-lens's on-disk format, atomically: `cfg.json` (architecture, widths and
+    the metadata: model_name, hook_name, and for an SAE trained here what `train_sae` recorded
+    under "srlib") and `sae_weights.safetensors`, as `SAE.save_model` writes them, so that
+    `SAE.load_from_disk(directory)` (or `load_sae`) reads it back. An existing saved SAE is
+    replaced only with `overwrite`; a folder holding anything else is refused."""
+    with atomic_path(directory, is_dir=True, overwrite=overwrite,
+                     is_ours=lambda path: (path / SAE_CFG_FILENAME).is_file()) as tmp:
+        sae.save_model(tmp)
+    return Path(directory)
+
+
 def check_width(sae: SAE, d: int) -> None:
     """Raise ConfigError unless the SAE reads d-dimensional activations."""
     if sae.cfg.d_in != d:

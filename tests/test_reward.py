@@ -274,7 +274,7 @@ def fitted_sparse_rm(kind: str = "projection", k: int = 3, **kwargs) -> tuple[Sp
 def test_save_load_round_trip_gives_identical_scores(tmp_path, kind):
     rm, Z = fitted_sparse_rm(kind)
     rm.save_pretrained(tmp_path / "rm")
-    assert sorted(p.name for p in (tmp_path / "rm").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "rm").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     loaded = RewardModel.from_pretrained(tmp_path / "rm")
     assert type(loaded) is SparseRM
     assert torch.equal(loaded.score_states(Z), rm.score_states(Z))

@@ -213,3 +213,159 @@ def test_score_and_filter_show_a_progress_bar(tiny_rm, isolated_cache, tmp_path,
     assert main(["filter", "--rm", str(tmp_path / "rm"), "--pairs", str(tmp_path / "new.jsonl"),
                  "--out", str(tmp_path / "kept.jsonl")]) == 0
     assert "states" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- section 3
+
+
+def card_metadata(path) -> dict:
+    from huggingface_hub import ModelCard
+
+    return ModelCard.load(path).data.to_dict()
+
+
+def test_save_pretrained_writes_a_model_card_from_the_model(tiny_rm, tmp_path):
+    from toy_data import toy_pairs
+
+    from srlib.hub import HeldOutAccuracy
+
+    s_w, s_l = tiny_rm.score_pairs(toy_pairs(10, 300), cache=False)
+    evaluation = HeldOutAccuracy.from_scores(s_w, s_l, data="toy:test")
+    outcomes = torch.where(s_w > s_l, 1.0, torch.where(s_w < s_l, 0.0, 0.5))
+    assert evaluation.accuracy == pytest.approx(100 * outcomes.mean().item())
+    assert evaluation.low <= evaluation.accuracy <= evaluation.high and evaluation.n_pairs == 10
+    tiny_rm.save_pretrained(tmp_path / "rm", model_card_kwargs={"training_data": "toy:train", "evaluation": evaluation})
+    meta = card_metadata(tmp_path / "rm" / "README.md")
+    assert meta["library_name"] == "srlib" and meta["license"] == "apache-2.0"
+    assert {"reward-model", "sparse-autoencoder", "projection"} <= set(meta["tags"])
+    assert (meta["layer"], meta["k"], meta["sae_source"]) == (tiny_rm.layer, tiny_rm.k, "train")
+    assert meta["training_data"] == "toy:train" and meta["trainable_parameters"] == tiny_rm.num_trainable_parameters()
+    assert meta["held_out_accuracy"]["accuracy"] == pytest.approx(evaluation.accuracy)
+    assert meta["held_out_accuracy"]["low"] == pytest.approx(evaluation.low)
+    assert meta["model-index"][0]["results"][0]["metrics"][0]["type"] == "accuracy"
+    assert "base_model" not in meta  # the in-process tiny model is not a hub model
+    assert meta["backbone_weights"] == tiny_rm.backbone_weights
+
+
+def test_model_card_names_a_hub_base_model(tiny_rm, monkeypatch):
+    from srlib.hub import model_card
+
+    monkeypatch.setattr(tiny_rm, "backbone_id", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    card = model_card(tiny_rm, license="mit")
+    assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.license == "mit"
+    assert "held_out_accuracy" not in card.data.to_dict()  # no evaluation given: none claimed
+
+
+class StubApi:
+    """Records what srlib asks of huggingface_hub's HfApi; keeps a copy of the uploaded folder."""
+
+    calls: list = []
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def create_repo(self, repo_id, *, private=None, exist_ok=False, **kwargs):
+        from huggingface_hub import RepoUrl
+
+        StubApi.calls.append(("create_repo", repo_id, private, exist_ok))
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        import shutil
+
+        StubApi.calls.append(("upload_folder", repo_id, sorted(p.name for p in folder_path.iterdir()), kwargs))
+        shutil.copytree(folder_path, StubApi.remote / repo_id, dirs_exist_ok=True)
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+
+def test_push_to_hub_and_from_pretrained_round_trip_through_stubs(tiny_rm, tiny_backbone, tmp_path, monkeypatch):
+    import shutil
+
+    import srlib.hub
+    from toy_data import toy_pairs
+
+    from srlib.reward import RewardModel
+
+    StubApi.calls, StubApi.remote = [], tmp_path / "remote"
+    monkeypatch.setattr(srlib.hub, "HfApi", StubApi)
+    url = tiny_rm.push_to_hub("someone/tiny-sparserm", private=True, model_card_kwargs={"training_data": "toy:train"})
+    assert url.endswith("/commit/0")
+    assert StubApi.calls[0] == ("create_repo", "someone/tiny-sparserm", True, True)
+    assert StubApi.calls[1][2] == ["README.md", "config.json", "model.safetensors"]
+
+    asked = {}
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.update(kwargs, repo_id=repo_id)
+        local = tmp_path / "hf-cache" / repo_id
+        shutil.copytree(StubApi.remote / repo_id, local, dirs_exist_ok=True)
+        return str(local)
+
+    monkeypatch.setattr(srlib.hub, "snapshot_download", snapshot_download)
+    loaded = RewardModel.from_pretrained("someone/tiny-sparserm", backbone=tiny_backbone, revision="v1")
+    assert asked["repo_id"] == "someone/tiny-sparserm" and asked["revision"] == "v1"
+    assert not any(pattern.endswith(".py") or pattern == "*" for pattern in asked["allow_patterns"])
+    pairs = toy_pairs(4, 400)
+    for a, b in zip(loaded.score_pairs(pairs, cache=False), tiny_rm.score_pairs(pairs, cache=False)):
+        assert torch.equal(a, b)
+
+
+def test_a_downloaded_folder_goes_through_the_safe_loader(tmp_path, monkeypatch):
+    import json
+
+    import srlib.hub
+    from srlib.errors import SrlibError
+    from srlib.reward import FORMAT_NAME, RewardModel
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "config.json").write_text(json.dumps({"format": FORMAT_NAME, "format_version": 1, "rm_class": "os.system"}))
+    monkeypatch.setattr(srlib.hub, "snapshot_download", lambda repo_id, **kwargs: str(evil))
+    with pytest.raises(SrlibError, match="runs no code"):
+        RewardModel.from_pretrained("someone/evil")
+
+
+def test_an_unreachable_repo_is_one_line(monkeypatch):
+    import srlib.hub
+    from srlib.errors import SrlibError
+    from srlib.reward import RewardModel
+
+    def offline(repo_id, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'\nmore detail")
+
+    monkeypatch.setattr(srlib.hub, "snapshot_download", offline)
+    with pytest.raises(SrlibError) as error:
+        RewardModel.from_pretrained("someone/missing")
+    assert "\n" not in str(error.value) and "someone/missing" in str(error.value)
+
+
+def test_the_sae_saves_in_sae_lens_format_and_uploads_with_sae_lens(tiny_rm, tmp_path, monkeypatch):
+    import copy
+
+    import sae_lens.training.upload_saes_to_huggingface as uploader
+    from sae_lens import SAE
+
+    import srlib.hub
+    from srlib.errors import SrlibError
+    from srlib.sae import save_sae
+
+    sae = copy.deepcopy(tiny_rm.sae)
+    sae.cfg.metadata.hook_name = "blocks.1.hook_resid_post"
+    sae.cfg.metadata.srlib = {"corpus": {"n_texts": 3}}
+    save_sae(sae, tmp_path / "sae")
+    loaded = SAE.load_from_disk(tmp_path / "sae")
+    assert torch.equal(loaded.W_dec, sae.W_dec)
+    assert loaded.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+    assert loaded.cfg.metadata.srlib == {"corpus": {"n_texts": 3}}
+    with pytest.raises(SrlibError):
+        save_sae(sae, tmp_path / "sae")  # exists: replaced only with overwrite
+    save_sae(sae, tmp_path / "sae", overwrite=True)
+
+    StubApi.calls, StubApi.remote = [], tmp_path / "remote"
+    monkeypatch.setattr(uploader, "HfApi", StubApi)
+    monkeypatch.setattr(uploader, "_repo_exists", lambda api, repo_id: True)
+    monkeypatch.setattr(uploader, "_repo_file_exists", lambda repo_id, filename, revision: True)
+    srlib.hub.push_sae_to_hub(sae, "someone/tiny-sae", "layer_1")
+    (_, repo_id, files, kwargs), = StubApi.calls
+    assert repo_id == "someone/tiny-sae" and kwargs["path_in_repo"] == "layer_1"
+    assert {"cfg.json", "sae_weights.safetensors"} <= set(files)
