@@ -770,7 +770,9 @@ def execute_chapters(sources: Sequence[Path], paths: BuildPaths, profile: str, *
         seconds = _run_chapter(source, paths, profile, position, fingerprint)
         records[source.stem] = {"chapter": source.stem, "seconds": seconds, "reused": False}
 
-    if jobs == 1:
+    if not todo:
+        first, rest = [], []
+    elif jobs == 1:
         first, rest = todo, []
     elif todo[0][0] == sources[0]:
         first, rest = todo[:1], todo[1:]

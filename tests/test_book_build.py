@@ -286,8 +286,11 @@ def test_unchanged_chapters_are_reused_and_an_edited_one_runs_again(tmp_path, mo
     monkeypatch.setattr(book, "execute_notebook", fake)
     book.execute_chapters(sources, paths, "smoke")
     assert [r[0] for r in fake.runs] == ["01_ch", "02_ch", "03_ch"]
+    records = book.execute_chapters(sources, paths, "smoke", jobs=2)
+    assert len(fake.runs) == 3  # nothing changed: nothing runs, with one job or several
+    assert [r["reused"] for r in records] == [True] * 3 and records[0]["chapter"] == "01_ch"
     book.execute_chapters(sources, paths, "smoke")
-    assert len(fake.runs) == 3  # nothing changed: nothing runs
+    assert len(fake.runs) == 3
     nb = nbformat.read(sources[1], as_version=4)
     nb.cells[0].source += "\ny = 2"
     nbformat.write(nb, sources[1])
