@@ -145,7 +145,9 @@ class ProjectionFeatures(FeatureMap):
     kind = "projection"
 
     def __init__(self, vectors: Tensor):
-        self.vectors = _as_states(vectors, "the direction matrix")
+        # A fresh, contiguous copy: a matrix read from a file may sit at an address that sends
+        # the product down another kernel, and a loaded model would score in other last bits.
+        self.vectors = _as_states(vectors, "the direction matrix").contiguous().clone()
         self.out_dim, self.in_dim = self.vectors.shape
 
     def __call__(self, Z: Tensor) -> Tensor:

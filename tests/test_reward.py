@@ -415,3 +415,23 @@ def test_sparse_rm_fits_from_pairs(tiny_backbone, isolated_cache):
     assert rm.k == 4 and len(rm.indices_w) == len(rm.indices_l) == 4
     torch.testing.assert_close(rm.features.vectors, sae.W_dec.detach()[rm.directions.indices])
     assert rm.score_pairs(tiny_pairs(3, 200))[0].shape == (3,)
+
+
+def test_a_saved_and_loaded_sparserm_scores_the_same_bits(tmp_path, smoke_profile, tiny_backbone):
+    """A loaded model scores exactly as the model that was saved (the direction matrix read from
+    the file once sent the one-row products down another kernel: last-bit differences)."""
+    import os
+
+    if not os.environ.get("SRLIB_DATA_DIR"):
+        pytest.skip("SRLIB_DATA_DIR is unset: set it to the folder with truthfulqa/, ...")
+    from srlib.experiments import dataset_states, fit_variant, select_for
+    from srlib.sae import sae_for_profile
+
+    sae = sae_for_profile(smoke_profile, tiny_backbone, progress=False)
+    for name in ("hh-harmless", "truthfulqa"):
+        states = dataset_states(tiny_backbone, name, smoke_profile, progress=False)
+        model, _ = fit_variant(states, features="projection", directions=select_for(states, sae, 8), seed=0)
+        model.save_pretrained(tmp_path / name)
+        loaded = RewardModel.from_pretrained(tmp_path / name, backbone=tiny_backbone)
+        Z = torch.cat([states.test.chosen, states.test.rejected])
+        assert torch.equal(loaded.score_states(Z), model.score_states(Z))
