@@ -134,11 +134,11 @@ def states_at_layers(
     if not texts:
         return {layer: {p: torch.zeros(0, backbone.hidden_size) for p in positions} for layer in layers}
     folders = {(layer, p): _cache_folder(backbone, layer, max_length, p) for layer, p in slots} if cache else {}
-    keys = [hashlib.sha256(text.encode()).hexdigest() for text in texts]
+    keys = [_text_key(text) for text in texts]
     states: dict[tuple[int, str], dict[str, Tensor]] = {slot: {} for slot in slots}
     for slot, folder in folders.items():
         for key in set(keys):
-            path = folder / key[:2] / f"{key}.safetensors"
+            path = _entry_path(folder, key)
             if path.exists():  # a damaged entry is warned about, recomputed and rewritten below
                 entry = read_cache_entry(path, "activations", check=lambda found: _is_state(found, backbone))
                 if entry is not None:
@@ -160,7 +160,7 @@ def states_at_layers(
                         state = hidden[layer][i, index].float().cpu().clone()
                         states[layer, position][key] = state
                         if (layer, position) in folders:
-                            _write_entry(folders[layer, position] / key[:2] / f"{key}.safetensors", state)
+                            _write_entry(_entry_path(folders[layer, position], key), state)
                 bar.update(len(rows))
     return {layer: {p: torch.stack([states[layer, p][key] for key in keys]) for p in positions} for layer in layers}
 
@@ -293,12 +293,22 @@ def _write_entry(path: Path, state: Tensor) -> None:
         save_file({"state": state.contiguous()}, str(tmp))
 
 
+def _text_key(text: str) -> str:
+    """The cache key of a (chat-formatted) text: its sha256."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _entry_path(folder: Path, key: str) -> Path:
+    """Where the state of the text with cache key `key` lives in a layer/position `folder`."""
+    return folder / key[:2] / f"{key}.safetensors"
+
+
 def _store_states(folders: dict[str, Path], text: str, hidden: Tensor, reads: dict[str, int]) -> None:
     """Cache the state of `text` (its rows `hidden` [n_tokens, d]) at each position of
     `folders` that has no entry yet: the entry `token_states` would read or write."""
-    key = hashlib.sha256(text.encode()).hexdigest()
+    key = _text_key(text)
     for position, folder in folders.items():
-        path = folder / key[:2] / f"{key}.safetensors"
+        path = _entry_path(folder, key)
         if not path.exists():
             _write_entry(path, hidden[len(hidden) + reads[position]].float().cpu().clone())
 
