@@ -468,18 +468,17 @@ def track_filter_accuracy(backbone, profile, sae, *, k: int, seeds: Sequence[int
     for track, spec in TRACKS.items():
         states = dataset_states(backbone, spec.dataset, profile, progress=progress)
         directions = select_for(states, sae, k)
+        arc = load_arc_pairs()[:arc_pairs] if spec.kind == "truthfulness" else None
+        n, held_out = ((len(arc), "ARC gold vs distractor") if arc is not None
+                       else (len(states.val.pairs), "validation split"))
         accuracies = []
         for seed in seeds:
             model, trial = fit_variant(states, directions=directions, seed=seed, score_test=False)
-            if spec.kind == "truthfulness":
-                pairs = load_arc_pairs()[:arc_pairs]
+            if arc is not None:
                 model.max_length = profile.max_length
-                s_w, s_l = model.attach_backbone(backbone).score_pairs(pairs, progress=progress)
-                accuracies.append(pair_accuracy(s_w, s_l))
-                n, held_out = len(pairs), "ARC gold vs distractor"
+                accuracies.append(pair_accuracy(*model.attach_backbone(backbone).score_pairs(arc, progress=progress)))
             else:
                 accuracies.append(trial.val_accuracy)
-                n, held_out = len(states.val.pairs), "validation split"
         accuracy = float(np.mean(accuracies))
         rows.append({"track": track, "data set": spec.dataset, "held-out pairs": held_out, "n": n,
                      "seeds": len(accuracies), "accuracy (%)": 100 * accuracy,
