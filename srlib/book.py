@@ -558,17 +558,19 @@ def srlib_closure(code: str) -> list[Path]:
     """The source files of every srlib module `code` imports, directly or through other srlib
     modules (the package's `__init__` always): what a chapter's output can depend on in srlib."""
     package_dir = Path(__file__).resolve().parent
+
+    def imported_files(source: str) -> list[Path]:
+        return [package_dir / f"{m.split('.', 1)[1]}.py" for m in _srlib_imports(ast.parse(source), package_dir)
+                if "." in m]
+
     seen: set[Path] = set()
-    todo = [package_dir / "__init__.py"]
-    todo += [package_dir / f"{m.split('.', 1)[1]}.py" for m in _srlib_imports(ast.parse(code), package_dir)
-             if "." in m]
+    todo = [package_dir / "__init__.py", *imported_files(code)]
     while todo:
         path = todo.pop()
         if path in seen or not path.is_file():
             continue
         seen.add(path)
-        todo += [package_dir / f"{m.split('.', 1)[1]}.py"
-                 for m in _srlib_imports(ast.parse(path.read_text()), package_dir) if "." in m]
+        todo += imported_files(path.read_text())
     return sorted(seen)
 
 
@@ -602,24 +604,28 @@ def chapter_fingerprint(source: Path, profile: str) -> str:
     return digest.hexdigest()
 
 
+def _stamp(paths: "BuildPaths", stem: str) -> dict:
+    """What the last execution of `stem` recorded (`fingerprint`, `seconds`); {} if nothing
+    readable was recorded."""
+    try:
+        stamp = json.loads(paths.fingerprint(stem).read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
+
+
 def last_seconds(paths: "BuildPaths", stem: str) -> float | None:
     """How long `stem` took when it last ran under this profile (whatever has changed since)."""
-    try:
-        return float(json.loads(paths.fingerprint(stem).read_text())["seconds"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    seconds = _stamp(paths, stem).get("seconds")
+    return float(seconds) if isinstance(seconds, (int, float)) else None
 
 
 def reusable(paths: "BuildPaths", stem: str, fingerprint: str) -> float | None:
     """The seconds a previous build took to execute `stem` when its executed copy and results
     are still there and its inputs have not changed since (`chapter_fingerprint`); else None."""
-    try:
-        stamp = json.loads(paths.fingerprint(stem).read_text())
-    except (OSError, ValueError):
-        return None
-    if (stamp.get("fingerprint") == fingerprint and paths.executed(stem).is_file()
+    if (_stamp(paths, stem).get("fingerprint") == fingerprint and paths.executed(stem).is_file()
             and paths.results(stem).is_file()):
-        return float(stamp.get("seconds", 0.0))
+        return last_seconds(paths, stem) or 0.0
     return None
 
 
@@ -784,7 +790,7 @@ def execute_chapters(sources: Sequence[Path], paths: BuildPaths, profile: str, *
     if rest:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = [pool.submit(run, source, position, fingerprint) for source, position, fingerprint in rest]
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            _, pending = wait(futures, return_when=FIRST_EXCEPTION)
             for future in pending:
                 future.cancel()
             for future in futures:
