@@ -95,6 +95,14 @@ def dataset_states(backbone, dataset: str, profile: Profile, *, layer: int | Non
                                max_pairs=max_pairs, seed=seed, progress=progress)[profile.position]
 
 
+def split_pairs(dataset: str, profile: Profile, *, max_pairs: int | None = None,
+                seed: int = 0) -> dict[str, list[PreferencePair]]:
+    """{split: pairs} of a built-in data set's train, val and test splits, each capped at
+    `max_pairs` (default: the profile's cap): the pairs `dataset_states` reads."""
+    cap = profile.max_pairs if max_pairs is None else max_pairs
+    return {split: load_pairs(f"{dataset}:{split}", seed=seed, max_pairs=cap) for split in ("train", "val", "test")}
+
+
 def states_at_positions(backbone, dataset: str, profile: Profile, positions: Sequence[str], *,
                         layer: int | None = None, max_pairs: int | None = None, seed: int = 0,
                         progress: bool = True) -> dict[str, DatasetStates]:
@@ -103,10 +111,8 @@ def states_at_positions(backbone, dataset: str, profile: Profile, positions: Seq
     from srlib.activations import pair_token_states
 
     layer = profile.layer if layer is None else layer
-    cap = profile.max_pairs if max_pairs is None else max_pairs
     splits: dict[str, dict[str, SplitStates]] = {position: {} for position in positions}
-    for split in ("train", "val", "test"):
-        pairs = load_pairs(f"{dataset}:{split}", seed=seed, max_pairs=cap)
+    for split, pairs in split_pairs(dataset, profile, max_pairs=max_pairs, seed=seed).items():
         read = pair_token_states(backbone, pairs, layer, positions=positions, max_length=profile.max_length,
                                  batch_size=profile.batch_size, progress=progress)
         for position, (chosen, rejected) in read.items():
@@ -125,10 +131,8 @@ def warm_states(backbone, dataset: str, profile: Profile, layers: Sequence[int],
     from srlib.activations import states_at_layers
     from srlib.backbone import format_pair
 
-    cap = profile.max_pairs if max_pairs is None else max_pairs
-    texts = [text for split in ("train", "val", "test")
-             for pair in load_pairs(f"{dataset}:{split}", seed=seed, max_pairs=cap)
-             for text in format_pair(backbone.tokenizer, pair)]
+    texts = [text for pairs in split_pairs(dataset, profile, max_pairs=max_pairs, seed=seed).values()
+             for pair in pairs for text in format_pair(backbone.tokenizer, pair)]
     states_at_layers(backbone, texts, layers, positions=positions or (profile.position,),
                      max_length=profile.max_length, batch_size=profile.batch_size, progress=progress)
 
