@@ -30,15 +30,15 @@ $(STAMP): pyproject.toml
 # A chapter whose notebook, srlib modules, libraries and data are unchanged since its last run
 # is reused; FORCE=1 executes every chapter.
 book: $(STAMP)
-	$(PY) -m srlib.book --profile $(PROFILE) --jobs $(JOBS) $(if $(FORCE),--force)
+	$(PY) -m bookbuild --profile $(PROFILE) --jobs $(JOBS) $(if $(FORCE),--force)
 
 # The smoke book that the browser test opens; warnings are errors here.
 book-smoke: $(STAMP)
-	$(PY) -m srlib.book --profile smoke --strict --jobs $(JOBS)
+	$(PY) -m bookbuild --profile smoke --strict --jobs $(JOBS)
 
 # MathJax 3 from npm into book/_static/mathjax (git-ignored); `make book` does this when missing.
 mathjax: $(STAMP)
-	$(PY) -m srlib.book --mathjax-only
+	$(PY) -m bookbuild --mathjax-only
 
 # Debian's headless Chromium for the browser test: installed only when missing and we are root;
 # without it the browser tests skip and say why.

@@ -4,7 +4,7 @@
 
 Copies the tracked files of this checkout into a scratch folder (so the builds start with no
 `_build/` and touch nothing here), points `SRLIB_CACHE_DIR` at an empty scratch cache, and runs
-`python -m srlib.book` there twice: the first build computes everything (SAEs, hidden states,
+`python -m bookbuild` there twice: the first build computes everything (SAEs, hidden states,
 generated answers, baselines), the second changes nothing and should reuse every chapter.
 Prints, per chapter, the seconds of each build and whether it was executed or reused (from
 `_build/<profile>/build-report.json`), then each build's wall-clock time.
@@ -46,7 +46,7 @@ def build(checkout: Path, cache: Path, profile: str, jobs: int) -> tuple[float, 
     """Run one book build in `checkout` with `cache`; (wall-clock seconds, chapter records)."""
     env = {**os.environ, "SRLIB_CACHE_DIR": str(cache), "PYTHONPATH": str(checkout)}
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "srlib.book", "--profile", profile, "--jobs", str(jobs)],
+    subprocess.run([sys.executable, "-m", "bookbuild", "--profile", profile, "--jobs", str(jobs)],
                    cwd=checkout, env=env, check=True)
     seconds = time.perf_counter() - started
     report = json.loads((checkout / "_build" / profile / "build-report.json").read_text())

@@ -1,4 +1,4 @@
-"""The book build (`srlib.book`): results JSON → tables, the toc ↔ notebook check, per-profile
+"""The book build (`bookbuild.py`) and the results schema (`srlib.results`): results JSON → tables, the toc ↔ notebook check, per-profile
 paths, the exercise tags, and one end-to-end build of a tiny book with papermill and Sphinx."""
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ import nbformat
 import pytest
 import torch
 
-from srlib import book
-from srlib.book import BuildError, BuildPaths, NotebookFailed
+import bookbuild as book
+from bookbuild import BuildError, BuildPaths, NotebookFailed
+from srlib import results
 from srlib.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,37 +115,37 @@ def test_float_format_applies_to_float_cells_only():
 ])
 def test_a_malformed_table_is_refused_with_its_name(bad, message):
     with pytest.raises(DataError, match=message) as err:
-        book.validate_results({"profile": "smoke", "tables": {"accuracy": bad}}, "03.results.json")
+        results.validate_results({"profile": "smoke", "tables": {"accuracy": bad}}, "03.results.json")
     assert "table 'accuracy'" in str(err.value)
 
 
 def test_results_need_a_profile_and_tables():
     with pytest.raises(DataError, match="profile"):
-        book.validate_results({"tables": {}}, "x")
+        results.validate_results({"tables": {}}, "x")
     with pytest.raises(DataError, match="tables"):
-        book.validate_results({"profile": "cpu"}, "x")
+        results.validate_results({"profile": "cpu"}, "x")
 
 
 def test_write_results_round_trips_and_writes_nothing_without_a_path(tmp_path):
-    tab = book.table(["method", "accuracy", "n"],
+    tab = results.table(["method", "accuracy", "n"],
                      [["SparseRM", torch.tensor(0.5).item(), torch.tensor(3)], ["nan", math.nan, 0]],
                      "Accuracy")
     assert tab["rows"] == [["SparseRM", 0.5, 3], ["nan", None, 0]]
     metrics = {"seconds": 1.5, "seeds": (0, 1), "scores": torch.tensor([0.5, math.inf]),
                "records": [{"acc": torch.tensor(0.25)}], "path": tmp_path / "rm"}
-    path = book.write_results(tmp_path / "x" / "03.results.json", profile="smoke",
+    path = results.write_results(tmp_path / "x" / "03.results.json", profile="smoke",
                               tables={"accuracy": tab}, metrics=metrics)
-    data = book.load_results(path)
+    data = results.load_results(path)
     assert data == {"profile": "smoke", "tables": {"accuracy": tab},
                     "metrics": {"seconds": 1.5, "seeds": [0, 1], "scores": [0.5, None],
                                 "records": [{"acc": 0.25}], "path": str(tmp_path / "rm")}}
-    assert book.write_results("", profile="smoke", tables={}) is None
+    assert results.write_results("", profile="smoke", tables={}) is None
 
 
 def test_a_data_frame_becomes_a_table():
     pd = pytest.importorskip("pandas")
     frame = pd.DataFrame({"accuracy": [0.8, 0.7]}, index=pd.Index(["SparseRM", "DenseRM"], name="method"))
-    tab = book.frame_table(frame, "Accuracy", index=True)
+    tab = results.frame_table(frame, "Accuracy", index=True)
     assert tab["columns"] == ["method", "accuracy"]
     assert tab["rows"] == [["SparseRM", 0.8], ["DenseRM", 0.7]]
 
@@ -153,7 +154,7 @@ def test_invalid_json_is_reported_with_its_line(tmp_path):
     path = tmp_path / "bad.results.json"
     path.write_text('{"profile": "cpu",\n "tables": }')
     with pytest.raises(DataError, match="line 2"):
-        book.load_results(path)
+        results.load_results(path)
 
 
 def test_the_results_page_gets_a_section_per_chapter_in_order():
@@ -349,7 +350,7 @@ def test_with_two_jobs_the_longest_chapters_start_first(tmp_path, monkeypatch):
 def test_the_fingerprint_follows_srlib_imports_and_the_data_files(tmp_path, monkeypatch):
     closure = {p.name for p in book.srlib_closure("from srlib.evaluate import compare_paired")}
     assert {"__init__.py", "evaluate.py", "data.py", "errors.py"} <= closure  # evaluate imports data
-    assert "cli.py" not in closure and "book.py" not in closure
+    assert "cli.py" not in closure and "results.py" not in closure
     assert {p.name for p in book.srlib_closure("from srlib import plots")} >= {"plots.py"}
     source = _chapters(tmp_path, 1)[0]
     data = tmp_path / "data"
@@ -408,7 +409,7 @@ def _tiny_book(root: Path, notebook_source: str) -> None:
     nbformat.write(nb, root / "notebooks" / "01_demo.ipynb")
 
 
-WRITES_RESULTS = """from srlib.book import table, write_results
+WRITES_RESULTS = """from srlib.results import table, write_results
 write_results(RESULTS_PATH, profile=PROFILE, tables={
     "accuracy": table(["method", "accuracy"], [["SparseRM", 0.5]], "Demo accuracy on " + PROFILE)})"""
 

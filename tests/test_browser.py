@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from srlib.book import BuildPaths, read_toc
+from bookbuild import BuildPaths, read_toc
 
 pytestmark = pytest.mark.browser
 
@@ -98,7 +98,7 @@ def _run_chromium(*args: str) -> str:
 def html_dir() -> Path:
     _chromium()
     if not (PATHS.html / "index.html").is_file():
-        subprocess.run([sys.executable, "-m", "srlib.book", "--profile", "smoke"], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "bookbuild", "--profile", "smoke"], cwd=ROOT, check=True)
     return PATHS.html
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from srlib import book, checks
+import bookbuild as book
+from srlib import checks
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from srlib.book import BuildPaths, chapter_stems, load_results, read_toc
+from bookbuild import BuildPaths, chapter_stems, read_toc
+from srlib.results import load_results
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -53,7 +54,7 @@ def test_notebook_runs_under_the_smoke_profile(path, tmp_path):
     paths = BuildPaths(ROOT, "smoke")
     executed, results = paths.executed(path.stem), paths.results(path.stem)
     if not (executed.is_file() and results.is_file() and executed.stat().st_mtime >= path.stat().st_mtime):
-        from srlib.book import execute_notebook
+        from bookbuild import execute_notebook
 
         executed, results = tmp_path / path.name, tmp_path / (path.stem + ".results.json")
         execute_notebook(path, executed, results, "smoke")
