@@ -36,6 +36,7 @@ from srlib.backbone import backbone_for_profile, format_pair
 from srlib.baselines import (METHOD_LABELS, METHODS, baseline_settings, baseline_trials, measure_cost,
                              trainable_parameters)
 from srlib.errors import SrlibError
+from srlib.evaluate import mean_sd
 from srlib.data_efficiency import fit_feature_rm
 from srlib.experiments import DATASET_LABELS, dataset_states
 from srlib.profiles import DEFAULT_PROFILE, get_profile
@@ -43,11 +44,9 @@ from srlib.reward import RewardHead, pair_accuracy
 from srlib.sae import sae_for_profile
 
 
-def spread(values: list[float], fmt: str = ".2f") -> str:
-    """"mean ± sd" (just the mean for one value)."""
-    if len(values) == 1:
-        return format(values[0], fmt)
-    return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+def spread(values: list[float], digits: int = 2) -> str:
+    """`srlib.evaluate.mean_sd` of the values (sample sd; just the mean for one value)."""
+    return mean_sd(statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None, digits=digits)
 
 
 def print_table(title: str, header: list[str], rows: list[list]) -> None:
@@ -89,7 +88,7 @@ def fit_rows(states, sae, k: int, seeds: list[int], subset: int,
                                                     model.score_states(part.test.rejected)))
             name = f"{'SparseRM' if features == 'projection' else 'DenseRM'} ({which})"
             means[name] = statistics.mean(seconds)
-            rows.append([name, len(part.train), spread(seconds), spread(growth, ".0f"), spread(accuracy, ".1f")])
+            rows.append([name, len(part.train), spread(seconds), spread(growth, 0), spread(accuracy, 1)])
     return rows, means
 
 
@@ -137,10 +136,10 @@ def baseline_rows(backbone, dataset: str, args, settings: dict, total: int, spar
             continue
         seconds = part["fit_seconds"].tolist()
         trained = part["n_train_pairs"].iloc[0] > 0
-        rows.append([METHOD_LABELS[method], len(part), spread((100 * part["test_accuracy"]).tolist(), ".1f"),
+        rows.append([METHOD_LABELS[method], len(part), spread((100 * part["test_accuracy"]).tolist(), 1),
                      f"{int(part['trainable_parameters'].iloc[0]):,}",
                      f"{100 * part['trainable_parameters'].iloc[0] / total:.3f}",
-                     spread(seconds, ".0f") if trained else "–",
+                     spread(seconds, 0) if trained else "–",
                      f"{statistics.mean(seconds) / sparse_seconds:,.0f}×" if trained else "–",
                      f"{part['peak_rss_mb'].mean():.0f} / +{part['rss_increase_mb'].mean():.0f}",
                      f"{part['pairs_per_second'].mean():.2f}"])

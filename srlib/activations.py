@@ -36,7 +36,6 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -429,24 +428,42 @@ def _padded_width(n_tokens: int) -> int:
     return (n_tokens // _PAD_MULTIPLE + 1) * _PAD_MULTIPLE
 
 
+def length_batches(lengths: Sequence[int], batch_size: int, *, longest_first: bool = False,
+                   equal_lengths: bool = False) -> list[list[int]]:
+    """Indices of `lengths` grouped into batches of up to `batch_size` items of similar length,
+    so a batch pads little; the one home of srlib's length-sorted batching.
+
+    Items are sorted by length (a stable sort: equal lengths keep their order), shortest first
+    or with `longest_first`, and cut into consecutive batches. With `equal_lengths` a batch
+    never mixes two lengths (a shorter last batch per length instead), so what a batch holds
+    never changes the width an item is padded to.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i] if longest_first else lengths[i])
+    if not equal_lengths:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches: list[list[int]] = []
+    for index in order:
+        if not batches or len(batches[-1]) == batch_size or lengths[batches[-1][-1]] != lengths[index]:
+            batches.append([])
+        batches[-1].append(index)
+    return batches
+
+
 def _batches(encoded: Sequence[_Encoded], batch_size: int, pad_id: int
              ) -> Iterator[tuple[list[int], Tensor, Tensor]]:
     """(rows, input_ids, attention_mask) of up to `batch_size` texts of one padded width
     (`_padded_width`), right-padded, widest first: a text's shapes do not depend on its batch."""
-    by_width: dict[int, list[int]] = defaultdict(list)
-    for row, text in enumerate(encoded):
-        by_width[_padded_width(len(text.ids))].append(row)
-    for width in sorted(by_width, reverse=True):
-        same = by_width[width]
-        for start in range(0, len(same), batch_size):
-            rows = same[start:start + batch_size]
-            input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, row in enumerate(rows):
-                n = len(encoded[row].ids)
-                input_ids[j, :n] = torch.tensor(encoded[row].ids)
-                attention_mask[j, :n] = 1
-            yield rows, input_ids, attention_mask
+    widths = [_padded_width(len(text.ids)) for text in encoded]
+    for rows in length_batches(widths, batch_size, longest_first=True, equal_lengths=True):
+        input_ids = torch.full((len(rows), widths[rows[0]]), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), widths[rows[0]]), dtype=torch.long)
+        for j, row in enumerate(rows):
+            n = len(encoded[row].ids)
+            input_ids[j, :n] = torch.tensor(encoded[row].ids)
+            attention_mask[j, :n] = 1
+        yield rows, input_ids, attention_mask
 
 
 def _forward_batches(backbone: Backbone, encoded: Sequence[_Encoded], layer: int, batch_size: int

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from srlib.activations import length_batches
 from srlib.backbone import left_pad
 from srlib.data import (
     PreferencePair,
@@ -331,12 +332,11 @@ def generate_responses(
     the same answers. Answers are decoded without special tokens and stripped.
     """
     encoded = [prompt_ids(tokenizer, c) for c in conversations]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
     answers: list[str] = [""] * len(encoded)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = length_batches([len(ids) for ids in encoded], batch_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):

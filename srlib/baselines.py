@@ -79,11 +79,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
+from srlib.activations import length_batches
 from srlib.backbone import format_text, left_pad
 from srlib.data import prompt_messages, prompt_text
 from srlib.cache import check_safetensors, read_json, warn_recomputing
 from srlib.errors import ConfigError, DamagedFileError, DataError, one_line
-from srlib.evaluate import _sequence_logprobs, pair_outcomes, prompt_ids
+from srlib.evaluate import mean_sd, pair_outcomes, prompt_ids, sequence_logprobs
 from srlib.paths import atomic_path, cache_dir
 from srlib.reward import CONFIG_NAME, RewardModel, damaged_remedy, is_saved_reward_model, pair_accuracy
 
@@ -279,12 +280,6 @@ def _right_pad(batch: Sequence[list[int]], pad_id: int) -> tuple[Tensor, Tensor]
     return input_ids, attention
 
 
-def _length_batches(sequences: Sequence[list[int]], batch_size: int) -> list[list[int]]:
-    """Indices grouped into batches of similar length (less padding)."""
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 @contextlib.contextmanager
 def _peft_wrapping() -> Iterator[None]:
     """Around code that wraps a model with a LoRA adapter (peft's `get_peft_model` directly
@@ -478,7 +473,7 @@ class StandardRM(RewardModel):
             raise ConfigError(f"text {bad[0]} is empty or ends with the pad token, which the classifier skips")
         out = torch.empty(len(sequences), dtype=torch.float32)
         device = next(self.model.parameters()).device
-        batches = _length_batches(sequences, self.settings.scoring_batch_size)
+        batches = length_batches([len(s) for s in sequences], self.settings.scoring_batch_size)
         for batch in tqdm(batches, desc=f"{type(self).__name__} scores", disable=not progress, leave=False):
             input_ids, attention = _right_pad([sequences[i] for i in batch], self.pad_id)
             logits = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
@@ -654,7 +649,7 @@ def _next_token_logits(model, sequences: list[list[int]], token_ids: list[int], 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    for batch in tqdm(_length_batches(sequences, batch_size), desc=desc, disable=not progress, leave=False):
+    for batch in tqdm(length_batches([len(s) for s in sequences], batch_size), desc=desc, disable=not progress, leave=False):
         input_ids, attention = left_pad([sequences[i] for i in batch], pad_id)
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
@@ -818,7 +813,7 @@ class LogProbPreference(RewardModel):
         """Mean log-prob per response token of the chosen and of the rejected responses."""
         pairs = list(pairs)
         items = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-        scores = _sequence_logprobs(self.backbone.model, self.backbone.tokenizer, items, normalize=True,
+        scores = sequence_logprobs(self.backbone.model, self.backbone.tokenizer, items, normalize=True,
                                     batch_size=self.settings.scoring_batch_size,
                                     max_length=self.settings.max_length, progress=progress,
                                     desc="mean log-probs")
@@ -1104,9 +1099,7 @@ def comparison_table(trials, backbone_parameters: int):
 
     def label(values) -> str:
         values = values.dropna() * 100
-        if values.empty:
-            return "–"
-        return f"{values.mean():.1f} ± {values.std():.1f}" if len(values) > 1 else f"{values.mean():.1f}"
+        return mean_sd(values.mean(), values.std())
 
     rows = []
     for (dataset, variant), group in data.groupby(["dataset", "variant"], sort=False):

@@ -29,6 +29,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 from trl.data_utils import common_prefix_length
 
+from srlib.activations import length_batches
 from srlib.backbone import left_pad
 from srlib.data import prompt_messages
 from srlib.errors import ConfigError
@@ -92,7 +93,7 @@ def split_prompt_response(
 
 
 @torch.no_grad()
-def _sequence_logprobs(
+def sequence_logprobs(
     model: "PreTrainedModel",
     tokenizer: "PreTrainedTokenizerBase",
     items: Sequence[tuple[str, str]],
@@ -116,13 +117,12 @@ def _sequence_logprobs(
         r = r[: max_length - 1]
         p = p[-(max_length - len(r)):]
         encoded.append((p, r))
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]) + len(encoded[i][1]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = torch.empty(len(encoded), dtype=torch.float32)
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = length_batches([len(p) + len(r) for p, r in encoded], batch_size)
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         seqs = [encoded[i][0] + encoded[i][1] for i in batch]
         resp_width = max(len(encoded[i][1]) for i in batch)
@@ -161,7 +161,7 @@ def response_logprobs(
     The sum over the response tokens (TruthfulQA's and DPO's quantity), or with
     `normalize=True` the mean per token.
     """
-    return _sequence_logprobs(
+    return sequence_logprobs(
         model, tokenizer, [(prompt, r) for r in responses], normalize=normalize,
         batch_size=batch_size, max_length=max_length, progress=False, desc="log-probs",
     )
@@ -176,6 +176,16 @@ def mean_se(values: torch.Tensor) -> float:
     """Standard error of the mean of per-item values."""
     n = values.numel()
     return float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+
+
+def mean_sd(mean: float, sd: float | None = None, *, digits: int = 1) -> str:
+    """The book's one "mean ± sd" label, `digits` decimals each: "71.0 ± 1.2"; just the mean
+    when there is no spread to show (`sd` None or NaN: one seed), "–" when there is no mean."""
+    if mean is None or math.isnan(mean):
+        return "–"
+    if sd is None or math.isnan(sd):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
 def mc_scores(
@@ -234,7 +244,7 @@ def truthfulqa_mc(
         start = len(items)
         items += [(q.question, a) for a in correct + incorrect]
         layout.append((start, len(correct), len(incorrect)))
-    scores = _sequence_logprobs(
+    scores = sequence_logprobs(
         model, tokenizer, items, normalize=False, batch_size=batch_size,
         max_length=max_length, progress=progress, desc="TruthfulQA MC",
     )
@@ -275,7 +285,7 @@ def pairwise_logprob_accuracy(
     if not pairs:
         raise ValueError("pairwise_logprob_accuracy needs at least one pair")
     items = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-    scores = _sequence_logprobs(
+    scores = sequence_logprobs(
         model, tokenizer, items, normalize=normalize, batch_size=batch_size,
         max_length=max_length, progress=progress, desc="pairwise log-probs",
     )

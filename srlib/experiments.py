@@ -31,7 +31,7 @@ from srlib.data import PreferencePair, load_pairs
 from srlib.directions import Directions, select_directions
 from srlib.errors import ConfigError
 from srlib.profiles import Profile
-from srlib.evaluate import PairedComparison, compare_paired, pair_outcomes
+from srlib.evaluate import PairedComparison, compare_paired, mean_sd, pair_outcomes
 from srlib.reward import DenseRM, FeatureRM, SparseRM, pair_accuracy
 
 #: How the book names the data sets (the paper's names, with what the data here really is).
@@ -308,7 +308,7 @@ def summarize(trials, by: Sequence[str] = ("dataset", "variant"), *, value: str,
     table["mean"] *= scale
     table["std"] *= scale
     table["se"] = table["std"] / table["count"] ** 0.5
-    table["label"] = [f"{m:.1f} ± {s:.1f}" if s == s else f"{m:.1f}" for m, s in zip(table["mean"], table["std"])]
+    table["label"] = [mean_sd(m, s) for m, s in zip(table["mean"], table["std"])]
     if value.startswith("test_") and "test_ties" in trials and trials["test_ties"].notna().any():
         table["ties"] = 100 * trials.groupby(list(by), sort=False)["test_ties"].mean().to_numpy()
         table["label"] = [f"{label} (ties {t:.1f}%)" if t > 0 else label

@@ -73,7 +73,7 @@ def _patch_scores(monkeypatch, table: dict[tuple[str, str], float]):
         calls.append(list(items))
         return torch.tensor([table[item] for item in items], dtype=torch.float32)
 
-    monkeypatch.setattr(ev, "_sequence_logprobs", fake)
+    monkeypatch.setattr(ev, "sequence_logprobs", fake)
     return calls
 
 
