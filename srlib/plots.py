@@ -410,3 +410,17 @@ def deletion_curves(frames: Mapping[str, object], *, title: str):
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def separation_histogram(nabla, null, fires, *, title: str):
+    """Eq. 9's scores ∇ of the latents that fire (`fires`, a boolean mask) beside the scores they
+    get with chosen and rejected swapped in half the pairs (`null`), on a log count axis that
+    still shows single latents."""
+    import torch
+
+    n = int(fires.sum())
+    fig = histogram(torch.cat([nabla[fires], null[fires]]).tolist(), bins=60, log=True, title=title,
+                    hue=["real labels"] * n + ["chosen/rejected swapped in half the pairs"] * n,
+                    xlabel="∇ = μ_w − μ_l (share of answers)")
+    fig.axes[0].set_ylim(bottom=0.5)
+    return fig

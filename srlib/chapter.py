@@ -1,0 +1,228 @@
+"""One call that sets a chapter up: the profile with the chapter's overrides, the backbone, its
+SAE, and the sizes the chapter runs at.
+
+Every chapter of the book starts the same way (read the profile, move it to the chosen layer,
+load the backbone and the SAE, print what was loaded, warn when the numbers mean nothing); this
+module is the one place that does it, so a chapter's first code cell is one line:
+
+    ch = setup(PROFILE, layer=LAYER, k=K, seeds=SEEDS, datasets=DATASETS)
+
+A parameter left at `None` falls back to the profile (`srlib.profiles`). Below the setup are
+the small measurements the early chapters take on the loaded SAE and states (held-out
+reconstruction, which latents answers share); the tables and sentences that show them are in
+`srlib.present`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from srlib.backbone import Backbone, backbone_for_profile
+from srlib.data import PreferencePair
+from srlib.experiments import DATASET_LABELS, DatasetStates, dataset_states, top_latents
+from srlib.profiles import Profile, get_profile
+from srlib.sae import sae_for_profile
+
+#: What the smoke profile's banner says, above every chapter run under it.
+SMOKE_BANNER = ("> **Smoke profile:** a tiny random model and a tiny SAE: the code runs end to end, "
+                "but every number in this chapter is meaningless.")
+
+
+@dataclass(frozen=True)
+class Chapter:
+    """What a chapter works with: the profile (at the chapter's layer and K), the frozen backbone
+    and SAE, and the seeds and data sets of its tables."""
+
+    profile: Profile
+    backbone: Backbone
+    sae: Any
+    seeds: tuple[int, ...]
+    datasets: tuple[str, ...]
+
+    @property
+    def k(self) -> int:
+        """Latents selected per side (the head reads 2K numbers)."""
+        return self.profile.k
+
+    @property
+    def d_sae(self) -> int:
+        """The SAE's number of latents M."""
+        return int(self.sae.cfg.d_sae)
+
+    def states(self, names: Sequence[str], *, max_pairs: int | None = None) -> dict[str, DatasetStates]:
+        """{data set: train/val/test states at the profile's layer and read position}, each data
+        set once (extracted once, then read from the activation cache)."""
+        return {name: dataset_states(self.backbone, name, self.profile, max_pairs=max_pairs, progress=False)
+                for name in dict.fromkeys(names)}
+
+    def header(self) -> str:
+        """One line saying what was loaded: model, layer, width, read position, SAE, K and seeds."""
+        p, b = self.profile, self.backbone
+        return (f"profile {p.name}: {b.model_id}, layer {p.layer} of {b.num_layers} blocks, "
+                f"d = {b.hidden_size}, read at the {p.position!r} token; SAE with {self.d_sae:,} latents "
+                f"({p.sae_source}); K = {self.k} (2K = {2 * self.k} head inputs); seeds {self.seeds}")
+
+
+def label(dataset: str) -> str:
+    """How the book names a data set (`srlib.experiments.DATASET_LABELS`)."""
+    return DATASET_LABELS.get(dataset, dataset)
+
+
+def setup(profile: str | Profile, *, layer: int | None = None, k: int | None = None,
+          seeds: Sequence[int] | None = None, datasets: Sequence[str] | None = None,
+          single_thread: bool = True, show: bool = True) -> Chapter:
+    """Load what a chapter needs under `profile`, with its overrides (None: the profile's).
+
+    `single_thread` sets torch to one thread first: the reward heads and the SAE's small
+    matrices gain nothing from a second thread, and lose much when other processes share the
+    CPU. A chapter that extracts many hidden states passes False and sets it after extraction.
+    `show` prints the header line and, under the smoke profile, the banner saying the numbers
+    mean nothing.
+    """
+    # tqdm.auto looks for Jupyter widgets, which the book does not use; its warning says nothing here.
+    from tqdm import TqdmWarning
+
+    warnings.filterwarnings("ignore", message="IProgress not found", category=TqdmWarning)
+    if single_thread:
+        torch.set_num_threads(1)
+    base = get_profile(profile) if isinstance(profile, str) else profile
+    base = base.at_layer(layer)
+    if k is not None:
+        base = base.replace(k=k)
+    backbone = backbone_for_profile(base, progress=False)
+    sae = sae_for_profile(base, backbone, progress=False)
+    chapter = Chapter(profile=base, backbone=backbone, sae=sae,
+                      seeds=tuple(base.seeds if seeds is None else seeds),
+                      datasets=tuple(base.datasets if datasets is None else datasets))
+    if show:
+        print(chapter.header())
+        if base.name == "smoke":
+            from IPython.display import Markdown, display
+
+            display(Markdown(SMOKE_BANNER))
+    return chapter
+
+
+# --------------------------------------------------------------------------- what chapter 1 measures on the SAE
+
+
+@dataclass
+class HeldoutStates:
+    """Validation text the SAE never saw: every token of some texts, and the last-token state of
+    every validation answer per data set (the states a reward model reads)."""
+
+    texts: list[str]
+    tokens: Tensor
+    last: dict[str, Tensor]
+
+    @property
+    def all_last(self) -> Tensor:
+        """The last-token states of every data set, stacked."""
+        return torch.cat(list(self.last.values()))
+
+
+def heldout_states(backbone, profile: Profile, n_texts: int) -> HeldoutStates:
+    """The validation answers' last-token states of each profile data set, and every token of
+    `n_texts` validation texts per data set (chosen and rejected answers of its first pairs)."""
+    from srlib.activations import iter_token_activations
+    from srlib.backbone import format_pair
+
+    texts, last = [], {}
+    for name in profile.datasets:
+        val = dataset_states(backbone, name, profile, progress=False).val
+        last[name] = torch.cat([val.chosen, val.rejected])
+        texts += [text for pair in val.pairs[: max(n_texts // 2, 1)] for text in format_pair(backbone.tokenizer, pair)]
+    tokens = torch.cat(list(iter_token_activations(backbone, texts, profile.layer, max_length=profile.max_length,
+                                                   batch_size=profile.batch_size, progress=False)))
+    return HeldoutStates(texts, tokens, last)
+
+
+def heldout_reports(sae, heldout: HeldoutStates) -> dict:
+    """{where: `srlib.sae.SAEReport`}: the SAE over every held-out token, at the last token of all
+    data sets and of each, and (for an SAE trained here) on the slice of its corpus it held out."""
+    from srlib.sae import SAEReport, sae_info, sae_report
+
+    reports = {"every token, validation texts": sae_report(sae, heldout.tokens),
+               "last token, validation answers (all data sets)": sae_report(sae, heldout.all_last)}
+    for name, states in heldout.last.items():
+        reports[f"last token, {DATASET_LABELS.get(name, name)} validation answers"] = sae_report(sae, states)
+    info = sae_info(sae)
+    if info is not None:
+        reports["every token, the SAE's held-out corpus slice"] = SAEReport(**info["heldout"]["all_tokens"])
+        reports["last token, the SAE's held-out corpus slice"] = SAEReport(**info["heldout"]["last_tokens"])
+    return reports
+
+
+def one_pair_per_question(pairs: Sequence[PreferencePair]) -> list[int]:
+    """The index of the first pair of each question, in order of first appearance."""
+    first: dict[str, int] = {}
+    for i, pair in enumerate(pairs):
+        first.setdefault(pair.group_id, i)
+    return list(first.values())
+
+
+def recurring_latents(latents_w: Tensor, latents_l: Tensor, rows: Sequence[int], n: int) -> list[int]:
+    """Latents among the `n` strongest that a chosen answer fires and its rejected answer does
+    not, which recur in more than one of `rows`, most frequent first."""
+    from collections import Counter
+
+    counts = Counter(j for i in rows for j, _ in top_latents(
+        torch.where(latents_l[i] > 0, 0.0, latents_w[i])[None], n)[0])
+    return [j for j, count in counts.most_common() if count > 1]
+
+
+def shared_latents(latents_w: Tensor, latents_l: Tensor, groups: Sequence[str]) -> dict[str, float]:
+    """How many latents a chosen answer fires (`fired`), and shares with the rejected answer to
+    the same question (`same_question`) and, on average, to another question (`other_question`)."""
+    on_w, on_l = (latents_w > 0).float(), (latents_l > 0).float()
+    shared = on_w @ on_l.T  # [i, j]: latents that chosen answer i and rejected answer j both fire
+    other = torch.tensor([[a != b for b in groups] for a in groups])
+    return {"fired": on_w.sum(1).float().mean().item(), "same_question": shared.diagonal().mean().item(),
+            "other_question": shared[other].mean().item()}
+
+
+# --------------------------------------------------------------------------- what chapter 2 measures on a selection
+
+
+def selection_against_chance(directions, null: Tensor) -> dict[str, Any]:
+    """How a top-K selection's separation scores compare with chance.
+
+    `null`: the scores after swapping chosen and rejected in a random half of the pairs
+    (`srlib.experiments.shuffled_separation`). Among the latents that fire on some answer: how
+    many there are (`firing`), the correlation of their two frequencies, the largest |score|
+    under the shuffle (`chance`), how many real |∇| exceed it (`beyond`), how many selected
+    latents per side score no higher (`below_w`, `below_l`) and how many score zero or less
+    (`flat`, picked by the tie-break); with the strongest and the K-th selected score per side.
+    """
+    mu_w, mu_l = directions.mu_w, directions.mu_l
+    fires = (mu_w > 0) | (mu_l > 0)
+    chance = null[fires].abs().max().item()
+    return {"firing": int(fires.sum()),
+            "correlation": torch.corrcoef(torch.stack([mu_w[fires], mu_l[fires]]))[0, 1].item(),
+            "chance": chance, "beyond": int(((mu_w - mu_l).abs() > chance).sum()),
+            "below_w": int((directions.scores_w <= chance).sum()), "below_l": int((directions.scores_l <= chance).sum()),
+            "flat": int((directions.scores_w <= 0).sum() + (directions.scores_l <= 0).sum()),
+            "top_w": directions.scores_w[0].item(), "top_l": directions.scores_l[0].item(),
+            "kth_w": directions.scores_w[-1].item(), "kth_l": directions.scores_l[-1].item()}
+
+
+def both_fire_share(latents_w: Tensor, latents_l: Tensor, latents: Tensor) -> float:
+    """The mean share of pairs on which both answers fire each of `latents`."""
+    return ((latents_w > 0) & (latents_l > 0)).float().mean(0)[latents].mean().item()
+
+
+def stability_runs(sae, latents_w: Tensor, latents_l: Tensor, groups: Sequence[str], ks: Sequence[int],
+                   seeds: Sequence[int]):
+    """`srlib.experiments.selection_stability` once per seed of the half split, one table with a
+    `seed` column (one row per K and seed)."""
+    import pandas as pd
+
+    from srlib.experiments import selection_stability
+
+    return pd.concat([selection_stability(sae, latents_w, latents_l, groups, ks, seed=s).assign(seed=s)
+                      for s in seeds])

@@ -1,0 +1,198 @@
+"""The book's tables and result sentences: the end of the data flow.
+
+Every function here takes values a chapter has already computed (reports, trial tables,
+summaries, verdicts) and formats them: a pandas table styled for the book, or a Markdown
+sentence that states an outcome from the numbers. Nothing here fits, samples or measures, so a
+chapter's figures and conclusions stay tied to its run, and changing how a result reads is a
+change in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+from IPython.display import Markdown
+
+from srlib.evaluate import mean_sd
+from srlib.experiments import DATASET_LABELS
+
+
+def label(dataset: str) -> str:
+    """How the book names a data set."""
+    return DATASET_LABELS.get(dataset, dataset)
+
+
+def show(frame: pd.DataFrame, formats: Mapping[str, str] | None = None, *, links: bool = False):
+    """`frame` styled as the book's tables: columns formatted by `formats`, no index column,
+    links clickable when `links`."""
+    style = frame.style.format(dict(formats or {}), hyperlinks="html" if links else None)
+    return style.hide(axis="index").set_table_attributes('class="dataframe"')
+
+
+# --------------------------------------------------------------------------- chapter 1: the SAE
+
+
+def sae_summary(sae, profile) -> str:
+    """How the profile's SAE was trained and on what corpus (for an SAE trained here), and its size."""
+    from srlib.sae import sae_info
+
+    lines = []
+    training = profile.sae_training
+    if training is not None:
+        lines.append(f"TopK SAE: k = {training.k} latents per token, {training.d_sae} latents, "
+                     f"{training.training_tokens:,} training tokens, batch {training.batch_size}, "
+                     f"lr {training.lr} → {training.lr_end}; share of last-token samples {training.last_token_share}")
+    info = sae_info(sae)
+    if info is not None:
+        corpus, run = info["corpus"], info["training"]
+        lines.append(f"corpus: {corpus['description']}")
+        lines.append(f"{corpus['n_train_texts']:,} training texts ({corpus['n_heldout_texts']:,} more held out): "
+                     f"{run['token_rows']:,} token rows and {run['last_token_rows']:,} last-token rows; "
+                     f"{run['samples_seen']:,} samples seen")
+    lines.append(f"numbers in the SAE: {sum(p.numel() for p in sae.parameters()):,}")
+    return "\n".join(lines)
+
+
+def sae_quality(reports: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per set of hidden states: rows, L0, FVE and the share of dead latents (%)."""
+    return pd.DataFrame([{"hidden states": where, "rows": r.n, "L0": r.l0, "FVE": r.fve,
+                          "dead latents (%)": 100 * r.dead_fraction} for where, r in reports.items()])
+
+
+SAE_QUALITY_FORMATS = {"L0": "{:.1f}", "FVE": "{:.3f}", "dead latents (%)": "{:.1f}", "rows": "{:,}"}
+
+
+def sae_quality_text(reports: Mapping[str, Any], n_texts: int, d_sae: int) -> Markdown:
+    """The quality table in one sentence: FVE and L0 over every token and at the last token."""
+    every, last = reports["every token, validation texts"], reports["last token, validation answers (all data sets)"]
+    return Markdown(
+        f"Over every token of {n_texts:,} validation texts ({every.n:,} tokens) the SAE explains "
+        f"**{every.fve:.1%}** of the variance with **{every.l0:.1f}** active latents per token; at the "
+        f"{last.n:,} last-token positions the reward model reads it explains **{last.fve:.1%}**. "
+        f"{every.dead_fraction:.1%} of the {d_sae:,} latents never fire on these tokens.")
+
+
+def sparsity_text(stats: Mapping[str, Any], d_sae: int) -> Markdown:
+    """Chapter 1's sparsity panels in one sentence: latents per token and the most frequent latent."""
+    l0 = stats["every token"].active_per_row.float()
+    return Markdown(
+        (f"Every token has exactly {l0.max():.0f} active latents. " if l0.min() == l0.max() else
+         f"Per token, between {l0.min():.0f} and {l0.max():.0f} latents fire (mean {l0.mean():.1f}). ") +
+        f"The most frequent latent fires on {stats['every token'].frequency.max():.1%} of tokens and on "
+        f"{stats['last token'].frequency.max():.1%} of last-token states; "
+        f"{int((stats['last token'].frequency > 0).sum()):,} of the {d_sae:,} latents fire at least once "
+        "at the last token.")
+
+
+def sharing_text(recurring: Sequence[int], shared: Mapping[str, float], n_pairs: int, dataset: str) -> Markdown:
+    """What chosen and rejected answers share (`srlib.experiments.shared_latents`), and which of
+    the chosen answers' own latents recur across questions."""
+    text = ""
+    if recurring:
+        text = (f"Among the chosen answers' own latents, {', '.join(map(str, recurring))} recur across "
+                "different questions: candidates for a preference signal, which chapter 2 tests on every "
+                "training pair.\n\n")
+    return Markdown(text + (
+        f"Over the {n_pairs:,} training pairs of {label(dataset)}, "
+        f"a chosen answer fires {shared['fired']:.1f} latents and shares **{shared['same_question']:.1f}** of them "
+        f"with the rejected answer to the same question, against {shared['other_question']:.1f} with a rejected "
+        "answer to another question. Part of an answer's code is about its question; the preference, if it is "
+        "there, lies in latents that differ between the two answers, which chapter 2 counts."))
+
+
+# --------------------------------------------------------------------------- chapter 2: the selection
+
+
+def frequency_text(chance: Mapping[str, Any], d_sae: int) -> Markdown:
+    """How many latents fire and how correlated their two frequencies are
+    (`srlib.chapter.selection_against_chance`)."""
+    return Markdown(
+        f"{chance['firing']:,} of the {d_sae:,} latents fire on at least one training answer. Their "
+        f"frequencies on the two sides have a correlation of {chance['correlation']:.3f} (1 would mean that chosen "
+        "and rejected answers switch every latent on equally often).")
+
+
+def chance_text(chance: Mapping[str, Any], k: int) -> Markdown:
+    """The selected scores against the label-shuffle's chance level, in words."""
+    below, flat = chance["below_w"] + chance["below_l"], chance["flat"]
+    return Markdown(
+        f"The strongest latents reach ∇ = {chance['top_w']:.3f} and Δ = {chance['top_l']:.3f}; "
+        f"the {k}-th selected score is {chance['kth_w']:.3f} (∇) and {chance['kth_l']:.3f} (Δ). With the labels "
+        f"swapped at random no latent exceeds |∇| = {chance['chance']:.3f}; {chance['beyond']:,} latents do with the "
+        f"real labels. Of the {k} selected latents per side, {chance['below_w']} (I_w) and {chance['below_l']} (I_l) "
+        "score no higher than that chance level"
+        + (f", and {flat} score zero or less: they fire no more often on their side than on the other and are "
+           "picked only by the tie-break" if flat else "")
+        + (". Their directions carry no more preference signal than the sample's noise; chapter 4 compares "
+           "top-K directions with random ones." if below else "."))
+
+
+def top_latents(directions, n: int, sae_source: str) -> pd.DataFrame:
+    """The `n` strongest selected latents per side: rank, score, both frequencies and, where the
+    SAE has one, the link to its public dashboard."""
+    from srlib.experiments import neuronpedia_url
+
+    rows = []
+    for side, indices, scores in (("chosen (∇)", directions.indices_w, directions.scores_w),
+                                  ("rejected (Δ)", directions.indices_l, directions.scores_l)):
+        for rank, (j, s) in enumerate(zip(indices[:n].tolist(), scores[:n].tolist()), 1):
+            rows.append({"side": side, "rank": rank, "latent": j, "score": s,
+                         "μ_w": directions.mu_w[j].item(), "μ_l": directions.mu_l[j].item(),
+                         "dashboard": neuronpedia_url(sae_source, j) or "–"})
+    return pd.DataFrame(rows)
+
+
+TOP_LATENT_FORMATS = {"score": "{:.3f}", "μ_w": "{:.3f}", "μ_l": "{:.3f}"}
+
+
+def latent_cards(cards, *, quote: bool, dataset: str):
+    """The latent cards as HTML; for a data set whose texts are not quoted, a note and the
+    numbers only."""
+    from IPython.display import HTML
+
+    from srlib.experiments import latent_cards_html
+
+    note = "" if quote else (f"<blockquote><p>{label(dataset)} holds harmful requests: only numbers are shown (set "
+                             "<code>QUOTE_SAFETY_TEXTS = True</code> to read the answers).</p></blockquote>\n")
+    return HTML(note + latent_cards_html(cards, quote_texts=quote))
+
+
+def cards_text(cards, *, n: int, n_pairs: int, both_fire: float, k: int, sae_source: str) -> Markdown:
+    """What the strongest latents separate, and (for an SAE without public dashboards) where the
+    only evidence of their meaning is."""
+    from srlib.experiments import neuronpedia_url
+
+    text = ""
+    if neuronpedia_url(sae_source, 0) is None:
+        text = (f"No public dashboard exists for this SAE (`{sae_source}`): it was trained "
+                "here, so the answers above are the only evidence for what its latents mean. Under "
+                "`PROFILE=\"paper\"` every latent links to its Neuronpedia page.\n\n")
+    return Markdown(text + (
+        f"The {n} strongest chosen-side latents separate on average "
+        f"{cards['pairs separated'][:n].mean():.0f} of the {n_pairs:,} training pairs each, and fire on "
+        f"both answers of {both_fire:.1%} of pairs; the reward head combines all {2 * k} selected directions."))
+
+
+def stability_table(stability: pd.DataFrame) -> pd.DataFrame:
+    """Per K: the Jaccard overlap of the two halves' I_w and I_l (mean ± sd over the half
+    splits), beside the overlap of random subsets and the pairs per half."""
+    return stability.groupby("K", sort=True).agg(
+        **{"I_w overlap": ("Jaccard I_w", lambda v: mean_sd(v.mean(), v.std(), digits=2)),
+           "I_l overlap": ("Jaccard I_l", lambda v: mean_sd(v.mean(), v.std(), digits=2)),
+           "random subsets": ("chance", "first"),
+           "pairs per half": ("pairs per half", "first")}).reset_index()
+
+
+def stability_text(stability: pd.DataFrame, ks: Sequence[int], k: int) -> Markdown:
+    """The stability table at the K nearest the chapter's, in words."""
+    at_k = stability[stability["K"] == min(ks, key=lambda x: abs(x - k))]
+    overlap = (at_k["Jaccard I_w"].mean() + at_k["Jaccard I_l"].mean()) / 2
+    ratio = overlap / at_k["chance"].iloc[0]
+    above = int(((at_k["Jaccard I_w"] > at_k["chance"]) & (at_k["Jaccard I_l"] > at_k["chance"])).sum())
+    return Markdown(
+        f"At K = {at_k['K'].iloc[0]}, two halves of the training questions agree on "
+        f"{at_k['Jaccard I_w'].mean():.0%} (I_w) and {at_k['Jaccard I_l'].mean():.0%} (I_l) of their union, "
+        f"{ratio:.1f} times the {at_k['chance'].iloc[0]:.1%} of random subsets; the overlap of both sides exceeds "
+        f"that level in {above} of the {len(at_k)} half-splits. How much of the selection reflects the data set "
+        "rather than the sample? Compare each K's overlap with its random-subset level in the table.")

@@ -1,0 +1,140 @@
+"""The chapters' one-call setup (`srlib.chapter`), the small measurements chapters 1-5 take
+there, the presentation module (`srlib.present`) that formats them, and the chapters' shape:
+short, with one collapsed setup cell and no figure code of their own."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import torch
+
+from srlib import chapter, present
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Chapters held to the length limit; extend the list as chapters are slimmed (all, then glob them).
+SHORT_CHAPTERS = ["01_sae_decomposition", "02_direction_selection"]
+MAX_CODE_LINES = 100
+
+
+def _code_cells(stem: str) -> list[dict]:
+    cells = json.loads((ROOT / "notebooks" / f"{stem}.ipynb").read_text())["cells"]
+    return [c for c in cells if c["cell_type"] == "code"]
+
+
+def code_lines(cells: list[dict]) -> int:
+    """Non-blank source lines over `cells`: what "lines of code of a chapter" counts."""
+    return sum(1 for c in cells for line in "".join(c["source"]).splitlines() if line.strip())
+
+
+@pytest.mark.parametrize("stem", SHORT_CHAPTERS)
+def test_chapter_has_at_most_100_lines_of_code(stem):
+    assert code_lines(_code_cells(stem)) <= MAX_CODE_LINES
+
+
+@pytest.mark.parametrize("stem", SHORT_CHAPTERS)
+def test_chapter_sets_up_in_one_collapsed_cell_and_draws_through_srlib_plots(stem):
+    cells = _code_cells(stem)
+    setups = [c for c in cells if "chapter.setup(" in "".join(c["source"])]
+    assert len(setups) == 1 and "hide-input" in setups[0]["metadata"].get("tags", [])
+    assert cells.index(setups[0]) == 1  # right after the parameters cell
+    for cell in cells:
+        tree = ast.parse("".join(cell["source"]))
+        calls = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+        names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        assert not {"plt", "matplotlib"} & names and not {"set_ylim", "axhline", "axvline", "legend"} & calls
+
+
+def test_the_line_count_counts_non_blank_code_lines():
+    cells = [{"cell_type": "code", "source": ["a = 1\n", "\n", "  \n", "b = 2"]}, {"cell_type": "code", "source": []}]
+    assert code_lines(cells) == 2
+
+
+def test_setup_applies_the_overrides_and_says_what_it_loaded(capsys):
+    ch = chapter.setup("smoke", k=4, seeds=(5,), datasets=("truthfulqa",))
+    assert (ch.k, ch.profile.k, ch.seeds, ch.datasets) == (4, 4, (5,), ("truthfulqa",))
+    assert ch.d_sae == ch.sae.cfg.d_sae and torch.get_num_threads() == 1
+    out = capsys.readouterr().out
+    assert ch.header() in out and "K = 4 (2K = 8 head inputs)" in out and "seeds (5,)" in out
+    defaults = chapter.setup("smoke", show=False)
+    assert (defaults.k, defaults.seeds) == (defaults.profile.k, defaults.profile.seeds)
+    assert capsys.readouterr().out == ""
+    states = ch.states(["truthfulqa", "truthfulqa"], max_pairs=6)
+    assert list(states) == ["truthfulqa"] and states["truthfulqa"].sizes()["train"] <= 6
+
+
+def test_one_pair_per_question_keeps_the_first_pair_of_each_question():
+    pairs = [SimpleNamespace(group_id=g) for g in "aabcb"]
+    assert chapter.one_pair_per_question(pairs) == [0, 2, 3]
+
+
+def test_shared_and_recurring_latents():
+    lat_w = torch.tensor([[1.0, 2.0, 0.0, 3.0], [0.0, 2.0, 1.0, 3.0], [5.0, 0.0, 0.0, 0.0]])
+    lat_l = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0], [0.0, 1.0, 0.0, 0.0]])
+    shared = chapter.shared_latents(lat_w, lat_l, ["q1", "q2", "q3"])
+    assert shared["fired"] == pytest.approx(7 / 3)
+    assert shared["same_question"] == pytest.approx(1.0)  # latent 0 in pair 1, latents 2 and 3 in pair 2: (1+2+0)/3
+    assert shared["other_question"] == pytest.approx(4 / 6)  # 1+1+0+1+1+0 over the six cross pairs
+    # chosen-only latents among the top 2: row 0 -> {3, 1}, row 1 -> {1}, row 2 -> {0}; latent 1 recurs
+    assert chapter.recurring_latents(lat_w, lat_l, [0, 1, 2], n=2) == [1]
+
+
+def _directions(mu_w, mu_l, k):
+    mu_w, mu_l = torch.tensor(mu_w), torch.tensor(mu_l)
+    nabla = mu_w - mu_l
+    order_w, order_l = torch.sort(-nabla, stable=True).indices[:k], torch.sort(nabla, stable=True).indices[:k]
+    return SimpleNamespace(mu_w=mu_w, mu_l=mu_l, indices_w=order_w, indices_l=order_l,
+                           scores_w=nabla[order_w], scores_l=-nabla[order_l])
+
+
+def test_selection_against_chance_counts_scores_at_or_below_the_shuffle():
+    directions = _directions([0.5, 0.2, 0.1, 0.0, 0.3], [0.1, 0.2, 0.15, 0.0, 0.3], k=2)
+    null = torch.tensor([0.05, -0.1, 0.02, 0.9, 0.0])  # latent 3 never fires: its null score is ignored
+    chance = chapter.selection_against_chance(directions, null)
+    assert chance["firing"] == 4 and chance["chance"] == pytest.approx(0.1)
+    assert chance["beyond"] == 1  # only latent 0's |∇| = 0.4 exceeds 0.1
+    assert (chance["below_w"], chance["below_l"]) == (1, 2) and chance["flat"] == 2
+    assert chance["top_w"] == pytest.approx(0.4) and chance["kth_l"] == pytest.approx(0.0)
+    text = present.chance_text(chance, 2).data
+    assert "picked only by the tie-break" in text and "no higher than that chance level" in text
+
+
+def test_both_fire_share():
+    lat_w = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    lat_l = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert chapter.both_fire_share(lat_w, lat_l, torch.tensor([0])) == pytest.approx(0.5)
+    assert chapter.both_fire_share(lat_w, lat_l, torch.tensor([0, 1])) == pytest.approx(0.25)
+
+
+def test_quality_table_and_sentences_format_the_reports():
+    report = SimpleNamespace(n=10, l0=8.0, fve=0.75, dead_fraction=0.125)
+    reports = {"every token, validation texts": report,
+               "last token, validation answers (all data sets)": SimpleNamespace(n=4, l0=8.0, fve=0.5, dead_fraction=0.5)}
+    table = present.sae_quality(reports)
+    assert table["dead latents (%)"].tolist() == [12.5, 50.0] and table["rows"].tolist() == [10, 4]
+    text = present.sae_quality_text(reports, n_texts=3, d_sae=256).data
+    assert "**75.0%**" in text and "**50.0%**" in text and "12.5% of the 256 latents" in text
+    fixed = {"every token": SimpleNamespace(active_per_row=torch.tensor([8, 8]), frequency=torch.tensor([0.5, 0.0])),
+             "last token": SimpleNamespace(active_per_row=torch.tensor([8]), frequency=torch.tensor([0.25, 0.0]))}
+    assert present.sparsity_text(fixed, 2).data.startswith("Every token has exactly 8 active latents.")
+    fixed["every token"].active_per_row = torch.tensor([6, 8])
+    assert "between 6 and 8 latents fire (mean 7.0)" in present.sparsity_text(fixed, 2).data
+
+
+def test_stability_table_is_mean_and_sd_over_half_splits():
+    runs = pd.DataFrame({"K": [8, 8, 32, 32], "Jaccard I_w": [0.5, 0.7, 0.2, 0.2], "Jaccard I_l": [0.1, 0.3, 0.4, 0.6],
+                         "chance": [0.03, 0.03, 0.1, 0.1], "pairs per half": [20] * 4, "seed": [0, 1, 0, 1]})
+    table = present.stability_table(runs)
+    assert table["I_w overlap"].tolist() == ["0.60 ± 0.14", "0.20 ± 0.00"]
+    assert table["I_l overlap"].tolist() == ["0.20 ± 0.14", "0.50 ± 0.14"]
+    text = present.stability_text(runs, [8, 32], k=16).data  # nearest K to 16 is 8
+    assert text.startswith("At K = 8,") and "in 2 of the 2 half-splits" in text
+
+
+def test_show_hides_the_index_and_formats_columns():
+    html = present.show(pd.DataFrame({"a": [0.12345], "link": ["https://x.org"]}), {"a": "{:.2f}"}, links=True).to_html()
+    assert "0.12" in html and "0.12345" not in html and '<a href="https://x.org"' in html and 'class="dataframe"' in html
