@@ -14,7 +14,8 @@ Each round starts from the previous round's policy: the round's adapter is merge
 weights after training, so round r trains a new adapter on top of policy r−1. Its DPO
 reference pi_ref is the base model (`reference="base"`, the paper: "both pi_theta and pi_ref
 are initialized as the base model") or policy r−1 itself (`reference="previous"`, the usual
-iterative-DPO choice; TRL switches the adapter off). Every round is checkpointed as its adapter plus a JSON state,
+iterative-DPO choice; TRL switches the adapter off). `AlignmentRun` runs the loop step by step;
+every round is checkpointed as its adapter plus a JSON state,
 written atomically; a rerun with the same `out_dir` rebuilds the policy by merging the saved
 adapters in order and carries on, giving the same numbers as an uninterrupted run because
 every random draw is seeded from (seed, round). The reported result of each reward model is
@@ -867,6 +868,204 @@ def check_run_folder(out_dir: str | Path) -> Path:
     return out
 
 
+class AlignmentRun:
+    """One iterative-DPO run in a folder on disk, resumable at any step.
+
+    `resume()` does the whole run: `start()` (the base policy's metrics and the shared round-1
+    tuples), then for each reward model `run_round` for rounds 1..config.rounds and
+    `finish_model` (its best round on validation, scored once on test), then `finish()` (the
+    `AlignmentResult`). Each step first looks on disk: a step already written is read back, not
+    redone, so a run stopped anywhere (exception, Ctrl-C, kill) carries on where it stopped
+    and gives the same numbers as an uninterrupted run (every random draw is seeded from
+    (seed, round); the policy is rebuilt by merging the saved adapters in order). Every file
+    and round folder is written atomically: an interrupted round leaves nothing behind.
+
+    Layout under `out_dir`: config.json, base_eval.json, round1_tuples.jsonl,
+    round1_generation.json, runs/<name>/round_<r>/{state.json, tuples.jsonl, adapter/},
+    runs/<name>/result.json, result.json. The reward models score with their own backbone (the
+    base model, as in the paper); the policy is a separate copy of the base. Nothing is loaded
+    or written when the object is made: a wrong folder, config or name fails at once.
+    """
+
+    def __init__(self, config: AlignmentConfig, reward_models: dict[str, "RewardModel | None"], *,
+                 out_dir: str | Path, progress: bool = True) -> None:
+        if not reward_models:
+            raise ConfigError("an alignment run needs at least one reward model (None for WO RM)")
+        slugs = {name: _slug(name) for name in reward_models}
+        if len(set(slugs.values())) != len(slugs):
+            raise ConfigError(f"reward model names {list(reward_models)} collide as folder names")
+        self.config, self.reward_models, self.progress = config, dict(reward_models), progress
+        self.out = check_run_folder(out_dir)
+        self._slugs = slugs
+        config_path = self.out / "config.json"
+        if config_path.exists() and _read_json(config_path) != config.to_dict():
+            raise ConfigError(f"{config_path} holds another config; resume with the same config "
+                              "or choose a new out_dir")
+        self._started = False
+        # the policy after the last round this object ran: (name, round, model), reused by the next round
+        self._policy: tuple[str, int, "PreTrainedModel"] | None = None
+
+    def run_dir(self, name: str) -> Path:
+        """The folder of reward model `name`'s rounds and result."""
+        if name not in self._slugs:
+            raise ConfigError(f"no reward model {name!r} in this run; choose one of {', '.join(self._slugs)}")
+        return self.out / "runs" / self._slugs[name]
+
+    def rounds_done(self, name: str) -> int:
+        """How many rounds of `name`, counted from round 1, are complete on disk."""
+        done = 0
+        while done < self.config.rounds and (self.run_dir(name) / f"round_{done + 1}" / "state.json").exists():
+            done += 1
+        return done
+
+    def start(self) -> None:
+        """Load the base model, the evaluation data and the prompts (everything is loaded and
+        checked before anything is written), then write the config, the base policy's metrics
+        and the round-1 tuples that every reward model filters, unless they are on disk."""
+        if self._started:
+            return
+        from srlib.backbone import load_backbone
+
+        config, progress = self.config, self.progress
+        base = load_backbone(config.model_id, progress=progress)
+        self._base_model, self._tokenizer = base.model, base.tokenizer
+        self._data = _eval_data(config)
+        self._prompts, self._shots = prompts_and_shots(config)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not (self.out / "config.json").exists():
+            _write_json(config.to_dict(), self.out / "config.json")
+
+        base_path = self.out / "base_eval.json"
+        if base_path.exists():
+            self._base_eval = _read_json(base_path)
+        else:
+            self._base_eval = {
+                "val": evaluate_policy(self._base_model, self._tokenizer, self._data.val, config, progress=progress),
+                "test": evaluate_policy(self._base_model, self._tokenizer, self._data.test, config,
+                                        progress=progress, per_item=True)}
+            _write_json(self._base_eval, base_path)
+
+        round1_path = self.out / "round1_tuples.jsonl"
+        if round1_path.exists():
+            self._round1 = _tuples_from_records(read_tuples(round1_path))
+        else:
+            start = time.perf_counter()
+            self._round1 = generate_tuples(self._base_model, self._tokenizer, self._prompts, self._shots,
+                                           config, round_index=1, progress=progress)
+            _write_json({"seconds": time.perf_counter() - start}, self.out / "round1_generation.json")
+            with atomic_path(round1_path) as tmp:
+                _write_tuples(self._round1, None, tmp)
+        self._started = True
+
+    def _policy_before(self, name: str, round_index: int) -> "PreTrainedModel":
+        """The policy that round `round_index` of `name` starts from: the one this object just
+        trained, else the base with the saved adapters of the earlier rounds merged."""
+        if self._policy is not None and self._policy[:2] == (name, round_index - 1):
+            return self._policy[2]
+        self._policy = None  # free the old one before building the next
+        return _rebuild_policy(self._base_model, self.run_dir(name), round_index - 1)
+
+    def run_round(self, name: str, round_index: int) -> RoundRecord:
+        """Round `round_index` of reward model `name`: generate (round 1: the shared tuples),
+        filter, DPO on the kept tuples, validation metrics; written as one folder, atomically.
+        A round already on disk is read back; the earlier rounds must be done."""
+        config, progress = self.config, self.progress
+        if not 1 <= round_index <= config.rounds:
+            raise ConfigError(f"round {round_index} is outside 1..{config.rounds} (the config's rounds)")
+        round_dir = self.run_dir(name) / f"round_{round_index}"
+        if (round_dir / "state.json").exists():
+            return RoundRecord(**_read_json(round_dir / "state.json"))
+        if self.rounds_done(name) < round_index - 1:
+            raise ConfigError(f"round {round_index} of {name!r} needs rounds 1..{round_index - 1} "
+                              f"first ({self.rounds_done(name)} done); run them, or call resume()")
+        self.start()
+        policy = self._policy_before(name, round_index)
+        tokenizer = self._tokenizer
+        seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        if round_index == 1:
+            tuples = self._round1
+            seconds["generate"] = _read_json(self.out / "round1_generation.json")["seconds"]  # shared
+        else:
+            tuples = generate_tuples(policy, tokenizer, self._prompts, self._shots, config,
+                                     round_index=round_index, progress=progress)
+            seconds["generate"] = time.perf_counter() - start
+        start = time.perf_counter()
+        verdict = filter_tuples(tuples, self.reward_models[name], keep_ties=config.keep_ties)
+        seconds["filter"] = time.perf_counter() - start
+        kept = [t for t, k in zip(tuples, verdict.keep) if k]
+        self._policy = None  # a round that fails half-way leaves no policy to reuse
+        with atomic_path(round_dir, is_dir=True) as tmp:
+            _write_tuples(tuples, verdict, tmp / "tuples.jsonl")
+            train = None
+            if kept:
+                policy, train = dpo_round(policy, tokenizer, kept, config,
+                                          seed=_round_seed(config, round_index), adapter_dir=tmp / "adapter",
+                                          reference=self._base_model if config.reference == "base" else None,
+                                          progress=progress)
+                seconds["dpo"] = train["seconds"]
+            start = time.perf_counter()
+            val = evaluate_policy(policy, tokenizer, self._data.val, config, progress=progress)
+            seconds["val"] = time.perf_counter() - start
+            record = RoundRecord(round=round_index, n_generated=len(tuples), n_kept=len(kept), val=val,
+                                 train=train, seconds=seconds)
+            _write_json(dataclasses.asdict(record), tmp / "state.json")
+        self._policy = (name, round_index, policy)
+        if progress:
+            tqdm.write(f"{name} round {round_index}: kept {len(kept)}/{len(tuples)} tuples, "
+                       f"val {config.metric} {val[config.metric]:.3f} "
+                       f"({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})")
+        return record
+
+    def finish_model(self, name: str) -> RunRecord:
+        """Reward model `name`'s best round on validation, its policy scored once on test;
+        written to runs/<name>/result.json (read back when there). Its rounds must be done."""
+        result_path = self.run_dir(name) / "result.json"
+        if result_path.exists():
+            saved = _read_json(result_path)
+            return RunRecord(name, [RoundRecord(**r) for r in saved["rounds"]], saved["best_round"], saved["test"])
+        if self.rounds_done(name) < self.config.rounds:
+            raise ConfigError(f"{name!r} has {self.rounds_done(name)} of {self.config.rounds} rounds done; "
+                              "run the rest (run_round) or call resume()")
+        self.start()
+        records = [self.run_round(name, r) for r in range(1, self.config.rounds + 1)]  # all on disk
+        best = max(records, key=lambda rec: (rec.val[self.config.metric], -rec.round)).round
+        self._policy = None
+        best_policy = _rebuild_policy(self._base_model, self.run_dir(name), best)
+        test = evaluate_policy(best_policy, self._tokenizer, self._data.test, self.config,
+                               progress=self.progress, per_item=True)
+        del best_policy
+        _write_json({"rounds": [dataclasses.asdict(r) for r in records], "best_round": best, "test": test},
+                    result_path)
+        return RunRecord(name, records, best, test)
+
+    def finish(self) -> AlignmentResult:
+        """The run's `AlignmentResult` (saved as result.json): the base policy's metrics, each
+        reward model's `RunRecord` and how their round-1 decisions compare. Every reward model
+        must be finished (`finish_model`)."""
+        unfinished = [n for n in self.reward_models if not (self.run_dir(n) / "result.json").exists()]
+        if unfinished:
+            raise ConfigError(f"reward models {unfinished} are not finished; call finish_model or resume()")
+        runs = {name: self.finish_model(name) for name in self.reward_models}
+        round1_keep = {name: [r["kept"] for r in read_tuples(self.run_dir(name) / "round_1" / "tuples.jsonl")]
+                       for name in self.reward_models}
+        base_eval = _read_json(self.out / "base_eval.json")
+        result = AlignmentResult(self.config, base_eval["val"], base_eval["test"], runs, filter_stats(round1_keep))
+        result.save(self.out / "result.json")
+        return result
+
+    def resume(self) -> AlignmentResult:
+        """Run (or carry on) the whole run: every missing round of every reward model, in order,
+        then its result, then the run's. A finished run is read back without loading a model."""
+        for name in self.reward_models:
+            if not (self.run_dir(name) / "result.json").exists():
+                self.start()
+                for r in range(1, self.config.rounds + 1):
+                    self.run_round(name, r)
+                self.finish_model(name)
+        return self.finish()
+
+
 def run_alignment(
     config: AlignmentConfig,
     reward_models: dict[str, "RewardModel | None"],
@@ -874,119 +1073,7 @@ def run_alignment(
     out_dir: str | Path,
     progress: bool = True,
 ) -> AlignmentResult:
-    """Run the iterative DPO loop once per reward model (None = "WO RM") and collect the results.
-
-    Everything is written under `out_dir` (config.json, base_eval.json, round1_tuples.jsonl,
-    runs/<name>/round_<r>/{state.json, tuples.jsonl, adapter/}, runs/<name>/result.json,
-    result.json); rerunning with the same `out_dir` and config resumes where it stopped.
-    The reward models score with their own backbone (the base model, as in the paper); the
-    policy is a separate copy of the base.
-    """
-    from srlib.backbone import load_backbone
-
-    if not reward_models:
-        raise ConfigError("run_alignment needs at least one reward model (None for WO RM)")
-    slugs = {name: _slug(name) for name in reward_models}
-    if len(set(slugs.values())) != len(slugs):
-        raise ConfigError(f"reward model names {list(reward_models)} collide as folder names")
-    out = check_run_folder(out_dir)
-    config_path = out / "config.json"
-    if config_path.exists() and _read_json(config_path) != config.to_dict():
-        raise ConfigError(f"{config_path} holds another config; resume with the same config "
-                          "or choose a new out_dir")
-
-    # everything the run needs is loaded and checked before anything is written
-    base = load_backbone(config.model_id, progress=progress)
-    base_model, tokenizer = base.model, base.tokenizer
-    data = _eval_data(config)
-    prompts, shots = prompts_and_shots(config)
-    out.mkdir(parents=True, exist_ok=True)
-    if not config_path.exists():
-        _write_json(config.to_dict(), config_path)
-
-    base_path = out / "base_eval.json"
-    if base_path.exists():
-        base_eval = _read_json(base_path)
-    else:
-        base_eval = {"val": evaluate_policy(base_model, tokenizer, data.val, config, progress=progress),
-                     "test": evaluate_policy(base_model, tokenizer, data.test, config, progress=progress,
-                                             per_item=True)}
-        _write_json(base_eval, base_path)
-
-    round1_path, round1_time = out / "round1_tuples.jsonl", out / "round1_generation.json"
-    if round1_path.exists():
-        round1 = _tuples_from_records(read_tuples(round1_path))
-    else:
-        start = time.perf_counter()
-        round1 = generate_tuples(base_model, tokenizer, prompts, shots, config, round_index=1,
-                                 progress=progress)
-        _write_json({"seconds": time.perf_counter() - start}, round1_time)
-        with atomic_path(round1_path) as tmp:
-            _write_tuples(round1, None, tmp)
-
-    runs: dict[str, RunRecord] = {}
-    round1_keep: dict[str, list[bool]] = {}
-    for name, reward_model in reward_models.items():
-        run_dir = out / "runs" / slugs[name]
-        result_path = run_dir / "result.json"
-        if result_path.exists():
-            saved = _read_json(result_path)
-            runs[name] = RunRecord(name, [RoundRecord(**r) for r in saved["rounds"]],
-                                   saved["best_round"], saved["test"])
-            round1_keep[name] = [r["kept"] for r in read_tuples(run_dir / "round_1" / "tuples.jsonl")]
-            continue
-        records: list[RoundRecord] = []
-        policy = None
-        for r in range(1, config.rounds + 1):
-            round_dir = run_dir / f"round_{r}"
-            if (round_dir / "state.json").exists():
-                records.append(RoundRecord(**_read_json(round_dir / "state.json")))
-                policy = None  # rebuilt from the adapters when next needed
-                continue
-            if policy is None:
-                policy = _rebuild_policy(base_model, run_dir, r - 1)
-            seconds: dict[str, float] = {}
-            start = time.perf_counter()
-            if r == 1:
-                tuples = round1
-                seconds["generate"] = _read_json(round1_time)["seconds"]  # shared by all reward models
-            else:
-                tuples = generate_tuples(policy, tokenizer, prompts, shots, config, round_index=r,
-                                         progress=progress)
-                seconds["generate"] = time.perf_counter() - start
-            start = time.perf_counter()
-            verdict = filter_tuples(tuples, reward_model, keep_ties=config.keep_ties)
-            seconds["filter"] = time.perf_counter() - start
-            kept = [t for t, k in zip(tuples, verdict.keep) if k]
-            with atomic_path(round_dir, is_dir=True) as tmp:
-                _write_tuples(tuples, verdict, tmp / "tuples.jsonl")
-                train = None
-                if kept:
-                    policy, train = dpo_round(policy, tokenizer, kept, config,
-                                              seed=_round_seed(config, r), adapter_dir=tmp / "adapter",
-                                              reference=base_model if config.reference == "base" else None,
-                                              progress=progress)
-                    seconds["dpo"] = train["seconds"]
-                start = time.perf_counter()
-                val = evaluate_policy(policy, tokenizer, data.val, config, progress=progress)
-                seconds["val"] = time.perf_counter() - start
-                record = RoundRecord(round=r, n_generated=len(tuples), n_kept=len(kept), val=val,
-                                     train=train, seconds=seconds)
-                _write_json(dataclasses.asdict(record), tmp / "state.json")
-            records.append(record)
-            if progress:
-                tqdm.write(f"{name} round {r}: kept {len(kept)}/{len(tuples)} tuples, "
-                           f"val {config.metric} {val[config.metric]:.3f} "
-                           f"({', '.join(f'{k} {v:.0f} s' for k, v in seconds.items())})")
-        best = max(records, key=lambda rec: (rec.val[config.metric], -rec.round)).round
-        best_policy = _rebuild_policy(base_model, run_dir, best)
-        test = evaluate_policy(best_policy, tokenizer, data.test, config, progress=progress, per_item=True)
-        del best_policy, policy
-        runs[name] = RunRecord(name, records, best, test)
-        _write_json({"rounds": [dataclasses.asdict(r) for r in records], "best_round": best, "test": test},
-                    result_path)
-        round1_keep[name] = [rec["kept"] for rec in read_tuples(run_dir / "round_1" / "tuples.jsonl")]
-
-    result = AlignmentResult(config, base_eval["val"], base_eval["test"], runs, filter_stats(round1_keep))
-    result.save(out / "result.json")
-    return result
+    """Run the iterative DPO loop once per reward model (None = "WO RM") and collect the results:
+    `AlignmentRun(config, reward_models, out_dir=out_dir).resume()`. Rerunning with the same
+    `out_dir` and config resumes where it stopped (see `AlignmentRun` for the folder's layout)."""
+    return AlignmentRun(config, reward_models, out_dir=out_dir, progress=progress).resume()

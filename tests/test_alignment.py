@@ -180,3 +180,49 @@ def test_loop_shares_round1_and_resumes_to_the_uninterrupted_result(tmp_path, mo
 
     with pytest.raises(ConfigError, match="another config"):
         al.run_alignment(cfg.replace(seed=1), rms, out_dir=tmp_path / "full", progress=False)
+
+
+def test_the_run_object_steps_round_by_round_and_an_interrupted_round_leaves_nothing(tmp_path, monkeypatch):
+    cfg = al.AlignmentConfig.for_profile("smoke", track="truthfulqa")
+    rms = {"WO RM": None, "Length RM": LengthRM()}
+    full = al.run_alignment(cfg, rms, out_dir=tmp_path / "full", progress=False)
+
+    out = tmp_path / "stepped"
+    run = al.AlignmentRun(cfg, rms, out_dir=out, progress=False)
+    assert not out.exists()  # nothing is loaded or written until a step runs
+    with pytest.raises(ConfigError, match="needs rounds 1..1 first"):
+        run.run_round("WO RM", 2)
+    with pytest.raises(ConfigError, match="0 of 2 rounds done"):
+        run.finish_model("WO RM")
+    assert run.run_round("WO RM", 1).round == 1 and run.rounds_done("WO RM") == 1
+
+    # a kill inside round 2, after its DPO wrote the adapter, while validating
+    real_evaluate = al.evaluate_policy
+
+    def dying_evaluate(*args, **kwargs):
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(al, "evaluate_policy", dying_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        run.run_round("WO RM", 2)
+    run_dir = out / "runs" / "wo-rm"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["round_1"]  # no round_2, no temporary folder
+    assert run.rounds_done("WO RM") == 1
+    monkeypatch.setattr(al, "evaluate_policy", real_evaluate)
+
+    # a new object (a new process) resumes from what is on disk and ends where the uninterrupted run did
+    resumed = al.AlignmentRun(cfg, rms, out_dir=out, progress=False).resume()
+    assert _comparable(resumed) == _comparable(full)
+    for r in (1, 2):
+        x = load_file(tmp_path / "full" / "runs" / "wo-rm" / f"round_{r}" / "adapter" / "adapter_model.safetensors")
+        y = load_file(run_dir / f"round_{r}" / "adapter" / "adapter_model.safetensors")
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+    # a finished run is read back without loading a model or running a round
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a finished run loaded a model")
+
+    monkeypatch.setattr("srlib.backbone.load_backbone", no_loading)
+    again = al.AlignmentRun(cfg, rms, out_dir=out, progress=False).resume()
+    assert _comparable(again) == _comparable(full)
+    assert al.AlignmentResult.load(out / "result.json").to_dict() == again.to_dict()
