@@ -15,8 +15,9 @@ reconstruction, which latents answers share); the tables and sentences that show
 
 from __future__ import annotations
 
+import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -43,6 +44,7 @@ class Chapter:
     sae: Any
     seeds: tuple[int, ...]
     datasets: tuple[str, ...]
+    started: float = field(default_factory=time.perf_counter)
 
     @property
     def k(self) -> int:
@@ -59,6 +61,10 @@ class Chapter:
         set once (extracted once, then read from the activation cache)."""
         return {name: dataset_states(self.backbone, name, self.profile, max_pairs=max_pairs, progress=False)
                 for name in dict.fromkeys(names)}
+
+    def elapsed(self) -> float:
+        """Seconds since the chapter started (before the backbone and the SAE were loaded)."""
+        return time.perf_counter() - self.started
 
     def header(self) -> str:
         """One line saying what was loaded: model, layer, width, read position, SAE, K and seeds."""
@@ -90,6 +96,7 @@ def setup(profile: str | Profile, *, layer: int | None = None, k: int | None = N
     warnings.filterwarnings("ignore", message="IProgress not found", category=TqdmWarning)
     if single_thread:
         torch.set_num_threads(1)
+    started = time.perf_counter()
     base = get_profile(profile) if isinstance(profile, str) else profile
     base = base.at_layer(layer)
     if k is not None:
@@ -98,7 +105,7 @@ def setup(profile: str | Profile, *, layer: int | None = None, k: int | None = N
     sae = sae_for_profile(base, backbone, progress=False)
     chapter = Chapter(profile=base, backbone=backbone, sae=sae,
                       seeds=tuple(base.seeds if seeds is None else seeds),
-                      datasets=tuple(base.datasets if datasets is None else datasets))
+                      datasets=tuple(base.datasets if datasets is None else datasets), started=started)
     if show:
         print(chapter.header())
         if base.name == "smoke":
@@ -226,3 +233,82 @@ def stability_runs(sae, latents_w: Tensor, latents_l: Tensor, groups: Sequence[s
 
     return pd.concat([selection_stability(sae, latents_w, latents_l, groups, ks, seed=s).assign(seed=s)
                       for s in seeds])
+
+
+# --------------------------------------------------------------------------- what chapter 4 compares: the head's input
+
+
+def head_inputs(sae, directions, *, k: int | None = None) -> dict[str, dict]:
+    """Table 2's three inputs for one head, as `srlib.experiments.run_trials` variants: the SAE's
+    activations of the selected latents, projections on as many random unit directions, and
+    projections on the selected decoder directions.
+
+    With `k`, the latents and the top-K directions are selected per seed (on its bootstrap
+    resample when `run_trials(resample=True)`); without, they are `directions`. The random
+    variant only takes the number of directions from `directions`.
+    """
+    chosen = dict(select=dict(sae=sae, k=k)) if k is not None else dict(directions=directions)
+    return {"SAE latents": dict(features="latents", sae=sae, **chosen),
+            "Random directions": dict(features="random", directions=directions),
+            "Top-K directions": dict(features="projection", **chosen)}
+
+
+def selected_latent_activity(sae, directions, split) -> dict[str, float]:
+    """How much a latent-input head has to go on, on one split's answers: the mean number of
+    selected latents active per answer (`active`), the share of answers (`empty`) and of pairs
+    (`both_empty`) with none active, and the mean number of non-zero projections per answer."""
+    from srlib.sae import encode
+
+    lat_w = encode(sae, split.chosen)[:, directions.indices]
+    lat_l = encode(sae, split.rejected)[:, directions.indices]
+    active = torch.cat([lat_w, lat_l]) > 0
+    empty_w, empty_l = ~(lat_w > 0).any(1), ~(lat_l > 0).any(1)
+    return {"active": active.sum(1).float().mean().item(),
+            "empty": float(active.any(1).logical_not().float().mean()),
+            "both_empty": float((empty_w & empty_l).float().mean()),
+            "nonzero_projections": (split.chosen @ directions.vectors.T != 0).sum(1).float().mean().item()}
+
+
+# --------------------------------------------------------------------------- what chapter 5 measures: the margin γ
+
+
+def gamma_sweep(states, directions, gammas: Sequence[float], seeds: Sequence[int]):
+    """Fit a margin-loss head per γ and seed on the same projections; (sweep, seed_reference).
+
+    `sweep`: one row per (γ, seed), the trial's fields plus, against the γ = 1 head of the same
+    seed on the test answers, the scale of the scores (`scale_vs_gamma1`), their Spearman ρ, the
+    share of test pairs with the same keep/drop decision, and the sd of the scores.
+    `seed_reference`: the same Spearman ρ and agreement between two γ = 1 heads that differ only
+    in their seed, the yardstick for the "vs γ = 1" columns. γ = 1 (`fit_head`'s default) must
+    be among `gammas`.
+    """
+    import pandas as pd
+
+    from srlib.errors import ConfigError
+    from srlib.experiments import fit_variant
+    from srlib.shift import agreement_counts, keep_decisions, score_relation
+
+    if 1.0 not in gammas:
+        raise ConfigError("the γ sweep must include 1.0, the reference the other values are compared with")
+    test_w, test_l = states.test.chosen, states.test.rejected
+    rows, scores = [], {}
+    for gamma in gammas:
+        for seed in seeds:
+            model, trial = fit_variant(states, features="projection", directions=directions, loss="margin",
+                                       gamma=gamma, seed=seed, variant=f"γ = {gamma:g}")
+            scores[gamma, seed] = (model.score_states(test_w), model.score_states(test_l))
+            rows.append(dict(vars(trial), gamma=gamma))
+    for row in rows:
+        (s_w, s_l), (r_w, r_l) = scores[row["gamma"], row["seed"]], scores[1.0, row["seed"]]
+        relation = score_relation(torch.cat([s_w, s_l]), torch.cat([r_w, r_l]))
+        row.update(scale_vs_gamma1=relation["scale"], spearman_vs_gamma1=relation["spearman"],
+                   same_decisions_vs_gamma1=agreement_counts(keep_decisions(s_w, s_l),
+                                                             keep_decisions(r_w, r_l))["agreement"],
+                   score_sd=float(torch.cat([s_w, s_l]).std()))
+    seed_pairs = [(a, b) for i, a in enumerate(seeds) for b in seeds[i + 1:]]
+    seed_reference = pd.DataFrame([dict(
+        spearman_vs_gamma1=score_relation(torch.cat(scores[1.0, a]), torch.cat(scores[1.0, b]))["spearman"],
+        same_decisions_vs_gamma1=agreement_counts(keep_decisions(*scores[1.0, a]),
+                                                  keep_decisions(*scores[1.0, b]))["agreement"])
+        for a, b in seed_pairs])
+    return pd.DataFrame(rows), seed_reference

@@ -424,3 +424,16 @@ def separation_histogram(nabla, null, fires, *, title: str):
                     xlabel="∇ = μ_w − μ_l (share of answers)")
     fig.axes[0].set_ylim(bottom=0.5)
     return fig
+
+
+def k_probe(probe, *, dense_mean: float, ratio_k: float, hidden_size: int, title: str,
+            value: str = "test_accuracy_half_ties"):
+    """Accuracy against K per head input (`sweep_lines`), with DenseRM's mean accuracy (%) as a
+    dashed ceiling and a dotted line at the K whose 2K/d equals the paper's (`ratio_k`)."""
+    fig = sweep_lines(probe, x="K", hue="variant", log_x=True, value=value, title=title,
+                      xlabel="K (latents per side; 2K head inputs)")
+    ax = fig.axes[0]
+    ax.axhline(dense_mean, color="black", ls="--", lw=1, label=f"DenseRM (all {hidden_size} dims)")
+    ax.axvline(ratio_k, color="grey", ls=":", lw=1, label="2K/d as in the paper (7%)")
+    ax.legend(fontsize="small")
+    return fig

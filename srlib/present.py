@@ -196,3 +196,129 @@ def stability_text(stability: pd.DataFrame, ks: Sequence[int], k: int) -> Markdo
         f"{ratio:.1f} times the {at_k['chance'].iloc[0]:.1%} of random subsets; the overlap of both sides exceeds "
         f"that level in {above} of the {len(at_k)} half-splits. How much of the selection reflects the data set "
         "rather than the sample? Compare each K's overlap with its random-subset level in the table.")
+
+
+# --------------------------------------------------------------------------- chapters 3-5: accuracy tables and verdicts
+
+
+def split_sizes(states: Mapping[str, Any]) -> pd.DataFrame:
+    """Pairs per split (rows) of each data set (columns)."""
+    return pd.DataFrame({label(n): s.sizes() for n, s in states.items()}).rename_axis("pairs per split")
+
+
+def with_paper_gap(comparisons: pd.DataFrame, paper: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
+    """`srlib.experiments.paired_table` rows with the paper's A − B beside ours (points), read
+    from a paper table {variant: {data set: accuracy %}}."""
+    names = {label(n): n for n in {d for scores in paper.values() for d in scores}}
+    return comparisons.assign(**{"paper's A − B": [paper[a][names.get(d, d)] - paper[b][names.get(d, d)]
+                                                   for a, b, d in zip(comparisons.A, comparisons.B, comparisons.dataset)]})
+
+
+def verdict_lines(comparisons: pd.DataFrame, by: str = "dataset") -> Markdown:
+    """One bullet per paired comparison: its group in bold, then `compare_paired`'s verdict."""
+    return Markdown("\n".join(f"- **{getattr(row, by)}**: {row.verdict}." for row in comparisons.itertuples()))
+
+
+def selected_activity_table(activity: Mapping[str, Mapping[str, float]], k: int) -> pd.DataFrame:
+    """Per data set (`srlib.chapter.selected_latent_activity`): what the latent-input head and the
+    projection head see of the 2K selected latents."""
+    rows = [{"data set": label(name),
+             "active selected latents per answer (of 2K)": f"{a['active']:.1f} of {2 * k}",
+             "answers with no selected latent active (%)": round(100 * a["empty"], 1),
+             "test pairs where both answers have none (%)": round(100 * a["both_empty"], 1),
+             "non-zero projections per answer (of 2K)": f"{a['nonzero_projections']:.0f} of {2 * k}"}
+            for name, a in activity.items()]
+    return pd.DataFrame(rows).set_index("data set")
+
+
+def selected_activity_text(table: pd.DataFrame, k: int) -> Markdown:
+    """The activity table in words: how sparse the latent head's inputs are, and the pairs it cannot rank."""
+    empty = table["answers with no selected latent active (%)"]
+    tied = table["test pairs where both answers have none (%)"]
+    active = table["active selected latents per answer (of 2K)"].str.split().str[0].astype(float)
+    text = (f"A test answer switches on {active.min():.1f} to {active.max():.1f} of the {2 * k} selected latents on "
+            f"average (per data set), so the latent-input head sees at most {100 * active.max() / (2 * k):.0f}% non-zero "
+            f"inputs, while the projection head sees all {2 * k} numbers for every answer. ")
+    if tied.max() > 0:
+        text += (f"Up to {empty.max():.1f}% of the test answers switch on none of them, and {tied.max():.1f}% of the "
+                 f"test pairs ({tied.idxmax()}) have none active in either answer: the latent head cannot rank those pairs.")
+    else:
+        text += "Every test answer switches on at least one of them, so no pair is left without any input."
+    return Markdown(text)
+
+
+def k_probe_table(summary: pd.DataFrame, gap: pd.DataFrame) -> pd.DataFrame:
+    """Accuracy per K and input ("mean ± sd"), with top-K minus random and its paired interval."""
+    table = summary.pivot(index="K", columns="variant", values="label")
+    table["top-K − random (points)"] = gap.set_index("K")["A − B (points)"].round(1)
+    table["95% CI (paired)"] = [f"{lo:.1f} to {hi:.1f}" for lo, hi in zip(gap["CI low"], gap["CI high"])]
+    return table
+
+
+def k_probe_text(summary: pd.DataFrame, gap: pd.DataFrame, dense: Mapping[str, float], ks: Sequence[int],
+                 ratio_k: float) -> Markdown:
+    """The K probe in words: DenseRM's level, the range of top-K minus random, where its paired
+    interval excludes 0, the largest K's accuracies, and one verdict per K."""
+    wide = summary.pivot(index="K", columns="variant", values="mean")
+    clear = [int(k) for k, low, high in zip(gap.K, gap["CI low"], gap["CI high"]) if low > 0 or high < 0]
+    text = (f"DenseRM reaches {dense['mean']:.1f} ± {dense['std']:.1f}% (ties ½ in every column). "
+            f"Top-K minus random directions ranges from {gap['A − B (points)'].min():+.1f} to "
+            f"{gap['A − B (points)'].max():+.1f} points over K = {', '.join(map(str, ks))}; ")
+    text += (f"its paired 95% interval excludes 0 at K = {', '.join(map(str, clear))}. " if clear else
+             "its paired 95% interval includes 0 at every K. ")
+    return Markdown(
+        text + f"At K = {ks[-1]}, top-K directions give {wide['Top-K directions'].iloc[-1]:.1f}%, random "
+        f"{wide['Random directions'].iloc[-1]:.1f}%, SAE latents {wide['SAE latents'].iloc[-1]:.1f}%. "
+        f"The paper's ratio 2K/d ≈ 7% corresponds to K ≈ {ratio_k:.0f} here.\n\n"
+        + "\n".join(f"- K = {row.K}: {row.verdict}." for row in gap.itertuples()))
+
+
+def gamma_table(sweep: pd.DataFrame, seed_reference: pd.DataFrame) -> pd.DataFrame:
+    """Per γ (`srlib.chapter.gamma_sweep`): accuracies, score scale and agreement with γ = 1 as
+    mean ± sd over seeds, and a last row with two γ = 1 heads of different seeds as the yardstick."""
+    def ms(values, scale=1.0, digits=2):
+        return mean_sd(scale * values.mean(), scale * values.std(), digits=digits)
+
+    by_gamma = sweep.groupby("gamma")
+    table = pd.DataFrame({
+        "validation accuracy (%)": by_gamma.val_accuracy.apply(ms, scale=100, digits=1),
+        "test accuracy (%)": by_gamma.test_accuracy.apply(ms, scale=100, digits=1),
+        "score sd on test answers": by_gamma.score_sd.apply(ms),
+        "scale vs γ = 1": by_gamma.scale_vs_gamma1.apply(ms),
+        "Spearman ρ vs γ = 1": by_gamma.spearman_vs_gamma1.apply(ms, digits=3),
+        "same keep/drop as γ = 1 (%)": by_gamma.same_decisions_vs_gamma1.apply(ms, scale=100, digits=1),
+        "best epoch": by_gamma.best_epoch.apply(ms, digits=1),
+    })
+    table.index = pd.Index([f"{g:g}" for g in table.index], name="γ")
+    table.loc["1 vs 1, other seed (reference)"] = [
+        "", "", "", "", ms(seed_reference.spearman_vs_gamma1, digits=3),
+        ms(seed_reference.same_decisions_vs_gamma1, scale=100, digits=1), ""]
+    if sweep.test_ties.max() > 0:  # tied test pairs count as wrong in the accuracy column
+        table.insert(2, "tied test pairs (%)", [f"{100 * t:.1f}" for t in by_gamma.test_ties.mean()] + [""])
+    return table
+
+
+def gamma_text(sweep: pd.DataFrame, seed_reference: pd.DataFrame, paired: pd.DataFrame, choice: Mapping[str, Any],
+               *, gamma: float, rule: str) -> Markdown:
+    """The γ sweep in words: score scale against pure rescaling, agreement with γ = 1 against the
+    seed yardstick, a paired verdict per γ, and the γ a validation choice (`choice`, by `rule`)
+    would take beside the `gamma` the chapter's table uses."""
+    gammas = sorted(sweep.gamma.unique())
+    scale = sweep.groupby("gamma").scale_vs_gamma1.mean()
+    others = sweep[sweep.gamma != 1.0]
+    tied = ", ".join(f"{s['gamma']:g}" for s in choice["tied"])
+    return Markdown(
+        f"Over γ from {min(gammas):g} to {max(gammas):g} (a factor of {max(gammas) / min(gammas):g}), "
+        f"the score scale relative to γ = 1 goes from {scale.iloc[0]:.2f} to {scale.iloc[-1]:.2f} (pure rescaling would "
+        f"give {min(gammas):g} to {max(gammas):g}). Against the γ = 1 head "
+        f"of the same seed, the other heads keep the same ranking of test answers with a Spearman ρ of "
+        f"{others.spearman_vs_gamma1.min():.3f}-{others.spearman_vs_gamma1.max():.3f} and make the same keep/drop "
+        f"decision on {100 * others.same_decisions_vs_gamma1.min():.1f}-{100 * others.same_decisions_vs_gamma1.max():.1f}% "
+        f"of the test pairs. For scale: two γ = 1 heads that differ only in their seed reach a Spearman ρ of "
+        f"{seed_reference.spearman_vs_gamma1.mean():.3f} and agree on {100 * seed_reference.same_decisions_vs_gamma1.mean():.1f}% "
+        f"of the pairs.\n\nTest accuracy, each γ against γ = 1 on the same test pairs:\n\n"
+        + "\n".join(f"- {verdict}." for verdict in paired.verdict)
+        + f"\n\nThe chapter does not choose γ from this sweep: Table 3 uses γ = {gamma:g}. Chosen on the validation "
+        f"split ({rule}), it would be γ = **{choice['gamma']:g}** ({choice['label']}% on validation"
+        + (f"; tied with γ = {tied}" if tied else "")
+        + f"), {'the value Table 3 uses' if choice['gamma'] == gamma else 'not the value Table 3 uses'}.")

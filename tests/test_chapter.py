@@ -17,7 +17,7 @@ from srlib import chapter, present
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Chapters held to the length limit; extend the list as chapters are slimmed (all, then glob them).
-SHORT_CHAPTERS = ["01_sae_decomposition", "02_direction_selection"]
+SHORT_CHAPTERS = ["01_sae_decomposition", "02_direction_selection", "04_projection_vs_latents", "05_loss_comparison"]
 MAX_CODE_LINES = 100
 
 
@@ -138,3 +138,85 @@ def test_stability_table_is_mean_and_sd_over_half_splits():
 def test_show_hides_the_index_and_formats_columns():
     html = present.show(pd.DataFrame({"a": [0.12345], "link": ["https://x.org"]}), {"a": "{:.2f}"}, links=True).to_html()
     assert "0.12" in html and "0.12345" not in html and '<a href="https://x.org"' in html and 'class="dataframe"' in html
+
+
+def test_head_inputs_select_per_seed_or_take_the_given_directions():
+    sae, directions = object(), object()
+    per_seed = chapter.head_inputs(sae, directions, k=8)
+    assert list(per_seed) == ["SAE latents", "Random directions", "Top-K directions"]
+    assert per_seed["SAE latents"] == dict(features="latents", sae=sae, select=dict(sae=sae, k=8))
+    assert per_seed["Top-K directions"] == dict(features="projection", select=dict(sae=sae, k=8))
+    assert per_seed["Random directions"] == dict(features="random", directions=directions)
+    fixed = chapter.head_inputs(sae, directions)
+    assert fixed["Top-K directions"] == dict(features="projection", directions=directions)
+
+
+def test_selected_latent_activity_counts_what_a_latent_head_sees():
+    class Sae:  # encode is the identity on 3 "latents"
+        cfg = SimpleNamespace(d_in=3, d_sae=3)
+        device, dtype = "cpu", torch.float32
+
+        def encode(self, z):
+            return z
+
+    split = SimpleNamespace(chosen=torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]]),
+                            rejected=torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    directions = SimpleNamespace(indices=torch.tensor([0, 1]), vectors=torch.eye(3)[:2])
+    activity = chapter.selected_latent_activity(Sae(), directions, split)
+    assert activity == {"active": 0.25, "empty": 0.75, "both_empty": 0.5, "nonzero_projections": 0.5}
+    table = present.selected_activity_table({"truthfulqa": activity}, k=1)
+    assert table.loc["TruthfulQA"].tolist() == ["0.2 of 2", 75.0, 50.0, "0 of 2"]
+    text = present.selected_activity_text(table, k=1).data
+    assert "50.0% of the test pairs (TruthfulQA) have none active" in text
+
+
+def test_paper_gap_and_verdict_lines():
+    comparisons = pd.DataFrame({"dataset": ["TruthfulQA"], "A": ["X"], "B": ["Y"], "verdict": ["X ahead"]})
+    gapped = present.with_paper_gap(comparisons, {"X": {"truthfulqa": 80.0}, "Y": {"truthfulqa": 77.5}})
+    assert gapped["paper's A − B"].tolist() == [2.5]
+    assert present.verdict_lines(gapped).data == "- **TruthfulQA**: X ahead."
+
+
+def test_k_probe_table_text_and_figure():
+    summary = pd.DataFrame({"K": [2, 2, 2, 8, 8, 8], "variant": ["SAE latents", "Random directions", "Top-K directions"] * 2,
+                            "mean": [50.0, 60.0, 70.0, 55.0, 65.0, 66.0], "label": list("abcdef")})
+    gap = pd.DataFrame({"K": [2, 8], "A − B (points)": [10.04, 1.0], "CI low": [2.0, -1.0], "CI high": [18.0, 3.0],
+                        "verdict": ["top-K ahead", "no clear difference"]})
+    table = present.k_probe_table(summary, gap)
+    assert table["top-K − random (points)"].tolist() == [10.0, 1.0]
+    assert table["95% CI (paired)"].tolist() == ["2.0 to 18.0", "-1.0 to 3.0"]
+    text = present.k_probe_text(summary, gap, {"mean": 72.0, "std": 1.5}, [2, 8], ratio_k=20.5).data
+    assert "excludes 0 at K = 2." in text and "At K = 8, top-K directions give 66.0%" in text and "K ≈ 20 here" in text
+    from srlib import plots
+
+    trials = pd.DataFrame({"K": [2, 2, 8, 8], "variant": ["A", "B"] * 2, "seed": [0] * 4,
+                           "test_accuracy_half_ties": [0.5, 0.6, 0.7, 0.8]})
+    fig = plots.k_probe(trials, dense_mean=72.0, ratio_k=20.5, hidden_size=64, title="t")
+    lines = fig.axes[0].get_lines()
+    assert any(list(line.get_ydata()) == [72.0, 72.0] for line in lines)
+    assert any(list(line.get_xdata()) == [20.5, 20.5] for line in lines)
+
+
+def test_gamma_table_and_text():
+    sweep = pd.DataFrame({"gamma": [0.1, 0.1, 1.0, 1.0], "seed": [0, 1, 0, 1], "val_accuracy": [0.6, 0.7, 0.8, 0.8],
+                          "test_accuracy": [0.5, 0.6, 0.7, 0.7], "score_sd": [0.1, 0.1, 1.0, 1.0],
+                          "scale_vs_gamma1": [0.2, 0.2, 1.0, 1.0], "spearman_vs_gamma1": [0.9, 0.95, 1.0, 1.0],
+                          "same_decisions_vs_gamma1": [0.9, 1.0, 1.0, 1.0], "best_epoch": [3, 5, 4, 4],
+                          "test_ties": [0.0] * 4})
+    reference = pd.DataFrame({"spearman_vs_gamma1": [0.97], "same_decisions_vs_gamma1": [0.95]})
+    table = present.gamma_table(sweep, reference)
+    assert table.index.tolist() == ["0.1", "1", "1 vs 1, other seed (reference)"]
+    assert table.loc["0.1", "test accuracy (%)"] == "55.0 ± 7.1" and table.loc["1", "scale vs γ = 1"] == "1.00 ± 0.00"
+    assert table.loc["1 vs 1, other seed (reference)", "Spearman ρ vs γ = 1"] == "0.970"
+    paired = pd.DataFrame({"verdict": ["γ = 0.1 behind γ = 1"]})
+    text = present.gamma_text(sweep, reference, paired, {"gamma": 1.0, "label": "80.0 ± 0.0", "tied": []},
+                              gamma=1.0, rule="the best").data
+    assert "goes from 0.20 to 1.00" in text and "- γ = 0.1 behind γ = 1." in text
+    assert "γ = **1**" in text and text.endswith("the value Table 3 uses.")
+
+
+def test_gamma_sweep_needs_the_reference_gamma():
+    from srlib.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="include 1.0"):
+        chapter.gamma_sweep(None, None, (0.1, 3.0), (0,))
