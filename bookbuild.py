@@ -416,19 +416,35 @@ def check_kernel(name: str = "python3") -> None:
 FINGERPRINT_PACKAGES = ("torch", "transformers", "sae-lens", "trl", "peft", "datasets", "numpy", "scipy")
 
 
-def _srlib_imports(tree: ast.AST, package_dir: Path) -> set[str]:
-    """The srlib modules an AST imports (`import srlib.x`, `from srlib.x import y`, `from srlib
-    import x` where x is a module), anywhere in it, functions included."""
+def _srlib_imports(tree: ast.AST, package: str = "srlib") -> set[str]:
+    """The srlib modules an AST imports, anywhere in it (functions included): `import srlib.x`,
+    `from srlib.x import y` (and `srlib.x.y`, in case y is a module), and relative imports
+    (`from .x import y`) of a file in the srlib package `package`."""
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names if a.name.split(".")[0] == "srlib")
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
-                and node.module.split(".")[0] == "srlib":
-            found.add(node.module)
-            found.update(f"{node.module}.{a.name}" for a in node.names
-                         if node.module == "srlib" and (package_dir / f"{a.name}.py").is_file())
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(filter(None, (base, node.module)))
+            if module.split(".")[0] == "srlib":
+                found.add(module)
+                found.update(f"{module}.{a.name}" for a in node.names)
     return found
+
+
+def _module_files(package_dir: Path, module: str) -> list[Path]:
+    """The srlib source files that importing `module` runs: each package on the way (a
+    subpackage counts whole, every file in it) and the module's own file; [] if it is no module
+    (a function or class named in `from srlib.x import y`)."""
+    files, path = [], package_dir
+    for part in module.split(".")[1:]:
+        path = path / part
+        if path.is_dir():
+            files += sorted(path.rglob("*.py"))
+        elif path.with_suffix(".py").is_file():
+            files.append(path.with_suffix(".py"))
+    return files
 
 
 def srlib_closure(code: str) -> list[Path]:
@@ -436,9 +452,8 @@ def srlib_closure(code: str) -> list[Path]:
     modules (the package's `__init__` always): what a chapter's output can depend on in srlib."""
     package_dir = Path(srlib.__file__).resolve().parent
 
-    def imported_files(source: str) -> list[Path]:
-        return [package_dir / f"{m.split('.', 1)[1]}.py" for m in _srlib_imports(ast.parse(source), package_dir)
-                if "." in m]
+    def imported_files(source: str, package: str = "srlib") -> list[Path]:
+        return [f for m in _srlib_imports(ast.parse(source), package) for f in _module_files(package_dir, m)]
 
     seen: set[Path] = set()
     todo = [package_dir / "__init__.py", *imported_files(code)]
@@ -447,7 +462,8 @@ def srlib_closure(code: str) -> list[Path]:
         if path in seen or not path.is_file():
             continue
         seen.add(path)
-        todo += imported_files(path.read_text())
+        package = ".".join(("srlib", *path.parent.relative_to(package_dir).parts))
+        todo += imported_files(path.read_text(), package)
     return sorted(seen)
 
 

@@ -347,6 +347,24 @@ def test_with_two_jobs_the_longest_chapters_start_first(tmp_path, monkeypatch):
     assert sorted(fake.entered[:2]) == ["03_ch", "04_ch"] and fake.entered[2:] == ["02_ch"]  # ... 02 after
 
 
+def test_the_closure_takes_a_subpackage_whole_and_follows_its_relative_imports(tmp_path, monkeypatch):
+    import srlib
+
+    files = {"__init__.py": "", "evaluate.py": "", "plots.py": "",
+             "baselines/__init__.py": "from .registry import METHODS\n",
+             "baselines/registry.py": "from ..evaluate import compare_paired\nMETHODS = ()\n",
+             "baselines/lora.py": "", "tools/__init__.py": "", "tools/other.py": ""}
+    for name, text in files.items():
+        (tmp_path / "srlib" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "srlib" / name).write_text(text)
+    monkeypatch.setattr(srlib, "__file__", str(tmp_path / "srlib" / "__init__.py"))
+    closure = {p.relative_to(tmp_path / "srlib").as_posix() for p in book.srlib_closure(
+        "from srlib.baselines import METHODS")}
+    assert closure == {"__init__.py", "baselines/__init__.py", "baselines/registry.py", "baselines/lora.py",
+                       "evaluate.py"}
+    assert {p.name for p in book.srlib_closure("import srlib.tools.other")} == {"__init__.py", "other.py"}
+
+
 def test_the_fingerprint_follows_srlib_imports_and_the_data_files(tmp_path, monkeypatch):
     closure = {p.name for p in book.srlib_closure("from srlib.evaluate import compare_paired")}
     assert {"__init__.py", "evaluate.py", "data.py", "errors.py"} <= closure  # evaluate imports data
