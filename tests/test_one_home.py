@@ -15,8 +15,7 @@ from srlib.profiles import PROFILES
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = set(PROFILES)
-# build tooling names profiles to build them, not to size anything
-EXEMPT_MODULES = {"profiles.py", "book.py"}
+EXEMPT_MODULES = {"profiles.py"}
 
 
 def _is_profile_name(node: ast.AST) -> bool:
