@@ -18,7 +18,7 @@ import time
 import torch
 
 from srlib.backbone import load_backbone
-from srlib.baselines import METHODS, fit_baseline
+from srlib.baselines import METHODS, fit_baseline, get_method
 from srlib.data import load_pairs
 from srlib.errors import SrlibError
 from srlib.evaluate import binomial_se
@@ -64,10 +64,10 @@ def run(args: argparse.Namespace) -> dict:
     train = load_pairs(f"{args.dataset}:train", max_pairs=args.max_train)
     val = load_pairs(f"{args.dataset}:val") if args.use_val else None
     test = load_pairs(f"{args.dataset}:test", max_pairs=args.max_test)
-    judge = args.method.startswith("judge")
-    max_length = args.max_length or (2 * profile.max_length if judge else profile.max_length)
+    method = get_method(args.method)
+    max_length = args.max_length or (2 * profile.max_length if method.two_answers else profile.max_length)
     settings = {"max_length": max_length}
-    if args.method in ("standard", "generalizable", "judge-lora"):
+    if method.trained:
         settings.update(epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size)
     rm = fit_baseline(args.method, backbone, train, val, seed=args.seed, **settings)
     start = time.perf_counter()
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "method": args.method, "dataset": args.dataset, "backbone": backbone.model_id,
         "identity": backbone.identity, "seed": args.seed, "threads": args.threads,
-        "n_train": len(train) if args.method not in ("judge", "logprob") else 0,
+        "n_train": len(train) if method.trained else 0,
         "n_val": len(val) if val else 0, "n_test": len(test),
         "accuracy": round(accuracy, 4), "accuracy_se": round(binomial_se(accuracy, len(test)), 4),
         "trainable_parameters": trainable,

@@ -33,8 +33,8 @@ import torch
 from extraction import full_forward_states  # benchmarks/extraction.py: the full forward, timed the same way
 from srlib.activations import last_token_states
 from srlib.backbone import backbone_for_profile, format_pair
-from srlib.baselines import (METHOD_LABELS, METHODS, baseline_settings, baseline_trials, measure_cost,
-                             trainable_parameters)
+from srlib.baselines import (COMPARISON_METHODS, METHOD_LABELS, METHODS, baseline_settings, baseline_trials,
+                             measure_cost, trainable_parameters)
 from srlib.errors import SrlibError
 from srlib.evaluate import mean_sd
 from srlib.data_efficiency import fit_feature_rm
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the profile's")
     parser.add_argument("--n-score", type=int, default=64, help="test pairs timed for the scoring speed")
     parser.add_argument("--baselines", action="store_true", help="train and score the baselines that are not cached")
-    parser.add_argument("--methods", nargs="+", default=["standard", "generalizable", "judge", "logprob"],
+    parser.add_argument("--methods", nargs="+", default=list(COMPARISON_METHODS),
                         choices=METHODS)
     parser.add_argument("--baseline-train-pairs", type=int, default=None, help="default: the profile's")
     parser.add_argument("--baseline-test-pairs", type=int, default=None, help="default: the profile's")

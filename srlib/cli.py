@@ -18,13 +18,13 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from srlib.baselines.registry import METHODS as BASELINE_METHODS
 from srlib.errors import SrlibError
 from srlib.paper import TABLE1_TRACKS
 from srlib.profiles import DEFAULT_PROFILE, PROFILES, Profile, get_profile
 
 FEATURES = ("projection", "latents", "random", "dense")
 LOSSES = ("margin", "bt", "bce")
-BASELINE_METHODS = ("standard", "generalizable", "judge", "judge-lora", "logprob")
 METHODS = ("sparserm",) + BASELINE_METHODS
 
 

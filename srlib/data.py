@@ -40,6 +40,12 @@ from srlib.errors import ConfigError, DataError, one_line
 from srlib.paths import atomic_path, data_dir, hub_offline, hub_reachable
 
 SPLITS = ("train", "val", "test")
+#: How the book names the data sets (the paper's names, with what the data here really is).
+DATASET_LABELS = {
+    "truthfulqa": "TruthfulQA",
+    "pku-saferlhf": "SafeRLHF",
+    "hh-harmless": "Red-Teaming (HH harmless)",
+}
 BUILTIN_NAMES = (
     *(f"truthfulqa:{s}" for s in SPLITS),
     *(f"hh-harmless:{s}" for s in SPLITS),

@@ -27,19 +27,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from srlib.data import PreferencePair, load_pairs
+from srlib.data import DATASET_LABELS, PreferencePair, load_pairs
 from srlib.directions import Directions, select_directions
 from srlib.errors import ConfigError
 from srlib.profiles import Profile
 from srlib.evaluate import PairedComparison, compare_paired, mean_sd, pair_outcomes
 from srlib.reward import DenseRM, FeatureRM, SparseRM, pair_accuracy
-
-#: How the book names the data sets (the paper's names, with what the data here really is).
-DATASET_LABELS = {
-    "truthfulqa": "TruthfulQA",
-    "pku-saferlhf": "SafeRLHF",
-    "hh-harmless": "Red-Teaming (HH harmless)",
-}
 
 
 @dataclass

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from srlib import baselines as B
+from srlib.baselines import models
 from srlib.backbone import format_text
 from srlib.data import PreferencePair
 from srlib.errors import ConfigError, DataError
@@ -83,7 +84,7 @@ def test_standard_rm_reads_the_last_real_token(backbone, pairs):
     assert torch.allclose(batched, alone, atol=1e-5)  # padding never changes a score
     assert torch.equal(rm.score_pairs(pairs)[0], batched)
     tok = backbone.tokenizer
-    assert B._pad_id(tok, [[5, tok.pad_token_id]]) != tok.pad_token_id
+    assert models._pad_id(tok, [[5, tok.pad_token_id]]) != tok.pad_token_id
 
 
 def test_load_checks_backbone_and_loads_it_when_absent(backbone, pairs, tmp_path):
@@ -153,10 +154,10 @@ def test_logprob_floor_is_the_mean_response_logprob(backbone, pairs, tmp_path):
 def test_grm_regulariser_reads_the_chosen_response_logprob(backbone, pairs):
     tok = backbone.tokenizer
     pair = pairs[-1]  # the HH transcript: several turns before the response
-    ids = B._encode(tok, format_text(tok, pair.prompt, pair.chosen))
+    ids = models._encode(tok, format_text(tok, pair.prompt, pair.chosen))
     for keep in (len(ids), len(ids) - 10):  # whole, and cut from the left
         kept = ids[-keep:]
-        start = B._response_start(tok, pair, len(kept))
+        start = models._response_start(tok, pair, len(kept))
         input_ids = torch.tensor([kept, kept])  # chosen row first, then a stand-in rejected row
         with torch.no_grad():
             hidden = backbone.model.model(input_ids=input_ids).last_hidden_state
@@ -166,7 +167,7 @@ def test_grm_regulariser_reads_the_chosen_response_logprob(backbone, pairs):
             want = response_logprobs(backbone.model, tok, pair.prompt, [pair.chosen])
             assert got.item() == pytest.approx(want.item(), abs=1e-3)
         else:
-            assert start > 0 and kept[start:] == ids[-(len(ids) - B._response_start(tok, pair, len(ids))):]
+            assert start > 0 and kept[start:] == ids[-(len(ids) - models._response_start(tok, pair, len(ids))):]
 
 
 def test_bad_method_and_settings_fail_in_one_line(backbone, pairs):

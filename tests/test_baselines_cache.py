@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from srlib import baselines as B
+from srlib.baselines import cache as baseline_cache
 from srlib import plots
 from srlib.data import PreferencePair
 from srlib.errors import ConfigError, DataError
@@ -81,7 +82,7 @@ def test_cached_fit_trains_once_then_loads(tiny_backbone, pairs, isolated_cache,
     def no_training(*args, **kwargs):
         raise AssertionError("a cached baseline was trained again")
 
-    monkeypatch.setattr(B, "fit_baseline", no_training)
+    monkeypatch.setattr(baseline_cache, "fit_baseline", no_training)
     assert B.trainable_parameters("standard", tiny_backbone, **QUICK) == rm.num_trainable_parameters()
     again = B.cached_fit_baseline("standard", tiny_backbone, pairs[:4], None, seed=0, progress=False, **QUICK)
     assert again.from_cache and type(again) is type(rm)
@@ -94,7 +95,7 @@ def test_failed_fit_leaves_no_cache_entry(tiny_backbone, pairs, isolated_cache, 
     def broken(*args, **kwargs):
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(B, "fit_baseline", broken)
+    monkeypatch.setattr(baseline_cache, "fit_baseline", broken)
     with pytest.raises(RuntimeError):
         B.cached_fit_baseline("standard", tiny_backbone, pairs[:4], seed=0, progress=False, **QUICK)
     assert _entries(isolated_cache) == []

@@ -1,94 +1,42 @@
-"""The reward models SparseRM is compared with (the paper's Figure 3), on the same backbone.
-
-Every baseline has the interface of `srlib.reward.RewardModel` (`score_pairs`, `score`,
-`save_pretrained`, `RewardModel.from_pretrained`, `num_trainable_parameters`) and records
-what training cost in `.cost` (a `TrainingCost`). Build one with `fit_baseline(method, ...)`
-or `<Class>.fit(backbone, train_pairs, val_pairs=None, *, seed=0, ...)`.
-
-What each one is, and how far it is from the published method:
-
-* `StandardRM` (method ``standard``; Stiennon et al. 2020): the backbone as a sequence
-  classifier with a scalar head, trained with the Bradley-Terry loss by TRL's
-  `RewardTrainer`. As the SparseRM paper trains its baselines, with LoRA: rank 8 on the
-  attention q/v projections, the head trainable in full (peft ``modules_to_save``). The
-  published model fine-tunes the whole network; LoRA is the paper's (and our) choice.
-* `GeneralizableRM` (``generalizable``; Yang et al. 2024, GRM): StandardRM plus GRM's
-  text-generation regulariser on the chosen responses, read through the SAME hidden states:
-  loss = (1 − α)·BT + α·(−log σ(β · log π(y_chosen | x))), with log π the summed log-prob
-  of the chosen response tokens under the backbone's own (frozen) LM head applied to the
-  final hidden states of the LoRA'd backbone. α = 0.01, β = 0.1 and the reference-free
-  "SFT" form are GRM's published defaults. Not as published: their reward head is an MLP
-  (one hidden layer of 1,024 units) and their LoRA is rank 32 on q/k/v/o; here the head and
-  LoRA are StandardRM's, so the two baselines differ only by the regulariser.
-* `GenerativeJudge` (``judge``, ``judge-lora``): the JudgeLM / GRAM family, NOT their
-  published models (JudgeLM and GRAM are separately fine-tuned judge LLMs with their own
-  prompts and training data). The backbone is asked which of two answers is better
-  (`JUDGE_TEMPLATE`); the verdict is read from the next-token logits of "A" and "B" and
-  averaged over both orders to cancel position bias. ``judge`` is zero-shot; ``judge-lora``
-  tunes a LoRA (same shape as above) with TRL's `SFTTrainer` on the correct verdict token of
-  every training pair, in both orders; given validation pairs it keeps the epoch of lowest
-  validation loss and records it (`best_epoch`, `val_loss`), as the two RMs above do. Its
-  `score_pairs` returns s_chosen = P(chosen is better) and s_rejected = 1 − s_chosen: a
-  pairwise judge has no score for one response.
-* `LogProbPreference` (``logprob``): no reward model at all, the floor: each response is
-  scored by the backbone's mean per-token log-probability of it given the prompt
-  (`srlib.evaluate`'s reading of the response tokens).
-
-Cost: `TrainingCost.seconds` is the wall time of training (data preparation included, final
-scoring excluded); memory is the process's resident set size (RSS) sampled by psutil every
-20 ms while training (tracemalloc misses torch's allocations; getrusage's ru_maxrss is a peak
-over the whole process life, so a second run in one process would report the first's peak).
-`measure_cost` puts any other training (SparseRM's head, say) under the same meter.
-
-Caching: `cached_fit_baseline` fits a baseline once and saves it under
-`cache_dir("baselines", key)`, the key hashing the backbone's identity, the method, its
-settings (defaults filled in), the seed and the texts and ids of the pairs it learns from; a
-later call loads it, training cost included. `cached_score_pairs` keeps its scores of a pair
-set beside it, with the scoring time, so a rebuilt book neither trains nor scores again.
-`baseline_trials` runs methods × seeds through both and returns one row per fit.
-"""
+"""The baseline reward models: `StandardRM`, `GeneralizableRM`, `GenerativeJudge` and
+`LogProbPreference` (the package docstring says what each is and how far it is from the
+published method), their token helpers and saving, and `fit_baseline`, which fits a method of
+the registry (`srlib.baselines.registry`) by name."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
-import hashlib
 import json
-import math
-import shutil
 import tempfile
-import threading
-import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
-import psutil
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from peft import LoraConfig, PeftModel, TaskType
+from peft import PeftModel, TaskType
 from torch import Tensor
-from tqdm.auto import tqdm
 from transformers import AutoModelForSequenceClassification, PrinterCallback, set_seed
 from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 from trl.data_utils import common_prefix_length
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from srlib.activations import length_batches
 from srlib.backbone import format_text, left_pad
+from srlib.baselines.cost import CostMeter, TrainingCost
+from srlib.baselines.registry import get_method
+from srlib.baselines.settings import GRMSettings, JudgeSettings, LogProbSettings, LoraSettings, build_settings
+from srlib.cache import check_safetensors, read_json
 from srlib.data import prompt_messages, prompt_text
-from srlib.cache import check_safetensors, read_json, warn_recomputing
 from srlib.errors import ConfigError, DamagedFileError, DataError, one_line
-from srlib.evaluate import mean_sd, pair_outcomes, prompt_ids, sequence_logprobs
-from srlib.paths import atomic_path, cache_dir
-from srlib.reward import CONFIG_NAME, RewardModel, damaged_remedy, is_saved_reward_model, pair_accuracy
+from srlib.evaluate import prompt_ids, sequence_logprobs
+from srlib.paths import atomic_path
+from srlib.progress import progress_bar, trainer_callback
+from srlib.reward import CONFIG_NAME, RewardModel, damaged_remedy, is_saved_reward_model
 
-METHODS = ("standard", "generalizable", "judge", "judge-lora", "logprob")
 ADAPTER_DIR = "adapter"
 
 #: The judging prompt (one user turn). Answers are shown as A and B; the model answers next.
@@ -103,133 +51,6 @@ JUDGE_TEMPLATE = (
 VERDICT_TOKENS = ("A", "B")
 
 
-# ----------------------------------------------------------------------------- cost
-
-
-@dataclass
-class TrainingCost:
-    """What training a reward model cost (see the module docstring for how it is measured)."""
-
-    seconds: float
-    peak_rss_mb: float
-    rss_increase_mb: float  # peak RSS while training minus RSS when training began
-    n_train_pairs: int
-    memory_method: str = "psutil RSS sampled every 20 ms"
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class _CostMeter:
-    """Context manager: wall time and peak RSS of the block, sampled in a background thread."""
-
-    interval = 0.02
-
-    def __enter__(self) -> "_CostMeter":
-        self._process = psutil.Process()
-        self.start_rss = self.peak_rss = self._process.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        self._t0 = time.perf_counter()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
-
-    def __exit__(self, *exc) -> None:
-        self.seconds = time.perf_counter() - self._t0
-        self._stop.set()
-        self._thread.join()
-        self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
-
-    def cost(self, n_train_pairs: int) -> TrainingCost:
-        mb = 1024 * 1024
-        return TrainingCost(seconds=round(self.seconds, 3), peak_rss_mb=round(self.peak_rss / mb, 1),
-                            rss_increase_mb=round((self.peak_rss - self.start_rss) / mb, 1),
-                            n_train_pairs=n_train_pairs)
-
-
-# ----------------------------------------------------------------------------- settings
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """How the LoRA baselines train. Defaults: sensible LoRA settings for a small backbone,
-    not tuned against SparseRM. `max_steps > 0` caps the optimiser steps (smoke runs)."""
-
-    epochs: float = 1.0
-    learning_rate: float = 1e-4
-    batch_size: int = 8  # pairs per optimiser step (times gradient_accumulation_steps)
-    gradient_accumulation_steps: int = 1
-    max_length: int = 512  # tokens kept per text, from the END (the start is cut)
-    lora_r: int = 8
-    lora_alpha: int = 16
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    warmup_ratio: float = 0.03
-    max_steps: int = -1
-    scoring_batch_size: int = 16
-
-    def check(self) -> None:
-        for name in ("batch_size", "gradient_accumulation_steps", "max_length", "lora_r", "scoring_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not (math.isfinite(self.learning_rate) and math.isfinite(self.epochs)):
-            raise ConfigError(f"learning_rate and epochs must be finite numbers, got {self.learning_rate}, "
-                              f"{self.epochs}")
-        if not self.learning_rate > 0 or not self.epochs > 0:
-            raise ConfigError(f"learning_rate and epochs must be > 0, got {self.learning_rate}, {self.epochs}")
-
-    def lora_config(self, task_type: TaskType, modules_to_save: list[str] | None = None) -> LoraConfig:
-        # Dropout 0: TRL's trainers switch every dropout off anyway (disable_dropout=True).
-        return LoraConfig(task_type=task_type, r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=0.0,
-                          target_modules=list(self.target_modules), modules_to_save=modules_to_save)
-
-    def trainer_kwargs(self, output_dir: str, seed: int, has_val: bool, progress: bool) -> dict[str, Any]:
-        """Arguments shared by RewardConfig and SFTConfig: float32, no checkpointing; the GPU if any."""
-        per_epoch = "epoch" if has_val else "no"
-        return dict(
-            output_dir=output_dir, num_train_epochs=self.epochs, max_steps=self.max_steps,
-            learning_rate=self.learning_rate, lr_scheduler_type="linear", warmup_steps=self.warmup_ratio,
-            weight_decay=0.0, per_device_train_batch_size=self.batch_size,
-            per_device_eval_batch_size=self.scoring_batch_size,
-            gradient_accumulation_steps=self.gradient_accumulation_steps,
-            eval_strategy=per_epoch, save_strategy=per_epoch, save_only_model=True, save_total_limit=1,
-            load_best_model_at_end=has_val, prediction_loss_only=True,
-            seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False, activation_checkpointing=False,
-            report_to="none", logging_steps=10, disable_tqdm=not progress, dataloader_num_workers=0,
-            train_sampling_strategy="group_by_length",  # shuffled batches of similar length: less padding
-            max_length=None,  # texts are cut from the left beforehand; TRL would drop long ones
-        )
-
-
-@dataclass(frozen=True)
-class GRMSettings(LoraSettings):
-    """LoraSettings plus GRM's regulariser: weight α (`sft_weight`) and β (`sft_beta`)."""
-
-    sft_weight: float = 0.01
-    sft_beta: float = 0.1
-
-    def check(self) -> None:
-        super().check()
-        if not 0 < self.sft_weight < 1:
-            raise ConfigError(f"sft_weight (GRM's alpha) must be in (0, 1), got {self.sft_weight}")
-
-
-def _settings(cls: type, kwargs: dict[str, Any]):
-    """Build a settings dataclass, turning an unknown or badly typed keyword into a ConfigError."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(kwargs) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; valid: {', '.join(names)}")
-    if "target_modules" in kwargs:
-        kwargs = {**kwargs, "target_modules": tuple(kwargs["target_modules"])}
-    settings = cls(**kwargs)
-    settings.check()
-    return settings
-
-
 # ----------------------------------------------------------------------------- tokens
 
 
@@ -240,7 +61,8 @@ def _encode(tokenizer, text: str, max_length: int | None = None) -> list[int]:
     return ids if max_length is None else ids[-max_length:]
 
 
-def _check_pairs(pairs: Sequence, what: str) -> list:
+def nonempty_pairs(pairs: Sequence, what: str) -> list:
+    """The pairs as a list; an empty one is a DataError naming the `what` set."""
     pairs = list(pairs)
     if not pairs:
         raise DataError(f"the {what} set is empty")
@@ -295,6 +117,7 @@ def _train(trainer, progress: bool) -> int:
     if not progress:
         trainer.remove_callback(PrinterCallback)  # it prints every log dict when tqdm is off
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+    trainer.add_callback(trainer_callback("LoRA fit steps"))
     trainer.train()
     return trainable
 
@@ -425,10 +248,10 @@ class StandardRM(RewardModel):
             **settings) -> "StandardRM":
         """Train on `train_pairs` with TRL's RewardTrainer; with `val_pairs`, keep the epoch of
         lowest validation loss. `settings` are `LoraSettings` fields (GRMSettings for GRM)."""
-        settings = _settings(cls.settings_class, settings)
-        train_pairs = _check_pairs(train_pairs, "training")
-        val_pairs = _check_pairs(val_pairs, "validation") if val_pairs else None
-        with _CostMeter() as meter:
+        settings = build_settings(cls.settings_class, settings)
+        train_pairs = nonempty_pairs(train_pairs, "training")
+        val_pairs = nonempty_pairs(val_pairs, "validation") if val_pairs else None
+        with CostMeter() as meter:
             train_rows = cls._rows(backbone.tokenizer, train_pairs, settings.max_length)
             val_rows = cls._rows(backbone.tokenizer, val_pairs, settings.max_length) if val_pairs else None
             pad_id = _pad_id(backbone.tokenizer, train_rows["chosen_ids"] + train_rows["rejected_ids"])
@@ -450,6 +273,16 @@ class StandardRM(RewardModel):
                 val_loss, best_epoch = _kept_epoch(trainer.state)
         return cls(backbone, model, pad_id, settings, seed=seed, trainable_parameters=trainable,
                    cost=meter.cost(len(train_pairs)), val_loss=val_loss, best_epoch=best_epoch)
+
+    @classmethod
+    def lora_wrapped(cls, backbone, settings: LoraSettings):
+        """A fresh scalar classifier on a copy of the backbone, wrapped with the LoRA adapter
+        and trainable score head the trainer would add (for counting parameters)."""
+        from peft import get_peft_model
+
+        pad_id = backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else 0
+        return get_peft_model(_sequence_classifier(backbone, pad_id),
+                              settings.lora_config(TaskType.SEQ_CLS, modules_to_save=["score"]))
 
     @classmethod
     def _rows(cls, tokenizer, pairs, max_length: int) -> dict[str, list]:
@@ -474,7 +307,7 @@ class StandardRM(RewardModel):
         out = torch.empty(len(sequences), dtype=torch.float32)
         device = next(self.model.parameters()).device
         batches = length_batches([len(s) for s in sequences], self.settings.scoring_batch_size)
-        for batch in tqdm(batches, desc=f"{type(self).__name__} scores", disable=not progress, leave=False):
+        for batch in progress_bar(batches, desc=f"{type(self).__name__} scores", unit="batch", disable=not progress, leave=False):
             input_ids, attention = _right_pad([sequences[i] for i in batch], self.pad_id)
             logits = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
             out[batch] = logits[:, 0].float().cpu()
@@ -515,7 +348,7 @@ class StandardRM(RewardModel):
     def _load(cls, directory: Path, config: dict, backbone=None) -> "StandardRM":
         backbone = _resolve_backbone(config, backbone)
         model = _load_adapter(_sequence_classifier(backbone, config["pad_id"]), directory)
-        return cls(backbone, model, config["pad_id"], _settings(cls.settings_class, config["settings"]),
+        return cls(backbone, model, config["pad_id"], build_settings(cls.settings_class, config["settings"]),
                    seed=config["seed"], trainable_parameters=config["trainable_parameters"],
                    cost=_saved_cost(config), val_loss=config.get("val_loss", ()),
                    best_epoch=config.get("best_epoch"))
@@ -596,15 +429,9 @@ def _response_start(tokenizer, pair, n_kept: int) -> int:
     return max(0, start - (len(full) - n_kept))
 
 
+
 # ----------------------------------------------------------------------------- generative judge
 
-
-@dataclass(frozen=True)
-class JudgeSettings(LoraSettings):
-    """LoraSettings for the judge (the LoRA fields matter only for ``judge-lora``); its prompts
-    hold two answers, hence the longer default `max_length`."""
-
-    max_length: int = 1024
 
 
 def verdict_preference(logits_chosen_as_a: Tensor, logits_chosen_as_b: Tensor) -> Tensor:
@@ -649,7 +476,7 @@ def _next_token_logits(model, sequences: list[list[int]], token_ids: list[int], 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    for batch in tqdm(length_batches([len(s) for s in sequences], batch_size), desc=desc, disable=not progress, leave=False):
+    for batch in progress_bar(length_batches([len(s) for s in sequences], batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
         input_ids, attention = left_pad([sequences[i] for i in batch], pad_id)
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
@@ -665,6 +492,8 @@ class GenerativeJudge(RewardModel):
     Not the published JudgeLM or GRAM models (see the module docstring). `score_pairs`
     returns (P(chosen better), 1 − P(chosen better)); a single text has no score.
     """
+
+    settings_class: ClassVar[type] = JudgeSettings
 
     def __init__(self, backbone, model, settings: JudgeSettings, *, lora: bool, seed: int,
                  trainable_parameters: int, cost: TrainingCost | None = None,
@@ -687,16 +516,16 @@ class GenerativeJudge(RewardModel):
         """Zero-shot (`lora=False`: nothing is trained, the pairs are not needed) or a LoRA judge
         tuned with TRL's SFTTrainer on the correct verdict token of every training pair in both
         orders; with `val_pairs`, the epoch of lowest validation loss is kept."""
-        settings = _settings(JudgeSettings, settings)
+        settings = build_settings(JudgeSettings, settings)
         verdict_ids = _verdict_ids(backbone.tokenizer)
         if not lora:
-            with _CostMeter() as meter:
+            with CostMeter() as meter:
                 pass
             return cls(backbone, backbone.model, settings, lora=False, seed=seed, trainable_parameters=0,
                        cost=meter.cost(0))
-        train_pairs = _check_pairs(train_pairs or [], "training")
-        val_pairs = _check_pairs(val_pairs, "validation") if val_pairs else None
-        with _CostMeter() as meter:
+        train_pairs = nonempty_pairs(train_pairs or [], "training")
+        val_pairs = nonempty_pairs(val_pairs, "validation") if val_pairs else None
+        with CostMeter() as meter:
             rows = _verdict_rows(backbone.tokenizer, train_pairs, verdict_ids, settings.max_length)
             val_rows = _verdict_rows(backbone.tokenizer, val_pairs, verdict_ids, settings.max_length) if val_pairs else None
             tokenizer = backbone.tokenizer
@@ -717,6 +546,14 @@ class GenerativeJudge(RewardModel):
                 val_loss, best_epoch = _kept_epoch(trainer.state)
         return cls(backbone, model, settings, lora=True, seed=seed, trainable_parameters=trainable,
                    cost=meter.cost(len(train_pairs)), val_loss=val_loss, best_epoch=best_epoch)
+
+    @classmethod
+    def lora_wrapped(cls, backbone, settings: JudgeSettings):
+        """A copy of the backbone's causal LM wrapped with the LoRA adapter `judge-lora` trains
+        (for counting parameters)."""
+        from peft import get_peft_model
+
+        return get_peft_model(copy.deepcopy(backbone.model), settings.lora_config(TaskType.CAUSAL_LM))
 
     def verdict_logits(self, pairs, *, progress: bool = False) -> tuple[Tensor, Tensor]:
         """Logits of ("A", "B") [n, 2] with the chosen answer shown as A, and shown as B."""
@@ -758,7 +595,7 @@ class GenerativeJudge(RewardModel):
         model = backbone.model
         if config["lora"]:
             model = _load_adapter(copy.deepcopy(backbone.model), directory)
-        return cls(backbone, model, _settings(JudgeSettings, config["settings"]), lora=config["lora"],
+        return cls(backbone, model, build_settings(JudgeSettings, config["settings"]), lora=config["lora"],
                    seed=config["seed"], trainable_parameters=config["trainable_parameters"],
                    cost=_saved_cost(config), val_loss=config.get("val_loss", ()),
                    best_epoch=config.get("best_epoch"))
@@ -779,23 +616,11 @@ def _verdict_rows(tokenizer, pairs, verdict_ids: list[int], max_length: int) -> 
 # ----------------------------------------------------------------------------- log-prob floor
 
 
-@dataclass(frozen=True)
-class LogProbSettings:
-    """How the log-prob floor reads responses (nothing is trained)."""
-
-    max_length: int = 512
-    scoring_batch_size: int = 16
-
-    def check(self) -> None:
-        if self.max_length < 2 or self.scoring_batch_size < 1:
-            raise ConfigError(f"max_length must be >= 2 and scoring_batch_size >= 1, got "
-                              f"{self.max_length}, {self.scoring_batch_size}")
-
-
 class LogProbPreference(RewardModel):
     """The floor: the backbone's mean per-token log-prob of each response given its prompt."""
 
     method: ClassVar[str] = "logprob"
+    settings_class: ClassVar[type] = LogProbSettings
 
     def __init__(self, backbone, settings: LogProbSettings, cost: TrainingCost | None = None):
         self.backbone, self.settings, self.cost = backbone, settings, cost
@@ -804,8 +629,8 @@ class LogProbPreference(RewardModel):
     def fit(cls, backbone, train_pairs=None, val_pairs=None, *, seed: int = 0, progress: bool = True,
             **settings) -> "LogProbPreference":
         """Nothing to train; the pairs and seed are accepted for a uniform interface."""
-        settings = _settings(LogProbSettings, settings)
-        with _CostMeter() as meter:
+        settings = build_settings(LogProbSettings, settings)
+        with CostMeter() as meter:
             pass
         return cls(backbone, settings, meter.cost(0))
 
@@ -835,7 +660,7 @@ class LogProbPreference(RewardModel):
 
     @classmethod
     def _load(cls, directory: Path, config: dict, backbone=None) -> "LogProbPreference":
-        return cls(_resolve_backbone(config, backbone), _settings(LogProbSettings, config["settings"]),
+        return cls(_resolve_backbone(config, backbone), build_settings(LogProbSettings, config["settings"]),
                    _saved_cost(config))
 
 
@@ -844,281 +669,21 @@ class LogProbPreference(RewardModel):
 
 def fit_baseline(method: str, backbone, train_pairs=None, val_pairs=None, *, seed: int = 0,
                  progress: bool = True, **settings) -> RewardModel:
-    """Fit the baseline named `method` (one of `METHODS`); `settings` go to its settings class
-    (`LoraSettings`, `GRMSettings`, `JudgeSettings`, `LogProbSettings`)."""
-    kwargs = dict(seed=seed, progress=progress, **settings)
-    if method == "standard":
-        return StandardRM.fit(backbone, train_pairs, val_pairs, **kwargs)
-    if method == "generalizable":
-        return GeneralizableRM.fit(backbone, train_pairs, val_pairs, **kwargs)
-    if method in ("judge", "judge-lora"):
-        return GenerativeJudge.fit(backbone, train_pairs, val_pairs, lora=method == "judge-lora", **kwargs)
-    if method == "logprob":
-        return LogProbPreference.fit(backbone, train_pairs, val_pairs, **kwargs)
-    raise ConfigError(f"unknown baseline method {method!r}; choose one of: {', '.join(METHODS)}")
-
-
-def measure_cost(fn: Callable[..., Any], *args, n_train_pairs: int, **kwargs) -> tuple[Any, TrainingCost]:
-    """Call `fn(*args, **kwargs)` under the meter the baselines are costed with (wall time,
-    psutil peak RSS); return its result and the `TrainingCost`. Lets any other reward model
-    (SparseRM, DenseRM) be timed and weighed exactly as the baselines are."""
-    with _CostMeter() as meter:
-        result = fn(*args, **kwargs)
-    return result, meter.cost(n_train_pairs)
+    """Fit the baseline named `method` (one of `srlib.baselines.METHODS`); `settings` go to its
+    class's settings class (`LoraSettings`, `GRMSettings`, `JudgeSettings`, `LogProbSettings`)."""
+    spec = get_method(method)
+    return spec.model_class.fit(backbone, train_pairs, val_pairs, seed=seed, progress=progress,
+                                **spec.fit_options, **settings)
 
 
 def trainable_parameters(method: str, backbone, **settings) -> int:
     """How many numbers fitting `method` with these settings trains, without training: the
     model is wrapped with its LoRA adapter (and score head) as the trainer would wrap it, and
-    its trainable parameters are counted. 0 for the zero-shot judge and the log-prob floor."""
-    if method not in SETTINGS_CLASSES:
-        raise ConfigError(f"unknown baseline method {method!r}; choose one of: {', '.join(METHODS)}")
-    resolved = _settings(SETTINGS_CLASSES[method], settings)
-    if method not in TRAINED_METHODS:
+    its trainable parameters are counted. 0 for the methods that train nothing."""
+    spec = get_method(method)
+    resolved = build_settings(spec.model_class.settings_class, settings)
+    if not spec.trained:
         return 0
-    from peft import get_peft_model
-
     with _peft_wrapping():
-        if method == "judge-lora":
-            model = get_peft_model(copy.deepcopy(backbone.model), resolved.lora_config(TaskType.CAUSAL_LM))
-        else:
-            pad_id = backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else 0
-            model = get_peft_model(_sequence_classifier(backbone, pad_id),
-                                   resolved.lora_config(TaskType.SEQ_CLS, modules_to_save=["score"]))
+        model = spec.model_class.lora_wrapped(backbone, resolved)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-# ----------------------------------------------------------------------------- cache and trials
-
-#: Bump when a change to the baselines makes earlier cached fits stale.
-CACHE_VERSION = 1
-SETTINGS_CLASSES: dict[str, type] = {"standard": LoraSettings, "generalizable": GRMSettings,
-                                     "judge": JudgeSettings, "judge-lora": JudgeSettings,
-                                     "logprob": LogProbSettings}
-#: The methods that learn from the training pairs (the others ignore pairs and seed).
-TRAINED_METHODS = ("standard", "generalizable", "judge-lora")
-#: How the book names each method.
-METHOD_LABELS = {"standard": "StandardRM (LoRA)", "generalizable": "GeneralizableRM (LoRA)",
-                 "judge": "zero-shot judge", "judge-lora": "LoRA judge", "logprob": "log-prob floor"}
-SCORES_DIR = "scores"
-#: The columns of `baseline_trials`' table.
-TRIAL_COLUMNS = ("dataset", "variant", "method", "seed", "test_accuracy", "trainable_parameters", "fit_seconds",
-                 "peak_rss_mb", "rss_increase_mb", "pairs_per_second", "n_train_pairs", "n_test_pairs", "from_cache",
-                 "best_epoch", "outcomes")
-
-
-def pairs_digest(pairs: Sequence | None) -> str | None:
-    """A hash of a pair list: ids and texts, in order (None for no pairs). Two lists hash
-    alike only if every pair has the same id, prompt, chosen and rejected text."""
-    if not pairs:
-        return None
-    digest = hashlib.sha256()
-    for pair in pairs:
-        for part in (pair.pair_id, pair.prompt, pair.chosen, pair.rejected):
-            digest.update((part if isinstance(part, str) else json.dumps(part)).encode())  # a conversation prompt
-            digest.update(b"\x00")
-    return digest.hexdigest()
-
-
-def baseline_key(method: str, backbone, train_pairs: Sequence | None = None, val_pairs: Sequence | None = None,
-                 *, seed: int = 0, **settings) -> str:
-    """The cache key of one baseline fit: "<method>-<hash>".
-
-    The hash covers the backbone's identity, the method, its settings with the defaults filled
-    in (so leaving a setting out and passing its default give one key), a cache version and,
-    for the methods that train (`TRAINED_METHODS`), the seed and the training and validation
-    pairs (`pairs_digest`). The zero-shot judge and the log-prob floor learn nothing, so their
-    key ignores pairs and seed.
-    """
-    if method not in SETTINGS_CLASSES:
-        raise ConfigError(f"unknown baseline method {method!r}; choose one of: {', '.join(METHODS)}")
-    resolved = _settings(SETTINGS_CLASSES[method], settings)
-    # 1 and 1.0 epochs are one fit: numbers of float fields are hashed as floats
-    canonical = {f.name: float(getattr(resolved, f.name)) if f.type == "float" else getattr(resolved, f.name)
-                 for f in dataclasses.fields(resolved)}
-    record: dict[str, Any] = {"version": CACHE_VERSION, "method": method, "backbone": backbone.identity,
-                              "settings": canonical}
-    if method in TRAINED_METHODS:
-        record.update(seed=seed, train=pairs_digest(train_pairs), val=pairs_digest(val_pairs))
-    text = json.dumps(record, sort_keys=True)
-    return f"{method}-{hashlib.sha256(text.encode()).hexdigest()[:24]}"
-
-
-def cached_fit_baseline(method: str, backbone, train_pairs: Sequence | None = None,
-                        val_pairs: Sequence | None = None, *, seed: int = 0, progress: bool = True,
-                        **settings) -> RewardModel:
-    """`fit_baseline`, but only once: the fitted model is saved (atomically) under
-    `cache_dir("baselines", baseline_key(...))` and a later call with the same backbone, method,
-    settings, seed and pairs loads it instead of training.
-
-    The returned model has `cache_path` (its folder, for `cached_score_pairs`) and
-    `from_cache` (True when loaded); its `.cost` is the cost measured when it was trained.
-    """
-    directory = cache_dir("baselines") / baseline_key(method, backbone, train_pairs, val_pairs, seed=seed,
-                                                      **settings)
-    rm = None
-    if (directory / CONFIG_NAME).is_file():
-        try:
-            rm = RewardModel.from_pretrained(directory, backbone=backbone)
-            rm.from_cache = True
-        except DamagedFileError as error:
-            warn_recomputing(directory, error)
-            shutil.rmtree(directory)  # srlib's own cache entry: the refit below writes it anew
-    if rm is None:
-        rm = fit_baseline(method, backbone, train_pairs, val_pairs, seed=seed, progress=progress, **settings)
-        rm.save_pretrained(directory)
-        rm.from_cache = False
-    rm.cache_path = directory
-    return rm
-
-
-@dataclass
-class PairScores:
-    """A reward model's scores of a pair set and how long computing them took."""
-
-    chosen: Tensor
-    rejected: Tensor
-    seconds: float  # wall time of score_pairs when the scores were computed (not when loaded)
-    from_cache: bool = False
-
-    @property
-    def accuracy(self) -> float:
-        return pair_accuracy(self.chosen, self.rejected)
-
-    @property
-    def pairs_per_second(self) -> float:
-        return len(self.chosen) / self.seconds if self.seconds > 0 else float("inf")
-
-
-def _scores_path(directory: str | Path, pairs: Sequence) -> Path:
-    return Path(directory) / SCORES_DIR / f"{pairs_digest(pairs)}.safetensors"
-
-
-def cached_score_pairs(rm: RewardModel, pairs: Sequence, *, progress: bool = False) -> PairScores:
-    """`rm.score_pairs(pairs)`, timed, kept in the model's cache folder (`scores/<pairs_digest>`)
-    so a second call with the same pairs loads the scores and the time first measured.
-    `rm` must come from `cached_fit_baseline`."""
-    directory = getattr(rm, "cache_path", None)
-    if directory is None:
-        raise ConfigError("cached_score_pairs needs a reward model from cached_fit_baseline (it has no cache_path)")
-    pairs = _check_pairs(pairs, "scoring")
-    path = _scores_path(directory, pairs)
-    if path.is_file():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                seconds = float(f.metadata()["seconds"])
-                return PairScores(f.get_tensor("chosen"), f.get_tensor("rejected"), seconds, from_cache=True)
-        except (SafetensorError, OSError, ValueError, KeyError, TypeError) as error:
-            warn_recomputing(path, error)  # damaged: scored again below and rewritten
-    started = time.perf_counter()
-    chosen, rejected = rm.score_pairs(pairs, progress=progress)
-    scores = PairScores(chosen.float(), rejected.float(), time.perf_counter() - started)
-    with atomic_path(path) as tmp:
-        save_file({"chosen": scores.chosen.contiguous(), "rejected": scores.rejected.contiguous()}, str(tmp),
-                  metadata={"seconds": repr(scores.seconds), "n_pairs": str(len(pairs))})
-    return scores
-
-
-def baseline_settings(max_length: int, *, epochs: float = 1.0, learning_rate: float = 2e-4,
-                      batch_size: int = 1) -> dict[str, dict[str, Any]]:
-    """The settings keywords of every method as the book runs them (chapter 8 and
-    `benchmarks/rm_cost.py` share them, so both hit the same cache entries): the LoRA methods
-    with the given epochs, learning rate and batch size, texts cut to `max_length` tokens and
-    the judges' two-answer prompts to twice that."""
-    lora = dict(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, max_length=max_length)
-    return {"standard": lora, "generalizable": dict(lora), "judge-lora": {**lora, "max_length": 2 * max_length},
-            "judge": {"max_length": 2 * max_length}, "logprob": {"max_length": max_length}}
-
-
-def baseline_trials(backbone, dataset: str, train_pairs: Sequence, val_pairs: Sequence | None,
-                    test_pairs: Sequence, methods: Sequence[str], seeds: Sequence[int], *,
-                    settings: Mapping[str, dict] | None = None, only_cached: bool = False, progress: bool = False):
-    """Fit (or load) every baseline in `methods` with every seed and score `test_pairs`, all
-    through the cache; a DataFrame with one row per fit.
-
-    Columns: dataset, variant (`METHOD_LABELS`), method, seed, test_accuracy (fraction),
-    trainable_parameters, fit_seconds, peak_rss_mb, rss_increase_mb, pairs_per_second (test
-    scoring), n_train_pairs, n_test_pairs, from_cache, best_epoch (the epoch a LoRA model kept
-    on the validation split; None without one), outcomes (per test pair, 1 / 0 / ½ for a tie,
-    `srlib.evaluate.pair_outcomes`, for `compare_paired`). `settings` maps a method to its settings
-    keywords. The untrained methods (zero-shot judge, log-prob floor) do not depend on the
-    seed or the pairs: they run once, with the first seed. With `only_cached`, nothing is
-    trained or scored: fits whose model and test scores are not both cached are left out.
-    """
-    import pandas as pd
-
-    if not seeds:
-        raise ConfigError("baseline_trials needs at least one seed")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ConfigError(f"unknown baseline method {unknown[0]!r}; choose from: {', '.join(METHODS)}")
-    rows = []
-    for method in methods:
-        trained = method in TRAINED_METHODS
-        for seed in seeds if trained else seeds[:1]:
-            fit = dict(method=method, backbone=backbone, train_pairs=train_pairs if trained else None,
-                       val_pairs=val_pairs if trained else None, seed=seed, **dict((settings or {}).get(method, {})))
-            if only_cached:
-                directory = cache_dir("baselines") / baseline_key(**fit)
-                if not _scores_path(directory, test_pairs).is_file() or not (directory / CONFIG_NAME).is_file():
-                    continue
-            rm = cached_fit_baseline(progress=progress, **fit)
-            scores = cached_score_pairs(rm, test_pairs, progress=progress)
-            rows.append({"dataset": dataset, "variant": METHOD_LABELS[method], "method": method, "seed": seed,
-                         "test_accuracy": scores.accuracy, "trainable_parameters": rm.num_trainable_parameters(),
-                         "fit_seconds": rm.cost.seconds, "peak_rss_mb": rm.cost.peak_rss_mb,
-                         "rss_increase_mb": rm.cost.rss_increase_mb, "pairs_per_second": scores.pairs_per_second,
-                         "n_train_pairs": rm.cost.n_train_pairs, "n_test_pairs": len(test_pairs),
-                         "from_cache": rm.from_cache, "best_epoch": getattr(rm, "best_epoch", None),
-                         "outcomes": pair_outcomes(scores.chosen, scores.rejected)})
-    return pd.DataFrame(rows, columns=list(TRIAL_COLUMNS))
-
-
-def comparison_table(trials, backbone_parameters: int):
-    """Figure 3 as a table: one row per (dataset, variant) of `trials`, in their order.
-
-    `trials`: rows of `baseline_trials` and of SparseRM/DenseRM fits with the same columns
-    (dataset, variant, seed, test_accuracy, trainable_parameters, fit_seconds, peak_rss_mb,
-    rss_increase_mb, pairs_per_second, n_train_pairs); optional columns
-    `full_test_accuracy` (accuracy on the whole test split) and `fit_seconds_with_extraction`
-    (training time counting the hidden states' extraction; where it is missing or NaN the
-    method read the texts itself, so its `fit_seconds` already counts everything).
-    Accuracies are "mean ± sd" in % over seeds and count a tie as wrong (`pair_accuracy`);
-    where trials carry per-pair `outcomes` (1, 0, ½ for a tie) and any pair is tied, a
-    "ties (%)" column gives the tied share beside them. Times, memory and speed are means.
-    """
-    import numpy as np
-    import pandas as pd
-
-    from srlib.experiments import DATASET_LABELS
-
-    data = trials.copy()
-    if "fit_seconds_with_extraction" not in data:
-        data["fit_seconds_with_extraction"] = float("nan")
-    data["fit_seconds_with_extraction"] = data["fit_seconds_with_extraction"].fillna(data["fit_seconds"])
-
-    def label(values) -> str:
-        values = values.dropna() * 100
-        return mean_sd(values.mean(), values.std())
-
-    rows = []
-    for (dataset, variant), group in data.groupby(["dataset", "variant"], sort=False):
-        params = int(group["trainable_parameters"].iloc[0])
-        row = {"data set": DATASET_LABELS.get(dataset, dataset), "method": variant,
-               "test accuracy (%)": label(group["test_accuracy"])}
-        if "full_test_accuracy" in group:
-            row["full test split (%)"] = label(group["full_test_accuracy"])
-        if "outcomes" in group:
-            outcomes = [np.asarray(o) for o in group["outcomes"] if o is not None and not np.isscalar(o)]
-            row["ties (%)"] = 100 * float(np.mean([np.mean(o == 0.5) for o in outcomes])) if outcomes else 0.0
-        row.update({"seeds": int(group["seed"].nunique()), "train pairs": int(group["n_train_pairs"].iloc[0]),
-                    "trainable parameters": params, "% of backbone": 100 * params / backbone_parameters,
-                    "train time (s)": group["fit_seconds"].mean(),
-                    "train time with extraction (s)": group["fit_seconds_with_extraction"].mean(),
-                    "RSS increase (MB)": group["rss_increase_mb"].mean(), "peak RSS (MB)": group["peak_rss_mb"].mean(),
-                    "scoring pairs/s": group["pairs_per_second"].mean()})
-        rows.append(row)
-    table = pd.DataFrame(rows)
-    if "ties (%)" in table and not (table["ties (%)"] > 0).any():
-        table = table.drop(columns="ties (%)")
-    return table
