@@ -312,3 +312,48 @@ def gamma_sweep(states, directions, gammas: Sequence[float], seeds: Sequence[int
                                                   keep_decisions(*scores[1.0, b]))["agreement"])
         for a, b in seed_pairs])
     return pd.DataFrame(rows), seed_reference
+
+
+# --------------------------------------------------------------------------- what chapter 3 measures: SparseRM itself
+
+
+def untrained_scores(states, directions) -> tuple[Tensor, Tensor]:
+    """A score with no trained parameter for the test pairs: the mean standardised projection on
+    F_w minus that on F_l (statistics from the training answers); (chosen, rejected)."""
+    train_v = torch.cat([states.train.chosen, states.train.rejected]) @ directions.vectors.T
+    mean, std = train_v.mean(0), train_v.std(0).clamp_min(1e-6)
+
+    def score(Z: Tensor) -> Tensor:
+        v = (Z @ directions.vectors.T - mean) / std  # standardised v_p, [n, 2K]
+        return v[:, : directions.k].mean(1) - v[:, directions.k:].mean(1)
+
+    return score(states.test.chosen), score(states.test.rejected)
+
+
+def parameter_counts(backbone, sae, directions, model) -> dict[str, int]:
+    """Numbers in each part of a SparseRM: the frozen backbone, SAE and directions, and the head."""
+    return {"backbone": sum(p.numel() for p in backbone.model.parameters()),
+            "sae": sum(p.numel() for p in sae.parameters()), "directions": directions.vectors.numel(),
+            "head": model.num_trainable_parameters()}
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """Chapter 3's validation study grid after its parameters fell back to the profile's."""
+
+    layers: tuple[int, ...]
+    ks: tuple[int, ...]
+    seeds: tuple[int, ...]
+    sae_tokens: int | None
+    sae_corpus_tokens: int | None
+
+
+def sweep_grid(ch: Chapter, *, layers=None, ks=None, seeds=None, sae_tokens=None, sae_corpus_tokens=None) -> SweepGrid:
+    """The layers, K values (those above the SAE width dropped), seeds and sweep-SAE budgets of
+    the validation study: each argument left at None is the profile's sweep setting (seeds: the
+    chapter's)."""
+    sweep = ch.profile.sweep_config
+    return SweepGrid(layers=tuple(layers or sweep.layers), ks=tuple(k for k in (ks or sweep.ks) if k <= ch.d_sae),
+                     seeds=tuple(ch.seeds if seeds is None else seeds),
+                     sae_tokens=sweep.sae_tokens if sae_tokens is None else sae_tokens,
+                     sae_corpus_tokens=sweep.sae_corpus_tokens if sae_corpus_tokens is None else sae_corpus_tokens)

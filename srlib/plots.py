@@ -437,3 +437,13 @@ def k_probe(probe, *, dense_mean: float, ratio_k: float, hidden_size: int, title
     ax.axvline(ratio_k, color="grey", ls=":", lw=1, label="2K/d as in the paper (7%)")
     ax.legend(fontsize="small")
     return fig
+
+
+def layer_k_grid(grid, reading, *, dataset_label: str, n_seeds: int):
+    """Figure 4 (ours): validation accuracy against K, one line per layer, at the reading (read
+    position and input scaling) that stage 1 of the validation study chose."""
+    return sweep_lines(grid, x="k", hue="layer", value="val_accuracy", log_x=True,
+                       xlabel="K, latents selected per side (log scale)",
+                       title=f"{dataset_label}: SparseRM validation accuracy by layer and K "
+                             f"({reading['position']!r} token, {'standardised' if reading['standardize'] else 'raw'} "
+                             f"inputs; mean ± sd over {n_seeds} seeds)")

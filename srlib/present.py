@@ -322,3 +322,203 @@ def gamma_text(sweep: pd.DataFrame, seed_reference: pd.DataFrame, paired: pd.Dat
         f"split ({rule}), it would be γ = **{choice['gamma']:g}** ({choice['label']}% on validation"
         + (f"; tied with γ = {tied}" if tied else "")
         + f"), {'the value Table 3 uses' if choice['gamma'] == gamma else 'not the value Table 3 uses'}.")
+
+
+# --------------------------------------------------------------------------- chapter 3: SparseRM and its settings
+
+
+def untrained_text(accuracy: float, dataset: str) -> Markdown:
+    """How often the untrained projection score (`srlib.chapter.untrained_scores`) ranks a test pair right."""
+    return Markdown(f"This untrained score prefers the chosen answer in **{accuracy:.1%}** of "
+                    f"{label(dataset)} test pairs (50% is chance): the directions carry "
+                    "preference information before the head has seen a label beyond the selection.")
+
+
+def training_text(history, trial, n_val: int) -> Markdown:
+    """One fit's training run in words: epochs, early stopping, the kept epoch, its test accuracy,
+    and how much one validation pair and the epoch-to-epoch swing weigh."""
+    import torch
+
+    swing = torch.tensor(history.val_accuracy).diff().abs().mean().item() if len(history.val_accuracy) > 1 else 0.0
+    return Markdown(
+        f"Training ran {history.epochs_run} epochs{' and stopped early' if history.stopped_early else ''}; the "
+        f"state of epoch {history.best_epoch} (validation accuracy {history.best_val_accuracy:.1%}) is kept, "
+        f"with test accuracy **{trial.test_accuracy:.1%}**, in {trial.fit_seconds:.1f} s. One of the "
+        f"{n_val:,} validation pairs is worth {1 / n_val:.2%}, and the "
+        f"curve moves by {swing:.1%} per epoch on average: the best epoch is partly chosen by noise, one "
+        "reason to report several seeds.")
+
+
+def parameters_table(counts: Mapping[str, int], k: int) -> pd.DataFrame:
+    """Numbers per part of a SparseRM (`srlib.chapter.parameter_counts`), trained or frozen, and
+    each as a share of the backbone (%)."""
+    table = pd.DataFrame([
+        {"part": "backbone (frozen)", "parameters": counts["backbone"], "trained": False},
+        {"part": "SAE (frozen; used to select the directions)", "parameters": counts["sae"], "trained": False},
+        {"part": "directions [F_w; F_l] (frozen, 2K × d)", "parameters": counts["directions"], "trained": False},
+        {"part": f"reward head (2K = {2 * k} inputs, 512 hidden)", "parameters": counts["head"], "trained": True},
+    ])
+    table["share of the backbone (%)"] = 100 * table["parameters"] / counts["backbone"]
+    return table
+
+
+PARAMETER_FORMATS = {"parameters": "{:,}", "share of the backbone (%)": "{:.3f}"}
+
+
+def parameters_text(counts: Mapping[str, int]) -> Markdown:
+    """The trained share of a SparseRM in words, beside the paper's claim."""
+    head, backbone = counts["head"], counts["backbone"]
+    return Markdown(f"SparseRM trains **{head:,}** numbers, **{head / backbone:.3%}** of the "
+                    f"{backbone / 1e6:,.1f}M-parameter backbone. The paper reports under 1% "
+                    "(its backbones are 2–9B parameters, so its share is far smaller still).")
+
+
+def model_name(model_id: str) -> str:
+    """A hub id without its organisation: "SmolLM2-135M-Instruct"."""
+    return model_id.split("/")[-1]
+
+
+def accuracy_beside_paper(summary: pd.DataFrame, paper: Mapping[str, Mapping[str, float]], *, model_id: str,
+                          layer: int) -> pd.DataFrame:
+    """Our SparseRM's "mean ± sd" per data set (model and layer named) above the paper's Gemma-2-9B-it row."""
+    from srlib.experiments import pivot_labels
+
+    table = pivot_labels(summary).rename(index={"SparseRM": f"SparseRM, ours ({model_name(model_id)}, layer {layer})"})
+    names = {label(n): n for n in summary["dataset"]}
+    table.loc["SparseRM, paper (Gemma-2-9B-it)"] = [
+        f"{paper['SparseRM'][names[c]]:.1f}" if names[c] in paper["SparseRM"] else "–" for c in table.columns]
+    return table
+
+
+def accuracy_text(summary: pd.DataFrame, paper: Mapping[str, Mapping[str, float]], profile, model_id: str) -> Markdown:
+    """Our accuracy per data set beside the paper's, the profile's note on why they may differ, and
+    the data sets where the reward model is barely above chance."""
+    layer, caveat = profile.layer, profile.paper_gap_note
+    lines = [f"{label(r.dataset)}: **{r.label}%** (paper, Gemma-2-9B-it: "
+             f"{paper['SparseRM'].get(r.dataset, float('nan')):.1f}%)" for r in summary.itertuples()]
+    near_chance = [label(r.dataset) for r in summary.itertuples() if r.mean < 55]
+    if near_chance:
+        caveat += (f" On {', '.join(near_chance)} the reward model is barely above chance: this backbone's layer-"
+                   f"{layer} state hardly separates those pairs (see the split sizes above; the paper trains "
+                   "on 1,000 pairs per set).")
+    return Markdown(f"Ours ({model_name(model_id)}, layer {layer}): " + "; ".join(lines) + ". " + caveat)
+
+
+def reading_table(reading: pd.DataFrame) -> pd.DataFrame:
+    """Stage 1 of the validation study: validation accuracy per read position (rows) and input
+    scaling (columns), "mean ± sd" over seeds."""
+    from srlib.experiments import summarize
+
+    table = (summarize(reading, by=("position", "standardize"), value="val_accuracy")
+             .assign(inputs=lambda t: t["standardize"].map({True: "standardised", False: "raw"}))
+             .pivot(index="position", columns="inputs", values="label"))
+    table.columns.name = None
+    return table
+
+
+def sweep_table(grid: pd.DataFrame) -> pd.DataFrame:
+    """Stage 2 (Figure 4): validation accuracy per layer (rows) and K (columns), "mean ± sd"."""
+    from srlib.experiments import summarize
+
+    table = summarize(grid, by=("layer", "k"), value="val_accuracy").pivot(index="layer", columns="k", values="label")
+    table.columns = [f"K={k}" for k in table.columns]
+    return table
+
+
+def selected_table(study) -> pd.DataFrame:
+    """The setting the validation study selected, with its validation and (scored once) test accuracy."""
+    return study.both_columns().rename(columns={"position": "read position", "standardize": "standardised inputs"})
+
+
+def _reading(s: Mapping[str, Any]) -> str:
+    return f"{s['position']!r}, {'standardised' if s['standardize'] else 'raw'}"
+
+
+def _ties(choice: Mapping[str, Any], describe) -> str:
+    others = [describe(s) for s in choice["tied"]]
+    return f" (tied within one standard error: {'; '.join(others)})" if others else ""
+
+
+def _profile_default(profile, name: str) -> Any:
+    """The profile's default for a setting the validation study compares (the head's settings,
+    such as `standardize`, live in its head config where it has one)."""
+    head = getattr(profile, "head", None)
+    return getattr(head, name) if head is not None and hasattr(head, name) else getattr(profile, name)
+
+
+def selection_text(study, profile, *, rule: str) -> Markdown:
+    """What each stage of the validation study selected (with its ties), the one test score, and
+    whether the profile's defaults equal the selection."""
+    selected, reading, grid = study.selected, study.choices["reading"], study.choices["grid"]
+    differ = [f"{name}: {_profile_default(profile, name)!r} → {selected[name]!r}"
+              for name, same in study.defaults_match(profile).items() if not same]
+    return Markdown(
+        f"Rule: {rule}. Stage 1 selected the **{selected['position']!r}** token with "
+        f"**{'standardised' if selected['standardize'] else 'raw'}** inputs ({reading['label']}% on validation)"
+        + _ties(reading, _reading)
+        + f"; stage 2 selected **layer {selected['layer']}, K = {selected['k']}** ({grid['label']}%)"
+        + _ties(grid, lambda s: f"layer {s['layer']}, K = {s['k']}")
+        + f". Scored once, on the test split, the selected setting reaches "
+          f"**{selected_table(study)['test accuracy (%)'][0]}%**. "
+        + (f"The `{profile.name}` profile's defaults equal this selection." if not differ else
+           f"The `{profile.name}` profile's defaults (`srlib.profiles`) differ from this selection in "
+           f"{'; '.join(differ)}: they should follow it."))
+
+
+def choices_beside_paper(selected: Mapping[str, Any], backbone) -> pd.DataFrame:
+    """Our selected layer and K beside the paper's Figure 4 choices, with each layer's depth."""
+    from srlib.paper import FIGURE4_CHOICE
+
+    blocks = {"Gemma-2-2B-it": 26, "Gemma-2-9B-it": 42}
+    table = pd.DataFrame([
+        {"": f"ours: {model_name(backbone.model_id)} (selected on validation)", "layer": selected["layer"],
+         "of blocks": backbone.num_layers, "K": selected["k"]},
+        *[{"": f"paper: {name}", "layer": c["layer"], "of blocks": blocks[name], "K": c["k"]}
+          for name, c in FIGURE4_CHOICE.items()],
+    ])
+    table["depth"] = ((table["layer"] + 1) / table["of blocks"]).map("{:.0%}".format)
+    return table
+
+
+def stage_caption(stage: int, *, dataset: str = "", layer: int = 0, k: int = 0, n_seeds: int = 0) -> Markdown:
+    """The line above each table of the validation study (stage 1 names its data set, layer, K and seeds)."""
+    if stage == 1:
+        return Markdown(f"**Stage 1**, {label(dataset)} at layer {layer}, "
+                        f"K = {k}: validation pair accuracy (%), mean ± sd over {n_seeds} seeds.")
+    return Markdown("**Stage 2** (Figure 4): validation pair accuracy (%) by layer and K, mean ± sd.")
+
+
+def selection_report(study, profile, backbone, *, rule: str) -> list:
+    """What the book shows for the validation study's outcome, in order: the selected setting's
+    table, the selection in words, our choice beside the paper's Figure 4 and its note."""
+    return [show(selected_table(study)), selection_text(study, profile, rule=rule),
+            show(choices_beside_paper(study.selected, backbone)),
+            Markdown("The paper's choices are beside ours as the paper's, for other models (depth: the share of "
+                     "the blocks at or below the layer).")]
+
+
+def sparserm_results(*, accuracy: pd.DataFrame, parameters: pd.DataFrame, reading: pd.DataFrame,
+                     sweep: pd.DataFrame, selected: pd.DataFrame, k: int, n_seeds: int, n_sweep_seeds: int,
+                     dataset: str, layer: int) -> dict[str, dict]:
+    """Chapter 3's tables for the book's results page, each with its caption."""
+    from srlib.results import frame_table
+
+    return {
+        "accuracy": frame_table(accuracy, f"SparseRM test pair accuracy (%), K = {k}, mean ± sd over "
+                                f"{n_seeds} seeds, beside the paper's (Gemma-2-9B-it)", index=True),
+        "parameters": frame_table(parameters, "Trainable parameters of SparseRM against the frozen backbone",
+                                  float_format=".3f"),
+        "reading": frame_table(reading, f"Validation study, stage 1: SparseRM validation accuracy (%) on "
+                               f"{label(dataset)} by read position and input scaling, "
+                               f"layer {layer}, K = {k}, mean ± sd over {n_sweep_seeds} seeds", index=True),
+        "sweep": frame_table(sweep, f"Figure 4 (ours), validation study stage 2: SparseRM validation accuracy (%) "
+                             f"on {label(dataset)} by layer and K, mean ± sd over "
+                             f"{n_sweep_seeds} seeds; each layer with its own SAE", index=True),
+        "selected": frame_table(selected, "The setting selected on validation, with its validation and (scored "
+                                "once) test accuracy (%), mean ± sd over seeds"),
+    }
+
+
+def parameters_report(counts: Mapping[str, int], k: int) -> list:
+    """The parameters table, styled, and the trained share in words."""
+    return [show(parameters_table(counts, k), PARAMETER_FORMATS), parameters_text(counts)]

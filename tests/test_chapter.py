@@ -17,7 +17,8 @@ from srlib import chapter, present
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Chapters held to the length limit; extend the list as chapters are slimmed (all, then glob them).
-SHORT_CHAPTERS = ["01_sae_decomposition", "02_direction_selection", "04_projection_vs_latents", "05_loss_comparison"]
+SHORT_CHAPTERS = ["01_sae_decomposition", "02_direction_selection", "03_sparserm", "04_projection_vs_latents",
+                  "05_loss_comparison"]
 MAX_CODE_LINES = 100
 
 
@@ -220,3 +221,87 @@ def test_gamma_sweep_needs_the_reference_gamma():
 
     with pytest.raises(ConfigError, match="include 1.0"):
         chapter.gamma_sweep(None, None, (0.1, 3.0), (0,))
+
+
+def test_untrained_scores_are_standardised_projection_means():
+    vectors = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # K = 1: F_w reads the first coordinate, F_l the second
+    train = SimpleNamespace(chosen=torch.tensor([[1.0, 0.0], [3.0, 2.0]]), rejected=torch.tensor([[1.0, 2.0], [3.0, 0.0]]))
+    test = SimpleNamespace(chosen=torch.tensor([[2.0 + 1.1547, 1.0]]), rejected=torch.tensor([[2.0, 1.0 + 1.1547]]))
+    states = SimpleNamespace(train=train, test=test)
+    u_w, u_l = chapter.untrained_scores(states, SimpleNamespace(vectors=vectors, k=1))
+    # both coordinates have mean 2 / 1 and sd 1.1547 on the training answers: one sd up on F_w, one on F_l
+    assert u_w.tolist() == pytest.approx([1.0], abs=1e-4) and u_l.tolist() == pytest.approx([-1.0], abs=1e-4)
+
+
+def test_parameter_counts_and_their_table():
+    backbone = SimpleNamespace(model=torch.nn.Linear(10, 10))  # 110 numbers
+    sae = torch.nn.Linear(4, 5)  # 25
+    model = SimpleNamespace(num_trainable_parameters=lambda: 11)
+    counts = chapter.parameter_counts(backbone, sae, SimpleNamespace(vectors=torch.zeros(6, 10)), model)
+    assert counts == {"backbone": 110, "sae": 25, "directions": 60, "head": 11}
+    table = present.parameters_table(counts, k=3)
+    assert table["trained"].tolist() == [False, False, False, True] and "2K = 6 inputs" in table["part"].iloc[3]
+    assert table["share of the backbone (%)"].iloc[3] == pytest.approx(10.0)
+    assert "**11** numbers, **10.000%** of the 0.0M-parameter backbone" in present.parameters_text(counts).data
+
+
+def test_sweep_grid_falls_back_to_the_profile_and_drops_ks_above_the_sae_width():
+    from srlib.profiles import SweepConfig, get_profile
+
+    profile = get_profile("smoke").replace(sweep=SweepConfig(layers=(1, 2), ks=(4, 512), sae_tokens=100))
+    ch = SimpleNamespace(profile=profile, d_sae=256, seeds=(0, 1))
+    grid = chapter.sweep_grid(ch)
+    assert (grid.layers, grid.ks, grid.seeds, grid.sae_tokens, grid.sae_corpus_tokens) == ((1, 2), (4,), (0, 1), 100, None)
+    grid = chapter.sweep_grid(ch, layers=(3,), ks=(8, 16), seeds=(5,), sae_tokens=7, sae_corpus_tokens=9)
+    assert (grid.layers, grid.ks, grid.seeds, grid.sae_tokens, grid.sae_corpus_tokens) == ((3,), (8, 16), (5,), 7, 9)
+
+
+def test_training_and_accuracy_sentences():
+    history = SimpleNamespace(val_accuracy=[0.5, 0.6, 0.55], epochs_run=3, stopped_early=True, best_epoch=2,
+                              best_val_accuracy=0.6)
+    text = present.training_text(history, SimpleNamespace(test_accuracy=0.625, fit_seconds=1.25), n_val=40).data
+    assert "ran 3 epochs and stopped early" in text and "**62.5%**" in text and "worth 2.50%" in text
+    assert "moves by 7.5% per epoch" in text
+    summary = pd.DataFrame({"dataset": ["truthfulqa", "hh-harmless"], "variant": ["SparseRM"] * 2,
+                            "mean": [70.0, 52.0], "label": ["70.0 ± 1.0", "52.0 ± 2.0"]})
+    paper = {"SparseRM": {"truthfulqa": 93.6}}
+    table = present.accuracy_beside_paper(summary, paper, model_id="org/Model-1", layer=4)
+    assert table.index.tolist() == ["SparseRM, ours (Model-1, layer 4)", "SparseRM, paper (Gemma-2-9B-it)"]
+    assert table.iloc[1].tolist() == ["93.6", "–"]
+    profile = SimpleNamespace(layer=4, paper_gap_note="Smaller model.")
+    text = present.accuracy_text(summary, paper, profile, "org/Model-1").data
+    assert text.startswith("Ours (Model-1, layer 4): TruthfulQA: **70.0 ± 1.0%** (paper, Gemma-2-9B-it: 93.6%)")
+    assert "Smaller model. On Red-Teaming (HH harmless) the reward model is barely above chance" in text
+
+
+def test_validation_study_tables_and_selection_text():
+    reading = pd.DataFrame({"position": ["last", "last", "answer", "answer"] * 2, "standardize": [True, False] * 4,
+                            "seed": [0] * 4 + [1] * 4, "val_accuracy": [0.8, 0.7, 0.6, 0.5, 0.9, 0.7, 0.6, 0.5]})
+    table = present.reading_table(reading)
+    assert table.loc["last", "standardised"] == "85.0 ± 7.1" and table.loc["answer", "raw"] == "50.0 ± 0.0"
+    grid = pd.DataFrame({"layer": [1, 1, 2, 2], "k": [4, 8, 4, 8], "seed": [0] * 4, "val_accuracy": [0.5, 0.6, 0.7, 0.8]})
+    assert present.sweep_table(grid).columns.tolist() == ["K=4", "K=8"]
+    selected = {"position": "last", "standardize": True, "layer": 2, "k": 8}
+    study = SimpleNamespace(
+        selected=selected, both_columns=lambda: pd.DataFrame([{**selected, "test accuracy (%)": "71.0 ± 1.0"}]),
+        choices={"reading": {"label": "85.0 ± 7.1", "tied": [{"position": "answer", "standardize": False}]},
+                 "grid": {"label": "80.0", "tied": []}},
+        defaults_match=lambda profile: {"position": True, "standardize": True, "layer": False, "k": True})
+    profile = SimpleNamespace(name="smoke", layer=1, position="last", standardize=True, k=8)
+    text = present.selection_text(study, profile, rule="best mean").data
+    assert "(tied within one standard error: 'answer', raw)" in text and "**layer 2, K = 8** (80.0%)" in text
+    assert "reaches **71.0 ± 1.0%**" in text and "differ from this selection in layer: 1 → 2" in text
+    choices = present.choices_beside_paper(selected, SimpleNamespace(model_id="org/M", num_layers=4))
+    assert choices["depth"].tolist() == ["75%", "54%", "76%"]
+    shown = present.selection_report(study, profile, SimpleNamespace(model_id="org/M", num_layers=4), rule="r")
+    assert len(shown) == 4 and "Stage 1**, TruthfulQA at layer 2" in present.stage_caption(
+        1, dataset="truthfulqa", layer=2, k=8, n_seeds=3).data
+
+
+def test_sparserm_results_are_the_books_five_tables():
+    frame = pd.DataFrame({"a": [1.0]})
+    tables = present.sparserm_results(accuracy=frame, parameters=frame, reading=frame, sweep=frame, selected=frame,
+                                      k=8, n_seeds=3, n_sweep_seeds=2, dataset="truthfulqa", layer=2)
+    assert list(tables) == ["accuracy", "parameters", "reading", "sweep", "selected"]
+    assert "K = 8, mean ± sd over 3 seeds" in tables["accuracy"]["caption"]
+    assert "TruthfulQA by layer and K, mean ± sd over 2 seeds" in tables["sweep"]["caption"]
