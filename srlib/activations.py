@@ -43,13 +43,13 @@ from typing import Iterator, Sequence
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from srlib.backbone import Backbone, format_pair
 from srlib.cache import read_cache_entry
 from srlib.data import PreferencePair
 from srlib.errors import ConfigError, DataError
 from srlib.paths import atomic_path, cache_dir
+from srlib.progress import progress_bar
 
 # Texts sorted by length are processed in windows of this many batches by
 # `iter_token_activations`, which yields results in input order.
@@ -148,7 +148,7 @@ def states_at_layers(
         suffix = _template_suffix(backbone.tokenizer)
         encoded = [_encode(backbone.tokenizer, todo[key], max_length, suffix=suffix) for key in todo_keys]
         what = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
-        with tqdm(total=len(encoded), desc=f"{what} states", unit="text", disable=not progress) as bar:
+        with progress_bar(total=len(encoded), desc=f"{what} states", unit="text", disable=not progress) as bar:
             for rows, hidden in _forward_batches_at(backbone, encoded, layers, batch_size):
                 for i, row in enumerate(rows):
                     key = todo_keys[row]
@@ -227,7 +227,7 @@ def iter_token_activations(
     folders = {position: _cache_folder(backbone, layer, max_length, position)
                for position in _check_positions(cache_positions)} if cache_positions else {}
     window = max(1, batch_size * _WINDOW_BATCHES)
-    with tqdm(total=len(texts), desc=f"layer {layer} tokens", unit="text",
+    with progress_bar(total=len(texts), desc=f"layer {layer} tokens", unit="text",
               disable=not progress) as bar:
         for start in range(0, len(texts), window):
             chunk = texts[start:start + window]

@@ -67,6 +67,7 @@ from srlib.evaluate import (
 )
 from srlib.paper import TABLE1_TRACKS
 from srlib.paths import atomic_path, check_creatable
+from srlib.progress import progress_bar, trainer_callback
 from srlib.profiles import ALIGNMENT
 
 if TYPE_CHECKING:
@@ -340,7 +341,7 @@ def generate_responses(
     batches = length_batches([len(ids) for ids in encoded], batch_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        for batch in progress_bar(batches, desc=desc, unit="batch", disable=not progress, leave=False):
             answers_batch = _generate_batch(model, tokenizer, [encoded[i] for i in batch], pad_id,
                                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
             for i, answer in zip(batch, answers_batch):
@@ -568,6 +569,7 @@ def dpo_round(
             trainer.remove_callback(callback)
         if progress:
             trainer.add_callback(_QuietProgress)
+        trainer.add_callback(trainer_callback("DPO steps"))
         trainer.train()
         peft_model = trainer.model
         with atomic_path(adapter_dir, is_dir=True) as tmp:

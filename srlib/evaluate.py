@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from scipy import stats
-from tqdm.auto import tqdm
 from trl.data_utils import common_prefix_length
 
 from srlib.activations import length_batches
 from srlib.backbone import left_pad
 from srlib.data import prompt_messages
 from srlib.errors import ConfigError
+from srlib.progress import progress_bar
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -123,7 +123,7 @@ def sequence_logprobs(
     model.eval()
     out = torch.empty(len(encoded), dtype=torch.float32)
     batches = length_batches([len(p) + len(r) for p, r in encoded], batch_size)
-    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+    for batch in progress_bar(batches, desc=desc, unit="batch", disable=not progress, leave=False):
         seqs = [encoded[i][0] + encoded[i][1] for i in batch]
         resp_width = max(len(encoded[i][1]) for i in batch)
         input_ids, attention = left_pad(seqs, pad_id)

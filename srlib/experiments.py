@@ -25,12 +25,12 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from srlib.data import DATASET_LABELS, PreferencePair, load_pairs
 from srlib.directions import Directions, select_directions
 from srlib.errors import ConfigError
 from srlib.profiles import Profile
+from srlib.progress import progress_bar
 from srlib.evaluate import PairedComparison, compare_paired, mean_sd, pair_outcomes
 from srlib.reward import DenseRM, FeatureRM, SparseRM, pair_accuracy
 
@@ -246,7 +246,7 @@ def run_trials(states: DatasetStates, variants: Mapping[str, dict], seeds: Seque
         raise ConfigError("run_trials needs at least one seed")
     rows = []
     jobs = [(name, kwargs, seed) for name, kwargs in variants.items() for seed in seeds]
-    for name, kwargs, seed in tqdm(jobs, desc=f"{states.name}: fitting", disable=not progress):
+    for name, kwargs, seed in progress_bar(jobs, desc=f"{states.name}: fitting", unit="fit", disable=not progress):
         resample_seed = seed if resample and "select" in kwargs else None
         _, trial = fit_variant(states, seed=seed, variant=name, resample_seed=resample_seed, **kwargs)
         rows.append(asdict(trial))

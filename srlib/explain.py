@@ -40,10 +40,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from srlib.errors import ConfigError, SrlibError
 from srlib.evaluate import PairedComparison, compare_paired, pair_outcomes, seed_interval
+from srlib.progress import progress_bar
 from srlib.reward import FeatureRM, RewardHead, SparseRM
 
 #: Completeness tolerance of the attribution (|baseline + Σ contributions − score|).
@@ -485,7 +485,7 @@ def deletion_curve(model: FeatureRM, Z_w: Tensor, Z_l: Tensor, ms: Sequence[int]
     generator = torch.Generator().manual_seed(seed)
     random_orders = [torch.stack([torch.randperm(width, generator=generator) for _ in range(n)]) for _ in range(draws)]
     curve = DeletionCurve(list(ms), {}, {}, {}, {})
-    for m in tqdm(list(ms), desc="deletion curve", disable=not progress):
+    for m in progress_bar(list(ms), desc="deletion curve", disable=not progress):
         results = []
         for masks in [top_m_mask(margin_contributions, m)] + [_mask_of(order, m) for order in random_orders]:
             after = _masked_margins(net, u_w, u_l, masks)

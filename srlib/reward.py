@@ -54,12 +54,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 import srlib
 from srlib.cache import read_json, read_tensors
 from srlib.errors import ConfigError, DamagedFileError, SrlibError, one_line
 from srlib.paths import atomic_path
+from srlib.progress import progress_bar
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -452,7 +452,7 @@ def fit_head(
     n = X_w.shape[0]
     best_key, best_state, waited = None, None, 0
 
-    bar = tqdm(range(1, epochs + 1), desc="reward head", disable=not progress)
+    bar = progress_bar(range(1, epochs + 1), desc="reward head", unit="epoch", disable=not progress)
     for epoch in bar:
         head.train()
         total = 0.0

@@ -59,7 +59,6 @@ with warnings.catch_warnings():
     from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import save_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from srlib.activations import POSITIONS, iter_token_activations
 from srlib.backbone import Backbone, format_pair, format_text
@@ -67,6 +66,7 @@ from srlib.data import load_arc_prompts, load_pairs
 from srlib.cache import check_safetensors, clear_command, read_cache_entry, read_json, warn_recomputing
 from srlib.errors import ConfigError, DamagedFileError, DataError, one_line
 from srlib.paths import atomic_path, cache_dir
+from srlib.progress import progress_bar
 from srlib.profiles import Profile, SAETrainingConfig
 
 #: Share of the corpus texts held out from SAE training to measure its quality.
@@ -562,7 +562,7 @@ def _fit(tokens: Tensor, last: Tensor, config: SAETrainingConfig, progress: bool
     trainer = SAETrainer(trainer_cfg, sae, batches)
     # SAETrainer.fit's own loop, through the public seams sae-lens documents for outside
     # coordinators, so that `progress=False` silences the bar and no wandb call is made.
-    for _ in tqdm(range(_steps(config)), desc="training SAE", unit="step", disable=not progress):
+    for _ in progress_bar(range(_steps(config)), desc="training SAE", unit="step", disable=not progress):
         trainer.maybe_reset_sparsity()
         trainer.step(next(batches))
         trainer.n_training_steps += 1
