@@ -217,20 +217,44 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+#: Pairs per source `sae report` measures by default (validation splits: enough for the alive share).
+SAE_REPORT_PAIRS = 200
+
+
 def cmd_sae(args: argparse.Namespace) -> int:
     """`sae train` trains (or loads from the cache) the profile's SAE; `sae report` also
-    prints what its training recorded: quality on held-out texts over all their tokens and at
-    their last tokens (the positions the reward model reads), the corpus and the timings."""
-    from srlib.backbone import backbone_for_profile
-    from srlib.sae import sae_for_profile, sae_info
+    prints what its training recorded (quality on held-out corpus texts, the corpus, the
+    timings) and, per set of pairs (default: each profile data set's validation split), the
+    SAE's quality at the token the reward model reads beside the same over all their tokens:
+    latents alive, FVE, L0 (`srlib.sae.sae_quality`)."""
+    from srlib.backbone import backbone_for_profile, format_pair
+    from srlib.errors import ConfigError
+    from srlib.sae import sae_for_profile, sae_info, sae_quality
 
+    if args.action == "train" and args.pairs:
+        raise ConfigError("--pairs is for `sae report`; `sae train` trains on the profile's corpus")
     profile = _profile_from_args(args)
+    pairs = {}
+    if args.action == "report":  # a bad source fails here, before any model loads
+        args.max_pairs = SAE_REPORT_PAIRS if args.max_pairs is None else args.max_pairs
+        pairs = {spec: _load_pairs(spec, args) for spec in args.pairs or [f"{n}:val" for n in profile.datasets]}
     backbone = backbone_for_profile(profile)
     sae = sae_for_profile(profile, backbone)
     result = {"profile": profile.name, "model": profile.model_id, "layer": profile.layer,
               "sae_source": profile.sae_source, "d_sae": int(sae.cfg.d_sae)}
     if args.action == "report":
+        import pandas as pd
+
         result["report"] = sae_info(sae) or "no training record: a pretrained SAE"
+        qualities = {spec: sae_quality(sae, backbone, [t for p in items for t in format_pair(backbone.tokenizer, p)],
+                                       profile.layer, position=profile.position, max_length=profile.max_length,
+                                       batch_size=profile.batch_size)
+                     for spec, items in pairs.items()}
+        table = pd.DataFrame({spec: q.as_row() for spec, q in qualities.items()}).T
+        print(f"SAE quality per set of pairs (both answers of up to {args.max_pairs} pairs each): 'read' at the "
+              f"token the reward model reads ({profile.position}), 'all' over all their tokens")
+        print(table.to_string(float_format=lambda x: f"{x:.3f}"))
+        result["quality"] = {spec: q.as_dict() for spec, q in qualities.items()}
     _print_result(result)
     return 0
 
@@ -362,6 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sae = sub.add_parser("sae", help="train or report on the profile's SAE")
     sae.add_argument("action", choices=("train", "report"))
+    sae.add_argument("--pairs", action="append", metavar="PAIRS",
+                     help="report: pairs to measure the SAE on (repeatable; default each profile data set's "
+                          "validation split)")
+    sae.add_argument("--max-pairs", type=int,
+                     help=f"report: use only the first N pairs of each set (default {SAE_REPORT_PAIRS})")
+    sae.add_argument("--split-seed", type=int, default=0, help="seed of the built-in splits")
     add_model_flags(sae)
     sae.set_defaults(func=cmd_sae)
 

@@ -22,8 +22,13 @@ DEFAULT_PROFILE = "cpu"
 class SAETrainingConfig:
     """How `srlib.sae.train_sae` trains an SAE when no pretrained one is available.
 
-    The architecture is sae-lens's TopK SAE: exactly `k` latents fire per token, so L0 is
-    fixed and there is no sparsity coefficient to tune.
+    The architecture is one of sae-lens's trainers (`SAE_ARCHITECTURES`), by default its TopK
+    SAE: exactly `k` latents fire per token, so L0 is fixed and there is no sparsity
+    coefficient to tune. `batchtopk` keeps `k` latents per token on average over a batch (and is
+    saved as a JumpReLU SAE); `jumprelu` and `standard` (ReLU with an L1 penalty) ignore `k` and
+    take their sparsity from `sparsity_coefficient` (sae-lens's `l0_coefficient` /
+    `l1_coefficient`). The fields after `last_token_share` are chapter 11's training levers; at
+    their defaults they leave an SAE's cache key as it was before they existed.
     """
 
     d_sae: int
@@ -37,6 +42,32 @@ class SAETrainingConfig:
     # reads (the rest are all-token activations). A plain all-token SAE reconstructs those
     # positions worse: chapter 1 and `benchmarks/sae_quality.py` print the FVE at those positions.
     last_token_share: float = 0.25
+    architecture: str = "topk"
+    # sae-lens's l0 (jumprelu) or l1 (standard) coefficient; None: sae-lens's default (1.0).
+    sparsity_coefficient: float | None = None
+    # A latent silent for 1/dead_window_divisor of the training steps counts as dead (TopK and
+    # BatchTopK revive it with sae-lens's AuxK loss); sae-lens's own window is 1,000 steps.
+    dead_window_divisor: int = 10
+
+
+#: sae-lens trainers `SAETrainingConfig.architecture` may name (sae-lens's registry names).
+SAE_ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "standard")
+
+
+@dataclass(frozen=True)
+class SAEFamily:
+    """Chapter 11's SAEs of graded quality, all at the profile's layer on the profile's SAE
+    corpus: (name, training config) in the order the chapter lists them (from deliberately
+    weak to the best this machine trains in reasonable time), and the K values at which it
+    measures top-K minus random directions. A config of None is the profile's own SAE."""
+
+    variants: tuple[tuple[str, SAETrainingConfig | None], ...]
+    ks: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        names = [name for name, _ in self.variants]
+        if len(names) < 2 or len(set(names)) != len(names) or not self.ks:
+            raise ConfigError("an SAE family needs at least two variants with distinct names and one K")
 
 
 @dataclass(frozen=True)
@@ -106,6 +137,8 @@ class Profile:
     threads: int | None = None
     # Why this profile's accuracies may differ from the paper's (chapter 3 says it beside them).
     paper_gap_note: str = ""
+    # Chapter 11's family of SAEs of graded quality (None: the chapter has nothing to compare).
+    sae_family: SAEFamily | None = None
 
     @property
     def sweep_config(self) -> SweepConfig:
@@ -157,6 +190,17 @@ PROFILES: dict[str, Profile] = {
         probe_ks=(2, 8, 32),
         n_generated=6,
         threads=1,
+        sae_family=SAEFamily(
+            variants=(
+                ("weak: 32 latents, k 2, no read-position rows",
+                 SAETrainingConfig(d_sae=32, k=2, training_tokens=2_048, batch_size=256, lr=3e-3, lr_end=3e-4,
+                                   last_token_share=0.0)),
+                ("BatchTopK, no read-position rows",
+                 SAETrainingConfig(d_sae=256, k=8, training_tokens=20_000, batch_size=256, lr=3e-3, lr_end=3e-4,
+                                   last_token_share=0.0, architecture="batchtopk")),
+                ("profile default", None),
+            ),
+            ks=(2, 4, 8)),
         description="Tiny random Llama-style model built in-process; runs in seconds; "
                     "numbers are meaningless.",
     ),
@@ -176,6 +220,22 @@ PROFILES: dict[str, Profile] = {
         sae_corpus_tokens=400_000,
         # Each sweep layer's SAE: fewer training tokens than the profile's own SAE, the same corpus cap.
         sweep=SweepConfig(layers=(8, 15, 22), sae_tokens=300_000, sae_corpus_tokens=400_000),
+        # Chapter 11: five SAEs at layer 22 on the profile's corpus, weakest first. "sweep size" is
+        # chapter 3's layer-22 sweep SAE and "profile default" the profile's own (both cached by
+        # earlier chapters); the other three are trained by the chapter (minutes each on 2 cores).
+        sae_family=SAEFamily(
+            variants=(
+                ("weak: 576 latents, k 8, 150k tokens, no read-position rows",
+                 SAETrainingConfig(d_sae=576, k=8, training_tokens=150_000, last_token_share=0.0)),
+                ("all tokens only: 300k tokens, no read-position rows",
+                 SAETrainingConfig(d_sae=8 * 576, k=32, training_tokens=300_000, last_token_share=0.0)),
+                ("sweep size: 300k tokens", SAETrainingConfig(d_sae=8 * 576, k=32, training_tokens=300_000)),
+                ("profile default: 1.2M tokens", None),
+                ("read-heavy: 600k tokens, half read-position rows, dead window 1/20",
+                 SAETrainingConfig(d_sae=8 * 576, k=32, training_tokens=600_000, last_token_share=0.5,
+                                   dead_window_divisor=20)),
+            ),
+            ks=(16, 64, 128)),
         n_generated=96,
         paper_gap_note="A 135M-parameter model knows far less than Gemma-2-9B-it, and its SAE was trained here on a "
                        "corpus of a few hundred thousand tokens where Gemma Scope's saw billions, so lower accuracy "

@@ -1,7 +1,8 @@
 """Sparse autoencoders through sae-lens: a pretrained one, or one trained here on the backbone.
 
 The paper reads Gemma Scope SAEs (`SAE.from_pretrained`). SmolLM2 has no published SAE, so
-the cpu and smoke profiles train one with sae-lens's own trainer (`SAETrainer`, a TopK SAE)
+the cpu and smoke profiles train one with sae-lens's own trainer (`SAETrainer`, by default a
+TopK SAE; `SAETrainingConfig.architecture` picks another of sae-lens's trainers)
 on the backbone's activations and keep it in sae-lens's format. Where an SAE comes from is a
 profile's `sae_source`:
 
@@ -41,7 +42,7 @@ import random
 import re
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -55,19 +56,20 @@ with warnings.catch_warnings():
     from sae_lens import SAE
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
-    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.registry import get_sae_training_class
+    from sae_lens.saes.sae import TrainingSAE
     from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import save_file
 from torch import Tensor
 
-from srlib.activations import POSITIONS, iter_token_activations
+from srlib.activations import DEFAULT_POSITION, POSITIONS, iter_token_activations, token_states
 from srlib.backbone import Backbone, format_pair, format_text
 from srlib.data import load_arc_prompts, load_pairs
 from srlib.cache import check_safetensors, clear_command, read_cache_entry, read_json, warn_recomputing
 from srlib.errors import ConfigError, DamagedFileError, DataError, one_line
 from srlib.paths import atomic_path, cache_dir
 from srlib.progress import progress_bar
-from srlib.profiles import Profile, SAETrainingConfig
+from srlib.profiles import SAE_ARCHITECTURES, Profile, SAETrainingConfig
 
 #: Share of the corpus texts held out from SAE training to measure its quality.
 HOLDOUT_FRACTION = 0.05
@@ -75,8 +77,9 @@ HOLDOUT_FRACTION = 0.05
 OUTLIER_NORM_FACTOR = 10.0
 #: The train splits whose chosen and rejected texts make the default corpus (test splits never).
 CORPUS_SPLITS = ("truthfulqa:train", "hh-harmless:train", "pku-saferlhf:train")
-#: A latent that has not fired for 1/DEAD_WINDOW_DIVISOR of the training steps counts as dead.
-DEAD_WINDOW_DIVISOR = 10
+#: SAETrainingConfig fields added after SAEs were first cached: at their default they stay out
+#: of the cache key, so the SAEs cached before them (today's cpu book) are still found.
+_KEY_OMITS_AT_DEFAULT = ("architecture", "sparsity_coefficient")
 #: Written beside the sae-lens files of a trained SAE: cache key parts, report, corpus, timing.
 INFO_FILENAME = "srlib_sae.json"
 # Bump when the training procedure changes, so that older cached SAEs are not reused.
@@ -100,6 +103,40 @@ class SAEReport:
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
+
+    @property
+    def alive_fraction(self) -> float:
+        """Share of latents that fire on at least one of these rows."""
+        return 1.0 - self.dead_fraction
+
+
+@dataclass(frozen=True)
+class SAEQuality:
+    """An SAE's quality on one set of texts, over all their tokens and at the token the reward
+    model reads (`position`).
+
+    The all-token figures are what SAE training optimises and usually reports; the reward
+    model reads one token per text, and an SAE can look healthy over all tokens while most of
+    its latents never fire at that token and its FVE there is lower. `all_tokens` is None when
+    only the read position was measured.
+    """
+
+    read_position: SAEReport
+    all_tokens: SAEReport | None
+    position: str = DEFAULT_POSITION
+
+    def as_row(self) -> dict[str, float | int | None]:
+        """Flat columns for a table, each figure at the read position ("read") beside the same
+        over all tokens ("all"): alive share (%), FVE, L0 and the number of rows measured."""
+        figures = {"alive %": lambda r: 100 * r.alive_fraction, "FVE": lambda r: r.fve,
+                   "L0": lambda r: r.l0, "rows": lambda r: r.n}
+        return {f"{name} {where}": None if report is None else figure(report)
+                for name, figure in figures.items()
+                for where, report in (("read", self.read_position), ("all", self.all_tokens))}
+
+    def as_dict(self) -> dict:
+        return {"position": self.position, "read_position": self.read_position.as_dict(),
+                "all_tokens": None if self.all_tokens is None else self.all_tokens.as_dict()}
 
 
 @dataclass(frozen=True)
@@ -213,6 +250,29 @@ def sae_report(sae: SAE, activations: Tensor) -> SAEReport:
         dead_fraction=1.0 - fired.float().mean().item(),
         n=n,
     )
+
+
+def sae_quality(sae: SAE, backbone: Backbone, texts: Sequence[str], layer: int, *,
+                position: str = DEFAULT_POSITION, all_tokens: bool = True, max_length: int = 512,
+                batch_size: int = 16, progress: bool = True) -> SAEQuality:
+    """`sae`'s quality on `texts` (e.g. the chat-formatted answers of validation pairs) at the
+    token the reward model reads and, with `all_tokens`, over all their tokens.
+
+    The read-position states come from the activation cache where they are (the reward
+    model's own `token_states`); the all-token rows are those SAE training uses (template
+    header and attention-sink outliers left out), from one forward pass that also fills
+    that cache, so the read position then costs nothing more.
+    """
+    texts = list(texts)
+    if not texts:
+        raise DataError("sae_quality needs at least one text")
+    every = None
+    if all_tokens:
+        tokens, _, _ = _collect(backbone, texts, layer, max_length, batch_size, progress)
+        every = sae_report(sae, tokens)
+    read = token_states(backbone, texts, layer, positions=(position,), max_length=max_length,
+                        batch_size=batch_size, progress=progress)[position]
+    return SAEQuality(read_position=sae_report(sae, read), all_tokens=every, position=position)
 
 
 def sae_info(sae: SAE) -> dict | None:
@@ -397,7 +457,10 @@ def sae_cache_key(backbone: Backbone, layer: int, texts: Sequence[str],
                   config: SAETrainingConfig, *, max_length: int = 512) -> tuple[str, dict]:
     """(key, parts): what a trained SAE depends on, and its hash (the cache folder's name)."""
     _, parts = _corpus_key(backbone, layer, list(texts), max_length)
-    parts = {**parts, "config": asdict(config), "dead_window_divisor": DEAD_WINDOW_DIVISOR,
+    defaults = {f.name: f.default for f in fields(SAETrainingConfig) if f.name in _KEY_OMITS_AT_DEFAULT}
+    settings = {name: value for name, value in asdict(config).items()
+                if name != "dead_window_divisor" and not (name in defaults and value == defaults[name])}
+    parts = {**parts, "config": settings, "dead_window_divisor": config.dead_window_divisor,
              "training_format": _TRAINING_FORMAT}
     return _hash(parts), parts
 
@@ -413,7 +476,7 @@ def train_sae(
     corpus_description: str = "texts given by the caller",
     progress: bool = True,
 ) -> SAE:
-    """Train a TopK SAE with sae-lens on layer-`layer` activations of `texts`, or load it.
+    """Train an SAE (`config.architecture`) with sae-lens on layer-`layer` activations of `texts`, or load it.
 
     The result is cached in sae-lens's format under `cache_dir("sae", key)` (see
     `sae_cache_key`), with `srlib_sae.json` beside it (also in `sae.cfg.metadata["srlib"]`,
@@ -468,6 +531,14 @@ def train_sae(
 
 
 def _check_config(config: SAETrainingConfig) -> None:
+    if config.architecture not in SAE_ARCHITECTURES:
+        raise ConfigError(f"unknown SAE architecture {config.architecture!r}; choose among: "
+                          f"{', '.join(SAE_ARCHITECTURES)}")
+    if config.dead_window_divisor < 1:
+        raise ConfigError(f"dead_window_divisor must be >= 1, got {config.dead_window_divisor}")
+    coefficient = config.sparsity_coefficient
+    if coefficient is not None and not (math.isfinite(coefficient) and coefficient >= 0):
+        raise ConfigError(f"sparsity_coefficient must be a finite number >= 0, got {coefficient}")
     if not 1 <= config.k <= config.d_sae:
         raise ConfigError(f"SAE k={config.k} must be between 1 and d_sae={config.d_sae}")
     if not 0.0 <= config.last_token_share < 1.0:
@@ -535,8 +606,22 @@ def _mixed_batches(tokens: Tensor, last: Tensor, batch_size: int, last_share: fl
         yield torch.cat([next(token_chunks), next(last_chunks)])
 
 
-def _fit(tokens: Tensor, last: Tensor, config: SAETrainingConfig, progress: bool) -> TopKTrainingSAE:
-    """Train sae-lens's TopK SAE with its `SAETrainer` (Adam, cosine lr to `lr_end`, aux loss)."""
+def _training_sae(config: SAETrainingConfig, d_in: int) -> TrainingSAE:
+    """A fresh sae-lens training SAE of `config.architecture`, from sae-lens's own registry;
+    `k` goes to the TopK kinds, `sparsity_coefficient` (if set) to JumpReLU's l0 / standard's l1."""
+    sae_class, cfg_class = get_sae_training_class(config.architecture)
+    options: dict = {}
+    if config.architecture in ("topk", "batchtopk"):
+        options["k"] = config.k if config.architecture == "topk" else float(config.k)
+    elif config.sparsity_coefficient is not None:
+        name = "l0_coefficient" if config.architecture == "jumprelu" else "l1_coefficient"
+        options[name] = config.sparsity_coefficient
+    return sae_class(cfg_class(d_in=d_in, d_sae=config.d_sae, **options))
+
+
+def _fit(tokens: Tensor, last: Tensor, config: SAETrainingConfig, progress: bool) -> TrainingSAE:
+    """Train sae-lens's SAE of `config.architecture` with its `SAETrainer` (Adam, cosine lr to
+    `lr_end`; for the TopK kinds, the AuxK loss on dead latents)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     trainer_cfg = SAETrainerConfig(
         total_training_samples=_steps(config) * config.batch_size,
@@ -544,18 +629,17 @@ def _fit(tokens: Tensor, last: Tensor, config: SAETrainingConfig, progress: bool
         lr=config.lr,
         lr_end=config.lr_end,
         lr_scheduler_name="cosineannealing",
-        # A latent silent for a tenth of the run counts as dead and gets sae-lens's AuxK loss.
-        # sae-lens's default window (1,000 steps) is most of a short CPU run and left most
-        # latents dead on held-out tokens; a tenth revives them. The dead share and FVE of
+        # A latent silent for 1/dead_window_divisor (default a tenth) of the run counts as dead
+        # and gets sae-lens's AuxK loss. sae-lens's default window (1,000 steps) is most of a
+        # short CPU run and left most latents dead on held-out tokens; a tenth revives them. The dead share and FVE of
         # each choice: `python benchmarks/sae_quality.py --profile cpu`.
-        dead_feature_window=max(1, _steps(config) // DEAD_WINDOW_DIVISOR),
+        dead_feature_window=max(1, _steps(config) // config.dead_window_divisor),
         device=device,
         logger=LoggingConfig(log_to_wandb=False),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=tokens.shape[1], d_sae=config.d_sae,
-                                                    k=config.k))
+        sae = _training_sae(config, tokens.shape[1])
     sae.to(device)  # initialised on the CPU, so a seed gives the same start on any device
     generator = torch.Generator().manual_seed(config.seed)
     batches = _mixed_batches(tokens, last, config.batch_size, config.last_token_share, generator)

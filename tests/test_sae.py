@@ -229,7 +229,7 @@ def test_train_sae_saves_a_loadable_sae_lens_sae(tiny_backbone, texts, isolated_
     assert info["heldout"]["last_tokens"]["n"] == 2
     assert info["training"]["samples_seen"] == 64 * 15
     assert sae.cfg.metadata.hook_name == "blocks.2.hook_resid_post"
-    assert sae_mod.SAETrainer.windows == [15 // sae_mod.DEAD_WINDOW_DIVISOR]  # a tenth of 15 steps
+    assert sae_mod.SAETrainer.windows == [15 // 10]  # the default window: a tenth of 15 steps
 
 
 def test_second_call_loads_and_another_config_trains_anew(tiny_backbone, texts, isolated_cache,
@@ -299,3 +299,44 @@ def test_smoke_profile_trains_on_the_train_splits(tiny_backbone, smoke_profile, 
     sae = sae_for_profile(smoke_profile, tiny_backbone, progress=False)
     assert sae.cfg.d_sae == smoke_profile.sae_training.d_sae
     assert sae_info(sae)["corpus"]["n_texts"] == len(corpus)
+
+
+# ---------------------------------------------------------------------------- training levers
+
+
+def test_default_levers_keep_the_cache_key_of_earlier_saes(tiny_backbone, texts):
+    """SAEs cached before the levers existed (today's cpu book) keep their key at the defaults."""
+    key, parts = sae_mod.sae_cache_key(tiny_backbone, 2, texts, TINY_CONFIG, max_length=64)
+    before = {"d_sae", "k", "training_tokens", "batch_size", "lr", "lr_end", "seed", "last_token_share"}
+    assert set(parts["config"]) == before and parts["dead_window_divisor"] == 10
+    for change in (dict(architecture="batchtopk"), dict(sparsity_coefficient=0.5), dict(dead_window_divisor=5),
+                   dict(last_token_share=0.5)):
+        other, _ = sae_mod.sae_cache_key(tiny_backbone, 2, texts, dataclasses.replace(TINY_CONFIG, **change),
+                                         max_length=64)
+        assert other != key, change
+
+
+@pytest.mark.parametrize("architecture, saved_as", [("batchtopk", "JumpReLUSAE"), ("jumprelu", "JumpReLUSAE"),
+                                                    ("standard", "StandardSAE")])
+def test_other_sae_lens_architectures_train_and_load(architecture, saved_as, tiny_backbone, texts,
+                                                     isolated_cache, count_trainings):
+    config = dataclasses.replace(TINY_CONFIG, architecture=architecture, sparsity_coefficient=0.01)
+    sae = train_sae(tiny_backbone, 2, texts, config, max_length=64, progress=False)
+    assert type(sae).__name__ == saved_as and sae.cfg.d_sae == 32
+    assert sae_info(sae)["key_parts"]["config"]["architecture"] == architecture
+    assert 0 < sae_info(sae)["heldout"]["all_tokens"]["l0"] <= 32
+
+
+def test_dead_window_follows_its_divisor(tiny_backbone, texts, isolated_cache, count_trainings):
+    train_sae(tiny_backbone, 2, texts, dataclasses.replace(TINY_CONFIG, dead_window_divisor=5),
+              max_length=64, progress=False)
+    assert sae_mod.SAETrainer.windows == [15 // 5]
+
+
+@pytest.mark.parametrize("change, message", [(dict(architecture="gated"), "unknown SAE architecture 'gated'"),
+                                             (dict(dead_window_divisor=0), "dead_window_divisor"),
+                                             (dict(sparsity_coefficient=float("nan")), "sparsity_coefficient")])
+def test_bad_levers_are_one_line_config_errors(change, message, tiny_backbone, texts, isolated_cache):
+    with pytest.raises(ConfigError, match=message) as error:
+        train_sae(tiny_backbone, 2, texts, dataclasses.replace(TINY_CONFIG, **change), progress=False)
+    assert "\n" not in str(error.value)

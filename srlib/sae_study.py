@@ -1,0 +1,224 @@
+"""Chapter 11: when does the selection matter? SAEs of graded quality, their quality where the
+reward model reads, and top-K minus random directions for each.
+
+SparseRM's claim is that the SAE latents that separate chosen from rejected answers give
+better directions than arbitrary ones. How much better can only depend on the SAE: an SAE
+whose latents mostly never fire at the read position has little to select from. The study
+takes the profile's family of SAEs (`Profile.sae_family`, weakest first), and for each:
+
+* its quality at the read position on the validation answers (latents alive, FVE:
+  `srlib.sae.sae_report` on the states the reward model reads) beside what its training
+  recorded over all tokens of held-out corpus texts;
+* top-K minus random directions at each K of the family, paired over the same pairs
+  (`srlib.experiments.compare_variants`, i.e. `srlib.evaluate.compare_paired`);
+* whether the gap grows with quality: top-K with the best-quality SAE against top-K with the
+  weakest, paired on the same pairs. The random control does not depend on the SAE, so
+  this difference IS the change in the gap, with its own interval.
+
+Every number above is measured on validation data (`validation_view`: the validation questions
+split in two halves, one to stop training early, one to score), so that choosing the SAE
+(`best_setting` on the scored half) never looks at the test split. The test split is then
+scored once, for the chosen SAE: top-K against random at each K.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from srlib.errors import ConfigError
+from srlib.experiments import (DatasetStates, SplitStates, best_setting, compare_variants, paired_table, run_trials,
+                               select_for)
+from srlib.profiles import Profile, SAEFamily
+
+RANDOM = "Random directions"
+#: What the study's verdict lines are measured on (compare_paired names them "test pairs").
+SCORED_ON = "held-out validation pairs"
+
+
+def family_of(profile: Profile) -> SAEFamily:
+    """The profile's SAE family, or a one-line ConfigError when it has none."""
+    if profile.sae_family is None:
+        raise ConfigError(f"profile {profile.name!r} defines no sae_family (srlib.profiles.SAEFamily)")
+    return profile.sae_family
+
+
+def family_saes(backbone, profile: Profile, *, progress: bool = True) -> dict:
+    """{name: SAE} of the profile's family, each trained (or read from the cache) at the
+    profile's layer on the profile's SAE corpus; a config of None is the profile's own SAE."""
+    from srlib.sae import sae_for_profile
+
+    return {name: sae_for_profile(profile if config is None else profile.replace(sae_training=config),
+                                  backbone, progress=progress)
+            for name, config in family_of(profile).variants}
+
+
+def _rows(split: SplitStates, rows: Sequence[int]) -> SplitStates:
+    index = torch.tensor(list(rows), dtype=torch.long)
+    return SplitStates([split.pairs[i] for i in rows], split.chosen[index], split.rejected[index])
+
+
+def validation_view(states: DatasetStates) -> DatasetStates:
+    """`states` with the test split replaced by validation data: the validation questions in
+    their seeded order, split in two halves by question (a question's pairs stay together);
+    the first half stops training early (`val`), the second is scored (`test`). The real test
+    split is not in the result."""
+    groups = list(dict.fromkeys(pair.group_id for pair in states.val.pairs))
+    if len(groups) < 2:
+        raise ConfigError(f"{states.name}: the validation split needs at least two questions to be halved")
+    first = set(groups[: len(groups) // 2])
+    rows = {half: [i for i, pair in enumerate(states.val.pairs) if (pair.group_id in first) == half]
+            for half in (True, False)}
+    return dataclasses.replace(states, val=_rows(states.val, rows[True]), test=_rows(states.val, rows[False]))
+
+
+def quality_table(saes: Mapping[str, object], states: Mapping[str, DatasetStates]):
+    """One row per (SAE, data set): latents alive (%), FVE and L0 at the read position on the
+    validation answers, and what training recorded (held-out corpus texts, all tokens: FVE,
+    dead %; training seconds), None for an SAE not trained here."""
+    import pandas as pd
+
+    from srlib.sae import sae_info, sae_report
+
+    rows = []
+    for name, sae in saes.items():
+        info = sae_info(sae) or {}
+        heldout = info.get("heldout", {}).get("all_tokens", {})
+        for dataset, s in states.items():
+            read = sae_report(sae, torch.cat([s.val.chosen, s.val.rejected]))
+            rows.append({"variant": name, "dataset": dataset, "latents": int(sae.cfg.d_sae),
+                         "alive % read": 100 * read.alive_fraction, "FVE read": read.fve, "L0 read": read.l0,
+                         "FVE all (held-out corpus)": heldout.get("fve"),
+                         "dead % all (held-out corpus)": None if "dead_fraction" not in heldout
+                         else 100 * heldout["dead_fraction"],
+                         "training s": info.get("training", {}).get("fit_seconds")})
+    return pd.DataFrame(rows)
+
+
+def gap_trials(saes: Mapping[str, object], states: Mapping[str, DatasetStates], ks: Sequence[int],
+               seeds: Sequence[int], *, progress: bool = True):
+    """Trials on each data set's `validation_view`: top-K directions of every SAE and random
+    directions (shared by all SAEs: they do not depend on one) at every K, every seed.
+    `test_*` columns hold the scored validation half; `heldout_val_accuracy` repeats it
+    (ties 1/2) under a name `best_setting` accepts."""
+    import pandas as pd
+
+    frames = []
+    for dataset, full in states.items():
+        view = validation_view(full)
+        for k in ks:
+            variants = {name: dict(features="projection", directions=select_for(view, sae, k))
+                        for name, sae in saes.items()}
+            variants[RANDOM] = dict(features="random", directions=next(iter(variants.values()))["directions"])
+            frames.append(run_trials(view, variants, seeds, progress=progress).assign(K=k))
+    trials = pd.concat(frames, ignore_index=True)
+    return trials.assign(heldout_val_accuracy=trials["test_accuracy_half_ties"])
+
+
+def _on_validation(verdict: str) -> str:
+    return verdict.replace("test pairs", SCORED_ON)
+
+
+def gap_table(trials, names: Sequence[str]):
+    """Top-K minus random directions per (SAE, data set, K), paired over the same pairs: one
+    row each (`PairedComparison.as_row` and its verdict line)."""
+    import pandas as pd
+
+    rows = []
+    for dataset in dict.fromkeys(trials["dataset"]):
+        for k in dict.fromkeys(trials["K"]):
+            for name in names:
+                c = compare_variants(trials, name, RANDOM, dataset=dataset, K=k, labels=(f"top-K ({name})", "random"))
+                rows.append({"variant": name, "dataset": dataset, "K": k, **c.as_row(),
+                             "verdict": _on_validation(c.verdict())})
+    return pd.DataFrame(rows)
+
+
+def quality_trend(trials, gaps, quality, *, quality_column: str = "FVE read"):
+    """Does the gap grow with SAE quality? Per (data set, K): the Spearman rank correlation of
+    the gap with `quality_column` over the family, and top-K with the best-quality SAE against
+    top-K with the weakest, paired (random is common to both, so this is the gap's change)."""
+    import pandas as pd
+    from scipy import stats
+
+    rows = []
+    for (dataset, k), group in gaps.groupby(["dataset", "K"], sort=False):
+        q = quality[quality["dataset"] == dataset].set_index("variant")[quality_column]
+        ordered = q.loc[list(group["variant"])]
+        best, weakest = ordered.idxmax(), ordered.idxmin()
+        rho = stats.spearmanr(ordered.to_numpy(), group["A − B (points)"].to_numpy()).statistic
+        c = compare_variants(trials, best, weakest, dataset=dataset, K=k,
+                             labels=(f"top-K ({best})", f"top-K ({weakest})"))
+        rows.append({"dataset": dataset, "K": k, "best": best, "weakest": weakest,
+                     f"Spearman rho (gap, {quality_column})": rho, "gap change (points)": c.difference,
+                     "CI low": c.low, "CI high": c.high, "verdict": _on_validation(c.verdict())})
+    return pd.DataFrame(rows)
+
+
+def trend_conclusion(trend) -> str:
+    """One sentence computed from `quality_trend`: at how many (data set, K) cells the gap of
+    the best-quality SAE is clearly larger, clearly smaller, or not clearly different."""
+    grew = int((trend["CI low"] > 0).sum())
+    shrank = int((trend["CI high"] < 0).sum())
+    unclear = len(trend) - grew - shrank
+    moved = trend["gap change (points)"]
+    return (f"Over {len(trend)} (data set, K) cells, top-K with the best-quality SAE beats top-K with the weakest "
+            f"(the gap grows with quality) in {grew}, loses (the gap shrinks) in {shrank}, and shows no clear "
+            f"difference in {unclear}; the gap moved by {moved.min():+.1f} to {moved.max():+.1f} points "
+            f"(paired 95% intervals on {SCORED_ON}).")
+
+
+@dataclass
+class FamilyStudy:
+    """Chapter 11's study: quality per SAE, validation trials and gaps, the trend, the choice
+    and its one test run (top-K with the chosen SAE against random, every K and data set)."""
+
+    quality: object
+    trials: object
+    gaps: object
+    trend: object
+    selected: dict
+    test: object
+    test_gaps: object
+
+    def conclusion(self) -> str:
+        return trend_conclusion(self.trend)
+
+
+def family_study(backbone, profile: Profile, states: Mapping[str, DatasetStates], *, seeds: Sequence[int],
+                 ks: Sequence[int] | None = None, saes: Mapping[str, object] | None = None,
+                 progress: bool = True) -> FamilyStudy:
+    """Run the study on `states` ({data set: `dataset_states`}) with the profile's family.
+
+    The SAE is chosen by `srlib.experiments.SELECTION_RULE` on the scored validation half,
+    top-K trials of every data set and K together; ties go to the variant listed first
+    (the cheaper one). The test split is scored once: the chosen SAE's top-K against random.
+    """
+    import pandas as pd
+
+    family = family_of(profile)
+    ks = tuple(ks or family.ks)
+    saes = dict(saes or family_saes(backbone, profile, progress=progress))
+    names = list(saes)
+    quality = quality_table(saes, states)
+    trials = gap_trials(saes, states, ks, seeds, progress=progress)
+    gaps = gap_table(trials, names)
+    trend = quality_trend(trials, gaps, quality)
+    top_k = trials[trials["variant"] != RANDOM]
+    selected = best_setting(top_k, ("variant",), select_on="heldout_val_accuracy",
+                            simpler=lambda s: names.index(s["variant"]))
+    chosen = saes[selected["variant"]]
+    frames = []
+    for dataset, s in states.items():
+        for k in ks:
+            directions = select_for(s, chosen, k)
+            frames.append(run_trials(s, {"Top-K directions": dict(features="projection", directions=directions),
+                                         RANDOM: dict(features="random", directions=directions)},
+                                     seeds, progress=progress).assign(K=k))
+    test = pd.concat(frames, ignore_index=True)
+    test_gaps = pd.concat([paired_table(test[test["dataset"] == d], [("Top-K directions", RANDOM)], by="K")
+                           .assign(dataset=d) for d in states], ignore_index=True)
+    return FamilyStudy(quality, trials, gaps, trend, selected, test, test_gaps)

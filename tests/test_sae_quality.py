@@ -1,0 +1,164 @@
+"""SAE quality where the reward model reads (srlib.sae.sae_quality, `sae report`) and chapter 11's
+study of SAEs of graded quality (srlib.sae_study): known answers on built SAEs and outcomes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pandas as pd
+import pytest
+import torch
+from sae_lens import TopKSAE, TopKSAEConfig
+
+from srlib.activations import last_token_states
+from srlib.backbone import format_text
+from srlib.cli import main
+from srlib.data import write_jsonl
+from srlib.errors import ConfigError, DataError
+from srlib.experiments import DatasetStates, SplitStates
+from srlib.profiles import get_profile
+from srlib.sae import SAEQuality, SAEReport, sae_quality
+from srlib.sae_study import (RANDOM, SCORED_ON, family_of, gap_table, quality_trend, trend_conclusion,
+                             validation_view)
+from toy_data import error_line, toy_pairs  # tests/ is on sys.path under pytest
+
+
+def half_dead_sae(d: int) -> TopKSAE:
+    """f = relu([z, -z]) with the second half's encoder zeroed: those d latents never fire, the
+    first d reconstruct relu(z) exactly (k = 2d keeps every latent)."""
+    sae = TopKSAE(TopKSAEConfig(d_in=d, d_sae=2 * d, k=2 * d, rescale_acts_by_decoder_norm=False))
+    eye = torch.eye(d)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, torch.zeros(d, d)], dim=1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+@pytest.fixture(scope="module")
+def texts(tiny_backbone):
+    return [format_text(tiny_backbone.tokenizer, f"Is claim {i} true?", f"Answer number {i} says no.")
+            for i in range(6)]
+
+
+def test_quality_at_the_read_position_beside_all_tokens(tiny_backbone, texts, isolated_cache):
+    sae = half_dead_sae(tiny_backbone.hidden_size)
+    quality = sae_quality(sae, tiny_backbone, texts, 2, max_length=64, progress=False)
+    assert quality.read_position.n == len(texts) and quality.all_tokens.n > 3 * len(texts)
+    # the read position is the text's last token, the state the reward model reads (and caches)
+    Z = last_token_states(tiny_backbone, texts, 2, max_length=64, progress=False)
+    expected_fve = 1 - (Z - Z.relu()).pow(2).sum() / (Z - Z.mean(0)).pow(2).sum()  # only relu(z) comes back
+    assert quality.read_position.fve == pytest.approx(float(expected_fve), rel=1e-4)
+    assert quality.read_position.alive_fraction == pytest.approx(float((Z > 0).any(0).float().sum()) / (2 * Z.shape[1]))
+    assert quality.all_tokens.alive_fraction <= 0.5  # the zeroed half never fires
+    again = sae_quality(sae, tiny_backbone, texts, 2, max_length=64, all_tokens=False, progress=False)
+    assert again.all_tokens is None and again.read_position == quality.read_position
+    row = quality.as_row()
+    assert row["alive % read"] == pytest.approx(100 * quality.read_position.alive_fraction)
+    assert row["rows all"] == quality.all_tokens.n and again.as_row()["FVE all"] is None
+    with pytest.raises(DataError, match="at least one text"):
+        sae_quality(sae, tiny_backbone, [], 2)
+
+
+def test_quality_row_keeps_read_and_all_side_by_side():
+    read = SAEReport(l0=4.0, fve=0.5, dead_fraction=0.75, n=10)
+    every = SAEReport(l0=4.0, fve=0.8, dead_fraction=0.0, n=100)
+    row = SAEQuality(read_position=read, all_tokens=every).as_row()
+    assert list(row)[:4] == ["alive % read", "alive % all", "FVE read", "FVE all"]
+    assert (row["alive % read"], row["alive % all"]) == (25.0, 100.0)
+
+
+# ---------------------------------------------------------------------------- the command line
+
+
+@pytest.fixture(scope="module")
+def module_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SRLIB_CACHE_DIR", str(tmp_path_factory.mktemp("sae-report-cache")))
+        yield
+
+
+def test_sae_report_prints_read_position_and_all_tokens(module_cache, tiny_backbone, tmp_path, capsys):
+    pairs, sae = tmp_path / "pairs.jsonl", tmp_path / "sae"
+    write_jsonl(toy_pairs(12), pairs)
+    half_dead_sae(tiny_backbone.hidden_size).save_model(sae)  # a saved SAE: nothing to train
+    assert main(["sae", "report", "--profile", "smoke", "--sae", str(sae), "--pairs", str(pairs),
+                 "--max-pairs", "5"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    header = next(line for line in out if "alive % read" in line)
+    assert "alive % all" in header and "FVE read" in header and "FVE all" in header
+    quality = json.loads(out[-1])["quality"][str(pairs)]
+    assert quality["read_position"]["n"] == 10  # both answers of the first 5 pairs
+    assert quality["all_tokens"]["n"] > 10 and quality["position"] == "last"
+    assert quality["read_position"]["dead_fraction"] >= 0.5  # half its latents never fire
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sae", "report", "--profile", "smoke", "--pairs", "no-such-file.jsonl"], "no-such-file.jsonl"),
+    (["sae", "train", "--profile", "smoke", "--pairs", "x.jsonl"], "--pairs is for `sae report`"),
+])
+def test_sae_report_bad_input_is_exit_2_and_one_line(argv, message, module_cache, capsys):
+    assert main(argv) == 2
+    assert message in error_line(capsys)
+
+
+# ---------------------------------------------------------------------------- the study
+
+
+def _split(n: int, groups: int, offset: int = 0) -> SplitStates:
+    pairs = [dataclasses.replace(pair, group_id=f"g{offset + i % groups}") for i, pair in enumerate(toy_pairs(n, offset))]
+    return SplitStates(pairs, torch.randn(n, 4), torch.randn(n, 4))
+
+
+def test_validation_view_halves_validation_by_question_and_drops_test():
+    states = DatasetStates("toy", 2, train=_split(8, 8), val=_split(12, 4, offset=100), test=_split(6, 6, offset=200))
+    view = validation_view(states)
+    early, scored = ({p.group_id for p in split.pairs} for split in (view.val, view.test))
+    assert early == {"g100", "g101"} and scored == {"g102", "g103"}  # seeded order kept, halves by question
+    assert len(view.val) + len(view.test) == 12 and view.train is states.train
+    assert not {p.pair_id for p in view.test.pairs} & {p.pair_id for p in states.test.pairs}
+    row = [p.pair_id for p in states.val.pairs].index(view.test.pairs[0].pair_id)
+    assert torch.equal(view.test.chosen[0], states.val.chosen[row])
+    with pytest.raises(ConfigError, match="two questions"):
+        validation_view(DatasetStates("toy", 2, train=_split(4, 4), val=_split(4, 1), test=_split(4, 4)))
+
+
+def _trials(outcomes: dict[str, list[float]], dataset: str = "toy", k: int = 8) -> pd.DataFrame:
+    return pd.DataFrame([{"dataset": dataset, "K": k, "variant": name, "seed": seed, "test_outcomes": values}
+                         for name, values in outcomes.items() for seed in (0, 1)])
+
+
+def test_gap_and_trend_are_paired_and_computed_from_the_outcomes():
+    n = 40
+    trials = _trials({"weak": [1.0] * (n // 2) + [0.0] * (n // 2), "strong": [1.0] * n,
+                      RANDOM: [1.0] * (n // 2) + [0.0] * (n // 2)})
+    gaps = gap_table(trials, ["weak", "strong"])
+    by_variant = gaps.set_index("variant")
+    assert by_variant.loc["weak", "A − B (points)"] == 0.0 and by_variant.loc["strong", "A − B (points)"] == 50.0
+    assert SCORED_ON in by_variant.loc["strong", "verdict"] and "test pairs" not in by_variant.loc["strong", "verdict"]
+    quality = pd.DataFrame({"variant": ["weak", "strong"], "dataset": ["toy", "toy"], "FVE read": [0.2, 0.9]})
+    trend = quality_trend(trials, gaps, quality)
+    row = trend.iloc[0]
+    assert (row["best"], row["weakest"]) == ("strong", "weak")
+    assert row["gap change (points)"] == 50.0 and row["CI low"] > 0
+    assert row["Spearman rho (gap, FVE read)"] == pytest.approx(1.0)
+    assert "grows with quality) in 1," in trend_conclusion(trend)
+
+
+def test_conclusion_counts_grew_shrank_and_unclear():
+    trend = pd.DataFrame({"gap change (points)": [5.0, -4.0, 1.0], "CI low": [1.0, -7.0, -2.0],
+                          "CI high": [9.0, -1.0, 4.0]})
+    text = trend_conclusion(trend)
+    assert "in 1, loses (the gap shrinks) in 1, and shows no clear difference in 1" in text
+    assert "-4.0 to +5.0 points" in text
+
+
+def test_the_profiles_define_a_graded_family():
+    cpu = family_of(get_profile("cpu"))
+    assert 4 <= len(cpu.variants) <= 6 and cpu.ks == (16, 64, 128)
+    assert sum(config is None for _, config in cpu.variants) == 1  # the profile's own SAE, by reference
+    assert len(family_of(get_profile("smoke")).variants) >= 2
+    with pytest.raises(ConfigError, match="no sae_family"):
+        family_of(get_profile("paper"))
