@@ -81,19 +81,22 @@ def label(dataset: str) -> str:
 
 def setup(profile: str | Profile, *, layer: int | None = None, k: int | None = None,
           seeds: Sequence[int] | None = None, datasets: Sequence[str] | None = None,
-          single_thread: bool = True, show: bool = True) -> Chapter:
+          single_thread: bool = True, show: bool = True, quiet: bool = False) -> Chapter:
     """Load what a chapter needs under `profile`, with its overrides (None: the profile's).
 
     `single_thread` sets torch to one thread first: the reward heads and the SAE's small
     matrices gain nothing from a second thread, and lose much when other processes share the
     CPU. A chapter that extracts many hidden states passes False and sets it after extraction.
     `show` prints the header line and, under the smoke profile, the banner saying the numbers
-    mean nothing.
+    mean nothing. `quiet` silences what transformers and TRL print that a chapter training with
+    them does not need (`quiet_libraries`).
     """
     # tqdm.auto looks for Jupyter widgets, which the book does not use; its warning says nothing here.
     from tqdm import TqdmWarning
 
     warnings.filterwarnings("ignore", message="IProgress not found", category=TqdmWarning)
+    if quiet:
+        quiet_libraries()
     if single_thread:
         torch.set_num_threads(1)
     started = time.perf_counter()
@@ -113,6 +116,17 @@ def setup(profile: str | Profile, *, layer: int | None = None, k: int | None = N
 
             display(Markdown(SMOKE_BANNER))
     return chapter
+
+
+def quiet_libraries() -> None:
+    """Silence the library chatter of a chapter that trains with transformers and TRL: their
+    deprecation and user warnings, info messages and the weight-loading bars (each model load)."""
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 # --------------------------------------------------------------------------- what chapter 1 measures on the SAE
@@ -357,3 +371,127 @@ def sweep_grid(ch: Chapter, *, layers=None, ks=None, seeds=None, sae_tokens=None
                      seeds=tuple(ch.seeds if seeds is None else seeds),
                      sae_tokens=sweep.sae_tokens if sae_tokens is None else sae_tokens,
                      sae_corpus_tokens=sweep.sae_corpus_tokens if sae_corpus_tokens is None else sae_corpus_tokens)
+
+
+# --------------------------------------------------------------------------- chapters 6-10: reward models at work
+
+
+def attached_rm(ch: Chapter, states: DatasetStates, *, seed: int, **options):
+    """A reward model fitted on `states` (`srlib.experiments.fit_variant` with `options`) that
+    reads texts through the chapter's backbone, cut at the profile's `max_length` as the training
+    pairs were: what scores generated answers (chapters 7 and 10). Returns (model, trial)."""
+    from srlib.experiments import fit_variant
+
+    model, trial = fit_variant(states, seed=seed, **options)
+    model.max_length = ch.profile.max_length
+    return model.attach_backbone(ch.backbone), trial
+
+
+@dataclass(frozen=True)
+class ReadingModels:
+    """Chapter 9's reward models, one SparseRM per data set, and what reads them: the latent
+    cards of each one's directions, their short labels, and whether its answers may be quoted."""
+
+    models: dict[str, Any]
+    cards: dict[str, Any]
+    labels: dict[str, dict[int, str]]
+    quote: dict[str, bool]
+
+
+def reading_models(ch: Chapter, states: dict[str, DatasetStates], *, seed: int, n_texts: int, chars: int,
+                   quote_safety: bool) -> ReadingModels:
+    """Per data set: a SparseRM on the profile's K directions (seed `seed`; the test split is not
+    scored), the cards of its 2K latents (the training answers that switch each on most, cut to
+    `chars`) and, where answers may be quoted, the cards' labels. TruthfulQA's answers are always
+    quoted; the safety data sets' only with `quote_safety` (they hold harmful requests)."""
+    from srlib import explain
+    from srlib.experiments import fit_variant, latent_cards, select_for
+    from srlib.sae import encode
+
+    quote = {name: quote_safety or name == "truthfulqa" for name in states}
+    models, cards, labels = {}, {}, {}
+    for name, s in states.items():
+        directions = select_for(s, ch.sae, ch.k)
+        models[name], _ = fit_variant(s, features="projection", directions=directions, seed=seed, score_test=False)
+        cards[name] = latent_cards(directions, encode(ch.sae, s.train.chosen), encode(ch.sae, s.train.rejected),
+                                   s.train.pairs, n_latents=ch.k, n_texts=n_texts, chars=chars,
+                                   sae_source=ch.profile.sae_source)
+        labels[name] = explain.card_labels(cards[name]) if quote[name] else {}
+    return ReadingModels(models=models, cards=cards, labels=labels, quote=quote)
+
+
+def attributions(models: dict[str, Any], states: dict[str, DatasetStates]) -> dict[str, tuple]:
+    """{data set: (attribution of the chosen, of the rejected test answers)} (`srlib.explain.attribute`)."""
+    from srlib import explain
+
+    return {name: (explain.attribute(models[name], s.test.chosen), explain.attribute(models[name], s.test.rejected))
+            for name, s in states.items()}
+
+
+def attribution_completeness(models: dict[str, Any], states: dict[str, DatasetStates],
+                             attributed: dict[str, tuple]) -> "pd.DataFrame":
+    """Per data set: the test answers, the baseline score f(0) and the largest distance between
+    baseline + Σ contributions and the model's score (completeness: it should be round-off)."""
+    import pandas as pd
+
+    rows = []
+    for name, s in states.items():
+        scores = torch.cat([models[name].score_states(s.test.chosen), models[name].score_states(s.test.rejected)]).double()
+        totals = torch.cat([a.baseline + a.contributions.sum(1) for a in attributed[name]])
+        rows.append({"data set": label(name), "test answers": len(scores), "baseline score f(0)": attributed[name][0].baseline,
+                     "largest |baseline + Σ contributions − score|": float((totals - scores).abs().max())})
+    return pd.DataFrame(rows)
+
+
+def verdict_m(ms: Sequence[int], m_verdict: int) -> int:
+    """The deletion count whose paired verdict is given: the largest m of the curve at or below
+    `m_verdict`, else the curve's first."""
+    return max(m for m in ms if m <= m_verdict) if min(ms) <= m_verdict else ms[0]
+
+
+def deletion_gaps(curves: dict[str, Any], ms: Sequence[int]) -> "pd.DataFrame":
+    """Per data set and m (`srlib.explain.deletion_curve`): the margin drop after deleting the
+    top-m attributed directions minus after m random ones, its 95% interval, and the accuracy
+    after each deletion."""
+    import pandas as pd
+
+    rows = []
+    for name, curve in curves.items():
+        frame = curve.frame().set_index(["m", "deleted"])
+        for m in ms:
+            gap, low, high = curve.gap(m)
+            rows.append({"data set": label(name), "m": m, "top − random drop": gap, "CI low": low, "CI high": high,
+                         "accuracy after top-m (%)": frame.loc[(m, "top-m attributed"), "accuracy after (%)"],
+                         "accuracy after random m (%)": frame.loc[(m, "random m"), "accuracy after (%)"]})
+    return pd.DataFrame(rows)
+
+
+@dataclass(frozen=True)
+class LengthSteering:
+    """Chapter 9's steering run: the latents whose input follows answer length, the model with
+    them masked, the paired effect on the test pairs, and the score-length rank correlation
+    before and after."""
+
+    tracking: Any
+    steered: Any
+    effect: Any
+    rho: dict[str, float]
+
+
+def length_steering(model, states: DatasetStates, n: int) -> LengthSteering:
+    """Mask the `n` directions whose input follows answer length (in characters) most closely on
+    the training answers, and measure what it does on the test pairs."""
+    from scipy import stats
+
+    from srlib import explain
+
+    answers = [p.chosen for p in states.train.pairs] + [p.rejected for p in states.train.pairs]
+    tracking = explain.latents_tracking(model, torch.cat([states.train.chosen, states.train.rejected]),
+                                        [len(text) for text in answers], n=n)
+    steered = explain.steer(model, {int(latent): 0.0 for latent in tracking["latent"]})
+    effect = explain.steering_effect(model, steered, states.test.pairs, states.test.chosen, states.test.rejected)
+    lengths = [len(p.chosen) for p in states.test.pairs] + [len(p.rejected) for p in states.test.pairs]
+    rho = {name: stats.spearmanr(torch.cat([m.score_states(states.test.chosen),
+                                            m.score_states(states.test.rejected)]).numpy(), lengths).statistic
+           for name, m in (("before", model), ("after", steered))}
+    return LengthSteering(tracking=tracking, steered=steered, effect=effect, rho=rho)

@@ -522,3 +522,84 @@ def sparserm_results(*, accuracy: pd.DataFrame, parameters: pd.DataFrame, readin
 def parameters_report(counts: Mapping[str, int], k: int) -> list:
     """The parameters table, styled, and the trained share in words."""
     return [show(parameters_table(counts, k), PARAMETER_FORMATS), parameters_text(counts)]
+
+
+# --------------------------------------------------------------------------- chapter 9: reading and steering
+
+
+def reading_line(states: Mapping[str, Any], seed: int) -> str:
+    """The line under chapter 9's setup: one SparseRM per data set, its seed and split sizes."""
+    return (f"one SparseRM per data set (seed {seed}): "
+            + ", ".join(f"{label(n)} {s.sizes()}" for n, s in states.items()))
+
+
+COMPLETENESS_FORMATS = {"baseline score f(0)": "{:.3f}", "largest |baseline + Σ contributions − score|": "{:.1e}"}
+
+
+def attribution_pair(pair, attributed: tuple, row: int, *, top: int, labels: Mapping[int, str], quote: bool,
+                     chars: int, dataset: str) -> list[int]:
+    """Show the attribution of one test pair (its texts when `quote`, then a panel per answer with
+    a bar per direction, the `top` largest and the rest summed); return the latents it shows."""
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    from srlib import explain, plots
+    from srlib.experiments import pair_text
+
+    parts = {f"{side} answer: score {attr.scores[row]:.2f} (baseline {attr.baseline:.2f})":
+             explain.contribution_frame(attr, row, top=top, labels=labels)
+             for side, attr in zip(("chosen", "rejected"), attributed)}
+    if quote:
+        display(Markdown(f"**{pair_text(pair, 'chosen', chars)}**  \n*rejected:* "
+                         f"{pair_text(pair, 'rejected', chars).split(' → ', 1)[-1]}"))
+    fig = plots.contribution_bars(parts, title=f"{label(dataset)}, test pair {pair.pair_id}")
+    display(fig)
+    plt.close(fig)
+    return [int(latent) for frame in parts.values() for latent in frame["latent"] if latent >= 0]
+
+
+def shown_cards(cards: pd.DataFrame, latents: Sequence[int], *, quote: bool, sae_source: str, n: int = 4) -> list:
+    """The cards of the first `n` distinct latents among `latents` (as HTML), and, when the SAE has
+    no public dashboard, a note saying the cards are the only evidence of what a latent means."""
+    from IPython.display import HTML
+
+    from srlib.experiments import latent_cards_html, neuronpedia_url
+
+    shown = [HTML(latent_cards_html(cards[cards["latent"].isin(latents)].drop_duplicates("latent").head(n),
+                                    quote_texts=quote))]
+    if neuronpedia_url(sae_source, 0) is None:
+        shown.append(Markdown(f"No public dashboard exists for this SAE (`{sae_source}`): it was trained here, so the "
+                              "training answers above are the only evidence for what a latent means. Under "
+                              "`PROFILE=\"paper\"` every card links to the latent's Neuronpedia page."))
+    return shown
+
+
+def labelled_verdicts(verdicts: Mapping[str, str], *, m: int) -> Markdown:
+    """One bullet per data set: its name and m in bold, then `compare_paired`'s verdict."""
+    return Markdown("\n".join(f"- **{label(n)}**, m = {m}: {v}." for n, v in verdicts.items()))
+
+
+def steering_text(run, *, dataset: str, n_pairs: int, n: int) -> Markdown:
+    """The length-steering run (`srlib.chapter.length_steering`) in words: the accuracy before and
+    after with the paired verdict, the flipped pairs, and the score-length rank correlation."""
+    effect = run.effect
+    return Markdown(
+        f"On {label(dataset)}'s {n_pairs} test pairs, masking the {n} length-tracking "
+        f"directions moves the pair accuracy from {100 * effect.accuracy_before:.1f}% to "
+        f"{100 * effect.accuracy_after:.1f}% (ties ½): {effect.comparison.verdict()}. "
+        f"{len(effect.flipped_to_wrong)} pairs flip from right to wrong and {len(effect.flipped_to_right)} from wrong "
+        f"to right. The rank correlation between a test answer's score and its length goes from "
+        f"{run.rho['before']:+.2f} to {run.rho['after']:+.2f}.")
+
+
+def flipped_pairs(run, pairs: Sequence, *, quote: bool, chars: int, n: int = 8) -> pd.DataFrame:
+    """The first `n` test pairs whose verdict the steering flipped, which way, the two answers'
+    lengths and (when `quote`) the question and chosen answer."""
+    from srlib.experiments import pair_text
+
+    effect = run.effect
+    flipped = [(p, "right → wrong" if p.pair_id in effect.flipped_to_wrong else "wrong → right")
+               for p in pairs if p.pair_id in effect.flipped_to_wrong + effect.flipped_to_right]
+    return pd.DataFrame([{"pair": p.pair_id, "flip": how, "chosen length": len(p.chosen), "rejected length": len(p.rejected),
+                          **({"question → chosen": pair_text(p, "chosen", chars)} if quote else {})}
+                         for p, how in flipped[:n]])
