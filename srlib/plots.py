@@ -124,31 +124,6 @@ def training_curves(history, *, title: str):
     return fig
 
 
-def beside_paper(summary, paper: Mapping[str, Mapping[str, float]], *,
-                 paper_label: str = "paper (Gemma-2-9B-it)"):
-    """Our "mean ± sd" next to the paper's number, per data set: a table for the book.
-
-    `summary`: `srlib.experiments.summarize` output (columns dataset, variant, label).
-    `paper`: {variant: {dataset: accuracy %}} (e.g. `srlib.paper.TABLE2_INPUTS`); variants
-    the paper lacks get an empty cell. Columns: "<data set> (ours)", "<data set> · <paper_label>".
-    """
-    import pandas as pd
-
-    from srlib.experiments import DATASET_LABELS
-
-    variants = list(dict.fromkeys(summary["variant"]))
-    datasets = list(dict.fromkeys(summary["dataset"]))
-    datasets = [d for d in DATASET_LABELS if d in datasets] + [d for d in datasets if d not in DATASET_LABELS]
-    labels = summary.set_index(["variant", "dataset"])["label"]
-    columns = {}
-    for dataset in datasets:
-        name = DATASET_LABELS.get(dataset, dataset)
-        columns[f"{name} (ours)"] = [labels.get((v, dataset), "") for v in variants]
-        columns[f"{name} · {paper_label}"] = [
-            "" if paper.get(v, {}).get(dataset) is None else f"{paper[v][dataset]:.1f}" for v in variants]
-    return pd.DataFrame(columns, index=pd.Index(variants, name="variant"))
-
-
 def similarity_histograms(frame, *, title: str, aggregate: str = "mean", centered: bool = False,
                           bins: int = 40):
     """Figure 5 as distributions: one panel per space, one histogram per group of samples, of

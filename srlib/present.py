@@ -206,6 +206,27 @@ def split_sizes(states: Mapping[str, Any]) -> pd.DataFrame:
     return pd.DataFrame({label(n): s.sizes() for n, s in states.items()}).rename_axis("pairs per split")
 
 
+def beside_paper(summary: pd.DataFrame, paper: Mapping[str, Mapping[str, float]], *,
+                 paper_label: str = "paper (Gemma-2-9B-it)") -> pd.DataFrame:
+    """Our "mean ± sd" next to the paper's number, per data set and variant (rows).
+
+    `summary`: `srlib.experiments.summarize` output (columns dataset, variant, label).
+    `paper`: {variant: {dataset: accuracy %}} (e.g. `srlib.paper.TABLE2_INPUTS`); variants
+    the paper lacks get an empty cell. Columns: "<data set> (ours)", "<data set> · <paper_label>".
+    """
+    variants = list(dict.fromkeys(summary["variant"]))
+    datasets = list(dict.fromkeys(summary["dataset"]))
+    datasets = [d for d in DATASET_LABELS if d in datasets] + [d for d in datasets if d not in DATASET_LABELS]
+    labels = summary.set_index(["variant", "dataset"])["label"]
+    columns = {}
+    for dataset in datasets:
+        name = label(dataset)
+        columns[f"{name} (ours)"] = [labels.get((v, dataset), "") for v in variants]
+        columns[f"{name} · {paper_label}"] = [
+            "" if paper.get(v, {}).get(dataset) is None else f"{paper[v][dataset]:.1f}" for v in variants]
+    return pd.DataFrame(columns, index=pd.Index(variants, name="variant"))
+
+
 def with_paper_gap(comparisons: pd.DataFrame, paper: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
     """`srlib.experiments.paired_table` rows with the paper's A − B beside ours (points), read
     from a paper table {variant: {data set: accuracy %}}."""

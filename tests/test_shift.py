@@ -138,7 +138,7 @@ def test_beside_paper_puts_the_papers_number_next_to_ours():
     import pandas as pd
 
     from srlib.experiments import summarize
-    from srlib.plots import beside_paper
+    from srlib.present import beside_paper
 
     trials = pd.DataFrame({"dataset": ["truthfulqa"] * 4 + ["hh-harmless"] * 4,
                            "variant": ["A", "A", "B", "B"] * 2,
