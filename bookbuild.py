@@ -8,7 +8,10 @@ whose wheel does not ship it) and runs from the repository root.
 2. fetches MathJax 3 from npm into `book/_static/mathjax/` if it is missing (math offline);
 3. stages a fresh source tree in `_build/<profile>/src/` (`_config.yml`, `_toc.yml`, `book/`);
 4. executes each listed notebook with papermill into `_build/<profile>/src/notebooks/`,
-   passing the parameters `PROFILE` and `RESULTS_PATH` (see "Notebook contract" below);
+   passing the parameters `PROFILE` and `RESULTS_PATH` (see "Notebook contract" below), and
+   tells the stages inside each chapter as it runs (its kernel reports them through
+   `srlib.progress` to `_build/<profile>/events/<stem>.jsonl`); `build-report.json` keeps
+   each chapter's seconds and stages;
 5. renders every `<stem>.results.json` as tables into the staged `book/results.md`, and each
    notebook's parameters cell into the staged `book/reproduce.md`;
 6. builds HTML with Jupyter Book (which never executes anything) into `_build/<profile>/html/`.
@@ -42,13 +45,15 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import srlib
 from srlib.errors import ConfigError, DataError
+from srlib.progress import EVENTS_ENV
 from srlib.results import load_results
 
 MATHJAX_VERSION = "3.2.2"
@@ -118,7 +123,8 @@ class BuildPaths:
 
     @property
     def report(self) -> Path:
-        """`build-report.json`: per chapter its seconds and whether it was executed or reused."""
+        """`build-report.json`: per chapter its seconds, whether it was executed or reused, and
+        the stages inside it."""
         return self.base / "build-report.json"
 
     def executed(self, stem: str) -> Path:
@@ -132,6 +138,10 @@ class BuildPaths:
     def fingerprint(self, stem: str) -> Path:
         """The inputs digest and running time of the build that executed `<stem>` (reuse)."""
         return self.src / NOTEBOOK_DIR / f"{stem}.inputs.json"
+
+    def events(self, stem: str) -> Path:
+        """The progress events (`srlib.progress`) that `<stem>`'s kernel writes while it runs."""
+        return self.base / "events" / f"{stem}.jsonl"
 
 
 # --------------------------------------------------------------------------- table of contents
@@ -260,7 +270,8 @@ def write_report(paths: BuildPaths, records: Sequence[dict], *, jobs: int, secon
 
 def render_report(records: Sequence[dict], execution_seconds: float) -> str:
     """The "what this build cost" table of the Reproduce page: per chapter, whether this build
-    executed it or reused the copy of an earlier run, and that run's minutes."""
+    executed it or reused the copy of an earlier run, and that run's minutes; then a table of
+    the stages inside the chapters (`stage_report`), when the records have any."""
     if not records:
         return "*No chapter notebook is listed in `_toc.yml` yet.*"
     rows = ["| chapter | this build | minutes |", "|---|---|---|"]
@@ -271,7 +282,16 @@ def render_report(records: Sequence[dict], execution_seconds: float) -> str:
                f"{execution_seconds / 60:.1f} minutes of wall-clock time"
                + (f" (their running times add up to {sum(r['seconds'] for r in executed) / 60:.1f} minutes: "
                   "chapters ran side by side)." if len(executed) > 1 else "."))
-    return "\n".join(rows) + "\n\n" + summary
+    text = "\n".join(rows) + "\n\n" + summary
+    stages = [(r["chapter"], s) for r in records for s in r.get("stages", [])]
+    if stages:
+        text += ("\n\nThe stages inside each chapter, from the run that made its copy (a stage's runs "
+                 "add up; a stage inside another counts in both):\n\n"
+                 + "\n".join(["| chapter | stage | runs | units done | seconds |", "|---|---|---|---|---|"]
+                             + [f"| `{chapter}` | {format_cell(s['name'])} | {s['runs']} | "
+                                f"{_amount(s['done'])} {format_cell(s['unit'])} | {s['seconds']:.1f} |"
+                                for chapter, s in stages]))
+    return text
 
 
 def render_parameters(chapters: Sequence[tuple[str, str, dict]]) -> str:
@@ -498,8 +518,8 @@ def chapter_fingerprint(source: Path, profile: str) -> str:
 
 
 def _stamp(paths: "BuildPaths", stem: str) -> dict:
-    """What the last execution of `stem` recorded (`fingerprint`, `seconds`); {} if nothing
-    readable was recorded."""
+    """What the last execution of `stem` recorded (`fingerprint`, `seconds`, `stages`); {} if
+    nothing readable was recorded."""
     try:
         stamp = json.loads(paths.fingerprint(stem).read_text())
     except (OSError, ValueError):
@@ -522,8 +542,26 @@ def reusable(paths: "BuildPaths", stem: str, fingerprint: str) -> float | None:
     return None
 
 
-def execute_notebook(source: Path, executed: Path, results: Path, profile: str) -> float:
-    """Run `source` with papermill into `executed`; return seconds. Raise NotebookFailed."""
+def _kernel_with_env(env: dict[str, str]) -> type:
+    """A kernel manager class for papermill (nbclient) whose kernels start with `env` added to
+    this process's environment. A chapter's own events file travels this way: `os.environ` is
+    shared by the chapters that run side by side, so it cannot name one per chapter."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class ChapterKernelManager(AsyncKernelManager):
+        async def start_kernel(self, **kw: Any) -> None:
+            kw["env"] = {**kw.get("env", os.environ), **env}
+            return await super().start_kernel(**kw)
+
+    return ChapterKernelManager
+
+
+def execute_notebook(source: Path, executed: Path, results: Path, profile: str,
+                     events: Path | None = None) -> float:
+    """Run `source` with papermill into `executed`; return seconds. Raise NotebookFailed.
+
+    With `events`, the kernel reports its stages there (`srlib.progress`, `SRLIB_PROGRESS_EVENTS`).
+    """
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
@@ -537,7 +575,8 @@ def execute_notebook(source: Path, executed: Path, results: Path, profile: str) 
             # Relative to the notebook's folder (the kernel's cwd), so the injected cell that
             # the book shows names no folder of the machine that built it.
             parameters={"PROFILE": profile, "RESULTS_PATH": os.path.relpath(results, executed.parent)},
-            progress_bar=sys.stderr.isatty(),
+            progress_bar=False,  # the stages' status line says more than a count of cells
+            **({"kernel_manager_class": _kernel_with_env({EVENTS_ENV: str(events.resolve())})} if events else {}),
         )
     except PapermillExecutionError as exc:
         tail = _strip_ansi("\n".join(exc.traceback[-6:]))
@@ -561,6 +600,188 @@ def _first_line(text: str) -> str:
 
 def _strip_ansi(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+# --------------------------------------------------------------------------- what a chapter is doing
+
+#: Seconds between two status lines of one stage when stdout is a log, not a terminal.
+LOG_EVERY = 30.0
+#: Seconds between two reads of a running chapter's events file.
+POLL_SECONDS = 1.0
+
+
+class EventsTail:
+    """Reads the complete JSON lines appended to an events file since the last read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.offset, self.partial = path, 0, b""
+
+    def read(self) -> list[dict]:
+        """The events appended since the last call ([] while the file does not exist); a line
+        still being written waits for the next call, a line that is not an event is skipped."""
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        events = []
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict) and isinstance(event.get("stage"), str) and "time" in event:
+                events.append(event)
+        return events
+
+
+def read_events(path: Path) -> list[dict]:
+    """Every complete event in an events file."""
+    return EventsTail(path).read()
+
+
+def stage_report(events: Iterable[dict]) -> list[dict]:
+    """A chapter's stages from its events, in the order they first appeared: `name`, `runs`,
+    `seconds` (summed over its runs; a nested stage's overlap its parent's), `done` (units
+    summed over its runs) and `unit`. A run with no end line (the chapter failed, a loop
+    stopped early) counts as far as its last progress line."""
+    stages: dict[str, dict] = {}
+    unfinished: dict[tuple, dict] = {}
+    for e in events:
+        s = stages.setdefault(e["stage"], {"name": e["stage"], "runs": 0, "seconds": 0.0, "done": 0,
+                                           "unit": e.get("unit", "it")})
+        if e.get("end"):
+            unfinished.pop((e["stage"], e.get("run")), None)
+            s["runs"] += e.get("runs", 1)
+            s["seconds"] += e.get("seconds", 0.0)
+            s["done"] += e.get("done", 0)
+        else:
+            unfinished[e["stage"], e.get("run")] = e
+    for e in unfinished.values():
+        s = stages[e["stage"]]
+        s["runs"] += 1
+        s["seconds"] += e["time"] - e["started"]
+        s["done"] += e["done"]
+    for s in stages.values():
+        s["seconds"] = round(s["seconds"], 3)
+    return list(stages.values())
+
+
+def _duration(seconds: float) -> str:
+    """`1h05m`, `4m07s` or `12s`."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def _amount(value: float) -> str:
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.1f}"
+
+
+def status_text(event: dict) -> str:
+    """One stage as a short phrase: units done of the total, the rate and, from it, an estimate
+    of the time left; for an end line, what the runs it closes did."""
+    name, unit, done, total = event["stage"], event.get("unit", "it"), event.get("done", 0), event.get("total")
+    if event.get("end"):
+        runs = event.get("runs", 1)
+        return (f"{name}: done, {_amount(done)} {unit} in {_duration(event.get('seconds', 0))}"
+                + (f" ({runs} runs)" if runs > 1 else ""))
+    rate = done / max(event["time"] - event["started"], 1e-9)
+    text = f"{name} {_amount(done)}/{_amount(total)} {unit} ({done / total:.0%})" if total else f"{name} {_amount(done)} {unit}"
+    text += f", {rate:.3g} {unit}/s"
+    if total and rate > 0:
+        text += f", about {_duration(max(total - done, 0) / rate)} left"
+    return text
+
+
+class Console:
+    """The build's output while chapters run: plain lines (`say`), and the stages of the
+    running chapters (`status`): on a terminal one live line that each update rewrites; on a
+    log, a line per update but at most one per chapter and stage every `log_every` seconds
+    (the end of a stage that ran that long is always told)."""
+
+    def __init__(self, stream: Any = None, *, tty: bool | None = None, log_every: float = LOG_EVERY,
+                 clock: Any = time.monotonic) -> None:
+        self.stream = sys.stdout if stream is None else stream
+        self.tty = bool(self.stream.isatty()) if tty is None else tty
+        self.log_every, self.clock = log_every, clock
+        self.live: dict[str, str] = {}
+        self.told: dict[tuple[str, str], float] = {}
+        self.lock = threading.Lock()
+        self.drawn = False
+
+    def say(self, line: str) -> None:
+        with self.lock:
+            self._clear()
+            self.stream.write(line + "\n")
+            self._draw()
+
+    def status(self, label: str, event: dict) -> None:
+        """Tell a new event of chapter `label` (e.g. `[3/10] 03_sparserm`)."""
+        text = status_text(event)
+        with self.lock:
+            if self.tty:
+                self.live[label] = text
+                self._draw()
+                return
+            key, now = (label, event["stage"]), self.clock()
+            long_end = event.get("end") and event.get("seconds", 0) >= self.log_every
+            if long_end or now - self.told.get(key, -math.inf) >= self.log_every:
+                self.told[key] = now
+                self.stream.write(f"{label} {text}\n")
+                self.stream.flush()
+
+    def finish(self, label: str) -> None:
+        """Chapter `label` stopped: its part of the live line goes."""
+        with self.lock:
+            self.live.pop(label, None)
+            self._clear()
+            self._draw()
+
+    def _clear(self) -> None:
+        if self.drawn:
+            self.stream.write("\r\x1b[K")
+            self.drawn = False
+
+    def _draw(self) -> None:
+        if self.tty and self.live:
+            width = shutil.get_terminal_size().columns - 1
+            self.stream.write("\r\x1b[K" + " | ".join(f"{k} {v}" for k, v in self.live.items())[:width])
+            self.drawn = True
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def watching(path: Path, label: str, console: Console, *,
+             every: float = POLL_SECONDS) -> Iterator[list[dict]]:
+    """While the block runs, tell `console` what the events file `path` says (its newest line
+    per stage, every `every` seconds); yields the list of the events read, complete when the
+    block ends."""
+    tail, seen, stop = EventsTail(path), [], threading.Event()
+
+    def poll() -> None:
+        new = tail.read()
+        seen.extend(new)
+        for event in {e["stage"]: e for e in new}.values():
+            console.status(label, event)
+
+    def loop() -> None:
+        while not stop.wait(every):
+            poll()
+
+    thread = threading.Thread(target=loop, name=f"events of {label}", daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join()
+        poll()
+        console.finish(label)
 
 
 # --------------------------------------------------------------------------- the build
@@ -624,25 +845,33 @@ def build_html(paths: BuildPaths, *, strict: bool) -> int:
 
 
 def _run_chapter(source: Path, paths: BuildPaths, profile: str, position: str,
-                 fingerprint: str) -> float:
-    """Execute one chapter, fold its solutions, stamp its inputs; return seconds."""
+                 fingerprint: str, console: Console) -> tuple[float, list[dict]]:
+    """Execute one chapter (telling `console` its stages as they go), fold its solutions, stamp
+    its inputs; return its seconds and its stages (`stage_report`)."""
     stem = source.stem
     paths.fingerprint(stem).unlink(missing_ok=True)  # a failed run is never reused
-    print(f"{position} executing {NOTEBOOK_DIR}/{source.name} (PROFILE={profile})", flush=True)
-    seconds = execute_notebook(source, paths.executed(stem), paths.results(stem), profile)
+    events = paths.events(stem)
+    events.parent.mkdir(parents=True, exist_ok=True)
+    events.unlink(missing_ok=True)
+    console.say(f"{position} executing {NOTEBOOK_DIR}/{source.name} (PROFILE={profile})")
+    with watching(events, f"{position} {stem}", console) as seen:
+        seconds = execute_notebook(source, paths.executed(stem), paths.results(stem), profile, events=events)
+    stages = stage_report(seen)
     executed = json.loads(paths.executed(stem).read_text())
     if fold_solutions(executed):
         paths.executed(stem).write_text(json.dumps(executed, indent=1, ensure_ascii=False))
-    paths.fingerprint(stem).write_text(json.dumps({"fingerprint": fingerprint, "seconds": seconds}))
-    print(f"{position} {NOTEBOOK_DIR}/{source.name} done in {seconds:.1f} s", flush=True)
-    return seconds
+    paths.fingerprint(stem).write_text(json.dumps({"fingerprint": fingerprint, "seconds": seconds,
+                                                   "stages": stages}))
+    console.say(f"{position} {NOTEBOOK_DIR}/{source.name} done in {seconds:.1f} s")
+    return seconds, stages
 
 
 def execute_chapters(sources: Sequence[Path], paths: BuildPaths, profile: str, *, jobs: int = 1,
-                     force: bool = False) -> list[dict]:
+                     force: bool = False, console: Console | None = None) -> list[dict]:
     """Execute the chapters whose inputs changed since their last execution (all with `force`);
-    return one record per chapter, in book order: `chapter`, `seconds` (of the run that made its
-    executed copy) and `reused`.
+    return one record per chapter, in book order: `chapter`, `seconds` and `stages` (of the run
+    that made its executed copy) and `reused`. `console` (stdout by default) tells each
+    chapter's stages while it runs.
 
     With `jobs` > 1 the book's first chapter, when it must run, goes alone (chapter 1 builds
     the SAE and the hidden states every later chapter reads from the cache), then up to `jobs` chapters run
@@ -654,6 +883,7 @@ def execute_chapters(sources: Sequence[Path], paths: BuildPaths, profile: str, *
 
     if jobs < 1:
         raise BuildError(f"jobs must be at least 1, got {jobs}")
+    console = console or Console()
     todo, records = [], {}
     for i, source in enumerate(sources, 1):
         position, fingerprint = f"[{i}/{len(sources)}]", chapter_fingerprint(source, profile)
@@ -661,13 +891,14 @@ def execute_chapters(sources: Sequence[Path], paths: BuildPaths, profile: str, *
         if seconds is None:
             todo.append((source, position, fingerprint))
         else:
-            records[source.stem] = {"chapter": source.stem, "seconds": seconds, "reused": True}
-            print(f"{position} {NOTEBOOK_DIR}/{source.name}: unchanged since its last run "
-                  f"({seconds:.0f} s then), reused", flush=True)
+            records[source.stem] = {"chapter": source.stem, "seconds": seconds, "reused": True,
+                                    "stages": _stamp(paths, source.stem).get("stages", [])}
+            console.say(f"{position} {NOTEBOOK_DIR}/{source.name}: unchanged since its last run "
+                        f"({seconds:.0f} s then), reused")
 
     def run(source: Path, position: str, fingerprint: str) -> None:
-        seconds = _run_chapter(source, paths, profile, position, fingerprint)
-        records[source.stem] = {"chapter": source.stem, "seconds": seconds, "reused": False}
+        seconds, stages = _run_chapter(source, paths, profile, position, fingerprint, console)
+        records[source.stem] = {"chapter": source.stem, "seconds": seconds, "reused": False, "stages": stages}
 
     if not todo:
         first, rest = [], []

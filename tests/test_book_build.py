@@ -3,6 +3,7 @@ paths, the exercise tags, and one end-to-end build of a tiny book with papermill
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import shutil
@@ -76,7 +77,7 @@ def test_the_repository_toc_names_only_pages_and_notebooks_that_exist():
 
 def test_the_pages_the_build_fills_keep_their_markers():
     for page, markers in (("results.md", book.RESULTS_MARKERS),
-                          ("reproduce.md", book.PARAMETERS_MARKERS)):
+                          ("reproduce.md", book.PARAMETERS_MARKERS), ("reproduce.md", book.REPORT_MARKERS)):
         text = (ROOT / "book" / page).read_text()
         assert all(m in text for m in markers), page
 
@@ -257,10 +258,14 @@ class _FakePapermill:
         self.pairs, self.barrier = set(pairs), threading.Barrier(2, timeout=30)
         self.entered, self.active, self.peak = [], 0, 0
 
-    def __call__(self, source, executed, results, profile):
+    def __call__(self, source, executed, results, profile, events=None):
         import time
 
         start = time.perf_counter()
+        if events is not None:  # what srlib.progress writes: one stage's end line
+            events.write_text(json.dumps({"stage": f"{source.stem} work", "run": 1, "done": 3, "total": 3,
+                                          "unit": "step", "started": 0.0, "time": 2.5, "end": True,
+                                          "runs": 1, "seconds": 2.5}) + "\n")
         with self.lock:
             self.entered.append(source.stem)
             self.active += 1
@@ -301,6 +306,20 @@ def test_unchanged_chapters_are_reused_and_an_edited_one_runs_again(tmp_path, mo
     assert len(fake.runs) == 7
     book.execute_chapters(sources, paths, "cpu", force=True)
     assert len(fake.runs) == 10
+
+
+def test_the_report_records_each_chapter_s_stages_and_a_reused_chapter_keeps_them(tmp_path, monkeypatch):
+    sources = _chapters(tmp_path, 2)
+    paths = BuildPaths(tmp_path, "smoke")
+    monkeypatch.setattr(book, "execute_notebook", _FakePapermill())
+    stage = {"name": "01_ch work", "runs": 1, "seconds": 2.5, "done": 3, "unit": "step"}
+    first = book.execute_chapters(sources, paths, "smoke", console=book.Console(io.StringIO(), tty=False))
+    assert first[0]["stages"] == [stage] and first[0]["reused"] is False
+    again = book.execute_chapters(sources, paths, "smoke", console=book.Console(io.StringIO(), tty=False))
+    assert again[0]["stages"] == [stage] and again[0]["reused"] is True
+    page = book.render_report(again, 0.0)
+    assert "| `01_ch` | 01_ch work | 1 | 3 step | 2.5 |" in page and "| `02_ch` | 02_ch work |" in page
+    assert "stage" not in book.render_report([{**r, "stages": []} for r in again], 0.0)
 
 
 def test_a_failed_chapter_is_never_reused(tmp_path, monkeypatch):
@@ -399,6 +418,110 @@ def test_staging_keeps_listed_executed_chapters_and_drops_the_rest(tmp_path):
     assert not (paths.src / "book" / "stale.md").exists() and (paths.src / "book" / "intro.md").is_file()
 
 
+# ----------------------------------------------------------------------------- what a chapter is doing
+
+
+def _event(stage, done, total, *, started=100.0, time=110.0, run=1, unit="step", **extra):
+    return {"stage": stage, "run": run, "done": done, "total": total, "unit": unit, "started": started,
+            "time": time, **extra}
+
+
+def _write_events(path, events, tail=""):
+    path.write_text("".join(json.dumps(e) + "\n" for e in events) + tail)
+
+
+def test_an_events_file_becomes_the_chapter_s_stages(tmp_path):
+    path = tmp_path / "01.jsonl"
+    _write_events(path, [
+        _event("layer 15 tokens", 400, 1000, unit="text", time=101.0),
+        _event("training SAE", 10, 200, run=2, time=111.0),
+        _event("layer 15 tokens", 1000, 1000, unit="text", time=103.0, end=True, runs=1, seconds=3.0),
+        _event("reward head", 90, 90, run=None, unit="epoch", end=True, runs=3, seconds=0.6),
+        _event("reward head", 60, 60, run=7, unit="epoch", end=True, runs=2, seconds=0.4),
+    ], tail='{"stage": "reward head", "done": 3')  # a line still being written
+    stages = book.stage_report(book.read_events(path))
+    assert stages == [
+        {"name": "layer 15 tokens", "runs": 1, "seconds": 3.0, "done": 1000, "unit": "text"},
+        {"name": "training SAE", "runs": 1, "seconds": 11.0, "done": 10, "unit": "step"},  # never ended
+        {"name": "reward head", "runs": 5, "seconds": 1.0, "done": 150, "unit": "epoch"},
+    ]
+
+
+def test_the_tail_reads_only_complete_new_lines(tmp_path):
+    path = tmp_path / "e.jsonl"
+    tail = book.EventsTail(path)
+    assert tail.read() == []  # no file yet: the chapter has not reported
+    line = json.dumps(_event("DPO steps", 5, 20))
+    path.write_text(line[:10])
+    assert tail.read() == []
+    with open(path, "a") as f:
+        f.write(line[10:] + "\nnot json\n" + json.dumps(_event("DPO steps", 9, 20)) + "\n")
+    assert [e["done"] for e in tail.read()] == [5, 9]
+    assert tail.read() == []
+
+
+def test_a_status_line_gives_the_rate_and_the_time_left():
+    assert book.status_text(_event("training SAE", 50, 200, started=100.0, time=110.0)) == (
+        "training SAE 50/200 step (25%), 5 step/s, about 30s left")
+    assert book.status_text(_event("generate", 3, None, unit="batch")) == "generate 3 batch, 0.3 batch/s"
+    assert book.status_text(_event("reward head", 600, 600, unit="epoch", end=True, runs=20, seconds=75.0)) == (
+        "reward head: done, 600 epoch in 1m15s (20 runs)")
+    assert book._duration(3 * 3600 + 5 * 60 + 1) == "3h05m"
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_a_log_gets_one_line_per_chapter_and_stage_every_thirty_seconds():
+    out, clock = io.StringIO(), _Clock()
+    console = book.Console(out, tty=False, clock=clock)
+    for second in range(60):  # a stage reporting every second for a minute, in two chapters
+        clock.now = float(second)
+        console.status("[2/8] 02_a", _event("training SAE", second, 100, time=100.0 + second + 1))
+        console.status("[3/8] 03_b", _event("layer 8 tokens", second, 100, time=100.0 + second + 1))
+    console.status("[2/8] 02_a", _event("reward head", 1, 1, end=True, runs=1, seconds=0.1))
+    console.status("[2/8] 02_a", _event("training SAE", 100, 100, end=True, runs=1, seconds=61.0))
+    lines = out.getvalue().splitlines()
+    assert [line.split(" ", 2)[1] for line in lines] == ["02_a", "03_b", "02_a", "03_b", "02_a", "02_a"]
+    assert lines[0] == "[2/8] 02_a training SAE 0/100 step (0%), 0 step/s"
+    assert lines[-1] == "[2/8] 02_a training SAE: done, 100 step in 1m01s"  # a long stage's end is told
+    assert "\r" not in out.getvalue()
+
+
+def test_a_terminal_gets_one_live_line_that_plain_lines_clear():
+    out = io.StringIO()
+    console = book.Console(out, tty=True)
+    console.status("[2/8] 02_a", _event("training SAE", 50, 200))
+    console.status("[3/8] 03_b", _event("layer 8 tokens", 3, None, unit="text"))
+    console.status("[2/8] 02_a", _event("training SAE", 60, 200))
+    console.say("[2/8] notebooks/02_a.ipynb done in 61.0 s")
+    console.finish("[2/8] 02_a")
+    text = out.getvalue()
+    assert text.count("\n") == 1  # only the plain line ends a line; status rewrites in place
+    assert "02_a training SAE 60/200 step" in text.split("\r\x1b[K")[3]
+    assert text.split("\r\x1b[K")[-1].startswith("[3/8] 03_b layer 8 tokens")  # 02_a left the live line
+
+
+def test_watching_tells_the_console_while_the_chapter_runs(tmp_path):
+    import time
+
+    path, out = tmp_path / "e.jsonl", io.StringIO()
+    with book.watching(path, "[1/1] 01_a", book.Console(out, tty=False), every=0.05) as seen:
+        _write_events(path, [_event("SAE steps", 5, 10)])
+        deadline = time.monotonic() + 5
+        while "SAE steps" not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "[1/1] 01_a SAE steps 5/10 step" in out.getvalue()  # seen before the block ended
+        with open(path, "a") as f:
+            f.write(json.dumps(_event("SAE steps", 10, 10, end=True, runs=1, seconds=1.0)) + "\n")
+    assert [e["done"] for e in seen] == [5, 10]  # the last lines are read when the chapter ends
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -427,6 +550,13 @@ def _tiny_book(root: Path, notebook_source: str) -> None:
     nbformat.write(nb, root / "notebooks" / "01_demo.ipynb")
 
 
+# Three short runs of one stage: the last two are folded into the line the kernel writes at exit.
+WORKS_IN_STAGES = """from srlib.progress import progress_bar
+for run in range(3):
+    for _ in progress_bar(range(7), desc="demo steps", unit="step"):
+        pass
+"""
+
 WRITES_RESULTS = """from srlib.results import table, write_results
 write_results(RESULTS_PATH, profile=PROFILE, tables={
     "accuracy": table(["method", "accuracy"], [["SparseRM", 0.5]], "Demo accuracy on " + PROFILE)})"""
@@ -434,7 +564,7 @@ write_results(RESULTS_PATH, profile=PROFILE, tables={
 
 @pytest.mark.notebook
 def test_a_tiny_book_builds_end_to_end(tmp_path):
-    _tiny_book(tmp_path, WRITES_RESULTS)
+    _tiny_book(tmp_path, WORKS_IN_STAGES + WRITES_RESULTS)
     paths = book.build(tmp_path, "smoke", strict=True)
     assert paths == BuildPaths(tmp_path.resolve(), "smoke")
     assert json.loads(paths.results("01_demo").read_text())["profile"] == "smoke"
@@ -446,7 +576,10 @@ def test_a_tiny_book_builds_end_to_end(tmp_path):
     assert (paths.html / "index.html").is_file()
     report = json.loads(paths.report.read_text())
     assert [(c["chapter"], c["reused"]) for c in report["chapters"]] == [("01_demo", False)]
-    assert "executed" in reproduce and "01_demo" in reproduce
+    # the kernel reported its stage to the events file the build named for this chapter
+    assert [(s["name"], s["runs"], s["done"], s["unit"]) for s in report["chapters"][0]["stages"]] == [
+        ("demo steps", 3, 21, "step")]
+    assert "executed" in reproduce and "01_demo" in reproduce and "demo steps" in reproduce
     book.build(tmp_path, "smoke", strict=True)  # nothing changed: the chapter is reused, and the page says so
     assert json.loads(paths.report.read_text())["chapters"][0]["reused"] is True
     assert "reused" in (paths.html / "book" / "reproduce.html").read_text()
