@@ -124,3 +124,28 @@ def test_counting_a_unit_costs_microseconds(events):
     per_unit = (time.perf_counter() - start) / 100_000
     run.close()
     assert per_unit < 20e-6  # a unit is a batch, a step or a text: milliseconds at the least
+
+
+def _tqdm_bars(code: str) -> list[int]:
+    """The lines of `code` that call tqdm's bar directly (`tqdm(...)`, `tqdm.tqdm(...)`,
+    `trange(...)`); `tqdm.write` is not a bar."""
+    import ast
+
+    lines = []
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+            if name in {"tqdm", "trange"}:
+                lines.append(node.lineno)
+    return lines
+
+
+def test_srlib_makes_its_bars_through_srlib_progress_only():
+    from pathlib import Path
+
+    package = Path(progress.__file__).parent
+    found = {path.relative_to(package).as_posix(): _tqdm_bars(path.read_text())
+             for path in sorted(package.rglob("*.py")) if path.name != "progress.py"}
+    assert {name: lines for name, lines in found.items() if lines} == {}
+    assert _tqdm_bars("from tqdm.auto import tqdm\nfor x in tqdm(range(3)):\n    tqdm.write('x')") == [2]
