@@ -261,3 +261,34 @@ def top_m_mask(fn: Callable[[Tensor, int], Tensor]) -> None:
              ("negative contributions are the last to go", (torch.tensor([[-5.0, 1.0, 0.5, -0.1]]), 2)),
              ("m = M deletes everything", (torch.randn(2, 5, generator=g), 5))]
     _run("top_m_mask", lambda c, m: fn(c, m).float(), lambda c, m: reference(c, m).float(), cases)
+
+
+def alive_fraction(fn: Callable[[Tensor], float]) -> None:
+    """Check chapter 11's alive share: `fn(latents [n, d_sae]) -> float`, the share of latents
+    that fire (> 0) on at least one row (`srlib.sae.alive_fraction`)."""
+    from srlib.sae import alive_fraction as reference
+
+    cases = [("random 40x30, sparse", (_latents(14, 40, 30, 0.02),)),
+             ("half the latents never fire", (torch.cat([_latents(15, 8, 6, 0.9), torch.zeros(8, 6)], 1),)),
+             ("one row; negative values do not count", (torch.tensor([[-1.0, 0.0, 2.0, 0.5]]),))]
+    _run("alive_fraction", lambda z: torch.tensor(float(fn(z))), lambda z: torch.tensor(reference(z)), cases)
+
+
+def gap_change(fn: Callable[[Tensor, Tensor, Tensor], float]) -> None:
+    """Check chapter 11's change of the top-K − random gap between two SAEs, in points:
+    `fn(best [n], weakest [n], random [n]) -> float` for per-pair outcomes (1, 0, 1/2) on the
+    same pairs; the reference is `srlib.evaluate.compare_paired(best, weakest).difference`
+    (the random control is common to both gaps, so it cancels)."""
+    from srlib.evaluate import compare_paired
+
+    def reference(best: Tensor, weakest: Tensor, random: Tensor) -> Tensor:
+        return torch.tensor(compare_paired(best.numpy(), weakest.numpy(), name_a="best", name_b="weakest",
+                                           n_boot=10).difference)
+
+    g = _generator(16)
+    outcomes = [(torch.rand(3, 60, generator=g) < p).float() for p in (0.7, 0.6, 0.5)]
+    cases = [("60 pairs", tuple(o[0] for o in outcomes)),
+             ("ties count one half", (torch.tensor([1.0, 0.5, 0.5, 0.0]), torch.tensor([0.5, 0.5, 0.0, 0.0]),
+                                      torch.tensor([1.0, 1.0, 0.0, 0.0]))),
+             ("same SAE twice: no change", (outcomes[1][0], outcomes[1][0], outcomes[2][0]))]
+    _run("gap_change", lambda *a: torch.tensor(float(fn(*a))), reference, cases)

@@ -422,3 +422,30 @@ def layer_k_grid(grid, reading, *, dataset_label: str, n_seeds: int):
                        title=f"{dataset_label}: SparseRM validation accuracy by layer and K "
                              f"({reading['position']!r} token, {'standardised' if reading['standardize'] else 'raw'} "
                              f"inputs; mean ± sd over {n_seeds} seeds)")
+
+
+def gap_vs_quality(gaps, quality, *, title: str, x: str = "FVE read",
+                   dataset_labels: Mapping[str, str] | None = None):
+    """Chapter 11: top-K minus random directions (points, paired 95% interval as error bars)
+    against each SAE's quality `x` on the same data set, one panel per data set, one line per K.
+
+    `gaps`: `srlib.sae_study.gap_table` (variant, dataset, K, "A − B (points)", CI low/high);
+    `quality`: `srlib.sae_study.quality_table` (variant, dataset, `x`).
+    """
+    data = gaps.merge(quality[["variant", "dataset", x]], on=["variant", "dataset"])
+    datasets = list(dict.fromkeys(data["dataset"]))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(WIDTH, 3.6), sharey=True, squeeze=False)
+    colours = sns.color_palette("viridis", n_colors=data["K"].nunique())
+    for ax, dataset in zip(axes[0], datasets):
+        for colour, (k, rows) in zip(colours, data[data["dataset"] == dataset].groupby("K")):
+            rows = rows.sort_values(x)
+            gap = rows["A − B (points)"]
+            ax.errorbar(rows[x], gap, yerr=[gap - rows["CI low"], rows["CI high"] - gap], color=colour,
+                        marker="o", capsize=3, label=f"K = {k}")
+        ax.axhline(0, color="grey", ls=":", lw=1)
+        ax.set(title=(dataset_labels or {}).get(dataset, dataset), xlabel=f"SAE quality: {x}")
+    axes[0][0].set_ylabel("top-K − random (points)")
+    axes[0][-1].legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -252,6 +252,11 @@ def sae_report(sae: SAE, activations: Tensor) -> SAEReport:
     )
 
 
+def alive_fraction(latents: Tensor) -> float:
+    """Share of latents (columns of `latents` [n, d_sae]) that fire (> 0) on at least one row."""
+    return float((latents > 0).any(dim=0).float().mean())
+
+
 def sae_quality(sae: SAE, backbone: Backbone, texts: Sequence[str], layer: int, *,
                 position: str = DEFAULT_POSITION, all_tokens: bool = True, max_length: int = 512,
                 batch_size: int = 16, progress: bool = True) -> SAEQuality:
