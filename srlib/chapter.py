@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -308,8 +308,9 @@ def gamma_sweep(states, directions, gammas: Sequence[float], seeds: Sequence[int
     rows, scores = [], {}
     for gamma in gammas:
         for seed in seeds:
-            model, trial = fit_variant(states, features="projection", directions=directions, loss="margin",
-                                       gamma=gamma, seed=seed, variant=f"γ = {gamma:g}")
+            head = replace(states.head, loss="margin", gamma=gamma)
+            model, trial = fit_variant(states, features="projection", directions=directions, head=head, seed=seed,
+                                       variant=f"γ = {gamma:g}")
             scores[gamma, seed] = (model.score_states(test_w), model.score_states(test_l))
             rows.append(dict(vars(trial), gamma=gamma))
     for row in rows:

@@ -11,6 +11,7 @@ command with exit code 2 and one line that names the problem, never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -22,9 +23,9 @@ from srlib.baselines.registry import METHODS as BASELINE_METHODS
 from srlib.errors import SrlibError
 from srlib.paper import TABLE1_TRACKS
 from srlib.profiles import DEFAULT_PROFILE, PROFILES, Profile, get_profile
+from srlib.reward_config import LOSS_NAMES
 
 FEATURES = ("projection", "latents", "random", "dense")
-LOSSES = ("margin", "bt", "bce")
 METHODS = ("sparserm",) + BASELINE_METHODS
 
 
@@ -82,6 +83,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     train = _load_pairs(args.train, args, profile)
     val = _load_pairs(args.val, args, profile) if args.val else None
     backbone = backbone_for_profile(profile)
+    head = dataclasses.replace(profile.head, loss=args.loss, gamma=args.gamma, seed=args.seed)
     started = time.perf_counter()
     if args.method != "sparserm":
         from srlib.baselines import fit_baseline
@@ -91,8 +93,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         from srlib.reward import DenseRM
 
         model = DenseRM.fit(backbone, train, val, layer=profile.layer, max_length=profile.max_length,
-                            position=profile.position, standardize=profile.standardize,
-                            batch_size=profile.batch_size, loss=args.loss, gamma=args.gamma, seed=args.seed)
+                            position=profile.position, batch_size=profile.batch_size, head=head)
     else:
         from srlib.reward import SparseRM
         from srlib.sae import sae_for_profile
@@ -101,8 +102,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
         model = SparseRM.fit(backbone, train, val, layer=profile.layer, sae=sae, k=profile.k,
                              kind=args.features, feature_seed=args.seed, sae_source=profile.sae_source,
                              max_length=profile.max_length, position=profile.position,
-                             standardize=profile.standardize, batch_size=profile.batch_size,
-                             loss=args.loss, gamma=args.gamma, seed=args.seed)
+                             batch_size=profile.batch_size, head=head)
     # the model card names the training data (a local file by its name only, never its path)
     card = {"training_data": Path(args.train).name if Path(args.train).exists() else args.train}
     model.save_pretrained(args.out, overwrite=args.overwrite,
@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_pairs_flags(fit)
     fit.add_argument("--k", type=int, help="top-K latents per side (default: the profile's K)")
     fit.add_argument("--features", default="projection", choices=FEATURES)
-    fit.add_argument("--loss", default="margin", choices=LOSSES)
+    fit.add_argument("--loss", default="margin", choices=LOSS_NAMES)
     fit.add_argument("--gamma", type=finite_float, default=1.0, help="margin of the margin loss")
     fit.add_argument("--method", default="sparserm", choices=METHODS,
                      help="sparserm (with --features) or a baseline reward model")

@@ -24,8 +24,9 @@ import torch
 
 from srlib.errors import ConfigError
 from srlib.evaluate import pair_outcomes, seed_interval, tie_share
-from srlib.experiments import DatasetStates, SplitStates, fit_on_states, make_model, select_for
+from srlib.experiments import DatasetStates, SplitStates, fit_on_states, make_model, seeded_head, select_for
 from srlib.reward import FeatureRM
+from srlib.reward_config import HeadConfig
 
 #: The columns of `data_efficiency`'s table.
 EFFICIENCY_COLUMNS = ("dataset", "method", "n_train_pairs", "seed", "test_accuracy", "tie_share", "validation",
@@ -35,14 +36,14 @@ FEATURE_METHODS = {"projection": "SparseRM", "dense": "DenseRM"}
 
 
 def fit_feature_rm(states: DatasetStates, features: str, *, sae=None, k: int | None = None, seed: int = 0,
-                   validation: bool = True, **fit_kwargs) -> FeatureRM:
+                   validation: bool = True, head: HeadConfig | None = None) -> FeatureRM:
     """SparseRM (`features="projection"`, top-`k` directions selected on `states.train`) or
     DenseRM (`"dense"`) fitted on the training states.
 
     With `validation`, training stops early on `states.val` and keeps its best epoch (the
     recipe); without it, no validation label is read: every epoch of `srlib.reward.fit_head`
-    runs and the last state is kept. The head standardises its inputs as `states.standardize`
-    says (`srlib.experiments.fit_on_states`); `fit_kwargs` go to `fit_head`.
+    runs and the last state is kept. The head is trained with `head` (default: `states.head`,
+    the profile's `HeadConfig`), its seed set to `seed` (`srlib.experiments.seeded_head`).
     """
     if features not in FEATURE_METHODS:
         raise ConfigError(f"features must be one of {', '.join(FEATURE_METHODS)}, got {features!r}")
@@ -52,7 +53,7 @@ def fit_feature_rm(states: DatasetStates, features: str, *, sae=None, k: int | N
             raise ConfigError("SparseRM needs the SAE and K to select its directions (sae=..., k=...)")
         directions = select_for(states, sae, k)
     model = make_model(features, directions=directions, seed=seed, layer=states.layer, position=states.position)
-    return fit_on_states(model, states, validation=validation, seed=seed, **fit_kwargs)
+    return fit_on_states(model, states, validation=validation, head=seeded_head(states, head, seed))
 
 
 def training_subset(split: SplitStates, n: int, seed: int) -> SplitStates:

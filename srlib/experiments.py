@@ -19,6 +19,7 @@ Every trial keeps its per-pair test outcomes (1 right, 0 wrong, 1/2 tie) and its
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Mapping, Sequence
@@ -33,6 +34,7 @@ from srlib.profiles import Profile
 from srlib.progress import progress_bar
 from srlib.evaluate import PairedComparison, compare_paired, mean_sd, pair_outcomes
 from srlib.reward import DenseRM, FeatureRM, SparseRM, pair_accuracy
+from srlib.reward_config import HeadConfig
 
 
 @dataclass
@@ -55,8 +57,8 @@ class SplitStates:
 class DatasetStates:
     """Train / val / test states of one data set at one layer, with how a head reads them.
 
-    `position` (the token the states were read at) and `standardize` (whether a head fitted on
-    them standardises its inputs) come from the profile the states were built with
+    `position` (the token the states were read at) and `head` (the `HeadConfig` a head fitted
+    on them is trained with) come from the profile the states were built with
     (`dataset_states`); `fit_on_states` applies them to every head fitted here.
     """
 
@@ -66,7 +68,7 @@ class DatasetStates:
     val: SplitStates
     test: SplitStates
     position: str = "last"
-    standardize: bool = True
+    head: HeadConfig = HeadConfig()
 
     @property
     def label(self) -> str:
@@ -111,7 +113,7 @@ def states_at_positions(backbone, dataset: str, profile: Profile, positions: Seq
         for position, (chosen, rejected) in read.items():
             splits[position][split] = SplitStates(pairs, chosen, rejected)
     return {position: DatasetStates(dataset, layer, **splits[position], position=position,
-                                    standardize=profile.standardize) for position in positions}
+                                    head=profile.head) for position in positions}
 
 
 def warm_states(backbone, dataset: str, profile: Profile, layers: Sequence[int], *,
@@ -189,31 +191,39 @@ def make_model(features: str, *, directions: Directions | None = None, sae=None,
                     feature_seed=seed, layer=layer, position=position)
 
 
-def fit_on_states(model: FeatureRM, states: DatasetStates, *, validation: bool = True, **fit_kwargs) -> FeatureRM:
+def fit_on_states(model: FeatureRM, states: DatasetStates, *, head: HeadConfig | None = None,
+                  validation: bool = True) -> FeatureRM:
     """Fit `model`'s head on the training states; with `validation`, stop early on the validation
-    states and keep the best epoch. The one place the profile's head settings (`states.standardize`)
-    reach `srlib.reward.fit_head`; a `standardize` in `fit_kwargs` overrides it (a study comparing both)."""
+    states and keep the best epoch. The one place the profile's head settings (`states.head`)
+    reach `srlib.reward.fit_head`; `head` replaces them (a study varying one field passes
+    `dataclasses.replace(states.head, ...)`)."""
     val = (states.val.chosen, states.val.rejected) if validation else ()
-    return model.fit_states(states.train.chosen, states.train.rejected, *val,
-                            **{"standardize": states.standardize, **fit_kwargs})
+    return model.fit_states(states.train.chosen, states.train.rejected, *val, head=head or states.head)
+
+
+def seeded_head(states: DatasetStates, head: HeadConfig | None, seed: int) -> HeadConfig:
+    """`head` (default: the states' `HeadConfig`, the profile's) with its seed set to `seed`: a
+    trial's seed drives its head as well as its directions."""
+    return dataclasses.replace(head or states.head, seed=seed)
 
 
 def fit_variant(states: DatasetStates, *, features: str = "projection", directions: Directions | None = None,
                 sae=None, seed: int = 0, variant: str | None = None, score_test: bool = True,
                 select: Mapping | None = None, resample_seed: int | None = None,
-                **fit_kwargs) -> tuple[FeatureRM, Trial]:
+                head: HeadConfig | None = None) -> tuple[FeatureRM, Trial]:
     """Fit one reward model on the training states (early stopping on val) and test it
     (`score_test=False`: a selection run, which never looks at the test split).
 
     `select` (e.g. `dict(sae=sae, k=128)`) selects the directions here instead of taking
     `directions`, on the bootstrap resample `resample_seed` of the training split if given.
+    `head` (default: `states.head`, the profile's) trains the head, with its seed set to `seed`.
     """
     if select is not None:
         directions = select_for(states, resample_seed=resample_seed, **select)
     model = make_model(features, directions=directions, sae=sae, seed=seed, layer=states.layer,
                        position=states.position)
     started = time.perf_counter()
-    fit_on_states(model, states, seed=seed, **fit_kwargs)
+    fit_on_states(model, states, head=seeded_head(states, head, seed))
     seconds = time.perf_counter() - started
     trial = Trial(dataset=states.name, variant=variant or features, seed=seed, test_accuracy=None,
                   val_accuracy=model.history.best_val_accuracy,
@@ -548,7 +558,7 @@ def profile_at_layer(profile: Profile, layer: int, *, sae_tokens: int | None = N
 
 def layer_k_sweep(backbone, profile: Profile, *, layers: Sequence[int], ks: Sequence[int], dataset: str,
                   seeds: Sequence[int], sae_tokens: int | None = None, sae_corpus_tokens: int | None = None,
-                  progress: bool = True, **fit_kwargs):
+                  progress: bool = True, head: HeadConfig | None = None, score_test: bool = True):
     """Figure 4: SparseRM accuracy for every (layer, K, seed) on one data set, read at the
     profile's token position.
 
@@ -556,8 +566,8 @@ def layer_k_sweep(backbone, profile: Profile, *, layers: Sequence[int], ks: Sequ
     trained with the same budgets (`sae_tokens`, `sae_corpus_tokens`), so the layers are
     compared on equal terms; SAEs and hidden states are cached, so a second run trains and
     extracts nothing. Directions are selected on the training split, heads stop early on
-    validation; with `score_test=False` in `fit_kwargs` the test split is never scored (a
-    selection run: `validation_study`). Returns the rows of `run_trials` with two more columns,
+    validation (`head`: the `HeadConfig`, default the profile's); with `score_test=False` the
+    test split is never scored (a selection run: `validation_study`). Returns the rows of `run_trials` with two more columns,
     `layer` and `k`.
     """
     import pandas as pd
@@ -570,8 +580,8 @@ def layer_k_sweep(backbone, profile: Profile, *, layers: Sequence[int], ks: Sequ
         at_layer = profile_at_layer(profile, layer, sae_tokens=sae_tokens, sae_corpus_tokens=sae_corpus_tokens)
         sae = sae_for_profile(at_layer, backbone, progress=progress)
         states = dataset_states(backbone, dataset, profile, layer=layer, progress=progress)
-        variants = {f"K={k}": dict(features="projection", directions=select_for(states, sae, k), **fit_kwargs)
-                    for k in ks}
+        variants = {f"K={k}": dict(features="projection", directions=select_for(states, sae, k),
+                                   head=head or profile.head, score_test=score_test) for k in ks}
         trials = run_trials(states, variants, seeds, progress=progress)
         trials["layer"] = layer
         trials["k"] = [int(v.split("=")[1]) for v in trials["variant"]]
@@ -630,7 +640,8 @@ class ValidationStudy:
 
     def defaults_match(self, profile: Profile) -> dict[str, bool]:
         """For each studied setting, whether `profile`'s default equals the study's selection."""
-        return {key: getattr(profile, key) == value for key, value in self.selected.items()}
+        return {key: getattr(profile.head if key == "standardize" else profile, key) == value
+                for key, value in self.selected.items()}
 
     def both_columns(self):
         """One row for the selected setting: validation and test accuracy (%), mean ± sd over seeds."""
@@ -645,7 +656,8 @@ class ValidationStudy:
 def validation_study(backbone, profile: Profile, sae, *, dataset: str, layers: Sequence[int], ks: Sequence[int],
                      seeds: Sequence[int], positions: Sequence[str] | None = None,
                      standardize: Sequence[bool] = (True, False), sae_tokens: int | None = None,
-                     sae_corpus_tokens: int | None = None, progress: bool = True, **fit_kwargs) -> ValidationStudy:
+                     sae_corpus_tokens: int | None = None, progress: bool = True,
+                     head: HeadConfig | None = None) -> ValidationStudy:
     """Choose the read position, the head's input standardisation, the layer and K on the
     validation split of `dataset`, then score the test split once, for the choice.
 
@@ -655,6 +667,7 @@ def validation_study(backbone, profile: Profile, sae, *, dataset: str, layers: S
     `SELECTION_RULE` on `val_accuracy` (the best epoch's validation accuracy); simpler means
     the profile's own position and standardisation, then the smaller K, then the shallower
     layer. Stage 3 refits the chosen setting with every seed and scores the test split.
+    `head` (default: the profile's `HeadConfig`) trains every head, its `standardize` varied.
     """
     import pandas as pd
 
@@ -664,14 +677,15 @@ def validation_study(backbone, profile: Profile, sae, *, dataset: str, layers: S
     if len(seeds) < 1:
         raise ConfigError("validation_study needs at least one seed")
     positions = [profile.position] + [p for p in (positions or POSITIONS) if p != profile.position]
-    standardize = sorted(set(standardize), key=lambda s: s != profile.standardize)
+    head = head or profile.head
+    standardize = sorted(set(standardize), key=lambda s: s != head.standardize)
     read = states_at_positions(backbone, dataset, profile, positions, progress=progress)
     variants = {}
     for position in positions:
         directions = select_for(read[position], sae, profile.k)
         for scaled in standardize:
-            variants[(position, scaled)] = dict(features="projection", directions=directions, standardize=scaled,
-                                                score_test=False, **fit_kwargs)
+            variants[(position, scaled)] = dict(features="projection", directions=directions,
+                                                head=dataclasses.replace(head, standardize=scaled), score_test=False)
     frames = []
     for (position, scaled), kwargs in variants.items():
         trials = run_trials(read[position], {f"{position}, {'standardised' if scaled else 'raw'}": kwargs},
@@ -679,11 +693,11 @@ def validation_study(backbone, profile: Profile, sae, *, dataset: str, layers: S
         frames.append(trials.assign(position=position, standardize=scaled))
     reading = pd.concat(frames, ignore_index=True)
     first = best_setting(reading, ("position", "standardize"), select_on="val_accuracy",
-                         simpler=lambda s: (s["position"] != profile.position, s["standardize"] != profile.standardize))
+                         simpler=lambda s: (s["position"] != profile.position, s["standardize"] != head.standardize))
     at_reading = profile.replace(position=first["position"])
     grid = layer_k_sweep(backbone, at_reading, layers=layers, ks=ks, dataset=dataset, seeds=seeds,
                          sae_tokens=sae_tokens, sae_corpus_tokens=sae_corpus_tokens, progress=progress,
-                         standardize=first["standardize"], score_test=False, **fit_kwargs)
+                         head=dataclasses.replace(head, standardize=first["standardize"]), score_test=False)
     second = best_setting(grid, ("layer", "k"), select_on="val_accuracy", simpler=lambda s: (s["k"], s["layer"]))
     selected = {"position": first["position"], "standardize": first["standardize"],
                 "layer": second["layer"], "k": second["k"]}
@@ -692,7 +706,7 @@ def validation_study(backbone, profile: Profile, sae, *, dataset: str, layers: S
     layer_sae = sae_for_profile(at_layer, backbone, progress=progress)
     states = dataset_states(backbone, dataset, at_reading, layer=selected["layer"], progress=progress)
     test = run_trials(states, {"selected": dict(features="projection", directions=select_for(states, layer_sae, selected["k"]),
-                                                standardize=selected["standardize"], **fit_kwargs)},
+                                                head=dataclasses.replace(head, standardize=selected["standardize"]))},
                       seeds, progress=progress)
     return ValidationStudy(dataset, reading, grid, {"reading": first, "grid": second}, selected, test)
 

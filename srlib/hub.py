@@ -92,14 +92,14 @@ def model_card(rm: "FeatureRM", *, training_data: str | None = None, evaluation:
     what it was fitted on (e.g. "truthfulqa:train"), `evaluation` its held-out accuracy,
     `datasets` hub dataset ids for the Hub's dataset links.
     """
-    config = rm.config()
-    name = model_name or config["rm_class"]
+    config = rm.rm_config
+    name = model_name or type(rm).__name__
     base_model = _hub_id(rm.backbone_id)
-    sae_source = (config["sae"] or {}).get("source")
-    metadata = {"layer": config["layer"], "k": config["k"], "feature_kind": config["feature_kind"],
-                "sae_source": sae_source, "read_position": config["position"],
-                "backbone_weights": config["backbone"]["weights"], "training_data": training_data,
-                "trainable_parameters": rm.num_trainable_parameters()}
+    sae_source = config.sae_source
+    metadata = {"layer": config.layer, "k": config.k, "feature_kind": config.features,
+                "sae_source": sae_source, "read_position": config.position,
+                "backbone_weights": rm.backbone_weights, "training_data": training_data,
+                "trainable_parameters": rm.num_trainable_parameters(), "head": config.head.to_dict()}
     results = None
     if evaluation is not None:
         metadata["held_out_accuracy"] = asdict(evaluation)
@@ -108,15 +108,15 @@ def model_card(rm: "FeatureRM", *, training_data: str | None = None, evaluation:
                               metric_type="accuracy", metric_value=round(evaluation.accuracy, 2),
                               metric_name="pair accuracy (%, ties 1/2)")]
     data = ModelCardData(base_model=base_model, library_name="srlib", license=license,
-                         tags=[*TAGS, config["feature_kind"]], datasets=list(datasets) if datasets else None,
+                         tags=[*TAGS, config.features], datasets=list(datasets) if datasets else None,
                          model_name=name, eval_results=results,
                          **{key: value for key, value in metadata.items() if value is not None})
-    reads = f"layer {config['layer']} of {base_model or Path(str(rm.backbone_id)).name}"
+    reads = f"layer {config.layer} of {base_model or Path(str(rm.backbone_id)).name}"
     lines = [f"# {name}", "",
              f"A reward model from srlib ({PAPER}): a small head on the hidden state at {reads}"
-             + (f", projected onto {config['k']} + {config['k']} SAE decoder directions (SAE: "
+             + (f", projected onto {config.k} + {config.k} SAE decoder directions (SAE: "
                f"{'trained by srlib on the backbone' if sae_source == 'train' else sae_source})."
-                if config["k"] else "."), ""]
+                if config.k else "."), ""]
     if training_data:
         lines += [f"Trained on: {training_data}.", ""]
     if evaluation is not None:

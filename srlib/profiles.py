@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from srlib.errors import ConfigError
+from srlib.reward_config import HeadConfig
 
 #: The model id that the smoke profile resolves to a tiny random model built in-process.
 TINY_MODEL_ID = "srlib/tiny-random-llama"
@@ -97,11 +98,12 @@ class Profile:
     sae_source: str
     sae_training: SAETrainingConfig | None
     k: int = 128
-    # The token the reward model reads (`srlib.activations.POSITIONS`) and whether its head
-    # standardises its inputs. With `layer` and `k`, the settings chapter 3's validation study
+    # The token the reward model reads (`srlib.activations.POSITIONS`) and how its head is trained
+    # (`HeadConfig`: loss, optimiser, whether it standardises its inputs, ...). Position,
+    # `head.standardize`, `layer` and `k` are the settings chapter 3's validation study
     # (`srlib.experiments.validation_study`) compares; a default stays until a study selects another.
     position: str = "last"
-    standardize: bool = True
+    head: HeadConfig = HeadConfig()
     max_length: int = 512
     batch_size: int = 16
     # Cap on the number of pairs taken from each split (None = all). Keeps smoke runs small.

@@ -45,7 +45,6 @@ from __future__ import annotations
 import copy
 import importlib
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
@@ -60,12 +59,15 @@ from srlib.cache import read_json, read_tensors
 from srlib.errors import ConfigError, DamagedFileError, SrlibError, one_line
 from srlib.paths import atomic_path
 from srlib.progress import progress_bar
+from srlib.reward_config import ACTIVATION_NAMES, LOSS_NAMES, HeadConfig, SparseRMConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 SAE_DIR_NAME = "sae"
 FORMAT_NAME = "srlib-reward-model"
-FORMAT_VERSION = 1
+#: 2: what the model is and how its head was trained sit under "config" (`SparseRMConfig.to_dict`);
+#: 1 (read too): the same values as top-level keys and the history's settings.
+FORMAT_VERSION = 2
 STD_EPS = 1e-6
 
 
@@ -389,6 +391,10 @@ class FitHistory:
         keys = ("settings", "train_loss", "val_accuracy", "val_loss", "best_epoch", "stopped_early")
         return cls(**{key: data[key] for key in keys})
 
+    def head_config(self) -> HeadConfig:
+        """The `HeadConfig` the head was fitted with (`settings` less the optimiser's name)."""
+        return HeadConfig(**{key: value for key, value in self.settings.items() if key != "optimizer"})
+
 
 def _seeded_head(in_dim: int, hidden: int, activation: str, seed: int) -> RewardHead:
     """A RewardHead whose initial weights depend only on `seed` (the global RNG is left alone)."""
@@ -402,61 +408,44 @@ def fit_head(
     X_l: Tensor,
     Xv_w: Tensor | None = None,
     Xv_l: Tensor | None = None,
+    config: HeadConfig = HeadConfig(),
     *,
-    loss: str = "margin",
-    gamma: float = 1.0,
-    lr: float = 1e-3,
-    weight_decay: float = 0.0,
-    epochs: int = 50,
-    batch_size: int = 64,
-    patience: int = 10,
-    hidden: int = 512,
-    activation: str = "relu",
-    standardize: bool = True,
-    seed: int = 0,
     progress: bool = False,
 ) -> tuple[RewardHead, FitHistory]:
-    """Train a RewardHead on features of preference pairs (row i of X_w is preferred to row i of X_l).
+    """Train a RewardHead on features of preference pairs (row i of X_w is preferred to row i of X_l),
+    with the settings of `config` (a `HeadConfig`, validated when it was built).
 
     Adam on shuffled minibatches of pairs. With a validation set (Xv_w, Xv_l), the pair
     accuracy is measured after every epoch (ties broken by the lower validation loss); training
-    stops after `patience` epochs without improvement and the best epoch's state is returned.
-    Without one, all `epochs` run and the last state is returned. Deterministic given `seed`
-    (initial weights and the order of the minibatches).
+    stops after `config.patience` epochs without improvement and the best epoch's state is
+    returned. Without one, all `config.epochs` run and the last state is returned. Deterministic
+    given `config.seed` (initial weights and the order of the minibatches).
     """
+    if not isinstance(config, HeadConfig):
+        raise ConfigError(f"fit_head takes a HeadConfig, got {type(config).__name__}; build one with "
+                          "srlib.reward.HeadConfig(loss=..., epochs=...)")
     X_w, X_l = _check_pair_tensors(X_w, X_l, "training")
     if (Xv_w is None) != (Xv_l is None):
         raise ConfigError("give both validation tensors (chosen and rejected) or neither")
     has_val = Xv_w is not None
     if has_val:
         Xv_w, Xv_l = _check_pair_tensors(Xv_w, Xv_l, "validation", X_w.shape[1])
-    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("patience", patience)):
-        if value < 1:
-            raise ConfigError(f"{name} must be >= 1, got {value}")
-    for name, value in (("lr", lr), ("gamma", gamma), ("weight_decay", weight_decay)):
-        if not math.isfinite(value):
-            raise ConfigError(f"{name} must be a finite number, got {value}")
-    if not lr > 0:
-        raise ConfigError(f"lr must be > 0, got {lr}")
-    loss_fn = get_loss(loss, gamma=gamma)
+    loss_fn = get_loss(config.loss, gamma=config.gamma)
 
-    settings = dict(loss=loss, gamma=gamma, lr=lr, weight_decay=weight_decay, epochs=epochs,
-                    batch_size=batch_size, patience=patience, hidden=hidden, activation=activation,
-                    standardize=standardize, seed=seed, optimizer="adam")
-    history = FitHistory(settings=settings)
-    head = _seeded_head(X_w.shape[1], hidden, activation, seed)
-    if standardize:
+    history = FitHistory(settings={**asdict(config), "optimizer": "adam"})
+    head = _seeded_head(X_w.shape[1], config.hidden, config.activation, config.seed)
+    if config.standardize:
         head.set_standardization(torch.cat([X_w, X_l]))
-    optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
-    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed)
     n = X_w.shape[0]
     best_key, best_state, waited = None, None, 0
 
-    bar = progress_bar(range(1, epochs + 1), desc="reward head", unit="epoch", disable=not progress)
+    bar = progress_bar(range(1, config.epochs + 1), desc="reward head", unit="epoch", disable=not progress)
     for epoch in bar:
         head.train()
         total = 0.0
-        for batch in torch.randperm(n, generator=generator).split(batch_size):
+        for batch in torch.randperm(n, generator=generator).split(config.batch_size):
             batch_loss = loss_fn(head(X_w[batch]), head(X_l[batch]))
             optimizer.zero_grad()
             batch_loss.backward()
@@ -477,7 +466,7 @@ def fit_head(
             history.best_epoch = epoch
         else:
             waited += 1
-            if waited >= patience:
+            if waited >= config.patience:
                 history.stopped_early = True
                 break
     if has_val:
@@ -600,6 +589,24 @@ def rm_class(name: Any, *, where: str = "the config") -> type[RewardModel]:
     return getattr(importlib.import_module(RM_CLASSES[name]), name)
 
 
+def saved_rm_config(config: dict[str, Any], path: str | Path) -> SparseRMConfig:
+    """The `SparseRMConfig` in a feature reward model's config.json (`path` names it in errors).
+
+    Format 2 stores it under "config"; format 1 (folders saved before `SparseRMConfig`) had its
+    values as top-level keys and the head's settings in the history, read here the same way.
+    """
+    if config.get("format_version", 0) >= 2:
+        return SparseRMConfig.from_dict(config["config"], source=str(path))
+    settings = {key: value for key, value in config["history"]["settings"].items() if key != "optimizer"}
+    try:
+        return SparseRMConfig(features=config["feature_kind"], k=config["k"], layer=config["layer"],
+                              sae_source=(config["sae"] or {}).get("source"),
+                              position=config.get("position", "last"),  # saved before read positions: the last token
+                              max_length=config["max_length"], head=HeadConfig(**settings))
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
 def damaged_remedy(directory: str | Path) -> str:
     """What to do about a damaged reward-model folder (the end of its one-line error)."""
     return f"the reward model in {directory} is damaged or incomplete: save it again (python -m srlib fit ... --out DIR)"
@@ -702,27 +709,36 @@ class FeatureRM(RewardModel):
 
     Metadata: `layer`, `max_length` and `position` (the token read, `srlib.activations.POSITIONS`)
     say which hidden states the model reads (needed by `score`, `score_pairs`); `sae_info` records the SAE the directions came from (source,
-    widths, architecture).
+    widths, architecture). `rm_config` gathers them with the head's `HeadConfig` (a `SparseRMConfig`).
+
+    A saved model is rebuilt through this constructor (`_load`): `head` and `history` (a fitted
+    head), `k`, `latent_indices` ({"w": [...], "l": [...]}), `directions_normalized` and
+    `backbone_record` ({"model_id", "identity", "weights"}: the backbone it was fitted on) are
+    what config.json records besides the feature map.
     """
 
     def __init__(self, features: FeatureMap | None, *, backbone=None, layer: int | None = None,
-                 max_length: int = 512, sae_info: dict[str, Any] | None = None, position: str = "last"):
+                 max_length: int = 512, sae_info: dict[str, Any] | None = None, position: str = "last",
+                 head: RewardHead | None = None, history: "FitHistory | None" = None, k: int | None = None,
+                 latent_indices: dict[str, list[int]] | None = None, directions_normalized: bool | None = None,
+                 backbone_record: dict[str, Any] | None = None):
         self.features = features
-        self.head: RewardHead | None = None
-        self.history: FitHistory | None = None
+        self.head: RewardHead | None = None if head is None else head.eval()
+        self.history: FitHistory | None = history
         self.layer = layer
         self.max_length = max_length
         self.position = position
         self.sae_info = sae_info
         self.sae = getattr(features, "sae", None)
         self.directions = None
-        self.k: int | None = None
-        self.indices_w: list[int] | None = None
-        self.indices_l: list[int] | None = None
-        self.directions_normalized: bool | None = None
-        self.backbone_id: str | None = None
-        self.backbone_identity: str | None = None
-        self.backbone_weights: str | None = None  # `Backbone.weights`: which weights were read
+        self.k: int | None = k
+        self.indices_w: list[int] | None = None if latent_indices is None else list(latent_indices["w"])
+        self.indices_l: list[int] | None = None if latent_indices is None else list(latent_indices["l"])
+        self.directions_normalized: bool | None = directions_normalized
+        record = backbone_record or {}
+        self.backbone_id: str | None = record.get("model_id")
+        self.backbone_identity: str | None = record.get("identity")
+        self.backbone_weights: str | None = record.get("weights")  # `Backbone.weights`: which weights were read
         self._backbone = None
         if backbone is not None:
             self.attach_backbone(backbone)
@@ -764,18 +780,17 @@ class FeatureRM(RewardModel):
             raise ConfigError(f"the hidden states have width {d} but the feature map reads width {self.features.in_dim}")
         return self.features
 
-    def fit_states(self, Z_w: Tensor, Z_l: Tensor, Zv_w: Tensor | None = None, Zv_l: Tensor | None = None,
-                   **fit_kwargs) -> "FeatureRM":
-        """Fit the head on already-extracted hidden states [n, d] of chosen/rejected responses.
-
-        `fit_kwargs` go to `fit_head` (loss, gamma, lr, epochs, seed, ...). Returns self.
+    def fit_states(self, Z_w: Tensor, Z_l: Tensor, Zv_w: Tensor | None = None, Zv_l: Tensor | None = None, *,
+                   head: HeadConfig = HeadConfig(), progress: bool = False) -> "FeatureRM":
+        """Fit the head on already-extracted hidden states [n, d] of chosen/rejected responses,
+        with the settings of `head` (`fit_head`). Returns self.
         """
         Z_w, Z_l = _check_pair_tensors(Z_w, Z_l, "training")
         features = self._prepare_features(Z_w.shape[1])
         if (Zv_w is None) != (Zv_l is None):
             raise ConfigError("give both validation tensors (chosen and rejected) or neither")
         val = (features(Zv_w), features(Zv_l)) if Zv_w is not None else (None, None)
-        self.head, self.history = fit_head(features(Z_w), features(Z_l), *val, **fit_kwargs)
+        self.head, self.history = fit_head(features(Z_w), features(Z_l), *val, head, progress=progress)
         return self
 
     @classmethod
@@ -844,26 +859,26 @@ class FeatureRM(RewardModel):
 
     # -- saving -------------------------------------------------------------------------------
 
+    @property
+    def rm_config(self) -> SparseRMConfig:
+        """What this fitted model reads and how its head was trained, as one `SparseRMConfig`."""
+        self._require_fitted()
+        return SparseRMConfig(features=self.features.kind, k=self.k, layer=self.layer,
+                              sae_source=(self.sae_info or {}).get("source"), position=self.position,
+                              max_length=self.max_length, head=self.history.head_config())
+
     def config(self) -> dict[str, Any]:
-        """The JSON description saved as config.json."""
-        head = self._require_fitted()
+        """The JSON description saved as config.json: the header, `rm_config.to_dict()` under
+        "config", then what rebuilding and reading the model needs besides it."""
         return {
             **self._config_header(),
-            "feature_kind": self.features.kind,
+            "config": self.rm_config.to_dict(),
             "features": self.features.config(),
-            "head": head.config(),
             "backbone": {"model_id": self.backbone_id, "identity": self.backbone_identity,
                          "weights": self.backbone_weights},
-            "layer": self.layer,
-            "max_length": self.max_length,
-            "position": self.position,
             "sae": self.sae_info,
-            "k": self.k,
             "latent_indices": None if self.indices_w is None else {"w": self.indices_w, "l": self.indices_l},
             "directions_normalized": self.directions_normalized,
-            "loss": self.history.settings["loss"],
-            "gamma": self.history.settings["gamma"],
-            "seed": self.history.settings["seed"],
             "history": self.history.as_dict(),
         }
 
@@ -892,39 +907,25 @@ class FeatureRM(RewardModel):
         one-line `DamagedFileError` naming it (KeyError / TypeError: see `from_pretrained`)."""
         weights = directory / WEIGHTS_NAME
         tensors = read_tensors(weights, damaged_remedy(directory))
-        kind, feature_config, head_config = config["feature_kind"], config["features"], config["head"]
-        if kind not in FEATURE_MAPS:
-            raise DamagedFileError(f"{directory / CONFIG_NAME}: unknown feature kind {kind!r} (srlib knows "
-                                   f"{', '.join(FEATURE_MAPS)}); {damaged_remedy(directory)}")
+        rm_config, history = saved_rm_config(config, directory / CONFIG_NAME), FitHistory.from_dict(config["history"])
+        kind, feature_config = rm_config.features, config["features"]
         sae = None
         if kind == LatentFeatures.kind:
             from srlib.sae import load_sae
 
             sae = load_sae(directory / SAE_DIR_NAME)
         feature_tensors = {name[len("features."):]: t for name, t in tensors.items() if name.startswith("features.")}
-        head = RewardHead(**head_config)
         try:
             features = FEATURE_MAPS[kind].from_state(feature_config, feature_tensors, sae)
+            head = RewardHead(features.out_dim, rm_config.head.hidden, rm_config.head.activation)
             head.load_state_dict({name[len("head."):]: t for name, t in tensors.items() if name.startswith("head.")})
         except (KeyError, RuntimeError) as error:
             raise DamagedFileError(f"{weights}: its tensors do not match {directory / CONFIG_NAME} "
                                    f"({one_line(str(error))}); {damaged_remedy(directory)}") from None
-        model = cls.__new__(cls)
-        FeatureRM.__init__(model, features, layer=config["layer"], max_length=config["max_length"],
-                           sae_info=config["sae"])
-        model.head = head.eval()
-        model.history = FitHistory.from_dict(config["history"])
-        model.k = config["k"]
-        if config["latent_indices"] is not None:
-            model.indices_w, model.indices_l = config["latent_indices"]["w"], config["latent_indices"]["l"]
-        model.directions_normalized = config["directions_normalized"]
-        model.position = config.get("position", "last")  # saved before read positions existed: the last token
-        model.backbone_id = config["backbone"]["model_id"]
-        model.backbone_identity = config["backbone"]["identity"]
-        model.backbone_weights = config["backbone"].get("weights")  # saved before it was recorded: unknown
-        if backbone is not None:
-            model.attach_backbone(backbone)
-        return model
+        return cls(features=features, backbone=backbone, layer=rm_config.layer, max_length=rm_config.max_length,
+                   position=rm_config.position, sae_info=config["sae"], head=head, history=history, k=rm_config.k,
+                   latent_indices=config["latent_indices"], directions_normalized=config["directions_normalized"],
+                   backbone_record=config["backbone"])
 
 
 class SparseRM(FeatureRM):
@@ -937,9 +938,17 @@ class SparseRM(FeatureRM):
 
     kinds: ClassVar[tuple[str, ...]] = ("projection", "latents", "random")
 
-    def __init__(self, directions, *, kind: str = "projection", sae=None, feature_seed: int = 0,
+    def __init__(self, directions=None, *, kind: str = "projection", sae=None, feature_seed: int = 0,
                  backbone=None, layer: int | None = None, max_length: int = 512, sae_source: str | None = None,
-                 position: str = "last"):
+                 position: str = "last", features: FeatureMap | None = None, **saved):
+        """`directions` (a `srlib.directions.Directions`) for a new model; a saved one is rebuilt
+        from its `features` map and what `FeatureRM.__init__` takes (`saved`: head, history, ...)."""
+        if (directions is None) == (features is None):
+            raise ConfigError("a SparseRM needs its selected directions (srlib.directions.select_directions)")
+        if features is not None:
+            super().__init__(features, backbone=backbone, layer=layer, max_length=max_length, position=position,
+                             **saved)
+            return
         if kind not in self.kinds:
             raise ConfigError(f"unknown SparseRM feature kind {kind!r}; choose one of: {', '.join(self.kinds)}")
         sae_info = None if sae is None and sae_source is None else {"source": sae_source}
@@ -961,12 +970,13 @@ class SparseRM(FeatureRM):
     def fit(cls, backbone, train_pairs, val_pairs=None, *, layer: int, sae, k: int = 128,
             kind: str = "projection", normalize_directions: bool = False, allow_overlap: bool = True,
             feature_seed: int = 0, sae_source: str | None = None, max_length: int = 512, position: str = "last",
-            batch_size: int = 16, cache: bool = True, progress: bool = True, **fit_kwargs) -> "SparseRM":
+            batch_size: int = 16, cache: bool = True, progress: bool = True,
+            head: HeadConfig = HeadConfig()) -> "SparseRM":
         """The whole method: hidden states of the pairs at `layer`, SAE latents of the training
-        states, top-k directions per side (`srlib.directions.select_directions`), then the head.
+        states, top-k directions per side (`srlib.directions.select_directions`), then the head
+        with the settings of `head` (`fit_head`).
 
         Directions are selected on the training pairs only; `val_pairs` drive early stopping.
-        `fit_kwargs` go to `fit_head`.
         """
         if sae is None:
             raise ConfigError("SparseRM.fit needs an SAE (srlib.sae.sae_for_profile or load_pretrained_sae)")
@@ -982,7 +992,7 @@ class SparseRM(FeatureRM):
                                        normalize=normalize_directions, allow_overlap=allow_overlap)
         model = cls(directions, kind=kind, sae=sae, feature_seed=feature_seed, backbone=backbone,
                     layer=layer, max_length=max_length, sae_source=sae_source, position=position)
-        return model.fit_states(Z_w, Z_l, *Zv, progress=progress, **fit_kwargs)
+        return model.fit_states(Z_w, Z_l, *Zv, head=head, progress=progress)
 
 
 class DenseRM(FeatureRM):
@@ -990,9 +1000,12 @@ class DenseRM(FeatureRM):
     states at fit time (or give `d`)."""
 
     def __init__(self, d: int | None = None, *, backbone=None, layer: int | None = None, max_length: int = 512,
-                 position: str = "last"):
-        features = DenseFeatures(d) if d is not None else None
-        super().__init__(features, backbone=backbone, layer=layer, max_length=max_length, position=position)
+                 position: str = "last", features: FeatureMap | None = None, **saved):
+        """`saved` (head, history, ...: `FeatureRM.__init__`) and `features` rebuild a saved model."""
+        if features is None and d is not None:
+            features = DenseFeatures(d)
+        super().__init__(features, backbone=backbone, layer=layer, max_length=max_length, position=position,
+                         **saved)
 
     def _prepare_features(self, d: int) -> FeatureMap:
         if self.features is None:
@@ -1007,11 +1020,11 @@ class DenseRM(FeatureRM):
     @classmethod
     def fit(cls, backbone, train_pairs, val_pairs=None, *, layer: int, max_length: int = 512,
             position: str = "last", batch_size: int = 16, cache: bool = True, progress: bool = True,
-            **fit_kwargs) -> "DenseRM":
-        """Hidden states of the pairs at `layer`, then the head. `fit_kwargs` go to `fit_head`."""
+            head: HeadConfig = HeadConfig()) -> "DenseRM":
+        """Hidden states of the pairs at `layer`, then the head with the settings of `head` (`fit_head`)."""
         extract = dict(max_length=max_length, position=position, batch_size=batch_size, cache=cache,
                        progress=progress)
         Z_w, Z_l = cls._pair_states(backbone, train_pairs, layer, "training", **extract)
         Zv = cls._pair_states(backbone, val_pairs, layer, "validation", **extract) if val_pairs else (None, None)
         model = cls(backbone=backbone, layer=layer, max_length=max_length, position=position)
-        return model.fit_states(Z_w, Z_l, *Zv, progress=progress, **fit_kwargs)
+        return model.fit_states(Z_w, Z_l, *Zv, head=head, progress=progress)

@@ -116,7 +116,7 @@ def test_overwrite_replaces_a_model_atomically(workdir, tmp_path, capsys, monkey
 
         monkeypatch.undo()
         assert _fit(workdir, rm, "--seed", "1", "--overwrite") == 0
-        assert json.loads((rm / "config.json").read_text())["seed"] == 1
+        assert json.loads((rm / "config.json").read_text())["config"]["head"]["seed"] == 1
         assert RewardModel.from_pretrained(rm).history.settings["seed"] == 1
         assert _hidden(tmp_path) == [f".rm.{live.pid}.new-busy"]
     finally:

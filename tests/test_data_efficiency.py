@@ -18,6 +18,7 @@ from srlib.errors import ConfigError
 from srlib.experiments import DatasetStates, SplitStates
 from srlib.profiles import get_profile
 from srlib.reward import RewardModel
+from srlib.reward_config import HeadConfig
 
 PROFILE = get_profile("smoke")
 LORA = dict(batch_size=4, learning_rate=5e-3, max_length=PROFILE.max_length)
@@ -105,8 +106,8 @@ def test_lora_judge_keeps_the_epoch_the_validation_split_picks(tiny_backbone, tm
 def test_feature_rm_reads_validation_labels_only_when_asked(states, sae):
     flipped = dataclasses.replace(states, val=SplitStates(states.val.pairs, states.val.rejected, states.val.chosen))
     for features in ("projection", "dense"):
-        fits = {name: de.fit_feature_rm(data, features, sae=sae, k=4, seed=0, validation=validation, epochs=12,
-                                        patience=12)
+        fits = {name: de.fit_feature_rm(data, features, sae=sae, k=4, seed=0, validation=validation,
+                                        head=HeadConfig(epochs=12, patience=12))
                 for name, data, validation in (("none", states, False), ("none-flipped", flipped, False),
                                                ("val", states, True), ("val-flipped", flipped, True))}
         assert fits["none"].history.val_accuracy == [] and fits["none"].history.epochs_run == 12
@@ -122,7 +123,7 @@ def test_feature_rm_reads_validation_labels_only_when_asked(states, sae):
 
 
 def test_heads_follow_the_profiles_standardize(states, sae, monkeypatch):
-    """The profile's `standardize` reaches every head through the states it builds: raw inputs
+    """The profile's `head.standardize` reaches every head through the states it builds: raw inputs
     leave the head's standardisation the identity, standardised ones do not."""
     from srlib import activations
     from srlib import experiments as ex
@@ -134,17 +135,19 @@ def test_heads_follow_the_profiles_standardize(states, sae, monkeypatch):
     monkeypatch.setattr(ex, "load_pairs", lambda name, seed, max_pairs: _pairs(8 if name.endswith("train") else 4))
     monkeypatch.setattr(activations, "pair_token_states", fake_states)
     for scaled in (False, True):
-        built = ex.dataset_states(None, "toy", PROFILE.replace(standardize=scaled), progress=False)
-        assert built.standardize is scaled
-        heads = [ex.fit_variant(built, features="projection", select=dict(sae=sae, k=4), epochs=1)[0].head,
-                 ex.fit_variant(built, features="dense", epochs=1)[0].head,
-                 de.fit_feature_rm(built, "projection", sae=sae, k=4, epochs=1).head,
-                 de.fit_feature_rm(built, "dense", validation=False, epochs=1).head]
+        built = ex.dataset_states(None, "toy", PROFILE.replace(head=HeadConfig(standardize=scaled, epochs=1)),
+                                 progress=False)
+        assert built.head.standardize is scaled
+        heads = [ex.fit_variant(built, features="projection", select=dict(sae=sae, k=4))[0].head,
+                 ex.fit_variant(built, features="dense")[0].head,
+                 de.fit_feature_rm(built, "projection", sae=sae, k=4).head,
+                 de.fit_feature_rm(built, "dense", validation=False).head]
         for head in heads:
             identity = bool(torch.all(head.mean == 0) and torch.all(head.std == 1))
             assert identity is not scaled
     # an explicit setting (chapter 3's study compares both) still overrides the profile's
-    assert ex.fit_variant(built, features="dense", standardize=False, epochs=1)[0].head.mean.abs().sum() == 0
+    unscaled = dataclasses.replace(built.head, standardize=False)
+    assert ex.fit_variant(built, features="dense", head=unscaled)[0].head.mean.abs().sum() == 0
 
 
 def test_training_subsets_are_seeded_and_nested(states):

@@ -6,9 +6,11 @@ import torch
 from sae_lens.saes.topk_sae import TopKSAE, TopKSAEConfig
 
 from srlib import experiments as ex
+from srlib import present
 from srlib.data import PreferencePair
 from srlib.errors import ConfigError, DataError
 from srlib.profiles import get_profile
+from srlib.reward_config import HeadConfig
 
 PAIRS = [PreferencePair(f"Question {i}?", f"Right answer {i}", f"Wrong answer {i}", group_id=f"q{i // 2}")
          for i in range(4)]
@@ -149,7 +151,7 @@ def test_layer_k_sweep_one_row_per_layer_k_seed(monkeypatch):
     monkeypatch.setattr(ex, "dataset_states", lambda backbone, dataset, profile, *, layer, progress: _fake_states(layer))
     monkeypatch.setattr(ex, "warm_states", lambda *args, **kwargs: None)  # fake states need no backbone
     trials = ex.layer_k_sweep(None, get_profile("smoke"), layers=[1, 2], ks=[2, 4], dataset="toy", seeds=[0, 1],
-                              sae_tokens=512, progress=False, epochs=3)
+                              sae_tokens=512, progress=False, head=HeadConfig(epochs=3))
     assert calls == [(1, 512), (2, 512)]
     assert len(trials) == 2 * 2 * 2
     assert set(trials["k"]) == {2, 4} and set(trials["layer"]) == {1, 2}
@@ -176,10 +178,10 @@ def test_latent_cards_html_escapes_and_can_leave_texts_out():
     lat_w, lat_l = torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([[0.0, 1.0], [0.0, 0.0]])
     d = ex.select_directions(torch.eye(2), lat_w, lat_l, k=1)
     cards = ex.latent_cards(d, lat_w, lat_l, pairs, n_latents=1, sae_source=get_profile("paper").sae_source)
-    html = ex.latent_cards_html(cards)
+    html = present.latent_cards_html(cards)
     assert "2 &lt; 3 &amp; $5 *cheap*? → Yes &lt;b&gt;" in html and "<b>" in html
     assert html.count('href="https://www.neuronpedia.org/gemma-2-2b/13-gemmascope-res-16k/') == 2
-    assert "<li>" not in ex.latent_cards_html(cards, quote_texts=False)
+    assert "<li>" not in present.latent_cards_html(cards, quote_texts=False)
 
 
 def test_split_first_keeps_pairs_and_their_states_together():

@@ -15,6 +15,7 @@ from srlib.cli import main
 from srlib.data import write_jsonl
 from srlib.directions import Directions
 from srlib.reward import DenseRM, RewardModel, SparseRM
+from srlib.reward_config import HeadConfig
 from toy_data import error_line, toy_pairs  # tests/ is on sys.path under pytest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,7 +31,7 @@ def toy_rm(seed: int = 0, *, d: int = 12, k: int = 4, activation: str = "relu", 
                             mu_l=torch.zeros(3 * k), vectors=torch.randn(2 * k, d, generator=g))
     model = SparseRM(directions, kind=kind)
     Z_w, Z_l = torch.randn(40, d, generator=g) + 0.5, torch.randn(40, d, generator=g)
-    model.fit_states(Z_w, Z_l, epochs=epochs, seed=seed, activation=activation, hidden=24)
+    model.fit_states(Z_w, Z_l, head=HeadConfig(epochs=epochs, seed=seed, activation=activation, hidden=24))
     return model, Z_w, Z_l
 
 
@@ -91,7 +92,7 @@ def test_the_latents_kind_is_explained_and_dense_or_random_features_are_refused(
     model, Z_w, _ = toy_rm(kind="random")
     with pytest.raises(explain.NotExplainableError, match="random"):
         explain.attribute(model, Z_w)
-    dense = DenseRM(12).fit_states(Z_w, Z_w.flip(0), epochs=1)
+    dense = DenseRM(12).fit_states(Z_w, Z_w.flip(0), head=HeadConfig(epochs=1))
     with pytest.raises(explain.NotExplainableError, match="DenseRM reads the hidden state itself"):
         explain.steer(dense, {0: 0.0})
     with pytest.raises(explain.NotExplainableError, match="no SAE directions"):

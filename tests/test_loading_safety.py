@@ -14,6 +14,7 @@ from srlib.cli import main
 from srlib.data import PreferencePair, read_jsonl, write_jsonl
 from srlib.errors import SrlibError
 from srlib.reward import DenseRM, RewardModel, fit_head
+from srlib.reward_config import HeadConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,7 +23,7 @@ def _dense_rm(directory: Path) -> Path:
     """A tiny DenseRM fitted on random 8-wide states and saved to `directory`."""
     generator = torch.Generator().manual_seed(0)
     Z_w, Z_l = torch.randn(16, 8, generator=generator) + 1, torch.randn(16, 8, generator=generator)
-    model = DenseRM(8, layer=1, max_length=32).fit_states(Z_w, Z_l, epochs=2, hidden=4)
+    model = DenseRM(8, layer=1, max_length=32).fit_states(Z_w, Z_l, head=HeadConfig(epochs=2, hidden=4))
     model.save_pretrained(directory)
     return directory
 
@@ -108,15 +109,15 @@ def _damage(folder: Path, how: str) -> Path:
         config_path.write_text("[1, 2]")
         return config_path
     elif how == "config misses a key":
-        del config["head"]
+        del config["features"]
     elif how == "unknown feature kind":
-        config["feature_kind"] = "quantum"
+        config["config"]["features"] = "quantum"
     elif how == "version from the future":
         config["format_version"] = 99
     elif how == "version not a number":
         config["format_version"] = "one"
     elif how == "head of the wrong type":
-        config["head"] = {"in_dim": "eight", "hidden": 4, "activation": "relu"}
+        config["config"]["head"]["hidden"] = "four"
     else:
         raise AssertionError(how)
     if how.startswith("config") or how in ("unknown feature kind", "version from the future",
@@ -273,7 +274,7 @@ def test_non_finite_cli_floats_are_refused(value, pairs_file, tmp_path, capsys):
 def test_non_finite_fit_settings_are_refused(setting):
     X = torch.randn(8, 3)
     with pytest.raises(SrlibError, match="finite"):
-        fit_head(X + 1, X, epochs=1, hidden=2, **setting)
+        fit_head(X + 1, X, config=HeadConfig(epochs=1, hidden=2, **setting))
 
 
 def test_non_finite_lora_and_alignment_settings_are_refused():

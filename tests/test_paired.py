@@ -9,6 +9,7 @@ import torch
 
 from srlib.errors import SrlibError
 from srlib.evaluate import compare_paired, pair_outcomes, tie_share
+from srlib.reward_config import HeadConfig
 
 
 def _correlated_outcomes(rng: np.random.Generator, n: int, p_a: float, p_b: float) -> tuple[np.ndarray, np.ndarray]:
@@ -149,7 +150,7 @@ def test_run_trials_records_outcomes_ties_and_resampled_selection():
     fixed = select_for(states, sae, 3)
     assert any(not torch.equal(select_for(states, sae, 3, resample_seed=s).indices, fixed.indices)
                for s in range(5))
-    fast = dict(epochs=3, batch_size=8)
+    fast = dict(head=HeadConfig(epochs=3, batch_size=8))
     variants = {"Top-K directions": dict(features="projection", select=dict(sae=sae, k=3), **fast),
                 "Dense": dict(features="dense", **fast)}
     trials = run_trials(states, variants, seeds=(0, 1), resample=True, progress=False)

@@ -12,6 +12,7 @@ from sae_lens import StandardSAE, StandardSAEConfig
 
 from srlib.errors import ConfigError, SrlibError
 from srlib.reward import (
+    ACTIVATIONS,
     LOSSES,
     DenseFeatures,
     DenseRM,
@@ -27,6 +28,7 @@ from srlib.reward import (
     margin_loss,
     pair_accuracy,
 )
+from srlib.reward_config import ACTIVATION_NAMES, LOSS_NAMES, HeadConfig
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -167,6 +169,7 @@ def test_bce_loss_uses_absolute_labels():
 
 def test_loss_registry_and_bad_names():
     assert set(LOSSES) == {"margin", "bt", "bce"}
+    assert tuple(LOSSES) == LOSS_NAMES and tuple(ACTIVATIONS) == ACTIVATION_NAMES  # HeadConfig allows these
     assert get_loss("margin", gamma=2.0)(torch.tensor([0.0]), torch.tensor([0.0])).item() == pytest.approx(2.0)
     with pytest.raises(ConfigError) as error:
         get_loss("hinge")
@@ -191,7 +194,7 @@ def test_parameter_count_matches_the_paper_head():
 def test_fit_reaches_high_accuracy_on_a_separable_problem():
     X_w, X_l = separable_pairs(300, 12, seed=0)
     Xv_w, Xv_l = separable_pairs(200, 12, seed=1)
-    head, history = fit_head(X_w, X_l, Xv_w, Xv_l, epochs=30, seed=0)
+    head, history = fit_head(X_w, X_l, Xv_w, Xv_l, HeadConfig(epochs=30, seed=0))
     with torch.no_grad():
         accuracy = pair_accuracy(head(Xv_w), head(Xv_l))
     assert accuracy > 0.95
@@ -202,7 +205,7 @@ def test_fit_reaches_high_accuracy_on_a_separable_problem():
 def test_fit_is_deterministic_given_the_seed():
     X_w, X_l = separable_pairs(100, 12, seed=0)
     Xv_w, Xv_l = separable_pairs(50, 12, seed=1)
-    runs = [fit_head(X_w, X_l, Xv_w, Xv_l, epochs=5, seed=seed)[0].state_dict() for seed in (0, 0, 1)]
+    runs = [fit_head(X_w, X_l, Xv_w, Xv_l, HeadConfig(epochs=5, seed=seed))[0].state_dict() for seed in (0, 0, 1)]
     assert all(torch.equal(runs[0][name], runs[1][name]) for name in runs[0])
     assert not torch.equal(runs[0]["net.0.weight"], runs[2]["net.0.weight"])
 
@@ -212,7 +215,7 @@ def test_early_stopping_keeps_the_best_epoch():
     # head learns the task, the worse it does there, so the best epoch comes early.
     X_w, X_l = separable_pairs(200, 12, seed=0)
     Xv_l, Xv_w = separable_pairs(100, 12, seed=1)
-    head, history = fit_head(X_w, X_l, Xv_w, Xv_l, epochs=40, patience=3, seed=0)
+    head, history = fit_head(X_w, X_l, Xv_w, Xv_l, HeadConfig(epochs=40, patience=3, seed=0))
     assert history.stopped_early
     assert history.epochs_run == history.best_epoch + 3 < 40
     best = max(history.val_accuracy)
@@ -224,7 +227,7 @@ def test_early_stopping_keeps_the_best_epoch():
 
 def test_without_validation_all_epochs_run():
     X_w, X_l = separable_pairs(64, 12, seed=0)
-    _, history = fit_head(X_w, X_l, epochs=4, seed=0)
+    _, history = fit_head(X_w, X_l, config=HeadConfig(epochs=4, seed=0))
     assert history.epochs_run == 4 and history.best_epoch == 4
     assert history.val_accuracy == [] and history.best_val_accuracy is None
 
@@ -235,7 +238,7 @@ def test_standardisation_is_fitted_on_both_sides_stored_and_applied():
     X_l = X_l * 10 + 3
     X_w[:, 5] = 7.0  # a constant feature keeps scale 1
     X_l[:, 5] = 7.0
-    head, _ = fit_head(X_w, X_l, epochs=1, seed=0)
+    head, _ = fit_head(X_w, X_l, config=HeadConfig(epochs=1, seed=0))
     both = torch.cat([X_w, X_l])
     torch.testing.assert_close(head.mean, both.mean(dim=0))
     torch.testing.assert_close(head.std[:5], both.std(dim=0, unbiased=False)[:5])
@@ -243,7 +246,7 @@ def test_standardisation_is_fitted_on_both_sides_stored_and_applied():
     assert {"mean", "std"} <= set(head.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(head(X_w), head.net((X_w - head.mean) / head.std).squeeze(-1))
-    plain, _ = fit_head(X_w, X_l, epochs=1, seed=0, standardize=False)
+    plain, _ = fit_head(X_w, X_l, config=HeadConfig(epochs=1, seed=0, standardize=False))
     assert torch.equal(plain.mean, torch.zeros(6)) and torch.equal(plain.std, torch.ones(6))
 
 
@@ -253,7 +256,7 @@ def test_with_standardisation_rescaling_the_directions_changes_nothing():
     dirs = directions_from_sae(sae, [0, 1, 2, 3], [4, 5, 6, 7])
     unit = FakeDirections(dirs.indices_w, dirs.indices_l, dirs.vectors / dirs.vectors.norm(dim=1, keepdim=True))
     Z = torch.randn(20, 8)
-    scores = [SparseRM(d).fit_states(Z_w, Z_l, epochs=5, seed=0).score_states(Z) for d in (dirs, unit)]
+    scores = [SparseRM(d).fit_states(Z_w, Z_l, head=HeadConfig(epochs=5, seed=0)).score_states(Z) for d in (dirs, unit)]
     torch.testing.assert_close(scores[0], scores[1], rtol=1e-3, atol=1e-3)
 
 
@@ -266,7 +269,7 @@ def fitted_sparse_rm(kind: str = "projection", k: int = 3, **kwargs) -> tuple[Sp
     Z_w, Z_l = separable_pairs(80, 8, seed=0)
     Zv_w, Zv_l = separable_pairs(40, 8, seed=1)
     rm = SparseRM(dirs, kind=kind, sae=sae, layer=2, sae_source="test:small", **kwargs)
-    rm.fit_states(Z_w, Z_l, Zv_w, Zv_l, epochs=6, seed=0, loss="bt")
+    rm.fit_states(Z_w, Z_l, Zv_w, Zv_l, head=HeadConfig(epochs=6, seed=0, loss="bt"))
     return rm, torch.randn(10, 8)
 
 
@@ -279,9 +282,11 @@ def test_save_load_round_trip_gives_identical_scores(tmp_path, kind):
     assert type(loaded) is SparseRM
     assert torch.equal(loaded.score_states(Z), rm.score_states(Z))
     config = json.loads((tmp_path / "rm" / "config.json").read_text())
-    assert config["rm_class"] == "SparseRM" and config["feature_kind"] == kind
-    assert config["k"] == 3 and config["latent_indices"] == {"w": [0, 1, 2], "l": [3, 4, 5]}
-    assert config["loss"] == "bt" and config["gamma"] == 1.0 and config["seed"] == 0 and config["layer"] == 2
+    assert config["rm_class"] == "SparseRM" and config["config"]["features"] == kind
+    assert config["config"]["k"] == 3 and config["latent_indices"] == {"w": [0, 1, 2], "l": [3, 4, 5]}
+    assert config["config"]["head"] == {**HeadConfig(epochs=6, seed=0, loss="bt").to_dict()}
+    assert config["config"]["layer"] == 2 and config["config"]["sae_source"] == "test:small"
+    assert loaded.rm_config == rm.rm_config and loaded.rm_config.head.loss == "bt"
     assert config["sae"]["source"] == "test:small" and config["sae"]["d_sae"] == 32
     assert config["history"]["best_epoch"] == rm.history.best_epoch
     assert loaded.num_trainable_parameters() == rm.num_trainable_parameters() == 6 * 512 + 1025
@@ -297,7 +302,7 @@ def test_save_load_round_trip_latent_features(tmp_path):
 
 def test_dense_rm_round_trip_and_parameter_count(tmp_path):
     Z_w, Z_l = separable_pairs(60, 8, seed=0)
-    rm = DenseRM().fit_states(Z_w, Z_l, epochs=3, seed=0)
+    rm = DenseRM().fit_states(Z_w, Z_l, head=HeadConfig(epochs=3, seed=0))
     assert rm.num_trainable_parameters() == 8 * 512 + 1025
     rm.save_pretrained(tmp_path / "dense")
     loaded = RewardModel.from_pretrained(tmp_path / "dense")
@@ -311,13 +316,13 @@ def test_sparse_rm_parameter_count_for_k_128():
     sae = small_sae(d_in=d, d_sae=300)
     dirs = directions_from_sae(sae, list(range(128)), list(range(128, 256)))
     Z_w, Z_l = separable_pairs(20, d, seed=0)
-    assert SparseRM(dirs).fit_states(Z_w, Z_l, epochs=1).num_trainable_parameters() == 132_097
+    assert SparseRM(dirs).fit_states(Z_w, Z_l, head=HeadConfig(epochs=1)).num_trainable_parameters() == 132_097
 
 
 def test_saving_again_replaces_the_folder(tmp_path):
     rm, Z = fitted_sparse_rm()
     rm.save_pretrained(tmp_path / "rm")
-    dense = DenseRM().fit_states(*separable_pairs(30, 8, seed=0), epochs=1)
+    dense = DenseRM().fit_states(*separable_pairs(30, 8, seed=0), head=HeadConfig(epochs=1))
     dense.save_pretrained(tmp_path / "rm")
     assert type(RewardModel.from_pretrained(tmp_path / "rm")) is DenseRM
     assert [p.name for p in tmp_path.iterdir()] == ["rm"]  # no temporary folder left behind
@@ -395,7 +400,7 @@ def test_dense_rm_fits_from_pairs_and_scores_through_a_reloaded_backbone(tiny_ba
     from srlib.activations import pair_states
 
     train, val, test = tiny_pairs(16), tiny_pairs(8, 100), tiny_pairs(6, 200)
-    rm = DenseRM.fit(tiny_backbone, train, val, layer=1, max_length=64, progress=False, epochs=3)
+    rm = DenseRM.fit(tiny_backbone, train, val, layer=1, max_length=64, progress=False, head=HeadConfig(epochs=3))
     assert rm.layer == 1 and rm.backbone_identity == tiny_backbone.identity
     s_w, s_l = rm.score_pairs(test)
     Z_w, Z_l = pair_states(tiny_backbone, test, 1, max_length=64, progress=False)
@@ -411,7 +416,7 @@ def test_sparse_rm_fits_from_pairs(tiny_backbone, isolated_cache):
     pytest.importorskip("srlib.sae")
     sae = small_sae(d_in=tiny_backbone.hidden_size, d_sae=64)
     rm = SparseRM.fit(tiny_backbone, tiny_pairs(16), tiny_pairs(8, 100), layer=1, sae=sae, k=4,
-                      max_length=64, progress=False, epochs=2)
+                      max_length=64, progress=False, head=HeadConfig(epochs=2))
     assert rm.k == 4 and len(rm.indices_w) == len(rm.indices_l) == 4
     torch.testing.assert_close(rm.features.vectors, sae.W_dec.detach()[rm.directions.indices])
     assert rm.score_pairs(tiny_pairs(3, 200))[0].shape == (3,)

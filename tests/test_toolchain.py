@@ -122,6 +122,7 @@ def tiny_rm(tiny_backbone):
     from toy_data import toy_pairs
 
     from srlib.reward import SparseRM
+    from srlib.reward_config import HeadConfig
 
     torch.manual_seed(0)
     sae = StandardSAE(StandardSAEConfig(d_in=tiny_backbone.hidden_size, d_sae=64))
@@ -129,7 +130,7 @@ def tiny_rm(tiny_backbone):
         sae.W_dec.copy_(torch.randn(64, tiny_backbone.hidden_size))
         sae.W_enc.copy_(torch.randn(tiny_backbone.hidden_size, 64))
     return SparseRM.fit(tiny_backbone, toy_pairs(12), toy_pairs(6, 100), layer=1, sae=sae, k=4, max_length=64,
-                        sae_source="train", cache=False, progress=False, epochs=2)
+                        sae_source="train", cache=False, progress=False, head=HeadConfig(epochs=2))
 
 
 PROMPTS = ["Is the moon made of cheese?", "What is the capital of France?"]

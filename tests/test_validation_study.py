@@ -17,6 +17,7 @@ from srlib.data import PreferencePair
 from srlib.errors import ConfigError
 from srlib.profiles import get_profile
 from srlib.reward import RewardModel, SparseRM
+from srlib.reward_config import HeadConfig
 
 
 def _trials(rows: list[tuple[str, int, float, float]]) -> pd.DataFrame:
@@ -80,7 +81,7 @@ def test_validation_study_scores_the_test_split_once_for_the_selection(monkeypat
     profile = get_profile("smoke")
     sae = TopKSAE(TopKSAEConfig(d_in=3, d_sae=8, k=2))
     study = ex.validation_study(None, profile.replace(k=2), sae, dataset="toy", layers=[1, 2], ks=[1, 2],
-                                seeds=[0, 1, 2], progress=False, epochs=3)
+                                seeds=[0, 1, 2], progress=False, head=HeadConfig(epochs=3))
     assert len(study.reading) == 3 * 2 * 3 and len(study.grid) == 2 * 2 * 3 and len(study.test) == 3
     assert study.reading["test_accuracy"].isna().all() and study.grid["test_accuracy"].isna().all()
     assert study.test["test_accuracy"].between(0, 1).all()
@@ -92,7 +93,8 @@ def test_validation_study_scores_the_test_split_once_for_the_selection(monkeypat
     both = study.both_columns()
     assert list(both.columns[-2:]) == ["validation accuracy (%)", "test accuracy (%)"]
     matches = study.defaults_match(profile)
-    assert matches == {key: getattr(profile, key) == value for key, value in study.selected.items()}
+    assert matches == {key: getattr(profile.head if key == "standardize" else profile, key) == value
+                       for key, value in study.selected.items()}
 
 
 # --------------------------------------------------------------------------- read positions
@@ -141,7 +143,7 @@ def _tiny_rm(backbone, pairs, position: str) -> SparseRM:
     torch.manual_seed(0)
     sae = TopKSAE(TopKSAEConfig(d_in=backbone.hidden_size, d_sae=32, k=4))
     return SparseRM.fit(backbone, pairs, pairs, layer=2, sae=sae, k=4, position=position, max_length=96,
-                        progress=False, epochs=2)
+                        progress=False, head=HeadConfig(epochs=2))
 
 
 PAIRS = [PreferencePair(f"Question {i}: is {i} even?", "Yes it is " * (i % 3 + 1), "No " * (i % 4 + 1),
@@ -152,7 +154,7 @@ def test_the_read_position_travels_with_a_saved_reward_model(tiny_backbone, isol
     model = _tiny_rm(tiny_backbone, PAIRS, "answer")
     model.save_pretrained(tmp_path / "rm")
     loaded = RewardModel.from_pretrained(tmp_path / "rm", backbone=tiny_backbone)
-    assert loaded.position == "answer" and loaded.config()["position"] == "answer"
+    assert loaded.position == "answer" and loaded.rm_config.position == "answer"
     s_w, s_l = loaded.score_pairs(PAIRS, cache=False)
     texts = [format_pair(tiny_backbone.tokenizer, p)[0] for p in PAIRS]
     at_answer = last_token_states(tiny_backbone, texts, 2, position="answer", max_length=96, cache=False,
