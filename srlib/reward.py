@@ -11,7 +11,10 @@ A reward model here is two parts:
    for the ablation of Table 3, the Bradley-Terry or BCE loss.
 
 What the paper leaves open, and the defaults chosen here (each is a parameter; the book
-picks the final values on validation data):
+picks the final values on validation data). Every head setting below is a field of one frozen
+`HeadConfig` (`srlib.reward_config`), the profile's default is `Profile.head`, and a fitted
+model's whole description (feature kind, K, layer, SAE source, read position, head) is
+`rm.rm_config`, a `SparseRMConfig`:
 
 * Head: "a single-layer MLP with a hidden dimension of 512" is read as one hidden layer of
   512 units with ReLU, i.e. 2K·512 + 512 + 512 + 1 = 132,097 trainable numbers for K = 128.
@@ -32,7 +35,8 @@ picks the final values on validation data):
 * Ties: a pair counts as correct only when s_w > s_l strictly.
 
 Saved format (``save_pretrained(dir)``): ``dir/config.json`` (what the model is and how it
-was trained) and ``dir/model.safetensors`` (``head.*`` weights and standardisation,
+was trained: format 2 keeps ``rm_config.to_dict()`` under ``"config"``; folders of format 1,
+written before `SparseRMConfig`, still load: `saved_rm_config`) and ``dir/model.safetensors`` (``head.*`` weights and standardisation,
 ``features.*`` tensors: for ``projection`` and ``random`` the [2K, d] direction matrix, so
 scoring needs no SAE). The ``latents`` map needs the whole SAE encoder (a TopK SAE picks its
 active latents among all of them), so it also writes ``dir/sae/`` in sae-lens format. A model
