@@ -282,7 +282,7 @@ def k_probe_text(summary: pd.DataFrame, gap: pd.DataFrame, dense: Mapping[str, f
     interval excludes 0, the largest K's accuracies, and one verdict per K."""
     wide = summary.pivot(index="K", columns="variant", values="mean")
     clear = [int(k) for k, low, high in zip(gap.K, gap["CI low"], gap["CI high"]) if low > 0 or high < 0]
-    text = (f"DenseRM reaches {dense['mean']:.1f} ± {dense['std']:.1f}% (ties ½ in every column). "
+    text = (f"DenseRM reaches {mean_sd(dense['mean'], dense['std'])}% (ties ½ in every column). "
             f"Top-K minus random directions ranges from {gap['A − B (points)'].min():+.1f} to "
             f"{gap['A − B (points)'].max():+.1f} points over K = {', '.join(map(str, ks))}; ")
     text += (f"its paired 95% interval excludes 0 at K = {', '.join(map(str, clear))}. " if clear else
