@@ -720,9 +720,9 @@ class Console:
             self.stream.write(line + "\n")
             self._draw()
 
-    def status(self, label: str, event: dict) -> None:
-        """Tell a new event of chapter `label` (e.g. `[3/10] 03_sparserm`)."""
-        text = status_text(event)
+    def status(self, label: str, event: dict, note: str = "") -> None:
+        """Tell a new event of chapter `label` (e.g. `[3/10] 03_sparserm`), with `note` after it."""
+        text = status_text(event) + (f"; {note}" if note else "")
         with self.lock:
             if self.tty:
                 self.live[label] = text
@@ -755,19 +755,26 @@ class Console:
         self.stream.flush()
 
 
+def chapter_note(elapsed: float, last: float | None) -> str:
+    """How far the chapter is: its time so far, and its last run's time when there was one
+    (the chapter's own estimate; a stage's is in its status)."""
+    return f"chapter {_duration(elapsed)} in" + (f", its last run took {_duration(last)}" if last else "")
+
+
 @contextlib.contextmanager
-def watching(path: Path, label: str, console: Console, *,
-             every: float = POLL_SECONDS) -> Iterator[list[dict]]:
+def watching(path: Path, label: str, console: Console, *, every: float = POLL_SECONDS,
+             last: float | None = None) -> Iterator[list[dict]]:
     """While the block runs, tell `console` what the events file `path` says (its newest line
-    per stage, every `every` seconds); yields the list of the events read, complete when the
-    block ends."""
-    tail, seen, stop = EventsTail(path), [], threading.Event()
+    per stage, every `every` seconds, with `chapter_note`; `last`: the chapter's last running
+    time); yields the list of the events read, complete when the block ends."""
+    tail, seen, stop, started = EventsTail(path), [], threading.Event(), time.perf_counter()
 
     def poll() -> None:
         new = tail.read()
         seen.extend(new)
+        note = chapter_note(time.perf_counter() - started, last)
         for event in {e["stage"]: e for e in new}.values():
-            console.status(label, event)
+            console.status(label, event, note)
 
     def loop() -> None:
         while not stop.wait(every):
@@ -849,12 +856,13 @@ def _run_chapter(source: Path, paths: BuildPaths, profile: str, position: str,
     """Execute one chapter (telling `console` its stages as they go), fold its solutions, stamp
     its inputs; return its seconds and its stages (`stage_report`)."""
     stem = source.stem
+    last = last_seconds(paths, stem)
     paths.fingerprint(stem).unlink(missing_ok=True)  # a failed run is never reused
     events = paths.events(stem)
     events.parent.mkdir(parents=True, exist_ok=True)
     events.unlink(missing_ok=True)
     console.say(f"{position} executing {NOTEBOOK_DIR}/{source.name} (PROFILE={profile})")
-    with watching(events, f"{position} {stem}", console) as seen:
+    with watching(events, f"{position} {stem}", console, last=last) as seen:
         seconds = execute_notebook(source, paths.executed(stem), paths.results(stem), profile, events=events)
     stages = stage_report(seen)
     executed = json.loads(paths.executed(stem).read_text())

@@ -467,6 +467,8 @@ def test_a_status_line_gives_the_rate_and_the_time_left():
     assert book.status_text(_event("reward head", 600, 600, unit="epoch", end=True, runs=20, seconds=75.0)) == (
         "reward head: done, 600 epoch in 1m15s (20 runs)")
     assert book._duration(3 * 3600 + 5 * 60 + 1) == "3h05m"
+    assert book.chapter_note(75.0, 600.0) == "chapter 1m15s in, its last run took 10m00s"
+    assert book.chapter_note(5.0, None) == "chapter 5s in"
 
 
 class _Clock:
@@ -511,12 +513,13 @@ def test_watching_tells_the_console_while_the_chapter_runs(tmp_path):
     import time
 
     path, out = tmp_path / "e.jsonl", io.StringIO()
-    with book.watching(path, "[1/1] 01_a", book.Console(out, tty=False), every=0.05) as seen:
+    with book.watching(path, "[1/1] 01_a", book.Console(out, tty=False), every=0.05, last=600.0) as seen:
         _write_events(path, [_event("SAE steps", 5, 10)])
         deadline = time.monotonic() + 5
         while "SAE steps" not in out.getvalue() and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert "[1/1] 01_a SAE steps 5/10 step" in out.getvalue()  # seen before the block ended
+        assert out.getvalue().startswith("[1/1] 01_a SAE steps 5/10 step")  # seen before the block ended
+        assert "; chapter 0s in, its last run took 10m00s" in out.getvalue()
         with open(path, "a") as f:
             f.write(json.dumps(_event("SAE steps", 10, 10, end=True, runs=1, seconds=1.0)) + "\n")
     assert [e["done"] for e in seen] == [5, 10]  # the last lines are read when the chapter ends
