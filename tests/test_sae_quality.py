@@ -162,3 +162,30 @@ def test_the_profiles_define_a_graded_family():
     assert len(family_of(get_profile("smoke")).variants) >= 2
     with pytest.raises(ConfigError, match="no sae_family"):
         family_of(get_profile("paper"))
+
+
+def test_gap_figure_has_a_panel_per_data_set_and_the_paired_intervals():
+    from srlib import plots
+
+    gaps = pd.DataFrame({"variant": ["weak", "strong"] * 2, "dataset": ["a", "a", "b", "b"], "K": [8] * 4,
+                         "A − B (points)": [1.0, 5.0, -2.0, 3.0], "CI low": [-1.0, 2.0, -6.0, 0.5],
+                         "CI high": [3.0, 9.0, 1.0, 4.0]})
+    quality = pd.DataFrame({"variant": ["weak", "strong"] * 2, "dataset": ["a", "a", "b", "b"],
+                            "FVE read": [0.3, 0.8, 0.2, 0.7]})
+    fig = plots.gap_vs_quality(gaps, quality, title="t", dataset_labels={"a": "A"})
+    assert [ax.get_title() for ax in fig.axes] == ["A", "b"]
+    line = fig.axes[0].lines[0]
+    assert list(line.get_xdata()) == [0.3, 0.8] and list(line.get_ydata()) == [1.0, 5.0]
+    (bars,) = fig.axes[0].collections  # the error bars: from CI low to CI high
+    assert [tuple(segment[:, 1]) for segment in bars.get_segments()] == [(-1.0, 3.0), (2.0, 9.0)]
+
+
+@pytest.mark.parametrize("check, wrong", [
+    ("alive_fraction", lambda z: float((z > 0).float().mean())),  # the firing rate, not the alive share
+    ("gap_change", lambda best, weakest, random: float((best - random).mean())),  # a gap, not its change, no points
+])
+def test_the_chapter_checks_reject_a_wrong_answer(check, wrong):
+    from srlib import checks
+
+    with pytest.raises(AssertionError, match=check):
+        getattr(checks, check)(wrong)
