@@ -9,8 +9,10 @@ When the environment variable `SRLIB_PROGRESS_EVENTS` names a file (the book bui
 for each chapter's kernel), each stage also appends small JSON lines to it, whether its bar
 is shown or not. A stage is named by its bar's `desc`; one line is
 
-    {"stage": "training SAE", "run": 3, "done": 120, "total": 2000, "unit": "step",
+    {"stage": "training SAE", "run": "4711.3", "done": 120, "total": 2000, "unit": "step",
      "started": <epoch seconds>, "time": <epoch seconds>}
+
+(`run`: the process id and the run's number in it, unique when subprocesses report too)
 
 while a run of it has been under way for `INTERVAL` seconds or more (at most one line per
 `INTERVAL` seconds per stage name), and
@@ -67,10 +69,10 @@ class _Sink:
         self.folded: dict[str, _Folded] = {}
         self.runs = 0
 
-    def new_run(self) -> int:
+    def new_run(self) -> str:
         with self.lock:
             self.runs += 1
-            return self.runs
+            return f"{os.getpid()}.{self.runs}"
 
     def due(self, stage: str, now: float) -> bool:
         """Whether a progress line for `stage` may be written at `now` (one per interval)."""
