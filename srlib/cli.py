@@ -80,10 +80,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     check_output(args.out, is_dir=True, overwrite=args.overwrite, is_ours=is_saved_reward_model)
     profile = _profile_from_args(args)
+    head = dataclasses.replace(profile.head, loss=args.loss, gamma=args.gamma, seed=args.seed)  # a bad value fails here
     train = _load_pairs(args.train, args, profile)
     val = _load_pairs(args.val, args, profile) if args.val else None
     backbone = backbone_for_profile(profile)
-    head = dataclasses.replace(profile.head, loss=args.loss, gamma=args.gamma, seed=args.seed)
     started = time.perf_counter()
     if args.method != "sparserm":
         from srlib.baselines import fit_baseline

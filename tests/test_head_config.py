@@ -211,3 +211,21 @@ def test_a_study_varies_one_field_of_the_profiles_head(monkeypatch):
     bt = dataclasses.replace(states.head, loss="bt")
     model, _ = ex.fit_variant(states, features="dense", seed=5, head=bt)
     assert model.rm_config.head == dataclasses.replace(bt, seed=5) and model.history.settings["loss"] == "bt"
+
+
+@pytest.mark.parametrize("flags, field", [(["--seed", "-1"], "seed"), (["--gamma", "0"], "gamma")])
+def test_the_cli_refuses_a_bad_head_setting_in_one_line_before_loading_anything(flags, field, tmp_path, capsys,
+                                                                                monkeypatch):
+    import srlib.backbone
+    import srlib.data
+    from srlib.cli import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("loaded data or a backbone before checking the head's settings")
+
+    monkeypatch.setattr(srlib.backbone, "backbone_for_profile", never)
+    monkeypatch.setattr(srlib.data, "load_pairs", never)
+    code = main(["fit", "--profile", "smoke", "--train", "truthfulqa:train", "--out", str(tmp_path / "rm"), *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and f"HeadConfig.{field}=" in err, err
+    assert not (tmp_path / "rm").exists()
