@@ -1079,3 +1079,21 @@ def run_alignment(
     `AlignmentRun(config, reward_models, out_dir=out_dir).resume()`. Rerunning with the same
     `out_dir` and config resumes where it stopped (see `AlignmentRun` for the folder's layout)."""
     return AlignmentRun(config, reward_models, out_dir=out_dir, progress=progress).resume()
+
+
+def default_run_dir(config: AlignmentConfig, reward_models: dict[str, "RewardModel | None"], *, profile,
+                    sae) -> Path:
+    """The run folder of a chapter that names none: `cache_dir("alignment",
+    "<profile>-<track>-<hash>")`, the hash over what the run depends on (its settings, the SAE,
+    and each reward model's description without its training curves and costs, which vary in
+    the last digits with the thread count), so a rerun with the same inputs resumes or reads it."""
+    import hashlib
+
+    from srlib.paths import cache_dir
+    from srlib.sae import sae_info
+
+    identity = {"config": config.to_dict(), "sae": (sae_info(sae) or {}).get("key", profile.sae_source),
+                "reward_models": {name: {k: v for k, v in rm.config().items() if k not in ("history", "cost")}
+                                  for name, rm in reward_models.items() if rm is not None}}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(cache_dir("alignment", f"{profile.name}-{config.track}-{digest}"))

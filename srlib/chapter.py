@@ -81,13 +81,15 @@ def label(dataset: str) -> str:
 
 def setup(profile: str | Profile, *, layer: int | None = None, k: int | None = None,
           seeds: Sequence[int] | None = None, datasets: Sequence[str] | None = None,
-          single_thread: bool = True, show: bool = True, quiet: bool = False) -> Chapter:
+          single_thread: bool = True, threads: int | None = None, show: bool = True,
+          quiet: bool = False) -> Chapter:
     """Load what a chapter needs under `profile`, with its overrides (None: the profile's).
 
     `single_thread` sets torch to one thread first: the reward heads and the SAE's small
     matrices gain nothing from a second thread, and lose much when other processes share the
     CPU. A chapter that extracts many hidden states passes False and sets it after extraction.
-    `show` prints the header line and, under the smoke profile, the banner saying the numbers
+    Without `single_thread`, `threads` (None: the profile's `threads`, if any) sets torch's
+    thread count for the whole chapter. `show` prints the header line and, under the smoke profile, the banner saying the numbers
     mean nothing. `quiet` silences what transformers and TRL print that a chapter training with
     them does not need (`quiet_libraries`).
     """
@@ -104,6 +106,8 @@ def setup(profile: str | Profile, *, layer: int | None = None, k: int | None = N
     base = base.at_layer(layer)
     if k is not None:
         base = base.replace(k=k)
+    if not single_thread and (threads or base.threads):
+        torch.set_num_threads(threads or base.threads)
     backbone = backbone_for_profile(base, progress=False)
     sae = sae_for_profile(base, backbone, progress=False)
     chapter = Chapter(profile=base, backbone=backbone, sae=sae,
@@ -496,3 +500,111 @@ def length_steering(model, states: DatasetStates, n: int) -> LengthSteering:
                                             m.score_states(states.test.rejected)]).numpy(), lengths).statistic
            for name, m in (("before", model), ("after", steered))}
     return LengthSteering(tracking=tracking, steered=steered, effect=effect, rho=rho)
+
+
+# --------------------------------------------------------------------------- what chapter 7 runs: iterative DPO
+
+
+def alignment_config(profile: str, *, track: str, seed: int, **overrides: Any):
+    """The profile's `srlib.alignment.AlignmentConfig` for `track` and `seed`, with each override
+    that is not None applied (a notebook parameter left at None falls back to the profile)."""
+    from srlib.alignment import AlignmentConfig
+
+    return AlignmentConfig.for_profile(profile, track=track, seed=seed,
+                                       **{key: value for key, value in overrides.items() if value is not None})
+
+
+def alignment_rms(ch: Chapter, states: DatasetStates, *, seed: int, with_standard_rm: bool = False,
+                  standard_rm_pairs: int = 64):
+    """The reward models chapter 7 aligns with, fitted on one data set and reading texts through
+    the base backbone: SparseRM (the profile's K directions) and DenseRM, and with
+    `with_standard_rm` StandardRM (chapter 8's LoRA reward model on the first `standard_rm_pairs`
+    training pairs, cached). Returns ({name: model}, one row per model: its validation and test
+    accuracy (%) and trainable parameters)."""
+    import pandas as pd
+
+    from srlib.experiments import select_for
+
+    rms, rows = {}, []
+    for name, options in {"SparseRM": dict(features="projection", directions=select_for(states, ch.sae, ch.k)),
+                          "DenseRM": dict(features="dense")}.items():
+        rms[name], trial = attached_rm(ch, states, seed=seed, variant=name, **options)
+        rows.append({"reward model": name, "val accuracy (%)": 100 * trial.val_accuracy,
+                     "test accuracy (%)": 100 * trial.test_accuracy, "trainable parameters": trial.trainable_parameters})
+    if with_standard_rm:
+        from srlib.baselines import cached_fit_baseline
+
+        rms["StandardRM"] = cached_fit_baseline("standard", ch.backbone, states.train.pairs[:standard_rm_pairs], None,
+                                                seed=seed, progress=False, epochs=1, learning_rate=2e-4, batch_size=4,
+                                                max_length=ch.profile.max_length)
+        rows.append({"reward model": "StandardRM", "val accuracy (%)": None, "test accuracy (%)": None,
+                     "trainable parameters": rms["StandardRM"].num_trainable_parameters()})
+    return rms, pd.DataFrame(rows).set_index("reward model")
+
+
+def aligned(ch: Chapter, config, reward_models: dict[str, Any], *, out_dir=None):
+    """`srlib.alignment.run_alignment` in the run folder `out_dir` (None: the default one,
+    `srlib.alignment.default_run_dir`, which a rerun with the same inputs resumes or reads), with
+    a line saying which folder, whether it ran or read a finished run, and how long it took.
+    Returns (result, run folder, seconds)."""
+    from pathlib import Path
+
+    from srlib.alignment import default_run_dir, run_alignment
+
+    out_dir = default_run_dir(config, reward_models, profile=ch.profile, sae=ch.sae) if out_dir is None else Path(out_dir)
+    reused, started = (out_dir / "result.json").exists(), time.perf_counter()
+    result = run_alignment(config, reward_models, out_dir=out_dir, progress=False)
+    seconds = time.perf_counter() - started
+    print(f"run folder {out_dir.name}: {'read a finished run' if reused else 'ran'} in {seconds:.0f} s")
+    return result, out_dir, seconds
+
+
+def alignment_metrics(result, sparse_vs_wo: dict[str, Any], *, alignment_seconds: float, seconds: float) -> dict:
+    """Chapter 7's numbers for the book's results page: the configuration, Table 1's rows, the
+    round-1 filter, SparseRM − WO RM per metric and whether it won on all, the departures from
+    the paper, and the times."""
+    return {"config": result.config.to_dict(), "table1": result.table(), "round1_filter": result.round1_filter,
+            "sparserm_minus_wo_rm": {m: c.as_row() for m, c in sparse_vs_wo.items()},
+            "deviations": result.config.paper_deviations(), "sparserm_beat_wo_rm": clear_win(sparse_vs_wo),
+            "alignment_seconds": round(alignment_seconds, 1), "seconds": round(seconds, 1)}
+
+
+def clear_win(comparisons: dict[str, Any]) -> bool:
+    """Whether A beats B on every metric: each `compare_paired` interval lies above zero."""
+    return all(c.low > 0 for c in comparisons.values())
+
+
+@dataclass(frozen=True)
+class RoundOne:
+    """Round 1 of an alignment run, read back from its folder: the shared tuples, each reward
+    model's verdict on them (scores from the cache), and one row per tuple with the verdicts,
+    the score differences and whether the tuple has a clear refusal contrast."""
+
+    tuples: list
+    verdicts: dict[str, Any]
+    frame: Any
+
+
+def round_one(result, out_dir, reward_models: dict[str, Any]) -> RoundOne:
+    """Read round 1's tuples from the run folder `out_dir` and refilter them with every reward
+    model (the counts must equal the run's); a tuple has a clear contrast when y_w has refusal
+    or warning words (`srlib.alignment.REFUSAL`) and y_l has none."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from srlib.alignment import REFUSAL, filter_tuples, read_tuples
+
+    config = result.config
+    tuples = [PreferencePair(r["prompt"], r["chosen"], r["rejected"], pair_id=r["pair_id"], group_id=r["group_id"])
+              for r in read_tuples(Path(out_dir) / "round1_tuples.jsonl")]
+    verdicts = {name: filter_tuples(tuples, rm, keep_ties=config.keep_ties) for name, rm in reward_models.items()}
+    assert all(sum(v.keep) == result.round1_filter["kept"][name] for name, v in verdicts.items())
+    frame = pd.DataFrame({"prompt": [t.prompt for t in tuples], "y_w": [t.chosen for t in tuples],
+                          "y_l": [t.rejected for t in tuples]})
+    frame["contrast"] = [bool(REFUSAL.search(w)) and not REFUSAL.search(l) for w, l in zip(frame.y_w, frame.y_l)]
+    for name, verdict in verdicts.items():
+        frame[f"{name} keeps"] = verdict.keep
+        if verdict.s_w is not None:
+            frame[f"{name} s_w - s_l"] = [w - l for w, l in zip(verdict.s_w, verdict.s_l)]
+    return RoundOne(tuples=tuples, verdicts=verdicts, frame=frame)

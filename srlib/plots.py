@@ -449,3 +449,58 @@ def gap_vs_quality(gaps, quality, *, title: str, x: str = "FVE read",
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def agreement_heatmap(round1_filter: Mapping, *, title: str):
+    """Chapter 7: the share (%) of round-1 tuples on which two filters make the same keep/drop
+    decision, one cell per pair of reward models (`round1_filter["agreement"]`, shares 0-1)."""
+    import pandas as pd
+
+    fig, ax = plt.subplots(figsize=(4.8, 3.8))
+    sns.heatmap(pd.DataFrame(round1_filter["agreement"]) * 100, annot=True, fmt=".0f", vmin=0, vmax=100,
+                cmap="viridis", square=True, cbar_kws={"label": "same decision (%)"}, ax=ax)
+    ax.set(title=title, xlabel="reward model", ylabel="reward model")
+    fig.tight_layout()
+    return fig
+
+
+def score_differences(frame, *, safety: bool, a: str = "SparseRM", b: str = "DenseRM"):
+    """Chapter 7: each round-1 tuple's score difference s_w − s_l under reward models `a` (x) and
+    `b` (y), from `srlib.chapter.round_one`'s frame, with the zero lines that split kept from
+    dropped: the off-diagonal quadrants are the tuples the two filters disagree on. On a safety
+    track the tuples whose y_w refuses and y_l does not are coloured apart."""
+    hue = frame.contrast.map({True: "y_w refuses, y_l does not", False: "other"}) if safety else "generated tuple"
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    sns.scatterplot(data=frame.assign(tuple=hue), x=f"{a} s_w - s_l", y=f"{b} s_w - s_l", hue="tuple", ax=ax)
+    ax.axhline(0, color="grey", lw=1)
+    ax.axvline(0, color="grey", lw=1)
+    ax.set(title="Round 1: score differences of the two reward models", xlabel=f"{a}  s_w − s_l (score units)",
+           ylabel=f"{b}  s_w − s_l (score units)")
+    fig.tight_layout()
+    return fig
+
+
+def validation_rounds(result, *, metric_labels: Mapping[str, str], se_key, title: str):
+    """Chapter 7: each reward model's policy after every round on the validation items (round 0
+    is the base policy), ± one standard error, one panel per metric of the track; each model's
+    best round (the one that goes to the test set) circled. `se_key(metric)` names a metric's
+    standard error in the evaluation's results."""
+    from srlib.alignment import TRACKS
+
+    metrics = TRACKS[result.config.track].metrics
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics) + 1.5, 3.8), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for offset, (name, run) in enumerate(result.runs.items()):
+            xs = [0] + [rec.round for rec in run.rounds]
+            vals = [result.base_val] + [rec.val for rec in run.rounds]
+            shift = 0.06 * (offset - (len(result.runs) - 1) / 2)
+            line = ax.errorbar([x + shift for x in xs], [100 * v[metric] for v in vals],
+                               yerr=[100 * v[se_key(metric)] for v in vals], marker="o", capsize=3, label=name)
+            best = run.rounds[run.best_round - 1].val[metric]
+            ax.plot(run.best_round + shift, 100 * best, "o", ms=14, mfc="none", color=line[0].get_color())
+        ax.set(title=f"validation {metric_labels[metric]}", xlabel="round (0 = base policy)",
+               ylabel=f"{metric_labels[metric]} (%)", xticks=range(result.config.rounds + 1))
+    axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1), title="reward model")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -624,3 +624,281 @@ def flipped_pairs(run, pairs: Sequence, *, quote: bool, chars: int, n: int = 8) 
     return pd.DataFrame([{"pair": p.pair_id, "flip": how, "chosen length": len(p.chosen), "rejected length": len(p.rejected),
                           **({"question → chosen": pair_text(p, "chosen", chars)} if quote else {})}
                          for p, how in flipped[:n]])
+
+
+# --------------------------------------------------------------------------- chapter 7: iterative DPO
+
+#: How the book names the policy metrics of `srlib.evaluate` that Table 1's tracks report.
+METRIC_LABELS = {"mc1": "TruthfulQA MC1", "mc2": "TruthfulQA MC2", "accuracy": "pairwise accuracy"}
+
+
+def se_key(metric: str) -> str:
+    """The name of a policy metric's standard error in `srlib.evaluate`'s results."""
+    return "se" if metric == "accuracy" else f"{metric}_se"
+
+
+def _pm(metrics: Mapping[str, Any], metric: str) -> str:
+    """A policy metric and its standard error, in percent: "41.0 ± 3.1"."""
+    return mean_sd(100 * metrics[metric], 100 * metrics[se_key(metric)])
+
+
+def alignment_line(config, threads: int) -> str:
+    """The loop's settings in one line, under chapter 7's setup."""
+    return (f"{threads} torch thread(s); track {config.track}, data set {config.data_name}: {config.n_prompts or 'all'} "
+            f"prompts a round, {config.rounds} rounds, {config.n_shots} shots, {config.max_new_tokens} new tokens, DPO "
+            f"beta {config.beta} against the {config.reference} model, {config.epochs} epochs, lr {config.learning_rate:g}, "
+            f"batch {config.batch_size}, LoRA r={config.lora_r}; best round on {config.max_val or 'all'} validation items "
+            f"by {config.metric}, test on {config.max_test or 'all'} items; seed {config.seed}")
+
+
+def deviations(config) -> pd.DataFrame:
+    """Every setting of the paper's alignment setup beside this run's (`paper_deviations`), the
+    ones that differ marked."""
+    table = pd.DataFrame(config.paper_deviations()).set_index("setting")
+    table["differs"] = ["" if here == paper else "yes" for here, paper in zip(table.here, table.paper)]
+    return table
+
+
+def track_text(validation_track: str, track: str) -> Markdown:
+    """Which track the filter accuracy chose, and whether this run follows it."""
+    return Markdown(f"The most accurate filter on held-out pairs is the **{validation_track}** track's, "
+                    + ("and this run follows that choice." if track == validation_track
+                       else f"but this run was asked for `TRACK = \"{track}\"`."))
+
+
+def one_line(text: str, chars: int) -> str:
+    """`text` on one line of at most `chars` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= chars else text[: chars - 1] + "…"
+
+
+def generation_turns(config) -> list:
+    """The two generation prompts of the track (asking for y_w, then for y_l), with the place
+    of the prompt x marked, one table of turns each; the bad side's compliant answers of the
+    safety tracks are not reproduced."""
+    from srlib.alignment import generation_messages, select_shots
+    from srlib.data import load_pairs
+
+    shots = select_shots(load_pairs(f"{config.data_name}:train", seed=config.split_seed), config.n_shots,
+                         seed=config.seed, max_chars=config.shot_max_chars, kind=config.kind)
+
+    def shown(message: Mapping[str, str], side: str) -> str:
+        if config.kind == "safety" and side == "bad" and message["role"] == "assistant":
+            return f"[the rejected (compliant) answer of a training pair, {len(message['content'])} characters: not shown]"
+        return one_line(message["content"], 110)
+
+    out = []
+    for side, target in (("good", "y_w"), ("bad", "y_l")):
+        messages = generation_messages("⟨x: the prompt, as the user asked it⟩", shots, config.kind, side)
+        out += [Markdown(f"**Asking for {target} ({side} answer)**"),
+                pd.DataFrame([{"turn": m["role"], "content": shown(m, side)} for m in messages]).style.hide(axis="index")]
+    return out
+
+
+def rms_beside_paper(rm_table: pd.DataFrame, dataset: str) -> pd.DataFrame:
+    """The reward models' accuracies (`srlib.chapter.alignment_rms`) with the paper's (Table 4,
+    Gemma-2-9B-it) beside them, rounded to 0.1."""
+    from srlib.paper import TABLE4_DENSE_VS_SPARSE
+
+    paper = [TABLE4_DENSE_VS_SPARSE.get(n, {}).get("accuracy", {}).get(dataset) for n in rm_table.index]
+    return rm_table.assign(**{"accuracy · paper (Gemma-2-9B-it)": paper}).round(1)
+
+
+def rounds_table(result) -> pd.DataFrame:
+    """One row per reward model and round: tuples generated and kept, TRL's DPO statistics of the
+    round's last epoch, the validation metrics and the seconds of each stage."""
+    metrics = _track_metrics(result)
+
+    def last_epoch(rec) -> dict:
+        return rec.train["epochs"][-1] if rec.train and rec.train["epochs"] else {}
+
+    return pd.DataFrame([
+        {"reward model": name, "round": rec.round, "generated": rec.n_generated, "kept": rec.n_kept,
+         "DPO steps": rec.train["steps"] if rec.train else 0, "DPO loss (last epoch)": last_epoch(rec).get("loss"),
+         "DPO reward accuracy (last epoch, %)": 100 * last_epoch(rec).get("rewards/accuracies", float("nan")),
+         **{f"val {METRIC_LABELS[m]} (%)": 100 * rec.val[m] for m in metrics},
+         **{f"{stage} (s)": seconds for stage, seconds in rec.seconds.items()}}
+        for name, run in result.runs.items() for rec in run.rounds])
+
+
+def _track_metrics(result) -> tuple[str, ...]:
+    from srlib.alignment import TRACKS
+
+    return tuple(TRACKS[result.config.track].metrics)
+
+
+def rounds_report(result, rounds: pd.DataFrame) -> list:
+    """The rounds table, styled, and what its times and DPO columns mean."""
+    seconds = rounds.loc[rounds["round"] == 1, "generate (s)"].iloc[0]
+    return [rounds.round(2).style.hide(axis="index").format(precision=1),
+            Markdown(f"Round 1's {result.round1_filter['n_generated']} tuples were generated once in {seconds:.0f} s "
+                     "and filtered by every reward model (its `generate` time is repeated in each row). Times are those "
+                     "of the run that produced the folder. The DPO columns are TRL's statistics on the round's own kept "
+                     "tuples: a reward accuracy near 100% means the adapter learned to prefer y_w over y_l on those tuples.")]
+
+
+def round_one_filter(result, round_one) -> pd.DataFrame:
+    """Round 1 per reward model: tuples kept, and on the safety tracks the share with a clear
+    refusal contrast among the kept and among the dropped ones."""
+    frame, names = round_one.frame, list(round_one.verdicts)
+    table = pd.DataFrame({
+        "kept": result.round1_filter["kept"],
+        "kept (%)": {n: 100 * f for n, f in result.round1_filter["kept_fraction"].items()},
+        **({"clear contrast among kept (%)": {n: 100 * frame.loc[frame[f"{n} keeps"], "contrast"].mean() for n in names},
+            "clear contrast among dropped (%)": {n: 100 * frame.loc[~frame[f"{n} keeps"], "contrast"].mean()
+                                                 for n in names}}
+           if result.config.kind == "safety" else {})})
+    table.index.name = "reward model"
+    return table
+
+
+def round_one_report(result, round_one) -> list:
+    """The round-1 filter table and, on the safety tracks, how many tuples have refusal words."""
+    frame = round_one.frame
+    out = [round_one_filter(result, round_one).round(1)]
+    if result.config.kind == "safety":
+        from srlib.alignment import REFUSAL
+
+        out.append(Markdown(f"{frame.contrast.sum()} of {len(frame)} round-1 tuples have a refusing y_w and a "
+                            f"non-refusing y_l; {(frame.y_w.map(REFUSAL.search).notna()).sum()} y_w and "
+                            f"{(frame.y_l.map(REFUSAL.search).notna()).sum()} y_l contain refusal words."))
+    return out
+
+
+def filter_examples(round_one, names: Sequence[str], *, kind: str, n: int):
+    """Up to `n` round-1 tuples per reward model and verdict (kept / dropped), each text cut to
+    one short line; on the safety tracks only tuples whose y_w refuses, the shortest first, with
+    y_l cut shorter (the prompts are harmful requests)."""
+    from srlib.alignment import REFUSAL
+
+    frame, rows = round_one.frame, []
+    for name in names:
+        for kept in (True, False):
+            part = frame[frame[f"{name} keeps"] == kept]
+            if kind == "safety":
+                part = part[part.y_w.map(REFUSAL.search).notna()]
+                part = part.assign(length=part.prompt.str.len() + part.y_l.str.len()).sort_values("length")
+            for _, row in part.head(n).iterrows():
+                rows.append({"reward model": name, "verdict": "kept" if kept else "dropped",
+                             "s_w − s_l": row[f"{name} s_w - s_l"], "x (prompt)": one_line(row.prompt, 70),
+                             "y_w (asked: good)": one_line(row.y_w, 90),
+                             "y_l (asked: bad)": one_line(row.y_l, 50 if kind == "safety" else 90)})
+    return pd.DataFrame(rows).round(2).style.hide(axis="index").format(precision=2)
+
+
+def table1(result) -> pd.DataFrame:
+    """Table 1 for this run: each policy at its best round on the track's test items, each metric
+    ± SE and its paired change from the base policy with the 95% interval, the paper's Gemma-2
+    numbers beside (DenseRM's from its Table 4)."""
+    from srlib.alignment import TRACKS
+    from srlib.paper import TABLE1_ALIGNMENT, TABLE1_COLUMNS, TABLE4_DENSE_VS_SPARSE
+
+    track = TRACKS[result.config.track]
+    rows = []
+    for row in result.table():
+        out = {"track": row["track"], "policy": row["method"], "best round": row["best_round"],
+               "kept tuples per round": "–" if row["kept"] is None else ", ".join(map(str, row["kept"]))}
+        for metric in track.metrics:
+            out[f"{METRIC_LABELS[metric]} (%)"] = _pm(row, metric)
+            out[f"{METRIC_LABELS[metric]}: change from base (points, 95% CI)"] = (
+                "–" if row["kept"] is None else
+                f"{row[f'{metric}_delta']:+.1f} ({row[f'{metric}_delta_low']:+.1f} to {row[f'{metric}_delta_high']:+.1f})")
+        for backbone_name, methods in TABLE1_ALIGNMENT.items():
+            for column in track.paper_columns:
+                value = methods.get(row["method"], [None] * 4)[TABLE1_COLUMNS.index(column)]
+                if value is None and row["method"] == "DenseRM" and backbone_name == "Gemma-2-9B-it" and column != "TQA MC2":
+                    value = TABLE4_DENSE_VS_SPARSE["DenseRM"]["alignment"][result.config.data_name]
+                out[f"{column} · paper ({backbone_name})"] = "" if value is None else f"{value:.1f}"
+        rows.append(out)
+    return pd.DataFrame(rows).set_index(["track", "policy"])
+
+
+#: The policy comparisons chapter 7 gives a verdict for, those whose two policies the run has.
+ALIGNMENT_COMPARISONS = (("SparseRM", "WO RM"), ("SparseRM", "DenseRM"), ("DenseRM", "WO RM"), ("StandardRM", "WO RM"),
+                         ("SparseRM", "StandardRM"), ("WO RM", "base policy"), ("SparseRM", "base policy"))
+
+
+def alignment_verdicts(result) -> Markdown:
+    """`compare_paired`'s verdict for each policy comparison of the run, per metric."""
+    from srlib.alignment import BASE
+
+    pairs = [(a, b) for a, b in ALIGNMENT_COMPARISONS if a in result.runs and (b in result.runs or b == BASE)]
+    lines = [f"- {METRIC_LABELS[m]}: {result.compare(a, b, m).verdict()}"
+             for m in _track_metrics(result) for a, b in pairs]
+    return Markdown(f"Paired comparisons on the {result.base_test['n']} test items of the {result.config.track} track "
+                    "(`AlignmentResult.compare`, i.e. `srlib.evaluate.compare_paired`):\n\n" + "\n".join(lines))
+
+
+def sparse_vs_wo_text(result, comparisons: Mapping[str, Any]) -> Markdown:
+    """Did SparseRM filtering beat WO RM: the answer from the paired intervals of every metric,
+    the verdicts, the paper's gains on this track's columns, and whether the run could detect them."""
+    from srlib.alignment import TRACKS
+    from srlib.chapter import clear_win
+    from srlib.paper import TABLE1_ALIGNMENT, TABLE1_COLUMNS
+
+    columns = TRACKS[result.config.track].paper_columns
+    paper_gains = [methods["SparseRM"][TABLE1_COLUMNS.index(c)] - methods["WO RM"][TABLE1_COLUMNS.index(c)]
+                   for methods in TABLE1_ALIGNMENT.values() for c in columns]
+    widest = max(c.high - c.low for c in comparisons.values())
+    detectable = max(c.detectable for c in comparisons.values())
+    beat, worse = clear_win(comparisons), any(c.high < 0 for c in comparisons.values())
+    return Markdown("**Did SparseRM filtering beat WO RM here?** " + (
+        "Yes: the 95% interval excludes zero on every metric." if beat else
+        "No: WO RM did better (an interval lies below zero)." if worse else
+        "No clear difference: every interval contains zero.")
+        + " " + "; ".join(f"{METRIC_LABELS[m]}: {c.verdict()}" for m, c in comparisons.items())
+        + f". The paper's gains of SparseRM over WO RM on this track's columns are {min(paper_gains):+.1f} to "
+          f"{max(paper_gains):+.1f} points (2,000 prompts, 5 rounds); the intervals here are up to {widest:.1f} points "
+          f"wide, and a true difference of {detectable:.1f} points would be found with 80% power: this run is "
+        + ("large enough" if detectable <= max(paper_gains) else "too small")
+        + " to detect the paper's largest gain on this track.")
+
+
+def table4_alignment(result, rm_table: pd.DataFrame) -> pd.DataFrame:
+    """Table 4's alignment half: DenseRM and SparseRM's test accuracy as reward models and the
+    test metric of the policy each produced, ours beside the paper's (Gemma-2-9B-it)."""
+    from srlib.paper import TABLE4_DENSE_VS_SPARSE
+
+    metric, dataset = _track_metrics(result)[0], result.config.data_name
+    table = pd.DataFrame({
+        name: {"RM accuracy (ours, %)": f"{rm_table.loc[name, 'test accuracy (%)']:.1f}",
+               f"alignment: {METRIC_LABELS[metric]} (ours, %)": _pm(result.runs[name].test, metric),
+               "RM accuracy · paper (Gemma-2-9B-it)": TABLE4_DENSE_VS_SPARSE[name]["accuracy"][dataset],
+               "alignment · paper (Gemma-2-9B-it)": TABLE4_DENSE_VS_SPARSE[name]["alignment"][dataset]}
+        for name in ("DenseRM", "SparseRM")}).T
+    table.index.name = "reward model"
+    return table
+
+
+def table4_alignment_text(result, rm_table: pd.DataFrame) -> Markdown:
+    """SparseRM − DenseRM in RM accuracy and in alignment (the paired verdict), beside the paper's."""
+    from srlib.paper import TABLE4_DENSE_VS_SPARSE
+
+    metric, dataset, paper = _track_metrics(result)[0], result.config.data_name, TABLE4_DENSE_VS_SPARSE
+    acc_gap = rm_table.loc["SparseRM", "test accuracy (%)"] - rm_table.loc["DenseRM", "test accuracy (%)"]
+    return Markdown(f"Ours: SparseRM − DenseRM is {acc_gap:+.1f} points of RM accuracy (one seed; chapter 6 compares "
+                    f"them over seeds) and, in alignment ({METRIC_LABELS[metric]}): "
+                    f"{result.compare('SparseRM', 'DenseRM', metric).verdict()}. The paper: "
+                    f"{paper['SparseRM']['accuracy'][dataset] - paper['DenseRM']['accuracy'][dataset]:+.1f} "
+                    f"and {paper['SparseRM']['alignment'][dataset] - paper['DenseRM']['alignment'][dataset]:+.1f}.")
+
+
+def alignment_results(result, *, table1: pd.DataFrame, table4: pd.DataFrame, round_one: pd.DataFrame,
+                      rounds: pd.DataFrame) -> dict[str, dict]:
+    """Chapter 7's tables for the book's results page, each with its caption."""
+    from srlib.results import frame_table
+
+    metrics = _track_metrics(result)
+    return {
+        "table1": frame_table(table1, f"Table 1 (ours): policy after iterative DPO on {label(result.config.data_name)} "
+                                      "test items, best round on validation; metric ± SE, paired change from the base "
+                                      "policy with its 95% CI; the paper's Gemma-2 numbers beside", index=True),
+        "table4_alignment": frame_table(table4, "Table 4 (alignment half): DenseRM vs SparseRM, RM test accuracy and "
+                                                "the aligned policy's test metric, ours beside the paper's (Gemma-2-9B-it)",
+                                        index=True, float_format=".1f"),
+        "round1_filter": frame_table(round_one, "Round-1 filtering: tuples kept by each reward model from one "
+                                                "shared set of policy-generated tuples", index=True, float_format=".1f"),
+        "rounds": frame_table(rounds[["reward model", "round", "generated", "kept"]
+                                     + [f"val {METRIC_LABELS[m]} (%)" for m in metrics]],
+                              "Iterative DPO: tuples generated and kept, validation metric per round and reward model",
+                              float_format=".1f")}

@@ -91,3 +91,122 @@ def test_reading_line_names_each_data_set_with_its_sizes():
     states = {"truthfulqa": SimpleNamespace(sizes=lambda: {"train": 3, "val": 1, "test": 2})}
     assert present.reading_line(states, 4) == ("one SparseRM per data set (seed 4): "
                                                "TruthfulQA {'train': 3, 'val': 1, 'test': 2}")
+
+
+# --------------------------------------------------------------------------- chapter 7
+
+
+def _alignment_result(track: str = "red-teaming"):
+    """A made-up two-round run: the base policy right on items 0-2 of 10, SparseRM on all,
+    DenseRM on 0-2 and 9, WO RM like the base."""
+    from srlib.alignment import AlignmentConfig, AlignmentResult, RoundRecord, RunRecord
+    from srlib.evaluate import binomial_se
+
+    def metrics(right):
+        items = [1.0 if i in right else 0.0 for i in range(10)]
+        p = sum(items) / 10
+        return {"accuracy": p, "se": binomial_se(p, 10), "n": 10, "accuracy_items": items}
+
+    def run(name, right, kept):
+        rounds = [RoundRecord(round=r, n_generated=6, n_kept=k, val=metrics(right if r == 2 else range(6)),
+                              train={"steps": 2, "epochs": [{"loss": 0.5, "rewards/accuracies": 0.75}]},
+                              seconds={"generate": 1.0, "dpo": 2.0}) for r, k in zip((1, 2), kept)]
+        return RunRecord(name=name, rounds=rounds, best_round=2, test=metrics(right))
+
+    config = AlignmentConfig.for_profile("smoke", track=track)
+    runs = {"WO RM": run("WO RM", range(3), [6, 6]), "SparseRM": run("SparseRM", range(10), [4, 3]),
+            "DenseRM": run("DenseRM", [0, 1, 2, 9], [5, 2])}
+    round1 = {"n_generated": 6, "kept": {"WO RM": 6, "SparseRM": 4, "DenseRM": 5},
+              "kept_fraction": {"WO RM": 1.0, "SparseRM": 4 / 6, "DenseRM": 5 / 6},
+              "agreement": {"SparseRM": {"SparseRM": 1.0, "DenseRM": 0.5}, "DenseRM": {"SparseRM": 0.5, "DenseRM": 1.0}}}
+    return AlignmentResult(config, metrics(range(3)), metrics(range(3)), runs, round1)
+
+
+def test_table1_rows_are_the_policies_with_their_paired_change_and_the_papers_numbers():
+    result = _alignment_result()
+    table = present.table1(result)
+    assert [p for _, p in table.index] == ["base policy", "WO RM", "SparseRM", "DenseRM"]
+    row = table.loc[("red-teaming", "SparseRM")]
+    assert row["pairwise accuracy (%)"] == "100.0 ± 0.0" and row["kept tuples per round"] == "4, 3"
+    assert row["pairwise accuracy: change from base (points, 95% CI)"].startswith("+70.0 (")
+    assert table.loc[("red-teaming", "base policy"), "kept tuples per round"] == "–"
+    assert any("· paper (Gemma-2-9B-it)" in c for c in table.columns)
+
+
+def test_alignment_verdicts_and_the_sparse_vs_wo_answer_come_from_the_paired_intervals():
+    result = _alignment_result()
+    verdicts = present.alignment_verdicts(result).data
+    assert "SparseRM beats WO RM by 70.0 points" in verdicts and "on the 10 test items of the red-teaming track" in verdicts
+    assert "StandardRM" not in verdicts  # a comparison whose policy the run lacks is left out
+    win = {"accuracy": result.compare("SparseRM", "WO RM", "accuracy")}
+    assert chapter.clear_win(win)
+    assert "Yes: the 95% interval excludes zero on every metric." in present.sparse_vs_wo_text(result, win).data
+    tie = {"accuracy": result.compare("DenseRM", "WO RM", "accuracy")}
+    assert not chapter.clear_win(tie)
+    assert "No clear difference" in present.sparse_vs_wo_text(result, tie).data
+    metrics = chapter.alignment_metrics(result, win, alignment_seconds=1.234, seconds=5.0)
+    assert metrics["sparserm_beat_wo_rm"] is True and metrics["alignment_seconds"] == 1.2
+    assert metrics["table1"] == result.table()
+
+
+def test_table4_alignment_sets_rm_accuracy_beside_the_aligned_policy():
+    result = _alignment_result()
+    rm_table = pd.DataFrame({"test accuracy (%)": [70.0, 62.5]}, index=pd.Index(["SparseRM", "DenseRM"]))
+    table = present.table4_alignment(result, rm_table)
+    assert table.loc["SparseRM", "RM accuracy (ours, %)"] == "70.0"
+    assert table.loc["DenseRM", "alignment: pairwise accuracy (ours, %)"] == "40.0 ± 15.5"
+    text = present.table4_alignment_text(result, rm_table).data
+    assert text.startswith("Ours: SparseRM − DenseRM is +7.5 points of RM accuracy")
+
+
+def test_rounds_table_and_figures_read_every_round():
+    import matplotlib.pyplot as plt
+
+    from srlib import plots
+
+    result = _alignment_result()
+    rounds = present.rounds_table(result)
+    assert len(rounds) == 6 and rounds["kept"].tolist() == [6, 6, 4, 3, 5, 2]
+    assert rounds["DPO reward accuracy (last epoch, %)"].tolist() == [75.0] * 6
+    assert rounds["val pairwise accuracy (%)"].tolist()[2:4] == [60.0, 100.0]
+    fig = plots.validation_rounds(result, metric_labels=present.METRIC_LABELS, se_key=present.se_key, title="t")
+    ax = fig.axes[0]
+    assert [round(x) for x in ax.get_xticks()] == [0, 1, 2] and len(ax.containers) == 3  # one error-bar line each
+    plt.close(fig)
+    heat = plots.agreement_heatmap(result.round1_filter, title="t")
+    assert sorted(t.get_text() for t in heat.axes[0].texts) == ["100", "100", "50", "50"]
+    plt.close(heat)
+    frame = pd.DataFrame({"SparseRM s_w - s_l": [1.0, -1.0], "DenseRM s_w - s_l": [0.5, 0.2], "contrast": [True, False]})
+    scatter = plots.score_differences(frame, safety=True)
+    assert [t.get_text() for t in scatter.axes[0].get_legend().get_texts()] == ["y_w refuses, y_l does not", "other"]
+    plt.close(scatter)
+
+
+def test_the_default_run_folder_hashes_what_the_run_depends_on(tmp_path, monkeypatch):
+    from srlib.alignment import AlignmentConfig, default_run_dir
+
+    monkeypatch.setenv("SRLIB_CACHE_DIR", str(tmp_path))
+    profile = SimpleNamespace(name="smoke", sae_source="train")
+    sae = SimpleNamespace(cfg=SimpleNamespace(metadata={}))  # no srlib record: the profile's SAE source names it
+    rm = SimpleNamespace(config=lambda: {"k": 8, "history": [1, 2], "cost": {"s": 3}})
+    config = AlignmentConfig.for_profile("smoke", track="red-teaming")
+    folder = default_run_dir(config, {"WO RM": None, "SparseRM": rm}, profile=profile, sae=sae)
+    assert folder.parent == tmp_path / "alignment" and folder.name.startswith("smoke-red-teaming-")
+    noisy = SimpleNamespace(config=lambda: {"k": 8, "history": [9], "cost": {"s": 1}})  # curves and costs left out
+    assert default_run_dir(config, {"SparseRM": noisy}, profile=profile, sae=sae) == folder
+    other = SimpleNamespace(config=lambda: {"k": 16})
+    assert default_run_dir(config, {"SparseRM": other}, profile=profile, sae=sae) != folder
+    assert default_run_dir(config.replace(seed=1), {"SparseRM": rm}, profile=profile, sae=sae) != folder
+
+
+def test_alignment_config_falls_back_to_the_profile_for_each_none():
+    config = chapter.alignment_config("smoke", track="truthfulqa", seed=2, rounds=None, beta=0.3)
+    assert (config.track, config.seed, config.beta) == ("truthfulqa", 2, 0.3)
+    from srlib.alignment import AlignmentConfig
+
+    assert config.rounds == AlignmentConfig.for_profile("smoke", track="truthfulqa").rounds
+
+
+def test_one_line_cuts_to_the_width_with_an_ellipsis():
+    assert present.one_line("a  b\nc", 10) == "a b c"
+    assert present.one_line("abcdefghij", 5) == "abcd…"
