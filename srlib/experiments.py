@@ -319,14 +319,6 @@ def summarize(trials, by: Sequence[str] = ("dataset", "variant"), *, value: str,
     return table
 
 
-def pivot_labels(summary, index: str = "variant", columns: str = "dataset"):
-    """The "mean ± sd" labels as a table: one row per variant, one column per data set."""
-    table = summary.pivot(index=index, columns=columns, values="label")
-    order = [c for c in DATASET_LABELS if c in table.columns] + [c for c in table.columns if c not in DATASET_LABELS]
-    table = table[order].rename(columns=DATASET_LABELS)
-    table.columns.name = None
-    return table.loc[list(dict.fromkeys(summary[index]))]
-
 
 
 # --------------------------------------------------------------------------- inspecting latents (chapters 1-2)
@@ -719,29 +711,6 @@ def shuffled_separation(latents_w: Tensor, latents_l: Tensor, *, seed: int = 0) 
     first = torch.where(swap[:, None], fired_l, fired_w).float().mean(dim=0)
     second = torch.where(swap[:, None], fired_w, fired_l).float().mean(dim=0)
     return first - second
-
-
-def latent_cards_html(cards, *, quote_texts: bool = True) -> str:
-    """`latent_cards` as HTML, one block per latent: a header line (side, latent, score,
-    frequencies, pairs separated, dashboard link when there is one), then its max-activating
-    answers and an example pair as a list. Texts are HTML-escaped; `quote_texts=False` leaves
-    them out (for data sets whose texts should not be quoted)."""
-    from html import escape
-
-    blocks = []
-    for card in cards.to_dict("records"):
-        link = f' · <a href="{escape(card["dashboard"])}">dashboard</a>' if card.get("dashboard") else ""
-        header = (f'<b>latent {card["latent"]}</b> ({escape(card["side"])}, rank {card["rank"]}): score '
-                  f'{card["score"]:.3f}, μ_w {card["μ_w"]:.3f}, μ_l {card["μ_l"]:.3f}, separates '
-                  f'{card["pairs separated"]} pairs{link}')
-        items = []
-        if quote_texts:
-            items = [f"<li>{escape(text)}</li>" for text in card["max-activating answers"]]
-            if card["example pair"]:
-                items.append(f"<li><i>a pair it separates:</i> {escape(card['example pair'])}</li>")
-        body = f"<ul>{''.join(items)}</ul>" if items else ""
-        blocks.append(f'<div class="mathjax_ignore" style="margin-bottom:0.8em">{header}{body}</div>')
-    return "\n".join(blocks)
 
 
 def paired_table(trials, comparisons: Sequence[tuple[str, str]], *, by: str = "dataset", labels: Mapping[str, str] | None = None):

@@ -30,6 +30,39 @@ def show(frame: pd.DataFrame, formats: Mapping[str, str] | None = None, *, links
     return style.hide(axis="index").set_table_attributes('class="dataframe"')
 
 
+def pivot_labels(summary: pd.DataFrame, index: str = "variant", columns: str = "dataset") -> pd.DataFrame:
+    """The "mean ± sd" labels of `srlib.experiments.summarize` as a table: one row per variant,
+    one column per data set (named as the book names them)."""
+    table = summary.pivot(index=index, columns=columns, values="label")
+    order = [c for c in DATASET_LABELS if c in table.columns] + [c for c in table.columns if c not in DATASET_LABELS]
+    table = table[order].rename(columns=DATASET_LABELS)
+    table.columns.name = None
+    return table.loc[list(dict.fromkeys(summary[index]))]
+
+
+def latent_cards_html(cards: pd.DataFrame, *, quote_texts: bool = True) -> str:
+    """`srlib.experiments.latent_cards` as HTML, one block per latent: a header line (side, latent,
+    score, frequencies, pairs separated, dashboard link when there is one), then its
+    max-activating answers and an example pair as a list. Texts are HTML-escaped;
+    `quote_texts=False` leaves them out (for data sets whose texts should not be quoted)."""
+    from html import escape
+
+    blocks = []
+    for card in cards.to_dict("records"):
+        link = f' · <a href="{escape(card["dashboard"])}">dashboard</a>' if card.get("dashboard") else ""
+        header = (f'<b>latent {card["latent"]}</b> ({escape(card["side"])}, rank {card["rank"]}): score '
+                  f'{card["score"]:.3f}, μ_w {card["μ_w"]:.3f}, μ_l {card["μ_l"]:.3f}, separates '
+                  f'{card["pairs separated"]} pairs{link}')
+        items = []
+        if quote_texts:
+            items = [f"<li>{escape(text)}</li>" for text in card["max-activating answers"]]
+            if card["example pair"]:
+                items.append(f"<li><i>a pair it separates:</i> {escape(card['example pair'])}</li>")
+        body = f"<ul>{''.join(items)}</ul>" if items else ""
+        blocks.append(f'<div class="mathjax_ignore" style="margin-bottom:0.8em">{header}{body}</div>')
+    return "\n".join(blocks)
+
+
 # --------------------------------------------------------------------------- chapter 1: the SAE
 
 
@@ -150,8 +183,6 @@ def latent_cards(cards, *, quote: bool, dataset: str):
     """The latent cards as HTML; for a data set whose texts are not quoted, a note and the
     numbers only."""
     from IPython.display import HTML
-
-    from srlib.experiments import latent_cards_html
 
     note = "" if quote else (f"<blockquote><p>{label(dataset)} holds harmful requests: only numbers are shown (set "
                              "<code>QUOTE_SAFETY_TEXTS = True</code> to read the answers).</p></blockquote>\n")
@@ -402,8 +433,6 @@ def model_name(model_id: str) -> str:
 def accuracy_beside_paper(summary: pd.DataFrame, paper: Mapping[str, Mapping[str, float]], *, model_id: str,
                           layer: int) -> pd.DataFrame:
     """Our SparseRM's "mean ± sd" per data set (model and layer named) above the paper's Gemma-2-9B-it row."""
-    from srlib.experiments import pivot_labels
-
     table = pivot_labels(summary).rename(index={"SparseRM": f"SparseRM, ours ({model_name(model_id)}, layer {layer})"})
     names = {label(n): n for n in summary["dataset"]}
     table.loc["SparseRM, paper (Gemma-2-9B-it)"] = [
@@ -584,7 +613,7 @@ def shown_cards(cards: pd.DataFrame, latents: Sequence[int], *, quote: bool, sae
     no public dashboard, a note saying the cards are the only evidence of what a latent means."""
     from IPython.display import HTML
 
-    from srlib.experiments import latent_cards_html, neuronpedia_url
+    from srlib.experiments import neuronpedia_url
 
     shown = [HTML(latent_cards_html(cards[cards["latent"].isin(latents)].drop_duplicates("latent").head(n),
                                     quote_texts=quote))]
