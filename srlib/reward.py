@@ -277,7 +277,8 @@ def make_features(kind: str, *, directions=None, sae=None, d: int | None = None,
 # ----------------------------------------------------------------------------- head and losses
 
 
-ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+#: The head's activations by the names `HeadConfig.activation` allows (`ACTIVATION_NAMES`, one list).
+ACTIVATIONS: dict[str, type[nn.Module]] = dict(zip(ACTIVATION_NAMES, (nn.ReLU, nn.GELU, nn.Tanh), strict=True))
 
 
 class RewardHead(nn.Module):
@@ -336,7 +337,8 @@ def bce_loss(s_w: Tensor, s_l: Tensor) -> Tensor:
     return F.binary_cross_entropy_with_logits(logits, labels)
 
 
-LOSSES: dict[str, Callable[..., Tensor]] = {"margin": margin_loss, "bt": bt_loss, "bce": bce_loss}
+#: The losses by the names `HeadConfig.loss` allows (`LOSS_NAMES`, one list).
+LOSSES: dict[str, Callable[..., Tensor]] = dict(zip(LOSS_NAMES, (margin_loss, bt_loss, bce_loss), strict=True))
 
 
 def get_loss(name: str, *, gamma: float = 1.0) -> Callable[[Tensor, Tensor], Tensor]:

@@ -170,6 +170,8 @@ def test_bce_loss_uses_absolute_labels():
 def test_loss_registry_and_bad_names():
     assert set(LOSSES) == {"margin", "bt", "bce"}
     assert tuple(LOSSES) == LOSS_NAMES and tuple(ACTIVATIONS) == ACTIVATION_NAMES  # HeadConfig allows these
+    assert (LOSSES["margin"], LOSSES["bt"], LOSSES["bce"]) == (margin_loss, bt_loss, bce_loss)
+    assert (ACTIVATIONS["relu"], ACTIVATIONS["gelu"], ACTIVATIONS["tanh"]) == (torch.nn.ReLU, torch.nn.GELU, torch.nn.Tanh)
     assert get_loss("margin", gamma=2.0)(torch.tensor([0.0]), torch.tensor([0.0])).item() == pytest.approx(2.0)
     with pytest.raises(ConfigError) as error:
         get_loss("hinge")
