@@ -22,12 +22,18 @@ from typing import Any, Sequence
 
 import torch
 from torch import Tensor
+from tqdm import TqdmWarning
 
-from srlib.backbone import Backbone, backbone_for_profile
-from srlib.data import PreferencePair
-from srlib.experiments import DATASET_LABELS, DatasetStates, dataset_states, top_latents
-from srlib.profiles import Profile, get_profile
-from srlib.sae import sae_for_profile
+# tqdm.auto (srlib's progress bars, and the libraries below) warns once, when first imported, that
+# Jupyter widgets are missing; the book does not use them, so the warning says nothing to a reader.
+# A chapter imports this module first, so the filter is in place before that import.
+warnings.filterwarnings("ignore", message="IProgress not found", category=TqdmWarning)
+
+from srlib.backbone import Backbone, backbone_for_profile  # noqa: E402
+from srlib.data import PreferencePair  # noqa: E402
+from srlib.experiments import DATASET_LABELS, DatasetStates, dataset_states, top_latents  # noqa: E402
+from srlib.profiles import Profile, get_profile  # noqa: E402
+from srlib.sae import sae_for_profile  # noqa: E402
 
 #: What the smoke profile's banner says, above every chapter run under it.
 SMOKE_BANNER = ("> **Smoke profile:** a tiny random model and a tiny SAE: the code runs end to end, "
@@ -93,10 +99,6 @@ def setup(profile: str | Profile, *, layer: int | None = None, k: int | None = N
     mean nothing. `quiet` silences what transformers and TRL print that a chapter training with
     them does not need (`quiet_libraries`).
     """
-    # tqdm.auto looks for Jupyter widgets, which the book does not use; its warning says nothing here.
-    from tqdm import TqdmWarning
-
-    warnings.filterwarnings("ignore", message="IProgress not found", category=TqdmWarning)
     if quiet:
         quiet_libraries()
     if single_thread:

@@ -55,6 +55,19 @@ def test_the_line_count_counts_non_blank_code_lines():
     assert code_lines(cells) == 2
 
 
+def test_importing_the_chapter_module_first_silences_tqdms_widget_warning():
+    import subprocess
+    import sys
+
+    code = ("import warnings\nimport srlib.chapter\nfrom tqdm import TqdmWarning\n"
+            "with warnings.catch_warnings(record=True) as seen:\n"
+            "    warnings.warn(\"IProgress not found. Please update jupyter and ipywidgets.\", TqdmWarning)\n"
+            "    warnings.warn(\"another tqdm warning\", TqdmWarning)\n"
+            "print(len(seen))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "1"  # the widget warning is dropped, any other still shows
+
+
 def test_setup_applies_the_overrides_and_says_what_it_loaded(capsys):
     ch = chapter.setup("smoke", k=4, seeds=(5,), datasets=("truthfulqa",))
     assert (ch.k, ch.profile.k, ch.seeds, ch.datasets) == (4, 4, (5,), ("truthfulqa",))
