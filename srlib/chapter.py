@@ -80,11 +80,6 @@ class Chapter:
                 f"({p.sae_source}); K = {self.k} (2K = {2 * self.k} head inputs); seeds {self.seeds}")
 
 
-def label(dataset: str) -> str:
-    """How the book names a data set (`srlib.experiments.DATASET_LABELS`)."""
-    return DATASET_LABELS.get(dataset, dataset)
-
-
 def setup(profile: str | Profile, *, layer: int | None = None, k: int | None = None,
           seeds: Sequence[int] | None = None, datasets: Sequence[str] | None = None,
           single_thread: bool = True, threads: int | None = None, show: bool = True,
