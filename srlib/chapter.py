@@ -599,9 +599,180 @@ def round_one(result, out_dir, reward_models: dict[str, Any]) -> RoundOne:
     assert all(sum(v.keep) == result.round1_filter["kept"][name] for name, v in verdicts.items())
     frame = pd.DataFrame({"prompt": [t.prompt for t in tuples], "y_w": [t.chosen for t in tuples],
                           "y_l": [t.rejected for t in tuples]})
-    frame["contrast"] = [bool(REFUSAL.search(w)) and not REFUSAL.search(l) for w, l in zip(frame.y_w, frame.y_l)]
+    frame["contrast"] = [bool(REFUSAL.search(good)) and not REFUSAL.search(bad) for good, bad in zip(frame.y_w, frame.y_l)]
     for name, verdict in verdicts.items():
         frame[f"{name} keeps"] = verdict.keep
         if verdict.s_w is not None:
-            frame[f"{name} s_w - s_l"] = [w - l for w, l in zip(verdict.s_w, verdict.s_l)]
+            frame[f"{name} s_w - s_l"] = [good - bad for good, bad in zip(verdict.s_w, verdict.s_l)]
     return RoundOne(tuples=tuples, verdicts=verdicts, frame=frame)
+
+
+# --------------------------------------------------------------------------- what chapter 6 measures: the shift
+
+
+def dense_vs_sparse_trials(ch: Chapter, states: dict[str, DatasetStates], *, resample: bool):
+    """Table 4's accuracy half: DenseRM and SparseRM (its K directions selected per seed, on the
+    seed's bootstrap resample of the training questions when `resample`) on each of the
+    chapter's data sets, one row per data set, model and seed (`srlib.experiments.run_trials`)."""
+    import pandas as pd
+
+    from srlib.experiments import run_trials
+
+    variants = {"DenseRM": dict(features="dense"), "SparseRM": dict(features="projection", select=dict(sae=ch.sae, k=ch.k))}
+    return pd.concat([run_trials(states[name], variants, ch.seeds, resample=resample, progress=False)
+                      for name in ch.datasets], ignore_index=True)
+
+
+@dataclass(frozen=True)
+class PolicyPairs:
+    """Pairs the policy generated (GRATH-style, round 1 of chapter 7's loop) with the hidden
+    states of their two answers, the loop's settings and the seconds generation took."""
+
+    pairs: list
+    chosen: Tensor
+    rejected: Tensor
+    config: Any
+    seconds: float
+
+
+def policy_generation(ch: Chapter, dataset: str, n: int, *, threads: int) -> PolicyPairs:
+    """The backbone answers `n` generation prompts of `dataset` (at most all of them; a line says
+    so when fewer exist) twice, asked for a safe and for an unsafe answer, with the settings of
+    the data set's Table 1 track; then the states of both answers. Runs on `threads` torch
+    threads (generation and extraction use every core) and sets one thread after."""
+    from srlib.activations import pair_states
+    from srlib.alignment import TRACKS, AlignmentConfig
+    from srlib.data import generation_prompts
+    from srlib.shift import policy_pairs
+
+    track = next(name for name, t in TRACKS.items() if t.dataset == dataset)  # the Table 1 track of the data set
+    config = AlignmentConfig.for_profile(ch.profile.name, track=track)
+    available = len(generation_prompts(dataset, seed=config.split_seed))
+    if n > available:
+        print(f"{dataset} has {available} generation prompts: the policy answers all of them, not {n}")
+        n = available
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    pairs = policy_pairs(ch.backbone, config, n, progress=False)
+    seconds = time.perf_counter() - started
+    chosen, rejected = pair_states(ch.backbone, pairs, ch.profile.layer, max_length=ch.profile.max_length,
+                                   batch_size=ch.profile.batch_size, progress=False)
+    torch.set_num_threads(1)
+    return PolicyPairs(pairs=pairs, chosen=chosen, rejected=rejected, config=config, seconds=seconds)
+
+
+#: The three groups of answers Figure 5 compares, the training answers first.
+SHIFT_GROUPS = ("training", "held-out (test split)", "generated (policy)")
+
+
+def shift_spaces(states: DatasetStates, generated: PolicyPairs, directions) -> dict[str, dict[str, Tensor]]:
+    """Figure 5's two spaces, each {group: one row per answer}: the hidden states (dense) and
+    their raw projections on the selected directions; groups: the training answers, the
+    held-out (test) answers and the generated ones."""
+    from srlib.shift import projection_space
+
+    groups = dict(zip(SHIFT_GROUPS, (torch.cat([states.train.chosen, states.train.rejected]),
+                                     torch.cat([states.test.chosen, states.test.rejected]),
+                                     torch.cat([generated.chosen, generated.rejected]))))
+    return {"dense": groups, "projection": {g: projection_space(X, directions) for g, X in groups.items()}}
+
+
+def shift_similarity(spaces: dict[str, dict[str, Tensor]]):
+    """Each answer's cosine similarity to the training answers in each space: mean and nearest,
+    uncentered and centered (`srlib.shift.similarity_frame`), one frame."""
+    import pandas as pd
+
+    from srlib.shift import similarity_frame
+
+    return pd.concat([similarity_frame(spaces), similarity_frame(spaces, center=True)], ignore_index=True)
+
+
+def figure5_numbers(similarity) -> dict[str, dict[str, float]]:
+    """Per space: the primary measure (nearest training answer, centered) and the paper-style
+    one (mean over all training answers, uncentered) of the generated and held-out answers, and
+    how far the generated fall below the held-out in units of the held-out spread, with its
+    standard error (`srlib.shift.shift_size`)."""
+    from srlib.shift import shift_size
+
+    def per_sample(space: str, group: str, aggregate: str, centered: bool) -> Tensor:
+        keep = ((similarity["space"] == space) & (similarity["group"] == group)
+                & (similarity["aggregate"] == aggregate) & (similarity["centered"] == centered))
+        return torch.tensor(similarity.loc[keep, "similarity"].to_numpy())
+
+    held, gen = SHIFT_GROUPS[1], SHIFT_GROUPS[2]
+    numbers = {}
+    for space in dict.fromkeys(similarity["space"]):
+        primary = shift_size(per_sample(space, held, "nearest", True), per_sample(space, gen, "nearest", True))
+        paper_style = shift_size(per_sample(space, held, "mean", False), per_sample(space, gen, "mean", False))
+        numbers[space] = {"nearest_centered_generated": float(per_sample(space, gen, "nearest", True).mean()),
+                          "nearest_centered_held_out": float(per_sample(space, held, "nearest", True).mean()),
+                          "mean_generated": float(per_sample(space, gen, "mean", False).mean()),
+                          "mean_held_out": float(per_sample(space, held, "mean", False).mean()),
+                          "shift_primary_sd": primary["standardised"], "shift_primary_se": primary["se"],
+                          "shift_paper_style_sd": paper_style["standardised"], "shift_paper_style_se": paper_style["se"]}
+    return numbers
+
+
+@dataclass(frozen=True)
+class ShiftTSNE:
+    """The t-SNE of both spaces: one embedding per space, and per point its answer (chosen or
+    rejected) and its source (training or generated)."""
+
+    embeddings: dict[str, Any]
+    labels: list[str]
+    sources: list[str]
+    n_train: int
+
+
+def shift_tsne(states: DatasetStates, generated: PolicyPairs, directions, *, n_train: int,
+               perplexity: float) -> ShiftTSNE:
+    """t-SNE (`srlib.shift.tsne_embedding`) of the first `n_train` training pairs and all
+    generated pairs, in the dense and in the projection space."""
+    from srlib.shift import projection_space, tsne_embedding
+
+    n_train = min(n_train, len(states.train))
+    n_gen = len(generated.chosen)
+    points = torch.cat([states.train.chosen[:n_train], states.train.rejected[:n_train], generated.chosen,
+                        generated.rejected])
+    labels = (["chosen (y_w)"] * n_train + ["rejected (y_l)"] * n_train
+              + ["chosen (y_w)"] * n_gen + ["rejected (y_l)"] * n_gen)
+    embeddings = {"dense": tsne_embedding(points, perplexity=perplexity),
+                  "projection": tsne_embedding(projection_space(points, directions), perplexity=perplexity)}
+    return ShiftTSNE(embeddings=embeddings, labels=labels, sources=["training"] * (2 * n_train) + ["generated"] * (2 * n_gen),
+                     n_train=n_train)
+
+
+def neighbour_mixing(spaces: dict[str, dict[str, Tensor]], k: int = 10) -> dict[str, dict[str, float]]:
+    """Per space, the share of a generated answer's nearest neighbours (centered cosine, among
+    all training and generated answers) that are generated too, and its chance level
+    (`srlib.shift.neighbour_share`); `k` is capped by the number of answers."""
+    from srlib.shift import neighbour_share
+
+    train, gen = spaces["dense"][SHIFT_GROUPS[0]], spaces["dense"][SHIFT_GROUPS[2]]
+    k = min(k, len(train) + len(gen) - 1)
+    return {space: {**neighbour_share(groups[SHIFT_GROUPS[0]], groups[SHIFT_GROUPS[2]], k=k), "k": k}
+            for space, groups in spaces.items()}
+
+
+def filter_decisions(states: DatasetStates, generated: PolicyPairs, directions, seeds: Sequence[int]):
+    """DenseRM and SparseRM fitted with every seed; each one's keep/drop decision on the held-out
+    and on the generated pairs. Returns (agreement of every two filters per data, one row per
+    comparison and seed pair (`srlib.shift.pairwise_agreement`); share kept, one row per model,
+    seed and data; {data: {(model, seed): decisions}})."""
+    import pandas as pd
+
+    from srlib.experiments import fit_variant
+    from srlib.shift import keep_decisions, pairwise_agreement
+
+    decisions = {"held-out pairs": {}, "generated pairs": {}}
+    for method, options in {"DenseRM": dict(features="dense"),
+                            "SparseRM": dict(features="projection", directions=directions)}.items():
+        for seed in seeds:
+            model, _ = fit_variant(states, seed=seed, **options)
+            for where, (Z_w, Z_l) in {"held-out pairs": (states.test.chosen, states.test.rejected),
+                                      "generated pairs": (generated.chosen, generated.rejected)}.items():
+                decisions[where][method, seed] = keep_decisions(model.score_states(Z_w), model.score_states(Z_l))
+    agreement = pd.concat([pairwise_agreement(d).assign(data=where) for where, d in decisions.items()])
+    keep = pd.DataFrame([{"method": m, "data": where, "keep": float(k.float().mean())}
+                         for where, d in decisions.items() for (m, _), k in d.items()])
+    return agreement, keep, decisions

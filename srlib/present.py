@@ -931,3 +931,126 @@ def alignment_results(result, *, table1: pd.DataFrame, table4: pd.DataFrame, rou
                                      + [f"val {METRIC_LABELS[m]} (%)" for m in metrics]],
                               "Iterative DPO: tuples generated and kept, validation metric per round and reward model",
                               float_format=".1f")}
+
+
+# --------------------------------------------------------------------------- chapter 6: DenseRM and the shift
+
+
+def table4_accuracy(summary: pd.DataFrame, trials: pd.DataFrame, paper: Mapping[str, Mapping[str, float]]) -> pd.DataFrame:
+    """Table 4's accuracy half: ours beside the paper's per data set (`beside_paper`), with each
+    model's trainable parameters."""
+    table = beside_paper(summary, paper)
+    table["trainable parameters"] = trials.groupby("variant", sort=False).trainable_parameters.first()
+    return table
+
+
+def generation_text(generated) -> Markdown:
+    """The generated pairs (`srlib.chapter.policy_generation`) in words: how many, the settings,
+    the seconds, the median answer lengths and the pairs with an empty answer."""
+    config, pairs = generated.config, generated.pairs
+    words = pd.DataFrame({"y_w": [len(p.chosen.split()) for p in pairs], "y_l": [len(p.rejected.split()) for p in pairs]})
+    return Markdown(f"{len(pairs)} generated pairs ({2 * len(pairs)} answers, at most {config.max_new_tokens} "
+                    f"new tokens each, temperature {config.temperature}, {config.n_shots} few-shot examples): "
+                    f"{generated.seconds:.0f} s (about 0 when a rerun reads the cached answers). Median answer length: "
+                    f"{words.median().iloc[0]:.0f} words (y_w), {words.median().iloc[1]:.0f} words (y_l); "
+                    f"{int((words == 0).any(axis=1).sum())} pairs have an empty answer.")
+
+
+def similarity_table(similarity: pd.DataFrame) -> pd.DataFrame:
+    """Figure 5 as a table: per space and group, "mean ± sd" over the answers of the primary
+    measure (nearest training answer, centered), the paper-style mean and the uncentered nearest
+    (the centered mean, about 0 for every answer, is left out)."""
+    from srlib.shift import similarity_summary
+
+    sim = similarity_summary(similarity)
+    sim["measure"] = sim["aggregate"] + sim["centered"].map({False: "", True: ", centered"})
+    sim = sim[sim["measure"] != "mean, centered"]
+    sim["label"] = [mean_sd(m, s, digits=3) for m, s in zip(sim["mean"], sim["std"])]
+    table = sim.pivot(index=["space", "group"], columns="measure", values="label")
+    table = table[["nearest, centered", "mean", "nearest"]]
+    table.columns = ["nearest, centered (primary)", "mean (paper-style)", "nearest"]
+    return table
+
+
+def _drops(figure5: Mapping[str, Mapping[str, float]], measure: str) -> str:
+    dense, proj = figure5["dense"], figure5["projection"]
+    return (f"{mean_sd(dense[f'shift_{measure}_sd'], dense[f'shift_{measure}_se'], digits=2)} sd in the dense space "
+            f"and {mean_sd(proj[f'shift_{measure}_sd'], proj[f'shift_{measure}_se'], digits=2)} sd in the projection "
+            "space (± one standard error)")
+
+
+def figure5_text(figure5: Mapping[str, Mapping[str, float]]) -> Markdown:
+    """Figure 5 in words (`srlib.chapter.figure5_numbers`): the drop of the generated answers
+    below the held-out ones in both spaces, primary and paper-style, and whether the paper's
+    absolute reading (the dense space lower) holds."""
+    dense, proj = figure5["dense"], figure5["projection"]
+    return Markdown(
+        f"**Primary measure** (nearest training answer, centered): below the held-out answers, generated answers "
+        f"fall {_drops(figure5, 'primary')}.\n\n"
+        f"**Paper-style** (mean over all training answers, uncentered): generated answers score "
+        f"{dense['mean_generated']:.3f} in the dense space and {proj['mean_generated']:.3f} "
+        f"in the projection space (held-out: {dense['mean_held_out']:.3f} and {proj['mean_held_out']:.3f}). "
+        + ("Read in absolute terms, as the paper reads its Figure 5, the dense space shows the lower similarity; "
+           if dense["mean_generated"] < proj["mean_generated"] else
+           "Read in absolute terms, as the paper reads its Figure 5, the dense space does NOT show the lower similarity; ")
+        + f"measured against the held-out answers they fall {_drops(figure5, 'paper_style')}. Which space shifts more? "
+          "Compare the two drops with their standard errors.")
+
+
+def mixing_text(mixing: Mapping[str, Mapping[str, float]], *, n_train: int, n_generated: int) -> Markdown:
+    """The neighbour share (`srlib.chapter.neighbour_mixing`) in words, beside its chance level."""
+    k = mixing["dense"]["k"]
+    return Markdown(
+        f"Of the {k} nearest neighbours of a generated answer (among {n_train} training and {n_generated} "
+        f"generated answers), {100 * mixing['dense']['share']:.0f}% are generated answers in the dense space and "
+        f"{100 * mixing['projection']['share']:.0f}% in the projection space; chance (no shift at all) would be "
+        f"{100 * mixing['dense']['chance']:.0f}%.")
+
+
+def _mean_sd_percent(frame: pd.DataFrame, by: Sequence[str], value: str) -> pd.DataFrame:
+    return frame.groupby(list(by), sort=False)[value].agg(lambda a: mean_sd(100 * a.mean(), 100 * a.std())).unstack("data")
+
+
+def agreement_table(agreement: pd.DataFrame) -> pd.DataFrame:
+    """Agreement (%) of every two filters' keep/drop decisions per data, "mean ± sd" over seed pairs."""
+    return _mean_sd_percent(agreement, ("comparison", "data"), "agreement")
+
+
+def decisions_report(agreement: pd.DataFrame, keep: pd.DataFrame) -> list:
+    """The agreement table and the share of pairs each model keeps, each under its heading."""
+    return [Markdown("**Agreement of keep/drop decisions (%, mean ± sd over seed pairs)**"), agreement_table(agreement),
+            Markdown("**Share of pairs kept (%; on held-out pairs this is the test accuracy)**"),
+            _mean_sd_percent(keep, ("method", "data"), "keep")]
+
+
+def decisions_text(agreement: pd.DataFrame, keep: pd.DataFrame) -> Markdown:
+    """How often DenseRM and SparseRM decide alike on held-out and generated pairs, how often each
+    agrees with itself across seeds, and how many generated pairs each keeps."""
+    agree = agreement.groupby(["comparison", "data"]).agreement.mean()
+    kept = keep.groupby(["method", "data"]).keep.mean()
+    cross = "DenseRM vs SparseRM"
+    return Markdown(
+        f"DenseRM and SparseRM make the same decision on {100 * agree[cross, 'held-out pairs']:.1f}% of the held-out "
+        f"pairs and on {100 * agree[cross, 'generated pairs']:.1f}% of the generated pairs. Across seeds, DenseRM agrees "
+        f"with itself on {100 * agree['DenseRM vs DenseRM (other seed)', 'generated pairs']:.1f}% of the generated pairs "
+        f"and SparseRM on {100 * agree['SparseRM vs SparseRM (other seed)', 'generated pairs']:.1f}%. They keep "
+        f"{100 * kept['DenseRM', 'generated pairs']:.1f}% (DenseRM) and "
+        f"{100 * kept['SparseRM', 'generated pairs']:.1f}% (SparseRM) of the generated pairs.")
+
+
+def denserm_results(*, table4: pd.DataFrame, paired: pd.DataFrame, similarity: pd.DataFrame,
+                    agreement: pd.DataFrame, spread: str, dataset: str) -> dict[str, dict]:
+    """Chapter 6's tables for the book's results page, each with its caption."""
+    from srlib.results import frame_table
+
+    return {
+        "table4_accuracy": frame_table(table4, "Table 4 (accuracy half): RM test pair accuracy (%), DenseRM vs "
+                                               f"SparseRM, ours (mean ± sd over seeds, {spread}) beside the paper's "
+                                               "(Gemma-2-9B-it)", index=True),
+        "table4_paired": frame_table(paired.drop(columns="verdict").round(1), "Table 4 (accuracy), paired comparison: "
+                                     "A − B on the same test pairs with a 95% paired-bootstrap interval"),
+        "figure5": frame_table(similarity, "Figure 5: cosine similarity of held-out and policy-generated answers to the "
+                                           f"training answers ({label(dataset)}), dense vs projection space", index=True),
+        "filter_agreement": frame_table(agreement_table(agreement), "Agreement (%) of keep/drop decisions of DenseRM "
+                                        "and SparseRM on held-out and generated pairs (mean ± sd over seed pairs)",
+                                        index=True)}

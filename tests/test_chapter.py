@@ -18,7 +18,8 @@ from srlib import chapter, present
 ROOT = Path(__file__).resolve().parents[1]
 #: Chapters held to the length limit; extend the list as chapters are slimmed (all, then glob them).
 SHORT_CHAPTERS = ["01_sae_decomposition", "02_direction_selection", "03_sparserm", "04_projection_vs_latents",
-                  "05_loss_comparison", "07_iterative_dpo", "09_reading_and_steering", "10_trl_reward"]
+                  "05_loss_comparison", "06_denserm_analysis", "07_iterative_dpo", "09_reading_and_steering",
+                  "10_trl_reward"]
 MAX_CODE_LINES = 100
 
 

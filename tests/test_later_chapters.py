@@ -210,3 +210,76 @@ def test_alignment_config_falls_back_to_the_profile_for_each_none():
 def test_one_line_cuts_to_the_width_with_an_ellipsis():
     assert present.one_line("a  b\nc", 10) == "a b c"
     assert present.one_line("abcdefghij", 5) == "abcd…"
+
+
+# --------------------------------------------------------------------------- chapter 6
+
+
+def _similarity_frame():
+    """Made-up per-answer similarities: held-out answers at 0.8 and 0.6 (nearest, centered) and
+    generated ones at 0.5 and 0.3 in the dense space; the projection space shifted less."""
+    rows = []
+    for space, gen in (("dense", (0.5, 0.3)), ("projection", (0.65, 0.55))):
+        for group, values in (("held-out (test split)", (0.8, 0.6)), ("generated (policy)", gen)):
+            for aggregate, centered in (("nearest", True), ("mean", False), ("nearest", False), ("mean", True)):
+                rows += [{"space": space, "group": group, "aggregate": aggregate, "centered": centered,
+                          "similarity": v} for v in values]
+    return pd.DataFrame(rows)
+
+
+def test_figure5_numbers_and_text_measure_the_drop_below_the_held_out_answers():
+    from srlib.shift import shift_size
+
+    numbers = chapter.figure5_numbers(_similarity_frame())
+    dense = numbers["dense"]
+    assert dense["nearest_centered_generated"] == pytest.approx(0.4)
+    assert dense["nearest_centered_held_out"] == pytest.approx(0.7)
+    expected = shift_size(torch.tensor([0.8, 0.6], dtype=torch.float64), torch.tensor([0.5, 0.3], dtype=torch.float64))
+    assert dense["shift_primary_sd"] == pytest.approx(expected["standardised"])
+    assert numbers["projection"]["shift_primary_sd"] < dense["shift_primary_sd"]  # its generated answers fell less
+    text = present.figure5_text(numbers).data
+    assert f"{dense['shift_primary_sd']:.2f} ± {dense['shift_primary_se']:.2f} sd in the dense space" in text
+    assert "the dense space shows the lower similarity" in text  # 0.4 < 0.6 mean similarity of the generated
+
+
+def test_similarity_table_leaves_out_the_centered_mean():
+    table = present.similarity_table(_similarity_frame())
+    assert list(table.columns) == ["nearest, centered (primary)", "mean (paper-style)", "nearest"]
+    assert table.loc[("dense", "generated (policy)"), "nearest, centered (primary)"] == "0.400 ± 0.141"
+
+
+def test_decision_tables_and_text():
+    agreement = pd.DataFrame({"comparison": ["DenseRM vs SparseRM"] * 2 + ["DenseRM vs DenseRM (other seed)",
+                                                                          "SparseRM vs SparseRM (other seed)"] * 2,
+                              "data": ["held-out pairs", "generated pairs", "generated pairs", "generated pairs",
+                                       "held-out pairs", "held-out pairs"],
+                              "agreement": [0.9, 0.5, 0.7, 0.8, 1.0, 1.0]})
+    keep = pd.DataFrame({"method": ["DenseRM", "DenseRM", "SparseRM", "SparseRM"],
+                         "data": ["generated pairs"] * 4, "keep": [0.4, 0.6, 0.5, 0.5]})
+    table = present.agreement_table(agreement)
+    assert table.loc["DenseRM vs SparseRM", "generated pairs"] == "50.0"  # one seed pair: no spread
+    heading, _, _, kept = present.decisions_report(agreement, keep)
+    assert kept.loc["DenseRM", "generated pairs"] == "50.0 ± 14.1"
+    text = present.decisions_text(agreement, keep).data
+    assert "on 90.0% of the held-out pairs and on 50.0% of the generated pairs" in text
+    assert "DenseRM agrees with itself on 70.0%" in text and "SparseRM on 80.0%" in text
+
+
+def test_shift_spaces_tsne_and_mixing_on_the_smoke_states(smoke):
+    ch, states = smoke
+    s = states["hh-harmless"]
+    from srlib.experiments import select_for
+
+    directions = select_for(s, ch.sae, ch.k)
+    generated = chapter.PolicyPairs(pairs=s.val.pairs[:3], chosen=s.val.chosen[:3], rejected=s.val.rejected[:3],
+                                    config=None, seconds=0.0)
+    spaces = chapter.shift_spaces(s, generated, directions)
+    assert spaces["dense"]["generated (policy)"].shape == (6, ch.backbone.hidden_size)
+    assert spaces["projection"]["training"].shape == (2 * len(s.train), 2 * ch.k)
+    mixing = chapter.neighbour_mixing(spaces, k=100)
+    assert mixing["dense"]["k"] == 2 * len(s.train) + 6 - 1  # capped by the answers there are
+    tsne = chapter.shift_tsne(s, generated, directions, n_train=4, perplexity=3.0)
+    assert tsne.n_train == 4 and len(tsne.labels) == len(tsne.sources) == 14
+    assert tsne.embeddings["projection"].shape == (14, 2) and tsne.sources.count("generated") == 6
+    text = present.mixing_text(mixing, n_train=2 * len(s.train), n_generated=6).data
+    assert f"{100 * mixing['dense']['chance']:.0f}%" in text
