@@ -436,6 +436,8 @@ def attribution_completeness(models: dict[str, Any], states: dict[str, DatasetSt
     baseline + Σ contributions and the model's score (completeness: it should be round-off)."""
     import pandas as pd
 
+    from srlib.present import label
+
     rows = []
     for name, s in states.items():
         scores = torch.cat([models[name].score_states(s.test.chosen), models[name].score_states(s.test.rejected)]).double()
@@ -456,6 +458,8 @@ def deletion_gaps(curves: dict[str, Any], ms: Sequence[int]) -> "pd.DataFrame":
     top-m attributed directions minus after m random ones, its 95% interval, and the accuracy
     after each deletion."""
     import pandas as pd
+
+    from srlib.present import label
 
     rows = []
     for name, curve in curves.items():
