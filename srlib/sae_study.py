@@ -187,6 +187,25 @@ class FamilyStudy:
     def conclusion(self) -> str:
         return trend_conclusion(self.trend)
 
+    def table(self, labels: Mapping[str, str] | None = None):
+        """The closing table, one row per (data set, SAE): training seconds, alive latents and
+        FVE at the read position, top-K − random at each K ("+d (low to high)", points, paired
+        95% interval) and SparseRM's accuracy (%, ties 1/2) at each K, all on validation data."""
+        import pandas as pd
+
+        gaps = self.gaps.assign(cell=[f"{d:+.1f} ({lo:+.1f} to {hi:+.1f})" for d, lo, hi in
+                                      zip(self.gaps["A − B (points)"], self.gaps["CI low"], self.gaps["CI high"])])
+        wide = gaps.pivot(index=["dataset", "variant"], columns="K", values="cell")
+        wide.columns = [f"top-K − random, K = {k}" for k in wide.columns]
+        top_k = self.trials[self.trials["variant"] != RANDOM]
+        accuracy = (100 * top_k.groupby(["dataset", "variant", "K"])["heldout_val_accuracy"].mean()).unstack("K")
+        accuracy.columns = [f"SparseRM accuracy %, K = {k}" for k in accuracy.columns]
+        quality = self.quality.set_index(["dataset", "variant"])[["training s", "alive % read", "FVE read"]]
+        order = pd.MultiIndex.from_tuples([(d, v) for d in dict.fromkeys(self.quality["dataset"])
+                                           for v in dict.fromkeys(self.quality["variant"])])
+        table = quality.join(wide).join(accuracy.round(1)).loc[order]
+        return table.rename(index=lambda d: (labels or {}).get(d, d), level=0)
+
 
 def family_study(backbone, profile: Profile, states: Mapping[str, DatasetStates], *, seeds: Sequence[int],
                  ks: Sequence[int] | None = None, saes: Mapping[str, object] | None = None,

@@ -189,3 +189,21 @@ def test_the_chapter_checks_reject_a_wrong_answer(check, wrong):
 
     with pytest.raises(AssertionError, match=check):
         getattr(checks, check)(wrong)
+
+
+def test_closing_table_puts_quality_gaps_and_accuracy_in_one_row_per_sae():
+    from srlib.sae_study import FamilyStudy
+
+    n = 40
+    trials = _trials({"weak": [1.0] * (n // 2) + [0.0] * (n // 2), "strong": [1.0] * n,
+                      RANDOM: [1.0] * (n // 2) + [0.0] * (n // 2)})
+    trials["heldout_val_accuracy"] = [sum(o) / n for o in trials["test_outcomes"]]
+    gaps = gap_table(trials, ["weak", "strong"])
+    quality = pd.DataFrame({"variant": ["weak", "strong"], "dataset": ["toy", "toy"], "FVE read": [0.2, 0.9],
+                            "alive % read": [5.0, 40.0], "training s": [1.0, 9.0]})
+    study = FamilyStudy(quality, trials, gaps, quality_trend(trials, gaps, quality), {}, None, None)
+    table = study.table({"toy": "Toy"})
+    assert list(table.index) == [("Toy", "weak"), ("Toy", "strong")]
+    strong = table.loc[("Toy", "strong")]
+    assert strong["top-K − random, K = 8"].startswith("+50.0 (") and strong["SparseRM accuracy %, K = 8"] == 100.0
+    assert table.loc[("Toy", "weak"), "alive % read"] == 5.0
