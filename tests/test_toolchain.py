@@ -74,9 +74,9 @@ def test_declared_dependencies_cover_what_srlib_imports():
                 for req in group}
     distribution = {"sklearn": "scikit-learn", "yaml": "pyyaml", "sae_lens": "sae-lens",
                     "huggingface_hub": "huggingface-hub", "jupyter_client": "jupyter-client",
-                    "jupyter_book": "jupyter-book", "transformer_lens": "transformer-lens"}
+                    "jupyter_book": "jupyter-book", "transformer_lens": "transformer-lens", "IPython": "ipython"}
     imported = set()
-    for path in (root / "srlib").glob("*.py"):
+    for path in (root / "srlib").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
