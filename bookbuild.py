@@ -47,9 +47,10 @@ import tarfile
 import tempfile
 import threading
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import srlib
 from srlib.errors import ConfigError, DataError
@@ -517,7 +518,7 @@ def chapter_fingerprint(source: Path, profile: str) -> str:
     return digest.hexdigest()
 
 
-def _stamp(paths: "BuildPaths", stem: str) -> dict:
+def _stamp(paths: BuildPaths, stem: str) -> dict:
     """What the last execution of `stem` recorded (`fingerprint`, `seconds`, `stages`); {} if
     nothing readable was recorded."""
     try:
@@ -527,13 +528,13 @@ def _stamp(paths: "BuildPaths", stem: str) -> dict:
     return stamp if isinstance(stamp, dict) else {}
 
 
-def last_seconds(paths: "BuildPaths", stem: str) -> float | None:
+def last_seconds(paths: BuildPaths, stem: str) -> float | None:
     """How long `stem` took when it last ran under this profile (whatever has changed since)."""
     seconds = _stamp(paths, stem).get("seconds")
     return float(seconds) if isinstance(seconds, (int, float)) else None
 
 
-def reusable(paths: "BuildPaths", stem: str, fingerprint: str) -> float | None:
+def reusable(paths: BuildPaths, stem: str, fingerprint: str) -> float | None:
     """The seconds a previous build took to execute `stem` when its executed copy and results
     are still there and its inputs have not changed since (`chapter_fingerprint`); else None."""
     if (_stamp(paths, stem).get("fingerprint") == fingerprint and paths.executed(stem).is_file()

@@ -36,9 +36,9 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 from safetensors.torch import save_file

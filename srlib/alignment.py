@@ -39,15 +39,17 @@ import re
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
 
 from srlib.activations import length_batches
 from srlib.backbone import left_pad
+from srlib.cache import clear_command, read_json
 from srlib.data import (
     PreferencePair,
     generation_prompts,
@@ -55,7 +57,6 @@ from srlib.data import (
     load_truthfulqa_mc,
     prompt_messages,
 )
-from srlib.cache import clear_command, read_json
 from srlib.errors import ConfigError, DamagedFileError, one_line
 from srlib.evaluate import (
     PairedComparison,
@@ -67,8 +68,8 @@ from srlib.evaluate import (
 )
 from srlib.paper import TABLE1_TRACKS
 from srlib.paths import atomic_path, check_creatable
-from srlib.progress import progress_bar, trainer_callback
 from srlib.profiles import ALIGNMENT
+from srlib.progress import progress_bar, trainer_callback
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -210,7 +211,7 @@ class AlignmentConfig:
         """The validation metric that picks the best round."""
         return self.selection_metric or TRACKS[self.track].metrics[-1]
 
-    def replace(self, **changes: Any) -> "AlignmentConfig":
+    def replace(self, **changes: Any) -> AlignmentConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
@@ -221,14 +222,14 @@ class AlignmentConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "AlignmentConfig":
+    def from_dict(cls, data: dict) -> AlignmentConfig:
         data = dict(data)
         if isinstance(data.get("lora_target_modules"), list):
             data["lora_target_modules"] = tuple(data["lora_target_modules"])
         return cls(**data)
 
     @classmethod
-    def for_profile(cls, profile: str, **changes: Any) -> "AlignmentConfig":
+    def for_profile(cls, profile: str, **changes: Any) -> AlignmentConfig:
         """The preset of a profile (smoke, cpu, paper), with `changes` applied."""
         if profile not in ALIGNMENT:
             raise ConfigError(f"unknown profile {profile!r}; choose one of: {', '.join(ALIGNMENT)}")
@@ -316,8 +317,8 @@ def generation_messages(prompt: str, shots: Sequence[PreferencePair], kind: str,
 
 @torch.no_grad()
 def generate_responses(
-    model: "PreTrainedModel",
-    tokenizer: "PreTrainedTokenizerBase",
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     conversations: Sequence[list[dict]],
     *,
     max_new_tokens: int,
@@ -364,8 +365,8 @@ def _generate_batch(model, tokenizer, encoded: list[list[int]], pad_id: int, *, 
 
 
 def generate_tuples(
-    model: "PreTrainedModel",
-    tokenizer: "PreTrainedTokenizerBase",
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     shots: Sequence[PreferencePair],
     config: AlignmentConfig,
@@ -413,7 +414,7 @@ class FilterResult:
         return sum(self.keep)
 
 
-def filter_tuples(tuples: Sequence[PreferencePair], reward_model: "RewardModel | None", *,
+def filter_tuples(tuples: Sequence[PreferencePair], reward_model: RewardModel | None, *,
                   keep_ties: bool = False, progress: bool = False) -> FilterResult:
     """Score each (x, y_w) and (x, y_l) with `reward_model` and keep the tuples with s_w > s_l.
 
@@ -490,12 +491,19 @@ def track_filter_accuracy(backbone, profile, sae, *, k: int, seeds: Sequence[int
 
 
 def choose_track(filter_accuracy) -> str:
-    """The track whose filter is most accurate on its held-out pairs, on average over seeds
-    (`track_filter_accuracy`):
-    filtering can only help where the filter tells good answers from bad ones. Ties go to the
-    first track in Table 1's order."""
-    column = filter_accuracy["accuracy (%)"]
-    return str(column.index[int(column.to_numpy().argmax())])
+    """The track whose filter is most accurate on its held-out pairs (`track_filter_accuracy`):
+    filtering can only help where the filter tells good answers from bad ones.
+
+    The book's selection rule (`srlib.experiments.SELECTION_RULE`) on a table with one estimate
+    per track: every track whose mean accuracy over seeds lies within one standard error (over
+    held-out pairs) of the best counts as tied with it, and a tie goes to the track measured on
+    the most held-out pairs, whose accuracy is the most certain; then to Table 1's order. A best
+    mean on a few dozen pairs does not outrank a close one measured on hundreds.
+    """
+    accuracy, se, n = (filter_accuracy[c].to_numpy() for c in ("accuracy (%)", "se (points)", "n"))
+    best = int(accuracy.argmax())
+    tied = [i for i in range(len(accuracy)) if accuracy[i] >= accuracy[best] - se[best]]
+    return str(filter_accuracy.index[min(tied, key=lambda i: (-n[i], i))])
 
 
 def _dpo_dataset(tuples: Sequence[PreferencePair]):
@@ -510,16 +518,16 @@ def _dpo_dataset(tuples: Sequence[PreferencePair]):
 
 
 def dpo_round(
-    model: "PreTrainedModel",
-    tokenizer: "PreTrainedTokenizerBase",
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     tuples: Sequence[PreferencePair],
     config: AlignmentConfig,
     *,
     seed: int,
     adapter_dir: str | Path,
-    reference: "PreTrainedModel | None" = None,
+    reference: PreTrainedModel | None = None,
     progress: bool = True,
-) -> tuple["PreTrainedModel", dict]:
+) -> tuple[PreTrainedModel, dict]:
     """Train a fresh LoRA adapter with DPO on `tuples`, save it, merge it into `model`.
 
     The reference policy pi_ref is `reference` (e.g. the base model, as in the paper) or, when
@@ -613,7 +621,7 @@ def _quiet_libraries(progress: bool):
                 os.environ["TQDM_DISABLE"] = tqdm_env
 
 
-def apply_adapter(model: "PreTrainedModel", adapter_dir: str | Path) -> "PreTrainedModel":
+def apply_adapter(model: PreTrainedModel, adapter_dir: str | Path) -> PreTrainedModel:
     """Merge a saved round adapter into `model` (in place), as the round did after training."""
     from peft import PeftModel
 
@@ -621,11 +629,11 @@ def apply_adapter(model: "PreTrainedModel", adapter_dir: str | Path) -> "PreTrai
         return _merge(PeftModel.from_pretrained(model, str(adapter_dir)))
 
 
-def _merge(peft_model) -> "PreTrainedModel":
+def _merge(peft_model) -> PreTrainedModel:
     return _unpatch(peft_model.merge_and_unload())
 
 
-def _unpatch(model: "PreTrainedModel") -> "PreTrainedModel":
+def _unpatch(model: PreTrainedModel) -> PreTrainedModel:
     """DPOTrainer patches `forward` on the policy and reference instances (its fused LM head);
     drop the patch so the model behaves as a freshly loaded one does."""
     model.__dict__.pop("forward", None)
@@ -666,7 +674,7 @@ def _eval_data(config: AlignmentConfig) -> _EvalData:
     return _EvalData(val[: config.max_val], test[: config.max_test])
 
 
-def evaluate_policy(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", items: Sequence,
+def evaluate_policy(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, items: Sequence,
                     config: AlignmentConfig, *, progress: bool = True, per_item: bool = False) -> dict:
     """The track's metrics on `items`: TruthfulQA MC1/MC2 or pairwise log-prob accuracy."""
     kwargs = dict(batch_size=config.eval_batch_size, max_length=config.max_length, progress=progress,
@@ -770,7 +778,7 @@ class AlignmentResult:
                 "runs": {k: dataclasses.asdict(v) for k, v in self.runs.items()}}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "AlignmentResult":
+    def from_dict(cls, data: dict) -> AlignmentResult:
         runs = {k: RunRecord(v["name"], [RoundRecord(**r) for r in v["rounds"]], v["best_round"], v["test"])
                 for k, v in data["runs"].items()}
         return cls(AlignmentConfig.from_dict(data["config"]), data["base_val"], data["base_test"],
@@ -780,7 +788,7 @@ class AlignmentResult:
         _write_json(self.to_dict(), path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "AlignmentResult":
+    def load(cls, path: str | Path) -> AlignmentResult:
         return cls.from_dict(_read_json(Path(path)))
 
 
@@ -838,7 +846,7 @@ def _tuples_from_records(records: Sequence[dict]) -> list[PreferencePair]:
                            pair_id=r["pair_id"], group_id=r["group_id"]) for r in records]
 
 
-def _rebuild_policy(base_model: "PreTrainedModel", run_dir: Path, up_to: int) -> "PreTrainedModel":
+def _rebuild_policy(base_model: PreTrainedModel, run_dir: Path, up_to: int) -> PreTrainedModel:
     """The policy after round `up_to`: the base with the saved adapters of rounds 1..up_to merged."""
     policy = copy.deepcopy(base_model)
     for r in range(1, up_to + 1):
@@ -889,7 +897,7 @@ class AlignmentRun:
     or written when the object is made: a wrong folder, config or name fails at once.
     """
 
-    def __init__(self, config: AlignmentConfig, reward_models: dict[str, "RewardModel | None"], *,
+    def __init__(self, config: AlignmentConfig, reward_models: dict[str, RewardModel | None], *,
                  out_dir: str | Path, progress: bool = True) -> None:
         if not reward_models:
             raise ConfigError("an alignment run needs at least one reward model (None for WO RM)")
@@ -905,7 +913,7 @@ class AlignmentRun:
                               "or choose a new out_dir")
         self._started = False
         # the policy after the last round this object ran: (name, round, model), reused by the next round
-        self._policy: tuple[str, int, "PreTrainedModel"] | None = None
+        self._policy: tuple[str, int, PreTrainedModel] | None = None
 
     def run_dir(self, name: str) -> Path:
         """The folder of reward model `name`'s rounds and result."""
@@ -959,7 +967,7 @@ class AlignmentRun:
                 _write_tuples(self._round1, None, tmp)
         self._started = True
 
-    def _policy_before(self, name: str, round_index: int) -> "PreTrainedModel":
+    def _policy_before(self, name: str, round_index: int) -> PreTrainedModel:
         """The policy that round `round_index` of `name` starts from: the one this object just
         trained, else the base with the saved adapters of the earlier rounds merged."""
         if self._policy is not None and self._policy[:2] == (name, round_index - 1):
@@ -1070,7 +1078,7 @@ class AlignmentRun:
 
 def run_alignment(
     config: AlignmentConfig,
-    reward_models: dict[str, "RewardModel | None"],
+    reward_models: dict[str, RewardModel | None],
     *,
     out_dir: str | Path,
     progress: bool = True,
@@ -1081,7 +1089,7 @@ def run_alignment(
     return AlignmentRun(config, reward_models, out_dir=out_dir, progress=progress).resume()
 
 
-def default_run_dir(config: AlignmentConfig, reward_models: dict[str, "RewardModel | None"], *, profile,
+def default_run_dir(config: AlignmentConfig, reward_models: dict[str, RewardModel | None], *, profile,
                     sae) -> Path:
     """The run folder of a chapter that names none: `cache_dir("alignment",
     "<profile>-<track>-<hash>")`, the hash over what the run depends on (its settings, the SAE,

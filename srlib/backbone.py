@@ -50,8 +50,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from srlib.data import Conversation, PreferencePair, prompt_messages
 from srlib.cache import clear_command
+from srlib.data import Conversation, PreferencePair, prompt_messages
 from srlib.errors import ConfigError, DamagedFileError, one_line
 from srlib.paths import atomic_path, cache_dir, hub_reachable
 from srlib.profiles import TINY_MODEL_ID, Profile, get_profile
@@ -234,7 +234,7 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     return input_ids, attention
 
 
-def format_text(tokenizer: PreTrainedTokenizerBase, prompt: "str | Conversation", response: str) -> str:
+def format_text(tokenizer: PreTrainedTokenizerBase, prompt: str | Conversation, response: str) -> str:
     """The chat-formatted text of `prompt` followed by the assistant's `response`.
 
     Uses the tokenizer's chat template (turns from `srlib.data.prompt_messages`, so HH-style

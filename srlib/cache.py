@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file

@@ -16,8 +16,8 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from srlib.baselines.registry import METHODS as BASELINE_METHODS
 from srlib.errors import SrlibError

@@ -17,7 +17,7 @@ initialisation and batch order; at the whole split only the latter remain.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch

@@ -55,7 +55,7 @@ def fold_system_turn(messages: list[dict]) -> list[dict]:
     return [{"role": "user", "content": system}] + rest
 
 
-def _template_ids(tokenizer: "PreTrainedTokenizerBase", messages: list[dict], **kwargs) -> list[int]:
+def _template_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], **kwargs) -> list[int]:
     """Token ids of `messages` through the chat template; a template that refuses a system
     turn gets it folded into the first user turn (`fold_system_turn`)."""
     from jinja2.exceptions import TemplateError
@@ -69,7 +69,7 @@ def _template_ids(tokenizer: "PreTrainedTokenizerBase", messages: list[dict], **
     return list(out["input_ids"])
 
 
-def prompt_ids(tokenizer: "PreTrainedTokenizerBase", messages: list[dict]) -> list[int]:
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
     """Token ids of a conversation rendered for the model to answer next (generation prompt on)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError("the tokenizer has no chat template; srlib scores and trains policies "
@@ -78,7 +78,7 @@ def prompt_ids(tokenizer: "PreTrainedTokenizerBase", messages: list[dict]) -> li
 
 
 def split_prompt_response(
-    tokenizer: "PreTrainedTokenizerBase", prompt: str, response: str
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str
 ) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids) as TRL's DPOTrainer tokenizes a conversational example.
 
@@ -94,8 +94,8 @@ def split_prompt_response(
 
 @torch.no_grad()
 def sequence_logprobs(
-    model: "PreTrainedModel",
-    tokenizer: "PreTrainedTokenizerBase",
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     items: Sequence[tuple[str, str]],
     *,
     normalize: bool,
@@ -147,8 +147,8 @@ def sequence_logprobs(
 
 
 def response_logprobs(
-    model: "PreTrainedModel",
-    tokenizer: "PreTrainedTokenizerBase",
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
     prompt: str,
     responses: Sequence[str],
     *,
@@ -205,9 +205,9 @@ def mc_scores(
 
 
 def truthfulqa_mc(
-    model: "PreTrainedModel",
-    tokenizer: "PreTrainedTokenizerBase",
-    questions: Sequence["MCQuestion"],
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    questions: Sequence[MCQuestion],
     *,
     batch_size: int = 16,
     max_length: int = 512,
@@ -266,9 +266,9 @@ def truthfulqa_mc(
 
 
 def pairwise_logprob_accuracy(
-    model: "PreTrainedModel",
-    tokenizer: "PreTrainedTokenizerBase",
-    pairs: Sequence["PreferencePair"],
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[PreferencePair],
     *,
     normalize: bool = False,
     batch_size: int = 16,
@@ -324,8 +324,8 @@ def filter_stats(keep: Mapping[str, Sequence[bool] | torch.Tensor]) -> dict:
 # ----------------------------------------------------------------------------- paired verdicts
 
 
-def pair_outcomes(s_w: "torch.Tensor | np.ndarray | Sequence[float]",
-                  s_l: "torch.Tensor | np.ndarray | Sequence[float]") -> np.ndarray:
+def pair_outcomes(s_w: torch.Tensor | np.ndarray | Sequence[float],
+                  s_l: torch.Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
     """Per-pair outcome of a reward model: 1 if s_w > s_l, 0 if s_w < s_l, 0.5 on a tie.
 
     Counting a tie as half a pair is what a coin flip between the two answers would score, so
@@ -339,13 +339,13 @@ def pair_outcomes(s_w: "torch.Tensor | np.ndarray | Sequence[float]",
     return np.where(w > l, 1.0, np.where(w < l, 0.0, 0.5))
 
 
-def tie_share(s_w: "torch.Tensor | np.ndarray | Sequence[float]",
-              s_l: "torch.Tensor | np.ndarray | Sequence[float]") -> float:
+def tie_share(s_w: torch.Tensor | np.ndarray | Sequence[float],
+              s_l: torch.Tensor | np.ndarray | Sequence[float]) -> float:
     """Fraction of pairs (over all seeds, if given [n_seeds, n]) where s_w == s_l exactly."""
     return float((pair_outcomes(s_w, s_l) == 0.5).mean())
 
 
-def _as_array(values: "torch.Tensor | np.ndarray | Sequence[float]") -> np.ndarray:
+def _as_array(values: torch.Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
     if torch.is_tensor(values):
         return values.detach().cpu().double().numpy()
     return np.asarray(values, dtype=np.float64)
@@ -405,7 +405,7 @@ class PairedComparison:
                 "seeds": self.n_seeds, "detectable at 80% power (points)": self.detectable}
 
 
-def minimum_detectable_difference(differences: "np.ndarray | Sequence[float]", *, confidence: float = 0.95,
+def minimum_detectable_difference(differences: np.ndarray | Sequence[float], *, confidence: float = 0.95,
                                   power: float = 0.8) -> float:
     """The smallest true mean difference that a two-sided test at `confidence` would find with
     probability `power`, given per-pair differences like these: (z_(1+c)/2 + z_power) times
@@ -419,8 +419,8 @@ def minimum_detectable_difference(differences: "np.ndarray | Sequence[float]", *
 
 
 def compare_paired(
-    outcomes_a: "np.ndarray | torch.Tensor | Sequence",
-    outcomes_b: "np.ndarray | torch.Tensor | Sequence",
+    outcomes_a: np.ndarray | torch.Tensor | Sequence,
+    outcomes_b: np.ndarray | torch.Tensor | Sequence,
     *,
     name_a: str,
     name_b: str,

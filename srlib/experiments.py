@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -30,9 +31,9 @@ from torch import Tensor
 from srlib.data import DATASET_LABELS, PreferencePair, load_pairs
 from srlib.directions import Directions, select_directions
 from srlib.errors import ConfigError
+from srlib.evaluate import PairedComparison, compare_paired, mean_sd, pair_outcomes
 from srlib.profiles import Profile
 from srlib.progress import progress_bar
-from srlib.evaluate import PairedComparison, compare_paired, mean_sd, pair_outcomes
 from srlib.reward import DenseRM, FeatureRM, SparseRM, pair_accuracy
 from srlib.reward_config import HeadConfig
 
@@ -48,7 +49,7 @@ class SplitStates:
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def first(self, n: int) -> "SplitStates":
+    def first(self, n: int) -> SplitStates:
         """The first `n` pairs with their states (splits are already seeded and grouped)."""
         return SplitStates(self.pairs[:n], self.chosen[:n], self.rejected[:n])
 

@@ -33,9 +33,10 @@ random among the 2K; the margin drop has a 95% interval over pairs, and
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -275,7 +276,7 @@ class SteeredHead(RewardHead):
         self.register_buffer("scale", torch.ones(in_dim), persistent=False)
 
     @classmethod
-    def from_head(cls, head: RewardHead, scale: Tensor) -> "SteeredHead":
+    def from_head(cls, head: RewardHead, scale: Tensor) -> SteeredHead:
         """A steered copy of `head` (the same weights and standardisation)."""
         steered = cls(**head.config())
         steered.load_state_dict(head.state_dict())
@@ -315,13 +316,13 @@ class SteeredSparseRM(SparseRM):
             "applied_to": "standardised head inputs (x - mean) / std: 0 sets an input to its training mean"}}
 
     @classmethod
-    def _load(cls, directory: Path, config: dict, backbone=None) -> "SteeredSparseRM":
+    def _load(cls, directory: Path, config: dict, backbone=None) -> SteeredSparseRM:
         model = super()._load(directory, config, backbone)
         scales = {int(latent): float(factor) for latent, factor in config["steering"]["scales"].items()}
         return _apply_steering(model, scales)
 
 
-def _apply_steering(model: "SteeredSparseRM", scales: dict[int, float]) -> "SteeredSparseRM":
+def _apply_steering(model: SteeredSparseRM, scales: dict[int, float]) -> SteeredSparseRM:
     """Give `model` (already of class SteeredSparseRM) a head that applies `scales`."""
     head = model._require_fitted()
     scale = torch.tensor([scales.get(latent, 1.0) for latent, _ in input_latents(model)])

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, snapshot_download
 
@@ -61,7 +62,7 @@ class HeldOutAccuracy:
 
     @classmethod
     def from_scores(cls, s_w: Sequence[float], s_l: Sequence[float], *, data: str,
-                    confidence: float = 0.95) -> "HeldOutAccuracy":
+                    confidence: float = 0.95) -> HeldOutAccuracy:
         """From the scores of the chosen and rejected answers of held-out pairs (`rm.score_pairs`)."""
         import numpy as np
 
@@ -83,7 +84,7 @@ def _hub_id(model_id: str | None) -> str | None:
     return model_id if _REPO_ID.fullmatch(model_id) else None
 
 
-def model_card(rm: "FeatureRM", *, training_data: str | None = None, evaluation: HeldOutAccuracy | None = None,
+def model_card(rm: FeatureRM, *, training_data: str | None = None, evaluation: HeldOutAccuracy | None = None,
                license: str = "apache-2.0", datasets: Sequence[str] | None = None,
                model_name: str | None = None) -> ModelCard:
     """The model card of a fitted SparseRM / DenseRM: YAML metadata and a short text.
@@ -129,7 +130,7 @@ def model_card(rm: "FeatureRM", *, training_data: str | None = None, evaluation:
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
-def push_to_hub(rm: "RewardModel", repo_id: str, *, commit_message: str = "Upload srlib reward model",
+def push_to_hub(rm: RewardModel, repo_id: str, *, commit_message: str = "Upload srlib reward model",
                 private: bool | None = None, token: str | None = None, branch: str | None = None,
                 create_pr: bool | None = None, **save_kwargs) -> str:
     """Save `rm` into a temporary folder and upload it to `repo_id` (created if missing), as

@@ -15,8 +15,8 @@ import stat
 import tempfile
 import urllib.parse
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from srlib.errors import SrlibError
 

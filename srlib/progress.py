@@ -30,8 +30,9 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from tqdm.auto import tqdm
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from srlib.errors import DataError
 from srlib.paths import atomic_path

@@ -49,9 +49,10 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -141,7 +142,7 @@ class FeatureMap:
         return {}
 
     @classmethod
-    def from_state(cls, config: dict, tensors: dict[str, Tensor], sae=None) -> "FeatureMap":
+    def from_state(cls, config: dict, tensors: dict[str, Tensor], sae=None) -> FeatureMap:
         raise NotImplementedError
 
 
@@ -163,7 +164,7 @@ class ProjectionFeatures(FeatureMap):
         return {"vectors": self.vectors}
 
     @classmethod
-    def from_state(cls, config: dict, tensors: dict[str, Tensor], sae=None) -> "ProjectionFeatures":
+    def from_state(cls, config: dict, tensors: dict[str, Tensor], sae=None) -> ProjectionFeatures:
         return cls(tensors["vectors"])
 
 
@@ -189,7 +190,7 @@ class RandomFeatures(ProjectionFeatures):
         return {**super().config(), "seed": self.seed}
 
     @classmethod
-    def from_state(cls, config: dict, tensors: dict[str, Tensor], sae=None) -> "RandomFeatures":
+    def from_state(cls, config: dict, tensors: dict[str, Tensor], sae=None) -> RandomFeatures:
         features = cls(config["in_dim"], config["out_dim"], config["seed"])
         features.vectors = tensors["vectors"].float()  # saved, so a new torch RNG cannot change them
         return features
@@ -219,7 +220,7 @@ class LatentFeatures(FeatureMap):
         return {"indices": self.indices}
 
     @classmethod
-    def from_state(cls, config: dict, tensors: dict[str, Tensor], sae=None) -> "LatentFeatures":
+    def from_state(cls, config: dict, tensors: dict[str, Tensor], sae=None) -> LatentFeatures:
         if sae is None:
             raise ConfigError("latent features need their SAE to be rebuilt")
         return cls(sae, tensors["indices"])
@@ -239,7 +240,7 @@ class DenseFeatures(FeatureMap):
         return _as_states(Z, "hidden states", self.in_dim)
 
     @classmethod
-    def from_state(cls, config: dict, tensors: dict[str, Tensor], sae=None) -> "DenseFeatures":
+    def from_state(cls, config: dict, tensors: dict[str, Tensor], sae=None) -> DenseFeatures:
         return cls(config["in_dim"])
 
 
@@ -393,7 +394,7 @@ class FitHistory:
         return {**asdict(self), "epochs_run": self.epochs_run, "best_val_accuracy": self.best_val_accuracy}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "FitHistory":
+    def from_dict(cls, data: dict[str, Any]) -> FitHistory:
         keys = ("settings", "train_loss", "val_accuracy", "val_loss", "best_epoch", "stopped_early")
         return cls(**{key: data[key] for key in keys})
 
@@ -506,13 +507,13 @@ class RewardModel:
     def num_trainable_parameters(self) -> int:
         raise NotImplementedError
 
-    def as_reward_function(self, *, name: str | None = None, **score_kwargs) -> "RewardFunction":
+    def as_reward_function(self, *, name: str | None = None, **score_kwargs) -> RewardFunction:
         """This model as a TRL reward function, for `GRPOTrainer(reward_funcs=...)` (`RewardFunction`).
 
         `score_kwargs` go to `score` on every call (e.g. `batch_size`)."""
         return RewardFunction(self, name=name, **score_kwargs)
 
-    def as_pairwise_judge(self, **score_kwargs) -> "PairwiseJudge":
+    def as_pairwise_judge(self, **score_kwargs) -> PairwiseJudge:
         """This model as a pairwise judge with the interface of TRL's judges (`PairwiseJudge`)."""
         return PairwiseJudge(self.as_reward_function(**score_kwargs))
 
@@ -527,7 +528,7 @@ class RewardModel:
                 "rm_class": cls.__name__}
 
     @classmethod
-    def _load(cls, directory: Path, config: dict, backbone=None) -> "RewardModel":
+    def _load(cls, directory: Path, config: dict, backbone=None) -> RewardModel:
         raise NotImplementedError
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
@@ -540,7 +541,7 @@ class RewardModel:
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, backbone=None, revision: str | None = None,
                         token: str | None = None, cache_dir: str | Path | None = None, local_files_only: bool = False,
-                        force_download: bool = False) -> "RewardModel":
+                        force_download: bool = False) -> RewardModel:
         """Load a saved reward model of whatever srlib class saved it; optionally attach a backbone now.
 
         A local folder, or a Hugging Face Hub repo id ("owner/name", with huggingface_hub's
@@ -646,7 +647,7 @@ class RewardFunction:
     reward model's class unless `name` is given: its logs say `rewards/<name>/mean`.
     """
 
-    def __init__(self, model: "RewardModel", *, name: str | None = None, **score_kwargs):
+    def __init__(self, model: RewardModel, *, name: str | None = None, **score_kwargs):
         self.model = model
         self.__name__ = name or type(model).__name__
         self.score_kwargs = score_kwargs
@@ -725,7 +726,7 @@ class FeatureRM(RewardModel):
 
     def __init__(self, features: FeatureMap | None, *, backbone=None, layer: int | None = None,
                  max_length: int = 512, sae_info: dict[str, Any] | None = None, position: str = "last",
-                 head: RewardHead | None = None, history: "FitHistory | None" = None, k: int | None = None,
+                 head: RewardHead | None = None, history: FitHistory | None = None, k: int | None = None,
                  latent_indices: dict[str, list[int]] | None = None, directions_normalized: bool | None = None,
                  backbone_record: dict[str, Any] | None = None):
         self.features = features
@@ -751,7 +752,7 @@ class FeatureRM(RewardModel):
 
     # -- backbone -------------------------------------------------------------------------
 
-    def attach_backbone(self, backbone, *, strict: bool = True) -> "FeatureRM":
+    def attach_backbone(self, backbone, *, strict: bool = True) -> FeatureRM:
         """Use `backbone` to extract hidden states. Its hidden size must match the feature map;
         with `strict`, its identity must match the one the model was fitted on (if recorded)."""
         if self.features is not None and backbone.hidden_size != self.features.in_dim:
@@ -787,7 +788,7 @@ class FeatureRM(RewardModel):
         return self.features
 
     def fit_states(self, Z_w: Tensor, Z_l: Tensor, Zv_w: Tensor | None = None, Zv_l: Tensor | None = None, *,
-                   head: HeadConfig = HeadConfig(), progress: bool = False) -> "FeatureRM":
+                   head: HeadConfig = HeadConfig(), progress: bool = False) -> FeatureRM:
         """Fit the head on already-extracted hidden states [n, d] of chosen/rejected responses,
         with the settings of `head` (`fit_head`). Returns self.
         """
@@ -908,7 +909,7 @@ class FeatureRM(RewardModel):
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
-    def _load(cls, directory: Path, config: dict, backbone=None) -> "FeatureRM":
+    def _load(cls, directory: Path, config: dict, backbone=None) -> FeatureRM:
         """Rebuild from config.json and model.safetensors; a file that does not fit raises a
         one-line `DamagedFileError` naming it (KeyError / TypeError: see `from_pretrained`)."""
         weights = directory / WEIGHTS_NAME
@@ -977,7 +978,7 @@ class SparseRM(FeatureRM):
             kind: str = "projection", normalize_directions: bool = False, allow_overlap: bool = True,
             feature_seed: int = 0, sae_source: str | None = None, max_length: int = 512, position: str = "last",
             batch_size: int = 16, cache: bool = True, progress: bool = True,
-            head: HeadConfig = HeadConfig()) -> "SparseRM":
+            head: HeadConfig = HeadConfig()) -> SparseRM:
         """The whole method: hidden states of the pairs at `layer`, SAE latents of the training
         states, top-k directions per side (`srlib.directions.select_directions`), then the head
         with the settings of `head` (`fit_head`).
@@ -1018,7 +1019,7 @@ class DenseRM(FeatureRM):
             self.features = DenseFeatures(d)
         return super()._prepare_features(d)
 
-    def attach_backbone(self, backbone, *, strict: bool = True) -> "DenseRM":
+    def attach_backbone(self, backbone, *, strict: bool = True) -> DenseRM:
         if self.features is None:
             self.features = DenseFeatures(backbone.hidden_size)
         return super().attach_backbone(backbone, strict=strict)
@@ -1026,7 +1027,7 @@ class DenseRM(FeatureRM):
     @classmethod
     def fit(cls, backbone, train_pairs, val_pairs=None, *, layer: int, max_length: int = 512,
             position: str = "last", batch_size: int = 16, cache: bool = True, progress: bool = True,
-            head: HeadConfig = HeadConfig()) -> "DenseRM":
+            head: HeadConfig = HeadConfig()) -> DenseRM:
         """Hidden states of the pairs at `layer`, then the head with the settings of `head` (`fit_head`)."""
         extract = dict(max_length=max_length, position=position, batch_size=batch_size, cache=cache,
                        progress=progress)

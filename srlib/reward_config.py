@@ -18,8 +18,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from srlib.errors import ConfigError
 
@@ -143,7 +144,7 @@ class HeadConfig:
         return {"config_version": CONFIG_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: Any, *, source: str = "the config") -> "HeadConfig":
+    def from_dict(cls, data: Any, *, source: str = "the config") -> HeadConfig:
         """The config `to_dict` wrote (a missing field takes its default); `source` names the file
         in the one-line error for an unknown version or key."""
         return _build(cls, _fields_from_dict(cls, data, source), source)
@@ -195,7 +196,7 @@ class SparseRMConfig:
         return {**{"config_version": CONFIG_VERSION, **dataclasses.asdict(self)}, "head": self.head.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: Any, *, source: str = "the config") -> "SparseRMConfig":
+    def from_dict(cls, data: Any, *, source: str = "the config") -> SparseRMConfig:
         """The config `to_dict` wrote; `source` names the file in the one-line errors."""
         values = _fields_from_dict(cls, data, source)
         if "head" in values:

@@ -42,14 +42,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from srlib.data import PreferencePair
 from srlib.cache import clear_command, read_json, warn_recomputing
+from srlib.data import PreferencePair
 from srlib.errors import ConfigError, DamagedFileError
 from srlib.paths import atomic_path, cache_dir
 

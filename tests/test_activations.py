@@ -41,7 +41,7 @@ class ForwardCounter:
     def __init__(self, module: torch.nn.Module) -> None:
         self.module, self.calls = module, 0
 
-    def __enter__(self) -> "ForwardCounter":
+    def __enter__(self) -> ForwardCounter:
         self.handle = self.module.register_forward_pre_hook(self._count)
         return self
 

@@ -16,7 +16,6 @@ from srlib.errors import ConfigError
 from srlib.evaluate import response_logprobs
 from srlib.profiles import TINY_MODEL_ID
 
-
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
 

@@ -168,12 +168,18 @@ def test_a_round_whose_prompts_all_fill_max_length_trains_nothing(tmp_path):
     assert out is model and stats["steps"] == 0 and stats["n_trained"] == 0 and not (tmp_path / "a").exists()
 
 
-def test_choose_track_takes_the_most_accurate_filter_and_breaks_ties_by_table1_order():
+def test_choose_track_takes_the_most_accurate_filter_unless_a_better_measured_one_is_within_one_se():
     import pandas as pd
 
-    table = pd.DataFrame({"accuracy (%)": [61.0, 74.0, 74.0]}, index=["truthfulqa", "saferlhf", "red-teaming"])
-    assert al.choose_track(table) == "saferlhf"
-    assert al.choose_track(table.assign(**{"accuracy (%)": [80.0, 74.0, 74.0]})) == "truthfulqa"
+    table = pd.DataFrame({"accuracy (%)": [61.0, 74.0, 70.0], "se (points)": [2.0, 2.0, 2.0], "n": [300, 60, 300]},
+                         index=["truthfulqa", "saferlhf", "red-teaming"])
+    assert al.choose_track(table) == "saferlhf"  # 70 is more than one se below 74
+    # chapter 7's cpu figures at layer 22: 65.1 (se 6.1, 62 pairs) against 64.7 (se 2.7, 312 pairs)
+    close = table.assign(**{"accuracy (%)": [54.1, 65.1, 64.7], "se (points)": [2.9, 6.1, 2.7], "n": [300, 62, 312]})
+    assert al.choose_track(close) == "red-teaming"
+    # a tie on the same number of pairs goes to Table 1's order
+    even = table.assign(**{"accuracy (%)": [80.0, 74.0, 80.0], "n": [300, 300, 300]})
+    assert al.choose_track(even) == "truthfulqa"
 
 
 @needs_real_data

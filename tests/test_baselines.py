@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from srlib import baselines as B
-from srlib.baselines import models
 from srlib.backbone import format_text
+from srlib.baselines import models
 from srlib.data import PreferencePair
 from srlib.errors import ConfigError, DataError
 from srlib.evaluate import prompt_ids, response_logprobs

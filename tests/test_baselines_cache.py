@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from srlib import baselines as B
-from srlib.baselines import cache as baseline_cache
 from srlib import plots
+from srlib.baselines import cache as baseline_cache
 from srlib.data import PreferencePair
 from srlib.errors import ConfigError, DataError
 from srlib.profiles import get_profile

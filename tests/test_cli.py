@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from toy_data import error_line, toy_pairs  # tests/ is on sys.path under pytest
 
 from srlib.cli import main
 from srlib.data import read_jsonl, write_jsonl
-from toy_data import error_line, toy_pairs  # tests/ is on sys.path under pytest
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -17,11 +17,11 @@ import threading
 from pathlib import Path
 
 import pytest
+from toy_data import error_line, toy_pairs  # tests/ is on sys.path under pytest
 
 from srlib.cli import main
 from srlib.data import write_jsonl
 from srlib.reward import RewardModel
-from toy_data import error_line, toy_pairs  # tests/ is on sys.path under pytest
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
 

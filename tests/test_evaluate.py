@@ -14,7 +14,6 @@ from srlib.backbone import load_backbone
 from srlib.data import MCQuestion, PreferencePair
 from srlib.profiles import TINY_MODEL_ID
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from toy_data import error_line, toy_pairs  # tests/ is on sys.path under pytest
 
 from srlib import explain
 from srlib.cli import main
@@ -16,7 +17,6 @@ from srlib.data import write_jsonl
 from srlib.directions import Directions
 from srlib.reward import DenseRM, RewardModel, SparseRM
 from srlib.reward_config import HeadConfig
-from toy_data import error_line, toy_pairs  # tests/ is on sys.path under pytest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,12 +9,12 @@ import json
 
 import pytest
 import torch
+from test_reward import directions_from_sae, separable_pairs, small_sae
 
 from srlib.errors import ConfigError, SrlibError
 from srlib.profiles import PROFILES
 from srlib.reward import DenseRM, RewardModel, SparseRM, fit_head
 from srlib.reward_config import HeadConfig, SparseRMConfig
-from test_reward import directions_from_sae, separable_pairs, small_sae
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -146,9 +146,9 @@ def test_a_damaged_reward_model_gets_one_line_naming_the_file(saved_rm, pairs_fi
 
 
 def test_a_bad_sae_folder_gets_one_line_naming_it(tmp_path):
-    from srlib.sae import load_sae
-
     from sae_lens import StandardSAE, StandardSAEConfig
+
+    from srlib.sae import load_sae
 
     folder = tmp_path / "sae"
     StandardSAE(StandardSAEConfig(d_in=4, d_sae=8)).save_model(str(folder))

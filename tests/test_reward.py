@@ -30,7 +30,6 @@ from srlib.reward import (
 )
 from srlib.reward_config import ACTIVATION_NAMES, LOSS_NAMES, HeadConfig
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy_data import error_line  # tests/ is on sys.path under pytest
 
 from srlib import data, rewardbench
 from srlib.cli import main
 from srlib.errors import DataError
 from srlib.rewardbench import SUBSET_MAPPING, evaluate_rewardbench, load_rewardbench, score_subsets
-from toy_data import error_line  # tests/ is on sys.path under pytest
 
 SAMPLE = Path(__file__).parent / "fixtures" / "rewardbench_sample.jsonl"
 
@@ -137,8 +137,9 @@ def test_cli_eval_offline_hub_is_one_line(monkeypatch, capsys):
 def test_cli_eval_with_a_saved_smoke_reward_model(tmp_path, capsys, monkeypatch):
     """End to end: a reward model fitted on the smoke profile, saved, loaded by `eval`; its
     per-subset accuracies are those of its own scores on the same pairs."""
-    from srlib.reward import RewardModel
     from toy_data import toy_pairs
+
+    from srlib.reward import RewardModel
 
     monkeypatch.setenv("SRLIB_CACHE_DIR", str(tmp_path / "cache"))
     train = tmp_path / "train.jsonl"

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from sae_lens import TopKSAE, TopKSAEConfig
+from toy_data import error_line, toy_pairs  # tests/ is on sys.path under pytest
 
 from srlib.activations import last_token_states
 from srlib.backbone import format_text
@@ -19,9 +20,7 @@ from srlib.errors import ConfigError, DataError
 from srlib.experiments import DatasetStates, SplitStates
 from srlib.profiles import get_profile
 from srlib.sae import SAEQuality, SAEReport, sae_quality
-from srlib.sae_study import (RANDOM, SCORED_ON, family_of, gap_table, quality_trend, trend_conclusion,
-                             validation_view)
-from toy_data import error_line, toy_pairs  # tests/ is on sys.path under pytest
+from srlib.sae_study import RANDOM, SCORED_ON, family_of, gap_table, quality_trend, trend_conclusion, validation_view
 
 
 def half_dead_sae(d: int) -> TopKSAE:

@@ -64,8 +64,9 @@ def test_wheel_fallback_opt_out_is_one_line(hub_down, monkeypatch, how):
 
 def test_declared_dependencies_cover_what_srlib_imports():
     import ast
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     root = Path(__file__).resolve().parents[1]
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
@@ -282,9 +283,9 @@ class StubApi:
 def test_push_to_hub_and_from_pretrained_round_trip_through_stubs(tiny_rm, tiny_backbone, tmp_path, monkeypatch):
     import shutil
 
-    import srlib.hub
     from toy_data import toy_pairs
 
+    import srlib.hub
     from srlib.reward import RewardModel
 
     StubApi.calls, StubApi.remote = [], tmp_path / "remote"

@@ -8,13 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+from toy_data import BAD, GOOD, error_line  # tests/ is on sys.path under pytest
 
 from srlib import data
 from srlib.backbone import format_text
 from srlib.cli import main
 from srlib.data import PreferencePair, load_pairs
 from srlib.errors import DataError
-from toy_data import BAD, GOOD, error_line  # tests/ is on sys.path under pytest
 
 
 def user(text: str) -> dict[str, str]:
@@ -143,7 +143,7 @@ def test_bad_trl_records_are_one_line_errors_with_file_and_line(case, tmp_path):
     with pytest.raises(DataError) as error:
         load_pairs(path)
     message = str(error.value)
-    assert "\n" not in message and f"user.jsonl:2:" in message and needle in message, message
+    assert "\n" not in message and "user.jsonl:2:" in message and needle in message, message
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,9 +14,10 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file

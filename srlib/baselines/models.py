@@ -10,9 +10,10 @@ import copy
 import json
 import tempfile
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -245,7 +246,7 @@ class StandardRM(RewardModel):
 
     @classmethod
     def fit(cls, backbone, train_pairs, val_pairs=None, *, seed: int = 0, progress: bool = True,
-            **settings) -> "StandardRM":
+            **settings) -> StandardRM:
         """Train on `train_pairs` with TRL's RewardTrainer; with `val_pairs`, keep the epoch of
         lowest validation loss. `settings` are `LoraSettings` fields (GRMSettings for GRM)."""
         settings = build_settings(cls.settings_class, settings)
@@ -345,7 +346,7 @@ class StandardRM(RewardModel):
         _write(directory, self.config(), self.model, overwrite=overwrite)
 
     @classmethod
-    def _load(cls, directory: Path, config: dict, backbone=None) -> "StandardRM":
+    def _load(cls, directory: Path, config: dict, backbone=None) -> StandardRM:
         backbone = _resolve_backbone(config, backbone)
         model = _load_adapter(_sequence_classifier(backbone, config["pad_id"]), directory)
         return cls(backbone, model, config["pad_id"], build_settings(cls.settings_class, config["settings"]),
@@ -512,7 +513,7 @@ class GenerativeJudge(RewardModel):
 
     @classmethod
     def fit(cls, backbone, train_pairs=None, val_pairs=None, *, seed: int = 0, lora: bool = False,
-            progress: bool = True, **settings) -> "GenerativeJudge":
+            progress: bool = True, **settings) -> GenerativeJudge:
         """Zero-shot (`lora=False`: nothing is trained, the pairs are not needed) or a LoRA judge
         tuned with TRL's SFTTrainer on the correct verdict token of every training pair in both
         orders; with `val_pairs`, the epoch of lowest validation loss is kept."""
@@ -590,7 +591,7 @@ class GenerativeJudge(RewardModel):
         _write(directory, self.config(), self.model if self.lora else None, overwrite=overwrite)
 
     @classmethod
-    def _load(cls, directory: Path, config: dict, backbone=None) -> "GenerativeJudge":
+    def _load(cls, directory: Path, config: dict, backbone=None) -> GenerativeJudge:
         backbone = _resolve_backbone(config, backbone)
         model = backbone.model
         if config["lora"]:
@@ -627,7 +628,7 @@ class LogProbPreference(RewardModel):
 
     @classmethod
     def fit(cls, backbone, train_pairs=None, val_pairs=None, *, seed: int = 0, progress: bool = True,
-            **settings) -> "LogProbPreference":
+            **settings) -> LogProbPreference:
         """Nothing to train; the pairs and seed are accepted for a uniform interface."""
         settings = build_settings(LogProbSettings, settings)
         with CostMeter() as meter:
@@ -659,7 +660,7 @@ class LogProbPreference(RewardModel):
         _write(directory, self.config(), overwrite=overwrite)
 
     @classmethod
-    def _load(cls, directory: Path, config: dict, backbone=None) -> "LogProbPreference":
+    def _load(cls, directory: Path, config: dict, backbone=None) -> LogProbPreference:
         return cls(_resolve_backbone(config, backbone), build_settings(LogProbSettings, config["settings"]),
                    _saved_cost(config))
 

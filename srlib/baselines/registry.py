@@ -9,8 +9,9 @@ methods without loading a model library; `Method.model_class` imports the class 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from srlib.errors import ConfigError
 

@@ -3,7 +3,8 @@ per-pair outcomes (what chapter 8's table and comparisons read)."""
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from srlib.baselines.cache import baseline_key, cached_fit_baseline, cached_score_pairs, scores_path
 from srlib.baselines.registry import METHOD_LABELS, REGISTRY, get_method
