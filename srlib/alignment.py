@@ -345,7 +345,7 @@ def generate_responses(
         for batch in progress_bar(batches, desc=desc, unit="batch", disable=not progress, leave=False):
             answers_batch = _generate_batch(model, tokenizer, [encoded[i] for i in batch], pad_id,
                                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
-            for i, answer in zip(batch, answers_batch):
+            for i, answer in zip(batch, answers_batch, strict=True):
                 answers[i] = answer
     model.train(was_training)
     return answers
@@ -431,7 +431,7 @@ def filter_tuples(tuples: Sequence[PreferencePair], reward_model: RewardModel | 
     # only asked for a bar when one is wanted: stand-in models (tests, exercise checks) take pairs alone
     s_w, s_l = reward_model.score_pairs(list(tuples), **({"progress": True} if progress else {}))
     s_w, s_l = [float(v) for v in s_w], [float(v) for v in s_l]
-    keep = [v and (w > l or (keep_ties and w == l)) for v, w, l in zip(valid, s_w, s_l)]
+    keep = [v and (w > r or (keep_ties and w == r)) for v, w, r in zip(valid, s_w, s_l, strict=True)]
     return FilterResult(keep=keep, s_w=s_w, s_l=s_l)
 
 
@@ -1003,7 +1003,7 @@ class AlignmentRun:
         start = time.perf_counter()
         verdict = filter_tuples(tuples, self.reward_models[name], keep_ties=config.keep_ties)
         seconds["filter"] = time.perf_counter() - start
-        kept = [t for t, k in zip(tuples, verdict.keep) if k]
+        kept = [t for t, k in zip(tuples, verdict.keep, strict=True) if k]
         self._policy = None  # a round that fails half-way leaves no policy to reuse
         with atomic_path(round_dir, is_dir=True) as tmp:
             _write_tuples(tuples, verdict, tmp / "tuples.jsonl")
