@@ -34,13 +34,13 @@ from extraction import full_forward_states  # benchmarks/extraction.py: the full
 from srlib.activations import last_token_states
 from srlib.backbone import backbone_for_profile, format_pair
 from srlib.baselines import (COMPARISON_METHODS, METHOD_LABELS, METHODS, baseline_settings, baseline_trials,
-                             measure_cost, trainable_parameters)
+                             costed_fit, trainable_parameters)
 from srlib.errors import SrlibError
 from srlib.evaluate import mean_sd
 from srlib.data_efficiency import fit_feature_rm
 from srlib.experiments import DATASET_LABELS, dataset_states
 from srlib.profiles import DEFAULT_PROFILE, get_profile
-from srlib.reward import RewardHead, pair_accuracy
+from srlib.reward import RewardHead
 from srlib.sae import sae_for_profile
 
 
@@ -73,19 +73,18 @@ def parameter_rows(backbone, k: int, settings: dict, total: int) -> list[list]:
 def fit_rows(states, sae, k: int, seeds: list[int], subset: int,
              validation: bool) -> tuple[list[list], dict[str, float]]:
     """Table 2: fit times from cached states (early stopping on the validation split only with
-    `validation`, as chapter 8's `VALIDATION`); returns the rows and the mean seconds per model."""
+    `validation`, as chapter 8's `VALIDATION`), each fit timed by `srlib.baselines.costed_fit` as
+    chapter 8 times it; returns the rows and the mean seconds per model."""
     data = {"all": states, "subset": dataclasses.replace(states, train=states.train.first(subset))}
     rows, means = [], {}
     for which, part in data.items():
         for features in ("projection", "dense"):
             seconds, growth, accuracy = [], [], []
             for seed in seeds:
-                model, cost = measure_cost(fit_feature_rm, part, features, sae=sae, k=k, seed=seed,
-                                           validation=validation, n_train_pairs=len(part.train))
-                seconds.append(cost.seconds)
-                growth.append(cost.rss_increase_mb)
-                accuracy.append(100 * pair_accuracy(model.score_states(part.test.chosen),
-                                                    model.score_states(part.test.rejected)))
+                trial = costed_fit(part, features, sae=sae, k=k, seed=seed, validation=validation)
+                seconds.append(trial["fit_seconds"])
+                growth.append(trial["rss_increase_mb"])
+                accuracy.append(100 * trial["full_test_accuracy"])
             name = f"{'SparseRM' if features == 'projection' else 'DenseRM'} ({which})"
             means[name] = statistics.mean(seconds)
             rows.append([name, len(part.train), spread(seconds), spread(growth, 0), spread(accuracy, 1)])

@@ -292,3 +292,40 @@ def gap_change(fn: Callable[[Tensor, Tensor, Tensor], float]) -> None:
                                       torch.tensor([1.0, 1.0, 0.0, 0.0]))),
              ("same SAE twice: no change", (outcomes[1][0], outcomes[1][0], outcomes[2][0]))]
     _run("gap_change", lambda *a: torch.tensor(float(fn(*a))), reference, cases)
+
+
+def lora_parameters(fn: Callable[[Any, int], int]) -> None:
+    """Check StandardRM's trainable count: `fn(config, r)` -> rank-`r` LoRA on every block's q and
+    v projections (A: r × d_in, B: d_out × r) plus the 1 × d score head, for a Llama-style config
+    (grouped-query attention included: v projects to `num_key_value_heads` heads)."""
+    from types import SimpleNamespace
+
+    def reference(config: Any, r: int) -> int:
+        head_dim = config.hidden_size // config.num_attention_heads
+        q_out, v_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+        return config.num_hidden_layers * r * (2 * config.hidden_size + q_out + v_out) + config.hidden_size
+
+    def config(d: int, heads: int, kv_heads: int, layers: int) -> SimpleNamespace:
+        return SimpleNamespace(hidden_size=d, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                               num_hidden_layers=layers)
+
+    cases = [("SmolLM2-135M's shape, r=8", (config(576, 9, 3, 30), 8)),
+             ("every head its own key/value, r=4", (config(64, 4, 4, 2), 4)),
+             ("one block, r=1", (config(32, 8, 2, 1), 1))]
+    for case, args in cases:
+        got, expected = fn(*args), reference(*args)
+        if got != expected:
+            raise AssertionError(f"lora_parameters ({case}): got {got}, expected {expected}")
+    print(f"lora_parameters: correct on {len(cases)} cases")
+
+
+def judge_preference(fn: Callable[[Tensor, Tensor], Tensor]) -> None:
+    """Check a pairwise judge's preference: `fn(logits_chosen_as_a [n, 2], logits_chosen_as_b [n, 2])`
+    -> P(chosen is better) from the softmax over the verdicts "A" and "B", averaged over both orders."""
+    from srlib.baselines.models import verdict_preference as reference
+
+    g = _generator(11)
+    always_a = torch.tensor([[5.0, 0.0], [2.0, -1.0]])
+    cases = [("random logits", (3 * torch.randn(16, 2, generator=g), 3 * torch.randn(16, 2, generator=g))),
+             ("a judge that always says 'A' (0.5: its bias cancels)", (always_a, always_a))]
+    _run("judge_preference", fn, reference, cases)

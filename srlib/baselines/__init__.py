@@ -60,7 +60,7 @@ _HOMES = {
     "registry": ("COMPARISON_METHODS", "METHODS", "METHOD_LABELS", "REGISTRY", "TRAINED_METHODS", "Method",
                  "get_method"),
     "settings": ("GRMSettings", "JudgeSettings", "LogProbSettings", "LoraSettings", "build_settings"),
-    "cost": ("CostMeter", "TrainingCost", "measure_cost"),
+    "cost": ("CostMeter", "TrainingCost", "costed_fit", "extraction_cost", "measure_cost"),
     "models": ("JUDGE_TEMPLATE", "VERDICT_TOKENS", "GeneralizableRM", "GenerativeJudge", "LogProbPreference",
                "StandardRM", "chosen_response_logprob", "fit_baseline", "trainable_parameters",
                "verdict_preference"),
@@ -89,7 +89,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and editors see: the same names, imported eagerly
     from srlib.baselines.cache import (CACHE_VERSION, PairScores, baseline_key, cached_fit_baseline,
                                        cached_score_pairs, pairs_digest, scores_path)
-    from srlib.baselines.cost import CostMeter, TrainingCost, measure_cost
+    from srlib.baselines.cost import CostMeter, TrainingCost, costed_fit, extraction_cost, measure_cost
     from srlib.baselines.models import (JUDGE_TEMPLATE, VERDICT_TOKENS, GeneralizableRM, GenerativeJudge,
                                         LogProbPreference, StandardRM, chosen_response_logprob, fit_baseline,
                                         trainable_parameters, verdict_preference)

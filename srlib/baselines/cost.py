@@ -69,3 +69,46 @@ def measure_cost(fn: Callable[..., Any], *args, n_train_pairs: int, **kwargs) ->
     with CostMeter() as meter:
         result = fn(*args, **kwargs)
     return result, meter.cost(n_train_pairs)
+
+
+def costed_fit(states, features: str, *, sae, k: int, seed: int, validation: bool, test=None) -> dict[str, Any]:
+    """Fit SparseRM (`features="projection"`) or DenseRM (`"dense"`) from cached hidden states
+    under the baselines' meter, and score it: one trial row with the columns of
+    `srlib.baselines.trials.TRIAL_COLUMNS` that a feature model has. Chapter 8 and
+    `benchmarks/rm_cost.py` both time SparseRM and DenseRM through here, so their numbers are
+    measured the same way.
+
+    `states`: a `DatasetStates` (the fit reads its training split, and its validation split for
+    early stopping when `validation`); `test`: the split the trial's `test_accuracy` and
+    per-pair `outcomes` are scored on (default: the whole test split, which
+    `full_test_accuracy` always scores).
+    """
+    from srlib.data_efficiency import fit_feature_rm
+    from srlib.evaluate import pair_outcomes
+    from srlib.reward import pair_accuracy
+
+    model, cost = measure_cost(fit_feature_rm, states, features, sae=sae, k=k, seed=seed, validation=validation,
+                               n_train_pairs=len(states.train))
+    test = states.test if test is None else test
+    common = model.score_states(test.chosen), model.score_states(test.rejected)
+    full = model.score_states(states.test.chosen), model.score_states(states.test.rejected)
+    return {"dataset": states.name, "seed": seed, "test_accuracy": pair_accuracy(*common),
+            "full_test_accuracy": pair_accuracy(*full), "trainable_parameters": model.num_trainable_parameters(),
+            "fit_seconds": cost.seconds, "peak_rss_mb": cost.peak_rss_mb, "rss_increase_mb": cost.rss_increase_mb,
+            "n_train_pairs": len(states.train), "n_val_pairs": len(states.val) if validation else 0,
+            "outcomes": pair_outcomes(*common)}
+
+
+def extraction_cost(backbone, pairs, *, layer: int, max_length: int, batch_size: int) -> dict[str, float]:
+    """Time the extraction of the hidden states a head reads (both answers of each pair, early
+    exit at `layer`, cache off) under the same meter: texts, seconds, texts per second and the
+    growth of resident memory. The rate is what SparseRM's fit adds to read fresh pairs, and its
+    scoring speed (a pair is two extractions and a head that costs next to nothing)."""
+    from srlib.activations import last_token_states
+    from srlib.backbone import format_pair
+
+    texts = [text for pair in pairs for text in format_pair(backbone.tokenizer, pair)]
+    _, cost = measure_cost(last_token_states, backbone, texts, layer, max_length=max_length, batch_size=batch_size,
+                           cache=False, progress=False, n_train_pairs=0)
+    return {"texts": len(texts), "seconds": cost.seconds, "texts_per_second": len(texts) / cost.seconds,
+            "rss_increase_mb": cost.rss_increase_mb}
