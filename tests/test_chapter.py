@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,10 +17,8 @@ import torch
 from srlib import chapter, present
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Chapters held to the length limit; extend the list as chapters are slimmed (all, then glob them).
-SHORT_CHAPTERS = ["01_sae_decomposition", "02_direction_selection", "03_sparserm", "04_projection_vs_latents",
-                  "05_loss_comparison", "06_denserm_analysis", "07_iterative_dpo", "09_reading_and_steering",
-                  "10_trl_reward"]
+#: Chapters held to the length limit: every chapter of the book.
+SHORT_CHAPTERS = sorted(path.stem for path in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 MAX_CODE_LINES = 100
 
 
@@ -49,6 +48,10 @@ def test_chapter_sets_up_in_one_collapsed_cell_and_draws_through_srlib_plots(ste
         calls = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
         names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
         assert not {"plt", "matplotlib"} & names and not {"set_ylim", "axhline", "axvline", "legend"} & calls
+
+
+def test_every_chapter_is_held_to_the_limit():
+    assert len(SHORT_CHAPTERS) >= 11 and "08_reward_model_comparison" in SHORT_CHAPTERS
 
 
 def test_the_line_count_counts_non_blank_code_lines():
@@ -319,3 +322,34 @@ def test_sparserm_results_are_the_books_five_tables():
     assert list(tables) == ["accuracy", "parameters", "reading", "sweep", "selected"]
     assert "K = 8, mean ± sd over 3 seeds" in tables["accuracy"]["caption"]
     assert "TruthfulQA by layer and K, mean ± sd over 2 seeds" in tables["sweep"]["caption"]
+
+
+#: The "Total ≈ N min" of a chapter's time line (its "**Time**" paragraph).
+TIME_TOTAL = re.compile(r"\*\*Time\b[^\n]*(?:\n(?!\n)[^\n]*)*?Total ≈ (\d+) min")
+
+
+def _chapter_total(stem: str) -> int:
+    """Minutes of the "Total ≈ N min" on the chapter's own time line (the one there is)."""
+    cells = json.loads((ROOT / "notebooks" / f"{stem}.ipynb").read_text())["cells"]
+    text = "".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    totals = TIME_TOTAL.findall(text)
+    assert len(totals) == 1, f"{stem}: its time line needs one 'Total ≈ N min'"
+    return int(totals[0])
+
+
+def _teachers_times() -> dict[int, int]:
+    """{chapter number: class time in minutes} from book/teachers.md's table."""
+    rows = re.findall(r"^\| (\d+) [^|]+\| (\d+) min \|", (ROOT / "book" / "teachers.md").read_text(), re.MULTILINE)
+    return {int(number): int(minutes) for number, minutes in rows}
+
+
+def test_each_chapters_time_matches_its_row_for_teachers():
+    times = _teachers_times()
+    assert sorted(times) == [int(stem[:2]) for stem in SHORT_CHAPTERS]  # one row per chapter
+    assert {int(stem[:2]): _chapter_total(stem) for stem in SHORT_CHAPTERS} == times
+
+
+def test_the_time_test_reads_a_total_and_rejects_a_line_without_one():
+    line = "**Time.** Reading 20 min; running a few minutes;\nexercises 20 min. Total ≈ 45 min."
+    assert TIME_TOTAL.findall(line) == ["45"]
+    assert TIME_TOTAL.findall("**Time.** Reading 20 min.\n\nTotal ≈ 45 min.") == []  # another paragraph's total
