@@ -411,7 +411,7 @@ def kernel_python(argv: Sequence[str], executable: str) -> str:
 
     jupyter_client swaps a bare `python`/`python3`/`python3.X` for the launching interpreter.
     """
-    bare = {"python", f"python{sys.version_info[0]}", "python%d.%d" % sys.version_info[:2]}
+    bare = {"python", f"python{sys.version_info[0]}", f"python{sys.version_info[0]}.{sys.version_info[1]}"}
     return executable if argv and argv[0] in bare else (argv[0] if argv else "")
 
 

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(base, ignore_errors=True)
     print(f"\nprofile {args.profile}, {args.jobs} job(s), {os.cpu_count()} CPU(s)")
     print(f"{'chapter':40s} {'cold (s)':>10s} {'warm (s)':>10s}  warm build")
-    for first, second in zip(cold, warm):
+    for first, second in zip(cold, warm, strict=True):
         spent = 0.0 if second["reused"] else second["seconds"]
         print(f"{first['chapter']:40s} {first['seconds']:10.1f} {spent:10.1f}  "
               f"{'reused' if second['reused'] else 'executed'}")

@@ -1,7 +1,7 @@
 """How much the early exit in `srlib.activations` saves, on real TruthfulQA texts.
 
-Times (fastest of `--repeats` interleaved rounds) three ways of reading the last-token state at the profile's layer L, on the same
-tokenised batches (texts of one padded width together: `srlib.activations._batches`) and with the cache off:
+Times (fastest of `--repeats` interleaved rounds) three ways of reading the last-token state at the profile's layer L,
+on the same tokenised batches (texts of one padded width together: `srlib.activations._batches`) and with the cache off:
 
 - early exit: `last_token_states` (blocks 0..L, then a hook stops the pass);
 - all blocks: the base model's full forward with `output_hidden_states` (no LM head);

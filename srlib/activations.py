@@ -19,8 +19,8 @@ Read position (`POSITIONS`): the paper reads "the last token" of prompt + respon
 open which one, since a chat template closes the answer with its own tokens (SmolLM2:
 ``<|im_end|>`` and a newline). `last` is the template's last token (that newline),
 `end_of_turn` the token that closes the assistant turn (``<|im_end|>``, Gemma's
-``<end_of_turn>``), `answer` the answer's own last token. One forward pass reads every requested position. A text that does not end with the
-template's closing text (no template, or formatted otherwise) is read at its last token for
+``<end_of_turn>``), `answer` the answer's own last token. One forward pass reads every requested position. A text that
+does not end with the template's closing text (no template, or formatted otherwise) is read at its last token for
 every position.
 
 Batch invariance: a text is right-padded to a width fixed by its own length (the next
@@ -142,7 +142,7 @@ def states_at_layers(
                 entry = read_cache_entry(path, "activations", check=lambda found: _is_state(found, backbone))
                 if entry is not None:
                     states[slot][key] = entry["state"]
-    todo = {key: text for key, text in zip(keys, texts) if any(key not in states[slot] for slot in slots)}
+    todo = {key: text for key, text in zip(keys, texts, strict=True) if any(key not in states[slot] for slot in slots)}
     if todo:
         todo_keys = list(todo)
         suffix = _template_suffix(backbone.tokenizer)

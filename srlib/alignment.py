@@ -419,8 +419,8 @@ def filter_tuples(tuples: Sequence[PreferencePair], reward_model: RewardModel | 
     """Score each (x, y_w) and (x, y_l) with `reward_model` and keep the tuples with s_w > s_l.
 
     A tie s_w == s_l is dropped, or kept with `keep_ties` (the paper discards a tuple only
-    "if s_w is lower than s_l"; `AlignmentConfig.keep_ties`). A tuple whose two answers are identical or one is empty carries no
-    preference and is dropped for every reward model, "WO RM" (None) included; None keeps
+    "if s_w is lower than s_l"; `AlignmentConfig.keep_ties`). A tuple whose two answers are identical or one is empty
+    carries no preference and is dropped for every reward model, "WO RM" (None) included; None keeps
     all the others. Scores are returned for inspection. `progress` shows the scoring's bar.
     """
     valid = [bool(t.chosen) and bool(t.rejected) and t.chosen != t.rejected for t in tuples]

@@ -135,7 +135,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     s_w, s_l = model.score_pairs(pairs, progress=True)  # a bar on stderr: long inputs take a while
     if args.out:
         with atomic_path(args.out, overwrite=args.overwrite) as tmp, open(tmp, "w") as handle:
-            for pair, a, b in zip(pairs, s_w.tolist(), s_l.tolist()):
+            for pair, a, b in zip(pairs, s_w.tolist(), s_l.tolist(), strict=True):
                 handle.write(json.dumps({"pair_id": pair.pair_id, "score_chosen": a, "score_rejected": b}) + "\n")
     _print_result({"n": len(pairs), "accuracy": pair_accuracy(s_w, s_l), "pairs": args.pairs,
                    "rm": str(args.rm)})
@@ -152,7 +152,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
     model = _load_rm(args.rm)
     pairs = _load_pairs(args.pairs, args)
     verdict = filter_tuples(pairs, model, progress=True)
-    kept = [pair for pair, keep in zip(pairs, verdict.keep) if keep]
+    kept = [pair for pair, keep in zip(pairs, verdict.keep, strict=True) if keep]
     write_jsonl(kept, args.out, overwrite=args.overwrite)
     _print_result({"n": len(pairs), "kept": len(kept), "out": str(args.out)})
     return 0

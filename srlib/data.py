@@ -152,7 +152,7 @@ def _string_prompt_messages(prompt: str) -> list[dict[str, str]]:
         return [{"role": "user", "content": text}]
     parts = _TURN.split(text)  # ["", "Human", " text", "Assistant", " text", ...]
     messages: list[dict[str, str]] = []
-    for speaker, content in zip(parts[1::2], parts[2::2]):
+    for speaker, content in zip(parts[1::2], parts[2::2], strict=True):
         role = "user" if speaker == "Human" else "assistant"
         content = content.strip()
         if not content:
@@ -397,7 +397,8 @@ def _normalise_truthfulqa(rows: list[Row]) -> _Normalised:
         incorrect = _answers(row, "incorrect_answers", counts)
         group_id = f"truthfulqa:q{index}"
         pairs = []
-        for j, (good, bad) in enumerate(zip(correct, incorrect)):
+        # the j-th correct answer against the j-th incorrect one: as many pairs as the shorter list
+        for j, (good, bad) in enumerate(zip(correct, incorrect, strict=False)):
             if good == bad:
                 counts["identical_pairs"] += 1
                 continue
@@ -733,7 +734,7 @@ def load_pku_saferlhf(split: str, seed: int = 0) -> list[PreferencePair]:
                         GENERATION_PAIRS["pku-saferlhf"])
 
 
-def generation_prompts(dataset: str, seed: int = 0) -> list[str]:
+def generation_prompts(dataset: str, seed: int = 0) -> list[str | Conversation]:
     """The prompts a policy answers during alignment on `dataset`'s track, none of which any
     reward model of that data set trains, validates or is tested on.
 
@@ -876,7 +877,7 @@ def _implicit_prompt(row: Row, chosen: str | Conversation, rejected: str | Conve
 
     if isinstance(chosen, str) != isinstance(rejected, str):
         raise DataError(f"{row[0]}: fields 'chosen' and 'rejected' must both be strings or both conversations")
-    if isinstance(chosen, str) and _is_transcript(chosen) and _is_transcript(rejected):
+    if isinstance(chosen, str) and isinstance(rejected, str) and _is_transcript(chosen) and _is_transcript(rejected):
         return _split_transcripts(row, chosen, rejected)
     split = extract_prompt({"chosen": chosen, "rejected": rejected})
     if not split["prompt"]:

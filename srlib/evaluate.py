@@ -332,11 +332,11 @@ def pair_outcomes(s_w: torch.Tensor | np.ndarray | Sequence[float],
     an input that often gives both answers the same score (an SAE latent that fires on
     neither) is neither rewarded nor punished for it. Works on [n] or [n_seeds, n] scores.
     """
-    w, l = _as_array(s_w), _as_array(s_l)
-    if w.shape != l.shape or w.size == 0:
+    w, r = _as_array(s_w), _as_array(s_l)
+    if w.shape != r.shape or w.size == 0:
         raise ConfigError(f"pair_outcomes needs two non-empty score arrays of one shape, got "
-                          f"{w.shape} and {l.shape}")
-    return np.where(w > l, 1.0, np.where(w < l, 0.0, 0.5))
+                          f"{w.shape} and {r.shape}")
+    return np.where(w > r, 1.0, np.where(w < r, 0.0, 0.5))
 
 
 def tie_share(s_w: torch.Tensor | np.ndarray | Sequence[float],

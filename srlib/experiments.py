@@ -312,11 +312,11 @@ def summarize(trials, by: Sequence[str] = ("dataset", "variant"), *, value: str,
     table["mean"] *= scale
     table["std"] *= scale
     table["se"] = table["std"] / table["count"] ** 0.5
-    table["label"] = [mean_sd(m, s) for m, s in zip(table["mean"], table["std"])]
+    table["label"] = [mean_sd(m, s) for m, s in zip(table["mean"], table["std"], strict=True)]
     if value.startswith("test_") and "test_ties" in trials and trials["test_ties"].notna().any():
         table["ties"] = 100 * trials.groupby(list(by), sort=False)["test_ties"].mean().to_numpy()
         table["label"] = [f"{label} (ties {t:.1f}%)" if t > 0 else label
-                          for label, t in zip(table["label"], table["ties"])]
+                          for label, t in zip(table["label"], table["ties"], strict=True)]
     return table
 
 
@@ -334,7 +334,7 @@ def top_latents(latents: Tensor, n: int = 5) -> list[list[tuple[int, float]]]:
     """Per row of [rows, M] latents, the `n` strongest active latents as (index, activation),
     strongest first (fewer when fewer fire)."""
     values, indices = latents.topk(min(n, latents.shape[1]), dim=1)
-    return [[(int(j), float(v)) for j, v in zip(row_i, row_v) if v > 0] for row_i, row_v in zip(indices, values)]
+    return [[(int(j), float(v)) for j, v in zip(row_i, row_v, strict=True) if v > 0] for row_i, row_v in zip(indices, values, strict=True)]
 
 
 def pair_latent_table(pairs: Sequence[PreferencePair], latents_w: Tensor, latents_l: Tensor, *,
@@ -371,7 +371,7 @@ def max_activating(latents: Tensor, latent: int, n: int = 3) -> list[tuple[int, 
     first; only rows where it fires (> 0)."""
     column = latents[:, latent]
     values, rows = column.topk(min(n, column.numel()))
-    return [(int(r), float(v)) for r, v in zip(rows, values) if v > 0]
+    return [(int(r), float(v)) for r, v in zip(rows, values, strict=True) if v > 0]
 
 
 def separated_pairs(latents_w: Tensor, latents_l: Tensor, latent: int, side: str = "w") -> Tensor:
@@ -430,7 +430,7 @@ def latent_cards(directions: Directions, latents_w: Tensor, latents_l: Tensor, p
     rows = []
     for side, indices, scores in (("w", directions.indices_w, directions.scores_w),
                                   ("l", directions.indices_l, directions.scores_l)):
-        for rank, (latent, score) in enumerate(zip(indices[:n_latents].tolist(), scores[:n_latents].tolist()), 1):
+        for rank, (latent, score) in enumerate(zip(indices[:n_latents].tolist(), scores[:n_latents].tolist(), strict=True), 1):
             top = max_activating(both, latent, n_texts)
             separated = separated_pairs(latents_w, latents_l, latent, side)
             example = ""
@@ -560,8 +560,8 @@ def layer_k_sweep(backbone, profile: Profile, *, layers: Sequence[int], ks: Sequ
     compared on equal terms; SAEs and hidden states are cached, so a second run trains and
     extracts nothing. Directions are selected on the training split, heads stop early on
     validation (`head`: the `HeadConfig`, default the profile's); with `score_test=False` the
-    test split is never scored (a selection run: `validation_study`). Returns the rows of `run_trials` with two more columns,
-    `layer` and `k`.
+    test split is never scored (a selection run: `validation_study`). Returns the rows of `run_trials` with two more
+    columns, `layer` and `k`.
     """
     import pandas as pd
 

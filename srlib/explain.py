@@ -163,7 +163,7 @@ def _quadrature_gradients(net: nn.Sequential, u: Tensor, nodes: int) -> Tensor:
     """∫₀¹ ∇f(αu) dα by the Gauss-Legendre rule with `nodes` nodes ([n, in_dim])."""
     alphas, weights = np.polynomial.legendre.leggauss(nodes)
     total = torch.zeros_like(u)
-    for alpha, weight in zip((alphas + 1) / 2, weights / 2):
+    for alpha, weight in zip((alphas + 1) / 2, weights / 2, strict=True):
         point = (float(alpha) * u).requires_grad_(True)
         (grad,) = torch.autograd.grad(net(point).sum(), point)
         total += float(weight) * grad
@@ -386,8 +386,8 @@ def steering_effect(model: FeatureRM, steered: FeatureRM, pairs: Sequence, Z_w: 
     ids = [pair.pair_id for pair in pairs]
     return SteeringResult(
         accuracy_before=float(before.mean()), accuracy_after=float(after.mean()),
-        flipped_to_wrong=[i for i, b, a in zip(ids, before, after) if a < b],
-        flipped_to_right=[i for i, b, a in zip(ids, before, after) if a > b],
+        flipped_to_wrong=[i for i, b, a in zip(ids, before, after, strict=True) if a < b],
+        flipped_to_right=[i for i, b, a in zip(ids, before, after, strict=True) if a > b],
         comparison=compare_paired(after, before, name_a="steered", name_b="unsteered"))
 
 
@@ -402,7 +402,7 @@ def latents_tracking(model: FeatureRM, Z: Tensor, values: Sequence[float], n: in
         raise ConfigError(f"latents_tracking needs one value per text (at least 3), got {len(values)} for {len(x)}")
     rhos = [stats.spearmanr(x[:, j].numpy(), values).statistic for j in range(x.shape[1])]
     rows = [{"latent": latent, "side": side, "rho": 0.0 if not np.isfinite(rho) else float(rho)}
-            for (latent, side), rho in zip(input_latents(model), rhos)]
+            for (latent, side), rho in zip(input_latents(model), rhos, strict=True)]
     frame = pd.DataFrame(rows)
     return frame.reindex(frame["rho"].abs().sort_values(ascending=False, kind="stable").index).head(n).reset_index(drop=True)
 

@@ -30,7 +30,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,7 +154,7 @@ class Stage:
 
     def advance(self, n: float = 1) -> None:
         """`n` more units done; writes a line when the stage's interval has passed."""
-        if self.closed:
+        if self.closed or self.sink is None:
             return
         self.done += n
         now = self.sink.clock()
@@ -168,7 +168,7 @@ class Stage:
 
     def close(self) -> None:
         """The run ended (idempotent)."""
-        if self.closed:
+        if self.closed or self.sink is None:
             return
         self.closed = True
         now = self.sink.clock()
@@ -209,7 +209,7 @@ def progress_bar(iterable: Iterable | None = None, *, desc: str, total: float | 
     sink = _sink()
     if sink is None:
         return tqdm(iterable, desc=desc, total=total, unit=unit, **kwargs)
-    if total is None and iterable is not None and hasattr(iterable, "__len__"):
+    if total is None and isinstance(iterable, Sized):
         total = len(iterable)
     run = Stage(desc, total, unit, sink)
     if iterable is not None:

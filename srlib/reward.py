@@ -36,8 +36,8 @@ model's whole description (feature kind, K, layer, SAE source, read position, he
 
 Saved format (``save_pretrained(dir)``): ``dir/config.json`` (what the model is and how it
 was trained: format 2 keeps ``rm_config.to_dict()`` under ``"config"``; folders of format 1,
-written before `SparseRMConfig`, still load: `saved_rm_config`) and ``dir/model.safetensors`` (``head.*`` weights and standardisation,
-``features.*`` tensors: for ``projection`` and ``random`` the [2K, d] direction matrix, so
+written before `SparseRMConfig`, still load: `saved_rm_config`) and ``dir/model.safetensors`` (``head.*`` weights and
+standardisation, ``features.*`` tensors: for ``projection`` and ``random`` the [2K, d] direction matrix, so
 scoring needs no SAE). The ``latents`` map needs the whole SAE encoder (a TopK SAE picks its
 active latents among all of them), so it also writes ``dir/sae/`` in sae-lens format. A model
 card ``dir/README.md`` (`srlib.hub.model_card`) describes it for the Hugging Face Hub, where
@@ -660,7 +660,7 @@ class RewardFunction:
             raise ConfigError(f"{len(prompts)} prompts but {len(completions)} completions: give one prompt per completion")
         tokenizer = self.model.backbone.tokenizer
         return [format_text(tokenizer, prompt if isinstance(prompt, str) else tuple(prompt), _answer(completion))
-                for prompt, completion in zip(prompts, completions)]
+                for prompt, completion in zip(prompts, completions, strict=True)]
 
     def __call__(self, prompts: Sequence, completions: Sequence, **kwargs) -> list[float]:
         """One reward per completion, in order."""
@@ -705,7 +705,7 @@ class PairwiseJudge:
         if return_scores:
             gap = torch.tensor(firsts, dtype=torch.float64) - torch.tensor(seconds, dtype=torch.float64)
             return torch.sigmoid(gap).tolist()
-        return [0 if a >= b else 1 for a, b in zip(firsts, seconds)]
+        return [0 if a >= b else 1 for a, b in zip(firsts, seconds, strict=True)]
 
 
 class FeatureRM(RewardModel):
@@ -715,8 +715,9 @@ class FeatureRM(RewardModel):
     `DenseRM` are its two named forms; all the logic lives here.
 
     Metadata: `layer`, `max_length` and `position` (the token read, `srlib.activations.POSITIONS`)
-    say which hidden states the model reads (needed by `score`, `score_pairs`); `sae_info` records the SAE the directions came from (source,
-    widths, architecture). `rm_config` gathers them with the head's `HeadConfig` (a `SparseRMConfig`).
+    say which hidden states the model reads (needed by `score`, `score_pairs`); `sae_info` records the SAE the
+    directions came from (source, widths, architecture). `rm_config` gathers them with the head's `HeadConfig`
+    (a `SparseRMConfig`).
 
     A saved model is rebuilt through this constructor (`_load`): `head` and `history` (a fitted
     head), `k`, `latent_indices` ({"w": [...], "l": [...]}), `directions_normalized` and

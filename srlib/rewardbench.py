@@ -101,7 +101,7 @@ class RewardBenchResult:
                       str(self.subsets[name].ties)) for name in others]
         header = ("section / subset", "pairs", "accuracy", "ties")
         widths = [max(len(row[i]) for row in (header, *rows)) for i in range(4)]
-        lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+        lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
                  for row in (header, *rows)]
         return "\n".join(lines)
 
@@ -131,7 +131,7 @@ def score_subsets(subsets: Sequence[str], chosen: Sequence[float], rejected: Seq
         raise DataError(f"need one subset and two rewards per pair, got {len(subsets)} subsets, "
                         f"{len(chosen)} and {len(rejected)} rewards")
     counts: dict[str, list[int]] = {}
-    for name, a, b in zip(subsets, chosen, rejected):
+    for name, a, b in zip(subsets, chosen, rejected, strict=True):
         n_wins_ties = counts.setdefault(name, [0, 0, 0])
         n_wins_ties[0] += 1
         n_wins_ties[1] += int(a > b)
@@ -157,13 +157,13 @@ def load_rewardbench(spec: str | os.PathLike = REWARDBENCH_HUB_ID) -> tuple[list
     `srlib.data.pairs_from_records`).
     """
     records = read_records(rewardbench_spec(spec))
-    rows = []
+    rows: list[tuple[str, str, dict[str, Any]]] = []
     for where, default_id, obj in records.rows:
         subset = obj.get("subset")
         if not isinstance(subset, str) or not subset.strip():
             raise DataError(f"{where}: field 'subset' must be a non-empty string (RewardBench's format: "
                             "prompt, chosen, rejected, subset)")
-        record = {key: obj[key] for key in ("prompt", "chosen", "rejected") if key in obj}
+        record: dict[str, Any] = {key: obj[key] for key in ("prompt", "chosen", "rejected") if key in obj}
         record["source"] = subset
         if obj.get("id") is not None:
             record["pair_id"] = str(obj["id"])

@@ -17,9 +17,9 @@ answers of the training split):
 * **centering** (`center=True`): the training mean is subtracted from every vector first.
   Hidden states of language models share a large common offset, which alone makes
   uncentered cosines high for every answer, raw projections even more so (chapter 6 prints
-  the values for its backbone), so the uncentered "mean" mostly measures that offset. Centering asks whether x points the same way as the training data
-  once the offset is removed. In the projection space centering is the same as projecting
-  the centered states, since the projection is linear. Centered "mean" is uninformative by
+  the values for its backbone), so the uncentered "mean" mostly measures that offset. Centering asks whether x points
+  the same way as the training data once the offset is removed. In the projection space centering is the same as
+  projecting the centered states, since the projection is linear. Centered "mean" is uninformative by
   construction: the mean of the centered unit training vectors is close to zero, so every
   sample scores about 0.
 

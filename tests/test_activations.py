@@ -205,7 +205,7 @@ def test_token_activations_skip_bos_pad_and_template_prefix(tiny_backbone):
     texts = make_texts(tok, 6)
     streams = list(iter_token_activations(tiny_backbone, texts, 1, batch_size=4, progress=False))
     assert len(streams) == len(texts)
-    for text, stream in zip(texts, streams):
+    for text, stream in zip(texts, streams, strict=True):
         n_tokens = len(tok(text)["input_ids"])
         assert stream.shape == (n_tokens - n_prefix, 64)
         torch.testing.assert_close(stream, full_hidden_states(tiny_backbone, text)[2][n_prefix:],

@@ -87,7 +87,7 @@ def test_cached_fit_trains_once_then_loads(tiny_backbone, pairs, isolated_cache,
     again = B.cached_fit_baseline("standard", tiny_backbone, pairs[:4], None, seed=0, progress=False, **QUICK)
     assert again.from_cache and type(again) is type(rm)
     assert again.cost == rm.cost and again.num_trainable_parameters() == rm.num_trainable_parameters()
-    for a, b in zip(first, again.score_pairs(pairs)):
+    for a, b in zip(first, again.score_pairs(pairs), strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -134,8 +134,11 @@ def test_cached_scores_need_a_cached_model(tiny_backbone, pairs):
 
 def test_baseline_trials_rows_and_rerun_from_cache(tiny_backbone, pairs, isolated_cache):
     settings = {"standard": QUICK, "logprob": {"max_length": PROFILE.max_length}}
-    run = lambda: B.baseline_trials(tiny_backbone, "toy", pairs[:4], None, pairs[4:], ["standard", "logprob"],
-                                    [0, 1], settings=settings)
+
+    def run():
+        return B.baseline_trials(tiny_backbone, "toy", pairs[:4], None, pairs[4:], ["standard", "logprob"], [0, 1],
+                                 settings=settings)
+
     trials = run()
     assert list(trials["method"]) == ["standard", "standard", "logprob"]  # the floor runs once
     assert list(trials["seed"]) == [0, 1, 0] and set(trials["dataset"]) == {"toy"}
@@ -150,7 +153,7 @@ def test_baseline_trials_rows_and_rerun_from_cache(tiny_backbone, pairs, isolate
     # only_cached reports what is cached and trains nothing: seed 2 is left out
     cached = B.baseline_trials(tiny_backbone, "toy", pairs[:4], None, pairs[4:], ["standard", "logprob"], [0, 2],
                                settings=settings, only_cached=True)
-    assert list(zip(cached["method"], cached["seed"])) == [("standard", 0), ("logprob", 0)]
+    assert list(zip(cached["method"], cached["seed"], strict=True)) == [("standard", 0), ("logprob", 0)]
     none = B.baseline_trials(tiny_backbone, "toy", pairs[:4], None, pairs[:3], ["standard"], [0], settings=settings,
                              only_cached=True)  # model cached, scores of these pairs not
     assert none.empty and list(none.columns) == list(B.TRIAL_COLUMNS)

@@ -31,7 +31,7 @@ def _code_files() -> dict[str, str]:
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
         cells = json.loads(path.read_text())["cells"]
         lines = [line for c in cells if c["cell_type"] == "code" for line in "".join(c["source"]).splitlines()]
-        code[str(path.relative_to(ROOT))] = "\n".join(l for l in lines if not l.lstrip().startswith(("%", "!")))
+        code[str(path.relative_to(ROOT))] = "\n".join(line for line in lines if not line.lstrip().startswith(("%", "!")))
     return code
 
 

@@ -1,5 +1,5 @@
-"""The book build (`bookbuild.py`) and the results schema (`srlib.results`): results JSON → tables, the toc ↔ notebook check, per-profile
-paths, the exercise tags, and one end-to-end build of a tiny book with papermill and Sphinx."""
+"""The book build (`bookbuild.py`) and the results schema (`srlib.results`): results JSON → tables, the toc ↔ notebook
+check, per-profile paths, the exercise tags, and one end-to-end build of a tiny book with papermill and Sphinx."""
 
 from __future__ import annotations
 

@@ -8,11 +8,11 @@ from srlib import checks
 
 def test_right_answers_pass(capsys):
     checks.activation_frequencies(lambda f: (f > 0).float().mean(0))
-    checks.separation_scores(lambda w, l: (w - l, l - w))
+    checks.separation_scores(lambda w, r: (w - r, r - w))
     checks.top_k_latents(lambda s, k: torch.sort(-s, stable=True).indices[:k])
     checks.projection_features(lambda Z, W, iw, il: torch.cat([Z @ W[iw].T, Z @ W[il].T], 1))
-    checks.margin_loss(lambda w, l, g: torch.clamp(g - (w - l), min=0).mean())
-    checks.bt_loss(lambda w, l: -torch.nn.functional.logsigmoid(w - l).mean())
+    checks.margin_loss(lambda w, r, g: torch.clamp(g - (w - r), min=0).mean())
+    checks.bt_loss(lambda w, r: -torch.nn.functional.logsigmoid(w - r).mean())
     checks.fraction_of_variance_explained(lambda z, zh: 1 - ((z - zh) ** 2).sum() / ((z - z.mean(0)) ** 2).sum())
     checks.mc2(lambda c, i: torch.cat([c, i]).softmax(0)[: len(c)].sum())
     out = capsys.readouterr().out
@@ -21,13 +21,13 @@ def test_right_answers_pass(capsys):
 
 @pytest.mark.parametrize("check, wrong, message", [
     (checks.activation_frequencies, lambda f: (f >= 0).float().mean(0), "value"),
-    (checks.separation_scores, lambda w, l: (l - w, w - l), "result 0"),
+    (checks.separation_scores, lambda w, r: (r - w, w - r), "result 0"),
     (checks.top_k_latents, lambda s, k: torch.argsort(-s)[:k].flip(0), "top_k_latents"),
     (checks.projection_features, lambda Z, W, iw, il: torch.cat([Z @ W[il].T, Z @ W[iw].T], 1), "projection"),
-    (checks.margin_loss, lambda w, l, g: (g - (w - l)).mean(), "margin_loss"),
-    (checks.bt_loss, lambda w, l: torch.log1p(torch.exp(l - w)).mean(), "finite"),
+    (checks.margin_loss, lambda w, r, g: (g - (w - r)).mean(), "margin_loss"),
+    (checks.bt_loss, lambda w, r: torch.log1p(torch.exp(r - w)).mean(), "finite"),
     (checks.mc2, lambda c, i: c.exp().sum() / torch.cat([c, i]).exp().sum(), "very negative"),
-    (checks.separation_scores, lambda w, l: w - l, "tuple"),
+    (checks.separation_scores, lambda w, r: w - r, "tuple"),
 ])
 def test_wrong_answers_fail_naming_the_case(check, wrong, message):
     with pytest.raises(AssertionError, match=message):

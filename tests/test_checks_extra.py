@@ -1,14 +1,13 @@
 """Checks added for chapter 7: the filter rule accepts s_w > s_l and rejects near misses."""
 
 import pytest
-import torch
 
 from srlib import checks
 
 
 def test_filter_rule_accepts_the_strict_rule(capsys):
     checks.filter_rule(lambda s_w, s_l: s_w > s_l)
-    checks.filter_rule(lambda s_w, s_l: [bool(w > l) for w, l in zip(s_w, s_l)])  # a list is fine too
+    checks.filter_rule(lambda s_w, s_l: [bool(w > r) for w, r in zip(s_w, s_l, strict=True)])  # a list is fine too
     assert capsys.readouterr().out.count("filter_rule: correct on 3 cases") == 2
 
 

@@ -25,7 +25,7 @@ def module_cache(tmp_path_factory):
 @pytest.fixture
 def pair_files(tmp_path: Path) -> dict[str, Path]:
     files = {"train": tmp_path / "train.jsonl", "val": tmp_path / "val.jsonl", "test": tmp_path / "test.jsonl"}
-    for (name, path), offset in zip(files.items(), (0, 40, 52)):
+    for (name, path), offset in zip(files.items(), (0, 40, 52), strict=True):
         write_jsonl(toy_pairs(40 if name == "train" else 12, offset), path)
     return files
 

@@ -179,7 +179,7 @@ def test_data_efficiency_gives_every_method_the_same_pairs(tiny_backbone, states
     assert all(o.shape == (len(states.test),) for o in curve["outcomes"])
     assert np.allclose(curve["test_accuracy"], [o.mean() for o in curve["outcomes"]])
     again = de.data_efficiency(states, sae, 4, **run)  # the StandardRM fits now come from the cache
-    assert all(np.array_equal(a, b) for a, b in zip(curve["outcomes"], again["outcomes"]))
+    assert all(np.array_equal(a, b) for a, b in zip(curve["outcomes"], again["outcomes"], strict=True))
 
     summary = de.efficiency_summary(curve)
     assert len(summary) == 5 and (summary["seeds"] == 2).all()

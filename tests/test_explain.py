@@ -162,8 +162,8 @@ def test_steering_effect_reports_the_flipped_pairs():
     right = (model.score_states(Z_w) > model.score_states(Z_l)).numpy()
     assert effect.accuracy_after == 0.5  # every pair is a tie at the baseline
     assert effect.accuracy_before == pytest.approx(right.mean())
-    assert effect.flipped_to_wrong == [p.pair_id for p, r in zip(pairs, right) if r]
-    assert effect.flipped_to_right == [p.pair_id for p, r in zip(pairs, right) if not r]
+    assert effect.flipped_to_wrong == [p.pair_id for p, r in zip(pairs, right, strict=True) if r]
+    assert effect.flipped_to_right == [p.pair_id for p, r in zip(pairs, right, strict=True) if not r]
 
 
 def test_latents_tracking_finds_the_input_that_follows_a_surface_property():
@@ -222,7 +222,7 @@ def smoke_rms(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SRLIB_CACHE_DIR", str(root / "cache"))
         files = {name: root / f"{name}.jsonl" for name in ("train", "val", "test")}
-        for (name, path), offset in zip(files.items(), (0, 40, 52)):
+        for (name, path), offset in zip(files.items(), (0, 40, 52), strict=True):
             write_jsonl(toy_pairs(40 if name == "train" else 12, offset), path)
         for name, features in (("sparse", "projection"), ("dense", "dense")):
             assert main(["fit", "--profile", "smoke", "--train", str(files["train"]), "--val", str(files["val"]),
@@ -245,7 +245,7 @@ def test_explain_writes_complete_records(smoke_rms, tmp_path, capsys):
     sides = {"chosen": config["latent_indices"]["w"], "rejected": config["latent_indices"]["l"]}
     model = RewardModel.from_pretrained(smoke_rms["sparse"])
     s_w, s_l = model.score_pairs(toy_pairs(12, 52))
-    for record, a, b in zip(records, s_w.tolist(), s_l.tolist()):
+    for record, a, b in zip(records, s_w.tolist(), s_l.tolist(), strict=True):
         for answer, score in (("chosen", a), ("rejected", b)):
             part = record[answer]
             assert part["score"] == pytest.approx(score, abs=1e-6)

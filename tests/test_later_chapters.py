@@ -28,8 +28,8 @@ def test_quiet_setup_silences_library_warnings():
         chapter.quiet_libraries()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("default", DeprecationWarning)  # a category it leaves alone
-            warnings.warn("a notice", FutureWarning)
-            warnings.warn("a user notice", UserWarning)
+            warnings.warn("a notice", FutureWarning, stacklevel=1)
+            warnings.warn("a user notice", UserWarning, stacklevel=1)
         assert caught == []
     assert hf_logging.get_verbosity() == hf_logging.ERROR and not hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_warning()
@@ -110,7 +110,7 @@ def _alignment_result(track: str = "red-teaming"):
     def run(name, right, kept):
         rounds = [RoundRecord(round=r, n_generated=6, n_kept=k, val=metrics(right if r == 2 else range(6)),
                               train={"steps": 2, "epochs": [{"loss": 0.5, "rewards/accuracies": 0.75}]},
-                              seconds={"generate": 1.0, "dpo": 2.0}) for r, k in zip((1, 2), kept)]
+                              seconds={"generate": 1.0, "dpo": 2.0}) for r, k in zip((1, 2), kept, strict=True)]
         return RunRecord(name=name, rounds=rounds, best_round=2, test=metrics(right))
 
     config = AlignmentConfig.for_profile("smoke", track=track)

@@ -185,7 +185,7 @@ def offline_hub(tmp_path_factory, one_thread) -> dict:
     pairs = root / "pairs.jsonl"
     with pairs.open("w") as handle:
         for row in rows[:12]:
-            for good, bad in zip(row["correct_answers"], row["incorrect_answers"]):
+            for good, bad in zip(row["correct_answers"], row["incorrect_answers"], strict=False):
                 handle.write(json.dumps({"prompt": row["question"], "chosen": good, "rejected": bad}) + "\n")
     env = {key: value for key, value in os.environ.items()
            if not key.startswith(("HF_", "SRLIB_", "TRANSFORMERS_"))}

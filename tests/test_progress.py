@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from itertools import pairwise
 from types import SimpleNamespace
 
 import pytest
@@ -69,7 +70,7 @@ def test_progress_lines_are_throttled_to_one_per_interval_per_stage(tmp_path):
     lines = _lines(tmp_path / "e.jsonl")
     updates = [e for e in lines if not e.get("end")]
     assert 9 <= len(updates) <= 10  # one a second, not one a step
-    assert all(b["time"] - a["time"] >= 1.0 - 1e-9 for a, b in zip(updates, updates[1:]))
+    assert all(b["time"] - a["time"] >= 1.0 - 1e-9 for a, b in pairwise(updates))
     assert [e["done"] for e in updates] == sorted(e["done"] for e in updates)
     assert lines[-1]["end"] and lines[-1]["done"] == 100 and lines[-1]["seconds"] == pytest.approx(10.0)
 

@@ -52,7 +52,7 @@ def test_layer_15_states_of_truthfulqa_pairs(smollm2, pairs):
     assert torch.isfinite(chosen).all() and torch.isfinite(rejected).all()
     assert (chosen - rejected).norm(dim=1).min() > 1e-3
     tok = smollm2.tokenizer
-    for pair, z_chosen in zip(pairs, chosen):
+    for pair, z_chosen in zip(pairs, chosen, strict=True):
         text = format_pair(tok, pair)[0]
         assert text.startswith(SYSTEM_HEADER) and text.endswith("<|im_end|>\n")
         ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -67,5 +67,5 @@ def test_token_activations_skip_the_system_header(smollm2, pairs):
     texts = [format_pair(tok, pair)[1] for pair in pairs[:3]]
     n_prefix = len(tok(SYSTEM_HEADER + "<|im_start|>user\n", add_special_tokens=False)["input_ids"])
     streams = list(iter_token_activations(smollm2, texts, 15, progress=False))
-    for text, stream in zip(texts, streams):
+    for text, stream in zip(texts, streams, strict=True):
         assert stream.shape == (len(tok(text, add_special_tokens=False)["input_ids"]) - n_prefix, 576)

@@ -409,7 +409,7 @@ def test_dense_rm_fits_from_pairs_and_scores_through_a_reloaded_backbone(tiny_ba
     assert torch.equal(s_w, rm.score_states(Z_w)) and torch.equal(s_l, rm.score_states(Z_l))
     rm.save_pretrained(tmp_path / "rm")
     loaded = RewardModel.from_pretrained(tmp_path / "rm")  # no backbone: loaded from the saved id on use
-    assert all(torch.equal(a, b) for a, b in zip(loaded.score_pairs(test), (s_w, s_l)))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.score_pairs(test), (s_w, s_l), strict=True))
     assert [t.shape for t in loaded.score_pairs([])] == [(0,), (0,)]
 
 

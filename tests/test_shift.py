@@ -86,7 +86,7 @@ def test_agreement_counts_and_pairwise_agreement():
     table = shift.pairwise_agreement(decisions)
     # Dense 0-1, Dense0-Sparse0, Sparse 0-1, Dense1-Sparse1 (cross-method pairs need equal seeds)
     assert len(table) == 4
-    rates = dict(zip(zip(table["method_a"], table["seed_a"], table["method_b"], table["seed_b"]), table["agreement"]))
+    rates = dict(zip(zip(table["method_a"], table["seed_a"], table["method_b"], table["seed_b"], strict=True), table["agreement"], strict=True))
     assert rates[("Dense", 0, "Dense", 1)] == 1.0 and rates[("Dense", 0, "Sparse", 0)] == 0.5
     assert rates[("Dense", 1, "Sparse", 1)] == 1.0
     with pytest.raises(ConfigError):

@@ -142,7 +142,7 @@ def reference_scores(rm, prompts, answers) -> list[float]:
     """rm.score of the chat-formatted texts, computed without the adapter."""
     from srlib.backbone import format_text
 
-    texts = [format_text(rm.backbone.tokenizer, p, a) for p, a in zip(prompts, answers)]
+    texts = [format_text(rm.backbone.tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
     return rm.score(texts, cache=False).tolist()
 
 
@@ -165,8 +165,8 @@ def test_reward_function_has_trls_signature_in_both_formats(tiny_rm):
 def test_pairwise_judge_prefers_the_higher_score(tiny_rm):
     judge = tiny_rm.as_pairwise_judge()
     good, bad = reference_scores(tiny_rm, PROMPTS, ANSWERS), reference_scores(tiny_rm, PROMPTS, ["lol", "whatever"])
-    pairs = [[a, b] for a, b in zip(ANSWERS, ["lol", "whatever"])]
-    expected = [0 if g >= b else 1 for g, b in zip(good, bad)]
+    pairs = [[a, b] for a, b in zip(ANSWERS, ["lol", "whatever"], strict=True)]
+    expected = [0 if g >= b else 1 for g, b in zip(good, bad, strict=True)]
     assert judge.judge(PROMPTS, pairs) == expected
     assert judge.judge(PROMPTS, [pair[::-1] for pair in pairs]) == [1 - i for i in expected]
     probabilities = judge.judge(PROMPTS, pairs, return_scores=True)
@@ -308,7 +308,7 @@ def test_push_to_hub_and_from_pretrained_round_trip_through_stubs(tiny_rm, tiny_
     assert asked["repo_id"] == "someone/tiny-sparserm" and asked["revision"] == "v1"
     assert not any(pattern.endswith(".py") or pattern == "*" for pattern in asked["allow_patterns"])
     pairs = toy_pairs(4, 400)
-    for a, b in zip(loaded.score_pairs(pairs, cache=False), tiny_rm.score_pairs(pairs, cache=False)):
+    for a, b in zip(loaded.score_pairs(pairs, cache=False), tiny_rm.score_pairs(pairs, cache=False), strict=True):
         assert torch.equal(a, b)
 
 

@@ -292,7 +292,7 @@ class StandardRM(RewardModel):
         chosen = [_encode(tokenizer, format_text(tokenizer, p.prompt, p.chosen), max_length) for p in pairs]
         rejected = [_encode(tokenizer, format_text(tokenizer, p.prompt, p.rejected), max_length) for p in pairs]
         return {"chosen_ids": chosen, "rejected_ids": rejected,
-                "length": [max(len(c), len(r)) for c, r in zip(chosen, rejected)]}
+                "length": [max(len(c), len(r)) for c, r in zip(chosen, rejected, strict=True)]}
 
     @classmethod
     def _trainer_extras(cls, backbone, settings) -> dict[str, Any]:
@@ -407,7 +407,7 @@ class GeneralizableRM(StandardRM):
     def _rows(cls, tokenizer, pairs, max_length: int) -> dict[str, list]:
         rows = super()._rows(tokenizer, pairs, max_length)
         rows["chosen_response_start"] = [_response_start(tokenizer, p, len(ids))
-                                         for p, ids in zip(pairs, rows["chosen_ids"])]
+                                         for p, ids in zip(pairs, rows["chosen_ids"], strict=True)]
         return rows
 
     @classmethod

@@ -51,7 +51,7 @@ def baseline_trials(backbone, dataset: str, train_pairs: Sequence, val_pairs: Se
         raise ConfigError("baseline_trials needs at least one seed")
     specs = [get_method(method) for method in methods]
     rows = []
-    for method, spec in zip(methods, specs):
+    for method, spec in zip(methods, specs, strict=True):
         trained = spec.trained
         for seed in seeds if trained else seeds[:1]:
             fit = dict(method=method, backbone=backbone, train_pairs=train_pairs if trained else None,
