@@ -29,15 +29,21 @@ import sys
 import time
 
 import torch
-
 from extraction import full_forward_states  # benchmarks/extraction.py: the full forward, timed the same way
 from srlib.activations import last_token_states
 from srlib.backbone import backbone_for_profile, format_pair
-from srlib.baselines import (COMPARISON_METHODS, METHOD_LABELS, METHODS, baseline_settings, baseline_trials,
-                             costed_fit, trainable_parameters)
+from srlib.baselines import (
+    COMPARISON_METHODS,
+    METHOD_LABELS,
+    METHODS,
+    baseline_settings,
+    baseline_trials,
+    costed_fit,
+    trainable_parameters,
+)
+from srlib.data_efficiency import fit_feature_rm
 from srlib.errors import SrlibError
 from srlib.evaluate import mean_sd
-from srlib.data_efficiency import fit_feature_rm
 from srlib.experiments import DATASET_LABELS, dataset_states
 from srlib.profiles import DEFAULT_PROFILE, get_profile
 from srlib.reward import RewardHead
@@ -54,7 +60,7 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     print(f"\n## {title}")
     for n, row in enumerate(cells):
-        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))))
         if n == 0:
             print("  ".join("-" * w for w in widths))
 

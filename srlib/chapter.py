@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -34,6 +35,9 @@ from srlib.data import PreferencePair  # noqa: E402
 from srlib.experiments import DATASET_LABELS, DatasetStates, dataset_states, top_latents  # noqa: E402
 from srlib.profiles import Profile, get_profile  # noqa: E402
 from srlib.sae import sae_for_profile  # noqa: E402
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: What the smoke profile's banner says, above every chapter run under it.
 SMOKE_BANNER = ("> **Smoke profile:** a tiny random model and a tiny SAE: the code runs end to end, "
@@ -243,7 +247,6 @@ def stability_runs(sae, latents_w: Tensor, latents_l: Tensor, groups: Sequence[s
     """`srlib.experiments.selection_stability` once per seed of the half split, one table with a
     `seed` column (one row per K and seed)."""
     import pandas as pd
-
     from srlib.experiments import selection_stability
 
     return pd.concat([selection_stability(sae, latents_w, latents_l, groups, ks, seed=s).assign(seed=s)
@@ -298,7 +301,6 @@ def gamma_sweep(states, directions, gammas: Sequence[float], seeds: Sequence[int
     be among `gammas`.
     """
     import pandas as pd
-
     from srlib.errors import ConfigError
     from srlib.experiments import fit_variant
     from srlib.shift import agreement_counts, keep_decisions, score_relation
@@ -406,9 +408,10 @@ def reading_models(ch: Chapter, states: dict[str, DatasetStates], *, seed: int, 
     scored), the cards of its 2K latents (the training answers that switch each on most, cut to
     `chars`) and, where answers may be quoted, the cards' labels. TruthfulQA's answers are always
     quoted; the safety data sets' only with `quote_safety` (they hold harmful requests)."""
-    from srlib import explain
     from srlib.experiments import fit_variant, latent_cards, select_for
     from srlib.sae import encode
+
+    from srlib import explain
 
     quote = {name: quote_safety or name == "truthfulqa" for name in states}
     models, cards, labels = {}, {}, {}
@@ -431,7 +434,7 @@ def attributions(models: dict[str, Any], states: dict[str, DatasetStates]) -> di
 
 
 def attribution_completeness(models: dict[str, Any], states: dict[str, DatasetStates],
-                             attributed: dict[str, tuple]) -> "pd.DataFrame":
+                             attributed: dict[str, tuple]) -> pd.DataFrame:
     """Per data set: the test answers, the baseline score f(0) and the largest distance between
     baseline + Σ contributions and the model's score (completeness: it should be round-off)."""
     import pandas as pd
@@ -453,7 +456,7 @@ def verdict_m(ms: Sequence[int], m_verdict: int) -> int:
     return max(m for m in ms if m <= m_verdict) if min(ms) <= m_verdict else ms[0]
 
 
-def deletion_gaps(curves: dict[str, Any], ms: Sequence[int]) -> "pd.DataFrame":
+def deletion_gaps(curves: dict[str, Any], ms: Sequence[int]) -> pd.DataFrame:
     """Per data set and m (`srlib.explain.deletion_curve`): the margin drop after deleting the
     top-m attributed directions minus after m random ones, its 95% interval, and the accuracy
     after each deletion."""
@@ -523,7 +526,6 @@ def alignment_rms(ch: Chapter, states: DatasetStates, *, seed: int, with_standar
     training pairs, cached). Returns ({name: model}, one row per model: its validation and test
     accuracy (%) and trainable parameters)."""
     import pandas as pd
-
     from srlib.experiments import select_for
 
     rms, rows = {}, []
@@ -593,7 +595,6 @@ def round_one(result, out_dir, reward_models: dict[str, Any]) -> RoundOne:
     from pathlib import Path
 
     import pandas as pd
-
     from srlib.alignment import REFUSAL, filter_tuples, read_tuples
 
     config = result.config
@@ -603,11 +604,11 @@ def round_one(result, out_dir, reward_models: dict[str, Any]) -> RoundOne:
     assert all(sum(v.keep) == result.round1_filter["kept"][name] for name, v in verdicts.items())
     frame = pd.DataFrame({"prompt": [t.prompt for t in tuples], "y_w": [t.chosen for t in tuples],
                           "y_l": [t.rejected for t in tuples]})
-    frame["contrast"] = [bool(REFUSAL.search(good)) and not REFUSAL.search(bad) for good, bad in zip(frame.y_w, frame.y_l)]
+    frame["contrast"] = [bool(REFUSAL.search(good)) and not REFUSAL.search(bad) for good, bad in zip(frame.y_w, frame.y_l, strict=True)]
     for name, verdict in verdicts.items():
         frame[f"{name} keeps"] = verdict.keep
         if verdict.s_w is not None:
-            frame[f"{name} s_w - s_l"] = [good - bad for good, bad in zip(verdict.s_w, verdict.s_l)]
+            frame[f"{name} s_w - s_l"] = [good - bad for good, bad in zip(verdict.s_w, verdict.s_l, strict=True)]
     return RoundOne(tuples=tuples, verdicts=verdicts, frame=frame)
 
 
@@ -619,7 +620,6 @@ def dense_vs_sparse_trials(ch: Chapter, states: dict[str, DatasetStates], *, res
     seed's bootstrap resample of the training questions when `resample`) on each of the
     chapter's data sets, one row per data set, model and seed (`srlib.experiments.run_trials`)."""
     import pandas as pd
-
     from srlib.experiments import run_trials
 
     variants = {"DenseRM": dict(features="dense"), "SparseRM": dict(features="projection", select=dict(sae=ch.sae, k=ch.k))}
@@ -677,7 +677,7 @@ def shift_spaces(states: DatasetStates, generated: PolicyPairs, directions) -> d
 
     groups = dict(zip(SHIFT_GROUPS, (torch.cat([states.train.chosen, states.train.rejected]),
                                      torch.cat([states.test.chosen, states.test.rejected]),
-                                     torch.cat([generated.chosen, generated.rejected]))))
+                                     torch.cat([generated.chosen, generated.rejected])), strict=True))
     return {"dense": groups, "projection": {g: projection_space(X, directions) for g, X in groups.items()}}
 
 
@@ -685,7 +685,6 @@ def shift_similarity(spaces: dict[str, dict[str, Tensor]]):
     """Each answer's cosine similarity to the training answers in each space: mean and nearest,
     uncentered and centered (`srlib.shift.similarity_frame`), one frame."""
     import pandas as pd
-
     from srlib.shift import similarity_frame
 
     return pd.concat([similarity_frame(spaces), similarity_frame(spaces, center=True)], ignore_index=True)
@@ -764,7 +763,6 @@ def filter_decisions(states: DatasetStates, generated: PolicyPairs, directions, 
     comparison and seed pair (`srlib.shift.pairwise_agreement`); share kept, one row per model,
     seed and data; {data: {(model, seed): decisions}})."""
     import pandas as pd
-
     from srlib.experiments import fit_variant
     from srlib.shift import keep_decisions, pairwise_agreement
 

@@ -12,7 +12,8 @@ saying it is correct or raises `AssertionError` naming the case that differs and
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,7 +30,7 @@ def _compare(name: str, case: str, got: Any, expected: Any) -> None:
     if isinstance(expected, tuple):
         if not isinstance(got, (tuple, list)) or len(got) != len(expected):
             raise AssertionError(f"{name} ({case}): expected a tuple of {len(expected)} results, got {type(got).__name__}")
-        for index, (g, e) in enumerate(zip(got, expected)):
+        for index, (g, e) in enumerate(zip(got, expected, strict=True)):
             _compare(name, f"{case}, result {index}", g, e)
         return
     expected = torch.as_tensor(expected, dtype=torch.float32)
@@ -179,7 +180,7 @@ def filter_rule(fn: Callable[[Tensor, Tensor], Tensor]) -> None:
     cases = [("random scores", (torch.randn(20, generator=g), torch.randn(20, generator=g))),
              ("ties are dropped", (torch.tensor([0.5, 1.0, -2.0, 3.0]), torch.tensor([0.5, 0.0, -2.0, 3.5]))),
              ("negative scores", (torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -4.0])))]
-    _run("filter_rule", lambda w, l: torch.as_tensor(fn(w, l)).float(), reference, cases)
+    _run("filter_rule", lambda w, r: torch.as_tensor(fn(w, r)).float(), reference, cases)
 
 
 def agreement(fn: Callable[[Tensor, Tensor], float]) -> None:
@@ -221,7 +222,6 @@ def paired_difference(fn: Callable[[Sequence[float], Sequence[float]], tuple[flo
     points) and the standard error against `scipy.stats.sem` of the differences."""
     import numpy as np
     from scipy import stats
-
     from srlib.evaluate import compare_paired
 
     def reference(after: Tensor, before: Tensor) -> tuple[Tensor, Tensor]:

@@ -7,7 +7,7 @@ reader can tell a real difference from noise.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import seaborn as sns
@@ -132,10 +132,10 @@ def similarity_histograms(frame, *, title: str, aggregate: str = "mean", centere
     data = frame[(frame["aggregate"] == aggregate) & (frame["centered"] == centered)]
     spaces = list(dict.fromkeys(data["space"]))
     groups = list(dict.fromkeys(data["group"]))
-    palette = dict(zip(groups, sns.color_palette(n_colors=len(groups))))
+    palette = dict(zip(groups, sns.color_palette(n_colors=len(groups)), strict=True))
     fig, axes = plt.subplots(1, len(spaces), figsize=(WIDTH, 4.1), squeeze=False)
     how = "mean over training samples" if aggregate == "mean" else "nearest training sample"
-    for ax, space in zip(axes[0], spaces):
+    for ax, space in zip(axes[0], spaces, strict=True):
         part = data[data["space"] == space]
         sns.histplot(data=part, x="similarity", hue="group", hue_order=groups, palette=palette, bins=bins,
                      stat="density", common_norm=False, element="step", ax=ax, legend=ax is axes[0][-1])
@@ -161,7 +161,7 @@ def tsne_panels(embeddings: Mapping[str, object], *, labels: Sequence[str], sour
     import pandas as pd
 
     fig, axes = plt.subplots(1, len(embeddings), figsize=(WIDTH * 1.25, 4.8), squeeze=False)
-    for ax, (space, points) in zip(axes[0], embeddings.items()):
+    for ax, (space, points) in zip(axes[0], embeddings.items(), strict=True):
         data = pd.DataFrame({"t-SNE 1": points[:, 0], "t-SNE 2": points[:, 1], "answer": list(labels),
                              "data": list(sources)})
         sns.scatterplot(data=data, x="t-SNE 1", y="t-SNE 2", hue="answer", style="data", size="data",
@@ -250,15 +250,14 @@ def accuracy_vs_parameters(trials, *, title: str, backbone_parameters: int | Non
     import math
 
     from matplotlib.ticker import FuncFormatter, NullFormatter
-
     from srlib.experiments import DATASET_LABELS
 
     names = DATASET_LABELS if dataset_labels is None else dataset_labels
     data = trials.assign(accuracy=trials[value] * 100)
     datasets = list(dict.fromkeys(data["dataset"]))
     variants = list(dict.fromkeys(data["variant"]))
-    palette = dict(zip(variants, sns.color_palette("tab10", n_colors=max(len(variants), 3))))
-    markers = dict(zip(variants, "osD^vP*Xph" * 3))
+    palette = dict(zip(variants, sns.color_palette("tab10", n_colors=max(len(variants), 3)), strict=False))
+    markers = dict(zip(variants, "osD^vP*Xph" * 3, strict=False))
     trained = data.loc[data["trainable_parameters"] > 0, "trainable_parameters"]
     bound = backbone_parameters / 100 if backbone_parameters else None
     known = [*trained.tolist(), *([bound] if bound else [])] or [1e3, 1e6]
@@ -266,7 +265,7 @@ def accuracy_vs_parameters(trials, *, title: str, backbone_parameters: int | Non
     fig, axes = plt.subplots(1, len(datasets), figsize=(max(WIDTH, 3.6 * len(datasets)), 4.6), squeeze=False,
                              sharey=True)
     handles: dict[str, object] = {}
-    for ax, dataset in zip(axes[0], datasets):
+    for ax, dataset in zip(axes[0], datasets, strict=True):
         stats = (data[data["dataset"] == dataset].groupby("variant", sort=False)
                  .agg(mean=("accuracy", "mean"), sd=("accuracy", "std"), params=("trainable_parameters", "first")))
         seen: dict[int, int] = {}
@@ -322,10 +321,10 @@ def data_efficiency(summary, *, title: str, dataset_labels: Mapping[str, str] | 
     names = DATASET_LABELS if dataset_labels is None else dataset_labels
     datasets = list(dict.fromkeys(summary["dataset"]))
     methods = list(dict.fromkeys(summary["method"]))
-    palette = dict(zip(methods, sns.color_palette("tab10", n_colors=max(len(methods), 3))))
+    palette = dict(zip(methods, sns.color_palette("tab10", n_colors=max(len(methods), 3)), strict=False))
     fig, axes = plt.subplots(1, len(datasets), figsize=(max(WIDTH, 4.5 * len(datasets)), 4.2), squeeze=False,
                              sharey=True)
-    for ax, dataset in zip(axes[0], datasets):
+    for ax, dataset in zip(axes[0], datasets, strict=True):
         part = summary[summary["dataset"] == dataset]
         for method, rows in part.groupby("method", sort=False):
             rows = rows.sort_values("n_train_pairs")
@@ -353,9 +352,9 @@ def contribution_bars(parts: Mapping[str, object], *, title: str):
     colours = {"chosen": sns.color_palette()[0], "rejected": sns.color_palette()[1], "": "grey"}
     rows = max(len(frame) for frame in parts.values())
     fig, axes = plt.subplots(1, len(parts), figsize=(WIDTH * 1.5, 0.35 * rows + 1.6), squeeze=False)
-    for ax, (name, frame) in zip(axes[0], parts.items()):
+    for ax, (name, frame) in zip(axes[0], parts.items(), strict=True):
         labels = [(f"{label[:40]} · " if label else "latent ") + f"{latent} ({side[0]})" if latent >= 0 else label
-                  for latent, side, label in zip(frame["latent"], frame["side"], frame["label"])]
+                  for latent, side, label in zip(frame["latent"], frame["side"], frame["label"], strict=True)]
         positions = list(range(len(frame)))[::-1]
         ax.barh(positions, frame["contribution"], color=[colours[s] for s in frame["side"]])
         ax.set_yticks(positions, labels, fontsize="x-small")
@@ -371,7 +370,7 @@ def deletion_curves(frames: Mapping[str, object], *, title: str):
     s_chosen − s_rejected after deleting each pair's top-m attributed directions and m random
     ones (`srlib.explain.DeletionCurve.frame`), against m (log x), the band its 95% interval over pairs."""
     fig, axes = plt.subplots(1, len(frames), figsize=(max(WIDTH, 4.2 * len(frames)), 3.8), squeeze=False)
-    for ax, (name, frame) in zip(axes[0], frames.items()):
+    for ax, (name, frame) in zip(axes[0], frames.items(), strict=True):
         for deleted, rows in frame.groupby("deleted", sort=False):
             line, = ax.plot(rows["m"], rows["margin drop"], "o-", label=deleted)
             ax.fill_between(rows["m"], rows["low"], rows["high"], color=line.get_color(), alpha=0.2, linewidth=0)
@@ -436,8 +435,8 @@ def gap_vs_quality(gaps, quality, *, title: str, x: str = "FVE read",
     datasets = list(dict.fromkeys(data["dataset"]))
     fig, axes = plt.subplots(1, len(datasets), figsize=(WIDTH, 3.6), sharey=True, squeeze=False)
     colours = sns.color_palette("viridis", n_colors=data["K"].nunique())
-    for ax, dataset in zip(axes[0], datasets):
-        for colour, (k, rows) in zip(colours, data[data["dataset"] == dataset].groupby("K")):
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        for colour, (k, rows) in zip(colours, data[data["dataset"] == dataset].groupby("K"), strict=False):
             rows = rows.sort_values(x)
             gap = rows["A − B (points)"]
             ax.errorbar(rows[x], gap, yerr=[gap - rows["CI low"], rows["CI high"] - gap], color=colour,
@@ -489,7 +488,7 @@ def validation_rounds(result, *, metric_labels: Mapping[str, str], se_key, title
 
     metrics = TRACKS[result.config.track].metrics
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics) + 1.5, 3.8), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    for ax, metric in zip(axes[0], metrics, strict=True):
         for offset, (name, run) in enumerate(result.runs.items()):
             xs = [0] + [rec.round for rec in run.rounds]
             vals = [result.base_val] + [rec.val for rec in run.rounds]

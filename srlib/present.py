@@ -9,11 +9,11 @@ change in one place.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 from IPython.display import Markdown
-
 from srlib.evaluate import mean_sd
 from srlib.experiments import DATASET_LABELS
 
@@ -169,7 +169,7 @@ def top_latents(directions, n: int, sae_source: str) -> pd.DataFrame:
     rows = []
     for side, indices, scores in (("chosen (∇)", directions.indices_w, directions.scores_w),
                                   ("rejected (Δ)", directions.indices_l, directions.scores_l)):
-        for rank, (j, s) in enumerate(zip(indices[:n].tolist(), scores[:n].tolist()), 1):
+        for rank, (j, s) in enumerate(zip(indices[:n].tolist(), scores[:n].tolist(), strict=True), 1):
             rows.append({"side": side, "rank": rank, "latent": j, "score": s,
                          "μ_w": directions.mu_w[j].item(), "μ_l": directions.mu_l[j].item(),
                          "dashboard": neuronpedia_url(sae_source, j) or "–"})
@@ -263,7 +263,7 @@ def with_paper_gap(comparisons: pd.DataFrame, paper: Mapping[str, Mapping[str, f
     from a paper table {variant: {data set: accuracy %}}."""
     names = {label(n): n for n in {d for scores in paper.values() for d in scores}}
     return comparisons.assign(**{"paper's A − B": [paper[a][names.get(d, d)] - paper[b][names.get(d, d)]
-                                                   for a, b, d in zip(comparisons.A, comparisons.B, comparisons.dataset)]})
+                                                   for a, b, d in zip(comparisons.A, comparisons.B, comparisons.dataset, strict=True)]})
 
 
 def verdict_lines(comparisons: pd.DataFrame, by: str = "dataset") -> Markdown:
@@ -303,7 +303,7 @@ def k_probe_table(summary: pd.DataFrame, gap: pd.DataFrame) -> pd.DataFrame:
     """Accuracy per K and input ("mean ± sd"), with top-K minus random and its paired interval."""
     table = summary.pivot(index="K", columns="variant", values="label")
     table["top-K − random (points)"] = gap.set_index("K")["A − B (points)"].round(1)
-    table["95% CI (paired)"] = [f"{lo:.1f} to {hi:.1f}" for lo, hi in zip(gap["CI low"], gap["CI high"])]
+    table["95% CI (paired)"] = [f"{lo:.1f} to {hi:.1f}" for lo, hi in zip(gap["CI low"], gap["CI high"], strict=True)]
     return table
 
 
@@ -312,7 +312,7 @@ def k_probe_text(summary: pd.DataFrame, gap: pd.DataFrame, dense: Mapping[str, f
     """The K probe in words: DenseRM's level, the range of top-K minus random, where its paired
     interval excludes 0, the largest K's accuracies, and one verdict per K."""
     wide = summary.pivot(index="K", columns="variant", values="mean")
-    clear = [int(k) for k, low, high in zip(gap.K, gap["CI low"], gap["CI high"]) if low > 0 or high < 0]
+    clear = [int(k) for k, low, high in zip(gap.K, gap["CI low"], gap["CI high"], strict=True) if low > 0 or high < 0]
     text = (f"DenseRM reaches {mean_sd(dense['mean'], dense['std'])}% (ties ½ in every column). "
             f"Top-K minus random directions ranges from {gap['A − B (points)'].min():+.1f} to "
             f"{gap['A − B (points)'].max():+.1f} points over K = {', '.join(map(str, ks))}; ")
@@ -592,13 +592,13 @@ def attribution_pair(pair, attributed: tuple, row: int, *, top: int, labels: Map
     a bar per direction, the `top` largest and the rest summed); return the latents it shows."""
     import matplotlib.pyplot as plt
     from IPython.display import display
+    from srlib.experiments import pair_text
 
     from srlib import explain, plots
-    from srlib.experiments import pair_text
 
     parts = {f"{side} answer: score {attr.scores[row]:.2f} (baseline {attr.baseline:.2f})":
              explain.contribution_frame(attr, row, top=top, labels=labels)
-             for side, attr in zip(("chosen", "rejected"), attributed)}
+             for side, attr in zip(("chosen", "rejected"), attributed, strict=True)}
     if quote:
         display(Markdown(f"**{pair_text(pair, 'chosen', chars)}**  \n*rejected:* "
                          f"{pair_text(pair, 'rejected', chars).split(' → ', 1)[-1]}"))
@@ -612,7 +612,6 @@ def shown_cards(cards: pd.DataFrame, latents: Sequence[int], *, quote: bool, sae
     """The cards of the first `n` distinct latents among `latents` (as HTML), and, when the SAE has
     no public dashboard, a note saying the cards are the only evidence of what a latent means."""
     from IPython.display import HTML
-
     from srlib.experiments import neuronpedia_url
 
     shown = [HTML(latent_cards_html(cards[cards["latent"].isin(latents)].drop_duplicates("latent").head(n),
@@ -684,7 +683,7 @@ def deviations(config) -> pd.DataFrame:
     """Every setting of the paper's alignment setup beside this run's (`paper_deviations`), the
     ones that differ marked."""
     table = pd.DataFrame(config.paper_deviations()).set_index("setting")
-    table["differs"] = ["" if here == paper else "yes" for here, paper in zip(table.here, table.paper)]
+    table["differs"] = ["" if here == paper else "yes" for here, paper in zip(table.here, table.paper, strict=True)]
     return table
 
 
@@ -864,8 +863,9 @@ def sparse_vs_wo_text(result, comparisons: Mapping[str, Any]) -> Markdown:
     """Did SparseRM filtering beat WO RM: the answer from the paired intervals of every metric,
     the verdicts, the paper's gains on this track's columns, and whether the run could detect them."""
     from srlib.alignment import TRACKS
-    from srlib.chapter import clear_win
     from srlib.paper import TABLE1_ALIGNMENT, TABLE1_COLUMNS
+
+    from srlib.chapter import clear_win
 
     columns = TRACKS[result.config.track].paper_columns
     paper_gains = [methods["SparseRM"][TABLE1_COLUMNS.index(c)] - methods["WO RM"][TABLE1_COLUMNS.index(c)]
@@ -967,7 +967,7 @@ def similarity_table(similarity: pd.DataFrame) -> pd.DataFrame:
     sim = similarity_summary(similarity)
     sim["measure"] = sim["aggregate"] + sim["centered"].map({False: "", True: ", centered"})
     sim = sim[sim["measure"] != "mean, centered"]
-    sim["label"] = [mean_sd(m, s, digits=3) for m, s in zip(sim["mean"], sim["std"])]
+    sim["label"] = [mean_sd(m, s, digits=3) for m, s in zip(sim["mean"], sim["std"], strict=True)]
     table = sim.pivot(index=["space", "group"], columns="measure", values="label")
     table = table[["nearest, centered", "mean", "nearest"]]
     table.columns = ["nearest, centered (primary)", "mean (paper-style)", "nearest"]

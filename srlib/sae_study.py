@@ -24,14 +24,20 @@ scored once, for the chosen SAE: top-K against random at each K.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import torch
-
 from srlib.errors import ConfigError
-from srlib.experiments import (DatasetStates, SplitStates, best_setting, compare_variants, paired_table, run_trials,
-                               select_for)
+from srlib.experiments import (
+    DatasetStates,
+    SplitStates,
+    best_setting,
+    compare_variants,
+    paired_table,
+    run_trials,
+    select_for,
+)
 from srlib.profiles import Profile, SAEFamily
 
 RANDOM = "Random directions"
@@ -80,7 +86,6 @@ def quality_table(saes: Mapping[str, object], states: Mapping[str, DatasetStates
     validation answers, and what training recorded (held-out corpus texts, all tokens: FVE,
     dead %; training seconds), None for an SAE not trained here."""
     import pandas as pd
-
     from srlib.sae import sae_info, sae_report
 
     rows = []
@@ -107,7 +112,7 @@ def gap_trials(saes: Mapping[str, object], states: Mapping[str, DatasetStates], 
     import pandas as pd
 
     frames = []
-    for dataset, full in states.items():
+    for full in states.values():
         view = validation_view(full)
         for k in ks:
             variants = {name: dict(features="projection", directions=select_for(view, sae, k))
@@ -194,7 +199,7 @@ class FamilyStudy:
         import pandas as pd
 
         gaps = self.gaps.assign(cell=[f"{d:+.1f} ({lo:+.1f} to {hi:+.1f})" for d, lo, hi in
-                                      zip(self.gaps["A − B (points)"], self.gaps["CI low"], self.gaps["CI high"])])
+                                      zip(self.gaps["A − B (points)"], self.gaps["CI low"], self.gaps["CI high"], strict=True)])
         wide = gaps.pivot(index=["dataset", "variant"], columns="K", values="cell")
         wide.columns = [f"top-K − random, K = {k}" for k in wide.columns]
         top_k = self.trials[self.trials["variant"] != RANDOM]
@@ -231,7 +236,7 @@ def family_study(backbone, profile: Profile, states: Mapping[str, DatasetStates]
                             simpler=lambda s: names.index(s["variant"]))
     chosen = saes[selected["variant"]]
     frames = []
-    for dataset, s in states.items():
+    for s in states.values():
         for k in ks:
             directions = select_for(s, chosen, k)
             frames.append(run_trials(s, {"Top-K directions": dict(features="projection", directions=directions),
