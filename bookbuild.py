@@ -63,8 +63,7 @@ MATHJAX_ENTRY = "tex-mml-chtml.js"
 # The parts of MathJax's es5/ folder the book needs: the combined TeX+MathML→CommonHTML
 # component, the extensions it autoloads, its fonts, menu and accessibility components.
 # The speech-rule engine (sre/, 4 MB) and the SVG output are left out.
-_MATHJAX_KEEP = (MATHJAX_ENTRY, "input/", "output/chtml/", "output/chtml.js", "a11y/", "ui/",
-                 "adaptors/")
+_MATHJAX_KEEP = (MATHJAX_ENTRY, "input/", "output/chtml/", "output/chtml.js", "a11y/", "ui/", "adaptors/")
 NOTEBOOK_DIR = "notebooks"
 RESULTS_SUFFIX = ".results.json"
 RESULTS_MARKERS = ("<!-- begin results -->", "<!-- end results -->")
@@ -182,7 +181,7 @@ def read_toc(path: Path) -> list[str]:
 def chapter_stems(documents: Iterable[str]) -> list[str]:
     """The notebook stems among the toc documents (`notebooks/03_sparserm` → `03_sparserm`)."""
     prefix = NOTEBOOK_DIR + "/"
-    return [d[len(prefix):] for d in documents if d.startswith(prefix)]
+    return [d[len(prefix) :] for d in documents if d.startswith(prefix)]
 
 
 def chapter_notebooks(root: Path, stems: Sequence[str]) -> list[Path]:
@@ -190,16 +189,17 @@ def chapter_notebooks(root: Path, stems: Sequence[str]) -> list[Path]:
     paths = [root / NOTEBOOK_DIR / f"{stem}.ipynb" for stem in stems]
     missing = [p.relative_to(root).as_posix() for p in paths if not p.is_file()]
     if missing:
-        raise BuildError(f"_toc.yml lists notebooks that do not exist: {', '.join(missing)} "
-                         "(write them, or comment their entries out of _toc.yml)")
+        raise BuildError(
+            f"_toc.yml lists notebooks that do not exist: {', '.join(missing)} "
+            "(write them, or comment their entries out of _toc.yml)"
+        )
     return paths
 
 
 def unlisted_notebooks(root: Path, stems: Sequence[str]) -> list[Path]:
     """Chapter notebooks (`notebooks/NN_*.ipynb`) that `_toc.yml` does not list."""
     listed = set(stems)
-    return [p for p in sorted((root / NOTEBOOK_DIR).glob("[0-9][0-9]_*.ipynb"))
-            if p.stem not in listed]
+    return [p for p in sorted((root / NOTEBOOK_DIR).glob("[0-9][0-9]_*.ipynb")) if p.stem not in listed]
 
 
 # --------------------------------------------------------------------------- Markdown rendering
@@ -224,9 +224,13 @@ def slug(text: str) -> str:
 def render_table(label: str, tab: dict) -> str:
     """A results table as a captioned MyST `{table}` holding a pipe table."""
     fmt = tab.get("float_format")
-    lines = [f"```{{table}} {tab['caption'].strip()}", f":name: {label}", "",
-             "| " + " | ".join(format_cell(c) for c in tab["columns"]) + " |",
-             "|" + "---|" * len(tab["columns"])]
+    lines = [
+        f"```{{table}} {tab['caption'].strip()}",
+        f":name: {label}",
+        "",
+        "| " + " | ".join(format_cell(c) for c in tab["columns"]) + " |",
+        "|" + "---|" * len(tab["columns"]),
+    ]
     lines += ["| " + " | ".join(format_cell(v, fmt) for v in row) + " |" for row in tab["rows"]]
     lines.append("```")
     return "\n".join(lines)
@@ -247,12 +251,12 @@ def notebook_title(notebook: dict, default: str) -> str:
 def render_results(chapters: Sequence[tuple[str, str, dict]]) -> str:
     """The results page body: a section per chapter `(stem, title, results)`, a table per entry."""
     if not chapters:
-        return ("*No chapter notebook has run in this build yet: every chapter that `_toc.yml` "
-                "lists adds its tables here.*")
+        return (
+            "*No chapter notebook has run in this build yet: every chapter that `_toc.yml` lists adds its tables here.*"
+        )
     parts = []
     for stem, title, data in chapters:
-        parts.append(f"## {title}\n\nFrom {{doc}}`../{NOTEBOOK_DIR}/{stem}`, "
-                     f"profile `{data['profile']}`.")
+        parts.append(f"## {title}\n\nFrom {{doc}}`../{NOTEBOOK_DIR}/{stem}`, profile `{data['profile']}`.")
         if not data["tables"]:
             parts.append("*This chapter reports no tables.*")
         for name, tab in data["tables"].items():
@@ -276,22 +280,35 @@ def render_report(records: Sequence[dict], execution_seconds: float) -> str:
     if not records:
         return "*No chapter notebook is listed in `_toc.yml` yet.*"
     rows = ["| chapter | this build | minutes |", "|---|---|---|"]
-    rows += [f"| `{r['chapter']}` | {'reused' if r['reused'] else 'executed'} | {r['seconds'] / 60:.1f} |"
-             for r in records]
+    rows += [
+        f"| `{r['chapter']}` | {'reused' if r['reused'] else 'executed'} | {r['seconds'] / 60:.1f} |" for r in records
+    ]
     executed = [r for r in records if not r["reused"]]
-    summary = (f"This build executed {len(executed)} of {len(records)} chapters in "
-               f"{execution_seconds / 60:.1f} minutes of wall-clock time"
-               + (f" (their running times add up to {sum(r['seconds'] for r in executed) / 60:.1f} minutes: "
-                  "chapters ran side by side)." if len(executed) > 1 else "."))
+    summary = (
+        f"This build executed {len(executed)} of {len(records)} chapters in "
+        f"{execution_seconds / 60:.1f} minutes of wall-clock time"
+        + (
+            f" (their running times add up to {sum(r['seconds'] for r in executed) / 60:.1f} minutes: "
+            "chapters ran side by side)."
+            if len(executed) > 1
+            else "."
+        )
+    )
     text = "\n".join(rows) + "\n\n" + summary
     stages = [(r["chapter"], s) for r in records for s in r.get("stages", [])]
     if stages:
-        text += ("\n\nThe stages inside each chapter, from the run that made its copy (a stage's runs "
-                 "add up; a stage inside another counts in both):\n\n"
-                 + "\n".join(["| chapter | stage | runs | units done | seconds |", "|---|---|---|---|---|"]
-                             + [f"| `{chapter}` | {format_cell(s['name'])} | {s['runs']} | "
-                                f"{_amount(s['done'])} {format_cell(s['unit'])} | {s['seconds']:.1f} |"
-                                for chapter, s in stages]))
+        text += (
+            "\n\nThe stages inside each chapter, from the run that made its copy (a stage's runs "
+            "add up; a stage inside another counts in both):\n\n"
+            + "\n".join(
+                ["| chapter | stage | runs | units done | seconds |", "|---|---|---|---|---|"]
+                + [
+                    f"| `{chapter}` | {format_cell(s['name'])} | {s['runs']} | "
+                    f"{_amount(s['done'])} {format_cell(s['unit'])} | {s['seconds']:.1f} |"
+                    for chapter, s in stages
+                ]
+            )
+        )
     return text
 
 
@@ -307,8 +324,7 @@ def render_parameters(chapters: Sequence[tuple[str, str, dict]]) -> str:
             continue
         rows = ["| parameter | default | meaning |", "|---|---|---|"]
         for p in params.values():
-            rows.append(f"| `{p['name']}` | `{format_cell(p['default'])}` | "
-                        f"{format_cell(p.get('help') or '')} |")
+            rows.append(f"| `{p['name']}` | `{format_cell(p['default'])}` | {format_cell(p.get('help') or '')} |")
         parts.append("\n".join(rows))
     return "\n\n".join(parts)
 
@@ -319,7 +335,7 @@ def fill_between(text: str, markers: tuple[str, str], body: str) -> str:
     start, stop = text.find(begin), text.find(end)
     if start < 0 or stop < start:
         raise BuildError(f"page is missing the markers {begin} ... {end}")
-    return text[:start + len(begin)] + "\n" + body + "\n" + text[stop:]
+    return text[: start + len(begin)] + "\n" + body + "\n" + text[stop:]
 
 
 # --------------------------------------------------------------------------- exercises
@@ -361,8 +377,9 @@ def write_handouts(root: Path, out_dir: Path) -> list[Path]:
     written = []
     for source in sources:
         target = out_dir / source.name
-        target.write_text(json.dumps(handout_notebook(json.loads(source.read_text())),
-                                     indent=1, ensure_ascii=False) + "\n")
+        target.write_text(
+            json.dumps(handout_notebook(json.loads(source.read_text())), indent=1, ensure_ascii=False) + "\n"
+        )
         written.append(target)
     return written
 
@@ -377,16 +394,22 @@ def ensure_mathjax(static_dir: Path) -> Path:
         return target
     npm = shutil.which("npm")
     if npm is None:
-        raise BuildError(f"MathJax is missing from {target} and npm is not installed: install "
-                         f"Node.js (npm), or unpack es5/ of mathjax@{MATHJAX_VERSION} there")
+        raise BuildError(
+            f"MathJax is missing from {target} and npm is not installed: install "
+            f"Node.js (npm), or unpack es5/ of mathjax@{MATHJAX_VERSION} there"
+        )
     print(f"fetching mathjax@{MATHJAX_VERSION} from npm into {target}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        done = subprocess.run([npm, "pack", f"mathjax@{MATHJAX_VERSION}", "--silent",
-                               "--pack-destination", tmp], capture_output=True, text=True)
+        done = subprocess.run(
+            [npm, "pack", f"mathjax@{MATHJAX_VERSION}", "--silent", "--pack-destination", tmp],
+            capture_output=True,
+            text=True,
+        )
         tarballs = list(Path(tmp).glob("mathjax-*.tgz"))
         if done.returncode != 0 or not tarballs:
-            raise BuildError(f"npm pack mathjax@{MATHJAX_VERSION} failed: "
-                             f"{(done.stderr or done.stdout).strip().splitlines()[-1:]}")
+            raise BuildError(
+                f"npm pack mathjax@{MATHJAX_VERSION} failed: {(done.stderr or done.stdout).strip().splitlines()[-1:]}"
+            )
         staging = Path(tmp) / "mathjax"
         with tarfile.open(tarballs[0]) as tar:
             for member in tar.getmembers():
@@ -422,13 +445,17 @@ def check_kernel(name: str = "python3") -> None:
     try:
         spec = KernelSpecManager().get_kernel_spec(name)
     except NoSuchKernel:
-        raise BuildError(f"no Jupyter kernel {name!r}: install ipykernel into this "
-                         f"environment ({sys.executable} -m pip install ipykernel)") from None
+        raise BuildError(
+            f"no Jupyter kernel {name!r}: install ipykernel into this "
+            f"environment ({sys.executable} -m pip install ipykernel)"
+        ) from None
     runs = kernel_python(spec.argv, sys.executable)
     if os.path.realpath(runs) != os.path.realpath(sys.executable):
-        raise BuildError(f"kernel {name!r} ({spec.resource_dir}) runs {runs}, not "
-                         f"{sys.executable}: run `{sys.executable} -m ipykernel install "
-                         f"--sys-prefix` or remove that kernelspec")
+        raise BuildError(
+            f"kernel {name!r} ({spec.resource_dir}) runs {runs}, not "
+            f"{sys.executable}: run `{sys.executable} -m ipykernel install "
+            f"--sys-prefix` or remove that kernelspec"
+        )
 
 
 # --------------------------------------------------------------------------- reuse between builds
@@ -537,8 +564,11 @@ def last_seconds(paths: BuildPaths, stem: str) -> float | None:
 def reusable(paths: BuildPaths, stem: str, fingerprint: str) -> float | None:
     """The seconds a previous build took to execute `stem` when its executed copy and results
     are still there and its inputs have not changed since (`chapter_fingerprint`); else None."""
-    if (_stamp(paths, stem).get("fingerprint") == fingerprint and paths.executed(stem).is_file()
-            and paths.results(stem).is_file()):
+    if (
+        _stamp(paths, stem).get("fingerprint") == fingerprint
+        and paths.executed(stem).is_file()
+        and paths.results(stem).is_file()
+    ):
         return last_seconds(paths, stem) or 0.0
     return None
 
@@ -557,8 +587,7 @@ def _kernel_with_env(env: dict[str, str]) -> type:
     return ChapterKernelManager
 
 
-def execute_notebook(source: Path, executed: Path, results: Path, profile: str,
-                     events: Path | None = None) -> float:
+def execute_notebook(source: Path, executed: Path, results: Path, profile: str, events: Path | None = None) -> float:
     """Run `source` with papermill into `executed`; return seconds. Raise NotebookFailed.
 
     With `events`, the kernel reports its stages there (`srlib.progress`, `SRLIB_PROGRESS_EVENTS`).
@@ -572,7 +601,10 @@ def execute_notebook(source: Path, executed: Path, results: Path, profile: str,
     name = f"{NOTEBOOK_DIR}/{source.name}"
     try:
         papermill.execute_notebook(
-            str(source), str(executed), kernel_name="python3", cwd=str(executed.parent),
+            str(source),
+            str(executed),
+            kernel_name="python3",
+            cwd=str(executed.parent),
             # Relative to the notebook's folder (the kernel's cwd), so the injected cell that
             # the book shows names no folder of the machine that built it.
             parameters={"PROFILE": profile, "RESULTS_PATH": os.path.relpath(results, executed.parent)},
@@ -581,16 +613,20 @@ def execute_notebook(source: Path, executed: Path, results: Path, profile: str,
         )
     except PapermillExecutionError as exc:
         tail = _strip_ansi("\n".join(exc.traceback[-6:]))
-        raise NotebookFailed(f"notebook {name} failed in cell {exc.exec_count}: "
-                             f"{exc.ename}: {_first_line(exc.evalue)} (executed copy with the "
-                             f"traceback: {executed})", details=tail) from None
+        raise NotebookFailed(
+            f"notebook {name} failed in cell {exc.exec_count}: "
+            f"{exc.ename}: {_first_line(exc.evalue)} (executed copy with the "
+            f"traceback: {executed})",
+            details=tail,
+        ) from None
     except Exception as exc:  # kernel died, timeout, unreadable notebook ...
-        raise NotebookFailed(f"notebook {name} did not run: {type(exc).__name__}: "
-                             f"{_first_line(str(exc))}") from exc
+        raise NotebookFailed(f"notebook {name} did not run: {type(exc).__name__}: {_first_line(str(exc))}") from exc
     if not results.is_file():
-        raise BuildError(f"notebook {name} wrote no results: it must call "
-                         "srlib.results.write_results(RESULTS_PATH, ...) (a parameter the build "
-                         "passes; see srlib/results.py)")
+        raise BuildError(
+            f"notebook {name} wrote no results: it must call "
+            "srlib.results.write_results(RESULTS_PATH, ...) (a parameter the build "
+            "passes; see srlib/results.py)"
+        )
     return time.perf_counter() - start
 
 
@@ -652,8 +688,9 @@ def stage_report(events: Iterable[dict]) -> list[dict]:
     stages: dict[str, dict] = {}
     unfinished: dict[tuple, dict] = {}
     for e in events:
-        s = stages.setdefault(e["stage"], {"name": e["stage"], "runs": 0, "seconds": 0.0, "done": 0,
-                                           "unit": e.get("unit", "it")})
+        s = stages.setdefault(
+            e["stage"], {"name": e["stage"], "runs": 0, "seconds": 0.0, "done": 0, "unit": e.get("unit", "it")}
+        )
         if e.get("end"):
             unfinished.pop((e["stage"], e.get("run")), None)
             s["runs"] += e.get("runs", 1)
@@ -689,10 +726,15 @@ def status_text(event: dict) -> str:
     name, unit, done, total = event["stage"], event.get("unit", "it"), event.get("done", 0), event.get("total")
     if event.get("end"):
         runs = event.get("runs", 1)
-        return (f"{name}: done, {_amount(done)} {unit} in {_duration(event.get('seconds', 0))}"
-                + (f" ({runs} runs)" if runs > 1 else ""))
+        return f"{name}: done, {_amount(done)} {unit} in {_duration(event.get('seconds', 0))}" + (
+            f" ({runs} runs)" if runs > 1 else ""
+        )
     rate = done / max(event["time"] - event["started"], 1e-9)
-    text = f"{name} {_amount(done)}/{_amount(total)} {unit} ({done / total:.0%})" if total else f"{name} {_amount(done)} {unit}"
+    text = (
+        f"{name} {_amount(done)}/{_amount(total)} {unit} ({done / total:.0%})"
+        if total
+        else f"{name} {_amount(done)} {unit}"
+    )
     text += f", {rate:.3g} {unit}/s"
     if total and rate > 0:
         text += f", about {_duration(max(total - done, 0) / rate)} left"
@@ -705,8 +747,9 @@ class Console:
     log, a line per update but at most one per chapter and stage every `log_every` seconds
     (the end of a stage that ran that long is always told)."""
 
-    def __init__(self, stream: Any = None, *, tty: bool | None = None, log_every: float = LOG_EVERY,
-                 clock: Any = time.monotonic) -> None:
+    def __init__(
+        self, stream: Any = None, *, tty: bool | None = None, log_every: float = LOG_EVERY, clock: Any = time.monotonic
+    ) -> None:
         self.stream = sys.stdout if stream is None else stream
         self.tty = bool(self.stream.isatty()) if tty is None else tty
         self.log_every, self.clock = log_every, clock
@@ -763,8 +806,9 @@ def chapter_note(elapsed: float, last: float | None) -> str:
 
 
 @contextlib.contextmanager
-def watching(path: Path, label: str, console: Console, *, every: float = POLL_SECONDS,
-             last: float | None = None) -> Iterator[list[dict]]:
+def watching(
+    path: Path, label: str, console: Console, *, every: float = POLL_SECONDS, last: float | None = None
+) -> Iterator[list[dict]]:
     """While the block runs, tell `console` what the events file `path` says (its newest line
     per stage, every `every` seconds, with `chapter_note`; `last`: the chapter's last running
     time); yields the list of the events read, complete when the block ends."""
@@ -811,8 +855,9 @@ def stage_sources(root: Path, paths: BuildPaths, stems: Sequence[str]) -> None:
     paths.src.mkdir(parents=True, exist_ok=True)
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy2(root / name, paths.src / name)
-    shutil.copytree(root / "book", paths.src / "book",
-                    ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints"))
+    shutil.copytree(
+        root / "book", paths.src / "book", ignore=shutil.ignore_patterns("__pycache__", ".ipynb_checkpoints")
+    )
 
 
 class _Tee(io.TextIOBase):
@@ -838,10 +883,16 @@ def build_html(paths: BuildPaths, *, strict: bool) -> int:
     tee = _Tee(sys.stderr)
     with contextlib.redirect_stderr(tee):
         status = build_sphinx(
-            str(paths.src), str(paths.html), noconfig=True, path_config=str(paths.src / "_config.yml"),
+            str(paths.src),
+            str(paths.html),
+            noconfig=True,
+            path_config=str(paths.src / "_config.yml"),
             confoverrides={"external_toc_path": "_toc.yml", "latex_individualpages": False},
             doctreedir=str(paths.doctrees),
-            freshenv=True, quiet=True, warningiserror=strict, keep_going=strict,
+            freshenv=True,
+            quiet=True,
+            warningiserror=strict,
+            keep_going=strict,
         )
     log = "".join(tee.parts)
     paths.warnings_log.write_text(log)
@@ -852,8 +903,9 @@ def build_html(paths: BuildPaths, *, strict: bool) -> int:
     return n_warnings
 
 
-def _run_chapter(source: Path, paths: BuildPaths, profile: str, position: str,
-                 fingerprint: str, console: Console) -> tuple[float, list[dict]]:
+def _run_chapter(
+    source: Path, paths: BuildPaths, profile: str, position: str, fingerprint: str, console: Console
+) -> tuple[float, list[dict]]:
     """Execute one chapter (telling `console` its stages as they go), fold its solutions, stamp
     its inputs; return its seconds and its stages (`stage_report`)."""
     stem = source.stem
@@ -869,14 +921,20 @@ def _run_chapter(source: Path, paths: BuildPaths, profile: str, position: str,
     executed = json.loads(paths.executed(stem).read_text())
     if fold_solutions(executed):
         paths.executed(stem).write_text(json.dumps(executed, indent=1, ensure_ascii=False))
-    paths.fingerprint(stem).write_text(json.dumps({"fingerprint": fingerprint, "seconds": seconds,
-                                                   "stages": stages}))
+    paths.fingerprint(stem).write_text(json.dumps({"fingerprint": fingerprint, "seconds": seconds, "stages": stages}))
     console.say(f"{position} {NOTEBOOK_DIR}/{source.name} done in {seconds:.1f} s")
     return seconds, stages
 
 
-def execute_chapters(sources: Sequence[Path], paths: BuildPaths, profile: str, *, jobs: int = 1,
-                     force: bool = False, console: Console | None = None) -> list[dict]:
+def execute_chapters(
+    sources: Sequence[Path],
+    paths: BuildPaths,
+    profile: str,
+    *,
+    jobs: int = 1,
+    force: bool = False,
+    console: Console | None = None,
+) -> list[dict]:
     """Execute the chapters whose inputs changed since their last execution (all with `force`);
     return one record per chapter, in book order: `chapter`, `seconds` and `stages` (of the run
     that made its executed copy) and `reused`. `console` (stdout by default) tells each
@@ -900,10 +958,15 @@ def execute_chapters(sources: Sequence[Path], paths: BuildPaths, profile: str, *
         if seconds is None:
             todo.append((source, position, fingerprint))
         else:
-            records[source.stem] = {"chapter": source.stem, "seconds": seconds, "reused": True,
-                                    "stages": _stamp(paths, source.stem).get("stages", [])}
-            console.say(f"{position} {NOTEBOOK_DIR}/{source.name}: unchanged since its last run "
-                        f"({seconds:.0f} s then), reused")
+            records[source.stem] = {
+                "chapter": source.stem,
+                "seconds": seconds,
+                "reused": True,
+                "stages": _stamp(paths, source.stem).get("stages", []),
+            }
+            console.say(
+                f"{position} {NOTEBOOK_DIR}/{source.name}: unchanged since its last run ({seconds:.0f} s then), reused"
+            )
 
     def run(source: Path, position: str, fingerprint: str) -> None:
         seconds, stages = _run_chapter(source, paths, profile, position, fingerprint, console)
@@ -932,8 +995,7 @@ def execute_chapters(sources: Sequence[Path], paths: BuildPaths, profile: str, *
     return [records[source.stem] for source in sources]
 
 
-def build(root: Path, profile: str, *, strict: bool = False, jobs: int = 1,
-          force: bool = False) -> BuildPaths:
+def build(root: Path, profile: str, *, strict: bool = False, jobs: int = 1, force: bool = False) -> BuildPaths:
     """Execute the listed notebooks under `profile` and build the book's HTML; return its paths.
 
     A chapter whose inputs (`chapter_fingerprint`) are unchanged since it last ran is not
@@ -951,8 +1013,10 @@ def build(root: Path, profile: str, *, strict: bool = False, jobs: int = 1,
     stems = chapter_stems(read_toc(root / "_toc.yml"))
     sources = chapter_notebooks(root, stems)
     for extra in unlisted_notebooks(root, stems):
-        print(f"note: {extra.relative_to(root)} is not in _toc.yml, so it is not run "
-              "(add its entry to _toc.yml)", flush=True)
+        print(
+            f"note: {extra.relative_to(root)} is not in _toc.yml, so it is not run (add its entry to _toc.yml)",
+            flush=True,
+        )
     ensure_mathjax(root / "book" / "_static")
     stage_sources(root, paths, stems)
 
@@ -971,9 +1035,11 @@ def build(root: Path, profile: str, *, strict: bool = False, jobs: int = 1,
         chapters.append((stem, title, load_results(paths.results(stem))))
         params.append((stem, title, papermill.inspect_notebook(str(source))))
 
-    for page, markers, body in (("results.md", RESULTS_MARKERS, render_results(chapters)),
-                                ("reproduce.md", PARAMETERS_MARKERS, render_parameters(params)),
-                                ("reproduce.md", REPORT_MARKERS, render_report(records, execution_seconds))):
+    for page, markers, body in (
+        ("results.md", RESULTS_MARKERS, render_results(chapters)),
+        ("reproduce.md", PARAMETERS_MARKERS, render_parameters(params)),
+        ("reproduce.md", REPORT_MARKERS, render_report(records, execution_seconds)),
+    ):
         staged = paths.src / "book" / page
         staged.write_text(fill_between(staged.read_text(), markers, body))
 
@@ -981,8 +1047,7 @@ def build(root: Path, profile: str, *, strict: bool = False, jobs: int = 1,
     n_warnings = build_html(paths, strict=strict)
     elapsed = time.perf_counter() - started
     print(f"{n_warnings} Sphinx warning(s); log: {paths.warnings_log}")
-    print(f"The book ({profile} profile) is at {paths.html / 'index.html'} "
-          f"(built in {elapsed:.0f} s)")
+    print(f"The book ({profile} profile) is at {paths.html / 'index.html'} (built in {elapsed:.0f} s)")
     return paths
 
 
@@ -1015,16 +1080,14 @@ def reflow_docstring(lines: Sequence[str]) -> list[str]:
     return out
 
 
-def _docstring_as_text(app: Any, what: str, name: str, obj: Any, options: Any,
-                       lines: list[str]) -> None:
+def _docstring_as_text(app: Any, what: str, name: str, obj: Any, options: Any, lines: list[str]) -> None:
     """Show a docstring as plain text (paragraphs reflowed) instead of parsing it as reST.
 
     srlib's docstrings are plain text (`code` in backticks, chat tokens such as <|im_end|>,
     indented lists) that reStructuredText would misread.
     """
     if lines:
-        lines[:] = ([".. code-block:: text", ""] + [f"   {line}" for line in reflow_docstring(lines)]
-                    + [""])
+        lines[:] = [".. code-block:: text", ""] + [f"   {line}" for line in reflow_docstring(lines)] + [""]
 
 
 def setup(app: Any) -> dict:
@@ -1036,17 +1099,25 @@ def setup(app: Any) -> dict:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bookbuild", description=__doc__.split("\n")[0])
     parser.add_argument("--profile", default="cpu", help="smoke | cpu | paper (default: cpu)")
-    parser.add_argument("--root", type=Path, default=Path("."),
-                        help="the repository root (default: the current directory)")
+    parser.add_argument(
+        "--root", type=Path, default=Path("."), help="the repository root (default: the current directory)"
+    )
     parser.add_argument("--strict", action="store_true", help="fail on any Sphinx warning")
-    parser.add_argument("--jobs", type=int, default=1, metavar="N",
-                        help="chapters executed at once after the first (default: 1)")
-    parser.add_argument("--force", action="store_true",
-                        help="execute every chapter, even those unchanged since their last run")
-    parser.add_argument("--mathjax-only", action="store_true",
-                        help="only fetch MathJax into book/_static/mathjax if it is missing")
-    parser.add_argument("--handout", type=Path, metavar="DIR",
-                        help="only write the chapter notebooks without their solution cells to DIR")
+    parser.add_argument(
+        "--jobs", type=int, default=1, metavar="N", help="chapters executed at once after the first (default: 1)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="execute every chapter, even those unchanged since their last run"
+    )
+    parser.add_argument(
+        "--mathjax-only", action="store_true", help="only fetch MathJax into book/_static/mathjax if it is missing"
+    )
+    parser.add_argument(
+        "--handout",
+        type=Path,
+        metavar="DIR",
+        help="only write the chapter notebooks without their solution cells to DIR",
+    )
     args = parser.parse_args(argv)
     try:
         if args.handout:

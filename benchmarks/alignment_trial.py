@@ -27,9 +27,23 @@ from srlib.alignment import AlignmentConfig, run_alignment
 from srlib.errors import SrlibError
 
 # Settings that change what is generated or how it is evaluated: a reused trial must match them.
-_SHARED_FIELDS = ("track", "model_id", "n_prompts", "n_shots", "shot_max_chars",
-                  "max_new_tokens", "temperature", "top_p", "generation_batch_size", "max_length",
-                  "max_val", "max_test", "eval_batch_size", "seed", "split_seed")
+_SHARED_FIELDS = (
+    "track",
+    "model_id",
+    "n_prompts",
+    "n_shots",
+    "shot_max_chars",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "generation_batch_size",
+    "max_length",
+    "max_val",
+    "max_test",
+    "eval_batch_size",
+    "seed",
+    "split_seed",
+)
 
 
 def _dense_rm(config: AlignmentConfig, layer: int, out: Path, progress: bool):
@@ -43,8 +57,13 @@ def _dense_rm(config: AlignmentConfig, layer: int, out: Path, progress: bool):
     if (path / "config.json").exists():
         return RewardModel.from_pretrained(path, backbone=backbone), 0.0
     start = time.perf_counter()
-    rm = DenseRM.fit(backbone, load_pairs(f"{config.data_name}:train"), load_pairs(f"{config.data_name}:val"),
-                     layer=layer, progress=progress)
+    rm = DenseRM.fit(
+        backbone,
+        load_pairs(f"{config.data_name}:train"),
+        load_pairs(f"{config.data_name}:val"),
+        layer=layer,
+        progress=progress,
+    )
     rm.save_pretrained(path)
     return rm, time.perf_counter() - start
 
@@ -70,11 +89,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    changes = {key: value for key, value in {
-        "track": args.track, "n_prompts": args.n_prompts, "rounds": args.rounds,
-        "max_new_tokens": args.max_new_tokens, "learning_rate": args.lr, "epochs": args.epochs,
-        "batch_size": args.batch_size, "max_val": args.max_val, "max_test": args.max_test, "seed": args.seed,
-    }.items() if value is not None}
+    changes = {
+        key: value
+        for key, value in {
+            "track": args.track,
+            "n_prompts": args.n_prompts,
+            "rounds": args.rounds,
+            "max_new_tokens": args.max_new_tokens,
+            "learning_rate": args.lr,
+            "epochs": args.epochs,
+            "batch_size": args.batch_size,
+            "max_val": args.max_val,
+            "max_test": args.max_test,
+            "seed": args.seed,
+        }.items()
+        if value is not None
+    }
     try:
         config = AlignmentConfig.for_profile(args.profile, **changes)
         out = Path(args.out)
@@ -96,13 +126,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     report = {
-        "config": config.to_dict(), "threads": args.threads, "run_seconds": total,
-        "rm_fit_seconds": rm_seconds, "base_val": result.base_val, "base_test": result.base_test,
+        "config": config.to_dict(),
+        "threads": args.threads,
+        "run_seconds": total,
+        "rm_fit_seconds": rm_seconds,
+        "base_val": result.base_val,
+        "base_test": result.base_test,
         "round1_filter": result.round1_filter,
-        "runs": {name: {"best_round": run.best_round, "kept": run.kept, "test": run.test,
-                        "rounds": [{"round": r.round, "val": r.val, "seconds": r.seconds,
-                                    "train_epochs": (r.train or {}).get("epochs")} for r in run.rounds]}
-                 for name, run in result.runs.items()},
+        "runs": {
+            name: {
+                "best_round": run.best_round,
+                "kept": run.kept,
+                "test": run.test,
+                "rounds": [
+                    {
+                        "round": r.round,
+                        "val": r.val,
+                        "seconds": r.seconds,
+                        "train_epochs": (r.train or {}).get("epochs"),
+                    }
+                    for r in run.rounds
+                ],
+            }
+            for name, run in result.runs.items()
+        },
     }
     text = json.dumps(report, indent=1)
     print(text)

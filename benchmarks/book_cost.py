@@ -46,8 +46,12 @@ def build(checkout: Path, cache: Path, profile: str, jobs: int) -> tuple[float, 
     """Run one book build in `checkout` with `cache`; (wall-clock seconds, chapter records)."""
     env = {**os.environ, "SRLIB_CACHE_DIR": str(cache), "PYTHONPATH": str(checkout)}
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "bookbuild", "--profile", profile, "--jobs", str(jobs)],
-                   cwd=checkout, env=env, check=True)
+    subprocess.run(
+        [sys.executable, "-m", "bookbuild", "--profile", profile, "--jobs", str(jobs)],
+        cwd=checkout,
+        env=env,
+        check=True,
+    )
     seconds = time.perf_counter() - started
     report = json.loads((checkout / "_build" / profile / "build-report.json").read_text())
     return seconds, report["chapters"]
@@ -75,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'chapter':40s} {'cold (s)':>10s} {'warm (s)':>10s}  warm build")
     for first, second in zip(cold, warm, strict=True):
         spent = 0.0 if second["reused"] else second["seconds"]
-        print(f"{first['chapter']:40s} {first['seconds']:10.1f} {spent:10.1f}  "
-              f"{'reused' if second['reused'] else 'executed'}")
+        print(
+            f"{first['chapter']:40s} {first['seconds']:10.1f} {spent:10.1f}  "
+            f"{'reused' if second['reused'] else 'executed'}"
+        )
     print(f"{'whole build (wall clock, HTML included)':40s} {cold_seconds:10.1f} {warm_seconds:10.1f}")
     return 0
 

@@ -36,8 +36,9 @@ def full_forward_states(backbone, texts, layer, max_length, batch_size, with_lm_
     out = torch.empty(len(texts), backbone.hidden_size)
     with torch.inference_mode():
         for rows, input_ids, attention_mask in activations._batches(encoded, batch_size, pad_id):
-            hidden = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                           output_hidden_states=True).hidden_states[layer + 1]
+            hidden = model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True
+            ).hidden_states[layer + 1]
             out[rows] = hidden[torch.arange(len(rows)), attention_mask.sum(1) - 1].float()
     return out
 
@@ -47,8 +48,9 @@ def main() -> None:
     parser.add_argument("--profile", default=DEFAULT_PROFILE)
     parser.add_argument("--n", type=int, default=256, help="number of texts (chosen + rejected)")
     parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="interleaved rounds; the fastest round of each method is reported")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="interleaved rounds; the fastest round of each method is reported"
+    )
     args = parser.parse_args()
     profile = get_profile(args.profile)
     batch_size = args.batch_size or profile.batch_size
@@ -58,13 +60,16 @@ def main() -> None:
     pairs = load_pairs("truthfulqa:train", max_pairs=(args.n + 1) // 2)
     texts = [text for pair in pairs for text in format_pair(backbone.tokenizer, pair)][: args.n]
     n_tokens = sum(len(activations._encode(backbone.tokenizer, t, max_length).ids) for t in texts)
-    print(f"{backbone.model_id} ({backbone.source}), layer {layer} of {backbone.num_layers}, "
-          f"{len(texts)} texts, {n_tokens} tokens, batch {batch_size}, "
-          f"{torch.get_num_threads()} threads, device {backbone.device}")
+    print(
+        f"{backbone.model_id} ({backbone.source}), layer {layer} of {backbone.num_layers}, "
+        f"{len(texts)} texts, {n_tokens} tokens, batch {batch_size}, "
+        f"{torch.get_num_threads()} threads, device {backbone.device}"
+    )
 
     runs = {
-        "early exit": lambda: last_token_states(backbone, texts, layer, max_length=max_length,
-                                                batch_size=batch_size, cache=False, progress=False),
+        "early exit": lambda: last_token_states(
+            backbone, texts, layer, max_length=max_length, batch_size=batch_size, cache=False, progress=False
+        ),
         "all blocks": lambda: full_forward_states(backbone, texts, layer, max_length, batch_size, False),
         "full LM": lambda: full_forward_states(backbone, texts, layer, max_length, batch_size, True),
     }
@@ -79,11 +84,15 @@ def main() -> None:
     print(f"{'method':<12}{'seconds':>9}{'texts/s':>10}{'tokens/s':>10}{'EE speedup':>12}{'max |diff|':>12}")
     for name in runs:
         diff = (results[name] - results["early exit"]).abs().max().item()
-        print(f"{name:<12}{seconds[name]:>9.2f}{len(texts) / seconds[name]:>10.1f}"
-              f"{n_tokens / seconds[name]:>10.0f}{seconds[name] / seconds['early exit']:>12.2f}"
-              f"{diff:>12.1e}")
-    print(f"expected early-exit speed-up over all blocks ≈ {backbone.num_layers}/{layer + 1} = "
-          f"{backbone.num_layers / (layer + 1):.2f}")
+        print(
+            f"{name:<12}{seconds[name]:>9.2f}{len(texts) / seconds[name]:>10.1f}"
+            f"{n_tokens / seconds[name]:>10.0f}{seconds[name] / seconds['early exit']:>12.2f}"
+            f"{diff:>12.1e}"
+        )
+    print(
+        f"expected early-exit speed-up over all blocks ≈ {backbone.num_layers}/{layer + 1} = "
+        f"{backbone.num_layers / (layer + 1):.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import time
 
 import torch
 from extraction import full_forward_states  # benchmarks/extraction.py: the full forward, timed the same way
+
 from srlib.activations import last_token_states
 from srlib.backbone import backbone_for_profile, format_pair
 from srlib.baselines import (
@@ -67,17 +68,20 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
 
 def parameter_rows(backbone, k: int, settings: dict, total: int) -> list[list]:
     """Table 1: every model's trainable parameters and share of the backbone."""
-    heads = {f"SparseRM K={k} (projection, 2K inputs)": RewardHead(2 * k),
-             f"SparseRM K={k} (SAE latents, 2K inputs)": RewardHead(2 * k),
-             f"SparseRM K={k} (random directions, 2K inputs)": RewardHead(2 * k),
-             f"DenseRM (d = {backbone.hidden_size} inputs)": RewardHead(backbone.hidden_size)}
+    heads = {
+        f"SparseRM K={k} (projection, 2K inputs)": RewardHead(2 * k),
+        f"SparseRM K={k} (SAE latents, 2K inputs)": RewardHead(2 * k),
+        f"SparseRM K={k} (random directions, 2K inputs)": RewardHead(2 * k),
+        f"DenseRM (d = {backbone.hidden_size} inputs)": RewardHead(backbone.hidden_size),
+    }
     counts = {name: head.num_trainable_parameters() for name, head in heads.items()}
     counts.update({METHOD_LABELS[m]: trainable_parameters(m, backbone, **settings[m]) for m in METHODS})
     return [[name, f"{n:,}", f"{100 * n / total:.3f}"] for name, n in counts.items()]
 
 
-def fit_rows(states, sae, k: int, seeds: list[int], subset: int,
-             validation: bool) -> tuple[list[list], dict[str, float]]:
+def fit_rows(
+    states, sae, k: int, seeds: list[int], subset: int, validation: bool
+) -> tuple[list[list], dict[str, float]]:
     """Table 2: fit times from cached states (early stopping on the validation split only with
     `validation`, as chapter 8's `VALIDATION`), each fit timed by `srlib.baselines.costed_fit` as
     chapter 8 times it; returns the rows and the mean seconds per model."""
@@ -104,10 +108,12 @@ def scoring_rows(backbone, profile, states, sae, k: int, n_pairs: int) -> list[l
     model = fit_feature_rm(states, "projection", sae=sae, k=k, seed=0)
     layer, max_length, batch = profile.layer, profile.max_length, profile.batch_size
     runs = {
-        f"early exit (blocks 0..{layer})": lambda: last_token_states(backbone, texts, layer, max_length=max_length,
-                                                                     batch_size=batch, cache=False, progress=False),
-        f"full forward (all {backbone.num_layers} blocks)": lambda: full_forward_states(backbone, texts, layer,
-                                                                                        max_length, batch, False),
+        f"early exit (blocks 0..{layer})": lambda: last_token_states(
+            backbone, texts, layer, max_length=max_length, batch_size=batch, cache=False, progress=False
+        ),
+        f"full forward (all {backbone.num_layers} blocks)": lambda: full_forward_states(
+            backbone, texts, layer, max_length, batch, False
+        ),
     }
     last_token_states(backbone, texts[:batch], layer, cache=False, progress=False)  # warm-up
     seconds, states_by_run = {}, {}
@@ -117,8 +123,9 @@ def scoring_rows(backbone, profile, states, sae, k: int, n_pairs: int) -> list[l
         model.score_states(states_by_run[name])
         seconds[name] = time.perf_counter() - start
     early_exit = next(iter(seconds.values()))
-    rows = [[name, len(pairs), f"{s:.2f}", f"{len(pairs) / s:.2f}", f"{s / early_exit:.2f}×"]
-            for name, s in seconds.items()]
+    rows = [
+        [name, len(pairs), f"{s:.2f}", f"{len(pairs) / s:.2f}", f"{s / early_exit:.2f}×"] for name, s in seconds.items()
+    ]
     first, second = states_by_run.values()
     rows.append(["max |difference| of the states", "", "", "", f"{(first - second).abs().max().item():.1e}"])
     return rows
@@ -131,8 +138,18 @@ def baseline_rows(backbone, dataset: str, args, settings: dict, total: int, spar
     train = load_pairs(f"{dataset}:train")[: args.baseline_train_pairs]
     test = load_pairs(f"{dataset}:test")[: args.baseline_test_pairs]
     val = load_pairs(f"{dataset}:val") if args.validation == "all" else None
-    trials = baseline_trials(backbone, dataset, train, val, test, args.methods, args.seeds, settings=settings,
-                             only_cached=not args.baselines, progress=args.baselines)
+    trials = baseline_trials(
+        backbone,
+        dataset,
+        train,
+        val,
+        test,
+        args.methods,
+        args.seeds,
+        settings=settings,
+        only_cached=not args.baselines,
+        progress=args.baselines,
+    )
     rows = []
     for method in args.methods:
         part = trials[trials["method"] == method]
@@ -141,13 +158,19 @@ def baseline_rows(backbone, dataset: str, args, settings: dict, total: int, spar
             continue
         seconds = part["fit_seconds"].tolist()
         trained = part["n_train_pairs"].iloc[0] > 0
-        rows.append([METHOD_LABELS[method], len(part), spread((100 * part["test_accuracy"]).tolist(), 1),
-                     f"{int(part['trainable_parameters'].iloc[0]):,}",
-                     f"{100 * part['trainable_parameters'].iloc[0] / total:.3f}",
-                     spread(seconds, 0) if trained else "–",
-                     f"{statistics.mean(seconds) / sparse_seconds:,.0f}×" if trained else "–",
-                     f"{part['peak_rss_mb'].mean():.0f} / +{part['rss_increase_mb'].mean():.0f}",
-                     f"{part['pairs_per_second'].mean():.2f}"])
+        rows.append(
+            [
+                METHOD_LABELS[method],
+                len(part),
+                spread((100 * part["test_accuracy"]).tolist(), 1),
+                f"{int(part['trainable_parameters'].iloc[0]):,}",
+                f"{100 * part['trainable_parameters'].iloc[0] / total:.3f}",
+                spread(seconds, 0) if trained else "–",
+                f"{statistics.mean(seconds) / sparse_seconds:,.0f}×" if trained else "–",
+                f"{part['peak_rss_mb'].mean():.0f} / +{part['rss_increase_mb'].mean():.0f}",
+                f"{part['pairs_per_second'].mean():.2f}",
+            ]
+        )
     return rows
 
 
@@ -158,17 +181,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the profile's")
     parser.add_argument("--n-score", type=int, default=64, help="test pairs timed for the scoring speed")
     parser.add_argument("--baselines", action="store_true", help="train and score the baselines that are not cached")
-    parser.add_argument("--methods", nargs="+", default=list(COMPARISON_METHODS),
-                        choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(COMPARISON_METHODS), choices=METHODS)
     parser.add_argument("--baseline-train-pairs", type=int, default=None, help="default: the profile's")
     parser.add_argument("--baseline-test-pairs", type=int, default=None, help="default: the profile's")
     parser.add_argument("--baseline-epochs", type=float, default=1.0)
-    parser.add_argument("--validation", choices=("none", "all"), default="none",
-                        help="the validation labels every model reads, as chapter 8's VALIDATION (default: none)")
+    parser.add_argument(
+        "--validation",
+        choices=("none", "all"),
+        default="none",
+        help="the validation labels every model reads, as chapter 8's VALIDATION (default: none)",
+    )
     parser.add_argument("--baseline-lr", type=float, default=2e-4)
     parser.add_argument("--baseline-batch-size", type=int, default=1)
-    parser.add_argument("--sae-corpus-tokens", type=int, default=None,
-                        help="token budget of the SAE's corpus (default: the profile's), as in sae_quality.py")
+    parser.add_argument(
+        "--sae-corpus-tokens",
+        type=int,
+        default=None,
+        help="token budget of the SAE's corpus (default: the profile's), as in sae_quality.py",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -182,26 +212,50 @@ def main(argv: list[str] | None = None) -> int:
         args.baseline_test_pairs = args.baseline_test_pairs or profile.baseline_test_pairs
         backbone = backbone_for_profile(profile, progress=False)
         total = sum(p.numel() for p in backbone.model.parameters())
-        settings = baseline_settings(profile.max_length, epochs=args.baseline_epochs, learning_rate=args.baseline_lr,
-                                     batch_size=args.baseline_batch_size)
-        print(f"{backbone.model_id}: {total:,} parameters, layer {profile.layer}, K = {profile.k}; "
-              f"{DATASET_LABELS[args.dataset]}; {torch.get_num_threads()} torch thread(s); seeds {args.seeds}")
-        print_table("Trainable parameters", ["model", "trainable", "% of backbone"],
-                    parameter_rows(backbone, profile.k, settings, total))
+        settings = baseline_settings(
+            profile.max_length,
+            epochs=args.baseline_epochs,
+            learning_rate=args.baseline_lr,
+            batch_size=args.baseline_batch_size,
+        )
+        print(
+            f"{backbone.model_id}: {total:,} parameters, layer {profile.layer}, K = {profile.k}; "
+            f"{DATASET_LABELS[args.dataset]}; {torch.get_num_threads()} torch thread(s); seeds {args.seeds}"
+        )
+        print_table(
+            "Trainable parameters",
+            ["model", "trainable", "% of backbone"],
+            parameter_rows(backbone, profile.k, settings, total),
+        )
         sae = sae_for_profile(profile, backbone, progress=False)
         states = dataset_states(backbone, args.dataset, profile, progress=False)
-        rows, means = fit_rows(states, sae, profile.k, args.seeds, args.baseline_train_pairs,
-                               args.validation == "all")
-        print_table("Fit time from cached hidden states (selection + head; mean ± sd over seeds)",
-                    ["model (training pairs)", "pairs", "seconds", "RSS growth (MB)", "accuracy, whole test split (%)"], rows)
-        print_table(f"Scoring speed, cache off ({args.n_score} test pairs; SparseRM head included)",
-                    ["forward pass", "pairs", "seconds", "pairs/s", "time vs early exit"],
-                    scoring_rows(backbone, profile, states, sae, profile.k, args.n_score))
-        print_table(f"Baselines ({args.baseline_train_pairs} training pairs, {args.baseline_test_pairs} test pairs; "
-                    "cost measured when each was trained and scored)",
-                    ["baseline", "seeds", "accuracy, these test pairs (%)", "trainable", "% of backbone", "train seconds",
-                     "vs SparseRM (subset)", "peak RSS / growth (MB)", "scoring pairs/s"],
-                    baseline_rows(backbone, args.dataset, args, settings, total, means["SparseRM (subset)"]))
+        rows, means = fit_rows(states, sae, profile.k, args.seeds, args.baseline_train_pairs, args.validation == "all")
+        print_table(
+            "Fit time from cached hidden states (selection + head; mean ± sd over seeds)",
+            ["model (training pairs)", "pairs", "seconds", "RSS growth (MB)", "accuracy, whole test split (%)"],
+            rows,
+        )
+        print_table(
+            f"Scoring speed, cache off ({args.n_score} test pairs; SparseRM head included)",
+            ["forward pass", "pairs", "seconds", "pairs/s", "time vs early exit"],
+            scoring_rows(backbone, profile, states, sae, profile.k, args.n_score),
+        )
+        print_table(
+            f"Baselines ({args.baseline_train_pairs} training pairs, {args.baseline_test_pairs} test pairs; "
+            "cost measured when each was trained and scored)",
+            [
+                "baseline",
+                "seeds",
+                "accuracy, these test pairs (%)",
+                "trainable",
+                "% of backbone",
+                "train seconds",
+                "vs SparseRM (subset)",
+                "peak RSS / growth (MB)",
+                "scoring pairs/s",
+            ],
+            baseline_rows(backbone, args.dataset, args, settings, total, means["SparseRM (subset)"]),
+        )
         if not args.baselines:
             print("(baselines read from the cache only; --baselines trains and scores those not cached)")
     except SrlibError as error:

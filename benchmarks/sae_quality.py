@@ -30,13 +30,19 @@ from srlib.sae import sae_for_profile, sae_info, sae_report
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="cpu")
-    parser.add_argument("--corpus-tokens", type=int, default=None,
-                        help="token budget of the SAE corpus (default: the profile's)")
-    parser.add_argument("--sae", action="append", default=[], metavar="FIELD=VALUE",
-                        help="override a field of the profile's SAETrainingConfig, e.g. "
-                             "--sae last_token_share=0.4 (repeatable)")
-    parser.add_argument("--test-pairs", type=int, default=300,
-                        help="test pairs per data set for the last-token report (0: skip)")
+    parser.add_argument(
+        "--corpus-tokens", type=int, default=None, help="token budget of the SAE corpus (default: the profile's)"
+    )
+    parser.add_argument(
+        "--sae",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field of the profile's SAETrainingConfig, e.g. --sae last_token_share=0.4 (repeatable)",
+    )
+    parser.add_argument(
+        "--test-pairs", type=int, default=300, help="test pairs per data set for the last-token report (0: skip)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
 
@@ -53,20 +59,28 @@ def main() -> None:
     backbone = backbone_for_profile(profile)
     start = time.perf_counter()
     sae = sae_for_profile(profile, backbone)
-    sae_config = {"architecture": sae.cfg.architecture(), "d_in": sae.cfg.d_in,
-                  "d_sae": sae.cfg.d_sae, "k": getattr(sae.cfg, "k", None)}
-    result = {"profile": profile.name, "layer": profile.layer, "sae_config": sae_config,
-              "seconds_this_call": round(time.perf_counter() - start, 1),
-              "trained": sae_info(sae)}
+    sae_config = {
+        "architecture": sae.cfg.architecture(),
+        "d_in": sae.cfg.d_in,
+        "d_sae": sae.cfg.d_sae,
+        "k": getattr(sae.cfg, "k", None),
+    }
+    result = {
+        "profile": profile.name,
+        "layer": profile.layer,
+        "sae_config": sae_config,
+        "seconds_this_call": round(time.perf_counter() - start, 1),
+        "trained": sae_info(sae),
+    }
     norms = sae.W_dec.detach().norm(dim=1)
     result["decoder_row_norms"] = {"min": norms.min().item(), "max": norms.max().item()}
     if args.test_pairs:
         result["test_pairs_last_tokens"] = {}
         for name in profile.datasets:
             pairs = load_pairs(f"{name}:test", max_pairs=args.test_pairs)
-            chosen, rejected = pair_states(backbone, pairs, profile.layer,
-                                           max_length=profile.max_length,
-                                           batch_size=profile.batch_size)
+            chosen, rejected = pair_states(
+                backbone, pairs, profile.layer, max_length=profile.max_length, batch_size=profile.batch_size
+            )
             report = sae_report(sae, torch.cat([chosen, rejected]))
             result["test_pairs_last_tokens"][name] = report.as_dict()
     text = json.dumps(result, indent=1, default=str)

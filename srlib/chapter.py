@@ -40,8 +40,10 @@ if TYPE_CHECKING:
     import pandas as pd
 
 #: What the smoke profile's banner says, above every chapter run under it.
-SMOKE_BANNER = ("> **Smoke profile:** a tiny random model and a tiny SAE: the code runs end to end, "
-                "but every number in this chapter is meaningless.")
+SMOKE_BANNER = (
+    "> **Smoke profile:** a tiny random model and a tiny SAE: the code runs end to end, "
+    "but every number in this chapter is meaningless."
+)
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,10 @@ class Chapter:
     def states(self, names: Sequence[str], *, max_pairs: int | None = None) -> dict[str, DatasetStates]:
         """{data set: train/val/test states at the profile's layer and read position}, each data
         set once (extracted once, then read from the activation cache)."""
-        return {name: dataset_states(self.backbone, name, self.profile, max_pairs=max_pairs, progress=False)
-                for name in dict.fromkeys(names)}
+        return {
+            name: dataset_states(self.backbone, name, self.profile, max_pairs=max_pairs, progress=False)
+            for name in dict.fromkeys(names)
+        }
 
     def elapsed(self) -> float:
         """Seconds since the chapter started (before the backbone and the SAE were loaded)."""
@@ -79,23 +83,33 @@ class Chapter:
     def header(self) -> str:
         """One line saying what was loaded: model, layer, width, read position, SAE, K and seeds."""
         p, b = self.profile, self.backbone
-        return (f"profile {p.name}: {b.model_id}, layer {p.layer} of {b.num_layers} blocks, "
-                f"d = {b.hidden_size}, read at the {p.position!r} token; SAE with {self.d_sae:,} latents "
-                f"({p.sae_source}); K = {self.k} (2K = {2 * self.k} head inputs); seeds {self.seeds}")
+        return (
+            f"profile {p.name}: {b.model_id}, layer {p.layer} of {b.num_layers} blocks, "
+            f"d = {b.hidden_size}, read at the {p.position!r} token; SAE with {self.d_sae:,} latents "
+            f"({p.sae_source}); K = {self.k} (2K = {2 * self.k} head inputs); seeds {self.seeds}"
+        )
 
 
-def setup(profile: str | Profile, *, layer: int | None = None, k: int | None = None,
-          seeds: Sequence[int] | None = None, datasets: Sequence[str] | None = None,
-          single_thread: bool = True, threads: int | None = None, show: bool = True,
-          quiet: bool = False) -> Chapter:
+def setup(
+    profile: str | Profile,
+    *,
+    layer: int | None = None,
+    k: int | None = None,
+    seeds: Sequence[int] | None = None,
+    datasets: Sequence[str] | None = None,
+    single_thread: bool = True,
+    threads: int | None = None,
+    show: bool = True,
+    quiet: bool = False,
+) -> Chapter:
     """Load what a chapter needs under `profile`, with its overrides (None: the profile's).
 
     `single_thread` sets torch to one thread first: the reward heads and the SAE's small
     matrices gain nothing from a second thread, and lose much when other processes share the
     CPU. A chapter that extracts many hidden states passes False and sets it after extraction.
     Without `single_thread`, `threads` (None: the profile's `threads`, if any) sets torch's
-    thread count for the whole chapter. `show` prints the header line and, under the smoke profile, the banner saying the numbers
-    mean nothing. `quiet` silences what transformers and TRL print that a chapter training with
+    thread count for the whole chapter. `show` prints the header line and, under the smoke profile, the banner saying
+    the numbers mean nothing. `quiet` silences what transformers and TRL print that a chapter training with
     them does not need (`quiet_libraries`).
     """
     if quiet:
@@ -111,9 +125,14 @@ def setup(profile: str | Profile, *, layer: int | None = None, k: int | None = N
         torch.set_num_threads(threads or base.threads)
     backbone = backbone_for_profile(base, progress=False)
     sae = sae_for_profile(base, backbone, progress=False)
-    chapter = Chapter(profile=base, backbone=backbone, sae=sae,
-                      seeds=tuple(base.seeds if seeds is None else seeds),
-                      datasets=tuple(base.datasets if datasets is None else datasets), started=started)
+    chapter = Chapter(
+        profile=base,
+        backbone=backbone,
+        sae=sae,
+        seeds=tuple(base.seeds if seeds is None else seeds),
+        datasets=tuple(base.datasets if datasets is None else datasets),
+        started=started,
+    )
     if show:
         print(chapter.header())
         if base.name == "smoke":
@@ -163,8 +182,18 @@ def heldout_states(backbone, profile: Profile, n_texts: int) -> HeldoutStates:
         val = dataset_states(backbone, name, profile, progress=False).val
         last[name] = torch.cat([val.chosen, val.rejected])
         texts += [text for pair in val.pairs[: max(n_texts // 2, 1)] for text in format_pair(backbone.tokenizer, pair)]
-    tokens = torch.cat(list(iter_token_activations(backbone, texts, profile.layer, max_length=profile.max_length,
-                                                   batch_size=profile.batch_size, progress=False)))
+    tokens = torch.cat(
+        list(
+            iter_token_activations(
+                backbone,
+                texts,
+                profile.layer,
+                max_length=profile.max_length,
+                batch_size=profile.batch_size,
+                progress=False,
+            )
+        )
+    )
     return HeldoutStates(texts, tokens, last)
 
 
@@ -173,8 +202,10 @@ def heldout_reports(sae, heldout: HeldoutStates) -> dict:
     data sets and of each, and (for an SAE trained here) on the slice of its corpus it held out."""
     from srlib.sae import SAEReport, sae_info, sae_report
 
-    reports = {"every token, validation texts": sae_report(sae, heldout.tokens),
-               "last token, validation answers (all data sets)": sae_report(sae, heldout.all_last)}
+    reports = {
+        "every token, validation texts": sae_report(sae, heldout.tokens),
+        "last token, validation answers (all data sets)": sae_report(sae, heldout.all_last),
+    }
     for name, states in heldout.last.items():
         reports[f"last token, {DATASET_LABELS.get(name, name)} validation answers"] = sae_report(sae, states)
     info = sae_info(sae)
@@ -197,8 +228,9 @@ def recurring_latents(latents_w: Tensor, latents_l: Tensor, rows: Sequence[int],
     not, which recur in more than one of `rows`, most frequent first."""
     from collections import Counter
 
-    counts = Counter(j for i in rows for j, _ in top_latents(
-        torch.where(latents_l[i] > 0, 0.0, latents_w[i])[None], n)[0])
+    counts = Counter(
+        j for i in rows for j, _ in top_latents(torch.where(latents_l[i] > 0, 0.0, latents_w[i])[None], n)[0]
+    )
     return [j for j, count in counts.most_common() if count > 1]
 
 
@@ -208,8 +240,11 @@ def shared_latents(latents_w: Tensor, latents_l: Tensor, groups: Sequence[str]) 
     on_w, on_l = (latents_w > 0).float(), (latents_l > 0).float()
     shared = on_w @ on_l.T  # [i, j]: latents that chosen answer i and rejected answer j both fire
     other = torch.tensor([[a != b for b in groups] for a in groups])
-    return {"fired": on_w.sum(1).float().mean().item(), "same_question": shared.diagonal().mean().item(),
-            "other_question": shared[other].mean().item()}
+    return {
+        "fired": on_w.sum(1).float().mean().item(),
+        "same_question": shared.diagonal().mean().item(),
+        "other_question": shared[other].mean().item(),
+    }
 
 
 # --------------------------------------------------------------------------- what chapter 2 measures on a selection
@@ -228,13 +263,19 @@ def selection_against_chance(directions, null: Tensor) -> dict[str, Any]:
     mu_w, mu_l = directions.mu_w, directions.mu_l
     fires = (mu_w > 0) | (mu_l > 0)
     chance = null[fires].abs().max().item()
-    return {"firing": int(fires.sum()),
-            "correlation": torch.corrcoef(torch.stack([mu_w[fires], mu_l[fires]]))[0, 1].item(),
-            "chance": chance, "beyond": int(((mu_w - mu_l).abs() > chance).sum()),
-            "below_w": int((directions.scores_w <= chance).sum()), "below_l": int((directions.scores_l <= chance).sum()),
-            "flat": int((directions.scores_w <= 0).sum() + (directions.scores_l <= 0).sum()),
-            "top_w": directions.scores_w[0].item(), "top_l": directions.scores_l[0].item(),
-            "kth_w": directions.scores_w[-1].item(), "kth_l": directions.scores_l[-1].item()}
+    return {
+        "firing": int(fires.sum()),
+        "correlation": torch.corrcoef(torch.stack([mu_w[fires], mu_l[fires]]))[0, 1].item(),
+        "chance": chance,
+        "beyond": int(((mu_w - mu_l).abs() > chance).sum()),
+        "below_w": int((directions.scores_w <= chance).sum()),
+        "below_l": int((directions.scores_l <= chance).sum()),
+        "flat": int((directions.scores_w <= 0).sum() + (directions.scores_l <= 0).sum()),
+        "top_w": directions.scores_w[0].item(),
+        "top_l": directions.scores_l[0].item(),
+        "kth_w": directions.scores_w[-1].item(),
+        "kth_l": directions.scores_l[-1].item(),
+    }
 
 
 def both_fire_share(latents_w: Tensor, latents_l: Tensor, latents: Tensor) -> float:
@@ -242,15 +283,16 @@ def both_fire_share(latents_w: Tensor, latents_l: Tensor, latents: Tensor) -> fl
     return ((latents_w > 0) & (latents_l > 0)).float().mean(0)[latents].mean().item()
 
 
-def stability_runs(sae, latents_w: Tensor, latents_l: Tensor, groups: Sequence[str], ks: Sequence[int],
-                   seeds: Sequence[int]):
+def stability_runs(
+    sae, latents_w: Tensor, latents_l: Tensor, groups: Sequence[str], ks: Sequence[int], seeds: Sequence[int]
+):
     """`srlib.experiments.selection_stability` once per seed of the half split, one table with a
     `seed` column (one row per K and seed)."""
     import pandas as pd
+
     from srlib.experiments import selection_stability
 
-    return pd.concat([selection_stability(sae, latents_w, latents_l, groups, ks, seed=s).assign(seed=s)
-                      for s in seeds])
+    return pd.concat([selection_stability(sae, latents_w, latents_l, groups, ks, seed=s).assign(seed=s) for s in seeds])
 
 
 # --------------------------------------------------------------------------- what chapter 4 compares: the head's input
@@ -266,9 +308,11 @@ def head_inputs(sae, directions, *, k: int | None = None) -> dict[str, dict]:
     variant only takes the number of directions from `directions`.
     """
     chosen = dict(select=dict(sae=sae, k=k)) if k is not None else dict(directions=directions)
-    return {"SAE latents": dict(features="latents", sae=sae, **chosen),
-            "Random directions": dict(features="random", directions=directions),
-            "Top-K directions": dict(features="projection", **chosen)}
+    return {
+        "SAE latents": dict(features="latents", sae=sae, **chosen),
+        "Random directions": dict(features="random", directions=directions),
+        "Top-K directions": dict(features="projection", **chosen),
+    }
 
 
 def selected_latent_activity(sae, directions, split) -> dict[str, float]:
@@ -281,10 +325,12 @@ def selected_latent_activity(sae, directions, split) -> dict[str, float]:
     lat_l = encode(sae, split.rejected)[:, directions.indices]
     active = torch.cat([lat_w, lat_l]) > 0
     empty_w, empty_l = ~(lat_w > 0).any(1), ~(lat_l > 0).any(1)
-    return {"active": active.sum(1).float().mean().item(),
-            "empty": float(active.any(1).logical_not().float().mean()),
-            "both_empty": float((empty_w & empty_l).float().mean()),
-            "nonzero_projections": (split.chosen @ directions.vectors.T != 0).sum(1).float().mean().item()}
+    return {
+        "active": active.sum(1).float().mean().item(),
+        "empty": float(active.any(1).logical_not().float().mean()),
+        "both_empty": float((empty_w & empty_l).float().mean()),
+        "nonzero_projections": (split.chosen @ directions.vectors.T != 0).sum(1).float().mean().item(),
+    }
 
 
 # --------------------------------------------------------------------------- what chapter 5 measures: the margin γ
@@ -301,6 +347,7 @@ def gamma_sweep(states, directions, gammas: Sequence[float], seeds: Sequence[int
     be among `gammas`.
     """
     import pandas as pd
+
     from srlib.errors import ConfigError
     from srlib.experiments import fit_variant
     from srlib.shift import agreement_counts, keep_decisions, score_relation
@@ -312,23 +359,32 @@ def gamma_sweep(states, directions, gammas: Sequence[float], seeds: Sequence[int
     for gamma in gammas:
         for seed in seeds:
             head = replace(states.head, loss="margin", gamma=gamma)
-            model, trial = fit_variant(states, features="projection", directions=directions, head=head, seed=seed,
-                                       variant=f"γ = {gamma:g}")
+            model, trial = fit_variant(
+                states, features="projection", directions=directions, head=head, seed=seed, variant=f"γ = {gamma:g}"
+            )
             scores[gamma, seed] = (model.score_states(test_w), model.score_states(test_l))
             rows.append(dict(vars(trial), gamma=gamma))
     for row in rows:
         (s_w, s_l), (r_w, r_l) = scores[row["gamma"], row["seed"]], scores[1.0, row["seed"]]
         relation = score_relation(torch.cat([s_w, s_l]), torch.cat([r_w, r_l]))
-        row.update(scale_vs_gamma1=relation["scale"], spearman_vs_gamma1=relation["spearman"],
-                   same_decisions_vs_gamma1=agreement_counts(keep_decisions(s_w, s_l),
-                                                             keep_decisions(r_w, r_l))["agreement"],
-                   score_sd=float(torch.cat([s_w, s_l]).std()))
-    seed_pairs = [(a, b) for i, a in enumerate(seeds) for b in seeds[i + 1:]]
-    seed_reference = pd.DataFrame([dict(
-        spearman_vs_gamma1=score_relation(torch.cat(scores[1.0, a]), torch.cat(scores[1.0, b]))["spearman"],
-        same_decisions_vs_gamma1=agreement_counts(keep_decisions(*scores[1.0, a]),
-                                                  keep_decisions(*scores[1.0, b]))["agreement"])
-        for a, b in seed_pairs])
+        row.update(
+            scale_vs_gamma1=relation["scale"],
+            spearman_vs_gamma1=relation["spearman"],
+            same_decisions_vs_gamma1=agreement_counts(keep_decisions(s_w, s_l), keep_decisions(r_w, r_l))["agreement"],
+            score_sd=float(torch.cat([s_w, s_l]).std()),
+        )
+    seed_pairs = [(a, b) for i, a in enumerate(seeds) for b in seeds[i + 1 :]]
+    seed_reference = pd.DataFrame(
+        [
+            dict(
+                spearman_vs_gamma1=score_relation(torch.cat(scores[1.0, a]), torch.cat(scores[1.0, b]))["spearman"],
+                same_decisions_vs_gamma1=agreement_counts(
+                    keep_decisions(*scores[1.0, a]), keep_decisions(*scores[1.0, b])
+                )["agreement"],
+            )
+            for a, b in seed_pairs
+        ]
+    )
     return pd.DataFrame(rows), seed_reference
 
 
@@ -343,16 +399,19 @@ def untrained_scores(states, directions) -> tuple[Tensor, Tensor]:
 
     def score(Z: Tensor) -> Tensor:
         v = (Z @ directions.vectors.T - mean) / std  # standardised v_p, [n, 2K]
-        return v[:, : directions.k].mean(1) - v[:, directions.k:].mean(1)
+        return v[:, : directions.k].mean(1) - v[:, directions.k :].mean(1)
 
     return score(states.test.chosen), score(states.test.rejected)
 
 
 def parameter_counts(backbone, sae, directions, model) -> dict[str, int]:
     """Numbers in each part of a SparseRM: the frozen backbone, SAE and directions, and the head."""
-    return {"backbone": sum(p.numel() for p in backbone.model.parameters()),
-            "sae": sum(p.numel() for p in sae.parameters()), "directions": directions.vectors.numel(),
-            "head": model.num_trainable_parameters()}
+    return {
+        "backbone": sum(p.numel() for p in backbone.model.parameters()),
+        "sae": sum(p.numel() for p in sae.parameters()),
+        "directions": directions.vectors.numel(),
+        "head": model.num_trainable_parameters(),
+    }
 
 
 @dataclass(frozen=True)
@@ -371,10 +430,13 @@ def sweep_grid(ch: Chapter, *, layers=None, ks=None, seeds=None, sae_tokens=None
     the validation study: each argument left at None is the profile's sweep setting (seeds: the
     chapter's)."""
     sweep = ch.profile.sweep_config
-    return SweepGrid(layers=tuple(layers or sweep.layers), ks=tuple(k for k in (ks or sweep.ks) if k <= ch.d_sae),
-                     seeds=tuple(ch.seeds if seeds is None else seeds),
-                     sae_tokens=sweep.sae_tokens if sae_tokens is None else sae_tokens,
-                     sae_corpus_tokens=sweep.sae_corpus_tokens if sae_corpus_tokens is None else sae_corpus_tokens)
+    return SweepGrid(
+        layers=tuple(layers or sweep.layers),
+        ks=tuple(k for k in (ks or sweep.ks) if k <= ch.d_sae),
+        seeds=tuple(ch.seeds if seeds is None else seeds),
+        sae_tokens=sweep.sae_tokens if sae_tokens is None else sae_tokens,
+        sae_corpus_tokens=sweep.sae_corpus_tokens if sae_corpus_tokens is None else sae_corpus_tokens,
+    )
 
 
 # --------------------------------------------------------------------------- chapters 6-10: reward models at work
@@ -402,25 +464,32 @@ class ReadingModels:
     quote: dict[str, bool]
 
 
-def reading_models(ch: Chapter, states: dict[str, DatasetStates], *, seed: int, n_texts: int, chars: int,
-                   quote_safety: bool) -> ReadingModels:
+def reading_models(
+    ch: Chapter, states: dict[str, DatasetStates], *, seed: int, n_texts: int, chars: int, quote_safety: bool
+) -> ReadingModels:
     """Per data set: a SparseRM on the profile's K directions (seed `seed`; the test split is not
     scored), the cards of its 2K latents (the training answers that switch each on most, cut to
     `chars`) and, where answers may be quoted, the cards' labels. TruthfulQA's answers are always
     quoted; the safety data sets' only with `quote_safety` (they hold harmful requests)."""
+    from srlib import explain
     from srlib.experiments import fit_variant, latent_cards, select_for
     from srlib.sae import encode
-
-    from srlib import explain
 
     quote = {name: quote_safety or name == "truthfulqa" for name in states}
     models, cards, labels = {}, {}, {}
     for name, s in states.items():
         directions = select_for(s, ch.sae, ch.k)
         models[name], _ = fit_variant(s, features="projection", directions=directions, seed=seed, score_test=False)
-        cards[name] = latent_cards(directions, encode(ch.sae, s.train.chosen), encode(ch.sae, s.train.rejected),
-                                   s.train.pairs, n_latents=ch.k, n_texts=n_texts, chars=chars,
-                                   sae_source=ch.profile.sae_source)
+        cards[name] = latent_cards(
+            directions,
+            encode(ch.sae, s.train.chosen),
+            encode(ch.sae, s.train.rejected),
+            s.train.pairs,
+            n_latents=ch.k,
+            n_texts=n_texts,
+            chars=chars,
+            sae_source=ch.profile.sae_source,
+        )
         labels[name] = explain.card_labels(cards[name]) if quote[name] else {}
     return ReadingModels(models=models, cards=cards, labels=labels, quote=quote)
 
@@ -429,12 +498,15 @@ def attributions(models: dict[str, Any], states: dict[str, DatasetStates]) -> di
     """{data set: (attribution of the chosen, of the rejected test answers)} (`srlib.explain.attribute`)."""
     from srlib import explain
 
-    return {name: (explain.attribute(models[name], s.test.chosen), explain.attribute(models[name], s.test.rejected))
-            for name, s in states.items()}
+    return {
+        name: (explain.attribute(models[name], s.test.chosen), explain.attribute(models[name], s.test.rejected))
+        for name, s in states.items()
+    }
 
 
-def attribution_completeness(models: dict[str, Any], states: dict[str, DatasetStates],
-                             attributed: dict[str, tuple]) -> pd.DataFrame:
+def attribution_completeness(
+    models: dict[str, Any], states: dict[str, DatasetStates], attributed: dict[str, tuple]
+) -> pd.DataFrame:
     """Per data set: the test answers, the baseline score f(0) and the largest distance between
     baseline + Σ contributions and the model's score (completeness: it should be round-off)."""
     import pandas as pd
@@ -443,10 +515,18 @@ def attribution_completeness(models: dict[str, Any], states: dict[str, DatasetSt
 
     rows = []
     for name, s in states.items():
-        scores = torch.cat([models[name].score_states(s.test.chosen), models[name].score_states(s.test.rejected)]).double()
+        scores = torch.cat(
+            [models[name].score_states(s.test.chosen), models[name].score_states(s.test.rejected)]
+        ).double()
         totals = torch.cat([a.baseline + a.contributions.sum(1) for a in attributed[name]])
-        rows.append({"data set": label(name), "test answers": len(scores), "baseline score f(0)": attributed[name][0].baseline,
-                     "largest |baseline + Σ contributions − score|": float((totals - scores).abs().max())})
+        rows.append(
+            {
+                "data set": label(name),
+                "test answers": len(scores),
+                "baseline score f(0)": attributed[name][0].baseline,
+                "largest |baseline + Σ contributions − score|": float((totals - scores).abs().max()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -469,9 +549,17 @@ def deletion_gaps(curves: dict[str, Any], ms: Sequence[int]) -> pd.DataFrame:
         frame = curve.frame().set_index(["m", "deleted"])
         for m in ms:
             gap, low, high = curve.gap(m)
-            rows.append({"data set": label(name), "m": m, "top − random drop": gap, "CI low": low, "CI high": high,
-                         "accuracy after top-m (%)": frame.loc[(m, "top-m attributed"), "accuracy after (%)"],
-                         "accuracy after random m (%)": frame.loc[(m, "random m"), "accuracy after (%)"]})
+            rows.append(
+                {
+                    "data set": label(name),
+                    "m": m,
+                    "top − random drop": gap,
+                    "CI low": low,
+                    "CI high": high,
+                    "accuracy after top-m (%)": frame.loc[(m, "top-m attributed"), "accuracy after (%)"],
+                    "accuracy after random m (%)": frame.loc[(m, "random m"), "accuracy after (%)"],
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -495,14 +583,18 @@ def length_steering(model, states: DatasetStates, n: int) -> LengthSteering:
     from srlib import explain
 
     answers = [p.chosen for p in states.train.pairs] + [p.rejected for p in states.train.pairs]
-    tracking = explain.latents_tracking(model, torch.cat([states.train.chosen, states.train.rejected]),
-                                        [len(text) for text in answers], n=n)
+    tracking = explain.latents_tracking(
+        model, torch.cat([states.train.chosen, states.train.rejected]), [len(text) for text in answers], n=n
+    )
     steered = explain.steer(model, {int(latent): 0.0 for latent in tracking["latent"]})
     effect = explain.steering_effect(model, steered, states.test.pairs, states.test.chosen, states.test.rejected)
     lengths = [len(p.chosen) for p in states.test.pairs] + [len(p.rejected) for p in states.test.pairs]
-    rho = {name: stats.spearmanr(torch.cat([m.score_states(states.test.chosen),
-                                            m.score_states(states.test.rejected)]).numpy(), lengths).statistic
-           for name, m in (("before", model), ("after", steered))}
+    rho = {
+        name: stats.spearmanr(
+            torch.cat([m.score_states(states.test.chosen), m.score_states(states.test.rejected)]).numpy(), lengths
+        ).statistic
+        for name, m in (("before", model), ("after", steered))
+    }
     return LengthSteering(tracking=tracking, steered=steered, effect=effect, rho=rho)
 
 
@@ -514,34 +606,60 @@ def alignment_config(profile: str, *, track: str, seed: int, **overrides: Any):
     that is not None applied (a notebook parameter left at None falls back to the profile)."""
     from srlib.alignment import AlignmentConfig
 
-    return AlignmentConfig.for_profile(profile, track=track, seed=seed,
-                                       **{key: value for key, value in overrides.items() if value is not None})
+    return AlignmentConfig.for_profile(
+        profile, track=track, seed=seed, **{key: value for key, value in overrides.items() if value is not None}
+    )
 
 
-def alignment_rms(ch: Chapter, states: DatasetStates, *, seed: int, with_standard_rm: bool = False,
-                  standard_rm_pairs: int = 64):
+def alignment_rms(
+    ch: Chapter, states: DatasetStates, *, seed: int, with_standard_rm: bool = False, standard_rm_pairs: int = 64
+):
     """The reward models chapter 7 aligns with, fitted on one data set and reading texts through
     the base backbone: SparseRM (the profile's K directions) and DenseRM, and with
     `with_standard_rm` StandardRM (chapter 8's LoRA reward model on the first `standard_rm_pairs`
     training pairs, cached). Returns ({name: model}, one row per model: its validation and test
     accuracy (%) and trainable parameters)."""
     import pandas as pd
+
     from srlib.experiments import select_for
 
     rms, rows = {}, []
-    for name, options in {"SparseRM": dict(features="projection", directions=select_for(states, ch.sae, ch.k)),
-                          "DenseRM": dict(features="dense")}.items():
+    for name, options in {
+        "SparseRM": dict(features="projection", directions=select_for(states, ch.sae, ch.k)),
+        "DenseRM": dict(features="dense"),
+    }.items():
         rms[name], trial = attached_rm(ch, states, seed=seed, variant=name, **options)
-        rows.append({"reward model": name, "val accuracy (%)": 100 * trial.val_accuracy,
-                     "test accuracy (%)": 100 * trial.test_accuracy, "trainable parameters": trial.trainable_parameters})
+        rows.append(
+            {
+                "reward model": name,
+                "val accuracy (%)": 100 * trial.val_accuracy,
+                "test accuracy (%)": 100 * trial.test_accuracy,
+                "trainable parameters": trial.trainable_parameters,
+            }
+        )
     if with_standard_rm:
         from srlib.baselines import cached_fit_baseline
 
-        rms["StandardRM"] = cached_fit_baseline("standard", ch.backbone, states.train.pairs[:standard_rm_pairs], None,
-                                                seed=seed, progress=False, epochs=1, learning_rate=2e-4, batch_size=4,
-                                                max_length=ch.profile.max_length)
-        rows.append({"reward model": "StandardRM", "val accuracy (%)": None, "test accuracy (%)": None,
-                     "trainable parameters": rms["StandardRM"].num_trainable_parameters()})
+        rms["StandardRM"] = cached_fit_baseline(
+            "standard",
+            ch.backbone,
+            states.train.pairs[:standard_rm_pairs],
+            None,
+            seed=seed,
+            progress=False,
+            epochs=1,
+            learning_rate=2e-4,
+            batch_size=4,
+            max_length=ch.profile.max_length,
+        )
+        rows.append(
+            {
+                "reward model": "StandardRM",
+                "val accuracy (%)": None,
+                "test accuracy (%)": None,
+                "trainable parameters": rms["StandardRM"].num_trainable_parameters(),
+            }
+        )
     return rms, pd.DataFrame(rows).set_index("reward model")
 
 
@@ -554,7 +672,9 @@ def aligned(ch: Chapter, config, reward_models: dict[str, Any], *, out_dir=None)
 
     from srlib.alignment import default_run_dir, run_alignment
 
-    out_dir = default_run_dir(config, reward_models, profile=ch.profile, sae=ch.sae) if out_dir is None else Path(out_dir)
+    out_dir = (
+        default_run_dir(config, reward_models, profile=ch.profile, sae=ch.sae) if out_dir is None else Path(out_dir)
+    )
     reused, started = (out_dir / "result.json").exists(), time.perf_counter()
     result = run_alignment(config, reward_models, out_dir=out_dir, progress=False)
     seconds = time.perf_counter() - started
@@ -566,10 +686,16 @@ def alignment_metrics(result, sparse_vs_wo: dict[str, Any], *, alignment_seconds
     """Chapter 7's numbers for the book's results page: the configuration, Table 1's rows, the
     round-1 filter, SparseRM − WO RM per metric and whether it won on all, the departures from
     the paper, and the times."""
-    return {"config": result.config.to_dict(), "table1": result.table(), "round1_filter": result.round1_filter,
-            "sparserm_minus_wo_rm": {m: c.as_row() for m, c in sparse_vs_wo.items()},
-            "deviations": result.config.paper_deviations(), "sparserm_beat_wo_rm": clear_win(sparse_vs_wo),
-            "alignment_seconds": round(alignment_seconds, 1), "seconds": round(seconds, 1)}
+    return {
+        "config": result.config.to_dict(),
+        "table1": result.table(),
+        "round1_filter": result.round1_filter,
+        "sparserm_minus_wo_rm": {m: c.as_row() for m, c in sparse_vs_wo.items()},
+        "deviations": result.config.paper_deviations(),
+        "sparserm_beat_wo_rm": clear_win(sparse_vs_wo),
+        "alignment_seconds": round(alignment_seconds, 1),
+        "seconds": round(seconds, 1),
+    }
 
 
 def clear_win(comparisons: dict[str, Any]) -> bool:
@@ -595,16 +721,22 @@ def round_one(result, out_dir, reward_models: dict[str, Any]) -> RoundOne:
     from pathlib import Path
 
     import pandas as pd
+
     from srlib.alignment import REFUSAL, filter_tuples, read_tuples
 
     config = result.config
-    tuples = [PreferencePair(r["prompt"], r["chosen"], r["rejected"], pair_id=r["pair_id"], group_id=r["group_id"])
-              for r in read_tuples(Path(out_dir) / "round1_tuples.jsonl")]
+    tuples = [
+        PreferencePair(r["prompt"], r["chosen"], r["rejected"], pair_id=r["pair_id"], group_id=r["group_id"])
+        for r in read_tuples(Path(out_dir) / "round1_tuples.jsonl")
+    ]
     verdicts = {name: filter_tuples(tuples, rm, keep_ties=config.keep_ties) for name, rm in reward_models.items()}
     assert all(sum(v.keep) == result.round1_filter["kept"][name] for name, v in verdicts.items())
-    frame = pd.DataFrame({"prompt": [t.prompt for t in tuples], "y_w": [t.chosen for t in tuples],
-                          "y_l": [t.rejected for t in tuples]})
-    frame["contrast"] = [bool(REFUSAL.search(good)) and not REFUSAL.search(bad) for good, bad in zip(frame.y_w, frame.y_l, strict=True)]
+    frame = pd.DataFrame(
+        {"prompt": [t.prompt for t in tuples], "y_w": [t.chosen for t in tuples], "y_l": [t.rejected for t in tuples]}
+    )
+    frame["contrast"] = [
+        bool(REFUSAL.search(good)) and not REFUSAL.search(bad) for good, bad in zip(frame.y_w, frame.y_l, strict=True)
+    ]
     for name, verdict in verdicts.items():
         frame[f"{name} keeps"] = verdict.keep
         if verdict.s_w is not None:
@@ -620,11 +752,17 @@ def dense_vs_sparse_trials(ch: Chapter, states: dict[str, DatasetStates], *, res
     seed's bootstrap resample of the training questions when `resample`) on each of the
     chapter's data sets, one row per data set, model and seed (`srlib.experiments.run_trials`)."""
     import pandas as pd
+
     from srlib.experiments import run_trials
 
-    variants = {"DenseRM": dict(features="dense"), "SparseRM": dict(features="projection", select=dict(sae=ch.sae, k=ch.k))}
-    return pd.concat([run_trials(states[name], variants, ch.seeds, resample=resample, progress=False)
-                      for name in ch.datasets], ignore_index=True)
+    variants = {
+        "DenseRM": dict(features="dense"),
+        "SparseRM": dict(features="projection", select=dict(sae=ch.sae, k=ch.k)),
+    }
+    return pd.concat(
+        [run_trials(states[name], variants, ch.seeds, resample=resample, progress=False) for name in ch.datasets],
+        ignore_index=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -659,8 +797,14 @@ def policy_generation(ch: Chapter, dataset: str, n: int, *, threads: int) -> Pol
     started = time.perf_counter()
     pairs = policy_pairs(ch.backbone, config, n, progress=False)
     seconds = time.perf_counter() - started
-    chosen, rejected = pair_states(ch.backbone, pairs, ch.profile.layer, max_length=ch.profile.max_length,
-                                   batch_size=ch.profile.batch_size, progress=False)
+    chosen, rejected = pair_states(
+        ch.backbone,
+        pairs,
+        ch.profile.layer,
+        max_length=ch.profile.max_length,
+        batch_size=ch.profile.batch_size,
+        progress=False,
+    )
     torch.set_num_threads(1)
     return PolicyPairs(pairs=pairs, chosen=chosen, rejected=rejected, config=config, seconds=seconds)
 
@@ -675,9 +819,17 @@ def shift_spaces(states: DatasetStates, generated: PolicyPairs, directions) -> d
     held-out (test) answers and the generated ones."""
     from srlib.shift import projection_space
 
-    groups = dict(zip(SHIFT_GROUPS, (torch.cat([states.train.chosen, states.train.rejected]),
-                                     torch.cat([states.test.chosen, states.test.rejected]),
-                                     torch.cat([generated.chosen, generated.rejected])), strict=True))
+    groups = dict(
+        zip(
+            SHIFT_GROUPS,
+            (
+                torch.cat([states.train.chosen, states.train.rejected]),
+                torch.cat([states.test.chosen, states.test.rejected]),
+                torch.cat([generated.chosen, generated.rejected]),
+            ),
+            strict=True,
+        )
+    )
     return {"dense": groups, "projection": {g: projection_space(X, directions) for g, X in groups.items()}}
 
 
@@ -685,6 +837,7 @@ def shift_similarity(spaces: dict[str, dict[str, Tensor]]):
     """Each answer's cosine similarity to the training answers in each space: mean and nearest,
     uncentered and centered (`srlib.shift.similarity_frame`), one frame."""
     import pandas as pd
+
     from srlib.shift import similarity_frame
 
     return pd.concat([similarity_frame(spaces), similarity_frame(spaces, center=True)], ignore_index=True)
@@ -698,8 +851,12 @@ def figure5_numbers(similarity) -> dict[str, dict[str, float]]:
     from srlib.shift import shift_size
 
     def per_sample(space: str, group: str, aggregate: str, centered: bool) -> Tensor:
-        keep = ((similarity["space"] == space) & (similarity["group"] == group)
-                & (similarity["aggregate"] == aggregate) & (similarity["centered"] == centered))
+        keep = (
+            (similarity["space"] == space)
+            & (similarity["group"] == group)
+            & (similarity["aggregate"] == aggregate)
+            & (similarity["centered"] == centered)
+        )
         return torch.tensor(similarity.loc[keep, "similarity"].to_numpy())
 
     held, gen = SHIFT_GROUPS[1], SHIFT_GROUPS[2]
@@ -707,12 +864,16 @@ def figure5_numbers(similarity) -> dict[str, dict[str, float]]:
     for space in dict.fromkeys(similarity["space"]):
         primary = shift_size(per_sample(space, held, "nearest", True), per_sample(space, gen, "nearest", True))
         paper_style = shift_size(per_sample(space, held, "mean", False), per_sample(space, gen, "mean", False))
-        numbers[space] = {"nearest_centered_generated": float(per_sample(space, gen, "nearest", True).mean()),
-                          "nearest_centered_held_out": float(per_sample(space, held, "nearest", True).mean()),
-                          "mean_generated": float(per_sample(space, gen, "mean", False).mean()),
-                          "mean_held_out": float(per_sample(space, held, "mean", False).mean()),
-                          "shift_primary_sd": primary["standardised"], "shift_primary_se": primary["se"],
-                          "shift_paper_style_sd": paper_style["standardised"], "shift_paper_style_se": paper_style["se"]}
+        numbers[space] = {
+            "nearest_centered_generated": float(per_sample(space, gen, "nearest", True).mean()),
+            "nearest_centered_held_out": float(per_sample(space, held, "nearest", True).mean()),
+            "mean_generated": float(per_sample(space, gen, "mean", False).mean()),
+            "mean_held_out": float(per_sample(space, held, "mean", False).mean()),
+            "shift_primary_sd": primary["standardised"],
+            "shift_primary_se": primary["se"],
+            "shift_paper_style_sd": paper_style["standardised"],
+            "shift_paper_style_se": paper_style["se"],
+        }
     return numbers
 
 
@@ -727,22 +888,34 @@ class ShiftTSNE:
     n_train: int
 
 
-def shift_tsne(states: DatasetStates, generated: PolicyPairs, directions, *, n_train: int,
-               perplexity: float) -> ShiftTSNE:
+def shift_tsne(
+    states: DatasetStates, generated: PolicyPairs, directions, *, n_train: int, perplexity: float
+) -> ShiftTSNE:
     """t-SNE (`srlib.shift.tsne_embedding`) of the first `n_train` training pairs and all
     generated pairs, in the dense and in the projection space."""
     from srlib.shift import projection_space, tsne_embedding
 
     n_train = min(n_train, len(states.train))
     n_gen = len(generated.chosen)
-    points = torch.cat([states.train.chosen[:n_train], states.train.rejected[:n_train], generated.chosen,
-                        generated.rejected])
-    labels = (["chosen (y_w)"] * n_train + ["rejected (y_l)"] * n_train
-              + ["chosen (y_w)"] * n_gen + ["rejected (y_l)"] * n_gen)
-    embeddings = {"dense": tsne_embedding(points, perplexity=perplexity),
-                  "projection": tsne_embedding(projection_space(points, directions), perplexity=perplexity)}
-    return ShiftTSNE(embeddings=embeddings, labels=labels, sources=["training"] * (2 * n_train) + ["generated"] * (2 * n_gen),
-                     n_train=n_train)
+    points = torch.cat(
+        [states.train.chosen[:n_train], states.train.rejected[:n_train], generated.chosen, generated.rejected]
+    )
+    labels = (
+        ["chosen (y_w)"] * n_train
+        + ["rejected (y_l)"] * n_train
+        + ["chosen (y_w)"] * n_gen
+        + ["rejected (y_l)"] * n_gen
+    )
+    embeddings = {
+        "dense": tsne_embedding(points, perplexity=perplexity),
+        "projection": tsne_embedding(projection_space(points, directions), perplexity=perplexity),
+    }
+    return ShiftTSNE(
+        embeddings=embeddings,
+        labels=labels,
+        sources=["training"] * (2 * n_train) + ["generated"] * (2 * n_gen),
+        n_train=n_train,
+    )
 
 
 def neighbour_mixing(spaces: dict[str, dict[str, Tensor]], k: int = 10) -> dict[str, dict[str, float]]:
@@ -753,8 +926,10 @@ def neighbour_mixing(spaces: dict[str, dict[str, Tensor]], k: int = 10) -> dict[
 
     train, gen = spaces["dense"][SHIFT_GROUPS[0]], spaces["dense"][SHIFT_GROUPS[2]]
     k = min(k, len(train) + len(gen) - 1)
-    return {space: {**neighbour_share(groups[SHIFT_GROUPS[0]], groups[SHIFT_GROUPS[2]], k=k), "k": k}
-            for space, groups in spaces.items()}
+    return {
+        space: {**neighbour_share(groups[SHIFT_GROUPS[0]], groups[SHIFT_GROUPS[2]], k=k), "k": k}
+        for space, groups in spaces.items()
+    }
 
 
 def filter_decisions(states: DatasetStates, generated: PolicyPairs, directions, seeds: Sequence[int]):
@@ -763,18 +938,28 @@ def filter_decisions(states: DatasetStates, generated: PolicyPairs, directions, 
     comparison and seed pair (`srlib.shift.pairwise_agreement`); share kept, one row per model,
     seed and data; {data: {(model, seed): decisions}})."""
     import pandas as pd
+
     from srlib.experiments import fit_variant
     from srlib.shift import keep_decisions, pairwise_agreement
 
     decisions = {"held-out pairs": {}, "generated pairs": {}}
-    for method, options in {"DenseRM": dict(features="dense"),
-                            "SparseRM": dict(features="projection", directions=directions)}.items():
+    for method, options in {
+        "DenseRM": dict(features="dense"),
+        "SparseRM": dict(features="projection", directions=directions),
+    }.items():
         for seed in seeds:
             model, _ = fit_variant(states, seed=seed, **options)
-            for where, (Z_w, Z_l) in {"held-out pairs": (states.test.chosen, states.test.rejected),
-                                      "generated pairs": (generated.chosen, generated.rejected)}.items():
+            for where, (Z_w, Z_l) in {
+                "held-out pairs": (states.test.chosen, states.test.rejected),
+                "generated pairs": (generated.chosen, generated.rejected),
+            }.items():
                 decisions[where][method, seed] = keep_decisions(model.score_states(Z_w), model.score_states(Z_l))
     agreement = pd.concat([pairwise_agreement(d).assign(data=where) for where, d in decisions.items()])
-    keep = pd.DataFrame([{"method": m, "data": where, "keep": float(k.float().mean())}
-                         for where, d in decisions.items() for (m, _), k in d.items()])
+    keep = pd.DataFrame(
+        [
+            {"method": m, "data": where, "keep": float(k.float().mean())}
+            for where, d in decisions.items()
+            for (m, _), k in d.items()
+        ]
+    )
     return agreement, keep, decisions

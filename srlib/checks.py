@@ -29,7 +29,9 @@ def _compare(name: str, case: str, got: Any, expected: Any) -> None:
     """Raise AssertionError explaining how `got` differs from `expected`."""
     if isinstance(expected, tuple):
         if not isinstance(got, (tuple, list)) or len(got) != len(expected):
-            raise AssertionError(f"{name} ({case}): expected a tuple of {len(expected)} results, got {type(got).__name__}")
+            raise AssertionError(
+                f"{name} ({case}): expected a tuple of {len(expected)} results, got {type(got).__name__}"
+            )
         for index, (g, e) in enumerate(zip(got, expected, strict=True)):
             _compare(name, f"{case}, result {index}", g, e)
         return
@@ -42,8 +44,10 @@ def _compare(name: str, case: str, got: Any, expected: Any) -> None:
         raise AssertionError(f"{name} ({case}): expected shape {tuple(expected.shape)}, got {tuple(got.shape)}")
     if not torch.allclose(got, expected, atol=_ATOL, rtol=1e-4):
         where = (got - expected).abs().flatten().argmax().item()
-        raise AssertionError(f"{name} ({case}): value {where} (flattened) is {got.flatten()[where].item():.6g}, "
-                             f"expected {expected.flatten()[where].item():.6g}")
+        raise AssertionError(
+            f"{name} ({case}): value {where} (flattened) is {got.flatten()[where].item():.6g}, "
+            f"expected {expected.flatten()[where].item():.6g}"
+        )
 
 
 def _run(name: str, fn: Callable, reference: Callable, cases: Iterable[tuple[str, tuple]]) -> None:
@@ -64,9 +68,11 @@ def activation_frequencies(fn: Callable[[Tensor], Tensor]) -> None:
     """Check eq. 6-8: `fn(latents [n, M]) -> [M]`, the share of rows where each latent is > 0."""
     from srlib.directions import activation_frequencies as reference
 
-    cases = [("random 50x20", (_latents(0, 50, 20, 0.3),)),
-             ("a latent that never fires", (torch.cat([_latents(1, 10, 5, 0.5), torch.zeros(10, 1)], 1),)),
-             ("negative values do not count", (torch.tensor([[-1.0, 0.0, 2.0], [3.0, -0.5, 0.0]]),))]
+    cases = [
+        ("random 50x20", (_latents(0, 50, 20, 0.3),)),
+        ("a latent that never fires", (torch.cat([_latents(1, 10, 5, 0.5), torch.zeros(10, 1)], 1),)),
+        ("negative values do not count", (torch.tensor([[-1.0, 0.0, 2.0], [3.0, -0.5, 0.0]]),)),
+    ]
     _run("activation_frequencies", fn, reference, cases)
 
 
@@ -75,9 +81,11 @@ def separation_scores(fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]) -> 
     from srlib.directions import separation_scores as reference
 
     g = _generator(2)
-    cases = [("random frequencies", (torch.rand(30, generator=g), torch.rand(30, generator=g))),
-             ("equal frequencies", (torch.full((4,), 0.5), torch.full((4,), 0.5))),
-             ("one-hot", (torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0])))]
+    cases = [
+        ("random frequencies", (torch.rand(30, generator=g), torch.rand(30, generator=g))),
+        ("equal frequencies", (torch.full((4,), 0.5), torch.full((4,), 0.5))),
+        ("one-hot", (torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 0.0, 1.0]))),
+    ]
     _run("separation_scores", fn, reference, cases)
 
 
@@ -89,9 +97,11 @@ def top_k_latents(fn: Callable[[Tensor, int], Tensor]) -> None:
         return rank_latents(scores)[:k].float()
 
     g = _generator(3)
-    cases = [("random scores, k=5", (torch.randn(40, generator=g), 5)),
-             ("ties are broken by the lower index", (torch.tensor([0.2, 0.5, 0.2, 0.5, -1.0]), 3)),
-             ("k equal to the number of latents", (torch.tensor([0.0, 1.0, -1.0]), 3))]
+    cases = [
+        ("random scores, k=5", (torch.randn(40, generator=g), 5)),
+        ("ties are broken by the lower index", (torch.tensor([0.2, 0.5, 0.2, 0.5, -1.0]), 3)),
+        ("k equal to the number of latents", (torch.tensor([0.0, 1.0, -1.0]), 3)),
+    ]
     _run("top_k_latents", lambda s, k: torch.as_tensor(fn(s, k)).float(), reference, cases)
 
 
@@ -103,8 +113,10 @@ def projection_features(fn: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]) 
 
     g = _generator(4)
     Z, W = torch.randn(6, 8, generator=g), torch.randn(32, 8, generator=g)
-    cases = [("random, K=3", (Z, W, torch.tensor([3, 0, 7]), torch.tensor([1, 30, 2]))),
-             ("one sample, K=1", (Z[:1], W, torch.tensor([5]), torch.tensor([6])))]
+    cases = [
+        ("random, K=3", (Z, W, torch.tensor([3, 0, 7]), torch.tensor([1, 30, 2]))),
+        ("one sample, K=1", (Z[:1], W, torch.tensor([5]), torch.tensor([6]))),
+    ]
     _run("projection_features", fn, reference, cases)
 
 
@@ -113,9 +125,11 @@ def margin_loss(fn: Callable[[Tensor, Tensor, float], Tensor]) -> None:
     from srlib.reward import margin_loss as reference
 
     g = _generator(5)
-    cases = [("random scores, gamma=1", (torch.randn(16, generator=g), torch.randn(16, generator=g), 1.0)),
-             ("all pairs beyond the margin", (torch.tensor([5.0, 4.0]), torch.tensor([0.0, 1.0]), 1.0)),
-             ("gamma=0.3", (torch.tensor([0.1, 0.0]), torch.tensor([0.0, 0.2]), 0.3))]
+    cases = [
+        ("random scores, gamma=1", (torch.randn(16, generator=g), torch.randn(16, generator=g), 1.0)),
+        ("all pairs beyond the margin", (torch.tensor([5.0, 4.0]), torch.tensor([0.0, 1.0]), 1.0)),
+        ("gamma=0.3", (torch.tensor([0.1, 0.0]), torch.tensor([0.0, 0.2]), 0.3)),
+    ]
     _run("margin_loss", fn, reference, cases)
 
 
@@ -124,8 +138,10 @@ def bt_loss(fn: Callable[[Tensor, Tensor], Tensor]) -> None:
     from srlib.reward import bt_loss as reference
 
     g = _generator(6)
-    cases = [("random scores", (torch.randn(16, generator=g), torch.randn(16, generator=g))),
-             ("large differences stay finite", (torch.tensor([100.0, -100.0]), torch.tensor([0.0, 0.0])))]
+    cases = [
+        ("random scores", (torch.randn(16, generator=g), torch.randn(16, generator=g))),
+        ("large differences stay finite", (torch.tensor([100.0, -100.0]), torch.tensor([0.0, 0.0]))),
+    ]
     _run("bt_loss", fn, reference, cases)
 
 
@@ -137,9 +153,11 @@ def fraction_of_variance_explained(fn: Callable[[Tensor, Tensor], Tensor]) -> No
 
     g = _generator(7)
     z = torch.randn(20, 6, generator=g) + 3.0
-    cases = [("a noisy reconstruction", (z, z + 0.1 * torch.randn(20, 6, generator=g))),
-             ("perfect reconstruction", (z, z.clone())),
-             ("predicting the mean", (z, z.mean(0, keepdim=True).expand_as(z).clone()))]
+    cases = [
+        ("a noisy reconstruction", (z, z + 0.1 * torch.randn(20, 6, generator=g))),
+        ("perfect reconstruction", (z, z.clone())),
+        ("predicting the mean", (z, z.mean(0, keepdim=True).expand_as(z).clone())),
+    ]
     _run("fraction_of_variance_explained", fn, reference, cases)
 
 
@@ -151,8 +169,10 @@ def mc2(fn: Callable[[Tensor, Tensor], Tensor]) -> None:
         p = torch.cat([correct, incorrect]).softmax(0)
         return p[: correct.numel()].sum()
 
-    cases = [("two against two", (torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -3.0]))),
-             ("very negative log-probs", (torch.tensor([-300.0]), torch.tensor([-301.0, -302.0])))]
+    cases = [
+        ("two against two", (torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -3.0]))),
+        ("very negative log-probs", (torch.tensor([-300.0]), torch.tensor([-301.0, -302.0]))),
+    ]
     _run("mc2", fn, reference, cases)
 
 
@@ -177,9 +197,11 @@ def filter_rule(fn: Callable[[Tensor, Tensor], Tensor]) -> None:
         return torch.tensor(filter_tuples(tuples, _Scores(s_w, s_l)).keep, dtype=torch.float32)
 
     g = _generator(8)
-    cases = [("random scores", (torch.randn(20, generator=g), torch.randn(20, generator=g))),
-             ("ties are dropped", (torch.tensor([0.5, 1.0, -2.0, 3.0]), torch.tensor([0.5, 0.0, -2.0, 3.5]))),
-             ("negative scores", (torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -4.0])))]
+    cases = [
+        ("random scores", (torch.randn(20, generator=g), torch.randn(20, generator=g))),
+        ("ties are dropped", (torch.tensor([0.5, 1.0, -2.0, 3.0]), torch.tensor([0.5, 0.0, -2.0, 3.5]))),
+        ("negative scores", (torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -4.0]))),
+    ]
     _run("filter_rule", lambda w, r: torch.as_tensor(fn(w, r)).float(), reference, cases)
 
 
@@ -192,9 +214,11 @@ def agreement(fn: Callable[[Tensor, Tensor], float]) -> None:
         return torch.tensor(agreement_counts(keep_a, keep_b)["agreement"])
 
     g = _generator(9)
-    cases = [("random decisions", (torch.rand(40, generator=g) < 0.5, torch.rand(40, generator=g) < 0.7)),
-             ("identical filters", (torch.tensor([True, False, True]), torch.tensor([True, False, True]))),
-             ("opposite filters", (torch.tensor([True, False]), torch.tensor([False, True])))]
+    cases = [
+        ("random decisions", (torch.rand(40, generator=g) < 0.5, torch.rand(40, generator=g) < 0.7)),
+        ("identical filters", (torch.tensor([True, False, True]), torch.tensor([True, False, True]))),
+        ("opposite filters", (torch.tensor([True, False]), torch.tensor([False, True]))),
+    ]
     _run("agreement", lambda a, b: torch.as_tensor(fn(a, b), dtype=torch.float32), reference, cases)
 
 
@@ -209,10 +233,14 @@ def nearest_similarity(fn: Callable[[Tensor, Tensor], Tensor]) -> None:
 
     g = _generator(10)
     training = torch.randn(30, 8, generator=g) + 2.0
-    cases = [("random samples", (torch.randn(7, 8, generator=g) + 2.0, training)),
-             ("a sample equal to a training row", (training[3:4].clone(), training)),
-             ("one training row far from the rest", (torch.randn(5, 8, generator=g),
-                                                     torch.cat([training, 10 * torch.ones(1, 8)])))]
+    cases = [
+        ("random samples", (torch.randn(7, 8, generator=g) + 2.0, training)),
+        ("a sample equal to a training row", (training[3:4].clone(), training)),
+        (
+            "one training row far from the rest",
+            (torch.randn(5, 8, generator=g), torch.cat([training, 10 * torch.ones(1, 8)])),
+        ),
+    ]
     _run("nearest_similarity", fn, reference, cases)
 
 
@@ -222,6 +250,7 @@ def paired_difference(fn: Callable[[Sequence[float], Sequence[float]], tuple[flo
     points) and the standard error against `scipy.stats.sem` of the differences."""
     import numpy as np
     from scipy import stats
+
     from srlib.evaluate import compare_paired
 
     def reference(after: Tensor, before: Tensor) -> tuple[Tensor, Tensor]:
@@ -230,11 +259,17 @@ def paired_difference(fn: Callable[[Sequence[float], Sequence[float]], tuple[flo
 
     g = _generator(11)
     correct = (torch.rand(50, generator=g) < 0.6).float()
-    cases = [("per-item correctness", (correct, (torch.rand(50, generator=g) < 0.5).float())),
-             ("per-item scores", (torch.rand(30, generator=g), torch.rand(30, generator=g))),
-             ("one item changed", (torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 0.0, 1.0])))]
-    _run("paired_difference", lambda a, b: tuple(torch.as_tensor(v, dtype=torch.float32) for v in fn(a, b)),
-         reference, cases)
+    cases = [
+        ("per-item correctness", (correct, (torch.rand(50, generator=g) < 0.5).float())),
+        ("per-item scores", (torch.rand(30, generator=g), torch.rand(30, generator=g))),
+        ("one item changed", (torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.tensor([1.0, 0.0, 0.0, 1.0]))),
+    ]
+    _run(
+        "paired_difference",
+        lambda a, b: tuple(torch.as_tensor(v, dtype=torch.float32) for v in fn(a, b)),
+        reference,
+        cases,
+    )
 
 
 def path_share(fn: Callable[[Tensor, Tensor], Tensor]) -> None:
@@ -244,10 +279,14 @@ def path_share(fn: Callable[[Tensor, Tensor], Tensor]) -> None:
     from srlib.explain import _relu_path_shares
 
     g = _generator(12)
-    cases = [("random units", (torch.randn(40, generator=g).double(), torch.randn(40, generator=g).double())),
-             ("no slope: on or off all the way", (torch.tensor([1.0, -1.0, 0.0]).double(), torch.zeros(3).double())),
-             ("crossing zero inside and outside the path",
-              (torch.tensor([-0.5, 0.5, -2.0, 2.0]).double(), torch.tensor([1.0, -1.0, 1.0, -1.0]).double()))]
+    cases = [
+        ("random units", (torch.randn(40, generator=g).double(), torch.randn(40, generator=g).double())),
+        ("no slope: on or off all the way", (torch.tensor([1.0, -1.0, 0.0]).double(), torch.zeros(3).double())),
+        (
+            "crossing zero inside and outside the path",
+            (torch.tensor([-0.5, 0.5, -2.0, 2.0]).double(), torch.tensor([1.0, -1.0, 1.0, -1.0]).double()),
+        ),
+    ]
     _run("path_share", fn, _relu_path_shares, cases)
 
 
@@ -257,9 +296,11 @@ def top_m_mask(fn: Callable[[Tensor, int], Tensor]) -> None:
     from srlib.explain import top_m_mask as reference
 
     g = _generator(13)
-    cases = [("random rows, m = 3", (torch.randn(6, 10, generator=g), 3)),
-             ("negative contributions are the last to go", (torch.tensor([[-5.0, 1.0, 0.5, -0.1]]), 2)),
-             ("m = M deletes everything", (torch.randn(2, 5, generator=g), 5))]
+    cases = [
+        ("random rows, m = 3", (torch.randn(6, 10, generator=g), 3)),
+        ("negative contributions are the last to go", (torch.tensor([[-5.0, 1.0, 0.5, -0.1]]), 2)),
+        ("m = M deletes everything", (torch.randn(2, 5, generator=g), 5)),
+    ]
     _run("top_m_mask", lambda c, m: fn(c, m).float(), lambda c, m: reference(c, m).float(), cases)
 
 
@@ -268,9 +309,11 @@ def alive_fraction(fn: Callable[[Tensor], float]) -> None:
     that fire (> 0) on at least one row (`srlib.sae.alive_fraction`)."""
     from srlib.sae import alive_fraction as reference
 
-    cases = [("random 40x30, sparse", (_latents(14, 40, 30, 0.02),)),
-             ("half the latents never fire", (torch.cat([_latents(15, 8, 6, 0.9), torch.zeros(8, 6)], 1),)),
-             ("one row; negative values do not count", (torch.tensor([[-1.0, 0.0, 2.0, 0.5]]),))]
+    cases = [
+        ("random 40x30, sparse", (_latents(14, 40, 30, 0.02),)),
+        ("half the latents never fire", (torch.cat([_latents(15, 8, 6, 0.9), torch.zeros(8, 6)], 1),)),
+        ("one row; negative values do not count", (torch.tensor([[-1.0, 0.0, 2.0, 0.5]]),)),
+    ]
     _run("alive_fraction", lambda z: torch.tensor(float(fn(z))), lambda z: torch.tensor(reference(z)), cases)
 
 
@@ -282,15 +325,24 @@ def gap_change(fn: Callable[[Tensor, Tensor, Tensor], float]) -> None:
     from srlib.evaluate import compare_paired
 
     def reference(best: Tensor, weakest: Tensor, random: Tensor) -> Tensor:
-        return torch.tensor(compare_paired(best.numpy(), weakest.numpy(), name_a="best", name_b="weakest",
-                                           n_boot=10).difference)
+        return torch.tensor(
+            compare_paired(best.numpy(), weakest.numpy(), name_a="best", name_b="weakest", n_boot=10).difference
+        )
 
     g = _generator(16)
     outcomes = [(torch.rand(3, 60, generator=g) < p).float() for p in (0.7, 0.6, 0.5)]
-    cases = [("60 pairs", tuple(o[0] for o in outcomes)),
-             ("ties count one half", (torch.tensor([1.0, 0.5, 0.5, 0.0]), torch.tensor([0.5, 0.5, 0.0, 0.0]),
-                                      torch.tensor([1.0, 1.0, 0.0, 0.0]))),
-             ("same SAE twice: no change", (outcomes[1][0], outcomes[1][0], outcomes[2][0]))]
+    cases = [
+        ("60 pairs", tuple(o[0] for o in outcomes)),
+        (
+            "ties count one half",
+            (
+                torch.tensor([1.0, 0.5, 0.5, 0.0]),
+                torch.tensor([0.5, 0.5, 0.0, 0.0]),
+                torch.tensor([1.0, 1.0, 0.0, 0.0]),
+            ),
+        ),
+        ("same SAE twice: no change", (outcomes[1][0], outcomes[1][0], outcomes[2][0])),
+    ]
     _run("gap_change", lambda *a: torch.tensor(float(fn(*a))), reference, cases)
 
 
@@ -306,12 +358,15 @@ def lora_parameters(fn: Callable[[Any, int], int]) -> None:
         return config.num_hidden_layers * r * (2 * config.hidden_size + q_out + v_out) + config.hidden_size
 
     def config(d: int, heads: int, kv_heads: int, layers: int) -> SimpleNamespace:
-        return SimpleNamespace(hidden_size=d, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                               num_hidden_layers=layers)
+        return SimpleNamespace(
+            hidden_size=d, num_attention_heads=heads, num_key_value_heads=kv_heads, num_hidden_layers=layers
+        )
 
-    cases = [("SmolLM2-135M's shape, r=8", (config(576, 9, 3, 30), 8)),
-             ("every head its own key/value, r=4", (config(64, 4, 4, 2), 4)),
-             ("one block, r=1", (config(32, 8, 2, 1), 1))]
+    cases = [
+        ("SmolLM2-135M's shape, r=8", (config(576, 9, 3, 30), 8)),
+        ("every head its own key/value, r=4", (config(64, 4, 4, 2), 4)),
+        ("one block, r=1", (config(32, 8, 2, 1), 1)),
+    ]
     for case, args in cases:
         got, expected = fn(*args), reference(*args)
         if got != expected:
@@ -326,6 +381,8 @@ def judge_preference(fn: Callable[[Tensor, Tensor], Tensor]) -> None:
 
     g = _generator(11)
     always_a = torch.tensor([[5.0, 0.0], [2.0, -1.0]])
-    cases = [("random logits", (3 * torch.randn(16, 2, generator=g), 3 * torch.randn(16, 2, generator=g))),
-             ("a judge that always says 'A' (0.5: its bias cancels)", (always_a, always_a))]
+    cases = [
+        ("random logits", (3 * torch.randn(16, 2, generator=g), 3 * torch.randn(16, 2, generator=g))),
+        ("a judge that always says 'A' (0.5: its bias cancels)", (always_a, always_a)),
+    ]
     _run("judge_preference", fn, reference, cases)

@@ -92,27 +92,56 @@ def cmd_fit(args: argparse.Namespace) -> int:
     elif args.features == "dense":
         from srlib.reward import DenseRM
 
-        model = DenseRM.fit(backbone, train, val, layer=profile.layer, max_length=profile.max_length,
-                            position=profile.position, batch_size=profile.batch_size, head=head)
+        model = DenseRM.fit(
+            backbone,
+            train,
+            val,
+            layer=profile.layer,
+            max_length=profile.max_length,
+            position=profile.position,
+            batch_size=profile.batch_size,
+            head=head,
+        )
     else:
         from srlib.reward import SparseRM
         from srlib.sae import sae_for_profile
 
         sae = sae_for_profile(profile, backbone)
-        model = SparseRM.fit(backbone, train, val, layer=profile.layer, sae=sae, k=profile.k,
-                             kind=args.features, feature_seed=args.seed, sae_source=profile.sae_source,
-                             max_length=profile.max_length, position=profile.position,
-                             batch_size=profile.batch_size, head=head)
+        model = SparseRM.fit(
+            backbone,
+            train,
+            val,
+            layer=profile.layer,
+            sae=sae,
+            k=profile.k,
+            kind=args.features,
+            feature_seed=args.seed,
+            sae_source=profile.sae_source,
+            max_length=profile.max_length,
+            position=profile.position,
+            batch_size=profile.batch_size,
+            head=head,
+        )
     # the model card names the training data (a local file by its name only, never its path)
     card = {"training_data": Path(args.train).name if Path(args.train).exists() else args.train}
-    model.save_pretrained(args.out, overwrite=args.overwrite,
-                          **({"model_card_kwargs": card} if args.method == "sparserm" else {}))
-    result = {"out": str(args.out), "method": args.method, "n_train": len(train),
-              "n_val": len(val) if val else 0, "trainable_parameters": model.num_trainable_parameters(),
-              "fit_seconds": round(time.perf_counter() - started, 2)}
+    model.save_pretrained(
+        args.out, overwrite=args.overwrite, **({"model_card_kwargs": card} if args.method == "sparserm" else {})
+    )
+    result = {
+        "out": str(args.out),
+        "method": args.method,
+        "n_train": len(train),
+        "n_val": len(val) if val else 0,
+        "trainable_parameters": model.num_trainable_parameters(),
+        "fit_seconds": round(time.perf_counter() - started, 2),
+    }
     if args.method == "sparserm":
-        result.update(features=args.features, loss=args.loss, layer=profile.layer,
-                      best_val_accuracy=model.history.best_val_accuracy)
+        result.update(
+            features=args.features,
+            loss=args.loss,
+            layer=profile.layer,
+            best_val_accuracy=model.history.best_val_accuracy,
+        )
     _print_result(result)
     return 0
 
@@ -137,8 +166,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         with atomic_path(args.out, overwrite=args.overwrite) as tmp, open(tmp, "w") as handle:
             for pair, a, b in zip(pairs, s_w.tolist(), s_l.tolist(), strict=True):
                 handle.write(json.dumps({"pair_id": pair.pair_id, "score_chosen": a, "score_rejected": b}) + "\n")
-    _print_result({"n": len(pairs), "accuracy": pair_accuracy(s_w, s_l), "pairs": args.pairs,
-                   "rm": str(args.rm)})
+    _print_result({"n": len(pairs), "accuracy": pair_accuracy(s_w, s_l), "pairs": args.pairs, "rm": str(args.rm)})
     return 0
 
 
@@ -240,19 +268,34 @@ def cmd_sae(args: argparse.Namespace) -> int:
         pairs = {spec: _load_pairs(spec, args) for spec in args.pairs or [f"{n}:val" for n in profile.datasets]}
     backbone = backbone_for_profile(profile)
     sae = sae_for_profile(profile, backbone)
-    result = {"profile": profile.name, "model": profile.model_id, "layer": profile.layer,
-              "sae_source": profile.sae_source, "d_sae": int(sae.cfg.d_sae)}
+    result = {
+        "profile": profile.name,
+        "model": profile.model_id,
+        "layer": profile.layer,
+        "sae_source": profile.sae_source,
+        "d_sae": int(sae.cfg.d_sae),
+    }
     if args.action == "report":
         import pandas as pd
 
         result["report"] = sae_info(sae) or "no training record: a pretrained SAE"
-        qualities = {spec: sae_quality(sae, backbone, [t for p in items for t in format_pair(backbone.tokenizer, p)],
-                                       profile.layer, position=profile.position, max_length=profile.max_length,
-                                       batch_size=profile.batch_size)
-                     for spec, items in pairs.items()}
+        qualities = {
+            spec: sae_quality(
+                sae,
+                backbone,
+                [t for p in items for t in format_pair(backbone.tokenizer, p)],
+                profile.layer,
+                position=profile.position,
+                max_length=profile.max_length,
+                batch_size=profile.batch_size,
+            )
+            for spec, items in pairs.items()
+        }
         table = pd.DataFrame({spec: q.as_row() for spec, q in qualities.items()}).T
-        print(f"SAE quality per set of pairs (both answers of up to {args.max_pairs} pairs each): 'read' at the "
-              f"token the reward model reads ({profile.position}), 'all' over all their tokens")
+        print(
+            f"SAE quality per set of pairs (both answers of up to {args.max_pairs} pairs each): 'read' at the "
+            f"token the reward model reads ({profile.position}), 'all' over all their tokens"
+        )
         print(table.to_string(float_format=lambda x: f"{x:.3f}"))
         result["quality"] = {spec: q.as_dict() for spec, q in qualities.items()}
     _print_result(result)
@@ -264,8 +307,13 @@ def cmd_align(args: argparse.Namespace) -> int:
     from srlib.alignment import AlignmentConfig, check_run_folder, run_alignment
 
     check_run_folder(args.out)
-    changes = {"track": args.track, "seed": args.seed, "rounds": args.rounds, "n_prompts": args.prompts,
-               "model_id": args.model}
+    changes = {
+        "track": args.track,
+        "seed": args.seed,
+        "rounds": args.rounds,
+        "n_prompts": args.prompts,
+        "model_id": args.model,
+    }
     config = AlignmentConfig.for_profile(args.profile, **{k: v for k, v in changes.items() if v is not None})
     reward_models = {"WO RM": None} if args.include_wo_rm else {}
     for path in args.rm:
@@ -313,8 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_model_flags(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES),
-                       help=f"preset for model, layer, SAE and sizes (default {DEFAULT_PROFILE})")
+        p.add_argument(
+            "--profile",
+            default=DEFAULT_PROFILE,
+            choices=sorted(PROFILES),
+            help=f"preset for model, layer, SAE and sizes (default {DEFAULT_PROFILE})",
+        )
         p.add_argument("--model", help="backbone: hub id or local folder (overrides the profile)")
         p.add_argument("--layer", type=int, help="layer L = output of block L, 0-indexed")
         p.add_argument("--sae", help='"train", "sae-lens:<release>/<sae_id>" or a saved SAE folder')
@@ -326,8 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit = sub.add_parser("fit", help="train a reward model")
     fit.add_argument("--train", required=True, metavar="PAIRS")
     fit.add_argument("--val", metavar="PAIRS", help="validation pairs for early stopping")
-    fit.add_argument("--out", required=True, metavar="DIR",
-                     help="a new or empty folder, or a saved reward model to replace with --overwrite")
+    fit.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="a new or empty folder, or a saved reward model to replace with --overwrite",
+    )
     fit.add_argument("--overwrite", action="store_true", help="replace the reward model saved in --out")
     add_model_flags(fit)
     add_pairs_flags(fit)
@@ -335,8 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--features", default="projection", choices=FEATURES)
     fit.add_argument("--loss", default="margin", choices=LOSS_NAMES)
     fit.add_argument("--gamma", type=finite_float, default=1.0, help="margin of the margin loss")
-    fit.add_argument("--method", default="sparserm", choices=METHODS,
-                     help="sparserm (with --features) or a baseline reward model")
+    fit.add_argument(
+        "--method", default="sparserm", choices=METHODS, help="sparserm (with --features) or a baseline reward model"
+    )
     fit.add_argument("--seed", type=int, default=0)
     fit.set_defaults(func=cmd_fit)
 
@@ -360,9 +417,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("eval", help="RewardBench-style accuracy per subset and section")
     evaluate.add_argument("--rm", required=True, metavar="DIR")
-    evaluate.add_argument("--rewardbench", default=REWARDBENCH_HUB_ID, metavar="FILE_OR_ID",
-                          help="a RewardBench-format .jsonl/.parquet file (prompt, chosen, rejected, subset) or a "
-                               f"hub id, read at split {REWARDBENCH_SPLIT!r} (default {REWARDBENCH_HUB_ID})")
+    evaluate.add_argument(
+        "--rewardbench",
+        default=REWARDBENCH_HUB_ID,
+        metavar="FILE_OR_ID",
+        help="a RewardBench-format .jsonl/.parquet file (prompt, chosen, rejected, subset) or a "
+        f"hub id, read at split {REWARDBENCH_SPLIT!r} (default {REWARDBENCH_HUB_ID})",
+    )
     evaluate.set_defaults(func=cmd_eval)
 
     explain = sub.add_parser("explain", help="attribute a SparseRM's scores to its selected directions")
@@ -376,8 +437,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     steer = sub.add_parser("steer", help="scale or mask a SparseRM's directions and measure the change")
     steer.add_argument("--rm", required=True, metavar="DIR", help="a saved SparseRM (projection or latents)")
-    steer.add_argument("--scale", action="append", required=True, metavar="LATENT=FACTOR",
-                       help="multiply that latent's standardised input by FACTOR (0 masks it); repeatable")
+    steer.add_argument(
+        "--scale",
+        action="append",
+        required=True,
+        metavar="LATENT=FACTOR",
+        help="multiply that latent's standardised input by FACTOR (0 masks it); repeatable",
+    )
     steer.add_argument("--pairs", metavar="PAIRS", help="pairs to measure the accuracy before and after on")
     steer.add_argument("--out", metavar="DIR", help="save the steered reward model here")
     steer.add_argument("--overwrite", action="store_true", help="replace the reward model saved in --out")
@@ -386,18 +452,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     sae = sub.add_parser("sae", help="train or report on the profile's SAE")
     sae.add_argument("action", choices=("train", "report"))
-    sae.add_argument("--pairs", action="append", metavar="PAIRS",
-                     help="report: pairs to measure the SAE on (repeatable; default each profile data set's "
-                          "validation split)")
-    sae.add_argument("--max-pairs", type=int,
-                     help=f"report: use only the first N pairs of each set (default {SAE_REPORT_PAIRS})")
+    sae.add_argument(
+        "--pairs",
+        action="append",
+        metavar="PAIRS",
+        help="report: pairs to measure the SAE on (repeatable; default each profile data set's validation split)",
+    )
+    sae.add_argument(
+        "--max-pairs", type=int, help=f"report: use only the first N pairs of each set (default {SAE_REPORT_PAIRS})"
+    )
     sae.add_argument("--split-seed", type=int, default=0, help="seed of the built-in splits")
     add_model_flags(sae)
     sae.set_defaults(func=cmd_sae)
 
     align = sub.add_parser("align", help="iterative DPO on RM-filtered self-generated pairs")
-    align.add_argument("--rm", action="append", default=[], metavar="DIR",
-                       help="a saved reward model used as filter (repeatable)")
+    align.add_argument(
+        "--rm", action="append", default=[], metavar="DIR", help="a saved reward model used as filter (repeatable)"
+    )
     align.add_argument("--track", required=True, choices=TABLE1_TRACKS, help="a track of the paper's Table 1")
     align.add_argument("--out", required=True, metavar="DIR", help="run folder (resumable)")
     align.add_argument("--rounds", type=int, help="DPO rounds (default: the profile's)")
@@ -412,8 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = sub.add_parser("cache", help="list, verify or clear srlib's caches")
     cache.add_argument("action", choices=("list", "verify", "clear"))
-    cache.add_argument("--what", action="append", choices=(*CACHE_KINDS, "all"), metavar="KIND",
-                       help=f"a cache ({', '.join(CACHE_KINDS)}) or all; repeatable (list, verify: all by default)")
+    cache.add_argument(
+        "--what",
+        action="append",
+        choices=(*CACHE_KINDS, "all"),
+        metavar="KIND",
+        help=f"a cache ({', '.join(CACHE_KINDS)}) or all; repeatable (list, verify: all by default)",
+    )
     cache.set_defaults(func=cmd_cache)
     return parser
 

@@ -54,10 +54,7 @@ BUILTIN_NAMES = (
     "pku-saferlhf:gen",
     "arc:pairs",
 )
-_DATA_DIR_HINT = (
-    "set SRLIB_DATA_DIR=<folder with truthfulqa/, hh_rlhf/, pku_saferlhf/, arc/>"
-    " or connect to the hub"
-)
+_DATA_DIR_HINT = "set SRLIB_DATA_DIR=<folder with truthfulqa/, hh_rlhf/, pku_saferlhf/, arc/> or connect to the hub"
 #: HH-RLHF pair counts for train and val (test and generation share the rest). The paper
 #: samples 1,000 / 1,000 for train / val (plus 2,000 generation and 1,000 test prompts); the
 #: local harmless-base copy has 2,312 pairs, so train keeps the paper's 1,000 and val is cut to
@@ -187,9 +184,7 @@ def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
                 except UnicodeDecodeError:
                     raise DataError(f"{path}:{lineno}: not UTF-8 text") from None
     except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
-        raise DataError(
-            f"{path}: cannot read ({one_line(str(exc)) or type(exc).__name__})"
-        ) from exc
+        raise DataError(f"{path}: cannot read ({one_line(str(exc)) or type(exc).__name__})") from exc
 
 
 def _json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -200,16 +195,16 @@ def _json_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{path}:{lineno}: malformed JSON ({exc.msg}, column {exc.colno})"
-            ) from None
+            raise DataError(f"{path}:{lineno}: malformed JSON ({exc.msg}, column {exc.colno})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         try:  # JSON allows a lone surrogate escape ("\ud800"); no tokenizer or file can hold one
             json.dumps(obj, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
-            raise DataError(f"{path}:{lineno}: a string holds a lone surrogate escape (\\ud800-\\udfff), "
-                            "which is not text; fix or remove it") from None
+            raise DataError(
+                f"{path}:{lineno}: a string holds a lone surrogate escape (\\ud800-\\udfff), "
+                "which is not text; fix or remove it"
+            ) from None
         yield lineno, obj
 
 
@@ -236,9 +231,7 @@ def _field(row: Row, name: str, kind: type = str) -> Any:
         raise DataError(f"{where}: missing field '{name}'")
     value = fields[name]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise DataError(
-            f"{where}: field '{name}' must be {kind.__name__}, got {type(value).__name__}"
-        )
+        raise DataError(f"{where}: field '{name}' must be {kind.__name__}, got {type(value).__name__}")
     return value
 
 
@@ -287,8 +280,11 @@ def _hub_rows(hub_id: str, hub_kwargs: dict[str, str], hint: str) -> list[Row]:
     """
     offline = hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
     if not offline and not hub_reachable():
-        raise DataError(f"cannot load {hub_id}: the hub is unreachable; " + hint
-                        + " (or set HF_HUB_OFFLINE=1 to read the datasets cache)")
+        raise DataError(
+            f"cannot load {hub_id}: the hub is unreachable; "
+            + hint
+            + " (or set HF_HUB_OFFLINE=1 to read the datasets cache)"
+        )
     try:
         import datasets
 
@@ -297,8 +293,7 @@ def _hub_rows(hub_id: str, hub_kwargs: dict[str, str], hint: str) -> list[Row]:
     except Exception as exc:  # offline, hub down, changed schema: all mean "cannot use the hub"
         detail = one_line(str(exc), 120)
         raise DataError(
-            f"cannot load {hub_id} from the hub ({type(exc).__name__}"
-            f"{': ' + detail if detail else ''}); " + hint
+            f"cannot load {hub_id} from the hub ({type(exc).__name__}{': ' + detail if detail else ''}); " + hint
         ) from exc
 
 
@@ -320,8 +315,9 @@ def _normalised(name: str) -> _Normalised:
     source = _SOURCES[name]
     folder = data_dir()
     if folder is None:
-        return source.normalise([source.from_hub(row) for row in
-                                 _hub_rows(source.hub_id, source.hub_kwargs, _DATA_DIR_HINT)])
+        return source.normalise(
+            [source.from_hub(row) for row in _hub_rows(source.hub_id, source.hub_kwargs, _DATA_DIR_HINT)]
+        )
     path = folder / source.relpath
     if not path.is_file():
         raise DataError(f"SRLIB_DATA_DIR={folder} has no {source.relpath}; " + _DATA_DIR_HINT)
@@ -372,9 +368,7 @@ def _answers(row: Row, name: str, counts: dict[str, int]) -> list[str]:
     answers = []
     for answer in value:
         if not isinstance(answer, str):
-            raise DataError(
-                f"{row[0]}: field '{name}' must hold strings, got {type(answer).__name__}"
-            )
+            raise DataError(f"{row[0]}: field '{name}' must hold strings, got {type(answer).__name__}")
         if answer.strip():
             answers.append(answer.strip())
         else:
@@ -402,9 +396,7 @@ def _normalise_truthfulqa(rows: list[Row]) -> _Normalised:
             if good == bad:
                 counts["identical_pairs"] += 1
                 continue
-            pairs.append(
-                PreferencePair(question, good, bad, "truthfulqa", f"{group_id}:{j}", group_id)
-            )
+            pairs.append(PreferencePair(question, good, bad, "truthfulqa", f"{group_id}:{j}", group_id))
         mc = (question, best, tuple(correct), tuple(incorrect), group_id)
         groups.append((mc, tuple(pairs)))
     return _Normalised(tuple(groups), counts)
@@ -441,13 +433,17 @@ def _split_transcripts(row: Row, chosen_text: str, rejected_text: str) -> tuple[
     if cut_c < 0 or cut_r < 0:
         raise DataError(f"{where}: field '{'chosen' if cut_c < 0 else 'rejected'}' has no Assistant turn")
     if chosen_text[:cut_c] != rejected_text[:cut_r]:
-        raise _Unusable(f"{where}: 'chosen' and 'rejected' differ before their last Assistant turn, "
-                        "so they share no prompt", "prefix_mismatch")
-    chosen = chosen_text[cut_c + len(_ASSISTANT):].strip()
-    rejected = rejected_text[cut_r + len(_ASSISTANT):].strip()
+        raise _Unusable(
+            f"{where}: 'chosen' and 'rejected' differ before their last Assistant turn, so they share no prompt",
+            "prefix_mismatch",
+        )
+    chosen = chosen_text[cut_c + len(_ASSISTANT) :].strip()
+    rejected = rejected_text[cut_r + len(_ASSISTANT) :].strip()
     if not chosen or not rejected:
-        raise _Unusable(f"{where}: field '{'chosen' if not chosen else 'rejected'}' has an empty last "
-                        "Assistant turn", "empty_response")
+        raise _Unusable(
+            f"{where}: field '{'chosen' if not chosen else 'rejected'}' has an empty last Assistant turn",
+            "empty_response",
+        )
     if chosen == rejected:
         raise _Unusable(f"{where}: field 'rejected' is identical to 'chosen'", "identical_pairs")
     return chosen_text[:cut_c].strip(), chosen, rejected
@@ -464,8 +460,7 @@ def _normalise_hh(rows: list[Row]) -> _Normalised:
     pairs = []
     for index, row in enumerate(rows):
         try:
-            prompt, chosen, rejected = _split_transcripts(
-                row, _text_field(row, "chosen"), _text_field(row, "rejected"))
+            prompt, chosen, rejected = _split_transcripts(row, _text_field(row, "chosen"), _text_field(row, "rejected"))
         except _Unusable as skip:
             counts[skip.reason] += 1
             continue
@@ -534,9 +529,7 @@ def _read_arc_jsonl(path: Path) -> list[Row]:
             rows.append((row[0], {"question": question, "answer": answer, "distractors": []}))
         elif label == 0:
             if not rows or rows[-1][1]["question"] != question:
-                raise DataError(
-                    f"{row[0]}: field 'question' does not match the label-1 line before it"
-                )
+                raise DataError(f"{row[0]}: field 'question' does not match the label-1 line before it")
             rows[-1][1]["distractors"].append(answer)
         else:
             raise DataError(f"{row[0]}: field 'label' must be 0 or 1, got {label}")
@@ -572,9 +565,7 @@ def _normalise_arc(rows: list[Row]) -> _Normalised:
             if distractor == answer:
                 counts["identical_pairs"] += 1
                 continue
-            pairs.append(
-                PreferencePair(question, answer, distractor, "arc", f"{group_id}:{j}", group_id)
-            )
+            pairs.append(PreferencePair(question, answer, distractor, "arc", f"{group_id}:{j}", group_id))
         groups.append((ArcQuestion(question, answer, distractors, group_id), tuple(pairs)))
     return _Normalised(tuple(groups), counts)
 
@@ -723,15 +714,17 @@ def load_truthfulqa_mc(split: str, seed: int = 0) -> list[MCQuestion]:
 def load_hh_harmless(split: str, seed: int = 0) -> list[PreferencePair]:
     """HH-RLHF harmless-base test pairs, split ~1,000 / 312 / rest / ~300 (train / val / test /
     gen) by prompt."""
-    return _split_pairs(_normalised("hh-harmless").groups, split, seed, _size_cut(HH_SPLIT_SIZES),
-                        GENERATION_PAIRS["hh-harmless"])
+    return _split_pairs(
+        _normalised("hh-harmless").groups, split, seed, _size_cut(HH_SPLIT_SIZES), GENERATION_PAIRS["hh-harmless"]
+    )
 
 
 def load_pku_saferlhf(split: str, seed: int = 0) -> list[PreferencePair]:
     """PKU-SafeRLHF pairs (safer response chosen) of one split, by prompt 4:1:5, the last ~100
     pairs of the test share kept apart as the generation split "gen"."""
-    return _split_pairs(_normalised("pku-saferlhf").groups, split, seed, _fraction_cut,
-                        GENERATION_PAIRS["pku-saferlhf"])
+    return _split_pairs(
+        _normalised("pku-saferlhf").groups, split, seed, _fraction_cut, GENERATION_PAIRS["pku-saferlhf"]
+    )
 
 
 def generation_prompts(dataset: str, seed: int = 0) -> list[str | Conversation]:
@@ -748,8 +741,10 @@ def generation_prompts(dataset: str, seed: int = 0) -> list[str | Conversation]:
         raise DataError(f"no generation prompts for {dataset!r}; valid: truthfulqa, {', '.join(GENERATION_PAIRS)}")
     prompts = list(dict.fromkeys(pair.prompt for pair in load_pairs(f"{dataset}:{GENERATION_SPLIT}", seed=seed)))
     if not prompts:
-        raise DataError(f"{dataset} is too small for a generation split (it needs {2 * GENERATION_PAIRS[dataset]} "
-                        "pairs after train and val); point SRLIB_DATA_DIR at the full local copy")
+        raise DataError(
+            f"{dataset} is too small for a generation split (it needs {2 * GENERATION_PAIRS[dataset]} "
+            "pairs after train and val); point SRLIB_DATA_DIR at the full local copy"
+        )
     return prompts
 
 
@@ -773,9 +768,7 @@ _LOADERS: dict[str, Callable[[int], list[PreferencePair]]] = {
 }
 
 
-def load_pairs(
-    spec: str | os.PathLike | Any, *, seed: int = 0, max_pairs: int | None = None
-) -> list[PreferencePair]:
+def load_pairs(spec: str | os.PathLike | Any, *, seed: int = 0, max_pairs: int | None = None) -> list[PreferencePair]:
     """Pairs from a built-in name (see `BUILTIN_NAMES`), a file, a hub data set or a Dataset.
 
     `spec` is one of: a built-in name; a JSONL file (".jsonl", ".jsonl.gz", a pipe) or a parquet
@@ -816,8 +809,10 @@ def load_pairs(
 _EXTRA_FIELDS = ("source", "pair_id", "group_id")
 _ROLES = ("system", "user", "assistant")
 HUB_PREFIX = "hub:"
-_HUB_HINT = ("set HF_DATASETS_OFFLINE=1 (or HF_HUB_OFFLINE=1) to read a data set cached by an earlier online "
-             "load, or give a local .jsonl or .parquet file")
+_HUB_HINT = (
+    "set HF_DATASETS_OFFLINE=1 (or HF_HUB_OFFLINE=1) to read a data set cached by an earlier online "
+    "load, or give a local .jsonl or .parquet file"
+)
 
 
 def _conversation(row: Row, name: str) -> Conversation:
@@ -827,13 +822,16 @@ def _conversation(row: Row, name: str) -> Conversation:
         raise DataError(f"{where}: field '{name}' is an empty conversation")
     messages = []
     for index, message in enumerate(value):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
-            raise DataError(f"{where}: field '{name}' message {index} must be "
-                            '{"role": str, "content": str}')
+        if not (
+            isinstance(message, dict)
+            and isinstance(message.get("role"), str)
+            and isinstance(message.get("content"), str)
+        ):
+            raise DataError(f'{where}: field \'{name}\' message {index} must be {{"role": str, "content": str}}')
         if message["role"] not in _ROLES:
-            raise DataError(f"{where}: field '{name}' message {index} has role {message['role']!r}; "
-                            f"valid: {', '.join(_ROLES)}")
+            raise DataError(
+                f"{where}: field '{name}' message {index} has role {message['role']!r}; valid: {', '.join(_ROLES)}"
+            )
         if not message["content"].strip():
             raise DataError(f"{where}: field '{name}' message {index} is empty")
         messages.append({"role": message["role"], "content": message["content"]})
@@ -858,8 +856,10 @@ def _answer(row: Row, name: str, value: str | Conversation) -> str:
         return value
     if len(value) != 1 or value[0]["role"] != "assistant":
         roles = ", ".join(message["role"] for message in value)
-        raise DataError(f"{row[0]}: field '{name}' must be one assistant message after the prompt, got [{roles}]; "
-                        "srlib scores one answer to a prompt")
+        raise DataError(
+            f"{row[0]}: field '{name}' must be one assistant message after the prompt, got [{roles}]; "
+            "srlib scores one answer to a prompt"
+        )
     return value[0]["content"]
 
 
@@ -881,8 +881,9 @@ def _implicit_prompt(row: Row, chosen: str | Conversation, rejected: str | Conve
         return _split_transcripts(row, chosen, rejected)
     split = extract_prompt({"chosen": chosen, "rejected": rejected})
     if not split["prompt"]:
-        raise DataError(f"{row[0]}: no field 'prompt', and 'chosen' and 'rejected' share no prefix to be one; "
-                        "add the prompt")
+        raise DataError(
+            f"{row[0]}: no field 'prompt', and 'chosen' and 'rejected' share no prefix to be one; add the prompt"
+        )
     if isinstance(chosen, str):
         return split["prompt"], split["chosen"].strip(), split["rejected"].strip()
     return tuple(split["prompt"]), tuple(split["chosen"]), tuple(split["rejected"])
@@ -894,8 +895,10 @@ def _plain_prompt(row: Row, prompt: str | Conversation) -> str | Conversation:
     if isinstance(prompt, str):
         return prompt
     if prompt[-1]["role"] != "user":
-        raise DataError(f"{row[0]}: field 'prompt' ends on a '{prompt[-1]['role']}' message; "
-                        "a prompt must end on a user turn, where the answer starts")
+        raise DataError(
+            f"{row[0]}: field 'prompt' ends on a '{prompt[-1]['role']}' message; "
+            "a prompt must end on a user turn, where the answer starts"
+        )
     if len(prompt) == 1 and not prompt[0]["content"].lstrip().startswith("Human:"):
         return prompt[0]["content"]
     return prompt
@@ -942,8 +945,10 @@ def pairs_from_records(records: Records) -> list[PreferencePair]:
         try:
             pair = _record_pair((where, obj), default_id)
             if pair.pair_id in first_use:
-                raise DataError(f"{where}: pair_id {pair.pair_id!r} repeats the pair_id of {first_use[pair.pair_id]}; "
-                                "give each pair its own pair_id (or leave it out)")
+                raise DataError(
+                    f"{where}: pair_id {pair.pair_id!r} repeats the pair_id of {first_use[pair.pair_id]}; "
+                    "give each pair its own pair_id (or leave it out)"
+                )
         except DataError as error:
             if records.strict:
                 raise
@@ -953,8 +958,12 @@ def pairs_from_records(records: Records) -> list[PreferencePair]:
         first_use[pair.pair_id] = f"line {tail}" if tail.isdigit() else where
         pairs.append(pair)
     if dropped:
-        warnings.warn(f"{records.name}: dropped {len(dropped)} of {len(records.rows)} records that are no "
-                      f"preference pair (first: {one_line(dropped[0], 160)})", UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{records.name}: dropped {len(dropped)} of {len(records.rows)} records that are no "
+            f"preference pair (first: {one_line(dropped[0], 160)})",
+            UserWarning,
+            stacklevel=3,
+        )
     if not pairs:
         raise DataError(f"{records.name}: no preference pairs among its {len(records.rows)} records")
     return pairs
@@ -979,8 +988,9 @@ def read_records(spec: str | os.PathLike | Any) -> Records:
     """
     if not isinstance(spec, (str, os.PathLike)):
         if not (hasattr(spec, "column_names") and hasattr(spec, "__iter__")):
-            raise DataError(f"cannot read pairs from a {type(spec).__name__}; give a datasets.Dataset, "
-                            "a file or a data set name")
+            raise DataError(
+                f"cannot read pairs from a {type(spec).__name__}; give a datasets.Dataset, a file or a data set name"
+            )
         rows = [(f"dataset[{i}]", f"dataset:{i}", dict(row)) for i, row in enumerate(spec)]
         if not rows:
             raise DataError("the Dataset has no rows")
@@ -988,8 +998,10 @@ def read_records(spec: str | os.PathLike | Any) -> Records:
     text = os.fspath(spec)
     if text.startswith(HUB_PREFIX):
         hub_id, split = parse_hub_spec(text)
-        rows = [(where, f"{hub_id}:{split}:{i}", obj)
-                for i, (where, obj) in enumerate(_hub_rows(hub_id, {"split": split}, _HUB_HINT))]
+        rows = [
+            (where, f"{hub_id}:{split}:{i}", obj)
+            for i, (where, obj) in enumerate(_hub_rows(hub_id, {"split": split}, _HUB_HINT))
+        ]
         return Records(rows, False, text)
     path = Path(text)
     if path.is_dir():
@@ -1005,8 +1017,9 @@ def read_records(spec: str | os.PathLike | Any) -> Records:
             raise DataError(f"{path}: not a readable parquet file ({one_line(str(exc), 120)})") from exc
         if not table:
             raise DataError(f"{path}: no preference pairs in the file (it has no rows)")
-        return Records([(f"{path}:row {i}", f"{path.name}:{i}", obj) for i, obj in enumerate(table, start=1)],
-                       True, str(path))
+        return Records(
+            [(f"{path}:row {i}", f"{path.name}:{i}", obj) for i, obj in enumerate(table, start=1)], True, str(path)
+        )
     rows = [(f"{path}:{lineno}", f"{path.name}:{lineno}", obj) for lineno, obj in _json_objects(path)]
     if not rows:
         n_lines = sum(1 for _ in _text_lines(path)) if path.is_file() else 1  # a pipe reads once
@@ -1025,8 +1038,9 @@ def parse_hub_spec(spec: str) -> tuple[str, str]:
     """(dataset id, split) of "hub:<dataset id>[:<split>]"; the split defaults to "train"."""
     hub_id, _, split = spec.removeprefix(HUB_PREFIX).partition(":")
     if not hub_id or hub_id.count("/") > 1 or ":" in split:
-        raise DataError(f"{spec!r} is no hub data set; write hub:<owner>/<name>[:<split>], "
-                        "e.g. hub:Anthropic/hh-rlhf:test")
+        raise DataError(
+            f"{spec!r} is no hub data set; write hub:<owner>/<name>[:<split>], e.g. hub:Anthropic/hh-rlhf:test"
+        )
     return hub_id, split or "train"
 
 

@@ -29,14 +29,31 @@ from srlib.reward import FeatureRM
 from srlib.reward_config import HeadConfig
 
 #: The columns of `data_efficiency`'s table.
-EFFICIENCY_COLUMNS = ("dataset", "method", "n_train_pairs", "seed", "test_accuracy", "tie_share", "validation",
-                      "train_digest", "outcomes")
+EFFICIENCY_COLUMNS = (
+    "dataset",
+    "method",
+    "n_train_pairs",
+    "seed",
+    "test_accuracy",
+    "tie_share",
+    "validation",
+    "train_digest",
+    "outcomes",
+)
 #: How the curve names the two head-only models (StandardRM keeps `srlib.baselines.METHOD_LABELS`').
 FEATURE_METHODS = {"projection": "SparseRM", "dense": "DenseRM"}
 
 
-def fit_feature_rm(states: DatasetStates, features: str, *, sae=None, k: int | None = None, seed: int = 0,
-                   validation: bool = True, head: HeadConfig | None = None) -> FeatureRM:
+def fit_feature_rm(
+    states: DatasetStates,
+    features: str,
+    *,
+    sae=None,
+    k: int | None = None,
+    seed: int = 0,
+    validation: bool = True,
+    head: HeadConfig | None = None,
+) -> FeatureRM:
     """SparseRM (`features="projection"`, top-`k` directions selected on `states.train`) or
     DenseRM (`"dense"`) fitted on the training states.
 
@@ -71,9 +88,20 @@ def curve_sizes(sizes: Sequence[int], n_train: int) -> list[int]:
     return sorted({int(n) for n in sizes if 0 < n < n_train} | {n_train})
 
 
-def data_efficiency(states: DatasetStates, sae, k: int, *, sizes: Sequence[int], seeds: Sequence[int],
-                    lora_sizes: Sequence[int] = (), backbone=None, lora_settings: Mapping | None = None,
-                    test: SplitStates | None = None, validation: bool = False, progress: bool = False):
+def data_efficiency(
+    states: DatasetStates,
+    sae,
+    k: int,
+    *,
+    sizes: Sequence[int],
+    seeds: Sequence[int],
+    lora_sizes: Sequence[int] = (),
+    backbone=None,
+    lora_settings: Mapping | None = None,
+    test: SplitStates | None = None,
+    validation: bool = False,
+    progress: bool = False,
+):
     """Test accuracy against the number of training pairs: one row per (method, size, seed).
 
     SparseRM and DenseRM are fitted at every size of `curve_sizes(sizes + lora_sizes, len(train))`,
@@ -103,9 +131,19 @@ def data_efficiency(states: DatasetStates, sae, k: int, *, sizes: Sequence[int],
 
     def add(method: str, n: int, seed: int, digest: str, s_w, s_l) -> None:
         outcomes = pair_outcomes(s_w, s_l)
-        rows.append({"dataset": states.name, "method": method, "n_train_pairs": n, "seed": seed,
-                     "test_accuracy": float(outcomes.mean()), "tie_share": tie_share(s_w, s_l),
-                     "validation": validation, "train_digest": digest, "outcomes": outcomes})
+        rows.append(
+            {
+                "dataset": states.name,
+                "method": method,
+                "n_train_pairs": n,
+                "seed": seed,
+                "test_accuracy": float(outcomes.mean()),
+                "tie_share": tie_share(s_w, s_l),
+                "validation": validation,
+                "train_digest": digest,
+                "outcomes": outcomes,
+            }
+        )
 
     for n in grid:
         for seed in seeds:
@@ -115,9 +153,15 @@ def data_efficiency(states: DatasetStates, sae, k: int, *, sizes: Sequence[int],
                 model = fit_feature_rm(subset, features, sae=sae, k=k, seed=seed, validation=validation)
                 add(method, n, seed, digest, model.score_states(test.chosen), model.score_states(test.rejected))
             if n in lora:
-                rm = cached_fit_baseline("standard", backbone, subset.train.pairs,
-                                         states.val.pairs if validation else None, seed=seed, progress=progress,
-                                         **dict(lora_settings or {}))
+                rm = cached_fit_baseline(
+                    "standard",
+                    backbone,
+                    subset.train.pairs,
+                    states.val.pairs if validation else None,
+                    seed=seed,
+                    progress=progress,
+                    **dict(lora_settings or {}),
+                )
                 scores = cached_score_pairs(rm, test.pairs, progress=progress)
                 add(METHOD_LABELS["standard"], n, seed, digest, scores.chosen, scores.rejected)
     return pd.DataFrame(rows, columns=list(EFFICIENCY_COLUMNS))
@@ -132,8 +176,18 @@ def efficiency_summary(curve, confidence: float = 0.95):
     rows = []
     for (dataset, method, n), group in curve.groupby(["dataset", "method", "n_train_pairs"], sort=False):
         mean, low, high = seed_interval(100 * group["test_accuracy"], confidence)
-        rows.append({"dataset": dataset, "method": method, "n_train_pairs": int(n), "mean": mean, "low": low,
-                     "high": high, "tie share (%)": 100 * group["tie_share"].mean(), "seeds": len(group)})
+        rows.append(
+            {
+                "dataset": dataset,
+                "method": method,
+                "n_train_pairs": int(n),
+                "mean": mean,
+                "low": low,
+                "high": high,
+                "tie share (%)": 100 * group["tie_share"].mean(),
+                "seeds": len(group),
+            }
+        )
     return pd.DataFrame(rows)
 
 

@@ -118,9 +118,7 @@ def select_directions(
     d_sae = W_dec.shape[0]
     for name, latents in (("latents_w", latents_w), ("latents_l", latents_l)):
         if latents.ndim != 2 or latents.shape[1] != d_sae:
-            raise ConfigError(
-                f"{name} has shape {tuple(latents.shape)} but the SAE has {d_sae} latents"
-            )
+            raise ConfigError(f"{name} has shape {tuple(latents.shape)} but the SAE has {d_sae} latents")
     needed = k if allow_overlap else 2 * k
     if k < 1 or needed > d_sae:
         raise ConfigError(

@@ -72,8 +72,9 @@ def _template_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict], **kw
 def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
     """Token ids of a conversation rendered for the model to answer next (generation prompt on)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError("the tokenizer has no chat template; srlib scores and trains policies "
-                          "on chat-formatted conversations only")
+        raise ConfigError(
+            "the tokenizer has no chat template; srlib scores and trains policies on chat-formatted conversations only"
+        )
     return _template_ids(tokenizer, messages, add_generation_prompt=True)
 
 
@@ -115,7 +116,7 @@ def sequence_logprobs(
     for prompt, response in items:
         p, r = split_prompt_response(tokenizer, prompt, response)
         r = r[: max_length - 1]
-        p = p[-(max_length - len(r)):]
+        p = p[-(max_length - len(r)) :]
         encoded.append((p, r))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
@@ -128,19 +129,22 @@ def sequence_logprobs(
         resp_width = max(len(encoded[i][1]) for i in batch)
         input_ids, attention = left_pad(seqs, pad_id)
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-        logits = model(
-            input_ids=input_ids.to(device),
-            attention_mask=attention.to(device),
-            position_ids=position_ids.to(device),
-            logits_to_keep=resp_width + 1,
-        ).logits[:, :-1].float()
-        targets = input_ids[:, input_ids.shape[1] - resp_width:].to(device)
+        logits = (
+            model(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                position_ids=position_ids.to(device),
+                logits_to_keep=resp_width + 1,
+            )
+            .logits[:, :-1]
+            .float()
+        )
+        targets = input_ids[:, input_ids.shape[1] - resp_width :].to(device)
         # log_softmax at the targets only, without a second [batch, length, vocab] tensor
-        token_logp = (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-                      - torch.logsumexp(logits, dim=-1)).cpu()
+        token_logp = (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)).cpu()
         for row, i in enumerate(batch):
             n = len(encoded[i][1])
-            total = token_logp[row, resp_width - n:].sum()
+            total = token_logp[row, resp_width - n :].sum()
             out[i] = total / n if normalize else total
     model.train(was_training)
     return out
@@ -162,8 +166,14 @@ def response_logprobs(
     `normalize=True` the mean per token.
     """
     return sequence_logprobs(
-        model, tokenizer, [(prompt, r) for r in responses], normalize=normalize,
-        batch_size=batch_size, max_length=max_length, progress=False, desc="log-probs",
+        model,
+        tokenizer,
+        [(prompt, r) for r in responses],
+        normalize=normalize,
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=False,
+        desc="log-probs",
     )
 
 
@@ -188,9 +198,7 @@ def mean_sd(mean: float, sd: float | None = None, *, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
-def mc_scores(
-    best: torch.Tensor | float, correct: torch.Tensor, incorrect: torch.Tensor
-) -> tuple[float, float]:
+def mc_scores(best: torch.Tensor | float, correct: torch.Tensor, incorrect: torch.Tensor) -> tuple[float, float]:
     """(MC1, MC2) of one question from answer log-probabilities (TruthfulQA, Lin et al. 2022).
 
     MC1 = 1 if the best answer's log-prob is strictly above every incorrect answer's.
@@ -245,8 +253,14 @@ def truthfulqa_mc(
         items += [(q.question, a) for a in correct + incorrect]
         layout.append((start, len(correct), len(incorrect)))
     scores = sequence_logprobs(
-        model, tokenizer, items, normalize=False, batch_size=batch_size,
-        max_length=max_length, progress=progress, desc="TruthfulQA MC",
+        model,
+        tokenizer,
+        items,
+        normalize=False,
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
+        desc="TruthfulQA MC",
     )
     mc1, mc2 = [], []
     for start, n_true, n_false in layout:
@@ -258,8 +272,7 @@ def truthfulqa_mc(
     mc1_t, mc2_t = torch.tensor(mc1, dtype=torch.float64), torch.tensor(mc2, dtype=torch.float64)
     n = len(questions)
     p1 = float(mc1_t.mean())
-    out = {"mc1": p1, "mc2": float(mc2_t.mean()), "n": n,
-           "mc1_se": binomial_se(p1, n), "mc2_se": mean_se(mc2_t)}
+    out = {"mc1": p1, "mc2": float(mc2_t.mean()), "n": n, "mc1_se": binomial_se(p1, n), "mc2_se": mean_se(mc2_t)}
     if per_item:
         out.update(mc1_items=mc1, mc2_items=mc2)
     return out
@@ -286,14 +299,25 @@ def pairwise_logprob_accuracy(
         raise ValueError("pairwise_logprob_accuracy needs at least one pair")
     items = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
     scores = sequence_logprobs(
-        model, tokenizer, items, normalize=normalize, batch_size=batch_size,
-        max_length=max_length, progress=progress, desc="pairwise log-probs",
+        model,
+        tokenizer,
+        items,
+        normalize=normalize,
+        batch_size=batch_size,
+        max_length=max_length,
+        progress=progress,
+        desc="pairwise log-probs",
     )
-    margin = scores[: len(pairs)] - scores[len(pairs):]
+    margin = scores[: len(pairs)] - scores[len(pairs) :]
     correct = (margin > 0).float()
     acc = float(correct.mean())
-    out = {"accuracy": acc, "n": len(pairs), "se": binomial_se(acc, len(pairs)),
-           "mean_margin": float(margin.mean()), "margin_se": mean_se(margin)}
+    out = {
+        "accuracy": acc,
+        "n": len(pairs),
+        "se": binomial_se(acc, len(pairs)),
+        "mean_margin": float(margin.mean()),
+        "margin_se": mean_se(margin),
+    }
     if per_item:
         out.update(accuracy_items=correct.tolist(), margins=margin.tolist())
     return out
@@ -306,8 +330,9 @@ def filter_stats(keep: Mapping[str, Sequence[bool] | torch.Tensor]) -> dict:
     dict(n_generated, kept {name: count}, kept_fraction {name: share}, agreement
     {name: {name: share of tuples on which the two made the same keep/drop decision}}).
     """
-    masks = {name: torch.as_tensor(list(m) if not torch.is_tensor(m) else m, dtype=torch.bool)
-             for name, m in keep.items()}
+    masks = {
+        name: torch.as_tensor(list(m) if not torch.is_tensor(m) else m, dtype=torch.bool) for name, m in keep.items()
+    }
     sizes = {m.numel() for m in masks.values()}
     if len(sizes) != 1:
         raise ValueError(f"keep masks differ in length: {sorted(sizes)}")
@@ -316,16 +341,19 @@ def filter_stats(keep: Mapping[str, Sequence[bool] | torch.Tensor]) -> dict:
         "n_generated": n,
         "kept": {k: int(m.sum()) for k, m in masks.items()},
         "kept_fraction": {k: float(m.float().mean()) if n else float("nan") for k, m in masks.items()},
-        "agreement": {a: {b: float((ma == mb).float().mean()) if n else float("nan")
-                          for b, mb in masks.items()} for a, ma in masks.items()},
+        "agreement": {
+            a: {b: float((ma == mb).float().mean()) if n else float("nan") for b, mb in masks.items()}
+            for a, ma in masks.items()
+        },
     }
 
 
 # ----------------------------------------------------------------------------- paired verdicts
 
 
-def pair_outcomes(s_w: torch.Tensor | np.ndarray | Sequence[float],
-                  s_l: torch.Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
+def pair_outcomes(
+    s_w: torch.Tensor | np.ndarray | Sequence[float], s_l: torch.Tensor | np.ndarray | Sequence[float]
+) -> np.ndarray:
     """Per-pair outcome of a reward model: 1 if s_w > s_l, 0 if s_w < s_l, 0.5 on a tie.
 
     Counting a tie as half a pair is what a coin flip between the two answers would score, so
@@ -334,13 +362,13 @@ def pair_outcomes(s_w: torch.Tensor | np.ndarray | Sequence[float],
     """
     w, r = _as_array(s_w), _as_array(s_l)
     if w.shape != r.shape or w.size == 0:
-        raise ConfigError(f"pair_outcomes needs two non-empty score arrays of one shape, got "
-                          f"{w.shape} and {r.shape}")
+        raise ConfigError(f"pair_outcomes needs two non-empty score arrays of one shape, got {w.shape} and {r.shape}")
     return np.where(w > r, 1.0, np.where(w < r, 0.0, 0.5))
 
 
-def tie_share(s_w: torch.Tensor | np.ndarray | Sequence[float],
-              s_l: torch.Tensor | np.ndarray | Sequence[float]) -> float:
+def tie_share(
+    s_w: torch.Tensor | np.ndarray | Sequence[float], s_l: torch.Tensor | np.ndarray | Sequence[float]
+) -> float:
     """Fraction of pairs (over all seeds, if given [n_seeds, n]) where s_w == s_l exactly."""
     return float((pair_outcomes(s_w, s_l) == 0.5).mean())
 
@@ -379,34 +407,54 @@ class PairedComparison:
         A difference is clear when its interval excludes 0; otherwise the line says so and
         gives the interval, which shows how large a difference the run could have missed.
         """
+
         def evidence(low: float, high: float) -> str:
-            return (f"{self.confidence:.0%} CI {low:.1f} to {high:.1f}; paired over "
-                    f"{self.n_pairs:,} test pairs, {self.n_seeds} seed{'s' * (self.n_seeds != 1)}")
+            return (
+                f"{self.confidence:.0%} CI {low:.1f} to {high:.1f}; paired over "
+                f"{self.n_pairs:,} test pairs, {self.n_seeds} seed{'s' * (self.n_seeds != 1)}"
+            )
 
         if self.low > 0:
             verb = "beat" if self.name_a.endswith("s") else "beats"
-            return (f"{self.name_a} {verb} {self.name_b} by {self.difference:.1f} points "
-                    f"({evidence(self.low, self.high)})")
+            return (
+                f"{self.name_a} {verb} {self.name_b} by {self.difference:.1f} points ({evidence(self.low, self.high)})"
+            )
         if self.high < 0:
             verb = "beat" if self.name_b.endswith("s") else "beats"
-            return (f"{self.name_b} {verb} {self.name_a} by {-self.difference:.1f} points "
-                    f"({evidence(-self.high, -self.low)})")
-        power = (f"; a true difference of {self.detectable:.1f} points would be found with 80% power"
-                 if math.isfinite(self.detectable) else "")
-        return (f"no clear difference between {self.name_a} and {self.name_b}: "
-                f"{self.name_a} − {self.name_b} = {self.difference:+.1f} points "
-                f"({evidence(self.low, self.high)}{power})")
+            return (
+                f"{self.name_b} {verb} {self.name_a} by {-self.difference:.1f} points "
+                f"({evidence(-self.high, -self.low)})"
+            )
+        power = (
+            f"; a true difference of {self.detectable:.1f} points would be found with 80% power"
+            if math.isfinite(self.detectable)
+            else ""
+        )
+        return (
+            f"no clear difference between {self.name_a} and {self.name_b}: "
+            f"{self.name_a} − {self.name_b} = {self.difference:+.1f} points "
+            f"({evidence(self.low, self.high)}{power})"
+        )
 
     def as_row(self) -> dict:
         """The comparison as one table row (names, accuracies, difference, interval, sizes)."""
-        return {"A": self.name_a, "B": self.name_b, "A acc (%)": self.accuracy_a,
-                "B acc (%)": self.accuracy_b, "A − B (points)": self.difference,
-                "CI low": self.low, "CI high": self.high, "pairs": self.n_pairs,
-                "seeds": self.n_seeds, "detectable at 80% power (points)": self.detectable}
+        return {
+            "A": self.name_a,
+            "B": self.name_b,
+            "A acc (%)": self.accuracy_a,
+            "B acc (%)": self.accuracy_b,
+            "A − B (points)": self.difference,
+            "CI low": self.low,
+            "CI high": self.high,
+            "pairs": self.n_pairs,
+            "seeds": self.n_seeds,
+            "detectable at 80% power (points)": self.detectable,
+        }
 
 
-def minimum_detectable_difference(differences: np.ndarray | Sequence[float], *, confidence: float = 0.95,
-                                  power: float = 0.8) -> float:
+def minimum_detectable_difference(
+    differences: np.ndarray | Sequence[float], *, confidence: float = 0.95, power: float = 0.8
+) -> float:
     """The smallest true mean difference that a two-sided test at `confidence` would find with
     probability `power`, given per-pair differences like these: (z_(1+c)/2 + z_power) times
     their standard error (normal approximation, the spread estimated from the run itself).
@@ -439,27 +487,42 @@ def compare_paired(
     """
     a, b = _as_array(outcomes_a), _as_array(outcomes_b)
     if a.ndim not in (1, 2) or b.ndim not in (1, 2):
-        raise ConfigError(f"compare_paired takes [n_pairs] or [n_seeds, n_pairs] outcomes, got "
-                          f"shapes {a.shape} and {b.shape}")
+        raise ConfigError(
+            f"compare_paired takes [n_pairs] or [n_seeds, n_pairs] outcomes, got shapes {a.shape} and {b.shape}"
+        )
     per_a, per_b = np.atleast_2d(a).mean(0), np.atleast_2d(b).mean(0)
     if per_a.shape != per_b.shape or per_a.size == 0:
-        raise ConfigError(f"compare_paired needs outcomes on the same non-empty set of pairs, got "
-                          f"{per_a.size} and {per_b.size} pairs")
+        raise ConfigError(
+            f"compare_paired needs outcomes on the same non-empty set of pairs, got {per_a.size} and {per_b.size} pairs"
+        )
     if not 0 < confidence < 1:
         raise ConfigError(f"confidence must be in (0, 1), got {confidence}")
     diff = 100.0 * (per_a - per_b)
     if np.all(diff == diff[0]):  # a degenerate sample: every resample has the same mean
         low = high = float(diff[0])
     else:
-        ci = stats.bootstrap((diff,), np.mean, n_resamples=n_boot, confidence_level=confidence,
-                             method="percentile", vectorized=True,
-                             rng=np.random.default_rng(seed)).confidence_interval
+        ci = stats.bootstrap(
+            (diff,),
+            np.mean,
+            n_resamples=n_boot,
+            confidence_level=confidence,
+            method="percentile",
+            vectorized=True,
+            rng=np.random.default_rng(seed),
+        ).confidence_interval
         low, high = float(ci.low), float(ci.high)
     return PairedComparison(
-        name_a=name_a, name_b=name_b, accuracy_a=100.0 * float(per_a.mean()),
-        accuracy_b=100.0 * float(per_b.mean()), difference=float(diff.mean()), low=low, high=high,
-        n_pairs=int(diff.size), n_seeds=max(np.atleast_2d(a).shape[0], np.atleast_2d(b).shape[0]),
-        confidence=confidence, detectable=minimum_detectable_difference(diff, confidence=confidence),
+        name_a=name_a,
+        name_b=name_b,
+        accuracy_a=100.0 * float(per_a.mean()),
+        accuracy_b=100.0 * float(per_b.mean()),
+        difference=float(diff.mean()),
+        low=low,
+        high=high,
+        n_pairs=int(diff.size),
+        n_seeds=max(np.atleast_2d(a).shape[0], np.atleast_2d(b).shape[0]),
+        confidence=confidence,
+        detectable=minimum_detectable_difference(diff, confidence=confidence),
     )
 
 

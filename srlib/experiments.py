@@ -79,29 +79,47 @@ class DatasetStates:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
-def dataset_states(backbone, dataset: str, profile: Profile, *, layer: int | None = None,
-                   max_pairs: int | None = None, seed: int = 0, progress: bool = True) -> DatasetStates:
+def dataset_states(
+    backbone,
+    dataset: str,
+    profile: Profile,
+    *,
+    layer: int | None = None,
+    max_pairs: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> DatasetStates:
     """Load the three splits of a built-in data set and extract their states at `layer`, read at
     the profile's token position.
 
     `max_pairs` caps each split (default: the profile's cap); `layer` defaults to the
     profile's. States come from the activation cache when they were extracted before.
     """
-    return states_at_positions(backbone, dataset, profile, (profile.position,), layer=layer,
-                               max_pairs=max_pairs, seed=seed, progress=progress)[profile.position]
+    return states_at_positions(
+        backbone, dataset, profile, (profile.position,), layer=layer, max_pairs=max_pairs, seed=seed, progress=progress
+    )[profile.position]
 
 
-def split_pairs(dataset: str, profile: Profile, *, max_pairs: int | None = None,
-                seed: int = 0) -> dict[str, list[PreferencePair]]:
+def split_pairs(
+    dataset: str, profile: Profile, *, max_pairs: int | None = None, seed: int = 0
+) -> dict[str, list[PreferencePair]]:
     """{split: pairs} of a built-in data set's train, val and test splits, each capped at
     `max_pairs` (default: the profile's cap): the pairs `dataset_states` reads."""
     cap = profile.max_pairs if max_pairs is None else max_pairs
     return {split: load_pairs(f"{dataset}:{split}", seed=seed, max_pairs=cap) for split in ("train", "val", "test")}
 
 
-def states_at_positions(backbone, dataset: str, profile: Profile, positions: Sequence[str], *,
-                        layer: int | None = None, max_pairs: int | None = None, seed: int = 0,
-                        progress: bool = True) -> dict[str, DatasetStates]:
+def states_at_positions(
+    backbone,
+    dataset: str,
+    profile: Profile,
+    positions: Sequence[str],
+    *,
+    layer: int | None = None,
+    max_pairs: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, DatasetStates]:
     """`dataset_states` read at several token positions (`srlib.activations.POSITIONS`), from
     one forward pass per text: {position: DatasetStates}."""
     from srlib.activations import pair_token_states
@@ -109,17 +127,34 @@ def states_at_positions(backbone, dataset: str, profile: Profile, positions: Seq
     layer = profile.layer if layer is None else layer
     splits: dict[str, dict[str, SplitStates]] = {position: {} for position in positions}
     for split, pairs in split_pairs(dataset, profile, max_pairs=max_pairs, seed=seed).items():
-        read = pair_token_states(backbone, pairs, layer, positions=positions, max_length=profile.max_length,
-                                 batch_size=profile.batch_size, progress=progress)
+        read = pair_token_states(
+            backbone,
+            pairs,
+            layer,
+            positions=positions,
+            max_length=profile.max_length,
+            batch_size=profile.batch_size,
+            progress=progress,
+        )
         for position, (chosen, rejected) in read.items():
             splits[position][split] = SplitStates(pairs, chosen, rejected)
-    return {position: DatasetStates(dataset, layer, **splits[position], position=position,
-                                    head=profile.head) for position in positions}
+    return {
+        position: DatasetStates(dataset, layer, **splits[position], position=position, head=profile.head)
+        for position in positions
+    }
 
 
-def warm_states(backbone, dataset: str, profile: Profile, layers: Sequence[int], *,
-                positions: Sequence[str] | None = None, max_pairs: int | None = None, seed: int = 0,
-                progress: bool = True) -> None:
+def warm_states(
+    backbone,
+    dataset: str,
+    profile: Profile,
+    layers: Sequence[int],
+    *,
+    positions: Sequence[str] | None = None,
+    max_pairs: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> None:
     """Put the states of every pair of `dataset` (all splits) at every layer of `layers` into the
     activation cache, one forward pass per text to the deepest layer
     (`srlib.activations.states_at_layers`): a layer sweep's per-layer `dataset_states` then
@@ -127,10 +162,21 @@ def warm_states(backbone, dataset: str, profile: Profile, layers: Sequence[int],
     from srlib.activations import states_at_layers
     from srlib.backbone import format_pair
 
-    texts = [text for pairs in split_pairs(dataset, profile, max_pairs=max_pairs, seed=seed).values()
-             for pair in pairs for text in format_pair(backbone.tokenizer, pair)]
-    states_at_layers(backbone, texts, layers, positions=positions or (profile.position,),
-                     max_length=profile.max_length, batch_size=profile.batch_size, progress=progress)
+    texts = [
+        text
+        for pairs in split_pairs(dataset, profile, max_pairs=max_pairs, seed=seed).values()
+        for pair in pairs
+        for text in format_pair(backbone.tokenizer, pair)
+    ]
+    states_at_layers(
+        backbone,
+        texts,
+        layers,
+        positions=positions or (profile.position,),
+        max_length=profile.max_length,
+        batch_size=profile.batch_size,
+        progress=progress,
+    )
 
 
 def select_for(states: DatasetStates, sae, k: int, *, resample_seed: int | None = None, **options) -> Directions:
@@ -142,10 +188,14 @@ def select_for(states: DatasetStates, sae, k: int, *, resample_seed: int | None 
     """
     from srlib.sae import encode
 
-    rows = (torch.arange(len(states.train)) if resample_seed is None
-            else bootstrap_rows([p.group_id for p in states.train.pairs], resample_seed))
-    return select_directions(sae, encode(sae, states.train.chosen[rows]), encode(sae, states.train.rejected[rows]),
-                             k, **options)
+    rows = (
+        torch.arange(len(states.train))
+        if resample_seed is None
+        else bootstrap_rows([p.group_id for p in states.train.pairs], resample_seed)
+    )
+    return select_directions(
+        sae, encode(sae, states.train.chosen[rows]), encode(sae, states.train.rejected[rows]), k, **options
+    )
 
 
 def bootstrap_rows(groups: Sequence[str], seed: int) -> Tensor:
@@ -180,20 +230,34 @@ class Trial:
     features: str = ""  # the head's input: dense, projection, latents or random
 
 
-def make_model(features: str, *, directions: Directions | None = None, sae=None, seed: int = 0,
-               layer: int | None = None, position: str = "last") -> FeatureRM:
+def make_model(
+    features: str,
+    *,
+    directions: Directions | None = None,
+    sae=None,
+    seed: int = 0,
+    layer: int | None = None,
+    position: str = "last",
+) -> FeatureRM:
     """An unfitted reward model of one kind: `dense` (DenseRM) or a SparseRM feature map
     (`projection`, `latents`, `random`) on the given directions, reading `layer` at `position`."""
     if features == "dense":
         return DenseRM(layer=layer, position=position)
     if directions is None:
         raise ConfigError(f"features={features!r} needs directions (srlib.experiments.select_for)")
-    return SparseRM(directions, kind=features, sae=sae if features == "latents" else None,
-                    feature_seed=seed, layer=layer, position=position)
+    return SparseRM(
+        directions,
+        kind=features,
+        sae=sae if features == "latents" else None,
+        feature_seed=seed,
+        layer=layer,
+        position=position,
+    )
 
 
-def fit_on_states(model: FeatureRM, states: DatasetStates, *, head: HeadConfig | None = None,
-                  validation: bool = True) -> FeatureRM:
+def fit_on_states(
+    model: FeatureRM, states: DatasetStates, *, head: HeadConfig | None = None, validation: bool = True
+) -> FeatureRM:
     """Fit `model`'s head on the training states; with `validation`, stop early on the validation
     states and keep the best epoch. The one place the profile's head settings (`states.head`)
     reach `srlib.reward.fit_head`; `head` replaces them (a study varying one field passes
@@ -208,10 +272,19 @@ def seeded_head(states: DatasetStates, head: HeadConfig | None, seed: int) -> He
     return dataclasses.replace(head or states.head, seed=seed)
 
 
-def fit_variant(states: DatasetStates, *, features: str = "projection", directions: Directions | None = None,
-                sae=None, seed: int = 0, variant: str | None = None, score_test: bool = True,
-                select: Mapping | None = None, resample_seed: int | None = None,
-                head: HeadConfig | None = None) -> tuple[FeatureRM, Trial]:
+def fit_variant(
+    states: DatasetStates,
+    *,
+    features: str = "projection",
+    directions: Directions | None = None,
+    sae=None,
+    seed: int = 0,
+    variant: str | None = None,
+    score_test: bool = True,
+    select: Mapping | None = None,
+    resample_seed: int | None = None,
+    head: HeadConfig | None = None,
+) -> tuple[FeatureRM, Trial]:
     """Fit one reward model on the training states (early stopping on val) and test it
     (`score_test=False`: a selection run, which never looks at the test split).
 
@@ -221,16 +294,24 @@ def fit_variant(states: DatasetStates, *, features: str = "projection", directio
     """
     if select is not None:
         directions = select_for(states, resample_seed=resample_seed, **select)
-    model = make_model(features, directions=directions, sae=sae, seed=seed, layer=states.layer,
-                       position=states.position)
+    model = make_model(
+        features, directions=directions, sae=sae, seed=seed, layer=states.layer, position=states.position
+    )
     started = time.perf_counter()
     fit_on_states(model, states, head=seeded_head(states, head, seed))
     seconds = time.perf_counter() - started
-    trial = Trial(dataset=states.name, variant=variant or features, seed=seed, test_accuracy=None,
-                  val_accuracy=model.history.best_val_accuracy,
-                  trainable_parameters=model.num_trainable_parameters(), fit_seconds=seconds,
-                  best_epoch=model.history.best_epoch,
-                  resample_seed=resample_seed if select is not None else None, features=features)
+    trial = Trial(
+        dataset=states.name,
+        variant=variant or features,
+        seed=seed,
+        test_accuracy=None,
+        val_accuracy=model.history.best_val_accuracy,
+        trainable_parameters=model.num_trainable_parameters(),
+        fit_seconds=seconds,
+        best_epoch=model.history.best_epoch,
+        resample_seed=resample_seed if select is not None else None,
+        features=features,
+    )
     if score_test:
         s_w, s_l = model.score_states(states.test.chosen), model.score_states(states.test.rejected)
         outcomes = pair_outcomes(s_w, s_l)
@@ -241,8 +322,14 @@ def fit_variant(states: DatasetStates, *, features: str = "projection", directio
     return model, trial
 
 
-def run_trials(states: DatasetStates, variants: Mapping[str, dict], seeds: Sequence[int], *,
-               resample: bool = False, progress: bool = True):
+def run_trials(
+    states: DatasetStates,
+    variants: Mapping[str, dict],
+    seeds: Sequence[int],
+    *,
+    resample: bool = False,
+    progress: bool = True,
+):
     """Fit every variant with every seed; a DataFrame with one row per (variant, seed).
 
     `variants` maps a display name to `fit_variant` keyword arguments, e.g.
@@ -274,8 +361,9 @@ def seed_sources(trials) -> str:
     return "seeds vary " + ", ".join(sources[:-1]) + " and " + sources[-1]
 
 
-def compare_variants(trials, name_a: str, name_b: str, *, column: str = "variant", labels: tuple[str, str] | None = None,
-                     **where) -> PairedComparison:
+def compare_variants(
+    trials, name_a: str, name_b: str, *, column: str = "variant", labels: tuple[str, str] | None = None, **where
+) -> PairedComparison:
     """`compare_paired` between two rows of a trials table on the same test pairs.
 
     Rows are those with `column == name_a` (and `name_b`) and every `where` column equal to its
@@ -315,18 +403,18 @@ def summarize(trials, by: Sequence[str] = ("dataset", "variant"), *, value: str,
     table["label"] = [mean_sd(m, s) for m, s in zip(table["mean"], table["std"], strict=True)]
     if value.startswith("test_") and "test_ties" in trials and trials["test_ties"].notna().any():
         table["ties"] = 100 * trials.groupby(list(by), sort=False)["test_ties"].mean().to_numpy()
-        table["label"] = [f"{label} (ties {t:.1f}%)" if t > 0 else label
-                          for label, t in zip(table["label"], table["ties"], strict=True)]
+        table["label"] = [
+            f"{label} (ties {t:.1f}%)" if t > 0 else label
+            for label, t in zip(table["label"], table["ties"], strict=True)
+        ]
     return table
-
-
 
 
 # --------------------------------------------------------------------------- inspecting latents (chapters 1-2)
 
 
 def pair_text(pair: PreferencePair, side: str = "chosen", chars: int = 200) -> str:
-    """"question → answer" of one side of a pair on one line, cut to `chars` characters."""
+    """ "question → answer" of one side of a pair on one line, cut to `chars` characters."""
     return _cut(f"{pair.prompt} → {pair.chosen if side == 'chosen' else pair.rejected}", chars)
 
 
@@ -334,11 +422,15 @@ def top_latents(latents: Tensor, n: int = 5) -> list[list[tuple[int, float]]]:
     """Per row of [rows, M] latents, the `n` strongest active latents as (index, activation),
     strongest first (fewer when fewer fire)."""
     values, indices = latents.topk(min(n, latents.shape[1]), dim=1)
-    return [[(int(j), float(v)) for j, v in zip(row_i, row_v, strict=True) if v > 0] for row_i, row_v in zip(indices, values, strict=True)]
+    return [
+        [(int(j), float(v)) for j, v in zip(row_i, row_v, strict=True) if v > 0]
+        for row_i, row_v in zip(indices, values, strict=True)
+    ]
 
 
-def pair_latent_table(pairs: Sequence[PreferencePair], latents_w: Tensor, latents_l: Tensor, *,
-                      n: int = 5, chars: int = 80):
+def pair_latent_table(
+    pairs: Sequence[PreferencePair], latents_w: Tensor, latents_l: Tensor, *, n: int = 5, chars: int = 80
+):
     """One row per answer of each pair: the answer, its `n` strongest latents ("j (activation)"),
     the `n` strongest of those it fires that the other answer of the pair does not, and how
     many latents fire on it."""
@@ -348,11 +440,16 @@ def pair_latent_table(pairs: Sequence[PreferencePair], latents_w: Tensor, latent
     for i, pair in enumerate(pairs):
         for side, own, other in (("chosen", latents_w[i], latents_l[i]), ("rejected", latents_l[i], latents_w[i])):
             exclusive = torch.where(other > 0, torch.zeros(()), own)
-            rows.append({"pair": i + 1, "answer": side,
-                         "text": _cut(pair.chosen if side == "chosen" else pair.rejected, chars),
-                         "strongest latents (activation)": _latent_list(own, n),
-                         "strongest of those the other answer lacks": _latent_list(exclusive, n) or "–",
-                         "active latents": int((own > 0).sum())})
+            rows.append(
+                {
+                    "pair": i + 1,
+                    "answer": side,
+                    "text": _cut(pair.chosen if side == "chosen" else pair.rejected, chars),
+                    "strongest latents (activation)": _latent_list(own, n),
+                    "strongest of those the other answer lacks": _latent_list(exclusive, n) or "–",
+                    "active latents": int((own > 0).sum()),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -413,8 +510,17 @@ def _registry_neuronpedia_id(source) -> str | None:
     return (release.neuronpedia_id or {}).get(source.sae_id) if release is not None else None
 
 
-def latent_cards(directions: Directions, latents_w: Tensor, latents_l: Tensor, pairs: Sequence[PreferencePair],
-                 *, n_latents: int = 5, n_texts: int = 3, chars: int = 200, sae_source: str = ""):
+def latent_cards(
+    directions: Directions,
+    latents_w: Tensor,
+    latents_l: Tensor,
+    pairs: Sequence[PreferencePair],
+    *,
+    n_latents: int = 5,
+    n_texts: int = 3,
+    chars: int = 200,
+    sae_source: str = "",
+):
     """For the strongest `n_latents` latents of each side: its scores, its max-activating
     training answers (among chosen and rejected, "question → answer" cut to `chars`), how many
     pairs it separates and the one where it fires most strongly, and its public dashboard
@@ -428,30 +534,39 @@ def latent_cards(directions: Directions, latents_w: Tensor, latents_l: Tensor, p
     answers = [pair_text(p, "chosen", chars) for p in pairs] + [pair_text(p, "rejected", chars) for p in pairs]
     both = torch.cat([latents_w, latents_l])
     rows = []
-    for side, indices, scores in (("w", directions.indices_w, directions.scores_w),
-                                  ("l", directions.indices_l, directions.scores_l)):
-        for rank, (latent, score) in enumerate(zip(indices[:n_latents].tolist(), scores[:n_latents].tolist(), strict=True), 1):
+    for side, indices, scores in (
+        ("w", directions.indices_w, directions.scores_w),
+        ("l", directions.indices_l, directions.scores_l),
+    ):
+        for rank, (latent, score) in enumerate(
+            zip(indices[:n_latents].tolist(), scores[:n_latents].tolist(), strict=True), 1
+        ):
             top = max_activating(both, latent, n_texts)
             separated = separated_pairs(latents_w, latents_l, latent, side)
             example = ""
             if separated.numel():  # the separated pair where the latent fires most strongly
                 firing = (latents_w if side == "w" else latents_l)[separated, latent]
                 pair = pairs[int(separated[firing.argmax()])]
-                example = (f"{_cut(pair.prompt, chars // 2)} | chosen: {_cut(pair.chosen, chars // 3)}"
-                           f" | rejected: {_cut(pair.rejected, chars // 3)}")
-            rows.append({
-                "side": "chosen (∇)" if side == "w" else "rejected (Δ)",
-                "rank": rank,
-                "latent": latent,
-                "score": score,
-                "μ_w": float(directions.mu_w[latent]),
-                "μ_l": float(directions.mu_l[latent]),
-                "max-activating answers": [f"[{'chosen' if r < len(pairs) else 'rejected'}, {v:.2f}] {answers[r]}"
-                                           for r, v in top],
-                "pairs separated": int(separated.numel()),
-                "example pair": example,
-                "dashboard": neuronpedia_url(sae_source, latent),
-            })
+                example = (
+                    f"{_cut(pair.prompt, chars // 2)} | chosen: {_cut(pair.chosen, chars // 3)}"
+                    f" | rejected: {_cut(pair.rejected, chars // 3)}"
+                )
+            rows.append(
+                {
+                    "side": "chosen (∇)" if side == "w" else "rejected (Δ)",
+                    "rank": rank,
+                    "latent": latent,
+                    "score": score,
+                    "μ_w": float(directions.mu_w[latent]),
+                    "μ_l": float(directions.mu_l[latent]),
+                    "max-activating answers": [
+                        f"[{'chosen' if r < len(pairs) else 'rejected'}, {v:.2f}] {answers[r]}" for r, v in top
+                    ],
+                    "pairs separated": int(separated.numel()),
+                    "example pair": example,
+                    "dashboard": neuronpedia_url(sae_source, latent),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -461,8 +576,9 @@ def jaccard(a: Tensor | Sequence[int], b: Tensor | Sequence[int]) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
-def selection_stability(sae_or_W_dec, latents_w: Tensor, latents_l: Tensor, groups: Sequence[str],
-                        ks: Sequence[int], *, seed: int = 0):
+def selection_stability(
+    sae_or_W_dec, latents_w: Tensor, latents_l: Tensor, groups: Sequence[str], ks: Sequence[int], *, seed: int = 0
+):
     """How stable top-K selection is: split the pairs in two halves by group (question), select
     on each half and report the Jaccard overlap of I_w and of I_l for every K.
 
@@ -485,9 +601,15 @@ def selection_stability(sae_or_W_dec, latents_w: Tensor, latents_l: Tensor, grou
     for k in ks:
         a = select_directions(sae_or_W_dec, latents_w[mask], latents_l[mask], k)
         b = select_directions(sae_or_W_dec, latents_w[~mask], latents_l[~mask], k)
-        rows.append({"K": k, "Jaccard I_w": jaccard(a.indices_w, b.indices_w),
-                     "Jaccard I_l": jaccard(a.indices_l, b.indices_l), "chance": k / (2 * m - k),
-                     "pairs per half": f"{int(mask.sum())} / {int((~mask).sum())}"})
+        rows.append(
+            {
+                "K": k,
+                "Jaccard I_w": jaccard(a.indices_w, b.indices_w),
+                "Jaccard I_l": jaccard(a.indices_l, b.indices_l),
+                "chance": k / (2 * m - k),
+                "pairs per half": f"{int(mask.sum())} / {int((~mask).sum())}",
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -516,7 +638,7 @@ def latent_statistics(sae, activations: Tensor, *, chunk: int = 4096) -> LatentS
         raise DataError("latent_statistics needs at least one activation row")
     per_row, fired = [], torch.zeros(int(sae.cfg.d_sae))
     for start in range(0, len(activations), chunk):
-        active = encode(sae, activations[start:start + chunk]) > 0
+        active = encode(sae, activations[start : start + chunk]) > 0
         per_row.append(active.sum(dim=1))
         fired += active.sum(dim=0)
     return LatentStatistics(torch.cat(per_row), fired / len(activations))
@@ -525,8 +647,9 @@ def latent_statistics(sae, activations: Tensor, *, chunk: int = 4096) -> LatentS
 # --------------------------------------------------------------------------- layer × K sweep (chapter 3, Figure 4)
 
 
-def profile_at_layer(profile: Profile, layer: int, *, sae_tokens: int | None = None,
-                     sae_corpus_tokens: int | None = None) -> Profile:
+def profile_at_layer(
+    profile: Profile, layer: int, *, sae_tokens: int | None = None, sae_corpus_tokens: int | None = None
+) -> Profile:
     """The profile moved to another layer, with an SAE for that layer.
 
     A trained SAE (`sae_source="train"`) is trained at the new layer; `sae_tokens` replaces
@@ -549,9 +672,20 @@ def profile_at_layer(profile: Profile, layer: int, *, sae_tokens: int | None = N
     return moved.replace(**changes) if changes else moved
 
 
-def layer_k_sweep(backbone, profile: Profile, *, layers: Sequence[int], ks: Sequence[int], dataset: str,
-                  seeds: Sequence[int], sae_tokens: int | None = None, sae_corpus_tokens: int | None = None,
-                  progress: bool = True, head: HeadConfig | None = None, score_test: bool = True):
+def layer_k_sweep(
+    backbone,
+    profile: Profile,
+    *,
+    layers: Sequence[int],
+    ks: Sequence[int],
+    dataset: str,
+    seeds: Sequence[int],
+    sae_tokens: int | None = None,
+    sae_corpus_tokens: int | None = None,
+    progress: bool = True,
+    head: HeadConfig | None = None,
+    score_test: bool = True,
+):
     """Figure 4: SparseRM accuracy for every (layer, K, seed) on one data set, read at the
     profile's token position.
 
@@ -573,8 +707,15 @@ def layer_k_sweep(backbone, profile: Profile, *, layers: Sequence[int], ks: Sequ
         at_layer = profile_at_layer(profile, layer, sae_tokens=sae_tokens, sae_corpus_tokens=sae_corpus_tokens)
         sae = sae_for_profile(at_layer, backbone, progress=progress)
         states = dataset_states(backbone, dataset, profile, layer=layer, progress=progress)
-        variants = {f"K={k}": dict(features="projection", directions=select_for(states, sae, k),
-                                   head=head or profile.head, score_test=score_test) for k in ks}
+        variants = {
+            f"K={k}": dict(
+                features="projection",
+                directions=select_for(states, sae, k),
+                head=head or profile.head,
+                score_test=score_test,
+            )
+            for k in ks
+        }
         trials = run_trials(states, variants, seeds, progress=progress)
         trials["layer"] = layer
         trials["k"] = [int(v.split("=")[1]) for v in trials["variant"]]
@@ -583,8 +724,10 @@ def layer_k_sweep(backbone, profile: Profile, *, layers: Sequence[int], ks: Sequ
 
 
 #: How `best_setting` chooses, in words the book prints beside the choice.
-SELECTION_RULE = ("the best mean validation accuracy over seeds; every setting whose mean lies within one "
-                  "standard error of the best counts as tied with it, and a tie goes to the simpler setting")
+SELECTION_RULE = (
+    "the best mean validation accuracy over seeds; every setting whose mean lies within one "
+    "standard error of the best counts as tied with it, and a tie goes to the simpler setting"
+)
 
 
 def best_setting(trials, by: Sequence[str], *, select_on: str, simpler: Callable[[dict], Any] | None = None) -> dict:
@@ -597,8 +740,10 @@ def best_setting(trials, by: Sequence[str], *, select_on: str, simpler: Callable
     within one standard error.
     """
     if "test" in select_on:
-        raise ConfigError(f"best_setting was asked to choose on {select_on!r}, a test column; choose on "
-                          "validation data (select_on='val_accuracy')")
+        raise ConfigError(
+            f"best_setting was asked to choose on {select_on!r}, a test column; choose on "
+            "validation data (select_on='val_accuracy')"
+        )
     summary = summarize(trials, by, value=select_on)
     if summary.empty:
         raise ConfigError("best_setting needs at least one trial")
@@ -608,9 +753,15 @@ def best_setting(trials, by: Sequence[str], *, select_on: str, simpler: Callable
     settings = [{key: (row[key].item() if hasattr(row[key], "item") else row[key]) for key in by} for row in rows]
     index = min(range(len(rows)), key=lambda i: (simpler(settings[i]) if simpler else 0, i))
     chosen = rows[index]
-    return {**settings[index], "mean": float(chosen["mean"]), "std": float(chosen["std"]),
-            "se": float(chosen["se"]), "count": int(chosen["count"]), "label": str(chosen["label"]),
-            "tied": [setting for i, setting in enumerate(settings) if i != index]}
+    return {
+        **settings[index],
+        "mean": float(chosen["mean"]),
+        "std": float(chosen["std"]),
+        "se": float(chosen["se"]),
+        "count": int(chosen["count"]),
+        "label": str(chosen["label"]),
+        "tied": [setting for i, setting in enumerate(settings) if i != index],
+    }
 
 
 @dataclass
@@ -633,8 +784,10 @@ class ValidationStudy:
 
     def defaults_match(self, profile: Profile) -> dict[str, bool]:
         """For each studied setting, whether `profile`'s default equals the study's selection."""
-        return {key: getattr(profile.head if key == "standardize" else profile, key) == value
-                for key, value in self.selected.items()}
+        return {
+            key: getattr(profile.head if key == "standardize" else profile, key) == value
+            for key, value in self.selected.items()
+        }
 
     def both_columns(self):
         """One row for the selected setting: validation and test accuracy (%), mean ± sd over seeds."""
@@ -646,11 +799,22 @@ class ValidationStudy:
         return pd.DataFrame([row])
 
 
-def validation_study(backbone, profile: Profile, sae, *, dataset: str, layers: Sequence[int], ks: Sequence[int],
-                     seeds: Sequence[int], positions: Sequence[str] | None = None,
-                     standardize: Sequence[bool] = (True, False), sae_tokens: int | None = None,
-                     sae_corpus_tokens: int | None = None, progress: bool = True,
-                     head: HeadConfig | None = None) -> ValidationStudy:
+def validation_study(
+    backbone,
+    profile: Profile,
+    sae,
+    *,
+    dataset: str,
+    layers: Sequence[int],
+    ks: Sequence[int],
+    seeds: Sequence[int],
+    positions: Sequence[str] | None = None,
+    standardize: Sequence[bool] = (True, False),
+    sae_tokens: int | None = None,
+    sae_corpus_tokens: int | None = None,
+    progress: bool = True,
+    head: HeadConfig | None = None,
+) -> ValidationStudy:
     """Choose the read position, the head's input standardisation, the layer and K on the
     validation split of `dataset`, then score the test split once, for the choice.
 
@@ -677,30 +841,63 @@ def validation_study(backbone, profile: Profile, sae, *, dataset: str, layers: S
     for position in positions:
         directions = select_for(read[position], sae, profile.k)
         for scaled in standardize:
-            variants[(position, scaled)] = dict(features="projection", directions=directions,
-                                                head=dataclasses.replace(head, standardize=scaled), score_test=False)
+            variants[(position, scaled)] = dict(
+                features="projection",
+                directions=directions,
+                head=dataclasses.replace(head, standardize=scaled),
+                score_test=False,
+            )
     frames = []
     for (position, scaled), kwargs in variants.items():
-        trials = run_trials(read[position], {f"{position}, {'standardised' if scaled else 'raw'}": kwargs},
-                            seeds, progress=progress)
+        trials = run_trials(
+            read[position], {f"{position}, {'standardised' if scaled else 'raw'}": kwargs}, seeds, progress=progress
+        )
         frames.append(trials.assign(position=position, standardize=scaled))
     reading = pd.concat(frames, ignore_index=True)
-    first = best_setting(reading, ("position", "standardize"), select_on="val_accuracy",
-                         simpler=lambda s: (s["position"] != profile.position, s["standardize"] != head.standardize))
+    first = best_setting(
+        reading,
+        ("position", "standardize"),
+        select_on="val_accuracy",
+        simpler=lambda s: (s["position"] != profile.position, s["standardize"] != head.standardize),
+    )
     at_reading = profile.replace(position=first["position"])
-    grid = layer_k_sweep(backbone, at_reading, layers=layers, ks=ks, dataset=dataset, seeds=seeds,
-                         sae_tokens=sae_tokens, sae_corpus_tokens=sae_corpus_tokens, progress=progress,
-                         head=dataclasses.replace(head, standardize=first["standardize"]), score_test=False)
+    grid = layer_k_sweep(
+        backbone,
+        at_reading,
+        layers=layers,
+        ks=ks,
+        dataset=dataset,
+        seeds=seeds,
+        sae_tokens=sae_tokens,
+        sae_corpus_tokens=sae_corpus_tokens,
+        progress=progress,
+        head=dataclasses.replace(head, standardize=first["standardize"]),
+        score_test=False,
+    )
     second = best_setting(grid, ("layer", "k"), select_on="val_accuracy", simpler=lambda s: (s["k"], s["layer"]))
-    selected = {"position": first["position"], "standardize": first["standardize"],
-                "layer": second["layer"], "k": second["k"]}
-    at_layer = profile_at_layer(at_reading, selected["layer"], sae_tokens=sae_tokens,
-                                sae_corpus_tokens=sae_corpus_tokens)
+    selected = {
+        "position": first["position"],
+        "standardize": first["standardize"],
+        "layer": second["layer"],
+        "k": second["k"],
+    }
+    at_layer = profile_at_layer(
+        at_reading, selected["layer"], sae_tokens=sae_tokens, sae_corpus_tokens=sae_corpus_tokens
+    )
     layer_sae = sae_for_profile(at_layer, backbone, progress=progress)
     states = dataset_states(backbone, dataset, at_reading, layer=selected["layer"], progress=progress)
-    test = run_trials(states, {"selected": dict(features="projection", directions=select_for(states, layer_sae, selected["k"]),
-                                                head=dataclasses.replace(head, standardize=selected["standardize"]))},
-                      seeds, progress=progress)
+    test = run_trials(
+        states,
+        {
+            "selected": dict(
+                features="projection",
+                directions=select_for(states, layer_sae, selected["k"]),
+                head=dataclasses.replace(head, standardize=selected["standardize"]),
+            )
+        },
+        seeds,
+        progress=progress,
+    )
     return ValidationStudy(dataset, reading, grid, {"reading": first, "grid": second}, selected, test)
 
 
@@ -714,7 +911,9 @@ def shuffled_separation(latents_w: Tensor, latents_l: Tensor, *, seed: int = 0) 
     return first - second
 
 
-def paired_table(trials, comparisons: Sequence[tuple[str, str]], *, by: str = "dataset", labels: Mapping[str, str] | None = None):
+def paired_table(
+    trials, comparisons: Sequence[tuple[str, str]], *, by: str = "dataset", labels: Mapping[str, str] | None = None
+):
     """`compare_variants` for every (A, B) in `comparisons` within every value of `by`: one row
     each (`PairedComparison.as_row`, the `by` value, the verdict line). `labels` renames the
     `by` values (e.g. `DATASET_LABELS`)."""

@@ -68,11 +68,15 @@ def require_sae_inputs(model: Any) -> FeatureRM:
         raise NotExplainableError(f"a {name} has no SAE directions to explain or steer; use a SparseRM")
     kind = getattr(model.features, "kind", None)
     if kind == "dense":
-        raise NotExplainableError(f"a {name} reads the hidden state itself and has no SAE directions to "
-                                  "explain or steer; use a SparseRM (python -m srlib fit --features projection)")
+        raise NotExplainableError(
+            f"a {name} reads the hidden state itself and has no SAE directions to "
+            "explain or steer; use a SparseRM (python -m srlib fit --features projection)"
+        )
     if kind not in EXPLAINABLE_KINDS or model.indices_w is None:
-        raise NotExplainableError(f"this {name} reads {kind!r} features, not selected SAE latents: nothing to "
-                                  "explain or steer; use a projection or latents SparseRM")
+        raise NotExplainableError(
+            f"this {name} reads {kind!r} features, not selected SAE latents: nothing to "
+            "explain or steer; use a projection or latents SparseRM"
+        )
     model._require_fitted()
     return model
 
@@ -80,7 +84,7 @@ def require_sae_inputs(model: Any) -> FeatureRM:
 def input_latents(model: FeatureRM) -> list[tuple[int, str]]:
     """(latent index, side) of each of the head's 2K inputs, in input order: I_w ('chosen') then I_l ('rejected')."""
     require_sae_inputs(model)
-    return ([(int(i), SIDES["w"]) for i in model.indices_w] + [(int(i), SIDES["l"]) for i in model.indices_l])
+    return [(int(i), SIDES["w"]) for i in model.indices_w] + [(int(i), SIDES["l"]) for i in model.indices_l]
 
 
 def standardized_inputs(model: FeatureRM, Z: Tensor) -> tuple[Tensor, Tensor]:
@@ -136,9 +140,16 @@ class Attribution:
         activation, contribution), and `rest`: the sum of all the others."""
         contributions = self.contributions[row]
         order = contributions.abs().argsort(descending=True, stable=True)[:n].tolist()
-        records = [{"latent": self.latents[j], "side": self.sides[j], "input": j,
-                    "activation": float(self.activations[row, j]), "contribution": float(contributions[j])}
-                   for j in order]
+        records = [
+            {
+                "latent": self.latents[j],
+                "side": self.sides[j],
+                "input": j,
+                "activation": float(self.activations[row, j]),
+                "contribution": float(contributions[j]),
+            }
+            for j in order
+        ]
         rest = float(contributions.sum() - contributions[order].sum())
         return records, rest
 
@@ -195,15 +206,25 @@ def attribute(model: FeatureRM, Z: Tensor, *, max_nodes: int = 4096) -> Attribut
             if error < TOLERANCE:
                 break
             if nodes * 2 > max_nodes:
-                raise ConfigError(f"the attribution is not complete with {nodes} quadrature nodes "
-                                  f"(error {float(error):.2e} > {TOLERANCE}); raise max_nodes")
+                raise ConfigError(
+                    f"the attribution is not complete with {nodes} quadrature nodes "
+                    f"(error {float(error):.2e} > {TOLERANCE}); raise max_nodes"
+                )
             nodes *= 2
-    return Attribution(latents=[i for i, _ in pairs], sides=[s for _, s in pairs], activations=x,
-                       contributions=u * gradients, baseline=baseline, scores=scores.detach(), nodes=nodes)
+    return Attribution(
+        latents=[i for i, _ in pairs],
+        sides=[s for _, s in pairs],
+        activations=x,
+        contributions=u * gradients,
+        baseline=baseline,
+        scores=scores.detach(),
+        nodes=nodes,
+    )
 
 
-def read_pair_states(model: FeatureRM, pairs: Sequence, *, batch_size: int = 16,
-                     progress: bool = False) -> tuple[Tensor, Tensor]:
+def read_pair_states(
+    model: FeatureRM, pairs: Sequence, *, batch_size: int = 16, progress: bool = False
+) -> tuple[Tensor, Tensor]:
     """The hidden states the model reads for the chosen and rejected answers of `pairs` (its
     layer, token position and length limit; through its backbone and the activation cache)."""
     from srlib.activations import pair_states
@@ -212,8 +233,9 @@ def read_pair_states(model: FeatureRM, pairs: Sequence, *, batch_size: int = 16,
     return pair_states(model.backbone, list(pairs), model.layer, **kwargs)
 
 
-def explain_records(model: FeatureRM, pairs: Sequence, Z_w: Tensor, Z_l: Tensor, *, top: int = 10,
-                    dashboard: bool = True) -> list[dict[str, Any]]:
+def explain_records(
+    model: FeatureRM, pairs: Sequence, Z_w: Tensor, Z_l: Tensor, *, top: int = 10, dashboard: bool = True
+) -> list[dict[str, Any]]:
     """One JSON-able record per pair: `pair_id`, and for `chosen` and `rejected` the model's
     `score`, the `baseline`, the `top` contributions (latent, side, activation, contribution,
     and the latent's public dashboard where the SAE has one) and `rest`, the sum of the others."""
@@ -231,8 +253,12 @@ def explain_records(model: FeatureRM, pairs: Sequence, Z_w: Tensor, Z_l: Tensor,
                 url = neuronpedia_url(source, item["latent"]) if dashboard else None
                 if url:
                     item["dashboard"] = url
-            record[name] = {"score": float(scores[row]), "baseline": attribution.baseline,
-                            "contributions": contributions, "rest": rest}
+            record[name] = {
+                "score": float(scores[row]),
+                "baseline": attribution.baseline,
+                "contributions": contributions,
+                "rest": rest,
+            }
     return records
 
 
@@ -244,8 +270,13 @@ def contribution_frame(attribution: Attribution, row: int, *, top: int = 10, lab
     records, rest = attribution.top(row, top)
     frame = pd.DataFrame(records).drop(columns="input")
     frame["label"] = [(labels or {}).get(latent, "") for latent in frame["latent"]]
-    rest_row = {"latent": -1, "side": "", "activation": float("nan"), "contribution": rest,
-                "label": f"all other {len(attribution.latents) - len(records)} inputs"}
+    rest_row = {
+        "latent": -1,
+        "side": "",
+        "activation": float("nan"),
+        "contribution": rest,
+        "label": f"all other {len(attribution.latents) - len(records)} inputs",
+    }
     return pd.concat([frame, pd.DataFrame([rest_row])], ignore_index=True)
 
 
@@ -294,8 +325,10 @@ def _check_scales(model: FeatureRM, scales: Mapping[int, float]) -> dict[int, fl
     for latent, factor in scales.items():
         if not isinstance(latent, (int, np.integer)) or int(latent) not in known:
             example = ", ".join(str(i) for i in sorted(known)[:5])
-            raise ConfigError(f"latent {latent!r} is not one of this SparseRM's {len(known)} selected latents "
-                              f"(e.g. {example}); explain a pair to see which latents it uses")
+            raise ConfigError(
+                f"latent {latent!r} is not one of this SparseRM's {len(known)} selected latents "
+                f"(e.g. {example}); explain a pair to see which latents it uses"
+            )
         if not isinstance(factor, (int, float, np.floating)) or not math.isfinite(float(factor)):
             raise ConfigError(f"the factor for latent {latent} must be a finite number, got {factor!r}")
         checked[int(latent)] = float(factor)
@@ -311,9 +344,13 @@ class SteeredSparseRM(SparseRM):
     steering: dict[int, float]
 
     def config(self) -> dict[str, Any]:
-        return {**super().config(), "steering": {
-            "scales": {str(latent): factor for latent, factor in self.steering.items()},
-            "applied_to": "standardised head inputs (x - mean) / std: 0 sets an input to its training mean"}}
+        return {
+            **super().config(),
+            "steering": {
+                "scales": {str(latent): factor for latent, factor in self.steering.items()},
+                "applied_to": "standardised head inputs (x - mean) / std: 0 sets an input to its training mean",
+            },
+        }
 
     @classmethod
     def _load(cls, directory: Path, config: dict, backbone=None) -> SteeredSparseRM:
@@ -373,9 +410,13 @@ class SteeringResult:
     comparison: PairedComparison
 
     def as_dict(self) -> dict[str, Any]:
-        return {"accuracy_before": self.accuracy_before, "accuracy_after": self.accuracy_after,
-                "flipped_to_wrong": self.flipped_to_wrong, "flipped_to_right": self.flipped_to_right,
-                "verdict": self.comparison.verdict()}
+        return {
+            "accuracy_before": self.accuracy_before,
+            "accuracy_after": self.accuracy_after,
+            "flipped_to_wrong": self.flipped_to_wrong,
+            "flipped_to_right": self.flipped_to_right,
+            "verdict": self.comparison.verdict(),
+        }
 
 
 def steering_effect(model: FeatureRM, steered: FeatureRM, pairs: Sequence, Z_w: Tensor, Z_l: Tensor) -> SteeringResult:
@@ -385,10 +426,12 @@ def steering_effect(model: FeatureRM, steered: FeatureRM, pairs: Sequence, Z_w: 
     after = pair_outcomes(steered.score_states(Z_w), steered.score_states(Z_l))
     ids = [pair.pair_id for pair in pairs]
     return SteeringResult(
-        accuracy_before=float(before.mean()), accuracy_after=float(after.mean()),
+        accuracy_before=float(before.mean()),
+        accuracy_after=float(after.mean()),
         flipped_to_wrong=[i for i, b, a in zip(ids, before, after, strict=True) if a < b],
         flipped_to_right=[i for i, b, a in zip(ids, before, after, strict=True) if a > b],
-        comparison=compare_paired(after, before, name_a="steered", name_b="unsteered"))
+        comparison=compare_paired(after, before, name_a="steered", name_b="unsteered"),
+    )
 
 
 def latents_tracking(model: FeatureRM, Z: Tensor, values: Sequence[float], n: int = 5):
@@ -401,10 +444,16 @@ def latents_tracking(model: FeatureRM, Z: Tensor, values: Sequence[float], n: in
     if len(values) != len(x) or len(x) < 3:
         raise ConfigError(f"latents_tracking needs one value per text (at least 3), got {len(values)} for {len(x)}")
     rhos = [stats.spearmanr(x[:, j].numpy(), values).statistic for j in range(x.shape[1])]
-    rows = [{"latent": latent, "side": side, "rho": 0.0 if not np.isfinite(rho) else float(rho)}
-            for (latent, side), rho in zip(input_latents(model), rhos, strict=True)]
+    rows = [
+        {"latent": latent, "side": side, "rho": 0.0 if not np.isfinite(rho) else float(rho)}
+        for (latent, side), rho in zip(input_latents(model), rhos, strict=True)
+    ]
     frame = pd.DataFrame(rows)
-    return frame.reindex(frame["rho"].abs().sort_values(ascending=False, kind="stable").index).head(n).reset_index(drop=True)
+    return (
+        frame.reindex(frame["rho"].abs().sort_values(ascending=False, kind="stable").index)
+        .head(n)
+        .reset_index(drop=True)
+    )
 
 
 # ----------------------------------------------------------------------------- faithfulness
@@ -430,11 +479,21 @@ class DeletionCurve:
 
         rows = []
         for m in self.ms:
-            for name, drop, outcomes in (("top-m attributed", self.top_drop[m], self.top_outcomes[m]),
-                                         ("random m", self.random_drop[m].mean(0), self.random_outcomes[m])):
+            for name, drop, outcomes in (
+                ("top-m attributed", self.top_drop[m], self.top_outcomes[m]),
+                ("random m", self.random_drop[m].mean(0), self.random_outcomes[m]),
+            ):
                 mean, low, high = seed_interval(drop, confidence)
-                rows.append({"m": m, "deleted": name, "margin drop": mean, "low": low, "high": high,
-                             "accuracy after (%)": 100 * float(np.mean(outcomes))})
+                rows.append(
+                    {
+                        "m": m,
+                        "deleted": name,
+                        "margin drop": mean,
+                        "low": low,
+                        "high": high,
+                        "accuracy after (%)": 100 * float(np.mean(outcomes)),
+                    }
+                )
         return pd.DataFrame(rows)
 
     def gap(self, m: int, confidence: float = 0.95) -> tuple[float, float, float]:
@@ -444,8 +503,9 @@ class DeletionCurve:
     def comparison(self, m: int) -> PairedComparison:
         """`compare_paired` on the accuracy after deleting m random vs the top-m inputs: a
         faithful attribution makes the top-m deletion cost more."""
-        return compare_paired(self.random_outcomes[m], self.top_outcomes[m],
-                              name_a=f"random {m} deleted", name_b=f"top {m} deleted")
+        return compare_paired(
+            self.random_outcomes[m], self.top_outcomes[m], name_a=f"random {m} deleted", name_b=f"top {m} deleted"
+        )
 
 
 def top_m_mask(contributions: Tensor, m: int) -> Tensor:
@@ -466,8 +526,16 @@ def _masked_margins(net: nn.Sequential, u_w: Tensor, u_l: Tensor, masks: Tensor)
         return (net(u_w * keep) - net(u_l * keep)).squeeze(-1).numpy()
 
 
-def deletion_curve(model: FeatureRM, Z_w: Tensor, Z_l: Tensor, ms: Sequence[int], *, draws: int = 5,
-                   seed: int = 0, progress: bool = False) -> DeletionCurve:
+def deletion_curve(
+    model: FeatureRM,
+    Z_w: Tensor,
+    Z_l: Tensor,
+    ms: Sequence[int],
+    *,
+    draws: int = 5,
+    seed: int = 0,
+    progress: bool = False,
+) -> DeletionCurve:
     """For each m in `ms`: mask, in both answers of each pair, the m inputs with the largest
     contribution to its margin s_w − s_l (`attribute`), and, `draws` times, m inputs drawn at
     random without replacement; record how much the margin drops and the outcomes after."""

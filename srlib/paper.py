@@ -28,10 +28,14 @@ TABLE3_LOSSES = {
 
 #: Table 4: RM accuracy and alignment (%) of DenseRM vs SparseRM (Gemma-2-9B-it).
 TABLE4_DENSE_VS_SPARSE = {
-    "DenseRM": {"accuracy": {"pku-saferlhf": 94.7, "hh-harmless": 90.3, "truthfulqa": 93.6},
-                "alignment": {"pku-saferlhf": 78.7, "hh-harmless": 59.5, "truthfulqa": 64.9}},
-    "SparseRM": {"accuracy": {"pku-saferlhf": 94.4, "hh-harmless": 90.2, "truthfulqa": 93.6},
-                 "alignment": {"pku-saferlhf": 79.9, "hh-harmless": 60.4, "truthfulqa": 65.2}},
+    "DenseRM": {
+        "accuracy": {"pku-saferlhf": 94.7, "hh-harmless": 90.3, "truthfulqa": 93.6},
+        "alignment": {"pku-saferlhf": 78.7, "hh-harmless": 59.5, "truthfulqa": 64.9},
+    },
+    "SparseRM": {
+        "accuracy": {"pku-saferlhf": 94.4, "hh-harmless": 90.2, "truthfulqa": 93.6},
+        "alignment": {"pku-saferlhf": 79.9, "hh-harmless": 60.4, "truthfulqa": 65.2},
+    },
 }
 
 #: Table 1: alignment performance after iterative DPO (SafeRLHF and Red-Teaming: pairwise

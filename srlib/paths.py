@@ -145,8 +145,13 @@ def check_creatable(final: str | os.PathLike) -> Path:
     return final
 
 
-def check_output(final: str | os.PathLike, *, is_dir: bool = False, overwrite: bool = False,
-                 is_ours: Callable[[Path], bool] | None = None) -> Path:
+def check_output(
+    final: str | os.PathLike,
+    *,
+    is_dir: bool = False,
+    overwrite: bool = False,
+    is_ours: Callable[[Path], bool] | None = None,
+) -> Path:
     """The absolute path of output `final` if writing it there harms nothing; else a one-line `SrlibError`.
 
     Refused: a folder output on an existing file, a file output on an existing folder, the
@@ -169,17 +174,22 @@ def check_output(final: str | os.PathLike, *, is_dir: bool = False, overwrite: b
             raise SrlibError(f"{final} is the working directory or holds it; choose a new folder for the output")
         if final.is_dir() and any(final.iterdir()):
             if is_ours is not None and not is_ours(final):
-                raise SrlibError(f"{final} already holds files srlib did not write; choose a new or empty "
-                                 "folder (nothing was changed)")
+                raise SrlibError(
+                    f"{final} already holds files srlib did not write; choose a new or empty "
+                    "folder (nothing was changed)"
+                )
             if not overwrite:
-                raise SrlibError(f"{final} holds an earlier output; pass --overwrite (overwrite=True) to "
-                                 "replace it, or choose a new folder")
+                raise SrlibError(
+                    f"{final} holds an earlier output; pass --overwrite (overwrite=True) to "
+                    "replace it, or choose a new folder"
+                )
     else:
         if final.is_dir():
             raise SrlibError(f"{final} is a folder; choose a file name for the output")
         if final.exists() and not overwrite:
-            raise SrlibError(f"{final} already exists; pass --overwrite (overwrite=True) to replace it, "
-                             "or choose a new file name")
+            raise SrlibError(
+                f"{final} already exists; pass --overwrite (overwrite=True) to replace it, or choose a new file name"
+            )
     return check_creatable(final)
 
 
@@ -211,8 +221,13 @@ def _move_into_place(tmp: Path, final: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike, *, is_dir: bool = False, overwrite: bool = True,
-                is_ours: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+def atomic_path(
+    final: str | os.PathLike,
+    *,
+    is_dir: bool = False,
+    overwrite: bool = True,
+    is_ours: Callable[[Path], bool] | None = None,
+) -> Iterator[Path]:
     """Yield a temporary path beside `final`; move it into place only if the block succeeds.
 
     An interrupted run (exception, Ctrl-C, kill) leaves no half-written file or folder at

@@ -18,9 +18,17 @@ sns.set_theme(context="notebook", style="whitegrid")
 WIDTH = 8.0
 
 
-def accuracy_bars(trials, *, title: str, x: str = "dataset", hue: str = "variant",
-                  value: str = "test_accuracy", paper: Mapping[str, Mapping[str, float]] | None = None,
-                  x_labels: Mapping[str, str] | None = None, ylim: tuple[float, float] | None = None):
+def accuracy_bars(
+    trials,
+    *,
+    title: str,
+    x: str = "dataset",
+    hue: str = "variant",
+    value: str = "test_accuracy",
+    paper: Mapping[str, Mapping[str, float]] | None = None,
+    x_labels: Mapping[str, str] | None = None,
+    ylim: tuple[float, float] | None = None,
+):
     """Grouped bars of mean test accuracy (%) with one-standard-deviation error bars over seeds.
 
     `trials`: one row per (x, hue, seed) as returned by `srlib.experiments.run_trials`.
@@ -43,8 +51,13 @@ def accuracy_bars(trials, *, title: str, x: str = "dataset", hue: str = "variant
                 if reported is None:
                     continue
                 center = j - 0.4 + width * (i + 0.5)
-                ax.plot([center - width / 2.5, center + width / 2.5], [reported] * 2, color="black", lw=2,
-                        label="paper (Gemma-2-9B-it)" if first else None)
+                ax.plot(
+                    [center - width / 2.5, center + width / 2.5],
+                    [reported] * 2,
+                    color="black",
+                    lw=2,
+                    label="paper (Gemma-2-9B-it)" if first else None,
+                )
                 first = False
     ax.set(title=title, xlabel="", ylabel="test pair accuracy (%)")
     if ylim:
@@ -61,21 +74,27 @@ def frequency_scatter(mu_w, mu_l, indices_w: Sequence[int], indices_l: Sequence[
     mu_w, mu_l = [v.detach().cpu().numpy() for v in (mu_w, mu_l)]
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     ax.scatter(mu_w, mu_l, s=6, color="lightgrey", label="all latents")
-    ax.scatter(mu_w[list(indices_w)], mu_l[list(indices_w)], s=14, color="tab:green",
-               label="top-K by ∇ (fires more on chosen)")
-    ax.scatter(mu_w[list(indices_l)], mu_l[list(indices_l)], s=14, color="tab:red",
-               label="top-K by Δ (fires more on rejected)")
+    ax.scatter(
+        mu_w[list(indices_w)], mu_l[list(indices_w)], s=14, color="tab:green", label="top-K by ∇ (fires more on chosen)"
+    )
+    ax.scatter(
+        mu_w[list(indices_l)], mu_l[list(indices_l)], s=14, color="tab:red", label="top-K by Δ (fires more on rejected)"
+    )
     top = float(max(mu_w.max(), mu_l.max(), 1e-3)) * 1.05
     ax.plot([0, top], [0, top], color="black", lw=0.8, ls="--")
-    ax.set(title=title, xlabel="μ_w: share of chosen answers where the latent fires",
-           ylabel="μ_l: share of rejected answers where the latent fires", xlim=(0, top), ylim=(0, top))
+    ax.set(
+        title=title,
+        xlabel="μ_w: share of chosen answers where the latent fires",
+        ylabel="μ_l: share of rejected answers where the latent fires",
+        xlim=(0, top),
+        ylim=(0, top),
+    )
     ax.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     return fig
 
 
-def histogram(values, *, title: str, xlabel: str, bins: int = 50, log: bool = False, hue=None,
-              stat: str = "count"):
+def histogram(values, *, title: str, xlabel: str, bins: int = 50, log: bool = False, hue=None, stat: str = "count"):
     """A labelled histogram (optionally several groups via `hue`, a list of group names)."""
     import pandas as pd
 
@@ -83,8 +102,16 @@ def histogram(values, *, title: str, xlabel: str, bins: int = 50, log: bool = Fa
     if hue is not None:
         data["group"] = list(hue)
     fig, ax = plt.subplots(figsize=(WIDTH, 3.8))
-    sns.histplot(data=data, x="value", hue="group" if hue is not None else None, bins=bins,
-                 stat=stat, common_norm=False, element="step", ax=ax)
+    sns.histplot(
+        data=data,
+        x="value",
+        hue="group" if hue is not None else None,
+        bins=bins,
+        stat=stat,
+        common_norm=False,
+        element="step",
+        ax=ax,
+    )
     ax.set(title=title, xlabel=xlabel, ylabel=stat)
     if log:
         ax.set_yscale("log")
@@ -92,13 +119,22 @@ def histogram(values, *, title: str, xlabel: str, bins: int = 50, log: bool = Fa
     return fig
 
 
-def sweep_lines(trials, *, x: str, hue: str, title: str, xlabel: str, value: str = "test_accuracy",
-                log_x: bool = False):
+def sweep_lines(
+    trials, *, x: str, hue: str, title: str, xlabel: str, value: str = "test_accuracy", log_x: bool = False
+):
     """Mean accuracy (%) against a swept setting, one line per `hue`, a band of ± one sd over seeds."""
     data = trials.assign(**{value: trials[value] * 100})
     fig, ax = plt.subplots(figsize=(WIDTH, 4.2))
-    sns.lineplot(data=data, x=x, y=value, hue=hue, errorbar="sd", marker="o", ax=ax,
-                 palette="viridis" if data[hue].dtype.kind in "if" else None)
+    sns.lineplot(
+        data=data,
+        x=x,
+        y=value,
+        hue=hue,
+        errorbar="sd",
+        marker="o",
+        ax=ax,
+        palette="viridis" if data[hue].dtype.kind in "if" else None,
+    )
     if log_x:
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(data[x].unique()), [str(v) for v in sorted(data[x].unique())])
@@ -124,8 +160,7 @@ def training_curves(history, *, title: str):
     return fig
 
 
-def similarity_histograms(frame, *, title: str, aggregate: str = "mean", centered: bool = False,
-                          bins: int = 40):
+def similarity_histograms(frame, *, title: str, aggregate: str = "mean", centered: bool = False, bins: int = 40):
     """Figure 5 as distributions: one panel per space, one histogram per group of samples, of
     each sample's cosine similarity to the training data (`srlib.shift.similarity_frame`),
     with each group's mean as a dashed line."""
@@ -137,12 +172,26 @@ def similarity_histograms(frame, *, title: str, aggregate: str = "mean", centere
     how = "mean over training samples" if aggregate == "mean" else "nearest training sample"
     for ax, space in zip(axes[0], spaces, strict=True):
         part = data[data["space"] == space]
-        sns.histplot(data=part, x="similarity", hue="group", hue_order=groups, palette=palette, bins=bins,
-                     stat="density", common_norm=False, element="step", ax=ax, legend=ax is axes[0][-1])
+        sns.histplot(
+            data=part,
+            x="similarity",
+            hue="group",
+            hue_order=groups,
+            palette=palette,
+            bins=bins,
+            stat="density",
+            common_norm=False,
+            element="step",
+            ax=ax,
+            legend=ax is axes[0][-1],
+        )
         for group in groups:
             ax.axvline(part.loc[part["group"] == group, "similarity"].mean(), color=palette[group], ls="--", lw=1.2)
-        ax.set(title=f"{space} space", xlabel=f"cosine similarity to training data\n({how}"
-               f"{', centered' if centered else ''})", ylabel="density")
+        ax.set(
+            title=f"{space} space",
+            xlabel=f"cosine similarity to training data\n({how}{', centered' if centered else ''})",
+            ylabel="density",
+        )
     fig.suptitle(title)
     legend = axes[0][-1].get_legend()
     if legend is not None:  # one legend for both panels, below them
@@ -153,8 +202,14 @@ def similarity_histograms(frame, *, title: str, aggregate: str = "mean", centere
     return fig
 
 
-def tsne_panels(embeddings: Mapping[str, object], *, labels: Sequence[str], sources: Sequence[str], title: str,
-                highlight: str = "generated"):
+def tsne_panels(
+    embeddings: Mapping[str, object],
+    *,
+    labels: Sequence[str],
+    sources: Sequence[str],
+    title: str,
+    highlight: str = "generated",
+):
     """One t-SNE panel per space (`srlib.shift.tsne_embedding` output, [n, 2] each), points
     coloured by `labels` (e.g. chosen / rejected) and shaped by `sources` (training / generated);
     the points of the source `highlight` are drawn larger."""
@@ -162,10 +217,21 @@ def tsne_panels(embeddings: Mapping[str, object], *, labels: Sequence[str], sour
 
     fig, axes = plt.subplots(1, len(embeddings), figsize=(WIDTH * 1.25, 4.8), squeeze=False)
     for ax, (space, points) in zip(axes[0], embeddings.items(), strict=True):
-        data = pd.DataFrame({"t-SNE 1": points[:, 0], "t-SNE 2": points[:, 1], "answer": list(labels),
-                             "data": list(sources)})
-        sns.scatterplot(data=data, x="t-SNE 1", y="t-SNE 2", hue="answer", style="data", size="data",
-                        sizes={source: 36 if source == highlight else 10 for source in set(sources)}, alpha=0.7, ax=ax, legend=ax is axes[0][-1])
+        data = pd.DataFrame(
+            {"t-SNE 1": points[:, 0], "t-SNE 2": points[:, 1], "answer": list(labels), "data": list(sources)}
+        )
+        sns.scatterplot(
+            data=data,
+            x="t-SNE 1",
+            y="t-SNE 2",
+            hue="answer",
+            style="data",
+            size="data",
+            sizes={source: 36 if source == highlight else 10 for source in set(sources)},
+            alpha=0.7,
+            ax=ax,
+            legend=ax is axes[0][-1],
+        )
         ax.set(title=f"{space} space", xlabel="t-SNE 1 (no unit)", ylabel="t-SNE 2 (no unit)")
     if axes[0][-1].get_legend() is not None:
         sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), fontsize="small")
@@ -183,8 +249,16 @@ def gamma_sweep(sweep, *, title: str):
     fig, (left, right) = plt.subplots(1, 2, figsize=(WIDTH, 3.6))
     sns.lineplot(data=data, x="gamma", y="test_accuracy", errorbar="sd", marker="o", err_style="bars", ax=left)
     left.set(title="test pair accuracy", xlabel="margin γ (log scale)", ylabel="accuracy (%)")
-    sns.lineplot(data=data, x="gamma", y="scale_vs_gamma1", errorbar="sd", marker="o", err_style="bars", ax=right,
-                 label="measured: sd(scores) / sd at γ = 1")
+    sns.lineplot(
+        data=data,
+        x="gamma",
+        y="scale_vs_gamma1",
+        errorbar="sd",
+        marker="o",
+        err_style="bars",
+        ax=right,
+        label="measured: sd(scores) / sd at γ = 1",
+    )
     gammas = sorted(data["gamma"].unique())
     right.plot(gammas, gammas, color="grey", ls="--", lw=1, label="pure rescaling: y = γ")
     right.set_yscale("log")
@@ -211,22 +285,31 @@ def sparsity_panels(active_per_row: Mapping[str, object], frequency: Mapping[str
     import pandas as pd
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(WIDTH * 1.2, 3.8))
-    counts = pd.concat([pd.DataFrame({"L0": np.asarray(v, dtype=float), "states": g})
-                        for g, v in active_per_row.items()], ignore_index=True)
-    sns.histplot(data=counts, x="L0", hue="states", discrete=True, stat="percent", common_norm=False,
-                 element="step", ax=left)
-    left.set(title="active latents per state", xlabel="latents that fire (> 0) on a state (L0)",
-             ylabel="share of states (%)", xlim=(0, counts["L0"].max() * 1.15 + 1))
+    counts = pd.concat(
+        [pd.DataFrame({"L0": np.asarray(v, dtype=float), "states": g}) for g, v in active_per_row.items()],
+        ignore_index=True,
+    )
+    sns.histplot(
+        data=counts, x="L0", hue="states", discrete=True, stat="percent", common_norm=False, element="step", ax=left
+    )
+    left.set(
+        title="active latents per state",
+        xlabel="latents that fire (> 0) on a state (L0)",
+        ylabel="share of states (%)",
+        xlim=(0, counts["L0"].max() * 1.15 + 1),
+    )
     rows = []
     for group, values in frequency.items():
         values = np.asarray(values, dtype=float)
         alive = values[values > 0]
         label = f"{group} ({int((values == 0).sum()):,} of {values.size:,} never fire)"
         rows.append(pd.DataFrame({"log10 frequency": np.log10(alive), "states": label}))
-    sns.histplot(data=pd.concat(rows, ignore_index=True), x="log10 frequency", hue="states", bins=40,
-                 element="step", ax=right)
-    right.set(title="how often each latent fires", xlabel="log10 of the share of states where it fires",
-              ylabel="latents")
+    sns.histplot(
+        data=pd.concat(rows, ignore_index=True), x="log10 frequency", hue="states", bins=40, element="step", ax=right
+    )
+    right.set(
+        title="how often each latent fires", xlabel="log10 of the share of states where it fires", ylabel="latents"
+    )
     for ax in (left, right):
         if ax.get_legend() is not None:
             sns.move_legend(ax, "upper left", fontsize="small", title=None)
@@ -235,8 +318,14 @@ def sparsity_panels(active_per_row: Mapping[str, object], frequency: Mapping[str
     return fig
 
 
-def accuracy_vs_parameters(trials, *, title: str, backbone_parameters: int | None = None,
-                           value: str = "test_accuracy", dataset_labels: Mapping[str, str] | None = None):
+def accuracy_vs_parameters(
+    trials,
+    *,
+    title: str,
+    backbone_parameters: int | None = None,
+    value: str = "test_accuracy",
+    dataset_labels: Mapping[str, str] | None = None,
+):
     """Figure 3: mean test accuracy (%) against trainable parameters (log x axis), one panel per
     data set, error bars ± one sd over seeds (none for a single run).
 
@@ -250,6 +339,7 @@ def accuracy_vs_parameters(trials, *, title: str, backbone_parameters: int | Non
     import math
 
     from matplotlib.ticker import FuncFormatter, NullFormatter
+
     from srlib.experiments import DATASET_LABELS
 
     names = DATASET_LABELS if dataset_labels is None else dataset_labels
@@ -262,20 +352,32 @@ def accuracy_vs_parameters(trials, *, title: str, backbone_parameters: int | Non
     bound = backbone_parameters / 100 if backbone_parameters else None
     known = [*trained.tolist(), *([bound] if bound else [])] or [1e3, 1e6]
     low, high = min(known) / 3, max(known) * 3
-    fig, axes = plt.subplots(1, len(datasets), figsize=(max(WIDTH, 3.6 * len(datasets)), 4.6), squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(
+        1, len(datasets), figsize=(max(WIDTH, 3.6 * len(datasets)), 4.6), squeeze=False, sharey=True
+    )
     handles: dict[str, object] = {}
     for ax, dataset in zip(axes[0], datasets, strict=True):
-        stats = (data[data["dataset"] == dataset].groupby("variant", sort=False)
-                 .agg(mean=("accuracy", "mean"), sd=("accuracy", "std"), params=("trainable_parameters", "first")))
+        stats = (
+            data[data["dataset"] == dataset]
+            .groupby("variant", sort=False)
+            .agg(mean=("accuracy", "mean"), sd=("accuracy", "std"), params=("trainable_parameters", "first"))
+        )
         seen: dict[int, int] = {}
         for variant, row in stats.iterrows():
             if row["params"] > 0:
                 shift = seen.get(row["params"], 0)
                 seen[row["params"]] = shift + 1
                 sd = 0.0 if math.isnan(row["sd"]) else row["sd"]
-                handle = ax.errorbar(row["params"] * 1.12 ** shift, row["mean"], yerr=sd, fmt=markers[variant], ms=8,
-                                     capsize=4, color=palette[variant], linestyle="none")
+                handle = ax.errorbar(
+                    row["params"] * 1.12**shift,
+                    row["mean"],
+                    yerr=sd,
+                    fmt=markers[variant],
+                    ms=8,
+                    capsize=4,
+                    color=palette[variant],
+                    linestyle="none",
+                )
                 handles.setdefault(variant, handle)
             else:
                 handle = ax.axhline(row["mean"], color=palette[variant], ls="--", lw=1.5)
@@ -284,10 +386,12 @@ def accuracy_vs_parameters(trials, *, title: str, backbone_parameters: int | Non
         ax.set_xscale("log")
         ax.set_xlim(low, high)
         if bound:
-            handles.setdefault("1% of the backbone (the paper's bound)",
-                               ax.axvline(bound, color="black", ls=":", lw=1.2))
-            top = ax.secondary_xaxis("top", functions=(lambda x: 100 * x / backbone_parameters,
-                                                       lambda s: s * backbone_parameters / 100))
+            handles.setdefault(
+                "1% of the backbone (the paper's bound)", ax.axvline(bound, color="black", ls=":", lw=1.2)
+            )
+            top = ax.secondary_xaxis(
+                "top", functions=(lambda x: 100 * x / backbone_parameters, lambda s: s * backbone_parameters / 100)
+            )
             top.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
             top.xaxis.set_minor_formatter(NullFormatter())
             top.set_xlabel("share of the backbone", fontsize="small")
@@ -322,15 +426,17 @@ def data_efficiency(summary, *, title: str, dataset_labels: Mapping[str, str] | 
     datasets = list(dict.fromkeys(summary["dataset"]))
     methods = list(dict.fromkeys(summary["method"]))
     palette = dict(zip(methods, sns.color_palette("tab10", n_colors=max(len(methods), 3)), strict=False))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(max(WIDTH, 4.5 * len(datasets)), 4.2), squeeze=False,
-                             sharey=True)
+    fig, axes = plt.subplots(
+        1, len(datasets), figsize=(max(WIDTH, 4.5 * len(datasets)), 4.2), squeeze=False, sharey=True
+    )
     for ax, dataset in zip(axes[0], datasets, strict=True):
         part = summary[summary["dataset"] == dataset]
         for method, rows in part.groupby("method", sort=False):
             rows = rows.sort_values("n_train_pairs")
             ax.plot(rows["n_train_pairs"], rows["mean"], "o-", color=palette[method], label=method)
-            ax.fill_between(rows["n_train_pairs"], rows["low"], rows["high"], color=palette[method], alpha=0.2,
-                            linewidth=0)
+            ax.fill_between(
+                rows["n_train_pairs"], rows["low"], rows["high"], color=palette[method], alpha=0.2, linewidth=0
+            )
         sizes = sorted(part["n_train_pairs"].unique())
         ax.axhline(50, color="grey", ls=":", lw=1)
         ax.set_xscale("log")
@@ -353,8 +459,10 @@ def contribution_bars(parts: Mapping[str, object], *, title: str):
     rows = max(len(frame) for frame in parts.values())
     fig, axes = plt.subplots(1, len(parts), figsize=(WIDTH * 1.5, 0.35 * rows + 1.6), squeeze=False)
     for ax, (name, frame) in zip(axes[0], parts.items(), strict=True):
-        labels = [(f"{label[:40]} · " if label else "latent ") + f"{latent} ({side[0]})" if latent >= 0 else label
-                  for latent, side, label in zip(frame["latent"], frame["side"], frame["label"], strict=True)]
+        labels = [
+            (f"{label[:40]} · " if label else "latent ") + f"{latent} ({side[0]})" if latent >= 0 else label
+            for latent, side, label in zip(frame["latent"], frame["side"], frame["label"], strict=True)
+        ]
         positions = list(range(len(frame)))[::-1]
         ax.barh(positions, frame["contribution"], color=[colours[s] for s in frame["side"]])
         ax.set_yticks(positions, labels, fontsize="x-small")
@@ -372,7 +480,7 @@ def deletion_curves(frames: Mapping[str, object], *, title: str):
     fig, axes = plt.subplots(1, len(frames), figsize=(max(WIDTH, 4.2 * len(frames)), 3.8), squeeze=False)
     for ax, (name, frame) in zip(axes[0], frames.items(), strict=True):
         for deleted, rows in frame.groupby("deleted", sort=False):
-            line, = ax.plot(rows["m"], rows["margin drop"], "o-", label=deleted)
+            (line,) = ax.plot(rows["m"], rows["margin drop"], "o-", label=deleted)
             ax.fill_between(rows["m"], rows["low"], rows["high"], color=line.get_color(), alpha=0.2, linewidth=0)
         ms = sorted(frame["m"].unique())
         ax.set_xscale("log")
@@ -393,19 +501,26 @@ def separation_histogram(nabla, null, fires, *, title: str):
     import torch
 
     n = int(fires.sum())
-    fig = histogram(torch.cat([nabla[fires], null[fires]]).tolist(), bins=60, log=True, title=title,
-                    hue=["real labels"] * n + ["chosen/rejected swapped in half the pairs"] * n,
-                    xlabel="∇ = μ_w − μ_l (share of answers)")
+    fig = histogram(
+        torch.cat([nabla[fires], null[fires]]).tolist(),
+        bins=60,
+        log=True,
+        title=title,
+        hue=["real labels"] * n + ["chosen/rejected swapped in half the pairs"] * n,
+        xlabel="∇ = μ_w − μ_l (share of answers)",
+    )
     fig.axes[0].set_ylim(bottom=0.5)
     return fig
 
 
-def k_probe(probe, *, dense_mean: float, ratio_k: float, hidden_size: int, title: str,
-            value: str = "test_accuracy_half_ties"):
+def k_probe(
+    probe, *, dense_mean: float, ratio_k: float, hidden_size: int, title: str, value: str = "test_accuracy_half_ties"
+):
     """Accuracy against K per head input (`sweep_lines`), with DenseRM's mean accuracy (%) as a
     dashed ceiling and a dotted line at the K whose 2K/d equals the paper's (`ratio_k`)."""
-    fig = sweep_lines(probe, x="K", hue="variant", log_x=True, value=value, title=title,
-                      xlabel="K (latents per side; 2K head inputs)")
+    fig = sweep_lines(
+        probe, x="K", hue="variant", log_x=True, value=value, title=title, xlabel="K (latents per side; 2K head inputs)"
+    )
     ax = fig.axes[0]
     ax.axhline(dense_mean, color="black", ls="--", lw=1, label=f"DenseRM (all {hidden_size} dims)")
     ax.axvline(ratio_k, color="grey", ls=":", lw=1, label="2K/d as in the paper (7%)")
@@ -416,15 +531,20 @@ def k_probe(probe, *, dense_mean: float, ratio_k: float, hidden_size: int, title
 def layer_k_grid(grid, reading, *, dataset_label: str, n_seeds: int):
     """Figure 4 (ours): validation accuracy against K, one line per layer, at the reading (read
     position and input scaling) that stage 1 of the validation study chose."""
-    return sweep_lines(grid, x="k", hue="layer", value="val_accuracy", log_x=True,
-                       xlabel="K, latents selected per side (log scale)",
-                       title=f"{dataset_label}: SparseRM validation accuracy by layer and K "
-                             f"({reading['position']!r} token, {'standardised' if reading['standardize'] else 'raw'} "
-                             f"inputs; mean ± sd over {n_seeds} seeds)")
+    return sweep_lines(
+        grid,
+        x="k",
+        hue="layer",
+        value="val_accuracy",
+        log_x=True,
+        xlabel="K, latents selected per side (log scale)",
+        title=f"{dataset_label}: SparseRM validation accuracy by layer and K "
+        f"({reading['position']!r} token, {'standardised' if reading['standardize'] else 'raw'} "
+        f"inputs; mean ± sd over {n_seeds} seeds)",
+    )
 
 
-def gap_vs_quality(gaps, quality, *, title: str, x: str = "FVE read",
-                   dataset_labels: Mapping[str, str] | None = None):
+def gap_vs_quality(gaps, quality, *, title: str, x: str = "FVE read", dataset_labels: Mapping[str, str] | None = None):
     """Chapter 11: top-K minus random directions (points, paired 95% interval as error bars)
     against each SAE's quality `x` on the same data set, one panel per data set, one line per K.
 
@@ -439,8 +559,15 @@ def gap_vs_quality(gaps, quality, *, title: str, x: str = "FVE read",
         for colour, (k, rows) in zip(colours, data[data["dataset"] == dataset].groupby("K"), strict=False):
             rows = rows.sort_values(x)
             gap = rows["A − B (points)"]
-            ax.errorbar(rows[x], gap, yerr=[gap - rows["CI low"], rows["CI high"] - gap], color=colour,
-                        marker="o", capsize=3, label=f"K = {k}")
+            ax.errorbar(
+                rows[x],
+                gap,
+                yerr=[gap - rows["CI low"], rows["CI high"] - gap],
+                color=colour,
+                marker="o",
+                capsize=3,
+                label=f"K = {k}",
+            )
         ax.axhline(0, color="grey", ls=":", lw=1)
         ax.set(title=(dataset_labels or {}).get(dataset, dataset), xlabel=f"SAE quality: {x}")
     axes[0][0].set_ylabel("top-K − random (points)")
@@ -456,8 +583,17 @@ def agreement_heatmap(round1_filter: Mapping, *, title: str):
     import pandas as pd
 
     fig, ax = plt.subplots(figsize=(4.8, 3.8))
-    sns.heatmap(pd.DataFrame(round1_filter["agreement"]) * 100, annot=True, fmt=".0f", vmin=0, vmax=100,
-                cmap="viridis", square=True, cbar_kws={"label": "same decision (%)"}, ax=ax)
+    sns.heatmap(
+        pd.DataFrame(round1_filter["agreement"]) * 100,
+        annot=True,
+        fmt=".0f",
+        vmin=0,
+        vmax=100,
+        cmap="viridis",
+        square=True,
+        cbar_kws={"label": "same decision (%)"},
+        ax=ax,
+    )
     ax.set(title=title, xlabel="reward model", ylabel="reward model")
     fig.tight_layout()
     return fig
@@ -473,8 +609,11 @@ def score_differences(frame, *, safety: bool, a: str = "SparseRM", b: str = "Den
     sns.scatterplot(data=frame.assign(tuple=hue), x=f"{a} s_w - s_l", y=f"{b} s_w - s_l", hue="tuple", ax=ax)
     ax.axhline(0, color="grey", lw=1)
     ax.axvline(0, color="grey", lw=1)
-    ax.set(title="Round 1: score differences of the two reward models", xlabel=f"{a}  s_w − s_l (score units)",
-           ylabel=f"{b}  s_w − s_l (score units)")
+    ax.set(
+        title="Round 1: score differences of the two reward models",
+        xlabel=f"{a}  s_w − s_l (score units)",
+        ylabel=f"{b}  s_w − s_l (score units)",
+    )
     fig.tight_layout()
     return fig
 
@@ -493,12 +632,22 @@ def validation_rounds(result, *, metric_labels: Mapping[str, str], se_key, title
             xs = [0] + [rec.round for rec in run.rounds]
             vals = [result.base_val] + [rec.val for rec in run.rounds]
             shift = 0.06 * (offset - (len(result.runs) - 1) / 2)
-            line = ax.errorbar([x + shift for x in xs], [100 * v[metric] for v in vals],
-                               yerr=[100 * v[se_key(metric)] for v in vals], marker="o", capsize=3, label=name)
+            line = ax.errorbar(
+                [x + shift for x in xs],
+                [100 * v[metric] for v in vals],
+                yerr=[100 * v[se_key(metric)] for v in vals],
+                marker="o",
+                capsize=3,
+                label=name,
+            )
             best = run.rounds[run.best_round - 1].val[metric]
             ax.plot(run.best_round + shift, 100 * best, "o", ms=14, mfc="none", color=line[0].get_color())
-        ax.set(title=f"validation {metric_labels[metric]}", xlabel="round (0 = base policy)",
-               ylabel=f"{metric_labels[metric]} (%)", xticks=range(result.config.rounds + 1))
+        ax.set(
+            title=f"validation {metric_labels[metric]}",
+            xlabel="round (0 = base policy)",
+            ylabel=f"{metric_labels[metric]} (%)",
+            xticks=range(result.config.rounds + 1),
+        )
     axes[0][-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1), title="reward model")
     fig.suptitle(title)
     fig.tight_layout()

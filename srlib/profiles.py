@@ -147,11 +147,11 @@ class Profile:
         """The validation study's grid: `sweep`, or the profile's own layer when it has none."""
         return self.sweep or SweepConfig(layers=(self.layer,))
 
-    def replace(self, **changes) -> "Profile":
+    def replace(self, **changes) -> Profile:
         """A copy with some fields changed (e.g. another layer for a sweep)."""
         return dataclasses.replace(self, **changes)
 
-    def at_layer(self, layer: int | None) -> "Profile":
+    def at_layer(self, layer: int | None) -> Profile:
         """The profile moved to `layer` (None: unchanged), with an SAE for that layer.
 
         A trained SAE (`sae_source="train"`) is trained at the new layer; a Gemma Scope
@@ -164,8 +164,10 @@ class Profile:
             return self.replace(layer=layer)
         source, count = re.subn(r"/layer_\d+/", f"/layer_{layer}/", self.sae_source)
         if count != 1:
-            raise ConfigError(f"cannot move the SAE {self.sae_source!r} to layer {layer}: "
-                              "no '/layer_<L>/' part to change; pass an SAE for that layer")
+            raise ConfigError(
+                f"cannot move the SAE {self.sae_source!r} to layer {layer}: "
+                "no '/layer_<L>/' part to change; pass an SAE for that layer"
+            )
         return self.replace(layer=layer, sae_source=source)
 
 
@@ -175,8 +177,7 @@ PROFILES: dict[str, Profile] = {
         model_id=TINY_MODEL_ID,
         layer=2,
         sae_source="train",
-        sae_training=SAETrainingConfig(d_sae=256, k=8, training_tokens=20_000, batch_size=256,
-                                       lr=3e-3, lr_end=3e-4),
+        sae_training=SAETrainingConfig(d_sae=256, k=8, training_tokens=20_000, batch_size=256, lr=3e-3, lr_end=3e-4),
         k=8,
         max_length=96,
         batch_size=16,
@@ -194,17 +195,30 @@ PROFILES: dict[str, Profile] = {
         threads=1,
         sae_family=SAEFamily(
             variants=(
-                ("weak: 32 latents, k 2, no read-position rows",
-                 SAETrainingConfig(d_sae=32, k=2, training_tokens=2_048, batch_size=256, lr=3e-3, lr_end=3e-4,
-                                   last_token_share=0.0)),
-                ("BatchTopK, no read-position rows",
-                 SAETrainingConfig(d_sae=256, k=8, training_tokens=20_000, batch_size=256, lr=3e-3, lr_end=3e-4,
-                                   last_token_share=0.0, architecture="batchtopk")),
+                (
+                    "weak: 32 latents, k 2, no read-position rows",
+                    SAETrainingConfig(
+                        d_sae=32, k=2, training_tokens=2_048, batch_size=256, lr=3e-3, lr_end=3e-4, last_token_share=0.0
+                    ),
+                ),
+                (
+                    "BatchTopK, no read-position rows",
+                    SAETrainingConfig(
+                        d_sae=256,
+                        k=8,
+                        training_tokens=20_000,
+                        batch_size=256,
+                        lr=3e-3,
+                        lr_end=3e-4,
+                        last_token_share=0.0,
+                        architecture="batchtopk",
+                    ),
+                ),
                 ("profile default", None),
             ),
-            ks=(2, 4, 8)),
-        description="Tiny random Llama-style model built in-process; runs in seconds; "
-                    "numbers are meaningless.",
+            ks=(2, 4, 8),
+        ),
+        description="Tiny random Llama-style model built in-process; runs in seconds; numbers are meaningless.",
     ),
     "cpu": Profile(
         name="cpu",
@@ -227,28 +241,36 @@ PROFILES: dict[str, Profile] = {
         # earlier chapters); the other three are trained by the chapter (minutes each on 2 cores).
         sae_family=SAEFamily(
             variants=(
-                ("weak: 576 latents, k 8, 150k tokens, no read-position rows",
-                 SAETrainingConfig(d_sae=576, k=8, training_tokens=150_000, last_token_share=0.0)),
-                ("all tokens only: 300k tokens, no read-position rows",
-                 SAETrainingConfig(d_sae=8 * 576, k=32, training_tokens=300_000, last_token_share=0.0)),
+                (
+                    "weak: 576 latents, k 8, 150k tokens, no read-position rows",
+                    SAETrainingConfig(d_sae=576, k=8, training_tokens=150_000, last_token_share=0.0),
+                ),
+                (
+                    "all tokens only: 300k tokens, no read-position rows",
+                    SAETrainingConfig(d_sae=8 * 576, k=32, training_tokens=300_000, last_token_share=0.0),
+                ),
                 ("sweep size: 300k tokens", SAETrainingConfig(d_sae=8 * 576, k=32, training_tokens=300_000)),
                 ("profile default: 1.2M tokens", None),
-                ("read-heavy: 600k tokens, half read-position rows, dead window 1/20",
-                 SAETrainingConfig(d_sae=8 * 576, k=32, training_tokens=600_000, last_token_share=0.5,
-                                   dead_window_divisor=20)),
+                (
+                    "read-heavy: 600k tokens, half read-position rows, dead window 1/20",
+                    SAETrainingConfig(
+                        d_sae=8 * 576, k=32, training_tokens=600_000, last_token_share=0.5, dead_window_divisor=20
+                    ),
+                ),
             ),
-            ks=(16, 64, 128)),
+            ks=(16, 64, 128),
+        ),
         n_generated=96,
         paper_gap_note="A 135M-parameter model knows far less than Gemma-2-9B-it, and its SAE was trained here on a "
-                       "corpus of a few hundred thousand tokens where Gemma Scope's saw billions, so lower accuracy "
-                       "is expected; what carries over is the method, and chapters 4–6 compare its variants on equal "
-                       "terms.",
+        "corpus of a few hundred thousand tokens where Gemma Scope's saw billions, so lower accuracy "
+        "is expected; what carries over is the method, and chapters 4–6 compare its variants on equal "
+        "terms.",
         max_length=512,
         batch_size=16,
         max_pairs=None,
         seeds=(0, 1, 2),
         description="SmolLM2-135M-Instruct (30 layers, d=576), layer 22, an SAE trained here "
-                    "with sae-lens; the real book on a laptop CPU.",
+        "with sae-lens; the real book on a laptop CPU.",
     ),
     "paper": Profile(
         name="paper",
@@ -274,15 +296,42 @@ PROFILES: dict[str, Profile] = {
 #: differ from its defaults (`AlignmentConfig.for_profile` reads them from here).
 ALIGNMENT: dict[str, dict] = {
     # Seconds on the tiny random model; the numbers mean nothing.
-    "smoke": dict(model_id=TINY_MODEL_ID, n_prompts=6, rounds=2, n_shots=1, max_new_tokens=6,
-                  generation_batch_size=8, epochs=1, batch_size=4, learning_rate=1e-3,
-                  max_length=96, max_val=6, max_test=6),
+    "smoke": dict(
+        model_id=TINY_MODEL_ID,
+        n_prompts=6,
+        rounds=2,
+        n_shots=1,
+        max_new_tokens=6,
+        generation_batch_size=8,
+        epochs=1,
+        batch_size=4,
+        learning_rate=1e-3,
+        max_length=96,
+        max_val=6,
+        max_test=6,
+    ),
     # SmolLM2-135M-Instruct on 2 CPU cores: a few dozen prompts, two rounds, capped evaluation.
-    "cpu": dict(model_id="HuggingFaceTB/SmolLM2-135M-Instruct", n_prompts=24, rounds=2, max_new_tokens=32,
-                learning_rate=2e-3, max_length=512, max_val=50, max_test=200),
+    "cpu": dict(
+        model_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        n_prompts=24,
+        rounds=2,
+        max_new_tokens=32,
+        learning_rate=2e-3,
+        max_length=512,
+        max_val=50,
+        max_test=200,
+    ),
     # The paper's loop on Gemma-2-2B-it (a GPU and hub access): every generation prompt, 5 rounds.
-    "paper": dict(model_id="google/gemma-2-2b-it", n_prompts=None, rounds=5, max_new_tokens=128,
-                  learning_rate=5e-5, max_length=1024, max_val=None, max_test=None),
+    "paper": dict(
+        model_id="google/gemma-2-2b-it",
+        n_prompts=None,
+        rounds=5,
+        max_new_tokens=128,
+        learning_rate=5e-5,
+        max_length=1024,
+        max_val=None,
+        max_test=None,
+    ),
 }
 
 
@@ -291,6 +340,4 @@ def get_profile(name: str) -> Profile:
     try:
         return PROFILES[name]
     except KeyError:
-        raise ValueError(
-            f"unknown profile {name!r}; choose one of: {', '.join(PROFILES)}"
-        ) from None
+        raise ValueError(f"unknown profile {name!r}; choose one of: {', '.join(PROFILES)}") from None

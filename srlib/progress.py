@@ -62,8 +62,7 @@ class _Folded:
 class _Sink:
     """Appends event lines to one file and keeps the per-stage throttle (thread-safe)."""
 
-    def __init__(self, path: str, clock: Callable[[], float] = time.time,
-                 interval: float = INTERVAL) -> None:
+    def __init__(self, path: str, clock: Callable[[], float] = time.time, interval: float = INTERVAL) -> None:
         self.path, self.clock, self.interval = path, clock, interval
         self.lock = threading.Lock()
         self.last_line: dict[str, float] = {}
@@ -101,16 +100,35 @@ class _Sink:
             if seconds < self.interval and not self.due(stage, now):
                 self.folded[stage] = folded
                 return
-            self._append({**event, "done": folded.done, "total": folded.total, "end": True,
-                          "runs": folded.runs, "seconds": round(folded.seconds, 4)})
+            self._append(
+                {
+                    **event,
+                    "done": folded.done,
+                    "total": folded.total,
+                    "end": True,
+                    "runs": folded.runs,
+                    "seconds": round(folded.seconds, 4),
+                }
+            )
 
     def flush(self) -> None:
         """Write the folded runs of every stage (at exit: nothing is lost to the throttle)."""
         with self.lock:
             for stage, f in list(self.folded.items()):
-                self._append({"stage": stage, "run": None, "done": f.done, "total": f.total,
-                              "unit": f.unit, "started": f.started, "time": self.clock(), "end": True,
-                              "runs": f.runs, "seconds": round(f.seconds, 4)})
+                self._append(
+                    {
+                        "stage": stage,
+                        "run": None,
+                        "done": f.done,
+                        "total": f.total,
+                        "unit": f.unit,
+                        "started": f.started,
+                        "time": self.clock(),
+                        "end": True,
+                        "runs": f.runs,
+                        "seconds": round(f.seconds, 4),
+                    }
+                )
             self.folded.clear()
 
 
@@ -139,8 +157,7 @@ class Stage:
     """One run of a named piece of long work, counted in units; reports to `sink` (a no-op
     without one). `advance` is cheap: a clock read and a comparison unless a line is due."""
 
-    def __init__(self, name: str, total: float | None = None, unit: str = "it",
-                 sink: _Sink | None = None) -> None:
+    def __init__(self, name: str, total: float | None = None, unit: str = "it", sink: _Sink | None = None) -> None:
         self.name, self.total, self.unit, self.sink = name, total, unit, sink
         self.done: float = 0
         self.closed = sink is None
@@ -149,8 +166,15 @@ class Stage:
             self.started = sink.clock()
 
     def _event(self, now: float) -> dict:
-        return {"stage": self.name, "run": self.run, "done": self.done, "total": self.total,
-                "unit": self.unit, "started": self.started, "time": now}
+        return {
+            "stage": self.name,
+            "run": self.run,
+            "done": self.done,
+            "total": self.total,
+            "unit": self.unit,
+            "started": self.started,
+            "time": now,
+        }
 
     def advance(self, n: float = 1) -> None:
         """`n` more units done; writes a line when the stage's interval has passed."""
@@ -202,8 +226,9 @@ def _counted(iterable: Iterable, stage: Stage) -> Iterator:
         stage.advance()
 
 
-def progress_bar(iterable: Iterable | None = None, *, desc: str, total: float | None = None,
-        unit: str = "it", **kwargs: Any) -> tqdm:
+def progress_bar(
+    iterable: Iterable | None = None, *, desc: str, total: float | None = None, unit: str = "it", **kwargs: Any
+) -> tqdm:
     """tqdm's bar over `iterable` (or a manual one, `update(n)`), named `desc`: the stage name
     in the events file when one is named. Other keywords (`disable`, `leave`, ...) go to tqdm."""
     sink = _sink()

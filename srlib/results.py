@@ -30,28 +30,31 @@ from srlib.paths import atomic_path
 _CELL_TYPES = (str, int, float, bool, type(None))
 
 
-def table(columns: Sequence[str], rows: Iterable[Sequence[Any]], caption: str, *,
-          float_format: str | None = None) -> dict:
+def table(
+    columns: Sequence[str], rows: Iterable[Sequence[Any]], caption: str, *, float_format: str | None = None
+) -> dict:
     """One results table in the book's schema (NaN becomes null); validated."""
-    out = {"caption": caption, "columns": [str(c) for c in columns],
-           "rows": [[_json_cell(v) for v in row] for row in rows]}
+    out = {
+        "caption": caption,
+        "columns": [str(c) for c in columns],
+        "rows": [[_json_cell(v) for v in row] for row in rows],
+    }
     if float_format is not None:
         out["float_format"] = float_format
     validate_table(out, "table")
     return out
 
 
-def frame_table(frame: Any, caption: str, *, index: bool = False,
-                float_format: str | None = None) -> dict:
+def frame_table(frame: Any, caption: str, *, index: bool = False, float_format: str | None = None) -> dict:
     """A results table from a pandas DataFrame (its index becomes the first column if `index`)."""
     if index:
         frame = frame.reset_index()
-    return table(list(frame.columns), frame.itertuples(index=False), caption,
-                 float_format=float_format)
+    return table(list(frame.columns), frame.itertuples(index=False), caption, float_format=float_format)
 
 
-def write_results(path: str | os.PathLike | None, *, profile: str, tables: dict[str, dict],
-                  metrics: dict | None = None) -> Path | None:
+def write_results(
+    path: str | os.PathLike | None, *, profile: str, tables: dict[str, dict], metrics: dict | None = None
+) -> Path | None:
     """Write a notebook's results JSON to `path` (the `RESULTS_PATH` parameter).
 
     An empty path writes nothing, so a notebook run by hand leaves no file behind.
@@ -108,8 +111,9 @@ def validate_table(tab: Any, where: str) -> None:
             raise DataError(f"{where}: row {i} must be a list of {len(columns)} cells")
         for cell in row:
             if not isinstance(cell, _CELL_TYPES):
-                raise DataError(f"{where}: row {i} has a {type(cell).__name__} cell; cells are "
-                                "strings, numbers, booleans or null")
+                raise DataError(
+                    f"{where}: row {i} has a {type(cell).__name__} cell; cells are strings, numbers, booleans or null"
+                )
     fmt = tab.get("float_format")
     if fmt is not None:
         try:

@@ -360,8 +360,10 @@ def pair_accuracy(s_w: Tensor, s_l: Tensor) -> float:
     `compare_paired`) and report the tie share beside every accuracy where it is non-zero.
     """
     if s_w.shape != s_l.shape or s_w.numel() == 0:
-        raise ConfigError(f"pair_accuracy needs two non-empty score tensors of one shape, got "
-                          f"{tuple(s_w.shape)} and {tuple(s_l.shape)}")
+        raise ConfigError(
+            f"pair_accuracy needs two non-empty score tensors of one shape, got "
+            f"{tuple(s_w.shape)} and {tuple(s_l.shape)}"
+        )
     return (s_w > s_l).float().mean().item()
 
 
@@ -429,8 +431,10 @@ def fit_head(
     given `config.seed` (initial weights and the order of the minibatches).
     """
     if not isinstance(config, HeadConfig):
-        raise ConfigError(f"fit_head takes a HeadConfig, got {type(config).__name__}; build one with "
-                          "srlib.reward.HeadConfig(loss=..., epochs=...)")
+        raise ConfigError(
+            f"fit_head takes a HeadConfig, got {type(config).__name__}; build one with "
+            "srlib.reward.HeadConfig(loss=..., epochs=...)"
+        )
     X_w, X_l = _check_pair_tensors(X_w, X_l, "training")
     if (Xv_w is None) != (Xv_l is None):
         raise ConfigError("give both validation tensors (chosen and rejected) or neither")
@@ -524,8 +528,12 @@ class RewardModel:
 
     def _config_header(self) -> dict[str, Any]:
         cls = type(self)
-        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "srlib_version": srlib.__version__,
-                "rm_class": cls.__name__}
+        return {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "srlib_version": srlib.__version__,
+            "rm_class": cls.__name__,
+        }
 
     @classmethod
     def _load(cls, directory: Path, config: dict, backbone=None) -> RewardModel:
@@ -539,9 +547,17 @@ class RewardModel:
         return push_to_hub(self, repo_id, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, backbone=None, revision: str | None = None,
-                        token: str | None = None, cache_dir: str | Path | None = None, local_files_only: bool = False,
-                        force_download: bool = False) -> RewardModel:
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        backbone=None,
+        revision: str | None = None,
+        token: str | None = None,
+        cache_dir: str | Path | None = None,
+        local_files_only: bool = False,
+        force_download: bool = False,
+    ) -> RewardModel:
         """Load a saved reward model of whatever srlib class saved it; optionally attach a backbone now.
 
         A local folder, or a Hugging Face Hub repo id ("owner/name", with huggingface_hub's
@@ -553,8 +569,14 @@ class RewardModel:
         """
         from srlib.hub import download
 
-        directory = download(pretrained_model_name_or_path, revision=revision, token=token, cache_dir=cache_dir,
-                             local_files_only=local_files_only, force_download=force_download)
+        directory = download(
+            pretrained_model_name_or_path,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            force_download=force_download,
+        )
         path = directory / CONFIG_NAME
         if not path.is_file():
             raise SrlibError(f"{directory} is not a saved reward model: {CONFIG_NAME} missing")
@@ -563,8 +585,9 @@ class RewardModel:
             raise SrlibError(f"{directory} is not a saved reward model: {path} is not an srlib reward model config")
         version = config.get("format_version", 0)
         if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-            raise DamagedFileError(f"{path}: format_version {version!r} is not a version number; "
-                                   f"{damaged_remedy(directory)}")
+            raise DamagedFileError(
+                f"{path}: format_version {version!r} is not a version number; {damaged_remedy(directory)}"
+            )
         if version > FORMAT_VERSION:
             raise SrlibError(f"{directory} was saved by a newer srlib (format {version}); upgrade srlib")
         model_cls = rm_class(config.get("rm_class"), where=str(path))
@@ -575,24 +598,33 @@ class RewardModel:
         except KeyError as error:
             raise DamagedFileError(f"{path}: missing entry {error}; {damaged_remedy(directory)}") from None
         except (TypeError, AttributeError) as error:
-            raise DamagedFileError(f"{path}: malformed entry ({one_line(str(error))}); "
-                                   f"{damaged_remedy(directory)}") from None
+            raise DamagedFileError(
+                f"{path}: malformed entry ({one_line(str(error))}); {damaged_remedy(directory)}"
+            ) from None
 
 
 #: srlib's reward-model classes by the name `config.json` stores, with the srlib module that
 #: defines each. A saved folder can name only these: no module a file names is ever imported.
-RM_CLASSES: dict[str, str] = {"SparseRM": "srlib.reward", "DenseRM": "srlib.reward", "FeatureRM": "srlib.reward",
-                              "StandardRM": "srlib.baselines", "GeneralizableRM": "srlib.baselines",
-                              "GenerativeJudge": "srlib.baselines", "LogProbPreference": "srlib.baselines",
-                              "SteeredSparseRM": "srlib.explain"}
+RM_CLASSES: dict[str, str] = {
+    "SparseRM": "srlib.reward",
+    "DenseRM": "srlib.reward",
+    "FeatureRM": "srlib.reward",
+    "StandardRM": "srlib.baselines",
+    "GeneralizableRM": "srlib.baselines",
+    "GenerativeJudge": "srlib.baselines",
+    "LogProbPreference": "srlib.baselines",
+    "SteeredSparseRM": "srlib.explain",
+}
 
 
 def rm_class(name: Any, *, where: str = "the config") -> type[RewardModel]:
     """srlib's reward-model class called `name`, its module imported from the fixed table
     `RM_CLASSES`; any other name is refused with one line."""
     if not isinstance(name, str) or name not in RM_CLASSES:
-        raise SrlibError(f"{where}: {name!r} is not one of srlib's reward model classes "
-                         f"({', '.join(RM_CLASSES)}); srlib loads only its own classes and runs no code from a folder")
+        raise SrlibError(
+            f"{where}: {name!r} is not one of srlib's reward model classes "
+            f"({', '.join(RM_CLASSES)}); srlib loads only its own classes and runs no code from a folder"
+        )
     return getattr(importlib.import_module(RM_CLASSES[name]), name)
 
 
@@ -606,17 +638,24 @@ def saved_rm_config(config: dict[str, Any], path: str | Path) -> SparseRMConfig:
         return SparseRMConfig.from_dict(config["config"], source=str(path))
     settings = {key: value for key, value in config["history"]["settings"].items() if key != "optimizer"}
     try:
-        return SparseRMConfig(features=config["feature_kind"], k=config["k"], layer=config["layer"],
-                              sae_source=(config["sae"] or {}).get("source"),
-                              position=config.get("position", "last"),  # saved before read positions: the last token
-                              max_length=config["max_length"], head=HeadConfig(**settings))
+        return SparseRMConfig(
+            features=config["feature_kind"],
+            k=config["k"],
+            layer=config["layer"],
+            sae_source=(config["sae"] or {}).get("source"),
+            position=config.get("position", "last"),  # saved before read positions: the last token
+            max_length=config["max_length"],
+            head=HeadConfig(**settings),
+        )
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
 
 
 def damaged_remedy(directory: str | Path) -> str:
     """What to do about a damaged reward-model folder (the end of its one-line error)."""
-    return f"the reward model in {directory} is damaged or incomplete: save it again (python -m srlib fit ... --out DIR)"
+    return (
+        f"the reward model in {directory} is damaged or incomplete: save it again (python -m srlib fit ... --out DIR)"
+    )
 
 
 def is_saved_reward_model(directory: str | Path) -> bool:
@@ -657,10 +696,14 @@ class RewardFunction:
         from srlib.backbone import format_text
 
         if len(prompts) != len(completions):
-            raise ConfigError(f"{len(prompts)} prompts but {len(completions)} completions: give one prompt per completion")
+            raise ConfigError(
+                f"{len(prompts)} prompts but {len(completions)} completions: give one prompt per completion"
+            )
         tokenizer = self.model.backbone.tokenizer
-        return [format_text(tokenizer, prompt if isinstance(prompt, str) else tuple(prompt), _answer(completion))
-                for prompt, completion in zip(prompts, completions, strict=True)]
+        return [
+            format_text(tokenizer, prompt if isinstance(prompt, str) else tuple(prompt), _answer(completion))
+            for prompt, completion in zip(prompts, completions, strict=True)
+        ]
 
     def __call__(self, prompts: Sequence, completions: Sequence, **kwargs) -> list[float]:
         """One reward per completion, in order."""
@@ -674,8 +717,10 @@ def _answer(completion) -> str:
         return completion
     parts = [m.get("content") for m in completion if isinstance(m, dict) and m.get("role") == "assistant"]
     if not parts or not all(isinstance(p, str) for p in parts):
-        raise ConfigError(f"a completion must be a string or a list of messages with an assistant turn of text, "
-                          f"got {one_line(repr(completion), 80)}")
+        raise ConfigError(
+            f"a completion must be a string or a list of messages with an assistant turn of text, "
+            f"got {one_line(repr(completion), 80)}"
+        )
     return "".join(parts)
 
 
@@ -695,8 +740,13 @@ class PairwiseJudge:
     def __init__(self, reward_function: RewardFunction):
         self.reward_function = reward_function
 
-    def judge(self, prompts: Sequence, completions: Sequence[Sequence], shuffle_order: bool = True,
-              return_scores: bool = False) -> list[int] | list[float]:
+    def judge(
+        self,
+        prompts: Sequence,
+        completions: Sequence[Sequence],
+        shuffle_order: bool = True,
+        return_scores: bool = False,
+    ) -> list[int] | list[float]:
         """For each prompt, which of its two completions is better (or how likely the first is)."""
         if len(prompts) != len(completions) or any(len(pair) != 2 for pair in completions):
             raise ConfigError("a pairwise judge needs one prompt per pair of exactly two completions")
@@ -725,11 +775,22 @@ class FeatureRM(RewardModel):
     what config.json records besides the feature map.
     """
 
-    def __init__(self, features: FeatureMap | None, *, backbone=None, layer: int | None = None,
-                 max_length: int = 512, sae_info: dict[str, Any] | None = None, position: str = "last",
-                 head: RewardHead | None = None, history: FitHistory | None = None, k: int | None = None,
-                 latent_indices: dict[str, list[int]] | None = None, directions_normalized: bool | None = None,
-                 backbone_record: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        features: FeatureMap | None,
+        *,
+        backbone=None,
+        layer: int | None = None,
+        max_length: int = 512,
+        sae_info: dict[str, Any] | None = None,
+        position: str = "last",
+        head: RewardHead | None = None,
+        history: FitHistory | None = None,
+        k: int | None = None,
+        latent_indices: dict[str, list[int]] | None = None,
+        directions_normalized: bool | None = None,
+        backbone_record: dict[str, Any] | None = None,
+    ):
         self.features = features
         self.head: RewardHead | None = None if head is None else head.eval()
         self.history: FitHistory | None = history
@@ -757,11 +818,15 @@ class FeatureRM(RewardModel):
         """Use `backbone` to extract hidden states. Its hidden size must match the feature map;
         with `strict`, its identity must match the one the model was fitted on (if recorded)."""
         if self.features is not None and backbone.hidden_size != self.features.in_dim:
-            raise ConfigError(f"the backbone's hidden size is {backbone.hidden_size} but the reward "
-                              f"model reads vectors of width {self.features.in_dim}")
+            raise ConfigError(
+                f"the backbone's hidden size is {backbone.hidden_size} but the reward "
+                f"model reads vectors of width {self.features.in_dim}"
+            )
         if strict and self.backbone_identity and backbone.identity != self.backbone_identity:
-            raise ConfigError(f"backbone {backbone.model_id!r} is not the one this reward model was fitted on "
-                              f"(identity {backbone.identity!r} != {self.backbone_identity!r}); pass strict=False to force")
+            raise ConfigError(
+                f"backbone {backbone.model_id!r} is not the one this reward model was fitted on "
+                f"(identity {backbone.identity!r} != {self.backbone_identity!r}); pass strict=False to force"
+            )
         self._backbone = backbone
         self.backbone_id, self.backbone_identity = backbone.model_id, backbone.identity
         self.backbone_weights = backbone.weights
@@ -785,11 +850,21 @@ class FeatureRM(RewardModel):
         if self.features is None:
             raise ConfigError(f"{type(self).__name__} has no feature map")
         if self.features.in_dim != d:
-            raise ConfigError(f"the hidden states have width {d} but the feature map reads width {self.features.in_dim}")
+            raise ConfigError(
+                f"the hidden states have width {d} but the feature map reads width {self.features.in_dim}"
+            )
         return self.features
 
-    def fit_states(self, Z_w: Tensor, Z_l: Tensor, Zv_w: Tensor | None = None, Zv_l: Tensor | None = None, *,
-                   head: HeadConfig = HeadConfig(), progress: bool = False) -> FeatureRM:
+    def fit_states(
+        self,
+        Z_w: Tensor,
+        Z_l: Tensor,
+        Zv_w: Tensor | None = None,
+        Zv_l: Tensor | None = None,
+        *,
+        head: HeadConfig = HeadConfig(),
+        progress: bool = False,
+    ) -> FeatureRM:
         """Fit the head on already-extracted hidden states [n, d] of chosen/rejected responses,
         with the settings of `head` (`fit_head`). Returns self.
         """
@@ -823,9 +898,11 @@ class FeatureRM(RewardModel):
         Z = _as_states(Z, "hidden states")
         bad = (~torch.isfinite(Z).all(dim=1)).nonzero().flatten()
         if len(bad):
-            raise ConfigError(f"the hidden states to score contain NaN or infinite values ({len(bad)} of "
-                              f"{len(Z)} rows, first row {int(bad[0])}); a float16 backbone can overflow: "
-                              "load it in float32")
+            raise ConfigError(
+                f"the hidden states to score contain NaN or infinite values ({len(bad)} of "
+                f"{len(Z)} rows, first row {int(bad[0])}); a float16 backbone can overflow: "
+                "load it in float32"
+            )
         # Row by row: a matrix product's rounding depends on how many rows it multiplies, so
         # scoring rows together made a text's score depend on what it was scored with.
         with torch.no_grad():
@@ -835,8 +912,9 @@ class FeatureRM(RewardModel):
     def _extract_kwargs(self, batch_size: int, cache: bool, progress: bool) -> dict[str, Any]:
         if self.layer is None:
             raise ConfigError("this reward model has no layer recorded; set rm.layer before scoring texts")
-        return dict(max_length=self.max_length, position=self.position, batch_size=batch_size, cache=cache,
-                    progress=progress)
+        return dict(
+            max_length=self.max_length, position=self.position, batch_size=batch_size, cache=cache, progress=progress
+        )
 
     def score(self, texts: list[str], *, batch_size: int = 16, cache: bool = True, progress: bool = False) -> Tensor:
         """Scores [n] for chat-formatted prompt+response texts, read through the backbone."""
@@ -851,8 +929,9 @@ class FeatureRM(RewardModel):
         to the state cache (`cache=False` unless given): each training step's are new texts."""
         return super().as_reward_function(name=name, **{"cache": False, **score_kwargs})
 
-    def score_pairs(self, pairs, *, batch_size: int = 16, cache: bool = True,
-                    progress: bool = False) -> tuple[Tensor, Tensor]:
+    def score_pairs(
+        self, pairs, *, batch_size: int = 16, cache: bool = True, progress: bool = False
+    ) -> tuple[Tensor, Tensor]:
         """(s_chosen, s_rejected), 1-D float32, for a list of `PreferencePair`s (empty in, empty out)."""
         from srlib.activations import pair_states
 
@@ -871,9 +950,15 @@ class FeatureRM(RewardModel):
     def rm_config(self) -> SparseRMConfig:
         """What this fitted model reads and how its head was trained, as one `SparseRMConfig`."""
         self._require_fitted()
-        return SparseRMConfig(features=self.features.kind, k=self.k, layer=self.layer,
-                              sae_source=(self.sae_info or {}).get("source"), position=self.position,
-                              max_length=self.max_length, head=self.history.head_config())
+        return SparseRMConfig(
+            features=self.features.kind,
+            k=self.k,
+            layer=self.layer,
+            sae_source=(self.sae_info or {}).get("source"),
+            position=self.position,
+            max_length=self.max_length,
+            head=self.history.head_config(),
+        )
 
     def config(self) -> dict[str, Any]:
         """The JSON description saved as config.json: the header, `rm_config.to_dict()` under
@@ -882,16 +967,20 @@ class FeatureRM(RewardModel):
             **self._config_header(),
             "config": self.rm_config.to_dict(),
             "features": self.features.config(),
-            "backbone": {"model_id": self.backbone_id, "identity": self.backbone_identity,
-                         "weights": self.backbone_weights},
+            "backbone": {
+                "model_id": self.backbone_id,
+                "identity": self.backbone_identity,
+                "weights": self.backbone_weights,
+            },
             "sae": self.sae_info,
             "latent_indices": None if self.indices_w is None else {"w": self.indices_w, "l": self.indices_l},
             "directions_normalized": self.directions_normalized,
             "history": self.history.as_dict(),
         }
 
-    def save_pretrained(self, directory: str | Path, *, overwrite: bool = True,
-                        model_card_kwargs: dict[str, Any] | None = None) -> None:
+    def save_pretrained(
+        self, directory: str | Path, *, overwrite: bool = True, model_card_kwargs: dict[str, Any] | None = None
+    ) -> None:
         """Write config.json + model.safetensors (+ sae/ for latent features) and the model card
         README.md (`srlib.hub.model_card`, given `model_card_kwargs`: training_data, evaluation,
         license, ...), atomically (`RewardModel.save_pretrained` says what may be replaced)."""
@@ -902,8 +991,11 @@ class FeatureRM(RewardModel):
         tensors = {f"head.{name}": t for name, t in self.head.state_dict().items()}
         tensors.update({f"features.{name}": t for name, t in self.features.state_dict().items()})
         with atomic_path(directory, is_dir=True, overwrite=overwrite, is_ours=is_saved_reward_model) as tmp:
-            save_file({name: t.detach().cpu().contiguous() for name, t in tensors.items()},
-                      str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            save_file(
+                {name: t.detach().cpu().contiguous() for name, t in tensors.items()},
+                str(tmp / WEIGHTS_NAME),
+                metadata={"format": "pt"},
+            )
             if isinstance(self.features, LatentFeatures):
                 self.features.sae.save_model(tmp / SAE_DIR_NAME)
             card.save(tmp / "README.md")
@@ -922,18 +1014,30 @@ class FeatureRM(RewardModel):
             from srlib.sae import load_sae
 
             sae = load_sae(directory / SAE_DIR_NAME)
-        feature_tensors = {name[len("features."):]: t for name, t in tensors.items() if name.startswith("features.")}
+        feature_tensors = {name[len("features.") :]: t for name, t in tensors.items() if name.startswith("features.")}
         try:
             features = FEATURE_MAPS[kind].from_state(feature_config, feature_tensors, sae)
             head = RewardHead(features.out_dim, rm_config.head.hidden, rm_config.head.activation)
-            head.load_state_dict({name[len("head."):]: t for name, t in tensors.items() if name.startswith("head.")})
+            head.load_state_dict({name[len("head.") :]: t for name, t in tensors.items() if name.startswith("head.")})
         except (KeyError, RuntimeError) as error:
-            raise DamagedFileError(f"{weights}: its tensors do not match {directory / CONFIG_NAME} "
-                                   f"({one_line(str(error))}); {damaged_remedy(directory)}") from None
-        return cls(features=features, backbone=backbone, layer=rm_config.layer, max_length=rm_config.max_length,
-                   position=rm_config.position, sae_info=config["sae"], head=head, history=history, k=rm_config.k,
-                   latent_indices=config["latent_indices"], directions_normalized=config["directions_normalized"],
-                   backbone_record=config["backbone"])
+            raise DamagedFileError(
+                f"{weights}: its tensors do not match {directory / CONFIG_NAME} "
+                f"({one_line(str(error))}); {damaged_remedy(directory)}"
+            ) from None
+        return cls(
+            features=features,
+            backbone=backbone,
+            layer=rm_config.layer,
+            max_length=rm_config.max_length,
+            position=rm_config.position,
+            sae_info=config["sae"],
+            head=head,
+            history=history,
+            k=rm_config.k,
+            latent_indices=config["latent_indices"],
+            directions_normalized=config["directions_normalized"],
+            backbone_record=config["backbone"],
+        )
 
 
 class SparseRM(FeatureRM):
@@ -946,16 +1050,29 @@ class SparseRM(FeatureRM):
 
     kinds: ClassVar[tuple[str, ...]] = ("projection", "latents", "random")
 
-    def __init__(self, directions=None, *, kind: str = "projection", sae=None, feature_seed: int = 0,
-                 backbone=None, layer: int | None = None, max_length: int = 512, sae_source: str | None = None,
-                 position: str = "last", features: FeatureMap | None = None, **saved):
+    def __init__(
+        self,
+        directions=None,
+        *,
+        kind: str = "projection",
+        sae=None,
+        feature_seed: int = 0,
+        backbone=None,
+        layer: int | None = None,
+        max_length: int = 512,
+        sae_source: str | None = None,
+        position: str = "last",
+        features: FeatureMap | None = None,
+        **saved,
+    ):
         """`directions` (a `srlib.directions.Directions`) for a new model; a saved one is rebuilt
         from its `features` map and what `FeatureRM.__init__` takes (`saved`: head, history, ...)."""
         if (directions is None) == (features is None):
             raise ConfigError("a SparseRM needs its selected directions (srlib.directions.select_directions)")
         if features is not None:
-            super().__init__(features, backbone=backbone, layer=layer, max_length=max_length, position=position,
-                             **saved)
+            super().__init__(
+                features, backbone=backbone, layer=layer, max_length=max_length, position=position, **saved
+            )
             return
         if kind not in self.kinds:
             raise ConfigError(f"unknown SparseRM feature kind {kind!r}; choose one of: {', '.join(self.kinds)}")
@@ -965,8 +1082,9 @@ class SparseRM(FeatureRM):
             d_in, d_sae = _sae_dims(sae)
             sae_info.update(d_in=d_in, d_sae=d_sae, architecture=sae.cfg.architecture())
         features = make_features(kind, directions=directions, sae=sae, seed=feature_seed)
-        super().__init__(features, backbone=backbone, layer=layer, max_length=max_length, sae_info=sae_info,
-                         position=position)
+        super().__init__(
+            features, backbone=backbone, layer=layer, max_length=max_length, sae_info=sae_info, position=position
+        )
         self.sae = sae
         self.directions = directions
         self.k = int(directions.k)
@@ -975,11 +1093,27 @@ class SparseRM(FeatureRM):
         self.directions_normalized = bool(getattr(directions, "normalized", False))
 
     @classmethod
-    def fit(cls, backbone, train_pairs, val_pairs=None, *, layer: int, sae, k: int = 128,
-            kind: str = "projection", normalize_directions: bool = False, allow_overlap: bool = True,
-            feature_seed: int = 0, sae_source: str | None = None, max_length: int = 512, position: str = "last",
-            batch_size: int = 16, cache: bool = True, progress: bool = True,
-            head: HeadConfig = HeadConfig()) -> SparseRM:
+    def fit(
+        cls,
+        backbone,
+        train_pairs,
+        val_pairs=None,
+        *,
+        layer: int,
+        sae,
+        k: int = 128,
+        kind: str = "projection",
+        normalize_directions: bool = False,
+        allow_overlap: bool = True,
+        feature_seed: int = 0,
+        sae_source: str | None = None,
+        max_length: int = 512,
+        position: str = "last",
+        batch_size: int = 16,
+        cache: bool = True,
+        progress: bool = True,
+        head: HeadConfig = HeadConfig(),
+    ) -> SparseRM:
         """The whole method: hidden states of the pairs at `layer`, SAE latents of the training
         states, top-k directions per side (`srlib.directions.select_directions`), then the head
         with the settings of `head` (`fit_head`).
@@ -989,17 +1123,26 @@ class SparseRM(FeatureRM):
         if sae is None:
             raise ConfigError("SparseRM.fit needs an SAE (srlib.sae.sae_for_profile or load_pretrained_sae)")
         _check_sae(sae, backbone.hidden_size, k)
-        extract = dict(max_length=max_length, position=position, batch_size=batch_size, cache=cache,
-                       progress=progress)
+        extract = dict(max_length=max_length, position=position, batch_size=batch_size, cache=cache, progress=progress)
         Z_w, Z_l = cls._pair_states(backbone, train_pairs, layer, "training", **extract)
         Zv = cls._pair_states(backbone, val_pairs, layer, "validation", **extract) if val_pairs else (None, None)
         from srlib.directions import select_directions
         from srlib.sae import encode
 
-        directions = select_directions(sae, encode(sae, Z_w), encode(sae, Z_l), k,
-                                       normalize=normalize_directions, allow_overlap=allow_overlap)
-        model = cls(directions, kind=kind, sae=sae, feature_seed=feature_seed, backbone=backbone,
-                    layer=layer, max_length=max_length, sae_source=sae_source, position=position)
+        directions = select_directions(
+            sae, encode(sae, Z_w), encode(sae, Z_l), k, normalize=normalize_directions, allow_overlap=allow_overlap
+        )
+        model = cls(
+            directions,
+            kind=kind,
+            sae=sae,
+            feature_seed=feature_seed,
+            backbone=backbone,
+            layer=layer,
+            max_length=max_length,
+            sae_source=sae_source,
+            position=position,
+        )
         return model.fit_states(Z_w, Z_l, *Zv, head=head, progress=progress)
 
 
@@ -1007,13 +1150,21 @@ class DenseRM(FeatureRM):
     """DenseRM (§5.2): the same head on the hidden state itself. The width is taken from the
     states at fit time (or give `d`)."""
 
-    def __init__(self, d: int | None = None, *, backbone=None, layer: int | None = None, max_length: int = 512,
-                 position: str = "last", features: FeatureMap | None = None, **saved):
+    def __init__(
+        self,
+        d: int | None = None,
+        *,
+        backbone=None,
+        layer: int | None = None,
+        max_length: int = 512,
+        position: str = "last",
+        features: FeatureMap | None = None,
+        **saved,
+    ):
         """`saved` (head, history, ...: `FeatureRM.__init__`) and `features` rebuild a saved model."""
         if features is None and d is not None:
             features = DenseFeatures(d)
-        super().__init__(features, backbone=backbone, layer=layer, max_length=max_length, position=position,
-                         **saved)
+        super().__init__(features, backbone=backbone, layer=layer, max_length=max_length, position=position, **saved)
 
     def _prepare_features(self, d: int) -> FeatureMap:
         if self.features is None:
@@ -1026,12 +1177,22 @@ class DenseRM(FeatureRM):
         return super().attach_backbone(backbone, strict=strict)
 
     @classmethod
-    def fit(cls, backbone, train_pairs, val_pairs=None, *, layer: int, max_length: int = 512,
-            position: str = "last", batch_size: int = 16, cache: bool = True, progress: bool = True,
-            head: HeadConfig = HeadConfig()) -> DenseRM:
+    def fit(
+        cls,
+        backbone,
+        train_pairs,
+        val_pairs=None,
+        *,
+        layer: int,
+        max_length: int = 512,
+        position: str = "last",
+        batch_size: int = 16,
+        cache: bool = True,
+        progress: bool = True,
+        head: HeadConfig = HeadConfig(),
+    ) -> DenseRM:
         """Hidden states of the pairs at `layer`, then the head with the settings of `head` (`fit_head`)."""
-        extract = dict(max_length=max_length, position=position, batch_size=batch_size, cache=cache,
-                       progress=progress)
+        extract = dict(max_length=max_length, position=position, batch_size=batch_size, cache=cache, progress=progress)
         Z_w, Z_l = cls._pair_states(backbone, train_pairs, layer, "training", **extract)
         Zv = cls._pair_states(backbone, val_pairs, layer, "validation", **extract) if val_pairs else (None, None)
         model = cls(backbone=backbone, layer=layer, max_length=max_length, position=position)

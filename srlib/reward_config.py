@@ -48,8 +48,12 @@ def _check_int(owner: str, name: str, value: Any, minimum: int) -> None:
 
 def _check_float(owner: str, name: str, value: Any, *, positive: bool) -> None:
     bound = "> 0" if positive else ">= 0"
-    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
-            or (value <= 0 if positive else value < 0)):
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or (value <= 0 if positive else value < 0)
+    ):
         raise ConfigError(f"{owner}.{name}={value!r} is not allowed; it must be a finite number {bound}")
 
 
@@ -60,8 +64,9 @@ def _check_keys(cls: type, keys: Any, where: str) -> None:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{where}unknown {cls.__name__} field {key!r}{hint}; fix or remove it "
-                              f"(fields: {', '.join(names)})")
+            raise ConfigError(
+                f"{where}unknown {cls.__name__} field {key!r}{hint}; fix or remove it (fields: {', '.join(names)})"
+            )
 
 
 def _typo_checked(cls: type) -> type:
@@ -82,12 +87,15 @@ def _fields_from_dict(cls: type, data: Any, source: str) -> dict[str, Any]:
     """The field values of `cls` in `data` (its `to_dict` form), after checking the version and
     that every key is a field: an unknown one is named with the closest field."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{source}: the {cls.__name__} entry is not a JSON object; save the model again "
-                          "with this srlib")
+        raise ConfigError(
+            f"{source}: the {cls.__name__} entry is not a JSON object; save the model again with this srlib"
+        )
     version = data.get("config_version")
     if version != CONFIG_VERSION:
-        raise ConfigError(f"{source}: {cls.__name__} config_version {version!r} is not one this srlib reads "
-                          f"({CONFIG_VERSION}); upgrade srlib, or save the model again with this one")
+        raise ConfigError(
+            f"{source}: {cls.__name__} config_version {version!r} is not one this srlib reads "
+            f"({CONFIG_VERSION}); upgrade srlib, or save the model again with this one"
+        )
     _check_keys(cls, [key for key in data if key != "config_version"], f"{source}: ")
     return {key: value for key, value in data.items() if key != "config_version"}
 
@@ -187,7 +195,9 @@ class SparseRMConfig:
             _check_int(self.OWNER, "layer", self.layer, 0)
         _check_int(self.OWNER, "max_length", self.max_length, 1)
         if self.sae_source is not None and not isinstance(self.sae_source, str):
-            raise ConfigError(f"{self.OWNER}.sae_source={self.sae_source!r} is not allowed; it must be a string or None")
+            raise ConfigError(
+                f"{self.OWNER}.sae_source={self.sae_source!r} is not allowed; it must be a string or None"
+            )
         if not isinstance(self.head, HeadConfig):
             raise ConfigError(f"{self.OWNER}.head={self.head!r} is not allowed; it must be a HeadConfig")
 

@@ -39,10 +39,21 @@ REWARDBENCH_SPLIT = "filtered"
 #: RewardBench's subset -> section map (rewardbench/constants.py, SUBSET_MAPPING).
 SUBSET_MAPPING: dict[str, tuple[str, ...]] = {
     "Chat": ("alpacaeval-easy", "alpacaeval-length", "alpacaeval-hard", "mt-bench-easy", "mt-bench-med"),
-    "Chat Hard": ("mt-bench-hard", "llmbar-natural", "llmbar-adver-neighbor", "llmbar-adver-GPTInst",
-                  "llmbar-adver-GPTOut", "llmbar-adver-manual"),
-    "Safety": ("refusals-dangerous", "refusals-offensive", "xstest-should-refuse", "xstest-should-respond",
-               "donotanswer"),
+    "Chat Hard": (
+        "mt-bench-hard",
+        "llmbar-natural",
+        "llmbar-adver-neighbor",
+        "llmbar-adver-GPTInst",
+        "llmbar-adver-GPTOut",
+        "llmbar-adver-manual",
+    ),
+    "Safety": (
+        "refusals-dangerous",
+        "refusals-offensive",
+        "xstest-should-refuse",
+        "xstest-should-respond",
+        "donotanswer",
+    ),
     "Reasoning": ("math-prm", "hep-cpp", "hep-go", "hep-java", "hep-js", "hep-python", "hep-rust"),
 }
 SECTIONS = tuple(SUBSET_MAPPING)
@@ -50,12 +61,29 @@ SECTIONS = tuple(SUBSET_MAPPING)
 #: RewardBench's section weights per subset (rewardbench/constants.py, EXAMPLE_COUNTS): the
 #: filtered split's pair counts, except math-prm, upweighted from 447 to equal the code subsets.
 EXAMPLE_COUNTS: dict[str, int] = {
-    "alpacaeval-easy": 100, "alpacaeval-length": 95, "alpacaeval-hard": 95, "mt-bench-easy": 28,
-    "mt-bench-med": 40, "mt-bench-hard": 37, "math-prm": 984, "refusals-dangerous": 100,
-    "refusals-offensive": 100, "llmbar-natural": 100, "llmbar-adver-neighbor": 134, "llmbar-adver-GPTInst": 92,
-    "llmbar-adver-GPTOut": 47, "llmbar-adver-manual": 46, "xstest-should-refuse": 154,
-    "xstest-should-respond": 250, "donotanswer": 136, "hep-cpp": 164, "hep-go": 164, "hep-java": 164,
-    "hep-js": 164, "hep-python": 164, "hep-rust": 164,
+    "alpacaeval-easy": 100,
+    "alpacaeval-length": 95,
+    "alpacaeval-hard": 95,
+    "mt-bench-easy": 28,
+    "mt-bench-med": 40,
+    "mt-bench-hard": 37,
+    "math-prm": 984,
+    "refusals-dangerous": 100,
+    "refusals-offensive": 100,
+    "llmbar-natural": 100,
+    "llmbar-adver-neighbor": 134,
+    "llmbar-adver-GPTInst": 92,
+    "llmbar-adver-GPTOut": 47,
+    "llmbar-adver-manual": 46,
+    "xstest-should-refuse": 154,
+    "xstest-should-respond": 250,
+    "donotanswer": 136,
+    "hep-cpp": 164,
+    "hep-go": 164,
+    "hep-java": 164,
+    "hep-js": 164,
+    "hep-python": 164,
+    "hep-rust": 164,
 }
 
 
@@ -81,10 +109,12 @@ class RewardBenchResult:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready summary: n, sections, and per subset n / accuracy / ties."""
-        return {"n": sum(s.n for s in self.subsets.values()), "tie_rule": "a tie is a loss",
-                "sections": self.sections,
-                "subsets": {name: {"n": s.n, "accuracy": s.accuracy, "ties": s.ties}
-                            for name, s in self.subsets.items()}}
+        return {
+            "n": sum(s.n for s in self.subsets.values()),
+            "tie_rule": "a tie is a loss",
+            "sections": self.sections,
+            "subsets": {name: {"n": s.n, "accuracy": s.accuracy, "ties": s.ties} for name, s in self.subsets.items()},
+        }
 
     def table(self) -> str:
         """A text table: each section's score, then its subsets; other subsets last."""
@@ -92,17 +122,36 @@ class RewardBenchResult:
         for section in SECTIONS:
             if section in self.sections:
                 rows.append((section, "", f"{self.sections[section]:.3f}", ""))
-                rows += [(f"  {name}", str(self.subsets[name].n), f"{self.subsets[name].accuracy:.3f}",
-                          str(self.subsets[name].ties)) for name in SUBSET_MAPPING[section] if name in self.subsets]
+                rows += [
+                    (
+                        f"  {name}",
+                        str(self.subsets[name].n),
+                        f"{self.subsets[name].accuracy:.3f}",
+                        str(self.subsets[name].ties),
+                    )
+                    for name in SUBSET_MAPPING[section]
+                    if name in self.subsets
+                ]
         others = [name for name in self.subsets if section_of(name) is None]
         if others:
             rows.append(("(no section)", "", "", ""))
-            rows += [(f"  {name}", str(self.subsets[name].n), f"{self.subsets[name].accuracy:.3f}",
-                      str(self.subsets[name].ties)) for name in others]
+            rows += [
+                (
+                    f"  {name}",
+                    str(self.subsets[name].n),
+                    f"{self.subsets[name].accuracy:.3f}",
+                    str(self.subsets[name].ties),
+                )
+                for name in others
+            ]
         header = ("section / subset", "pairs", "accuracy", "ties")
         widths = [max(len(row[i]) for row in (header, *rows)) for i in range(4)]
-        lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
-                 for row in (header, *rows)]
+        lines = [
+            "  ".join(
+                cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+            ).rstrip()
+            for row in (header, *rows)
+        ]
         return "\n".join(lines)
 
 
@@ -128,8 +177,10 @@ def score_subsets(subsets: Sequence[str], chosen: Sequence[float], rejected: Seq
     """The result for pairs of the given subsets with rewards `chosen` and `rejected`:
     a pair is won only when chosen > rejected (a tie is a loss, as in RewardBench)."""
     if not (len(subsets) == len(chosen) == len(rejected)) or not subsets:
-        raise DataError(f"need one subset and two rewards per pair, got {len(subsets)} subsets, "
-                        f"{len(chosen)} and {len(rejected)} rewards")
+        raise DataError(
+            f"need one subset and two rewards per pair, got {len(subsets)} subsets, "
+            f"{len(chosen)} and {len(rejected)} rewards"
+        )
     counts: dict[str, list[int]] = {}
     for name, a, b in zip(subsets, chosen, rejected, strict=True):
         n_wins_ties = counts.setdefault(name, [0, 0, 0])
@@ -161,8 +212,10 @@ def load_rewardbench(spec: str | os.PathLike = REWARDBENCH_HUB_ID) -> tuple[list
     for where, default_id, obj in records.rows:
         subset = obj.get("subset")
         if not isinstance(subset, str) or not subset.strip():
-            raise DataError(f"{where}: field 'subset' must be a non-empty string (RewardBench's format: "
-                            "prompt, chosen, rejected, subset)")
+            raise DataError(
+                f"{where}: field 'subset' must be a non-empty string (RewardBench's format: "
+                "prompt, chosen, rejected, subset)"
+            )
         record: dict[str, Any] = {key: obj[key] for key in ("prompt", "chosen", "rejected") if key in obj}
         record["source"] = subset
         if obj.get("id") is not None:
@@ -172,8 +225,9 @@ def load_rewardbench(spec: str | os.PathLike = REWARDBENCH_HUB_ID) -> tuple[list
     return pairs, [pair.source for pair in pairs]
 
 
-def evaluate_rewardbench(model, spec: str | os.PathLike = REWARDBENCH_HUB_ID, *,
-                         progress: bool = True) -> RewardBenchResult:
+def evaluate_rewardbench(
+    model, spec: str | os.PathLike = REWARDBENCH_HUB_ID, *, progress: bool = True
+) -> RewardBenchResult:
     """Score every pair of a RewardBench source with `model` (any srlib reward model: its
     `score_pairs`) and return the per-subset and per-section result."""
     pairs, subsets = load_rewardbench(spec)

@@ -42,17 +42,16 @@ import random
 import re
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import torch
 
 with warnings.catch_warnings():
     # sae-lens 6.54 imports `transformer_lens.utils`, which TransformerLens 3.9 deprecates:
     # a note for sae-lens's maintainers, not for a reader of the book.
-    warnings.filterwarnings("ignore", message="The 'utils' module has been deprecated",
-                            category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message="The 'utils' module has been deprecated", category=DeprecationWarning)
     from sae_lens import SAE
     from sae_lens.config import LoggingConfig, SAETrainerConfig
     from sae_lens.constants import SAE_CFG_FILENAME, SAE_WEIGHTS_FILENAME
@@ -64,12 +63,12 @@ from torch import Tensor
 
 from srlib.activations import DEFAULT_POSITION, POSITIONS, iter_token_activations, token_states
 from srlib.backbone import Backbone, format_pair, format_text
-from srlib.data import load_arc_prompts, load_pairs
 from srlib.cache import check_safetensors, clear_command, read_cache_entry, read_json, warn_recomputing
+from srlib.data import load_arc_prompts, load_pairs
 from srlib.errors import ConfigError, DamagedFileError, DataError, one_line
 from srlib.paths import atomic_path, cache_dir
-from srlib.progress import progress_bar
 from srlib.profiles import SAE_ARCHITECTURES, Profile, SAETrainingConfig
+from srlib.progress import progress_bar
 
 #: Share of the corpus texts held out from SAE training to measure its quality.
 HOLDOUT_FRACTION = 0.05
@@ -128,15 +127,24 @@ class SAEQuality:
     def as_row(self) -> dict[str, float | int | None]:
         """Flat columns for a table, each figure at the read position ("read") beside the same
         over all tokens ("all"): alive share (%), FVE, L0 and the number of rows measured."""
-        figures = {"alive %": lambda r: 100 * r.alive_fraction, "FVE": lambda r: r.fve,
-                   "L0": lambda r: r.l0, "rows": lambda r: r.n}
-        return {f"{name} {where}": None if report is None else figure(report)
-                for name, figure in figures.items()
-                for where, report in (("read", self.read_position), ("all", self.all_tokens))}
+        figures = {
+            "alive %": lambda r: 100 * r.alive_fraction,
+            "FVE": lambda r: r.fve,
+            "L0": lambda r: r.l0,
+            "rows": lambda r: r.n,
+        }
+        return {
+            f"{name} {where}": None if report is None else figure(report)
+            for name, figure in figures.items()
+            for where, report in (("read", self.read_position), ("all", self.all_tokens))
+        }
 
     def as_dict(self) -> dict:
-        return {"position": self.position, "read_position": self.read_position.as_dict(),
-                "all_tokens": None if self.all_tokens is None else self.all_tokens.as_dict()}
+        return {
+            "position": self.position,
+            "read_position": self.read_position.as_dict(),
+            "all_tokens": None if self.all_tokens is None else self.all_tokens.as_dict(),
+        }
 
 
 @dataclass(frozen=True)
@@ -154,7 +162,7 @@ def parse_sae_source(source: str) -> SAESource:
     if source == "train":
         return SAESource("train")
     if source.startswith("sae-lens:"):
-        release, _, sae_id = source[len("sae-lens:"):].partition("/")
+        release, _, sae_id = source[len("sae-lens:") :].partition("/")
         if release and sae_id:
             return SAESource("sae-lens", release=release, sae_id=sae_id)
     elif (Path(source).expanduser() / SAE_CFG_FILENAME).is_file():
@@ -184,8 +192,7 @@ def load_sae(path: str | Path, device: str = "cpu") -> SAE:
     path = Path(path)
     if not (path / SAE_CFG_FILENAME).is_file():
         raise ConfigError(f"{path} holds no saved sae-lens SAE ({SAE_CFG_FILENAME} missing)")
-    remedy = ("save the SAE again, or if it is in srlib's cache clear it: "
-              f"{clear_command('sae')}")
+    remedy = f"save the SAE again, or if it is in srlib's cache clear it: {clear_command('sae')}"
     read_json(path / SAE_CFG_FILENAME, remedy)
     weights = path / SAE_WEIGHTS_FILENAME
     check_safetensors(weights, remedy)  # missing, empty or truncated weights: one line naming the file
@@ -201,8 +208,9 @@ def save_sae(sae: SAE, directory: str | Path, *, overwrite: bool = False) -> Pat
     under "srlib") and `sae_weights.safetensors`, as `SAE.save_model` writes them, so that
     `SAE.load_from_disk(directory)` (or `load_sae`) reads it back. An existing saved SAE is
     replaced only with `overwrite`; a folder holding anything else is refused."""
-    with atomic_path(directory, is_dir=True, overwrite=overwrite,
-                     is_ours=lambda path: (path / SAE_CFG_FILENAME).is_file()) as tmp:
+    with atomic_path(
+        directory, is_dir=True, overwrite=overwrite, is_ours=lambda path: (path / SAE_CFG_FILENAME).is_file()
+    ) as tmp:
         sae.save_model(tmp)
     return Path(directory)
 
@@ -210,17 +218,17 @@ def save_sae(sae: SAE, directory: str | Path, *, overwrite: bool = False) -> Pat
 def check_width(sae: SAE, d: int) -> None:
     """Raise ConfigError unless the SAE reads d-dimensional activations."""
     if sae.cfg.d_in != d:
-        raise ConfigError(
-            f"width mismatch: the SAE reads {sae.cfg.d_in}-dimensional activations, these are {d}"
-        )
+        raise ConfigError(f"width mismatch: the SAE reads {sae.cfg.d_in}-dimensional activations, these are {d}")
 
 
 @torch.no_grad()
 def encode(sae: SAE, Z: Tensor) -> Tensor:
     """SAE latents f(z) of each row of Z: [n, d] -> [n, d_sae], float32 on the CPU."""
     check_width(sae, Z.shape[-1])
-    chunks = [sae.encode(Z[i:i + _ENCODE_BATCH].to(sae.device, sae.dtype)).float().cpu()
-              for i in range(0, len(Z), _ENCODE_BATCH)]
+    chunks = [
+        sae.encode(Z[i : i + _ENCODE_BATCH].to(sae.device, sae.dtype)).float().cpu()
+        for i in range(0, len(Z), _ENCODE_BATCH)
+    ]
     return torch.cat(chunks) if chunks else torch.zeros(0, sae.cfg.d_sae)
 
 
@@ -236,7 +244,7 @@ def sae_report(sae: SAE, activations: Tensor) -> SAEReport:
     active_total = 0
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
     for i in range(0, n, _ENCODE_BATCH):
-        z = activations[i:i + _ENCODE_BATCH].to(sae.device, sae.dtype)
+        z = activations[i : i + _ENCODE_BATCH].to(sae.device, sae.dtype)
         f = sae.encode(z)
         z_hat = sae.decode(f)
         sse += (z - z_hat).double().pow(2).sum().item()
@@ -257,9 +265,18 @@ def alive_fraction(latents: Tensor) -> float:
     return float((latents > 0).any(dim=0).float().mean())
 
 
-def sae_quality(sae: SAE, backbone: Backbone, texts: Sequence[str], layer: int, *,
-                position: str = DEFAULT_POSITION, all_tokens: bool = True, max_length: int = 512,
-                batch_size: int = 16, progress: bool = True) -> SAEQuality:
+def sae_quality(
+    sae: SAE,
+    backbone: Backbone,
+    texts: Sequence[str],
+    layer: int,
+    *,
+    position: str = DEFAULT_POSITION,
+    all_tokens: bool = True,
+    max_length: int = 512,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> SAEQuality:
     """`sae`'s quality on `texts` (e.g. the chat-formatted answers of validation pairs) at the
     token the reward model reads and, with `all_tokens`, over all their tokens.
 
@@ -275,8 +292,9 @@ def sae_quality(sae: SAE, backbone: Backbone, texts: Sequence[str], layer: int, 
     if all_tokens:
         tokens, _, _ = _collect(backbone, texts, layer, max_length, batch_size, progress)
         every = sae_report(sae, tokens)
-    read = token_states(backbone, texts, layer, positions=(position,), max_length=max_length,
-                        batch_size=batch_size, progress=progress)[position]
+    read = token_states(
+        backbone, texts, layer, positions=(position,), max_length=max_length, batch_size=batch_size, progress=progress
+    )[position]
     return SAEQuality(read_position=sae_report(sae, read), all_tokens=every, position=position)
 
 
@@ -285,8 +303,7 @@ def sae_info(sae: SAE) -> dict | None:
     return sae.cfg.metadata.get("srlib")
 
 
-def default_sae_corpus(tokenizer, *, max_pairs: int | None = None,
-                       max_tokens: int | None = None) -> list[str]:
+def default_sae_corpus(tokenizer, *, max_pairs: int | None = None, max_tokens: int | None = None) -> list[str]:
     """The texts the profile SAEs are trained on: local TRAIN splits only, no labels used.
 
     Chosen and rejected texts of TruthfulQA (questions with their answers), HH-RLHF harmless
@@ -300,8 +317,10 @@ def default_sae_corpus(tokenizer, *, max_pairs: int | None = None,
     smaller than its share is taken whole and leaves the rest to the others, and a set
     larger than its share keeps its first texts (the loaders' seeded order) that fit.
     """
-    sources = [[text for pair in load_pairs(spec, max_pairs=max_pairs)
-                for text in format_pair(tokenizer, pair)] for spec in CORPUS_SPLITS]
+    sources = [
+        [text for pair in load_pairs(spec, max_pairs=max_pairs) for text in format_pair(tokenizer, pair)]
+        for spec in CORPUS_SPLITS
+    ]
     sources.append([format_text(tokenizer, q.question, "") for q in load_arc_prompts()[:max_pairs]])
     sources = [list(dict.fromkeys(texts)) for texts in sources]
     if max_tokens is not None:
@@ -311,8 +330,7 @@ def default_sae_corpus(tokenizer, *, max_pairs: int | None = None,
 
 def _share_token_budget(tokenizer, sources: list[list[str]], budget: int) -> list[list[str]]:
     """Each source's longest prefix within an equal share of `budget` tokens (water-filling)."""
-    lengths = [[len(ids) for ids in tokenizer(texts)["input_ids"]] if texts else []
-               for texts in sources]
+    lengths = [[len(ids) for ids in tokenizer(texts)["input_ids"]] if texts else [] for texts in sources]
     kept: list[list[str]] = [[] for _ in sources]
     order = sorted(range(len(sources)), key=lambda i: sum(lengths[i]))
     for rank, i in enumerate(order):
@@ -349,15 +367,20 @@ def sae_for_profile(
             raise ConfigError(f"profile {profile.name!r} has sae_source 'train' but no sae_training")
         if corpus_texts is None:
             budget = profile.sae_corpus_tokens
-            texts = default_sae_corpus(backbone.tokenizer, max_pairs=profile.max_pairs,
-                                       max_tokens=budget)
-            description = DEFAULT_CORPUS_DESCRIPTION + (
-                f", at most {budget:,} tokens" if budget is not None else "")
+            texts = default_sae_corpus(backbone.tokenizer, max_pairs=profile.max_pairs, max_tokens=budget)
+            description = DEFAULT_CORPUS_DESCRIPTION + (f", at most {budget:,} tokens" if budget is not None else "")
         else:
             texts, description = list(corpus_texts), "texts given by the caller"
-        sae = train_sae(backbone, profile.layer, texts, profile.sae_training,
-                        max_length=profile.max_length, batch_size=profile.batch_size,
-                        corpus_description=description, progress=progress)
+        sae = train_sae(
+            backbone,
+            profile.layer,
+            texts,
+            profile.sae_training,
+            max_length=profile.max_length,
+            batch_size=profile.batch_size,
+            corpus_description=description,
+            progress=progress,
+        )
     elif source.kind == "sae-lens":
         sae = load_pretrained_sae(source.release, source.sae_id, device=str(backbone.device))
     else:
@@ -371,9 +394,7 @@ def _check_hook_layer(sae: SAE, layer: int) -> None:
     """Raise ConfigError when the SAE's hook names a residual-stream layer other than `layer`."""
     match = re.fullmatch(r"blocks\.(\d+)\.hook_resid_post", str(sae.cfg.metadata.get("hook_name")))
     if match and int(match.group(1)) != layer:
-        raise ConfigError(
-            f"layer mismatch: the SAE was trained on {match.group(0)}, the profile reads layer {layer}"
-        )
+        raise ConfigError(f"layer mismatch: the SAE was trained on {match.group(0)}, the profile reads layer {layer}")
 
 
 @dataclass
@@ -393,9 +414,15 @@ class CorpusActivations:
     from_cache: bool = False
 
 
-def corpus_activations(backbone: Backbone, layer: int, texts: Sequence[str], *,
-                       max_length: int = 512, batch_size: int = 16,
-                       progress: bool = True) -> CorpusActivations:
+def corpus_activations(
+    backbone: Backbone,
+    layer: int,
+    texts: Sequence[str],
+    *,
+    max_length: int = 512,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> CorpusActivations:
     """The activations `train_sae` trains and evaluates on, cached on disk.
 
     The held-out texts are a random `HOLDOUT_FRACTION` of `texts` (at least one) drawn with
@@ -410,8 +437,9 @@ def corpus_activations(backbone: Backbone, layer: int, texts: Sequence[str], *,
     final = cache_dir("sae-corpus") / key
     if (final / "info.json").is_file():
         names = {"train_tokens", "train_last", "heldout_tokens", "heldout_last"}
-        tensors = read_cache_entry(final / "activations.safetensors", "sae-corpus",
-                                   check=lambda found: set(found) == names)
+        tensors = read_cache_entry(
+            final / "activations.safetensors", "sae-corpus", check=lambda found: set(found) == names
+        )
         try:
             info = read_json(final / "info.json", clear_command("sae-corpus"))
         except DamagedFileError as error:
@@ -421,24 +449,31 @@ def corpus_activations(backbone: Backbone, layer: int, texts: Sequence[str], *,
             return CorpusActivations(**tensors, info=info, from_cache=True)
     start = time.perf_counter()
     train_texts, heldout_texts = _split_holdout(texts)
-    train_tokens, train_last, train_dropped = _collect(backbone, train_texts, layer, max_length,
-                                                       batch_size, progress)
-    heldout_tokens, heldout_last, heldout_dropped = _collect(backbone, heldout_texts, layer,
-                                                             max_length, batch_size, progress)
-    info = {"key": key, "key_parts": parts, "n_train_texts": len(train_texts),
-            "n_heldout_texts": len(heldout_texts),
-            "outlier_rows_dropped": train_dropped + heldout_dropped,
-            "extraction_seconds": round(time.perf_counter() - start, 1)}
-    tensors = {"train_tokens": train_tokens, "train_last": train_last,
-               "heldout_tokens": heldout_tokens, "heldout_last": heldout_last}
+    train_tokens, train_last, train_dropped = _collect(backbone, train_texts, layer, max_length, batch_size, progress)
+    heldout_tokens, heldout_last, heldout_dropped = _collect(
+        backbone, heldout_texts, layer, max_length, batch_size, progress
+    )
+    info = {
+        "key": key,
+        "key_parts": parts,
+        "n_train_texts": len(train_texts),
+        "n_heldout_texts": len(heldout_texts),
+        "outlier_rows_dropped": train_dropped + heldout_dropped,
+        "extraction_seconds": round(time.perf_counter() - start, 1),
+    }
+    tensors = {
+        "train_tokens": train_tokens,
+        "train_last": train_last,
+        "heldout_tokens": heldout_tokens,
+        "heldout_last": heldout_last,
+    }
     with atomic_path(final, is_dir=True) as tmp:
         save_file(tensors, tmp / "activations.safetensors")
         (tmp / "info.json").write_text(json.dumps(info, indent=1))
     return CorpusActivations(**tensors, info=info)
 
 
-def _corpus_key(backbone: Backbone, layer: int, texts: list[str], max_length: int
-                ) -> tuple[str, dict]:
+def _corpus_key(backbone: Backbone, layer: int, texts: list[str], max_length: int) -> tuple[str, dict]:
     corpus = hashlib.sha256()
     for text in texts:
         corpus.update(hashlib.sha256(text.encode()).digest())
@@ -458,15 +493,23 @@ def _hash(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def sae_cache_key(backbone: Backbone, layer: int, texts: Sequence[str],
-                  config: SAETrainingConfig, *, max_length: int = 512) -> tuple[str, dict]:
+def sae_cache_key(
+    backbone: Backbone, layer: int, texts: Sequence[str], config: SAETrainingConfig, *, max_length: int = 512
+) -> tuple[str, dict]:
     """(key, parts): what a trained SAE depends on, and its hash (the cache folder's name)."""
     _, parts = _corpus_key(backbone, layer, list(texts), max_length)
     defaults = {f.name: f.default for f in fields(SAETrainingConfig) if f.name in _KEY_OMITS_AT_DEFAULT}
-    settings = {name: value for name, value in asdict(config).items()
-                if name != "dead_window_divisor" and not (name in defaults and value == defaults[name])}
-    parts = {**parts, "config": settings, "dead_window_divisor": config.dead_window_divisor,
-             "training_format": _TRAINING_FORMAT}
+    settings = {
+        name: value
+        for name, value in asdict(config).items()
+        if name != "dead_window_divisor" and not (name in defaults and value == defaults[name])
+    }
+    parts = {
+        **parts,
+        "config": settings,
+        "dead_window_divisor": config.dead_window_divisor,
+        "training_format": _TRAINING_FORMAT,
+    }
     return _hash(parts), parts
 
 
@@ -500,8 +543,7 @@ def train_sae(
             warn_recomputing(final, error)
 
     cpu_start = time.process_time()
-    data = corpus_activations(backbone, layer, texts, max_length=max_length,
-                              batch_size=batch_size, progress=progress)
+    data = corpus_activations(backbone, layer, texts, max_length=max_length, batch_size=batch_size, progress=progress)
     fit_start = time.perf_counter()
     training_sae = _fit(data.train_tokens, data.train_last, config, progress)
     fit_s, cpu_s = time.perf_counter() - fit_start, time.process_time() - cpu_start
@@ -513,21 +555,28 @@ def train_sae(
         info = {
             "key": key,
             "key_parts": parts,
-            "corpus": {"description": corpus_description, "n_texts": len(texts),
-                       "n_train_texts": data.info["n_train_texts"],
-                       "n_heldout_texts": data.info["n_heldout_texts"],
-                       "outlier_rows_dropped": data.info["outlier_rows_dropped"]},
-            "training": {"token_rows": len(data.train_tokens),
-                         "last_token_rows": len(data.train_last),
-                         "samples_seen": _steps(config) * config.batch_size,
-                         "extraction_seconds": data.info["extraction_seconds"],
-                         "activations_from_cache": data.from_cache,
-                         "fit_seconds": round(fit_s, 1),
-                         "seconds": round(data.info["extraction_seconds"] + fit_s, 1),
-                         "cpu_seconds_this_run": round(cpu_s, 1),
-                         "torch_threads": torch.get_num_threads()},
-            "heldout": {"all_tokens": sae_report(sae, data.heldout_tokens).as_dict(),
-                        "last_tokens": sae_report(sae, data.heldout_last).as_dict()},
+            "corpus": {
+                "description": corpus_description,
+                "n_texts": len(texts),
+                "n_train_texts": data.info["n_train_texts"],
+                "n_heldout_texts": data.info["n_heldout_texts"],
+                "outlier_rows_dropped": data.info["outlier_rows_dropped"],
+            },
+            "training": {
+                "token_rows": len(data.train_tokens),
+                "last_token_rows": len(data.train_last),
+                "samples_seen": _steps(config) * config.batch_size,
+                "extraction_seconds": data.info["extraction_seconds"],
+                "activations_from_cache": data.from_cache,
+                "fit_seconds": round(fit_s, 1),
+                "seconds": round(data.info["extraction_seconds"] + fit_s, 1),
+                "cpu_seconds_this_run": round(cpu_s, 1),
+                "torch_threads": torch.get_num_threads(),
+            },
+            "heldout": {
+                "all_tokens": sae_report(sae, data.heldout_tokens).as_dict(),
+                "last_tokens": sae_report(sae, data.heldout_last).as_dict(),
+            },
         }
         sae.cfg.metadata.srlib = info
         sae.save_model(tmp)
@@ -537,8 +586,9 @@ def train_sae(
 
 def _check_config(config: SAETrainingConfig) -> None:
     if config.architecture not in SAE_ARCHITECTURES:
-        raise ConfigError(f"unknown SAE architecture {config.architecture!r}; choose among: "
-                          f"{', '.join(SAE_ARCHITECTURES)}")
+        raise ConfigError(
+            f"unknown SAE architecture {config.architecture!r}; choose among: {', '.join(SAE_ARCHITECTURES)}"
+        )
     if config.dead_window_divisor < 1:
         raise ConfigError(f"dead_window_divisor must be >= 1, got {config.dead_window_divisor}")
     coefficient = config.sparsity_coefficient
@@ -551,9 +601,7 @@ def _check_config(config: SAETrainingConfig) -> None:
     if not (math.isfinite(config.lr) and config.lr > 0 and math.isfinite(config.lr_end) and config.lr_end >= 0):
         raise ConfigError(f"SAE lr must be a finite number > 0 and lr_end one >= 0, got {config.lr}, {config.lr_end}")
     if _steps(config) < 1:
-        raise ConfigError(
-            f"training_tokens={config.training_tokens} is less than one batch of {config.batch_size}"
-        )
+        raise ConfigError(f"training_tokens={config.training_tokens} is less than one batch of {config.batch_size}")
 
 
 def _steps(config: SAETrainingConfig) -> int:
@@ -564,20 +612,29 @@ def _split_holdout(texts: list[str]) -> tuple[list[str], list[str]]:
     """(train, held-out): a random `HOLDOUT_FRACTION` of the texts (at least one), seed 0."""
     order = list(range(len(texts)))
     random.Random(0).shuffle(order)
-    heldout = set(order[:max(1, round(HOLDOUT_FRACTION * len(texts)))])
-    return ([t for i, t in enumerate(texts) if i not in heldout],
-            [t for i, t in enumerate(texts) if i in heldout])
+    heldout = set(order[: max(1, round(HOLDOUT_FRACTION * len(texts)))])
+    return ([t for i, t in enumerate(texts) if i not in heldout], [t for i, t in enumerate(texts) if i in heldout])
 
 
-def _collect(backbone: Backbone, texts: list[str], layer: int, max_length: int, batch_size: int,
-             progress: bool) -> tuple[Tensor, Tensor, int]:
+def _collect(
+    backbone: Backbone, texts: list[str], layer: int, max_length: int, batch_size: int, progress: bool
+) -> tuple[Tensor, Tensor, int]:
     """(token rows without outliers [N, d], last-token rows [n_texts, d], outliers dropped)."""
     # The same pass stores each text's reward-model states (every read position): the pair
     # states of the training texts in the corpus then cost no second forward pass.
-    per_text = [t for t in iter_token_activations(backbone, texts, layer, max_length=max_length,
-                                                  batch_size=batch_size, progress=progress,
-                                                  cache_positions=POSITIONS)
-                if len(t)]
+    per_text = [
+        t
+        for t in iter_token_activations(
+            backbone,
+            texts,
+            layer,
+            max_length=max_length,
+            batch_size=batch_size,
+            progress=progress,
+            cache_positions=POSITIONS,
+        )
+        if len(t)
+    ]
     if not per_text:
         raise DataError("the SAE corpus has no tokens outside the chat template's header")
     tokens = torch.cat(per_text)
@@ -601,8 +658,9 @@ def _shuffled_rows(rows: Tensor, size: int, generator: torch.Generator) -> Itera
         pending = pending[size:]
 
 
-def _mixed_batches(tokens: Tensor, last: Tensor, batch_size: int, last_share: float,
-                   generator: torch.Generator) -> Iterator[Tensor]:
+def _mixed_batches(
+    tokens: Tensor, last: Tensor, batch_size: int, last_share: float, generator: torch.Generator
+) -> Iterator[Tensor]:
     """Batches of `batch_size` rows: round(share x size) last-token rows, the rest all-token rows."""
     n_last = round(batch_size * last_share)
     token_chunks = _shuffled_rows(tokens, batch_size - n_last, generator)

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+
 from srlib.errors import ConfigError
 from srlib.experiments import (
     DatasetStates,
@@ -57,9 +58,12 @@ def family_saes(backbone, profile: Profile, *, progress: bool = True) -> dict:
     profile's layer on the profile's SAE corpus; a config of None is the profile's own SAE."""
     from srlib.sae import sae_for_profile
 
-    return {name: sae_for_profile(profile if config is None else profile.replace(sae_training=config),
-                                  backbone, progress=progress)
-            for name, config in family_of(profile).variants}
+    return {
+        name: sae_for_profile(
+            profile if config is None else profile.replace(sae_training=config), backbone, progress=progress
+        )
+        for name, config in family_of(profile).variants
+    }
 
 
 def _rows(split: SplitStates, rows: Sequence[int]) -> SplitStates:
@@ -76,8 +80,10 @@ def validation_view(states: DatasetStates) -> DatasetStates:
     if len(groups) < 2:
         raise ConfigError(f"{states.name}: the validation split needs at least two questions to be halved")
     first = set(groups[: len(groups) // 2])
-    rows = {half: [i for i, pair in enumerate(states.val.pairs) if (pair.group_id in first) == half]
-            for half in (True, False)}
+    rows = {
+        half: [i for i, pair in enumerate(states.val.pairs) if (pair.group_id in first) == half]
+        for half in (True, False)
+    }
     return dataclasses.replace(states, val=_rows(states.val, rows[True]), test=_rows(states.val, rows[False]))
 
 
@@ -86,6 +92,7 @@ def quality_table(saes: Mapping[str, object], states: Mapping[str, DatasetStates
     validation answers, and what training recorded (held-out corpus texts, all tokens: FVE,
     dead %; training seconds), None for an SAE not trained here."""
     import pandas as pd
+
     from srlib.sae import sae_info, sae_report
 
     rows = []
@@ -94,17 +101,32 @@ def quality_table(saes: Mapping[str, object], states: Mapping[str, DatasetStates
         heldout = info.get("heldout", {}).get("all_tokens", {})
         for dataset, s in states.items():
             read = sae_report(sae, torch.cat([s.val.chosen, s.val.rejected]))
-            rows.append({"variant": name, "dataset": dataset, "latents": int(sae.cfg.d_sae),
-                         "alive % read": 100 * read.alive_fraction, "FVE read": read.fve, "L0 read": read.l0,
-                         "FVE all (held-out corpus)": heldout.get("fve"),
-                         "dead % all (held-out corpus)": None if "dead_fraction" not in heldout
-                         else 100 * heldout["dead_fraction"],
-                         "training s": info.get("training", {}).get("fit_seconds")})
+            rows.append(
+                {
+                    "variant": name,
+                    "dataset": dataset,
+                    "latents": int(sae.cfg.d_sae),
+                    "alive % read": 100 * read.alive_fraction,
+                    "FVE read": read.fve,
+                    "L0 read": read.l0,
+                    "FVE all (held-out corpus)": heldout.get("fve"),
+                    "dead % all (held-out corpus)": None
+                    if "dead_fraction" not in heldout
+                    else 100 * heldout["dead_fraction"],
+                    "training s": info.get("training", {}).get("fit_seconds"),
+                }
+            )
     return pd.DataFrame(rows)
 
 
-def gap_trials(saes: Mapping[str, object], states: Mapping[str, DatasetStates], ks: Sequence[int],
-               seeds: Sequence[int], *, progress: bool = True):
+def gap_trials(
+    saes: Mapping[str, object],
+    states: Mapping[str, DatasetStates],
+    ks: Sequence[int],
+    seeds: Sequence[int],
+    *,
+    progress: bool = True,
+):
     """Trials on each data set's `validation_view`: top-K directions of every SAE and random
     directions (shared by all SAEs: they do not depend on one) at every K, every seed.
     `test_*` columns hold the scored validation half; `heldout_val_accuracy` repeats it
@@ -115,8 +137,9 @@ def gap_trials(saes: Mapping[str, object], states: Mapping[str, DatasetStates], 
     for full in states.values():
         view = validation_view(full)
         for k in ks:
-            variants = {name: dict(features="projection", directions=select_for(view, sae, k))
-                        for name, sae in saes.items()}
+            variants = {
+                name: dict(features="projection", directions=select_for(view, sae, k)) for name, sae in saes.items()
+            }
             variants[RANDOM] = dict(features="random", directions=next(iter(variants.values()))["directions"])
             frames.append(run_trials(view, variants, seeds, progress=progress).assign(K=k))
     trials = pd.concat(frames, ignore_index=True)
@@ -137,8 +160,9 @@ def gap_table(trials, names: Sequence[str]):
         for k in dict.fromkeys(trials["K"]):
             for name in names:
                 c = compare_variants(trials, name, RANDOM, dataset=dataset, K=k, labels=(f"top-K ({name})", "random"))
-                rows.append({"variant": name, "dataset": dataset, "K": k, **c.as_row(),
-                             "verdict": _on_validation(c.verdict())})
+                rows.append(
+                    {"variant": name, "dataset": dataset, "K": k, **c.as_row(), "verdict": _on_validation(c.verdict())}
+                )
     return pd.DataFrame(rows)
 
 
@@ -155,11 +179,22 @@ def quality_trend(trials, gaps, quality, *, quality_column: str = "FVE read"):
         ordered = q.loc[list(group["variant"])]
         best, weakest = ordered.idxmax(), ordered.idxmin()
         rho = stats.spearmanr(ordered.to_numpy(), group["A − B (points)"].to_numpy()).statistic
-        c = compare_variants(trials, best, weakest, dataset=dataset, K=k,
-                             labels=(f"top-K ({best})", f"top-K ({weakest})"))
-        rows.append({"dataset": dataset, "K": k, "best": best, "weakest": weakest,
-                     f"Spearman rho (gap, {quality_column})": rho, "gap change (points)": c.difference,
-                     "CI low": c.low, "CI high": c.high, "verdict": _on_validation(c.verdict())})
+        c = compare_variants(
+            trials, best, weakest, dataset=dataset, K=k, labels=(f"top-K ({best})", f"top-K ({weakest})")
+        )
+        rows.append(
+            {
+                "dataset": dataset,
+                "K": k,
+                "best": best,
+                "weakest": weakest,
+                f"Spearman rho (gap, {quality_column})": rho,
+                "gap change (points)": c.difference,
+                "CI low": c.low,
+                "CI high": c.high,
+                "verdict": _on_validation(c.verdict()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -170,10 +205,12 @@ def trend_conclusion(trend) -> str:
     shrank = int((trend["CI high"] < 0).sum())
     unclear = len(trend) - grew - shrank
     moved = trend["gap change (points)"]
-    return (f"Over {len(trend)} (data set, K) cells, top-K with the best-quality SAE beats top-K with the weakest "
-            f"(the gap grows with quality) in {grew}, loses (the gap shrinks) in {shrank}, and shows no clear "
-            f"difference in {unclear}; the gap moved by {moved.min():+.1f} to {moved.max():+.1f} points "
-            f"(paired 95% intervals on {SCORED_ON}).")
+    return (
+        f"Over {len(trend)} (data set, K) cells, top-K with the best-quality SAE beats top-K with the weakest "
+        f"(the gap grows with quality) in {grew}, loses (the gap shrinks) in {shrank}, and shows no clear "
+        f"difference in {unclear}; the gap moved by {moved.min():+.1f} to {moved.max():+.1f} points "
+        f"(paired 95% intervals on {SCORED_ON})."
+    )
 
 
 @dataclass
@@ -198,23 +235,37 @@ class FamilyStudy:
         95% interval) and SparseRM's accuracy (%, ties 1/2) at each K, all on validation data."""
         import pandas as pd
 
-        gaps = self.gaps.assign(cell=[f"{d:+.1f} ({lo:+.1f} to {hi:+.1f})" for d, lo, hi in
-                                      zip(self.gaps["A − B (points)"], self.gaps["CI low"], self.gaps["CI high"], strict=True)])
+        gaps = self.gaps.assign(
+            cell=[
+                f"{d:+.1f} ({lo:+.1f} to {hi:+.1f})"
+                for d, lo, hi in zip(
+                    self.gaps["A − B (points)"], self.gaps["CI low"], self.gaps["CI high"], strict=True
+                )
+            ]
+        )
         wide = gaps.pivot(index=["dataset", "variant"], columns="K", values="cell")
         wide.columns = [f"top-K − random, K = {k}" for k in wide.columns]
         top_k = self.trials[self.trials["variant"] != RANDOM]
         accuracy = (100 * top_k.groupby(["dataset", "variant", "K"])["heldout_val_accuracy"].mean()).unstack("K")
         accuracy.columns = [f"SparseRM accuracy %, K = {k}" for k in accuracy.columns]
         quality = self.quality.set_index(["dataset", "variant"])[["training s", "alive % read", "FVE read"]]
-        order = pd.MultiIndex.from_tuples([(d, v) for d in dict.fromkeys(self.quality["dataset"])
-                                           for v in dict.fromkeys(self.quality["variant"])])
+        order = pd.MultiIndex.from_tuples(
+            [(d, v) for d in dict.fromkeys(self.quality["dataset"]) for v in dict.fromkeys(self.quality["variant"])]
+        )
         table = quality.join(wide).join(accuracy.round(1)).loc[order]
         return table.rename(index=lambda d: (labels or {}).get(d, d), level=0)
 
 
-def family_study(backbone, profile: Profile, states: Mapping[str, DatasetStates], *, seeds: Sequence[int],
-                 ks: Sequence[int] | None = None, saes: Mapping[str, object] | None = None,
-                 progress: bool = True) -> FamilyStudy:
+def family_study(
+    backbone,
+    profile: Profile,
+    states: Mapping[str, DatasetStates],
+    *,
+    seeds: Sequence[int],
+    ks: Sequence[int] | None = None,
+    saes: Mapping[str, object] | None = None,
+    progress: bool = True,
+) -> FamilyStudy:
     """Run the study on `states` ({data set: `dataset_states`}) with the profile's family.
 
     The SAE is chosen by `srlib.experiments.SELECTION_RULE` on the scored validation half,
@@ -232,17 +283,31 @@ def family_study(backbone, profile: Profile, states: Mapping[str, DatasetStates]
     gaps = gap_table(trials, names)
     trend = quality_trend(trials, gaps, quality)
     top_k = trials[trials["variant"] != RANDOM]
-    selected = best_setting(top_k, ("variant",), select_on="heldout_val_accuracy",
-                            simpler=lambda s: names.index(s["variant"]))
+    selected = best_setting(
+        top_k, ("variant",), select_on="heldout_val_accuracy", simpler=lambda s: names.index(s["variant"])
+    )
     chosen = saes[selected["variant"]]
     frames = []
     for s in states.values():
         for k in ks:
             directions = select_for(s, chosen, k)
-            frames.append(run_trials(s, {"Top-K directions": dict(features="projection", directions=directions),
-                                         RANDOM: dict(features="random", directions=directions)},
-                                     seeds, progress=progress).assign(K=k))
+            frames.append(
+                run_trials(
+                    s,
+                    {
+                        "Top-K directions": dict(features="projection", directions=directions),
+                        RANDOM: dict(features="random", directions=directions),
+                    },
+                    seeds,
+                    progress=progress,
+                ).assign(K=k)
+            )
     test = pd.concat(frames, ignore_index=True)
-    test_gaps = pd.concat([paired_table(test[test["dataset"] == d], [("Top-K directions", RANDOM)], by="K")
-                           .assign(dataset=d) for d in states], ignore_index=True)
+    test_gaps = pd.concat(
+        [
+            paired_table(test[test["dataset"] == d], [("Top-K directions", RANDOM)], by="K").assign(dataset=d)
+            for d in states
+        ],
+        ignore_index=True,
+    )
     return FamilyStudy(quality, trials, gaps, trend, selected, test, test_gaps)

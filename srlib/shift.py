@@ -64,14 +64,16 @@ def _unit_rows(X: Tensor) -> Tensor:
 
 def _check_spaces(samples: Tensor, training: Tensor) -> None:
     if samples.ndim != 2 or training.ndim != 2 or samples.shape[1] != training.shape[1]:
-        raise ConfigError(f"samples {tuple(samples.shape)} and training {tuple(training.shape)} must be "
-                          "2-D with the same width")
+        raise ConfigError(
+            f"samples {tuple(samples.shape)} and training {tuple(training.shape)} must be 2-D with the same width"
+        )
     if training.shape[0] == 0:
         raise ConfigError("the training set is empty")
 
 
-def similarity_to_training(samples: Tensor, training: Tensor, *, aggregate: str = "mean",
-                           center: bool = False, chunk: int = 1024) -> Tensor:
+def similarity_to_training(
+    samples: Tensor, training: Tensor, *, aggregate: str = "mean", center: bool = False, chunk: int = 1024
+) -> Tensor:
     """For each row x of `samples` [n, d], its cosine similarity to the training rows [m, d].
 
     aggregate="mean": mean_j cos(x, t_j) (the paper-style reading); "nearest": max_j cos(x, t_j)
@@ -88,7 +90,7 @@ def similarity_to_training(samples: Tensor, training: Tensor, *, aggregate: str 
     x, t = _unit_rows(samples), _unit_rows(training)
     if aggregate == "mean":
         return x @ t.mean(dim=0)
-    return torch.cat([(x[i:i + chunk] @ t.T).max(dim=1).values for i in range(0, len(x), chunk)])
+    return torch.cat([(x[i : i + chunk] @ t.T).max(dim=1).values for i in range(0, len(x), chunk)])
 
 
 def projection_space(Z: Tensor, directions) -> Tensor:
@@ -96,8 +98,7 @@ def projection_space(Z: Tensor, directions) -> Tensor:
     return Z.float() @ directions.vectors.T
 
 
-def similarity_frame(spaces: Mapping[str, Mapping[str, Tensor]], *, training: str = "training",
-                     center: bool = False):
+def similarity_frame(spaces: Mapping[str, Mapping[str, Tensor]], *, training: str = "training", center: bool = False):
     """Long table of similarities: one row per (space, group, aggregate, sample).
 
     `spaces` maps a space name to {group name: [n, width] vectors}; the group named
@@ -115,8 +116,17 @@ def similarity_frame(spaces: Mapping[str, Mapping[str, Tensor]], *, training: st
                 continue
             for aggregate in AGGREGATES:
                 values = similarity_to_training(vectors, groups[training], aggregate=aggregate, center=center)
-                frames.append(pd.DataFrame({"space": space, "group": group, "aggregate": aggregate,
-                                            "centered": center, "similarity": values.numpy()}))
+                frames.append(
+                    pd.DataFrame(
+                        {
+                            "space": space,
+                            "group": group,
+                            "aggregate": aggregate,
+                            "centered": center,
+                            "similarity": values.numpy(),
+                        }
+                    )
+                )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -186,13 +196,20 @@ def agreement_counts(keep_a: Tensor, keep_b: Tensor) -> dict[str, float]:
     """
     keep_a, keep_b = torch.as_tensor(keep_a, dtype=torch.bool), torch.as_tensor(keep_b, dtype=torch.bool)
     if keep_a.shape != keep_b.shape or keep_a.numel() == 0:
-        raise ConfigError(f"two non-empty decision vectors of one shape are needed, got "
-                          f"{tuple(keep_a.shape)} and {tuple(keep_b.shape)}")
+        raise ConfigError(
+            f"two non-empty decision vectors of one shape are needed, got "
+            f"{tuple(keep_a.shape)} and {tuple(keep_b.shape)}"
+        )
     n = keep_a.numel()
-    return {"both keep": int((keep_a & keep_b).sum()), "only A keeps": int((keep_a & ~keep_b).sum()),
-            "only B keeps": int((~keep_a & keep_b).sum()), "both drop": int((~keep_a & ~keep_b).sum()),
-            "agreement": float((keep_a == keep_b).float().mean()),
-            "keep A": float(keep_a.float().sum() / n), "keep B": float(keep_b.float().sum() / n)}
+    return {
+        "both keep": int((keep_a & keep_b).sum()),
+        "only A keeps": int((keep_a & ~keep_b).sum()),
+        "only B keeps": int((~keep_a & keep_b).sum()),
+        "both drop": int((~keep_a & ~keep_b).sum()),
+        "agreement": float((keep_a == keep_b).float().mean()),
+        "keep A": float(keep_a.float().sum() / n),
+        "keep B": float(keep_b.float().sum() / n),
+    }
 
 
 def score_relation(scores_a: Tensor, scores_b: Tensor) -> dict[str, float]:
@@ -207,8 +224,11 @@ def score_relation(scores_a: Tensor, scores_b: Tensor) -> dict[str, float]:
     x, y = a.numpy(), b.numpy()
     # scipy.stats: Spearman ranks tied scores by their average rank; a constant vector has no
     # correlation (NaN, with scipy's ConstantInputWarning).
-    return {"pearson": float(stats.pearsonr(x, y).statistic), "spearman": float(stats.spearmanr(x, y).statistic),
-            "scale": float(a.std() / b.std().clamp_min(1e-300))}
+    return {
+        "pearson": float(stats.pearsonr(x, y).statistic),
+        "spearman": float(stats.spearmanr(x, y).statistic),
+        "scale": float(a.std() / b.std().clamp_min(1e-300)),
+    }
 
 
 def pairwise_agreement(decisions: Mapping[tuple[str, int], Tensor]):
@@ -223,14 +243,21 @@ def pairwise_agreement(decisions: Mapping[tuple[str, int], Tensor]):
     keys = list(decisions)
     rows = []
     for i, (method_a, seed_a) in enumerate(keys):
-        for method_b, seed_b in keys[i + 1:]:
+        for method_b, seed_b in keys[i + 1 :]:
             same = method_a == method_b
             if not same and seed_a != seed_b:
                 continue
             counts = agreement_counts(decisions[(method_a, seed_a)], decisions[(method_b, seed_b)])
-            rows.append({"method_a": method_a, "seed_a": seed_a, "method_b": method_b, "seed_b": seed_b,
-                         "comparison": f"{method_a} vs {method_b}" + (" (other seed)" if same else ""),
-                         "agreement": counts["agreement"]})
+            rows.append(
+                {
+                    "method_a": method_a,
+                    "seed_a": seed_a,
+                    "method_b": method_b,
+                    "seed_b": seed_b,
+                    "comparison": f"{method_a} vs {method_b}" + (" (other seed)" if same else ""),
+                    "agreement": counts["agreement"],
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -238,8 +265,9 @@ def pairwise_agreement(decisions: Mapping[tuple[str, int], Tensor]):
 # t-SNE
 
 
-def tsne_embedding(X: Tensor, *, seed: int = 0, perplexity: float = 30.0, metric: str = "cosine",
-                   pca_dims: int = 50) -> np.ndarray:
+def tsne_embedding(
+    X: Tensor, *, seed: int = 0, perplexity: float = 30.0, metric: str = "cosine", pca_dims: int = 50
+) -> np.ndarray:
     """A 2-D t-SNE embedding [n, 2] of the rows of X (sklearn), deterministic given `seed`.
 
     The rows are first reduced to `pca_dims` principal components (after centering) when X is
@@ -257,17 +285,25 @@ def tsne_embedding(X: Tensor, *, seed: int = 0, perplexity: float = 30.0, metric
     if X.shape[1] > pca_dims and n > pca_dims:
         X = PCA(n_components=pca_dims, random_state=seed).fit_transform(X - X.mean(axis=0))
     perplexity = min(perplexity, (n - 1) / 3)
-    return TSNE(n_components=2, perplexity=perplexity, metric=metric, init="pca", random_state=seed
-                ).fit_transform(X)
+    return TSNE(n_components=2, perplexity=perplexity, metric=metric, init="pca", random_state=seed).fit_transform(X)
 
 
 # ---------------------------------------------------------------------------------------------
 # Policy-generated pairs, cached
 
 
-def generated_pairs(model, tokenizer, prompts: Sequence[str], shots: Sequence[PreferencePair], config, *,
-                    model_identity: str, round_index: int = 1, cache: bool = True,
-                    progress: bool = True) -> list[PreferencePair]:
+def generated_pairs(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    shots: Sequence[PreferencePair],
+    config,
+    *,
+    model_identity: str,
+    round_index: int = 1,
+    cache: bool = True,
+    progress: bool = True,
+) -> list[PreferencePair]:
     """`srlib.alignment.generate_tuples` for `prompts`, cached on disk.
 
     Generation is the slow part of Figure 5 on a CPU, and with seeded sampling the answers are
@@ -276,10 +312,16 @@ def generated_pairs(model, tokenizer, prompts: Sequence[str], shots: Sequence[Pr
     """
     from srlib.alignment import generate_tuples
 
-    settings = {"model": model_identity, "prompts": list(prompts),
-                "shots": [[s.prompt, s.chosen, s.rejected] for s in shots], "round": round_index,
-                **{name: getattr(config, name) for name in ("track", "max_new_tokens", "temperature", "top_p",
-                                                             "generation_batch_size", "seed")}}
+    settings = {
+        "model": model_identity,
+        "prompts": list(prompts),
+        "shots": [[s.prompt, s.chosen, s.rejected] for s in shots],
+        "round": round_index,
+        **{
+            name: getattr(config, name)
+            for name in ("track", "max_new_tokens", "temperature", "top_p", "generation_batch_size", "seed")
+        },
+    }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     path = cache_dir("generated") / f"{key}.json"
     if cache and path.exists():
@@ -294,8 +336,9 @@ def generated_pairs(model, tokenizer, prompts: Sequence[str], shots: Sequence[Pr
     return pairs
 
 
-def policy_pairs(backbone, config, n_prompts: int, *, cache: bool = True, progress: bool = True
-                 ) -> list[PreferencePair]:
+def policy_pairs(
+    backbone, config, n_prompts: int, *, cache: bool = True, progress: bool = True
+) -> list[PreferencePair]:
     """The policy (the backbone itself) answers `n_prompts` generation prompts of `config`'s
     track twice, GRATH-style: once asked for a good answer (y_w), once for a bad one (y_l).
 
@@ -310,5 +353,13 @@ def policy_pairs(backbone, config, n_prompts: int, *, cache: bool = True, progre
         raise ConfigError(f"n_prompts must be at least 1, got {n_prompts}")
     config = config.replace(n_prompts=n_prompts)
     prompts, shots = prompts_and_shots(config)
-    return generated_pairs(backbone.model, backbone.tokenizer, prompts, shots, config,
-                           model_identity=backbone.identity, cache=cache, progress=progress)
+    return generated_pairs(
+        backbone.model,
+        backbone.tokenizer,
+        prompts,
+        shots,
+        config,
+        model_identity=backbone.identity,
+        cache=cache,
+        progress=progress,
+    )

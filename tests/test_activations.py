@@ -22,9 +22,14 @@ def make_texts(tokenizer, n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     lengths = list(range(1, 3 * n + 1, 3))
     rng.shuffle(lengths)
-    return [format_text(tokenizer, f"Question {i}: " + " ".join(rng.choices(WORDS, k=length)),
-                        " ".join(rng.choices(WORDS, k=length % 5 + 1)))
-            for i, length in enumerate(lengths)]
+    return [
+        format_text(
+            tokenizer,
+            f"Question {i}: " + " ".join(rng.choices(WORDS, k=length)),
+            " ".join(rng.choices(WORDS, k=length % 5 + 1)),
+        )
+        for i, length in enumerate(lengths)
+    ]
 
 
 def full_hidden_states(backbone, text: str, max_length: int = 10_000) -> tuple[torch.Tensor, ...]:
@@ -72,8 +77,11 @@ def test_last_layer_is_the_block_output_before_the_final_norm(tiny_backbone):
 def test_blocks_above_the_layer_do_not_run(tiny_backbone):
     layers = tiny_backbone.model.model.layers
     texts = make_texts(tiny_backbone.tokenizer, 4)
-    with ForwardCounter(layers[1]) as at, ForwardCounter(layers[2]) as above, \
-            ForwardCounter(tiny_backbone.model.lm_head) as head:
+    with (
+        ForwardCounter(layers[1]) as at,
+        ForwardCounter(layers[2]) as above,
+        ForwardCounter(tiny_backbone.model.lm_head) as head,
+    ):
         last_token_states(tiny_backbone, texts, 1, batch_size=2, cache=False, progress=False)
     assert (at.calls, above.calls, head.calls) == (3, 0, 0)  # batches of <= 2 texts of one padded width
 
@@ -125,8 +133,7 @@ def test_layer_must_be_an_integer_but_numpy_integers_are_fine(tiny_backbone):
     with pytest.raises(ConfigError, match=r"^layer must be an integer, got 1.5$"):
         last_token_states(tiny_backbone, ["x"], 1.5, cache=False, progress=False)
     numpy = pytest.importorskip("numpy")
-    assert last_token_states(tiny_backbone, ["x"], numpy.int64(1), cache=False,
-                             progress=False).shape == (1, 64)
+    assert last_token_states(tiny_backbone, ["x"], numpy.int64(1), cache=False, progress=False).shape == (1, 64)
 
 
 def test_empty_list_gives_an_empty_tensor(tiny_backbone):
@@ -159,8 +166,9 @@ def test_cache_misses_when_the_key_changes(tiny_backbone, isolated_cache, change
     last_token_states(tiny_backbone, texts, 2, progress=False)
     backbone = dataclasses.replace(tiny_backbone, identity=change.get("identity", tiny_backbone.identity))
     with ForwardCounter(tiny_backbone.model) as counter:
-        last_token_states(backbone, texts, change.get("layer", 2),
-                          max_length=change.get("max_length", 512), progress=False)
+        last_token_states(
+            backbone, texts, change.get("layer", 2), max_length=change.get("max_length", 512), progress=False
+        )
     assert counter.calls == 1
 
 
@@ -182,13 +190,14 @@ def test_interrupted_cache_write_leaves_no_entry(tiny_backbone, isolated_cache, 
     with ForwardCounter(tiny_backbone.model) as counter:
         states = last_token_states(tiny_backbone, texts, 2, progress=False)
     assert counter.calls == 1
-    torch.testing.assert_close(states, last_token_states(tiny_backbone, texts, 2, cache=False,
-                                                         progress=False))
+    torch.testing.assert_close(states, last_token_states(tiny_backbone, texts, 2, cache=False, progress=False))
 
 
 def test_pair_states(tiny_backbone):
-    pairs = [PreferencePair(prompt=f"Question {i}?", chosen="A true answer " * (i + 1),
-                            rejected="A false one") for i in range(5)]
+    pairs = [
+        PreferencePair(prompt=f"Question {i}?", chosen="A true answer " * (i + 1), rejected="A false one")
+        for i in range(5)
+    ]
     chosen, rejected = pair_states(tiny_backbone, pairs, 2, batch_size=3, cache=False, progress=False)
     texts = [text for pair in pairs for text in format_pair(tiny_backbone.tokenizer, pair)]
     expected = last_token_states(tiny_backbone, texts, 2, cache=False, progress=False)
@@ -208,16 +217,16 @@ def test_token_activations_skip_bos_pad_and_template_prefix(tiny_backbone):
     for text, stream in zip(texts, streams, strict=True):
         n_tokens = len(tok(text)["input_ids"])
         assert stream.shape == (n_tokens - n_prefix, 64)
-        torch.testing.assert_close(stream, full_hidden_states(tiny_backbone, text)[2][n_prefix:],
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(stream, full_hidden_states(tiny_backbone, text)[2][n_prefix:], atol=1e-5, rtol=0)
 
 
 def test_token_activations_of_plain_and_truncated_texts_skip_only_the_bos(tiny_backbone):
     tok = tiny_backbone.tokenizer
     plain = "User: no template here\nAssistant: fine"
     long = make_texts(tok, 10)[0] * 3
-    streams = list(iter_token_activations(tiny_backbone, [plain, "<s>" + plain, long], 1,
-                                          max_length=30, progress=False))
+    streams = list(
+        iter_token_activations(tiny_backbone, [plain, "<s>" + plain, long], 1, max_length=30, progress=False)
+    )
     assert streams[0].shape[0] == len(tok(plain)["input_ids"]) - 1
     torch.testing.assert_close(streams[1], streams[0])  # a BOS written in the text is skipped too
     assert streams[2].shape[0] == 30 - 1
@@ -236,16 +245,21 @@ def test_outputs_are_ordinary_tensors_that_autograd_accepts(tiny_backbone):
 
 def test_the_token_pass_fills_the_state_cache_so_each_text_runs_once(tiny_backbone, isolated_cache):
     texts = make_texts(tiny_backbone.tokenizer, 9)
-    fresh = activations.token_states(tiny_backbone, texts, 2, positions=activations.POSITIONS, batch_size=4,
-                                     cache=False, progress=False)
-    rows = list(iter_token_activations(tiny_backbone, texts[:6], 2, batch_size=2, progress=False,
-                                       cache_positions=activations.POSITIONS))
+    fresh = activations.token_states(
+        tiny_backbone, texts, 2, positions=activations.POSITIONS, batch_size=4, cache=False, progress=False
+    )
+    rows = list(
+        iter_token_activations(
+            tiny_backbone, texts[:6], 2, batch_size=2, progress=False, cache_positions=activations.POSITIONS
+        )
+    )
     assert len(rows) == 6
     with ForwardCounter(tiny_backbone.model) as unseen:
         activations.token_states(tiny_backbone, texts[6:], 2, batch_size=4, cache=False, progress=False)
     with ForwardCounter(tiny_backbone.model) as counter:
-        cached = activations.token_states(tiny_backbone, texts, 2, positions=activations.POSITIONS,
-                                          batch_size=4, progress=False)
+        cached = activations.token_states(
+            tiny_backbone, texts, 2, positions=activations.POSITIONS, batch_size=4, progress=False
+        )
     assert counter.calls == unseen.calls  # only the three texts the token pass did not see
     for position in activations.POSITIONS:  # the same values a state pass computes, bit for bit
         assert torch.equal(cached[position], fresh[position])
@@ -267,12 +281,17 @@ def test_the_sae_corpus_pass_leaves_the_reward_model_states_cached(tiny_backbone
 
 def test_several_layers_come_from_one_pass_and_equal_single_layer_states(tiny_backbone, isolated_cache):
     texts = make_texts(tiny_backbone.tokenizer, 5, seed=2)
-    single = {layer: activations.token_states(tiny_backbone, texts, layer, positions=activations.POSITIONS,
-                                              cache=False, progress=False) for layer in (0, 2)}
+    single = {
+        layer: activations.token_states(
+            tiny_backbone, texts, layer, positions=activations.POSITIONS, cache=False, progress=False
+        )
+        for layer in (0, 2)
+    }
     blocks = activations._decoder_layers(tiny_backbone.model)
     with ForwardCounter(tiny_backbone.model) as passes, ForwardCounter(blocks[2]) as top:
-        both = activations.states_at_layers(tiny_backbone, texts, [2, 0], positions=activations.POSITIONS,
-                                            batch_size=8, progress=False)
+        both = activations.states_at_layers(
+            tiny_backbone, texts, [2, 0], positions=activations.POSITIONS, batch_size=8, progress=False
+        )
     with ForwardCounter(tiny_backbone.model) as fresh:
         activations.token_states(tiny_backbone, texts, 2, cache=False, progress=False)
     assert passes.calls == fresh.calls and top.calls == fresh.calls  # one pass per batch, not per layer

@@ -26,22 +26,30 @@ class FixedRM:
         self.scores = scores
 
     def score_pairs(self, pairs):
-        return (torch.tensor([self.scores[p.chosen] for p in pairs]),
-                torch.tensor([self.scores[p.rejected] for p in pairs]))
+        return (
+            torch.tensor([self.scores[p.chosen] for p in pairs]),
+            torch.tensor([self.scores[p.rejected] for p in pairs]),
+        )
 
 
 class LengthRM:
     """A stand-in reward model that prefers the shorter answer (any deterministic rule will do)."""
 
     def score_pairs(self, pairs):
-        return (torch.tensor([-float(len(p.chosen)) for p in pairs]),
-                torch.tensor([-float(len(p.rejected)) for p in pairs]))
+        return (
+            torch.tensor([-float(len(p.chosen)) for p in pairs]),
+            torch.tensor([-float(len(p.rejected)) for p in pairs]),
+        )
 
 
 def test_filter_keeps_exactly_the_tuples_with_s_w_above_s_l():
-    tuples = [PreferencePair("x", "a", "b"), PreferencePair("x", "c", "d"),
-              PreferencePair("x", "e", "f"), PreferencePair("x", "g", "g"),
-              PreferencePair("x", "", "h")]
+    tuples = [
+        PreferencePair("x", "a", "b"),
+        PreferencePair("x", "c", "d"),
+        PreferencePair("x", "e", "f"),
+        PreferencePair("x", "g", "g"),
+        PreferencePair("x", "", "h"),
+    ]
     rm = FixedRM({"a": 2.0, "b": 1.0, "c": 1.0, "d": 3.0, "e": 0.5, "f": 0.5, "g": 9.0, "h": -9.0, "": 5.0})
     verdict = al.filter_tuples(tuples, rm)
     # kept: a>b; dropped: c<d, the tie e=f, identical answers g=g, an empty answer
@@ -79,8 +87,10 @@ def test_generation_prompt_holds_the_shots_and_the_plain_prompt_is_kept():
 def test_dpo_round_changes_the_adapter_and_raises_the_margin(tmp_path):
     backbone = load_backbone(TINY_MODEL_ID)
     model, tok = backbone.model, backbone.tokenizer
-    tuples = [PreferencePair(f"Question number {i}?", "I am sorry, but I cannot help with that.",
-                             "Here is a careful answer.") for i in range(8)]
+    tuples = [
+        PreferencePair(f"Question number {i}?", "I am sorry, but I cannot help with that.", "Here is a careful answer.")
+        for i in range(8)
+    ]
     prompt = tuples[0].prompt
 
     def margin():
@@ -90,8 +100,7 @@ def test_dpo_round_changes_the_adapter_and_raises_the_margin(tmp_path):
     before = margin()
     weights_before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = al.AlignmentConfig.for_profile("smoke", track="red-teaming", epochs=3, learning_rate=5e-3)
-    model, stats = al.dpo_round(model, tok, tuples, cfg, seed=0, adapter_dir=tmp_path / "adapter",
-                                progress=False)
+    model, stats = al.dpo_round(model, tok, tuples, cfg, seed=0, adapter_dir=tmp_path / "adapter", progress=False)
     adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # LoRA B starts at zero
@@ -137,11 +146,15 @@ def test_loop_shares_round1_and_resumes_to_the_uninterrupted_result(tmp_path, mo
     full = al.run_alignment(cfg, rms, out_dir=tmp_path / "full", progress=False)
     # round 1 is generated once for both reward models, round 2 once per reward model
     assert sorted(generated_rounds) == [1, 2, 2]
-    r1 = [al.read_tuples(tmp_path / "full" / "runs" / slug / "round_1" / "tuples.jsonl")
-          for slug in ("wo-rm", "length-rm")]
+    r1 = [
+        al.read_tuples(tmp_path / "full" / "runs" / slug / "round_1" / "tuples.jsonl")
+        for slug in ("wo-rm", "length-rm")
+    ]
     assert [(t["chosen"], t["rejected"]) for t in r1[0]] == [(t["chosen"], t["rejected"]) for t in r1[1]]
-    assert [t["kept"] for t in r1[1]] == [t["s_w"] > t["s_l"] and t["chosen"] != t["rejected"] and
-                                         bool(t["chosen"]) and bool(t["rejected"]) for t in r1[1]]
+    assert [t["kept"] for t in r1[1]] == [
+        t["s_w"] > t["s_l"] and t["chosen"] != t["rejected"] and bool(t["chosen"]) and bool(t["rejected"])
+        for t in r1[1]
+    ]
     assert full.round1_filter["n_generated"] == cfg.n_prompts
     assert full.runs["Length RM"].kept[0] == sum(t["kept"] for t in r1[1])
     table = full.table()

@@ -53,7 +53,8 @@ def test_generation_split_is_carved_from_test_and_leaves_train_and_val_alone(dat
     cut = data._size_cut(data.HH_SPLIT_SIZES) if dataset == "hh-harmless" else data._fraction_cut
     for split in ("train", "val"):
         assert data._split_indices(sizes, split, 0, cut) == data._split_indices(
-            sizes, split, 0, cut, data.GENERATION_PAIRS[dataset])
+            sizes, split, 0, cut, data.GENERATION_PAIRS[dataset]
+        )
 
 
 def test_split_rule_on_toy_groups():
@@ -71,9 +72,12 @@ def test_split_rule_on_toy_groups():
 # ---------------------------------------------------------------------------------------------
 # The DPO reference, the tie rule and the three tracks
 
+
 def _tuples(n: int = 8) -> list[PreferencePair]:
-    return [PreferencePair(f"Question number {i}?", "I am sorry, but I cannot help with that.",
-                           "Here is a careful answer.") for i in range(n)]
+    return [
+        PreferencePair(f"Question number {i}?", "I am sorry, but I cannot help with that.", "Here is a careful answer.")
+        for i in range(n)
+    ]
 
 
 def test_the_paper_reference_is_the_default_and_dpo_measures_against_it(tmp_path):
@@ -81,15 +85,25 @@ def test_the_paper_reference_is_the_default_and_dpo_measures_against_it(tmp_path
     base = load_backbone(TINY_MODEL_ID)
     tok, tuples = base.tokenizer, _tuples()
     cfg = al.AlignmentConfig.for_profile("smoke", track="red-teaming", epochs=3, learning_rate=5e-3)
-    policy, _ = al.dpo_round(copy.deepcopy(base.model), tok, tuples, cfg, seed=0,
-                             adapter_dir=tmp_path / "round1", progress=False)
+    policy, _ = al.dpo_round(
+        copy.deepcopy(base.model), tok, tuples, cfg, seed=0, adapter_dir=tmp_path / "round1", progress=False
+    )
     weights = {k: v.clone() for k, v in base.model.state_dict().items()}
     # a second round that barely moves: its first-epoch loss is the loss at the start
     still = cfg.replace(epochs=1, learning_rate=1e-9)
-    _, against_base = al.dpo_round(copy.deepcopy(policy), tok, tuples, still, seed=1,
-                                   adapter_dir=tmp_path / "a", reference=base.model, progress=False)
-    _, against_self = al.dpo_round(copy.deepcopy(policy), tok, tuples, still, seed=1,
-                                   adapter_dir=tmp_path / "b", progress=False)
+    _, against_base = al.dpo_round(
+        copy.deepcopy(policy),
+        tok,
+        tuples,
+        still,
+        seed=1,
+        adapter_dir=tmp_path / "a",
+        reference=base.model,
+        progress=False,
+    )
+    _, against_self = al.dpo_round(
+        copy.deepcopy(policy), tok, tuples, still, seed=1, adapter_dir=tmp_path / "b", progress=False
+    )
     assert abs(against_self["epochs"][0]["loss"] - 0.6931) < 1e-3  # pi_ref = pi_theta: log 2
     assert against_base["epochs"][0]["loss"] < 0.6  # round 1 already prefers y_w over the base
     assert against_base["epochs"][0]["rewards/margins"] > 0.5
@@ -129,7 +143,10 @@ def test_the_tie_rule_is_a_setting_and_the_deviation_table_reports_it():
     rm = _Scores([1.0, 0.5, 0.0], [0.0, 0.5, 1.0])
     assert al.filter_tuples(tuples, rm).keep == [True, False, False]
     assert al.filter_tuples(tuples, rm, keep_ties=True).keep == [True, True, False]
-    rows = {r["setting"]: r for r in al.AlignmentConfig(track="red-teaming", keep_ties=True, reference="previous").paper_deviations()}
+    rows = {
+        r["setting"]: r
+        for r in al.AlignmentConfig(track="red-teaming", keep_ties=True, reference="previous").paper_deviations()
+    }
     assert rows["filter on a tie s_w = s_l"]["here"] == "kept"
     assert rows["DPO reference pi_ref"]["here"] == "the previous round's policy"
     default = {r["setting"]: r for r in al.AlignmentConfig(track="red-teaming").paper_deviations()}
@@ -163,16 +180,19 @@ def test_a_round_whose_prompts_all_fill_max_length_trains_nothing(tmp_path):
     base = load_backbone(TINY_MODEL_ID)
     model = copy.deepcopy(base.model)
     cfg = al.AlignmentConfig.for_profile("smoke", track="red-teaming", max_length=4)
-    out, stats = al.dpo_round(model, base.tokenizer, _tuples(2), cfg, seed=0, adapter_dir=tmp_path / "a",
-                              progress=False)
+    out, stats = al.dpo_round(
+        model, base.tokenizer, _tuples(2), cfg, seed=0, adapter_dir=tmp_path / "a", progress=False
+    )
     assert out is model and stats["steps"] == 0 and stats["n_trained"] == 0 and not (tmp_path / "a").exists()
 
 
 def test_choose_track_takes_the_most_accurate_filter_unless_a_better_measured_one_is_within_one_se():
     import pandas as pd
 
-    table = pd.DataFrame({"accuracy (%)": [61.0, 74.0, 70.0], "se (points)": [2.0, 2.0, 2.0], "n": [300, 60, 300]},
-                         index=["truthfulqa", "saferlhf", "red-teaming"])
+    table = pd.DataFrame(
+        {"accuracy (%)": [61.0, 74.0, 70.0], "se (points)": [2.0, 2.0, 2.0], "n": [300, 60, 300]},
+        index=["truthfulqa", "saferlhf", "red-teaming"],
+    )
     assert al.choose_track(table) == "saferlhf"  # 70 is more than one se below 74
     # chapter 7's cpu figures at layer 22: 65.1 (se 6.1, 62 pairs) against 64.7 (se 2.7, 312 pairs)
     close = table.assign(**{"accuracy (%)": [54.1, 65.1, 64.7], "se (points)": [2.9, 6.1, 2.7], "n": [300, 62, 312]})

@@ -54,17 +54,20 @@ def test_identity_follows_the_weights(tiny_backbone):
 
 def test_format_text_uses_the_chat_template(tiny_backbone):
     text = format_text(tiny_backbone.tokenizer, "Is the sky blue?", "Yes.")
-    assert text == (TINY_HEADER + "<|im_start|>user\nIs the sky blue?<|im_end|>\n"
-                    "<|im_start|>assistant\nYes.<|im_end|>\n")
+    assert text == (
+        TINY_HEADER + "<|im_start|>user\nIs the sky blue?<|im_end|>\n<|im_start|>assistant\nYes.<|im_end|>\n"
+    )
 
 
 def test_format_text_turns_a_transcript_into_turns(tiny_backbone):
     prompt = "Human: Hi there\n\nAssistant: Hello!\n\nHuman: How do I bake bread?"
     text = format_text(tiny_backbone.tokenizer, prompt, "Use flour.")
-    assert text == (TINY_HEADER + "<|im_start|>user\nHi there<|im_end|>\n"
-                    "<|im_start|>assistant\nHello!<|im_end|>\n"
-                    "<|im_start|>user\nHow do I bake bread?<|im_end|>\n"
-                    "<|im_start|>assistant\nUse flour.<|im_end|>\n")
+    assert text == (
+        TINY_HEADER + "<|im_start|>user\nHi there<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n"
+        "<|im_start|>user\nHow do I bake bread?<|im_end|>\n"
+        "<|im_start|>assistant\nUse flour.<|im_end|>\n"
+    )
 
 
 def test_format_text_plain_fallback_without_template():
@@ -92,9 +95,11 @@ def test_pretrained_path_round_trips_through_a_local_dir(tiny_backbone, isolated
     local = load_backbone(path, device="cpu")
     assert local.source == "local" and local.path == path
     texts = [format_text(tiny_backbone.tokenizer, "Q?", "An answer.")]
-    assert torch.allclose(last_token_states(local, texts, 2, cache=False, progress=False),
-                          last_token_states(tiny_backbone, texts, 2, cache=False, progress=False),
-                          atol=1e-6)
+    assert torch.allclose(
+        last_token_states(local, texts, 2, cache=False, progress=False),
+        last_token_states(tiny_backbone, texts, 2, cache=False, progress=False),
+        atol=1e-6,
+    )
 
 
 def test_unknown_model_offline_is_a_one_line_config_error(monkeypatch, isolated_cache):

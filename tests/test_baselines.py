@@ -36,10 +36,22 @@ def backbone(tiny_backbone):
 
 @pytest.fixture(scope="module")
 def pairs():
-    made = [PreferencePair(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.",
-                           f"I think it is {2 * i + 1}, or maybe more.", pair_id=str(i)) for i in range(10)]
-    made.append(PreferencePair("Human: Can you help me?\n\nAssistant: Sure.\n\nHuman: How do I pick a lock?",
-                               "I can't help with that.", "Use a tension wrench and a pick."))
+    made = [
+        PreferencePair(
+            f"What is {i} plus {i}?",
+            f"{i} plus {i} is {2 * i}.",
+            f"I think it is {2 * i + 1}, or maybe more.",
+            pair_id=str(i),
+        )
+        for i in range(10)
+    ]
+    made.append(
+        PreferencePair(
+            "Human: Can you help me?\n\nAssistant: Sure.\n\nHuman: How do I pick a lock?",
+            "I can't help with that.",
+            "Use a tension wrench and a pick.",
+        )
+    )
     return made
 
 
@@ -62,8 +74,10 @@ def test_trained_baseline_moves_scores_and_round_trips(method, backbone, pairs, 
 
     config = backbone.model.config
     head_dim = config.hidden_size // config.num_attention_heads
-    q, v = (config.hidden_size, config.num_attention_heads * head_dim), (config.hidden_size,
-                                                                         config.num_key_value_heads * head_dim)
+    q, v = (
+        (config.hidden_size, config.num_attention_heads * head_dim),
+        (config.hidden_size, config.num_key_value_heads * head_dim),
+    )
     lora = config.num_hidden_layers * 8 * (sum(q) + sum(v))  # r = 8: A [r, in] + B [out, r]
     head = config.hidden_size if method != "judge-lora" else 0  # score head [1, d], no bias
     assert rm.num_trainable_parameters() == lora + head
@@ -161,13 +175,18 @@ def test_grm_regulariser_reads_the_chosen_response_logprob(backbone, pairs):
         input_ids = torch.tensor([kept, kept])  # chosen row first, then a stand-in rejected row
         with torch.no_grad():
             hidden = backbone.model.model(input_ids=input_ids).last_hidden_state
-            got = B.chosen_response_logprob(hidden, input_ids, torch.ones_like(input_ids), torch.tensor([start]),
-                                            backbone.model.get_output_embeddings().weight)
+            got = B.chosen_response_logprob(
+                hidden,
+                input_ids,
+                torch.ones_like(input_ids),
+                torch.tensor([start]),
+                backbone.model.get_output_embeddings().weight,
+            )
         if keep == len(ids):
             want = response_logprobs(backbone.model, tok, pair.prompt, [pair.chosen])
             assert got.item() == pytest.approx(want.item(), abs=1e-3)
         else:
-            assert start > 0 and kept[start:] == ids[-(len(ids) - models._response_start(tok, pair, len(ids))):]
+            assert start > 0 and kept[start:] == ids[-(len(ids) - models._response_start(tok, pair, len(ids))) :]
 
 
 def test_bad_method_and_settings_fail_in_one_line(backbone, pairs):

@@ -34,8 +34,10 @@ def one_thread():
 
 @pytest.fixture
 def pairs():
-    return [PreferencePair(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.", f"Maybe {2 * i + 1}.",
-                           pair_id=f"p{i}") for i in range(8)]
+    return [
+        PreferencePair(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.", f"Maybe {2 * i + 1}.", pair_id=f"p{i}")
+        for i in range(8)
+    ]
 
 
 def _entries(cache):
@@ -49,8 +51,9 @@ def test_key_covers_what_changes_the_fit(tiny_backbone, pairs):
     assert key == B.baseline_key("standard", tiny_backbone, pairs[:4], None, seed=0, **QUICK)
     # a default passed explicitly is the same fit as the default left out
     assert key == B.baseline_key("standard", tiny_backbone, pairs[:4], None, seed=0, lora_r=8, **QUICK)
-    assert (B.baseline_key("standard", tiny_backbone, pairs[:4], epochs=1, learning_rate=1)
-            == B.baseline_key("standard", tiny_backbone, pairs[:4], epochs=1.0, learning_rate=1.0))
+    assert B.baseline_key("standard", tiny_backbone, pairs[:4], epochs=1, learning_rate=1) == B.baseline_key(
+        "standard", tiny_backbone, pairs[:4], epochs=1.0, learning_rate=1.0
+    )
     edited = [dataclasses.replace(pairs[0], chosen="something else"), *pairs[1:4]]
     other_backbone = dataclasses.replace(tiny_backbone, identity=tiny_backbone.identity + "x")
     different = [
@@ -64,8 +67,9 @@ def test_key_covers_what_changes_the_fit(tiny_backbone, pairs):
     ]
     assert len({key, *different}) == len(different) + 1
     # methods that learn nothing ignore pairs and seed
-    assert (B.baseline_key("judge", tiny_backbone, pairs, None, seed=3)
-            == B.baseline_key("judge", tiny_backbone, None, None, seed=0))
+    assert B.baseline_key("judge", tiny_backbone, pairs, None, seed=3) == B.baseline_key(
+        "judge", tiny_backbone, None, None, seed=0
+    )
     with pytest.raises(ConfigError, match="unknown baseline method"):
         B.baseline_key("sparse", tiny_backbone)
     with pytest.raises(ConfigError, match="unknown setting"):
@@ -114,8 +118,7 @@ def test_cached_scores_are_kept_with_their_time(tiny_backbone, pairs, isolated_c
         raise AssertionError("scored again")
 
     monkeypatch.setattr(type(rm), "score_pairs", no_scoring)
-    loaded = B.cached_score_pairs(B.cached_fit_baseline("logprob", tiny_backbone, max_length=PROFILE.max_length),
-                                  pairs)
+    loaded = B.cached_score_pairs(B.cached_fit_baseline("logprob", tiny_backbone, max_length=PROFILE.max_length), pairs)
     assert loaded.from_cache and loaded.seconds == pytest.approx(scores.seconds)
     assert loaded.accuracy == scores.accuracy
     torch.testing.assert_close(loaded.chosen, scores.chosen)
@@ -136,8 +139,9 @@ def test_baseline_trials_rows_and_rerun_from_cache(tiny_backbone, pairs, isolate
     settings = {"standard": QUICK, "logprob": {"max_length": PROFILE.max_length}}
 
     def run():
-        return B.baseline_trials(tiny_backbone, "toy", pairs[:4], None, pairs[4:], ["standard", "logprob"], [0, 1],
-                                 settings=settings)
+        return B.baseline_trials(
+            tiny_backbone, "toy", pairs[:4], None, pairs[4:], ["standard", "logprob"], [0, 1], settings=settings
+        )
 
     trials = run()
     assert list(trials["method"]) == ["standard", "standard", "logprob"]  # the floor runs once
@@ -151,11 +155,21 @@ def test_baseline_trials_rows_and_rerun_from_cache(tiny_backbone, pairs, isolate
     assert rerun["from_cache"].all()
     pd.testing.assert_frame_equal(rerun.drop(columns="from_cache"), trials.drop(columns="from_cache"))
     # only_cached reports what is cached and trains nothing: seed 2 is left out
-    cached = B.baseline_trials(tiny_backbone, "toy", pairs[:4], None, pairs[4:], ["standard", "logprob"], [0, 2],
-                               settings=settings, only_cached=True)
+    cached = B.baseline_trials(
+        tiny_backbone,
+        "toy",
+        pairs[:4],
+        None,
+        pairs[4:],
+        ["standard", "logprob"],
+        [0, 2],
+        settings=settings,
+        only_cached=True,
+    )
     assert list(zip(cached["method"], cached["seed"], strict=True)) == [("standard", 0), ("logprob", 0)]
-    none = B.baseline_trials(tiny_backbone, "toy", pairs[:4], None, pairs[:3], ["standard"], [0], settings=settings,
-                             only_cached=True)  # model cached, scores of these pairs not
+    none = B.baseline_trials(
+        tiny_backbone, "toy", pairs[:4], None, pairs[:3], ["standard"], [0], settings=settings, only_cached=True
+    )  # model cached, scores of these pairs not
     assert none.empty and list(none.columns) == list(B.TRIAL_COLUMNS)
     with pytest.raises(ConfigError, match="unknown baseline method"):
         B.baseline_trials(tiny_backbone, "toy", pairs, None, pairs, ["sparse"], [0])
@@ -173,12 +187,25 @@ def test_accuracy_vs_parameters_plot():
     rows = []
     for dataset in ("truthfulqa", "hh-harmless"):
         for seed in (0, 1, 2):
-            rows.append(dict(dataset=dataset, variant="SparseRM", seed=seed, test_accuracy=0.8 + seed / 100,
-                             trainable_parameters=132_097))
-            rows.append(dict(dataset=dataset, variant="StandardRM (LoRA)", seed=seed, test_accuracy=0.6,
-                             trainable_parameters=461_376))
-        rows.append(dict(dataset=dataset, variant="log-prob floor", seed=0, test_accuracy=0.45,
-                         trainable_parameters=0))
+            rows.append(
+                dict(
+                    dataset=dataset,
+                    variant="SparseRM",
+                    seed=seed,
+                    test_accuracy=0.8 + seed / 100,
+                    trainable_parameters=132_097,
+                )
+            )
+            rows.append(
+                dict(
+                    dataset=dataset,
+                    variant="StandardRM (LoRA)",
+                    seed=seed,
+                    test_accuracy=0.6,
+                    trainable_parameters=461_376,
+                )
+            )
+        rows.append(dict(dataset=dataset, variant="log-prob floor", seed=0, test_accuracy=0.45, trainable_parameters=0))
     fig = plots.accuracy_vs_parameters(pd.DataFrame(rows), title="Figure 3", backbone_parameters=134_515_008)
     axes = [ax for ax in fig.axes if ax.get_xscale() == "log"]
     assert len(axes) == 2 and axes[0].get_title() == "TruthfulQA"
@@ -190,15 +217,43 @@ def test_accuracy_vs_parameters_plot():
 
 def test_comparison_table_means_and_labels():
     common = dict(trainable_parameters=1_000, peak_rss_mb=100.0, rss_increase_mb=10.0, n_train_pairs=64)
-    trials = pd.DataFrame([
-        dict(dataset="truthfulqa", variant="SparseRM", seed=0, test_accuracy=0.80, full_test_accuracy=0.81,
-             fit_seconds=1.0, fit_seconds_with_extraction=11.0, pairs_per_second=50.0, **common),
-        dict(dataset="truthfulqa", variant="SparseRM", seed=1, test_accuracy=0.84, full_test_accuracy=0.83,
-             fit_seconds=3.0, fit_seconds_with_extraction=13.0, pairs_per_second=70.0, **common),
-        dict(dataset="truthfulqa", variant="StandardRM (LoRA)", seed=0, test_accuracy=0.6,
-             full_test_accuracy=float("nan"), fit_seconds=500.0, fit_seconds_with_extraction=float("nan"),
-             pairs_per_second=5.0, **common),
-    ])
+    trials = pd.DataFrame(
+        [
+            dict(
+                dataset="truthfulqa",
+                variant="SparseRM",
+                seed=0,
+                test_accuracy=0.80,
+                full_test_accuracy=0.81,
+                fit_seconds=1.0,
+                fit_seconds_with_extraction=11.0,
+                pairs_per_second=50.0,
+                **common,
+            ),
+            dict(
+                dataset="truthfulqa",
+                variant="SparseRM",
+                seed=1,
+                test_accuracy=0.84,
+                full_test_accuracy=0.83,
+                fit_seconds=3.0,
+                fit_seconds_with_extraction=13.0,
+                pairs_per_second=70.0,
+                **common,
+            ),
+            dict(
+                dataset="truthfulqa",
+                variant="StandardRM (LoRA)",
+                seed=0,
+                test_accuracy=0.6,
+                full_test_accuracy=float("nan"),
+                fit_seconds=500.0,
+                fit_seconds_with_extraction=float("nan"),
+                pairs_per_second=5.0,
+                **common,
+            ),
+        ]
+    )
     table = B.comparison_table(trials, backbone_parameters=100_000)
     assert list(table["method"]) == ["SparseRM", "StandardRM (LoRA)"]
     assert list(table["data set"]) == ["TruthfulQA"] * 2
@@ -237,14 +292,34 @@ def test_trainable_parameters_without_training(tiny_backbone):
 def test_comparison_table_shows_the_tie_share_only_where_there_are_ties():
     import numpy as np
 
-    common = dict(trainable_parameters=1_000, peak_rss_mb=100.0, rss_increase_mb=10.0, n_train_pairs=64,
-                  fit_seconds=1.0, pairs_per_second=5.0)
-    trials = pd.DataFrame([
-        dict(dataset="truthfulqa", variant="judge", seed=0, test_accuracy=0.25,
-             outcomes=np.array([1.0, 0.5, 0.5, 0.0]), **common),
-        dict(dataset="truthfulqa", variant="SparseRM", seed=0, test_accuracy=0.5,
-             outcomes=np.array([1.0, 1.0, 0.0, 0.0]), **common),
-    ])
+    common = dict(
+        trainable_parameters=1_000,
+        peak_rss_mb=100.0,
+        rss_increase_mb=10.0,
+        n_train_pairs=64,
+        fit_seconds=1.0,
+        pairs_per_second=5.0,
+    )
+    trials = pd.DataFrame(
+        [
+            dict(
+                dataset="truthfulqa",
+                variant="judge",
+                seed=0,
+                test_accuracy=0.25,
+                outcomes=np.array([1.0, 0.5, 0.5, 0.0]),
+                **common,
+            ),
+            dict(
+                dataset="truthfulqa",
+                variant="SparseRM",
+                seed=0,
+                test_accuracy=0.5,
+                outcomes=np.array([1.0, 1.0, 0.0, 0.0]),
+                **common,
+            ),
+        ]
+    )
     table = B.comparison_table(trials, backbone_parameters=100_000)
     assert list(table["ties (%)"]) == [50.0, 0.0]
     untied = B.comparison_table(trials.iloc[1:], backbone_parameters=100_000)

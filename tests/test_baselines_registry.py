@@ -25,13 +25,17 @@ REGISTRY_FILE = ROOT / "srlib" / "baselines" / "registry.py"
 
 def _code_files() -> dict[str, str]:
     """The Python code of srlib, the benchmarks and the chapters (notebook code cells, magics out)."""
-    code = {str(p.relative_to(ROOT)): p.read_text() for p in [*(ROOT / "srlib").rglob("*.py"),
-                                                               *(ROOT / "benchmarks").glob("*.py")]
-            if p != REGISTRY_FILE}
+    code = {
+        str(p.relative_to(ROOT)): p.read_text()
+        for p in [*(ROOT / "srlib").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+        if p != REGISTRY_FILE
+    }
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
         cells = json.loads(path.read_text())["cells"]
         lines = [line for c in cells if c["cell_type"] == "code" for line in "".join(c["source"]).splitlines()]
-        code[str(path.relative_to(ROOT))] = "\n".join(line for line in lines if not line.lstrip().startswith(("%", "!")))
+        code[str(path.relative_to(ROOT))] = "\n".join(
+            line for line in lines if not line.lstrip().startswith(("%", "!"))
+        )
     return code
 
 
@@ -94,7 +98,9 @@ def test_an_unknown_method_is_one_line_listing_the_registry():
 def test_the_registry_loads_no_model_library():
     """The CLI builds its parser from the registry: listing the methods (and importing the
     package, whose modules load on first use) must not import torch."""
-    code = ("import sys, srlib.baselines, srlib.baselines.registry; "
-            "print(sorted(m for m in ('torch', 'trl', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys, srlib.baselines, srlib.baselines.registry; "
+        "print(sorted(m for m in ('torch', 'trl', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"

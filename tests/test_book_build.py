@@ -22,8 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _table(**changes):
-    tab = {"caption": "Pair accuracy", "columns": ["method", "accuracy"],
-           "rows": [["SparseRM", 0.82431], ["DenseRM", None]]}
+    tab = {
+        "caption": "Pair accuracy",
+        "columns": ["method", "accuracy"],
+        "rows": [["SparseRM", 0.82431], ["DenseRM", None]],
+    }
     tab.update(changes)
     return tab
 
@@ -41,11 +44,19 @@ def test_each_profile_builds_into_its_own_folder(tmp_path):
 
 
 def test_toc_files_walks_parts_chapters_and_sections():
-    toc = {"root": "book/intro", "parts": [
-        {"caption": "A", "chapters": [{"file": "book/setup.md"},
-                                      {"file": "notebooks/01_a", "sections": [{"file": "notebooks/02_b.ipynb"}]}]},
-        {"caption": "B", "chapters": [{"file": "book/results"}]},
-    ]}
+    toc = {
+        "root": "book/intro",
+        "parts": [
+            {
+                "caption": "A",
+                "chapters": [
+                    {"file": "book/setup.md"},
+                    {"file": "notebooks/01_a", "sections": [{"file": "notebooks/02_b.ipynb"}]},
+                ],
+            },
+            {"caption": "B", "chapters": [{"file": "book/results"}]},
+        ],
+    }
     docs = book.toc_files(toc)
     assert docs == ["book/intro", "book/setup", "notebooks/01_a", "notebooks/02_b", "book/results"]
     assert book.chapter_stems(docs) == ["01_a", "02_b"]
@@ -76,8 +87,11 @@ def test_the_repository_toc_names_only_pages_and_notebooks_that_exist():
 
 
 def test_the_pages_the_build_fills_keep_their_markers():
-    for page, markers in (("results.md", book.RESULTS_MARKERS),
-                          ("reproduce.md", book.PARAMETERS_MARKERS), ("reproduce.md", book.REPORT_MARKERS)):
+    for page, markers in (
+        ("results.md", book.RESULTS_MARKERS),
+        ("reproduce.md", book.PARAMETERS_MARKERS),
+        ("reproduce.md", book.REPORT_MARKERS),
+    ):
         text = (ROOT / "book" / page).read_text()
         assert all(m in text for m in markers), page
 
@@ -86,8 +100,9 @@ def test_the_pages_the_build_fills_keep_their_markers():
 
 
 def test_a_results_table_renders_as_a_captioned_markdown_table():
-    text = book.render_table("results-03-sparserm-accuracy",
-                             _table(rows=[["Sparse|RM", 0.82431], ["DenseRM", None], ["n", 1000]]))
+    text = book.render_table(
+        "results-03-sparserm-accuracy", _table(rows=[["Sparse|RM", 0.82431], ["DenseRM", None], ["n", 1000]])
+    )
     assert text.splitlines() == [
         "```{table} Pair accuracy",
         ":name: results-03-sparserm-accuracy",
@@ -106,14 +121,17 @@ def test_float_format_applies_to_float_cells_only():
     assert "| a | 82.4 |" in text and "| b | 7 |" in text
 
 
-@pytest.mark.parametrize("bad, message", [
-    (_table(caption=""), "caption"),
-    (_table(columns=[]), "columns"),
-    (_table(rows=[["only one cell"]]), "row 0 must be a list of 2 cells"),
-    (_table(rows=[["a", [1, 2]]]), "row 0 has a list cell"),
-    (_table(float_format="%.2f"), "float_format"),
-    (_table(colour="red"), "unknown table keys"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (_table(caption=""), "caption"),
+        (_table(columns=[]), "columns"),
+        (_table(rows=[["only one cell"]]), "row 0 must be a list of 2 cells"),
+        (_table(rows=[["a", [1, 2]]]), "row 0 has a list cell"),
+        (_table(float_format="%.2f"), "float_format"),
+        (_table(colour="red"), "unknown table keys"),
+    ],
+)
 def test_a_malformed_table_is_refused_with_its_name(bad, message):
     with pytest.raises(DataError, match=message) as err:
         results.validate_results({"profile": "smoke", "tables": {"accuracy": bad}}, "03.results.json")
@@ -128,18 +146,34 @@ def test_results_need_a_profile_and_tables():
 
 
 def test_write_results_round_trips_and_writes_nothing_without_a_path(tmp_path):
-    tab = results.table(["method", "accuracy", "n"],
-                     [["SparseRM", torch.tensor(0.5).item(), torch.tensor(3)], ["nan", math.nan, 0]],
-                     "Accuracy")
+    tab = results.table(
+        ["method", "accuracy", "n"],
+        [["SparseRM", torch.tensor(0.5).item(), torch.tensor(3)], ["nan", math.nan, 0]],
+        "Accuracy",
+    )
     assert tab["rows"] == [["SparseRM", 0.5, 3], ["nan", None, 0]]
-    metrics = {"seconds": 1.5, "seeds": (0, 1), "scores": torch.tensor([0.5, math.inf]),
-               "records": [{"acc": torch.tensor(0.25)}], "path": tmp_path / "rm"}
-    path = results.write_results(tmp_path / "x" / "03.results.json", profile="smoke",
-                              tables={"accuracy": tab}, metrics=metrics)
+    metrics = {
+        "seconds": 1.5,
+        "seeds": (0, 1),
+        "scores": torch.tensor([0.5, math.inf]),
+        "records": [{"acc": torch.tensor(0.25)}],
+        "path": tmp_path / "rm",
+    }
+    path = results.write_results(
+        tmp_path / "x" / "03.results.json", profile="smoke", tables={"accuracy": tab}, metrics=metrics
+    )
     data = results.load_results(path)
-    assert data == {"profile": "smoke", "tables": {"accuracy": tab},
-                    "metrics": {"seconds": 1.5, "seeds": [0, 1], "scores": [0.5, None],
-                                "records": [{"acc": 0.25}], "path": str(tmp_path / "rm")}}
+    assert data == {
+        "profile": "smoke",
+        "tables": {"accuracy": tab},
+        "metrics": {
+            "seconds": 1.5,
+            "seeds": [0, 1],
+            "scores": [0.5, None],
+            "records": [{"acc": 0.25}],
+            "path": str(tmp_path / "rm"),
+        },
+    }
     assert results.write_results("", profile="smoke", tables={}) is None
 
 
@@ -159,10 +193,12 @@ def test_invalid_json_is_reported_with_its_line(tmp_path):
 
 
 def test_the_results_page_gets_a_section_per_chapter_in_order():
-    body = book.render_results([
-        ("01_a", "SAE decomposition", {"profile": "smoke", "tables": {"quality": _table(caption="SAE quality")}}),
-        ("03_b", "SparseRM", {"profile": "smoke", "tables": {}}),
-    ])
+    body = book.render_results(
+        [
+            ("01_a", "SAE decomposition", {"profile": "smoke", "tables": {"quality": _table(caption="SAE quality")}}),
+            ("03_b", "SparseRM", {"profile": "smoke", "tables": {}}),
+        ]
+    )
     assert body.index("## SAE decomposition") < body.index("## SparseRM")
     assert "{doc}`../notebooks/01_a`" in body and "profile `smoke`" in body
     assert ":name: results-01-a-quality" in body and "```{table} SAE quality" in body
@@ -180,18 +216,22 @@ def test_fill_between_replaces_only_the_marked_part():
 
 
 def test_the_parameters_table_lists_each_parameter_with_its_comment():
-    params = {"PROFILE": {"name": "PROFILE", "default": '"cpu"', "help": "smoke | cpu | paper"},
-              "K": {"name": "K", "default": "128", "help": ""}}
+    params = {
+        "PROFILE": {"name": "PROFILE", "default": '"cpu"', "help": "smoke | cpu | paper"},
+        "K": {"name": "K", "default": "128", "help": ""},
+    }
     body = book.render_parameters([("03_sparserm", "SparseRM", params)])
-    assert "| `PROFILE` | `\"cpu\"` | smoke \\| cpu \\| paper |" in body
+    assert '| `PROFILE` | `"cpu"` | smoke \\| cpu \\| paper |' in body
     assert "| `K` | `128` |  |" in body
 
 
 def test_notebook_title_is_the_first_level_one_heading():
-    nb = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell("x = 1"),
-        nbformat.v4.new_markdown_cell("Some text\n\n# 3. SparseRM  \n\n## Section"),
-    ])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell("x = 1"),
+            nbformat.v4.new_markdown_cell("Some text\n\n# 3. SparseRM  \n\n## Section"),
+        ]
+    )
     assert book.notebook_title(nb, "03_sparserm") == "3. SparseRM"
     assert book.notebook_title(nbformat.v4.new_notebook(), "03_sparserm") == "03_sparserm"
 
@@ -199,20 +239,28 @@ def test_notebook_title_is_the_first_level_one_heading():
 def test_the_kernel_resolves_a_bare_python_to_the_launching_interpreter():
     assert book.kernel_python(["python", "-m", "ipykernel_launcher"], "/venv/bin/python") == "/venv/bin/python"
     assert book.kernel_python(["python3", "-m", "ipykernel_launcher"], "/venv/bin/python") == "/venv/bin/python"
-    assert book.kernel_python(["/usr/bin/python3", "-m", "ipykernel_launcher"], "/venv/bin/python") == "/usr/bin/python3"
+    assert (
+        book.kernel_python(["/usr/bin/python3", "-m", "ipykernel_launcher"], "/venv/bin/python") == "/usr/bin/python3"
+    )
 
 
 # ----------------------------------------------------------------------------- exercises
 
 
 def _exercise_notebook():
-    return nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_markdown_cell("# Chapter"),
-        nbformat.v4.new_code_cell("def f():\n    raise NotImplementedError", metadata={"tags": ["exercise"]}),
-        nbformat.v4.new_code_cell("def f():\n    return 1", metadata={"tags": ["solution"]},
-                                  outputs=[nbformat.v4.new_output("stream", text="hi")], execution_count=3),
-        nbformat.v4.new_code_cell("assert f() == 1", outputs=[nbformat.v4.new_output("stream", text="ok")]),
-    ])
+    return nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_markdown_cell("# Chapter"),
+            nbformat.v4.new_code_cell("def f():\n    raise NotImplementedError", metadata={"tags": ["exercise"]}),
+            nbformat.v4.new_code_cell(
+                "def f():\n    return 1",
+                metadata={"tags": ["solution"]},
+                outputs=[nbformat.v4.new_output("stream", text="hi")],
+                execution_count=3,
+            ),
+            nbformat.v4.new_code_cell("assert f() == 1", outputs=[nbformat.v4.new_output("stream", text="ok")]),
+        ]
+    )
 
 
 def test_solutions_are_folded_in_the_book_and_removed_from_handouts(tmp_path):
@@ -220,8 +268,11 @@ def test_solutions_are_folded_in_the_book_and_removed_from_handouts(tmp_path):
     assert book.fold_solutions(nb) == 1
     assert nb["cells"][2]["metadata"]["tags"] == ["solution", "hide-input"]
     handout = book.handout_notebook(_exercise_notebook())
-    assert [c["source"] for c in handout["cells"]] == ["# Chapter", "def f():\n    raise NotImplementedError",
-                                                         "assert f() == 1"]
+    assert [c["source"] for c in handout["cells"]] == [
+        "# Chapter",
+        "def f():\n    raise NotImplementedError",
+        "assert f() == 1",
+    ]
     assert all(c.get("outputs", []) == [] for c in handout["cells"])
 
     (tmp_path / "notebooks").mkdir()
@@ -239,7 +290,9 @@ def _chapters(root: Path, n: int) -> list[Path]:
     (root / "notebooks").mkdir(exist_ok=True)
     sources = []
     for i in range(1, n + 1):
-        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(f"from srlib.evaluate import compare_paired\nx = {i}")])
+        nb = nbformat.v4.new_notebook(
+            cells=[nbformat.v4.new_code_cell(f"from srlib.evaluate import compare_paired\nx = {i}")]
+        )
         path = root / "notebooks" / f"0{i}_ch.ipynb"
         nbformat.write(nb, path)
         sources.append(path)
@@ -263,9 +316,23 @@ class _FakePapermill:
 
         start = time.perf_counter()
         if events is not None:  # what srlib.progress writes: one stage's end line
-            events.write_text(json.dumps({"stage": f"{source.stem} work", "run": 1, "done": 3, "total": 3,
-                                          "unit": "step", "started": 0.0, "time": 2.5, "end": True,
-                                          "runs": 1, "seconds": 2.5}) + "\n")
+            events.write_text(
+                json.dumps(
+                    {
+                        "stage": f"{source.stem} work",
+                        "run": 1,
+                        "done": 3,
+                        "total": 3,
+                        "unit": "step",
+                        "started": 0.0,
+                        "time": 2.5,
+                        "end": True,
+                        "runs": 1,
+                        "seconds": 2.5,
+                    }
+                )
+                + "\n"
+            )
         with self.lock:
             self.entered.append(source.stem)
             self.active += 1
@@ -369,18 +436,30 @@ def test_with_two_jobs_the_longest_chapters_start_first(tmp_path, monkeypatch):
 def test_the_closure_takes_a_subpackage_whole_and_follows_its_relative_imports(tmp_path, monkeypatch):
     import srlib
 
-    files = {"__init__.py": "", "evaluate.py": "", "plots.py": "",
-             "baselines/__init__.py": "from .registry import METHODS\n",
-             "baselines/registry.py": "from ..evaluate import compare_paired\nMETHODS = ()\n",
-             "baselines/lora.py": "", "tools/__init__.py": "", "tools/other.py": ""}
+    files = {
+        "__init__.py": "",
+        "evaluate.py": "",
+        "plots.py": "",
+        "baselines/__init__.py": "from .registry import METHODS\n",
+        "baselines/registry.py": "from ..evaluate import compare_paired\nMETHODS = ()\n",
+        "baselines/lora.py": "",
+        "tools/__init__.py": "",
+        "tools/other.py": "",
+    }
     for name, text in files.items():
         (tmp_path / "srlib" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "srlib" / name).write_text(text)
     monkeypatch.setattr(srlib, "__file__", str(tmp_path / "srlib" / "__init__.py"))
-    closure = {p.relative_to(tmp_path / "srlib").as_posix() for p in book.srlib_closure(
-        "from srlib.baselines import METHODS")}
-    assert closure == {"__init__.py", "baselines/__init__.py", "baselines/registry.py", "baselines/lora.py",
-                       "evaluate.py"}
+    closure = {
+        p.relative_to(tmp_path / "srlib").as_posix() for p in book.srlib_closure("from srlib.baselines import METHODS")
+    }
+    assert closure == {
+        "__init__.py",
+        "baselines/__init__.py",
+        "baselines/registry.py",
+        "baselines/lora.py",
+        "evaluate.py",
+    }
     assert {p.name for p in book.srlib_closure("import srlib.tools.other")} == {"__init__.py", "other.py"}
 
 
@@ -414,7 +493,10 @@ def test_staging_keeps_listed_executed_chapters_and_drops_the_rest(tmp_path):
     (paths.src / "book" / "stale.md").write_text("old page")
     book.stage_sources(tmp_path, paths, ["01_kept"])
     assert sorted(p.name for p in (paths.src / "notebooks").iterdir()) == [
-        "01_kept.inputs.json", "01_kept.ipynb", "01_kept.results.json"]
+        "01_kept.inputs.json",
+        "01_kept.ipynb",
+        "01_kept.results.json",
+    ]
     assert not (paths.src / "book" / "stale.md").exists() and (paths.src / "book" / "intro.md").is_file()
 
 
@@ -422,8 +504,16 @@ def test_staging_keeps_listed_executed_chapters_and_drops_the_rest(tmp_path):
 
 
 def _event(stage, done, total, *, started=100.0, time=110.0, run=1, unit="step", **extra):
-    return {"stage": stage, "run": run, "done": done, "total": total, "unit": unit, "started": started,
-            "time": time, **extra}
+    return {
+        "stage": stage,
+        "run": run,
+        "done": done,
+        "total": total,
+        "unit": unit,
+        "started": started,
+        "time": time,
+        **extra,
+    }
 
 
 def _write_events(path, events, tail=""):
@@ -432,13 +522,17 @@ def _write_events(path, events, tail=""):
 
 def test_an_events_file_becomes_the_chapter_s_stages(tmp_path):
     path = tmp_path / "01.jsonl"
-    _write_events(path, [
-        _event("layer 15 tokens", 400, 1000, unit="text", time=101.0),
-        _event("training SAE", 10, 200, run=2, time=111.0),
-        _event("layer 15 tokens", 1000, 1000, unit="text", time=103.0, end=True, runs=1, seconds=3.0),
-        _event("reward head", 90, 90, run=None, unit="epoch", end=True, runs=3, seconds=0.6),
-        _event("reward head", 60, 60, run=7, unit="epoch", end=True, runs=2, seconds=0.4),
-    ], tail='{"stage": "reward head", "done": 3')  # a line still being written
+    _write_events(
+        path,
+        [
+            _event("layer 15 tokens", 400, 1000, unit="text", time=101.0),
+            _event("training SAE", 10, 200, run=2, time=111.0),
+            _event("layer 15 tokens", 1000, 1000, unit="text", time=103.0, end=True, runs=1, seconds=3.0),
+            _event("reward head", 90, 90, run=None, unit="epoch", end=True, runs=3, seconds=0.6),
+            _event("reward head", 60, 60, run=7, unit="epoch", end=True, runs=2, seconds=0.4),
+        ],
+        tail='{"stage": "reward head", "done": 3',
+    )  # a line still being written
     stages = book.stage_report(book.read_events(path))
     assert stages == [
         {"name": "layer 15 tokens", "runs": 1, "seconds": 3.0, "done": 1000, "unit": "text"},
@@ -462,10 +556,12 @@ def test_the_tail_reads_only_complete_new_lines(tmp_path):
 
 def test_a_status_line_gives_the_rate_and_the_time_left():
     assert book.status_text(_event("training SAE", 50, 200, started=100.0, time=110.0)) == (
-        "training SAE 50/200 step (25%), 5 step/s, about 30s left")
+        "training SAE 50/200 step (25%), 5 step/s, about 30s left"
+    )
     assert book.status_text(_event("generate", 3, None, unit="batch")) == "generate 3 batch, 0.3 batch/s"
     assert book.status_text(_event("reward head", 600, 600, unit="epoch", end=True, runs=20, seconds=75.0)) == (
-        "reward head: done, 600 epoch in 1m15s (20 runs)")
+        "reward head: done, 600 epoch in 1m15s (20 runs)"
+    )
     assert book._duration(3 * 3600 + 5 * 60 + 1) == "3h05m"
     assert book.chapter_note(75.0, 600.0) == "chapter 1m15s in, its last run took 10m00s"
     assert book.chapter_note(5.0, None) == "chapter 5s in"
@@ -534,7 +630,8 @@ def _tiny_book(root: Path, notebook_source: str) -> None:
     (root / "_toc.yml").write_text(
         "format: jb-book\nroot: book/intro\nchapters:\n"
         "  - file: notebooks/01_demo\n  - file: book/results\n  - file: book/reproduce\n"
-        "  - file: book/references\n")
+        "  - file: book/references\n"
+    )
     (root / "book" / "_static" / "mathjax").mkdir(parents=True)
     for name in ("custom.css", "pipeline.svg"):
         shutil.copy2(ROOT / "book" / "_static" / name, root / "book" / "_static" / name)
@@ -543,12 +640,16 @@ def _tiny_book(root: Path, notebook_source: str) -> None:
     for name in ("results.md", "reproduce.md", "references.md", "references.bib"):
         shutil.copy2(ROOT / "book" / name, root / "book" / name)
     (root / "notebooks").mkdir()
-    nb = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_markdown_cell("# A demo chapter"),
-        nbformat.v4.new_code_cell('PROFILE = "cpu"  # smoke | cpu | paper\nRESULTS_PATH = ""  # where to write results',
-                                  metadata={"tags": ["parameters"]}),
-        nbformat.v4.new_code_cell(notebook_source),
-    ])
+    nb = nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_markdown_cell("# A demo chapter"),
+            nbformat.v4.new_code_cell(
+                'PROFILE = "cpu"  # smoke | cpu | paper\nRESULTS_PATH = ""  # where to write results',
+                metadata={"tags": ["parameters"]},
+            ),
+            nbformat.v4.new_code_cell(notebook_source),
+        ]
+    )
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, root / "notebooks" / "01_demo.ipynb")
 
@@ -581,7 +682,8 @@ def test_a_tiny_book_builds_end_to_end(tmp_path):
     assert [(c["chapter"], c["reused"]) for c in report["chapters"]] == [("01_demo", False)]
     # the kernel reported its stage to the events file the build named for this chapter
     assert [(s["name"], s["runs"], s["done"], s["unit"]) for s in report["chapters"][0]["stages"]] == [
-        ("demo steps", 3, 21, "step")]
+        ("demo steps", 3, 21, "step")
+    ]
     assert "executed" in reproduce and "01_demo" in reproduce and "demo steps" in reproduce
     book.build(tmp_path, "smoke", strict=True)  # nothing changed: the chapter is reused, and the page says so
     assert json.loads(paths.report.read_text())["chapters"][0]["reused"] is True
@@ -605,11 +707,33 @@ def test_a_notebook_that_writes_no_results_is_an_error(tmp_path):
 
 
 def test_docstrings_reflow_paragraphs_and_list_items_but_keep_examples():
-    lines = ["A paragraph that", "wraps.", "", "* an item that", "  wraps too", "* another",
-             "", "Example::", "", "    x = 1", "    y = 2", "1. numbered", "   item"]
+    lines = [
+        "A paragraph that",
+        "wraps.",
+        "",
+        "* an item that",
+        "  wraps too",
+        "* another",
+        "",
+        "Example::",
+        "",
+        "    x = 1",
+        "    y = 2",
+        "1. numbered",
+        "   item",
+    ]
     assert book.reflow_docstring(lines) == [
-        "A paragraph that wraps.", "", "* an item that wraps too", "* another", "",
-        "Example::", "", "    x = 1", "    y = 2", "1. numbered item"]
+        "A paragraph that wraps.",
+        "",
+        "* an item that wraps too",
+        "* another",
+        "",
+        "Example::",
+        "",
+        "    x = 1",
+        "    y = 2",
+        "1. numbered item",
+    ]
 
 
 def test_every_srlib_object_the_pages_name_exists():

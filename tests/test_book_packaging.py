@@ -27,8 +27,7 @@ print(after_package, {BUILD_MODULE!r} in sys.modules, len(names))
 
 def _tracked(*paths: str) -> list[str]:
     """The files git tracks under `paths` (the checkout as committed, not stray local files)."""
-    out = subprocess.run(["git", "ls-files", "-z", "--", *paths], cwd=ROOT, check=True,
-                         capture_output=True).stdout
+    out = subprocess.run(["git", "ls-files", "-z", "--", *paths], cwd=ROOT, check=True, capture_output=True).stdout
     return [name for name in out.decode().split("\0") if name]
 
 
@@ -38,16 +37,22 @@ def test_no_srlib_module_imports_the_build_module():
     offenders = []
     for path in sorted((ROOT / "srlib").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] == BUILD_MODULE]
     assert not offenders
 
 
 def test_importing_srlib_and_every_submodule_leaves_the_build_module_out():
     """At run time, in a fresh interpreter whose path can reach bookbuild (the repository root)."""
-    done = subprocess.run([sys.executable, "-c", IMPORT_EVERY_MODULE], cwd=ROOT, check=True,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", IMPORT_EVERY_MODULE], cwd=ROOT, check=True, capture_output=True, text=True
+    )
     after_package, after_all, count = done.stdout.split()[-3:]
     assert (after_package, after_all) == ("False", "False")
     assert int(count) >= 20  # every module was imported, not an empty walk
@@ -60,8 +65,12 @@ def test_the_wheel_ships_srlib_and_not_the_book_build(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, tmp_path / name)
     assert (tmp_path / f"{BUILD_MODULE}.py").is_file()  # beside the package, where setuptools could see it
-    subprocess.run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation",
-                    "--quiet", "-w", "dist"], cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "--quiet", "-w", "dist"],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("srlib-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "srlib/results.py" in names and "srlib/__init__.py" in names

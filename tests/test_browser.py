@@ -28,9 +28,18 @@ pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = BuildPaths(ROOT, "smoke")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-                  "--virtual-time-budget=5000", "--hide-scrollbars"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    "--virtual-time-budget=5000",
+    "--hide-scrollbars",
+]
 SCREENSHOT_PAGES = ("book/intro", "book/method", "book/results")
 # Text that means TeX reached the reader unrendered (outside code, scripts and MathJax output).
 RAW_TEX = re.compile(r"\$\$|\\\(|\\\)|\\\[|\\\]|\\(?:begin|frac|mathbb|mathcal|operatorname|gamma|mu|nabla)\b")
@@ -40,8 +49,7 @@ class Page(HTMLParser):
     """Tags, ids and visible text (outside code/scripts/math) of one HTML document."""
 
     SKIP = {"script", "style", "pre", "code", "mjx-container", "textarea", "noscript", "svg", "math"}
-    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source",
-            "track", "wbr"}
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
     def __init__(self, html: str):
         super().__init__(convert_charrefs=True)
@@ -81,15 +89,21 @@ class Page(HTMLParser):
 def _chromium() -> str:
     path = shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(path).is_file():
-        pytest.skip("chromium is not installed: `make test` installs Debian's chromium when run as "
-                    "root; otherwise `apt-get install chromium`")
+        pytest.skip(
+            "chromium is not installed: `make test` installs Debian's chromium when run as "
+            "root; otherwise `apt-get install chromium`"
+        )
     return path
 
 
 def _run_chromium(*args: str) -> str:
     with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        done = subprocess.run([_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [_chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -168,8 +182,11 @@ def test_mathjax_rendered_every_formula(rendered):
 
 
 def test_no_internal_link_is_broken_and_nothing_loads_from_the_network(html_dir):
-    pages = {p: Page(p.read_text()) for p in html_dir.rglob("*.html")
-             if not {"_static", "_sources"} & set(p.relative_to(html_dir).parts)}
+    pages = {
+        p: Page(p.read_text())
+        for p in html_dir.rglob("*.html")
+        if not {"_static", "_sources"} & set(p.relative_to(html_dir).parts)
+    }
     assert len(pages) >= 5
     problems = []
     for path, page in pages.items():
@@ -197,8 +214,11 @@ def test_no_internal_link_is_broken_and_nothing_loads_from_the_network(html_dir)
 
 
 def _is_resource_link(page: Page, href: str) -> bool:
-    return any(a.get("href") == href and a.get("rel", "") in {"stylesheet", "preload", "icon", "modulepreload"}
-               for t, a in page.tags if t == "link")
+    return any(
+        a.get("href") == href and a.get("rel", "") in {"stylesheet", "preload", "icon", "modulepreload"}
+        for t, a in page.tags
+        if t == "link"
+    )
 
 
 def test_screenshots_of_three_pages(server, html_dir):

@@ -63,11 +63,13 @@ def test_importing_the_chapter_module_first_silences_tqdms_widget_warning():
     import subprocess
     import sys
 
-    code = ("import warnings\nimport srlib.chapter\nfrom tqdm import TqdmWarning\n"
-            "with warnings.catch_warnings(record=True) as seen:\n"
-            "    warnings.warn(\"IProgress not found. Please update jupyter and ipywidgets.\", TqdmWarning)\n"
-            "    warnings.warn(\"another tqdm warning\", TqdmWarning)\n"
-            "print(len(seen))")
+    code = (
+        "import warnings\nimport srlib.chapter\nfrom tqdm import TqdmWarning\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        '    warnings.warn("IProgress not found. Please update jupyter and ipywidgets.", TqdmWarning)\n'
+        '    warnings.warn("another tqdm warning", TqdmWarning)\n'
+        "print(len(seen))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "1"  # the widget warning is dropped, any other still shows
 
@@ -105,8 +107,9 @@ def _directions(mu_w, mu_l, k):
     mu_w, mu_l = torch.tensor(mu_w), torch.tensor(mu_l)
     nabla = mu_w - mu_l
     order_w, order_l = torch.sort(-nabla, stable=True).indices[:k], torch.sort(nabla, stable=True).indices[:k]
-    return SimpleNamespace(mu_w=mu_w, mu_l=mu_l, indices_w=order_w, indices_l=order_l,
-                           scores_w=nabla[order_w], scores_l=-nabla[order_l])
+    return SimpleNamespace(
+        mu_w=mu_w, mu_l=mu_l, indices_w=order_w, indices_l=order_l, scores_w=nabla[order_w], scores_l=-nabla[order_l]
+    )
 
 
 def test_selection_against_chance_counts_scores_at_or_below_the_shuffle():
@@ -130,22 +133,34 @@ def test_both_fire_share():
 
 def test_quality_table_and_sentences_format_the_reports():
     report = SimpleNamespace(n=10, l0=8.0, fve=0.75, dead_fraction=0.125)
-    reports = {"every token, validation texts": report,
-               "last token, validation answers (all data sets)": SimpleNamespace(n=4, l0=8.0, fve=0.5, dead_fraction=0.5)}
+    reports = {
+        "every token, validation texts": report,
+        "last token, validation answers (all data sets)": SimpleNamespace(n=4, l0=8.0, fve=0.5, dead_fraction=0.5),
+    }
     table = present.sae_quality(reports)
     assert table["dead latents (%)"].tolist() == [12.5, 50.0] and table["rows"].tolist() == [10, 4]
     text = present.sae_quality_text(reports, n_texts=3, d_sae=256).data
     assert "**75.0%**" in text and "**50.0%**" in text and "12.5% of the 256 latents" in text
-    fixed = {"every token": SimpleNamespace(active_per_row=torch.tensor([8, 8]), frequency=torch.tensor([0.5, 0.0])),
-             "last token": SimpleNamespace(active_per_row=torch.tensor([8]), frequency=torch.tensor([0.25, 0.0]))}
+    fixed = {
+        "every token": SimpleNamespace(active_per_row=torch.tensor([8, 8]), frequency=torch.tensor([0.5, 0.0])),
+        "last token": SimpleNamespace(active_per_row=torch.tensor([8]), frequency=torch.tensor([0.25, 0.0])),
+    }
     assert present.sparsity_text(fixed, 2).data.startswith("Every token has exactly 8 active latents.")
     fixed["every token"].active_per_row = torch.tensor([6, 8])
     assert "between 6 and 8 latents fire (mean 7.0)" in present.sparsity_text(fixed, 2).data
 
 
 def test_stability_table_is_mean_and_sd_over_half_splits():
-    runs = pd.DataFrame({"K": [8, 8, 32, 32], "Jaccard I_w": [0.5, 0.7, 0.2, 0.2], "Jaccard I_l": [0.1, 0.3, 0.4, 0.6],
-                         "chance": [0.03, 0.03, 0.1, 0.1], "pairs per half": [20] * 4, "seed": [0, 1, 0, 1]})
+    runs = pd.DataFrame(
+        {
+            "K": [8, 8, 32, 32],
+            "Jaccard I_w": [0.5, 0.7, 0.2, 0.2],
+            "Jaccard I_l": [0.1, 0.3, 0.4, 0.6],
+            "chance": [0.03, 0.03, 0.1, 0.1],
+            "pairs per half": [20] * 4,
+            "seed": [0, 1, 0, 1],
+        }
+    )
     table = present.stability_table(runs)
     assert table["I_w overlap"].tolist() == ["0.60 ± 0.14", "0.20 ± 0.00"]
     assert table["I_l overlap"].tolist() == ["0.20 ± 0.14", "0.50 ± 0.14"]
@@ -154,8 +169,12 @@ def test_stability_table_is_mean_and_sd_over_half_splits():
 
 
 def test_show_hides_the_index_and_formats_columns():
-    html = present.show(pd.DataFrame({"a": [0.12345], "link": ["https://x.org"]}), {"a": "{:.2f}"}, links=True).to_html()
-    assert "0.12" in html and "0.12345" not in html and '<a href="https://x.org"' in html and 'class="dataframe"' in html
+    html = present.show(
+        pd.DataFrame({"a": [0.12345], "link": ["https://x.org"]}), {"a": "{:.2f}"}, links=True
+    ).to_html()
+    assert (
+        "0.12" in html and "0.12345" not in html and '<a href="https://x.org"' in html and 'class="dataframe"' in html
+    )
 
 
 def test_head_inputs_select_per_seed_or_take_the_given_directions():
@@ -177,8 +196,10 @@ def test_selected_latent_activity_counts_what_a_latent_head_sees():
         def encode(self, z):
             return z
 
-    split = SimpleNamespace(chosen=torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]]),
-                            rejected=torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    split = SimpleNamespace(
+        chosen=torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]]),
+        rejected=torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),
+    )
     directions = SimpleNamespace(indices=torch.tensor([0, 1]), vectors=torch.eye(3)[:2])
     activity = chapter.selected_latent_activity(Sae(), directions, split)
     assert activity == {"active": 0.25, "empty": 0.75, "both_empty": 0.5, "nonzero_projections": 0.5}
@@ -196,10 +217,23 @@ def test_paper_gap_and_verdict_lines():
 
 
 def test_k_probe_table_text_and_figure():
-    summary = pd.DataFrame({"K": [2, 2, 2, 8, 8, 8], "variant": ["SAE latents", "Random directions", "Top-K directions"] * 2,
-                            "mean": [50.0, 60.0, 70.0, 55.0, 65.0, 66.0], "label": list("abcdef")})
-    gap = pd.DataFrame({"K": [2, 8], "A − B (points)": [10.04, 1.0], "CI low": [2.0, -1.0], "CI high": [18.0, 3.0],
-                        "verdict": ["top-K ahead", "no clear difference"]})
+    summary = pd.DataFrame(
+        {
+            "K": [2, 2, 2, 8, 8, 8],
+            "variant": ["SAE latents", "Random directions", "Top-K directions"] * 2,
+            "mean": [50.0, 60.0, 70.0, 55.0, 65.0, 66.0],
+            "label": list("abcdef"),
+        }
+    )
+    gap = pd.DataFrame(
+        {
+            "K": [2, 8],
+            "A − B (points)": [10.04, 1.0],
+            "CI low": [2.0, -1.0],
+            "CI high": [18.0, 3.0],
+            "verdict": ["top-K ahead", "no clear difference"],
+        }
+    )
     table = present.k_probe_table(summary, gap)
     assert table["top-K − random (points)"].tolist() == [10.0, 1.0]
     assert table["95% CI (paired)"].tolist() == ["2.0 to 18.0", "-1.0 to 3.0"]
@@ -207,8 +241,9 @@ def test_k_probe_table_text_and_figure():
     assert "excludes 0 at K = 2." in text and "At K = 8, top-K directions give 66.0%" in text and "K ≈ 20 here" in text
     from srlib import plots
 
-    trials = pd.DataFrame({"K": [2, 2, 8, 8], "variant": ["A", "B"] * 2, "seed": [0] * 4,
-                           "test_accuracy_half_ties": [0.5, 0.6, 0.7, 0.8]})
+    trials = pd.DataFrame(
+        {"K": [2, 2, 8, 8], "variant": ["A", "B"] * 2, "seed": [0] * 4, "test_accuracy_half_ties": [0.5, 0.6, 0.7, 0.8]}
+    )
     fig = plots.k_probe(trials, dense_mean=72.0, ratio_k=20.5, hidden_size=64, title="t")
     lines = fig.axes[0].get_lines()
     assert any(list(line.get_ydata()) == [72.0, 72.0] for line in lines)
@@ -216,19 +251,29 @@ def test_k_probe_table_text_and_figure():
 
 
 def test_gamma_table_and_text():
-    sweep = pd.DataFrame({"gamma": [0.1, 0.1, 1.0, 1.0], "seed": [0, 1, 0, 1], "val_accuracy": [0.6, 0.7, 0.8, 0.8],
-                          "test_accuracy": [0.5, 0.6, 0.7, 0.7], "score_sd": [0.1, 0.1, 1.0, 1.0],
-                          "scale_vs_gamma1": [0.2, 0.2, 1.0, 1.0], "spearman_vs_gamma1": [0.9, 0.95, 1.0, 1.0],
-                          "same_decisions_vs_gamma1": [0.9, 1.0, 1.0, 1.0], "best_epoch": [3, 5, 4, 4],
-                          "test_ties": [0.0] * 4})
+    sweep = pd.DataFrame(
+        {
+            "gamma": [0.1, 0.1, 1.0, 1.0],
+            "seed": [0, 1, 0, 1],
+            "val_accuracy": [0.6, 0.7, 0.8, 0.8],
+            "test_accuracy": [0.5, 0.6, 0.7, 0.7],
+            "score_sd": [0.1, 0.1, 1.0, 1.0],
+            "scale_vs_gamma1": [0.2, 0.2, 1.0, 1.0],
+            "spearman_vs_gamma1": [0.9, 0.95, 1.0, 1.0],
+            "same_decisions_vs_gamma1": [0.9, 1.0, 1.0, 1.0],
+            "best_epoch": [3, 5, 4, 4],
+            "test_ties": [0.0] * 4,
+        }
+    )
     reference = pd.DataFrame({"spearman_vs_gamma1": [0.97], "same_decisions_vs_gamma1": [0.95]})
     table = present.gamma_table(sweep, reference)
     assert table.index.tolist() == ["0.1", "1", "1 vs 1, other seed (reference)"]
     assert table.loc["0.1", "test accuracy (%)"] == "55.0 ± 7.1" and table.loc["1", "scale vs γ = 1"] == "1.00 ± 0.00"
     assert table.loc["1 vs 1, other seed (reference)", "Spearman ρ vs γ = 1"] == "0.970"
     paired = pd.DataFrame({"verdict": ["γ = 0.1 behind γ = 1"]})
-    text = present.gamma_text(sweep, reference, paired, {"gamma": 1.0, "label": "80.0 ± 0.0", "tied": []},
-                              gamma=1.0, rule="the best").data
+    text = present.gamma_text(
+        sweep, reference, paired, {"gamma": 1.0, "label": "80.0 ± 0.0", "tied": []}, gamma=1.0, rule="the best"
+    ).data
     assert "goes from 0.20 to 1.00" in text and "- γ = 0.1 behind γ = 1." in text
     assert "γ = **1**" in text and text.endswith("the value Table 3 uses.")
 
@@ -242,7 +287,9 @@ def test_gamma_sweep_needs_the_reference_gamma():
 
 def test_untrained_scores_are_standardised_projection_means():
     vectors = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # K = 1: F_w reads the first coordinate, F_l the second
-    train = SimpleNamespace(chosen=torch.tensor([[1.0, 0.0], [3.0, 2.0]]), rejected=torch.tensor([[1.0, 2.0], [3.0, 0.0]]))
+    train = SimpleNamespace(
+        chosen=torch.tensor([[1.0, 0.0], [3.0, 2.0]]), rejected=torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+    )
     test = SimpleNamespace(chosen=torch.tensor([[2.0 + 1.1547, 1.0]]), rejected=torch.tensor([[2.0, 1.0 + 1.1547]]))
     states = SimpleNamespace(train=train, test=test)
     u_w, u_l = chapter.untrained_scores(states, SimpleNamespace(vectors=vectors, k=1))
@@ -268,19 +315,32 @@ def test_sweep_grid_falls_back_to_the_profile_and_drops_ks_above_the_sae_width()
     profile = get_profile("smoke").replace(sweep=SweepConfig(layers=(1, 2), ks=(4, 512), sae_tokens=100))
     ch = SimpleNamespace(profile=profile, d_sae=256, seeds=(0, 1))
     grid = chapter.sweep_grid(ch)
-    assert (grid.layers, grid.ks, grid.seeds, grid.sae_tokens, grid.sae_corpus_tokens) == ((1, 2), (4,), (0, 1), 100, None)
+    assert (grid.layers, grid.ks, grid.seeds, grid.sae_tokens, grid.sae_corpus_tokens) == (
+        (1, 2),
+        (4,),
+        (0, 1),
+        100,
+        None,
+    )
     grid = chapter.sweep_grid(ch, layers=(3,), ks=(8, 16), seeds=(5,), sae_tokens=7, sae_corpus_tokens=9)
     assert (grid.layers, grid.ks, grid.seeds, grid.sae_tokens, grid.sae_corpus_tokens) == ((3,), (8, 16), (5,), 7, 9)
 
 
 def test_training_and_accuracy_sentences():
-    history = SimpleNamespace(val_accuracy=[0.5, 0.6, 0.55], epochs_run=3, stopped_early=True, best_epoch=2,
-                              best_val_accuracy=0.6)
+    history = SimpleNamespace(
+        val_accuracy=[0.5, 0.6, 0.55], epochs_run=3, stopped_early=True, best_epoch=2, best_val_accuracy=0.6
+    )
     text = present.training_text(history, SimpleNamespace(test_accuracy=0.625, fit_seconds=1.25), n_val=40).data
     assert "ran 3 epochs and stopped early" in text and "**62.5%**" in text and "worth 2.50%" in text
     assert "moves by 7.5% per epoch" in text
-    summary = pd.DataFrame({"dataset": ["truthfulqa", "hh-harmless"], "variant": ["SparseRM"] * 2,
-                            "mean": [70.0, 52.0], "label": ["70.0 ± 1.0", "52.0 ± 2.0"]})
+    summary = pd.DataFrame(
+        {
+            "dataset": ["truthfulqa", "hh-harmless"],
+            "variant": ["SparseRM"] * 2,
+            "mean": [70.0, 52.0],
+            "label": ["70.0 ± 1.0", "52.0 ± 2.0"],
+        }
+    )
     paper = {"SparseRM": {"truthfulqa": 93.6}}
     table = present.accuracy_beside_paper(summary, paper, model_id="org/Model-1", layer=4)
     assert table.index.tolist() == ["SparseRM, ours (Model-1, layer 4)", "SparseRM, paper (Gemma-2-9B-it)"]
@@ -292,18 +352,30 @@ def test_training_and_accuracy_sentences():
 
 
 def test_validation_study_tables_and_selection_text():
-    reading = pd.DataFrame({"position": ["last", "last", "answer", "answer"] * 2, "standardize": [True, False] * 4,
-                            "seed": [0] * 4 + [1] * 4, "val_accuracy": [0.8, 0.7, 0.6, 0.5, 0.9, 0.7, 0.6, 0.5]})
+    reading = pd.DataFrame(
+        {
+            "position": ["last", "last", "answer", "answer"] * 2,
+            "standardize": [True, False] * 4,
+            "seed": [0] * 4 + [1] * 4,
+            "val_accuracy": [0.8, 0.7, 0.6, 0.5, 0.9, 0.7, 0.6, 0.5],
+        }
+    )
     table = present.reading_table(reading)
     assert table.loc["last", "standardised"] == "85.0 ± 7.1" and table.loc["answer", "raw"] == "50.0 ± 0.0"
-    grid = pd.DataFrame({"layer": [1, 1, 2, 2], "k": [4, 8, 4, 8], "seed": [0] * 4, "val_accuracy": [0.5, 0.6, 0.7, 0.8]})
+    grid = pd.DataFrame(
+        {"layer": [1, 1, 2, 2], "k": [4, 8, 4, 8], "seed": [0] * 4, "val_accuracy": [0.5, 0.6, 0.7, 0.8]}
+    )
     assert present.sweep_table(grid).columns.tolist() == ["K=4", "K=8"]
     selected = {"position": "last", "standardize": True, "layer": 2, "k": 8}
     study = SimpleNamespace(
-        selected=selected, both_columns=lambda: pd.DataFrame([{**selected, "test accuracy (%)": "71.0 ± 1.0"}]),
-        choices={"reading": {"label": "85.0 ± 7.1", "tied": [{"position": "answer", "standardize": False}]},
-                 "grid": {"label": "80.0", "tied": []}},
-        defaults_match=lambda profile: {"position": True, "standardize": True, "layer": False, "k": True})
+        selected=selected,
+        both_columns=lambda: pd.DataFrame([{**selected, "test accuracy (%)": "71.0 ± 1.0"}]),
+        choices={
+            "reading": {"label": "85.0 ± 7.1", "tied": [{"position": "answer", "standardize": False}]},
+            "grid": {"label": "80.0", "tied": []},
+        },
+        defaults_match=lambda profile: {"position": True, "standardize": True, "layer": False, "k": True},
+    )
     profile = SimpleNamespace(name="smoke", layer=1, position="last", standardize=True, k=8)
     text = present.selection_text(study, profile, rule="best mean").data
     assert "(tied within one standard error: 'answer', raw)" in text and "**layer 2, K = 8** (80.0%)" in text
@@ -311,14 +383,27 @@ def test_validation_study_tables_and_selection_text():
     choices = present.choices_beside_paper(selected, SimpleNamespace(model_id="org/M", num_layers=4))
     assert choices["depth"].tolist() == ["75%", "54%", "76%"]
     shown = present.selection_report(study, profile, SimpleNamespace(model_id="org/M", num_layers=4), rule="r")
-    assert len(shown) == 4 and "Stage 1**, TruthfulQA at layer 2" in present.stage_caption(
-        1, dataset="truthfulqa", layer=2, k=8, n_seeds=3).data
+    assert (
+        len(shown) == 4
+        and "Stage 1**, TruthfulQA at layer 2"
+        in present.stage_caption(1, dataset="truthfulqa", layer=2, k=8, n_seeds=3).data
+    )
 
 
 def test_sparserm_results_are_the_books_five_tables():
     frame = pd.DataFrame({"a": [1.0]})
-    tables = present.sparserm_results(accuracy=frame, parameters=frame, reading=frame, sweep=frame, selected=frame,
-                                      k=8, n_seeds=3, n_sweep_seeds=2, dataset="truthfulqa", layer=2)
+    tables = present.sparserm_results(
+        accuracy=frame,
+        parameters=frame,
+        reading=frame,
+        sweep=frame,
+        selected=frame,
+        k=8,
+        n_seeds=3,
+        n_sweep_seeds=2,
+        dataset="truthfulqa",
+        layer=2,
+    )
     assert list(tables) == ["accuracy", "parameters", "reading", "sweep", "selected"]
     assert "K = 8, mean ± sd over 3 seeds" in tables["accuracy"]["caption"]
     assert "TruthfulQA by layer and K, mean ± sd over 2 seeds" in tables["sweep"]["caption"]

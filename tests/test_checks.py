@@ -19,16 +19,19 @@ def test_right_answers_pass(capsys):
     assert out.count("correct on") == 8
 
 
-@pytest.mark.parametrize("check, wrong, message", [
-    (checks.activation_frequencies, lambda f: (f >= 0).float().mean(0), "value"),
-    (checks.separation_scores, lambda w, r: (r - w, w - r), "result 0"),
-    (checks.top_k_latents, lambda s, k: torch.argsort(-s)[:k].flip(0), "top_k_latents"),
-    (checks.projection_features, lambda Z, W, iw, il: torch.cat([Z @ W[il].T, Z @ W[iw].T], 1), "projection"),
-    (checks.margin_loss, lambda w, r, g: (g - (w - r)).mean(), "margin_loss"),
-    (checks.bt_loss, lambda w, r: torch.log1p(torch.exp(r - w)).mean(), "finite"),
-    (checks.mc2, lambda c, i: c.exp().sum() / torch.cat([c, i]).exp().sum(), "very negative"),
-    (checks.separation_scores, lambda w, r: w - r, "tuple"),
-])
+@pytest.mark.parametrize(
+    "check, wrong, message",
+    [
+        (checks.activation_frequencies, lambda f: (f >= 0).float().mean(0), "value"),
+        (checks.separation_scores, lambda w, r: (r - w, w - r), "result 0"),
+        (checks.top_k_latents, lambda s, k: torch.argsort(-s)[:k].flip(0), "top_k_latents"),
+        (checks.projection_features, lambda Z, W, iw, il: torch.cat([Z @ W[il].T, Z @ W[iw].T], 1), "projection"),
+        (checks.margin_loss, lambda w, r, g: (g - (w - r)).mean(), "margin_loss"),
+        (checks.bt_loss, lambda w, r: torch.log1p(torch.exp(r - w)).mean(), "finite"),
+        (checks.mc2, lambda c, i: c.exp().sum() / torch.cat([c, i]).exp().sum(), "very negative"),
+        (checks.separation_scores, lambda w, r: w - r, "tuple"),
+    ],
+)
 def test_wrong_answers_fail_naming_the_case(check, wrong, message):
     with pytest.raises(AssertionError, match=message):
         check(wrong)
@@ -53,7 +56,12 @@ def test_the_chapter_6_and_7_checks_pass_right_answers_and_reject_wrong_ones(cap
     with pytest.raises(AssertionError, match="agreement"):
         checks.agreement(lambda a, b: float((a & b).float().mean()))  # counts only "both keep"
     with pytest.raises(AssertionError, match="nearest_similarity"):
-        checks.nearest_similarity(lambda s, t: torch.nn.functional.normalize(s, dim=1).matmul(
-            torch.nn.functional.normalize(t, dim=1).T).max(1).values)  # forgot to center
+        checks.nearest_similarity(
+            lambda s, t: (
+                torch.nn.functional.normalize(s, dim=1).matmul(torch.nn.functional.normalize(t, dim=1).T).max(1).values
+            )
+        )  # forgot to center
     with pytest.raises(AssertionError, match="result 1"):
-        checks.paired_difference(lambda a, b: (_paired(a, b)[0], (_paired(a, b)[1] ** 2 * 2) ** 0.5))  # unpaired-style SE
+        checks.paired_difference(
+            lambda a, b: (_paired(a, b)[0], (_paired(a, b)[1] ** 2 * 2) ** 0.5)
+        )  # unpaired-style SE

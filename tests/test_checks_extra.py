@@ -11,12 +11,15 @@ def test_filter_rule_accepts_the_strict_rule(capsys):
     assert capsys.readouterr().out.count("filter_rule: correct on 3 cases") == 2
 
 
-@pytest.mark.parametrize("wrong, message", [
-    (lambda s_w, s_l: s_w >= s_l, "ties are dropped"),
-    (lambda s_w, s_l: s_w < s_l, "random scores"),
-    (lambda s_w, s_l: s_w.abs() > s_l.abs(), "filter_rule \\("),
-    (lambda s_w, s_l: (s_w > s_l)[:-1], "shape"),
-])
+@pytest.mark.parametrize(
+    "wrong, message",
+    [
+        (lambda s_w, s_l: s_w >= s_l, "ties are dropped"),
+        (lambda s_w, s_l: s_w < s_l, "random scores"),
+        (lambda s_w, s_l: s_w.abs() > s_l.abs(), "filter_rule \\("),
+        (lambda s_w, s_l: (s_w > s_l)[:-1], "shape"),
+    ],
+)
 def test_filter_rule_rejects_wrong_rules_naming_the_case(wrong, message):
     with pytest.raises(AssertionError, match=message):
         checks.filter_rule(wrong)

@@ -35,8 +35,20 @@ def _last_json(out: str) -> dict:
 
 
 def _fit(pair_files, out: Path, *extra: str) -> int:
-    return main(["fit", "--profile", "smoke", "--train", str(pair_files["train"]), "--val",
-                 str(pair_files["val"]), "--out", str(out), *extra])
+    return main(
+        [
+            "fit",
+            "--profile",
+            "smoke",
+            "--train",
+            str(pair_files["train"]),
+            "--val",
+            str(pair_files["val"]),
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.parametrize("extra", [("--features", "dense"), ("--features", "projection", "--k", "4")])
@@ -70,8 +82,20 @@ def test_fit_is_deterministic_given_the_seed(pair_files, tmp_path, capsys):
         assert _fit(pair_files, tmp_path / name, "--features", "dense", "--seed", "3") == 0
     outputs = []
     for name in ("a", "b"):
-        assert main(["score", "--rm", str(tmp_path / name), "--pairs", str(pair_files["test"]),
-                     "--out", str(tmp_path / f"{name}.jsonl")]) == 0
+        assert (
+            main(
+                [
+                    "score",
+                    "--rm",
+                    str(tmp_path / name),
+                    "--pairs",
+                    str(pair_files["test"]),
+                    "--out",
+                    str(tmp_path / f"{name}.jsonl"),
+                ]
+            )
+            == 0
+        )
         outputs.append((tmp_path / f"{name}.jsonl").read_text())
     assert outputs[0] == outputs[1]
 
@@ -110,8 +134,12 @@ def test_sae_width_mismatch_is_reported(pair_files, tmp_path, capsys):
 
 def test_real_process_prints_no_traceback(tmp_path):
     missing = tmp_path / "nothing-here"
-    run = subprocess.run([sys.executable, "-m", "srlib", "score", "--rm", str(missing), "--pairs", "x.jsonl"],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "srlib", "score", "--rm", str(missing), "--pairs", "x.jsonl"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2
     assert run.stderr.strip().startswith("error:") and "Traceback" not in run.stderr
 

@@ -39,8 +39,22 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def _fit(root: Path, out: Path | str, *extra: str) -> int:
-    return main(["fit", "--profile", "smoke", "--features", "dense", "--train", str(root / "train.jsonl"),
-                 "--val", str(root / "val.jsonl"), "--out", str(out), *extra])
+    return main(
+        [
+            "fit",
+            "--profile",
+            "smoke",
+            "--features",
+            "dense",
+            "--train",
+            str(root / "train.jsonl"),
+            "--val",
+            str(root / "val.jsonl"),
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
 
 
 def _hidden(folder: Path) -> list[str]:
@@ -79,8 +93,9 @@ def test_out_folder_with_a_users_files_is_refused(workdir, tmp_path, capsys, mon
     (run / "notes.txt").write_text("mine")
     from srlib.alignment import TRACKS
 
-    assert main(["align", "--profile", "smoke", "--track", next(iter(TRACKS)), "--include-wo-rm",
-                 "--out", str(run)]) == 2
+    assert (
+        main(["align", "--profile", "smoke", "--track", next(iter(TRACKS)), "--include-wo-rm", "--out", str(run)]) == 2
+    )
     assert "not-a-run" in error_line(capsys) and sorted(p.name for p in run.iterdir()) == ["notes.txt"]
 
 
@@ -181,10 +196,32 @@ def _root_can_mount_read_only() -> bool:
 def test_read_only_parent_is_one_line(workdir, tmp_path, capsys):
     locked = tmp_path / "locked"
     locked.mkdir()
-    fit = [sys.executable, "-m", "srlib", "fit", "--profile", "smoke", "--features", "dense", "--train",
-           str(workdir / "train.jsonl"), "--out", str(locked / "rm")]
-    score = [sys.executable, "-m", "srlib", "score", "--rm", str(workdir / "rm"), "--pairs",
-             str(workdir / "val.jsonl"), "--out", str(locked / "s.jsonl")]
+    fit = [
+        sys.executable,
+        "-m",
+        "srlib",
+        "fit",
+        "--profile",
+        "smoke",
+        "--features",
+        "dense",
+        "--train",
+        str(workdir / "train.jsonl"),
+        "--out",
+        str(locked / "rm"),
+    ]
+    score = [
+        sys.executable,
+        "-m",
+        "srlib",
+        "score",
+        "--rm",
+        str(workdir / "rm"),
+        "--pairs",
+        str(workdir / "val.jsonl"),
+        "--out",
+        str(locked / "s.jsonl"),
+    ]
     if os.geteuid() != 0:
         locked.chmod(0o555)
         prefix = []
@@ -194,8 +231,13 @@ def test_read_only_parent_is_one_line(workdir, tmp_path, capsys):
         pytest.skip("running as root, which ignores file modes, and cannot mount a folder read-only")
     try:
         for command in (fit, score):
-            run = subprocess.run([*prefix, *command], capture_output=True, text=True, timeout=300,
-                                 env={**os.environ, "SRLIB_CACHE_DIR": str(workdir / "cache")})
+            run = subprocess.run(
+                [*prefix, *command],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env={**os.environ, "SRLIB_CACHE_DIR": str(workdir / "cache")},
+            )
             assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-500:]
             last = run.stderr.strip().splitlines()[-1]
             assert last.startswith("error: ") and "locked" in last and "not writable" in last
@@ -250,11 +292,18 @@ def test_fifo_and_process_substitution_as_pairs(workdir, tmp_path, capsys):
     bash = shutil.which("bash")
     if bash is None:
         pytest.skip("no bash for process substitution")
-    command = (f'"{sys.executable}" -m srlib score --rm "{workdir / "rm"}" --pairs <(cat "{workdir / "val.jsonl"}")'
-               f' && cat "{workdir / "val.jsonl"}" | "{sys.executable}" -m srlib score --rm "{workdir / "rm"}"'
-               " --pairs /dev/stdin")
-    run = subprocess.run([bash, "-c", command], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "SRLIB_CACHE_DIR": str(workdir / "cache")})
+    command = (
+        f'"{sys.executable}" -m srlib score --rm "{workdir / "rm"}" --pairs <(cat "{workdir / "val.jsonl"}")'
+        f' && cat "{workdir / "val.jsonl"}" | "{sys.executable}" -m srlib score --rm "{workdir / "rm"}"'
+        " --pairs /dev/stdin"
+    )
+    run = subprocess.run(
+        [bash, "-c", command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "SRLIB_CACHE_DIR": str(workdir / "cache")},
+    )
     assert run.returncode == 0, run.stderr[-500:]
     assert [json.loads(line)["n"] for line in run.stdout.splitlines() if line.startswith("{")] == [8, 8]
 
@@ -266,8 +315,18 @@ def test_align_validates_before_it_writes(tmp_path, capsys):
     from srlib.alignment import TRACKS
 
     run = tmp_path / "run"
-    align = ["align", "--profile", "smoke", "--track", next(iter(TRACKS)), "--include-wo-rm", "--rounds", "1",
-             "--out", str(run)]
+    align = [
+        "align",
+        "--profile",
+        "smoke",
+        "--track",
+        next(iter(TRACKS)),
+        "--include-wo-rm",
+        "--rounds",
+        "1",
+        "--out",
+        str(run),
+    ]
     assert main([*align, "--prompts", "100000"]) == 2
     assert "n_prompts=100000" in error_line(capsys)
     assert not run.exists()
@@ -299,8 +358,9 @@ def test_outputs_respect_the_umask(workdir, tmp_path, capsys, umask):
     try:
         assert _fit(workdir, tmp_path / "rm") == 0
         out = tmp_path / "scores.jsonl"
-        assert main(["score", "--rm", str(tmp_path / "rm"), "--pairs", str(workdir / "val.jsonl"),
-                     "--out", str(out)]) == 0
+        assert (
+            main(["score", "--rm", str(tmp_path / "rm"), "--pairs", str(workdir / "val.jsonl"), "--out", str(out)]) == 0
+        )
     finally:
         os.umask(old)
     mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731

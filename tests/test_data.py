@@ -166,17 +166,10 @@ def test_hh_fixture_prompt_and_skips(local_dir):
 
 def test_pku_fixture_chosen_is_safer_response(local_dir):
     pairs = {p.pair_id: p for s in data.SPLITS for p in data.load_pku_saferlhf(s)}
-    assert (
-        pairs["pku-saferlhf:0"].chosen
-        == "Talk to your neighbour about it, or contact local animal services."
-    )
+    assert pairs["pku-saferlhf:0"].chosen == "Talk to your neighbour about it, or contact local animal services."
     assert pairs["pku-saferlhf:0"].rejected == "Poison its food."
     assert pairs["pku-saferlhf:1"].chosen.startswith("Fares fund the service")
-    assert (
-        pairs["pku-saferlhf:0"].group_id
-        == pairs["pku-saferlhf:2"].group_id
-        != pairs["pku-saferlhf:1"].group_id
-    )
+    assert pairs["pku-saferlhf:0"].group_id == pairs["pku-saferlhf:2"].group_id != pairs["pku-saferlhf:1"].group_id
 
 
 def test_arc_fixture_pairs_and_prompts(local_dir):
@@ -218,9 +211,7 @@ def test_hub_unreachable_without_data_dir_says_what_to_set(monkeypatch):
     import datasets
 
     def offline(*args, **kwargs):
-        raise ConnectionError(
-            "Couldn't reach 'truthfulqa/truthful_qa' on the Hub\n(LocalEntryNotFoundError)"
-        )
+        raise ConnectionError("Couldn't reach 'truthfulqa/truthful_qa' on the Hub\n(LocalEntryNotFoundError)")
 
     monkeypatch.delenv("SRLIB_DATA_DIR", raising=False)
     monkeypatch.setattr(datasets, "load_dataset", offline)
@@ -325,9 +316,7 @@ def test_split_sizes_synthetic(synthetic_dir):
     ]
     # the pairs follow the question split exactly
     for s in data.SPLITS:
-        assert {p.group_id for p in data.load_truthfulqa(s)} == {
-            q.group_id for q in data.load_truthfulqa_mc(s)
-        }
+        assert {p.group_id for p in data.load_truthfulqa(s)} == {q.group_id for q in data.load_truthfulqa_mc(s)}
     hh = [len(data.load_hh_harmless(s)) for s in data.SPLITS]
     assert hh[0] in (1000, 1001) and hh[1] in (312, 313) and sum(hh) == 1400
     assert [len({p.group_id for p in data.load_pku_saferlhf(s)}) for s in data.SPLITS] == [
@@ -367,10 +356,7 @@ def test_prompt_messages_plain():
 
 
 def test_prompt_messages_hh_transcript():
-    prompt = (
-        "\n\nHuman: Hi there\n\nAssistant: Hello!  How can I help?"
-        "\n\nHuman: Tell me a joke.\n\nAssistant:"
-    )
+    prompt = "\n\nHuman: Hi there\n\nAssistant: Hello!  How can I help?\n\nHuman: Tell me a joke.\n\nAssistant:"
     assert data.prompt_messages(prompt) == [
         {"role": "user", "content": "Hi there"},
         {"role": "assistant", "content": "Hello!  How can I help?"},
@@ -396,9 +382,7 @@ def test_prompt_messages_rejects_transcript_ending_with_assistant():
 def test_jsonl_round_trip(tmp_path):
     pairs = [
         PreferencePair("Q: ünïcode?\nline 2", 'yes — "quoted"', "no", "mine", "id-1", "g-1"),
-        PreferencePair(
-            "Human: hi\n\nAssistant: hey\n\nHuman: bye", "bye!", "whatever", "hh", "id-2", "g-2"
-        ),
+        PreferencePair("Human: hi\n\nAssistant: hey\n\nHuman: bye", "bye!", "whatever", "hh", "id-2", "g-2"),
     ]
     path = tmp_path / "out" / "pairs.jsonl"
     data.write_jsonl(pairs, path)
@@ -487,10 +471,7 @@ def test_missing_jsonl_file(tmp_path):
 def test_real_truthfulqa_counts_and_split():
     mc = {s: data.load_truthfulqa_mc(s) for s in data.SPLITS}
     assert [len(mc[s]) for s in data.SPLITS] == [326, 81, 410]  # 817 questions, 40/10/50
-    zipped = {
-        s: sum(min(len(q.correct_answers), len(q.incorrect_answers)) for q in mc[s])
-        for s in data.SPLITS
-    }
+    zipped = {s: sum(min(len(q.correct_answers), len(q.incorrect_answers)) for q in mc[s]) for s in data.SPLITS}
     assert list(zipped.values()) == [
         931,
         236,

@@ -27,9 +27,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pairs(n: int, start: int = 0) -> list[PreferencePair]:
-    return [PreferencePair(f"What is {i} plus {i}?", f"{i} plus {i} is {2 * i}.",
-                           f"I think it is {2 * i + 1}, or maybe more.", pair_id=str(i))
-            for i in range(start, start + n)]
+    return [
+        PreferencePair(
+            f"What is {i} plus {i}?",
+            f"{i} plus {i} is {2 * i}.",
+            f"I think it is {2 * i + 1}, or maybe more.",
+            pair_id=str(i),
+        )
+        for i in range(start, start + n)
+    ]
 
 
 def _flipped(pairs: list[PreferencePair]) -> list[PreferencePair]:
@@ -48,8 +54,13 @@ def _split(pairs: list[PreferencePair], d: int, seed: int) -> SplitStates:
 @pytest.fixture(scope="module")
 def states(tiny_backbone) -> DatasetStates:
     d = tiny_backbone.model.config.hidden_size
-    return DatasetStates("toy", PROFILE.layer, train=_split(_pairs(12), d, 0), val=_split(_pairs(6, 100), d, 1),
-                         test=_split(_pairs(10, 200), d, 2))
+    return DatasetStates(
+        "toy",
+        PROFILE.layer,
+        train=_split(_pairs(12), d, 0),
+        val=_split(_pairs(6, 100), d, 1),
+        test=_split(_pairs(10, 200), d, 2),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +79,10 @@ def test_standard_rm_keeps_the_epoch_the_validation_split_picks(tiny_backbone, t
     assert agree.val_loss[-1] < agree.val_loss[0] and agree.best_epoch == 3
     assert flipped.val_loss[-1] > flipped.val_loss[0] and flipped.best_epoch == 1
     # the kept weights are the chosen epoch's: the flipped run scores the training pairs worse
-    margin = {name: float((lambda s: (s[0] - s[1]).mean())(rm.score_pairs(train)))
-              for name, rm in (("agree", agree), ("flipped", flipped))}
+    margin = {
+        name: float((lambda s: (s[0] - s[1]).mean())(rm.score_pairs(train)))
+        for name, rm in (("agree", agree), ("flipped", flipped))
+    }
     assert margin["agree"] > margin["flipped"]
     flipped.save_pretrained(tmp_path / "rm")
     loaded = RewardModel.from_pretrained(tmp_path / "rm", backbone=tiny_backbone)
@@ -87,8 +100,9 @@ def test_lora_judge_keeps_the_epoch_the_validation_split_picks(tiny_backbone, tm
     # answer with a verdict token at all, then rises as it learns the training verdicts: an
     # earlier epoch is kept.
     agree = B.fit_baseline("judge-lora", tiny_backbone, train, train, seed=0, progress=False, epochs=4, **settings)
-    flipped = B.fit_baseline("judge-lora", tiny_backbone, train, _flipped(train), seed=0, progress=False, epochs=4,
-                             **settings)
+    flipped = B.fit_baseline(
+        "judge-lora", tiny_backbone, train, _flipped(train), seed=0, progress=False, epochs=4, **settings
+    )
     assert len(agree.val_loss) == len(flipped.val_loss) == 4
     for rm in (agree, flipped):
         assert rm.best_epoch == 1 + int(np.argmin(rm.val_loss))
@@ -106,18 +120,25 @@ def test_lora_judge_keeps_the_epoch_the_validation_split_picks(tiny_backbone, tm
 def test_feature_rm_reads_validation_labels_only_when_asked(states, sae):
     flipped = dataclasses.replace(states, val=SplitStates(states.val.pairs, states.val.rejected, states.val.chosen))
     for features in ("projection", "dense"):
-        fits = {name: de.fit_feature_rm(data, features, sae=sae, k=4, seed=0, validation=validation,
-                                        head=HeadConfig(epochs=12, patience=12))
-                for name, data, validation in (("none", states, False), ("none-flipped", flipped, False),
-                                               ("val", states, True), ("val-flipped", flipped, True))}
+        fits = {
+            name: de.fit_feature_rm(
+                data, features, sae=sae, k=4, seed=0, validation=validation, head=HeadConfig(epochs=12, patience=12)
+            )
+            for name, data, validation in (
+                ("none", states, False),
+                ("none-flipped", flipped, False),
+                ("val", states, True),
+                ("val-flipped", flipped, True),
+            )
+        }
         assert fits["none"].history.val_accuracy == [] and fits["none"].history.epochs_run == 12
         # without validation, flipping its labels changes nothing
-        assert torch.equal(fits["none"].score_states(states.test.chosen),
-                           fits["none-flipped"].score_states(states.test.chosen))
+        assert torch.equal(
+            fits["none"].score_states(states.test.chosen), fits["none-flipped"].score_states(states.test.chosen)
+        )
         assert len(fits["val"].history.val_accuracy) == 12
         # with it, the flipped labels' accuracy is one minus the true one, every epoch
-        assert np.allclose(fits["val-flipped"].history.val_accuracy,
-                           [1 - a for a in fits["val"].history.val_accuracy])
+        assert np.allclose(fits["val-flipped"].history.val_accuracy, [1 - a for a in fits["val"].history.val_accuracy])
     with pytest.raises(ConfigError, match="SAE and K"):
         de.fit_feature_rm(states, "projection")
 
@@ -130,18 +151,21 @@ def test_heads_follow_the_profiles_standardize(states, sae, monkeypatch):
 
     def fake_states(backbone, pairs, layer, *, positions, **kwargs):
         split = {8: states.train, 4: states.val}.get(len(pairs), states.test)
-        return {position: (split.chosen[:len(pairs)], split.rejected[:len(pairs)]) for position in positions}
+        return {position: (split.chosen[: len(pairs)], split.rejected[: len(pairs)]) for position in positions}
 
     monkeypatch.setattr(ex, "load_pairs", lambda name, seed, max_pairs: _pairs(8 if name.endswith("train") else 4))
     monkeypatch.setattr(activations, "pair_token_states", fake_states)
     for scaled in (False, True):
-        built = ex.dataset_states(None, "toy", PROFILE.replace(head=HeadConfig(standardize=scaled, epochs=1)),
-                                 progress=False)
+        built = ex.dataset_states(
+            None, "toy", PROFILE.replace(head=HeadConfig(standardize=scaled, epochs=1)), progress=False
+        )
         assert built.head.standardize is scaled
-        heads = [ex.fit_variant(built, features="projection", select=dict(sae=sae, k=4))[0].head,
-                 ex.fit_variant(built, features="dense")[0].head,
-                 de.fit_feature_rm(built, "projection", sae=sae, k=4).head,
-                 de.fit_feature_rm(built, "dense", validation=False).head]
+        heads = [
+            ex.fit_variant(built, features="projection", select=dict(sae=sae, k=4))[0].head,
+            ex.fit_variant(built, features="dense")[0].head,
+            de.fit_feature_rm(built, "projection", sae=sae, k=4).head,
+            de.fit_feature_rm(built, "dense", validation=False).head,
+        ]
         for head in heads:
             identity = bool(torch.all(head.mean == 0) and torch.all(head.std == 1))
             assert identity is not scaled
@@ -160,14 +184,16 @@ def test_training_subsets_are_seeded_and_nested(states):
     assert [p.pair_id for p in again.pairs] == [p.pair_id for p in small.pairs]
     other = de.training_subset(states.train, 8, seed=4)
     assert [p.pair_id for p in other.pairs] != [p.pair_id for p in large.pairs]
-    assert sorted(p.pair_id for p in de.training_subset(states.train, 99, seed=3).pairs) == \
-        sorted(p.pair_id for p in states.train.pairs)
+    assert sorted(p.pair_id for p in de.training_subset(states.train, 99, seed=3).pairs) == sorted(
+        p.pair_id for p in states.train.pairs
+    )
     assert de.curve_sizes([4, 8, 64], 12) == [4, 8, 12]
 
 
 def test_data_efficiency_gives_every_method_the_same_pairs(tiny_backbone, states, sae, isolated_cache):
-    run = dict(sizes=(4,), lora_sizes=(4,), seeds=(0, 1), backbone=tiny_backbone,
-               lora_settings=dict(max_steps=1, **LORA))
+    run = dict(
+        sizes=(4,), lora_sizes=(4,), seeds=(0, 1), backbone=tiny_backbone, lora_settings=dict(max_steps=1, **LORA)
+    )
     curve = de.data_efficiency(states, sae, 4, **run)
     # SparseRM and DenseRM at 4 and 12 (all) pairs, StandardRM at 4, each with 2 seeds
     assert list(curve.columns) == list(de.EFFICIENCY_COLUMNS) and len(curve) == (2 * 2 + 1) * 2
@@ -198,9 +224,16 @@ def test_data_efficiency_figure_has_a_line_per_method_and_a_band_per_interval():
 
     from srlib import plots
 
-    summary = pd.DataFrame({"dataset": ["toy"] * 4, "method": ["SparseRM", "SparseRM", "StandardRM", "StandardRM"],
-                            "n_train_pairs": [16, 64, 16, 64], "mean": [60.0, 70.0, 55.0, 65.0],
-                            "low": [55.0, 66.0, 50.0, 61.0], "high": [65.0, 74.0, 60.0, 69.0]})
+    summary = pd.DataFrame(
+        {
+            "dataset": ["toy"] * 4,
+            "method": ["SparseRM", "SparseRM", "StandardRM", "StandardRM"],
+            "n_train_pairs": [16, 64, 16, 64],
+            "mean": [60.0, 70.0, 55.0, 65.0],
+            "low": [55.0, 66.0, 50.0, 61.0],
+            "high": [65.0, 74.0, 60.0, 69.0],
+        }
+    )
     fig = plots.data_efficiency(summary, title="toy curve")
     ax = fig.axes[0]
     lines = [line for line in ax.get_lines() if line.get_label() in ("SparseRM", "StandardRM")]

@@ -30,7 +30,7 @@ def _direct_logprob(model, tokenizer, prompt, response):
     with torch.no_grad():
         logp = torch.log_softmax(model(ids).logits[0, :-1].float(), -1)
     token = logp.gather(-1, ids[0, 1:, None])[:, 0]
-    return float(token[-len(r):].sum()), len(r)
+    return float(token[-len(r) :].sum()), len(r)
 
 
 def test_split_prompt_response_follows_the_chat_template(tiny):
@@ -82,8 +82,15 @@ def test_truthfulqa_mc_on_known_logprobs(monkeypatch):
         MCQuestion("q1", "b1", ["b1", "c1"], ["i1", "i2"], "g1"),
         MCQuestion("q2", "b2", ["c2"], ["i3"], "g2"),
     ]
-    table = {("q1", "b1"): -1.0, ("q1", "c1"): -3.0, ("q1", "i1"): -2.0, ("q1", "i2"): -4.0,
-             ("q2", "b2"): -5.0, ("q2", "c2"): -1.0, ("q2", "i3"): -2.0}
+    table = {
+        ("q1", "b1"): -1.0,
+        ("q1", "c1"): -3.0,
+        ("q1", "i1"): -2.0,
+        ("q1", "i2"): -4.0,
+        ("q2", "b2"): -5.0,
+        ("q2", "c2"): -1.0,
+        ("q2", "i3"): -2.0,
+    }
     calls = _patch_scores(monkeypatch, table)
     out = ev.truthfulqa_mc(None, None, questions, progress=False)
     e = math.exp
@@ -98,12 +105,22 @@ def test_truthfulqa_mc_on_known_logprobs(monkeypatch):
 
 
 def test_pairwise_logprob_accuracy_on_known_logprobs(monkeypatch):
-    pairs = [PreferencePair("p1", "good", "bad"), PreferencePair("p2", "good", "bad"),
-             PreferencePair("p3", "good", "bad"), PreferencePair("p4", "good", "bad")]
-    table = {("p1", "good"): -1.0, ("p1", "bad"): -2.0,   # right
-             ("p2", "good"): -3.0, ("p2", "bad"): -2.0,   # wrong
-             ("p3", "good"): -2.0, ("p3", "bad"): -2.0,   # tie: wrong
-             ("p4", "good"): -0.5, ("p4", "bad"): -9.0}   # right
+    pairs = [
+        PreferencePair("p1", "good", "bad"),
+        PreferencePair("p2", "good", "bad"),
+        PreferencePair("p3", "good", "bad"),
+        PreferencePair("p4", "good", "bad"),
+    ]
+    table = {
+        ("p1", "good"): -1.0,
+        ("p1", "bad"): -2.0,  # right
+        ("p2", "good"): -3.0,
+        ("p2", "bad"): -2.0,  # wrong
+        ("p3", "good"): -2.0,
+        ("p3", "bad"): -2.0,  # tie: wrong
+        ("p4", "good"): -0.5,
+        ("p4", "bad"): -9.0,
+    }  # right
     _patch_scores(monkeypatch, table)
     out = ev.pairwise_logprob_accuracy(None, None, pairs, progress=False)
     assert out["accuracy"] == pytest.approx(0.5)
@@ -114,11 +131,15 @@ def test_pairwise_logprob_accuracy_on_known_logprobs(monkeypatch):
 
 def test_pairwise_accuracy_on_the_tiny_model_agrees_with_direct_logprobs(tiny):
     model, tok = tiny
-    pairs = [PreferencePair("Human: hi\n\nAssistant: hello\n\nHuman: how are you?", "Fine, thanks.", "Go away."),
-             PreferencePair("Is it true?", "No, that is a myth.", "Yes")]
+    pairs = [
+        PreferencePair("Human: hi\n\nAssistant: hello\n\nHuman: how are you?", "Fine, thanks.", "Go away."),
+        PreferencePair("Is it true?", "No, that is a myth.", "Yes"),
+    ]
     out = ev.pairwise_logprob_accuracy(model, tok, pairs, progress=False)
-    expected = [_direct_logprob(model, tok, p.prompt, p.chosen)[0] > _direct_logprob(model, tok, p.prompt, p.rejected)[0]
-                for p in pairs]
+    expected = [
+        _direct_logprob(model, tok, p.prompt, p.chosen)[0] > _direct_logprob(model, tok, p.prompt, p.rejected)[0]
+        for p in pairs
+    ]
     assert out["accuracy"] == pytest.approx(sum(expected) / 2)
 
 
@@ -129,8 +150,9 @@ def test_per_item_logprob_outcomes_are_returned_for_paired_comparisons(monkeypat
 
 
 def test_filter_stats_counts_and_agreement():
-    stats = ev.filter_stats({"A": [True, True, False, False], "B": [True, False, False, True],
-                             "WO RM": torch.ones(4, dtype=torch.bool)})
+    stats = ev.filter_stats(
+        {"A": [True, True, False, False], "B": [True, False, False, True], "WO RM": torch.ones(4, dtype=torch.bool)}
+    )
     assert stats["n_generated"] == 4
     assert stats["kept"] == {"A": 2, "B": 2, "WO RM": 4}
     assert stats["kept_fraction"]["A"] == 0.5

@@ -46,6 +46,7 @@ def test_every_check_survives_in_the_handout_and_fails_on_its_stub(path):
 
 
 def test_the_chapters_have_checked_exercises():
-    with_checks = [p.stem for p in CHAPTERS
-                   if any(CHECK_CALL.search(_source(c)) for c in json.loads(p.read_text())["cells"])]
+    with_checks = [
+        p.stem for p in CHAPTERS if any(CHECK_CALL.search(_source(c)) for c in json.loads(p.read_text())["cells"])
+    ]
     assert len(with_checks) >= 6

@@ -12,17 +12,16 @@ from srlib.errors import ConfigError, DataError
 from srlib.profiles import get_profile
 from srlib.reward_config import HeadConfig
 
-PAIRS = [PreferencePair(f"Question {i}?", f"Right answer {i}", f"Wrong answer {i}", group_id=f"q{i // 2}")
-         for i in range(4)]
+PAIRS = [
+    PreferencePair(f"Question {i}?", f"Right answer {i}", f"Wrong answer {i}", group_id=f"q{i // 2}") for i in range(4)
+]
 # 4 pairs x 5 latents: latent 0 fires on chosen only, latent 1 on rejected only, latent 2 on both.
-LAT_W = torch.tensor([[1.0, 0.0, 0.5, 0.0, 0.0],
-                      [2.0, 0.0, 0.5, 0.0, 0.0],
-                      [0.0, 0.0, 0.5, 0.0, 0.3],
-                      [3.0, 0.0, 0.5, 0.0, 0.0]])
-LAT_L = torch.tensor([[0.0, 1.0, 0.5, 0.0, 0.0],
-                      [0.0, 4.0, 0.5, 0.0, 0.0],
-                      [0.0, 0.0, 0.5, 0.0, 0.0],
-                      [0.5, 2.0, 0.5, 0.0, 0.0]])
+LAT_W = torch.tensor(
+    [[1.0, 0.0, 0.5, 0.0, 0.0], [2.0, 0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.0, 0.3], [3.0, 0.0, 0.5, 0.0, 0.0]]
+)
+LAT_L = torch.tensor(
+    [[0.0, 1.0, 0.5, 0.0, 0.0], [0.0, 4.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.5, 0.0, 0.0], [0.5, 2.0, 0.5, 0.0, 0.0]]
+)
 W_DEC = torch.eye(5, 3)
 
 
@@ -69,8 +68,10 @@ def test_neuronpedia_url_from_the_sae_lens_registry():
     assert ex.neuronpedia_url(nine, 7) == "https://www.neuronpedia.org/gemma-2-9b/31-gemmascope-res-131k/7"
     assert ex.neuronpedia_url("train", 42) is None
     # any release sae-lens lists a neuronpedia_id for, not only Gemma Scope
-    assert ex.neuronpedia_url("sae-lens:llama_scope_lxr_8x/l15r_8x", 1) == \
-        "https://www.neuronpedia.org/llama3.1-8b/15-llamascope-res-32k/1"
+    assert (
+        ex.neuronpedia_url("sae-lens:llama_scope_lxr_8x/l15r_8x", 1)
+        == "https://www.neuronpedia.org/llama3.1-8b/15-llamascope-res-32k/1"
+    )
     assert ex.neuronpedia_url("sae-lens:no-such-release/layer_1", 1) is None
 
 
@@ -148,10 +149,21 @@ def test_layer_k_sweep_one_row_per_layer_k_seed(monkeypatch):
         return _sae(d_sae=16, k=4, seed=profile.layer)
 
     monkeypatch.setattr(srlib.sae, "sae_for_profile", fake_sae_for_profile)
-    monkeypatch.setattr(ex, "dataset_states", lambda backbone, dataset, profile, *, layer, progress: _fake_states(layer))
+    monkeypatch.setattr(
+        ex, "dataset_states", lambda backbone, dataset, profile, *, layer, progress: _fake_states(layer)
+    )
     monkeypatch.setattr(ex, "warm_states", lambda *args, **kwargs: None)  # fake states need no backbone
-    trials = ex.layer_k_sweep(None, get_profile("smoke"), layers=[1, 2], ks=[2, 4], dataset="toy", seeds=[0, 1],
-                              sae_tokens=512, progress=False, head=HeadConfig(epochs=3))
+    trials = ex.layer_k_sweep(
+        None,
+        get_profile("smoke"),
+        layers=[1, 2],
+        ks=[2, 4],
+        dataset="toy",
+        seeds=[0, 1],
+        sae_tokens=512,
+        progress=False,
+        head=HeadConfig(epochs=3),
+    )
     assert calls == [(1, 512), (2, 512)]
     assert len(trials) == 2 * 2 * 2
     assert set(trials["k"]) == {2, 4} and set(trials["layer"]) == {1, 2}

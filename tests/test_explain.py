@@ -21,14 +21,21 @@ from srlib.reward_config import HeadConfig
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def toy_rm(seed: int = 0, *, d: int = 12, k: int = 4, activation: str = "relu", kind: str = "projection",
-           epochs: int = 3) -> tuple[SparseRM, torch.Tensor, torch.Tensor]:
+def toy_rm(
+    seed: int = 0, *, d: int = 12, k: int = 4, activation: str = "relu", kind: str = "projection", epochs: int = 3
+) -> tuple[SparseRM, torch.Tensor, torch.Tensor]:
     """A SparseRM on random directions of R^d (latents 0, 3, 6, ... chosen side; 1, 4, 7, ...
     rejected side), its head fitted briefly on random states, and those states."""
     g = torch.Generator().manual_seed(seed)
-    directions = Directions(indices_w=torch.arange(k) * 3, indices_l=torch.arange(k) * 3 + 1,
-                            scores_w=torch.ones(k), scores_l=torch.ones(k), mu_w=torch.zeros(3 * k),
-                            mu_l=torch.zeros(3 * k), vectors=torch.randn(2 * k, d, generator=g))
+    directions = Directions(
+        indices_w=torch.arange(k) * 3,
+        indices_l=torch.arange(k) * 3 + 1,
+        scores_w=torch.ones(k),
+        scores_l=torch.ones(k),
+        mu_w=torch.zeros(3 * k),
+        mu_l=torch.zeros(3 * k),
+        vectors=torch.randn(2 * k, d, generator=g),
+    )
     model = SparseRM(directions, kind=kind)
     Z_w, Z_l = torch.randn(40, d, generator=g) + 0.5, torch.randn(40, d, generator=g)
     model.fit_states(Z_w, Z_l, head=HeadConfig(epochs=epochs, seed=seed, activation=activation, hidden=24))
@@ -73,7 +80,8 @@ def test_attribution_names_each_input_with_its_latent_side_and_activation():
     records, rest = attribution.top(0, 3)
     assert [abs(r["contribution"]) for r in records] == sorted((abs(r["contribution"]) for r in records), reverse=True)
     assert attribution.baseline + sum(r["contribution"] for r in records) + rest == pytest.approx(
-        float(attribution.scores[0]), abs=1e-9)
+        float(attribution.scores[0]), abs=1e-9
+    )
 
 
 def test_a_linear_head_gets_the_exact_linear_decomposition():
@@ -137,9 +145,15 @@ def test_a_steered_model_saves_loads_and_records_its_edit(tmp_path):
     assert not torch.equal(loaded.score_states(Z_w), model.score_states(Z_w))
 
 
-@pytest.mark.parametrize("scales, message", [({99: 0.0}, "latent 99 is not one of"),
-                                             ({3: math.inf}, "finite"), ({3: math.nan}, "finite"),
-                                             ({}, "at least one")])
+@pytest.mark.parametrize(
+    "scales, message",
+    [
+        ({99: 0.0}, "latent 99 is not one of"),
+        ({3: math.inf}, "finite"),
+        ({3: math.nan}, "finite"),
+        ({}, "at least one"),
+    ],
+)
 def test_bad_steering_is_refused_in_one_line(scales, message):
     model, _, _ = toy_rm()
     with pytest.raises(explain.ConfigError, match=message) as caught:
@@ -225,8 +239,26 @@ def smoke_rms(tmp_path_factory):
         for (name, path), offset in zip(files.items(), (0, 40, 52), strict=True):
             write_jsonl(toy_pairs(40 if name == "train" else 12, offset), path)
         for name, features in (("sparse", "projection"), ("dense", "dense")):
-            assert main(["fit", "--profile", "smoke", "--train", str(files["train"]), "--val", str(files["val"]),
-                         "--out", str(root / name), "--features", features, "--k", "4"]) == 0
+            assert (
+                main(
+                    [
+                        "fit",
+                        "--profile",
+                        "smoke",
+                        "--train",
+                        str(files["train"]),
+                        "--val",
+                        str(files["val"]),
+                        "--out",
+                        str(root / name),
+                        "--features",
+                        features,
+                        "--k",
+                        "4",
+                    ]
+                )
+                == 0
+            )
         yield {"sparse": root / "sparse", "dense": root / "dense", "pairs": files["test"], "root": root}
 
 
@@ -236,8 +268,22 @@ def _last_json(out: str) -> dict:
 
 def test_explain_writes_complete_records(smoke_rms, tmp_path, capsys):
     out = tmp_path / "explained.jsonl"
-    assert main(["explain", "--rm", str(smoke_rms["sparse"]), "--pairs", str(smoke_rms["pairs"]), "--top", "3",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                "--rm",
+                str(smoke_rms["sparse"]),
+                "--pairs",
+                str(smoke_rms["pairs"]),
+                "--top",
+                "3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert _last_json(capsys.readouterr().out)["n"] == 12
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["pair_id"] for r in records] == [f"p{i}" for i in range(52, 64)]
@@ -257,7 +303,9 @@ def test_explain_writes_complete_records(smoke_rms, tmp_path, capsys):
                 assert "dashboard" not in item  # the smoke SAE is trained here: no public dashboard
     assert main(["explain", "--rm", str(smoke_rms["sparse"]), "--pairs", str(smoke_rms["pairs"])]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 12 and len(json.loads(lines[0])["chosen"]["contributions"]) == 8  # --top 10 of 2K = 8 inputs: all of them
+    assert (
+        len(lines) == 12 and len(json.loads(lines[0])["chosen"]["contributions"]) == 8
+    )  # --top 10 of 2K = 8 inputs: all of them
 
 
 def test_steer_prints_accuracy_before_and_after_and_saves(smoke_rms, tmp_path, capsys):
@@ -279,20 +327,29 @@ def test_steer_prints_accuracy_before_and_after_and_saves(smoke_rms, tmp_path, c
     assert torch.equal(t_w, t_l)
 
 
-@pytest.mark.parametrize("case", ["unknown latent", "infinite factor", "nan factor", "dense", "dense explain",
-                                  "not a pair"])
+@pytest.mark.parametrize(
+    "case", ["unknown latent", "infinite factor", "nan factor", "dense", "dense explain", "not a pair"]
+)
 def test_bad_input_exits_2_with_one_line(smoke_rms, capsys, case):
     rm, pairs = str(smoke_rms["sparse"]), str(smoke_rms["pairs"])
-    args = {"unknown latent": ["steer", "--rm", rm, "--scale", "999999=0"],
-            "infinite factor": ["steer", "--rm", rm, "--scale", "0=inf"],
-            "nan factor": ["steer", "--rm", rm, "--scale", "0=nan"],
-            "dense": ["steer", "--rm", str(smoke_rms["dense"]), "--scale", "0=0"],
-            "dense explain": ["explain", "--rm", str(smoke_rms["dense"]), "--pairs", pairs],
-            "not a pair": ["steer", "--rm", rm, "--scale", "zero"]}[case]
+    args = {
+        "unknown latent": ["steer", "--rm", rm, "--scale", "999999=0"],
+        "infinite factor": ["steer", "--rm", rm, "--scale", "0=inf"],
+        "nan factor": ["steer", "--rm", rm, "--scale", "0=nan"],
+        "dense": ["steer", "--rm", str(smoke_rms["dense"]), "--scale", "0=0"],
+        "dense explain": ["explain", "--rm", str(smoke_rms["dense"]), "--pairs", pairs],
+        "not a pair": ["steer", "--rm", rm, "--scale", "zero"],
+    }[case]
     assert main(args) == 2
     line = error_line(capsys)
-    expected = {"unknown latent": "latent 999999", "infinite factor": "finite", "nan factor": "finite",
-                "dense": "DenseRM", "dense explain": "DenseRM", "not a pair": "LATENT=FACTOR"}[case]
+    expected = {
+        "unknown latent": "latent 999999",
+        "infinite factor": "finite",
+        "nan factor": "finite",
+        "dense": "DenseRM",
+        "dense explain": "DenseRM",
+        "not a pair": "LATENT=FACTOR",
+    }[case]
     assert expected in line
 
 
@@ -309,8 +366,9 @@ def test_contribution_frame_and_bars_show_the_top_inputs_and_the_rest():
     frame = explain.contribution_frame(attribution, 0, top=3, labels={0: "careful answers"})
     assert len(frame) == 4 and frame["label"].iloc[-1] == "all other 5 inputs"
     assert attribution.baseline + frame["contribution"].sum() == pytest.approx(float(attribution.scores[0]), abs=1e-9)
-    fig = plots.contribution_bars({"chosen": frame, "rejected": explain.contribution_frame(attribution, 1, top=3)},
-                                  title="a pair")
+    fig = plots.contribution_bars(
+        {"chosen": frame, "rejected": explain.contribution_frame(attribution, 1, top=3)}, title="a pair"
+    )
     left = fig.axes[0]
     widths = sorted(patch.get_width() for patch in left.patches)
     assert widths == pytest.approx(sorted(frame["contribution"]))
@@ -325,9 +383,12 @@ def test_contribution_frame_and_bars_show_the_top_inputs_and_the_rest():
 def test_card_labels_take_the_answer_of_the_strongest_card():
     import pandas as pd
 
-    cards = pd.DataFrame([{"latent": 5, "max-activating answers": ["[chosen, 0.90] Is it? → Yes, it is.",
-                                                                   "[rejected, 0.20] Q → no"]},
-                          {"latent": 7, "max-activating answers": []}])
+    cards = pd.DataFrame(
+        [
+            {"latent": 5, "max-activating answers": ["[chosen, 0.90] Is it? → Yes, it is.", "[rejected, 0.20] Q → no"]},
+            {"latent": 7, "max-activating answers": []},
+        ]
+    )
     assert explain.card_labels(cards) == {5: "Yes, it is."}
     assert explain.card_labels(cards, chars=5) == {5: "Yes,…"}
 

@@ -37,19 +37,22 @@ def test_a_typod_field_fails_at_construction_naming_it_and_the_fields():
         dataclasses.replace(HeadConfig(), los="bt")  # a study varying one field misspells it
 
 
-@pytest.mark.parametrize("field, value, allowed", [
-    ("loss", "mragin", "margin, bt, bce"),
-    ("activation", "sigmoid", "relu, gelu, tanh"),
-    ("lr", 0.0, "finite number > 0"),
-    ("gamma", float("inf"), "finite number > 0"),
-    ("weight_decay", -1e-4, "finite number >= 0"),
-    ("epochs", 0, "integer >= 1"),
-    ("batch_size", 8.0, "integer >= 1"),
-    ("patience", True, "integer >= 1"),
-    ("hidden", -5, "integer >= 1"),
-    ("seed", "0", "integer >= 0"),
-    ("standardize", 1, "True or False"),
-])
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("loss", "mragin", "margin, bt, bce"),
+        ("activation", "sigmoid", "relu, gelu, tanh"),
+        ("lr", 0.0, "finite number > 0"),
+        ("gamma", float("inf"), "finite number > 0"),
+        ("weight_decay", -1e-4, "finite number >= 0"),
+        ("epochs", 0, "integer >= 1"),
+        ("batch_size", 8.0, "integer >= 1"),
+        ("patience", True, "integer >= 1"),
+        ("hidden", -5, "integer >= 1"),
+        ("seed", "0", "integer >= 0"),
+        ("standardize", 1, "True or False"),
+    ],
+)
 def test_a_bad_value_fails_at_construction_naming_the_field_and_the_allowed_values(field, value, allowed):
     with pytest.raises(ConfigError) as error:
         HeadConfig(**{field: value})
@@ -62,11 +65,18 @@ def test_head_config_is_frozen():
         HeadConfig().loss = "bt"  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("changes, field", [
-    (dict(features="quantum"), "features"), (dict(position="first"), "position"), (dict(k=0), "k"),
-    (dict(features="projection", k=None), "k"), (dict(layer=-1), "layer"), (dict(max_length=0), "max_length"),
-    (dict(head={"loss": "bt"}), "head"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        (dict(features="quantum"), "features"),
+        (dict(position="first"), "position"),
+        (dict(k=0), "k"),
+        (dict(features="projection", k=None), "k"),
+        (dict(layer=-1), "layer"),
+        (dict(max_length=0), "max_length"),
+        (dict(head={"loss": "bt"}), "head"),
+    ],
+)
 def test_sparse_rm_config_validates_its_fields(changes, field):
     with pytest.raises(ConfigError, match=rf"^SparseRMConfig\.{field}="):
         SparseRMConfig(**changes)
@@ -86,10 +96,22 @@ def test_fit_head_takes_a_head_config():
 
 
 def test_to_dict_from_dict_round_trip_through_json():
-    head = HeadConfig(loss="bce", gamma=0.5, lr=3e-3, weight_decay=1e-5, epochs=7, batch_size=16, patience=2,
-                      hidden=32, activation="gelu", standardize=False, seed=4)
-    config = SparseRMConfig(features="latents", k=16, layer=3, sae_source="train", position="answer",
-                            max_length=96, head=head)
+    head = HeadConfig(
+        loss="bce",
+        gamma=0.5,
+        lr=3e-3,
+        weight_decay=1e-5,
+        epochs=7,
+        batch_size=16,
+        patience=2,
+        hidden=32,
+        activation="gelu",
+        standardize=False,
+        seed=4,
+    )
+    config = SparseRMConfig(
+        features="latents", k=16, layer=3, sae_source="train", position="answer", max_length=96, head=head
+    )
     data = json.loads(json.dumps(config.to_dict()))
     assert data["config_version"] == 1 and data["head"]["config_version"] == 1 and data["head"]["loss"] == "bce"
     assert SparseRMConfig.from_dict(data) == config
@@ -97,13 +119,16 @@ def test_to_dict_from_dict_round_trip_through_json():
     assert HeadConfig.from_dict({"config_version": 1, "loss": "bt"}) == HeadConfig(loss="bt")  # the rest: defaults
 
 
-@pytest.mark.parametrize("data, expected", [
-    ({"config_version": 2, "loss": "bt"}, "config_version 2 is not one this srlib reads (1); upgrade srlib"),
-    ({"loss": "bt"}, "config_version None"),
-    ({"config_version": 1, "learning_rate": 0.1}, "unknown HeadConfig field 'learning_rate'; fix or remove it"),
-    ({"config_version": 1, "epochs": 0}, "HeadConfig.epochs=0 is not allowed"),
-    (["margin"], "not a JSON object"),
-])
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"config_version": 2, "loss": "bt"}, "config_version 2 is not one this srlib reads (1); upgrade srlib"),
+        ({"loss": "bt"}, "config_version None"),
+        ({"config_version": 1, "learning_rate": 0.1}, "unknown HeadConfig field 'learning_rate'; fix or remove it"),
+        ({"config_version": 1, "epochs": 0}, "HeadConfig.epochs=0 is not allowed"),
+        (["margin"], "not a JSON object"),
+    ],
+)
 def test_from_dict_refuses_an_unknown_version_or_key_in_one_line_naming_the_file(data, expected):
     with pytest.raises(ConfigError) as error:
         HeadConfig.from_dict(data, source="rm/config.json")
@@ -133,8 +158,12 @@ def test_saved_config_json_holds_the_head_config_and_loading_rebuilds_it(tmp_pat
     rm.save_pretrained(tmp_path / "rm")
     saved = json.loads((tmp_path / "rm" / "config.json").read_text())
     assert saved["format_version"] == 2
-    assert saved["config"] == SparseRMConfig(features="projection", k=3, layer=2, sae_source="test:small",
-                                             position="answer", max_length=512, head=head).to_dict()
+    assert (
+        saved["config"]
+        == SparseRMConfig(
+            features="projection", k=3, layer=2, sae_source="test:small", position="answer", max_length=512, head=head
+        ).to_dict()
+    )
     loaded = RewardModel.from_pretrained(tmp_path / "rm")
     assert loaded.rm_config == rm.rm_config and loaded.rm_config.head == head
     Z = torch.randn(7, 8)
@@ -146,11 +175,23 @@ def _as_format_1(config: dict) -> dict:
     the model's settings as top-level keys, the head's shape under "head", its training settings
     only in the history."""
     rm = config.pop("config")
-    return {**config, "format_version": 1, "feature_kind": rm["features"],
-            "head": {"in_dim": config["features"]["out_dim"], "hidden": rm["head"]["hidden"],
-                     "activation": rm["head"]["activation"]},
-            "layer": rm["layer"], "max_length": rm["max_length"], "position": rm["position"], "k": rm["k"],
-            "loss": rm["head"]["loss"], "gamma": rm["head"]["gamma"], "seed": rm["head"]["seed"]}
+    return {
+        **config,
+        "format_version": 1,
+        "feature_kind": rm["features"],
+        "head": {
+            "in_dim": config["features"]["out_dim"],
+            "hidden": rm["head"]["hidden"],
+            "activation": rm["head"]["activation"],
+        },
+        "layer": rm["layer"],
+        "max_length": rm["max_length"],
+        "position": rm["position"],
+        "k": rm["k"],
+        "loss": rm["head"]["loss"],
+        "gamma": rm["head"]["gamma"],
+        "seed": rm["head"]["seed"],
+    }
 
 
 @pytest.mark.parametrize("kind", ["sparse", "dense", "dense before read positions"])
@@ -204,8 +245,9 @@ def test_a_study_varies_one_field_of_the_profiles_head(monkeypatch):
     Z_w, Z_l = separable_pairs(60, 8, seed=0)
     Zv_w, Zv_l = separable_pairs(20, 8, seed=1)
     split = lambda a, b: ex.SplitStates([None] * len(a), a, b)  # noqa: E731
-    states = ex.DatasetStates("toy", 1, split(Z_w, Z_l), split(Zv_w, Zv_l), split(Zv_w, Zv_l),
-                              head=HeadConfig(epochs=3, hidden=8))
+    states = ex.DatasetStates(
+        "toy", 1, split(Z_w, Z_l), split(Zv_w, Zv_l), split(Zv_w, Zv_l), head=HeadConfig(epochs=3, hidden=8)
+    )
     model, trial = ex.fit_variant(states, features="dense", seed=2)
     assert model.rm_config.head == HeadConfig(epochs=3, hidden=8, seed=2)
     bt = dataclasses.replace(states.head, loss="bt")
@@ -214,8 +256,9 @@ def test_a_study_varies_one_field_of_the_profiles_head(monkeypatch):
 
 
 @pytest.mark.parametrize("flags, field", [(["--seed", "-1"], "seed"), (["--gamma", "0"], "gamma")])
-def test_the_cli_refuses_a_bad_head_setting_in_one_line_before_loading_anything(flags, field, tmp_path, capsys,
-                                                                                monkeypatch):
+def test_the_cli_refuses_a_bad_head_setting_in_one_line_before_loading_anything(
+    flags, field, tmp_path, capsys, monkeypatch
+):
     import srlib.backbone
     import srlib.data
     from srlib.cli import main

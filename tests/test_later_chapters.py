@@ -50,7 +50,9 @@ def test_reading_models_quote_truthfulqa_only_unless_asked(smoke):
     ch, states = smoke
     read = chapter.reading_models(ch, states, seed=0, n_texts=1, chars=40, quote_safety=False)
     assert read.quote == {"truthfulqa": True, "hh-harmless": False}
-    assert read.labels["hh-harmless"] == {} and set(read.labels["truthfulqa"]) <= set(read.cards["truthfulqa"]["latent"])
+    assert read.labels["hh-harmless"] == {} and set(read.labels["truthfulqa"]) <= set(
+        read.cards["truthfulqa"]["latent"]
+    )
     assert len(read.cards["truthfulqa"]) == 2 * ch.k
     assert all(m.history.best_val_accuracy is not None for m in read.models.values())
     assert chapter.reading_models(ch, states, seed=0, n_texts=1, chars=40, quote_safety=True).quote["hh-harmless"]
@@ -75,8 +77,13 @@ def test_verdict_m_is_the_largest_m_at_or_below_the_asked_one():
 
 
 def test_deletion_gaps_read_each_curve_at_each_m():
-    frame = pd.DataFrame({"m": [1, 1, 2, 2], "deleted": ["top-m attributed", "random m"] * 2,
-                          "accuracy after (%)": [40.0, 60.0, 30.0, 55.0]})
+    frame = pd.DataFrame(
+        {
+            "m": [1, 1, 2, 2],
+            "deleted": ["top-m attributed", "random m"] * 2,
+            "accuracy after (%)": [40.0, 60.0, 30.0, 55.0],
+        }
+    )
     curve = SimpleNamespace(frame=lambda: frame, gap=lambda m: (0.1 * m, 0.05 * m, 0.2 * m))
     gaps = chapter.deletion_gaps({"truthfulqa": curve}, [1, 2])
     assert gaps["top − random drop"].tolist() == pytest.approx([0.1, 0.2])
@@ -89,8 +96,9 @@ def test_deletion_gaps_read_each_curve_at_each_m():
 
 def test_reading_line_names_each_data_set_with_its_sizes():
     states = {"truthfulqa": SimpleNamespace(sizes=lambda: {"train": 3, "val": 1, "test": 2})}
-    assert present.reading_line(states, 4) == ("one SparseRM per data set (seed 4): "
-                                               "TruthfulQA {'train': 3, 'val': 1, 'test': 2}")
+    assert present.reading_line(states, 4) == (
+        "one SparseRM per data set (seed 4): TruthfulQA {'train': 3, 'val': 1, 'test': 2}"
+    )
 
 
 # --------------------------------------------------------------------------- chapter 7
@@ -108,17 +116,31 @@ def _alignment_result(track: str = "red-teaming"):
         return {"accuracy": p, "se": binomial_se(p, 10), "n": 10, "accuracy_items": items}
 
     def run(name, right, kept):
-        rounds = [RoundRecord(round=r, n_generated=6, n_kept=k, val=metrics(right if r == 2 else range(6)),
-                              train={"steps": 2, "epochs": [{"loss": 0.5, "rewards/accuracies": 0.75}]},
-                              seconds={"generate": 1.0, "dpo": 2.0}) for r, k in zip((1, 2), kept, strict=True)]
+        rounds = [
+            RoundRecord(
+                round=r,
+                n_generated=6,
+                n_kept=k,
+                val=metrics(right if r == 2 else range(6)),
+                train={"steps": 2, "epochs": [{"loss": 0.5, "rewards/accuracies": 0.75}]},
+                seconds={"generate": 1.0, "dpo": 2.0},
+            )
+            for r, k in zip((1, 2), kept, strict=True)
+        ]
         return RunRecord(name=name, rounds=rounds, best_round=2, test=metrics(right))
 
     config = AlignmentConfig.for_profile("smoke", track=track)
-    runs = {"WO RM": run("WO RM", range(3), [6, 6]), "SparseRM": run("SparseRM", range(10), [4, 3]),
-            "DenseRM": run("DenseRM", [0, 1, 2, 9], [5, 2])}
-    round1 = {"n_generated": 6, "kept": {"WO RM": 6, "SparseRM": 4, "DenseRM": 5},
-              "kept_fraction": {"WO RM": 1.0, "SparseRM": 4 / 6, "DenseRM": 5 / 6},
-              "agreement": {"SparseRM": {"SparseRM": 1.0, "DenseRM": 0.5}, "DenseRM": {"SparseRM": 0.5, "DenseRM": 1.0}}}
+    runs = {
+        "WO RM": run("WO RM", range(3), [6, 6]),
+        "SparseRM": run("SparseRM", range(10), [4, 3]),
+        "DenseRM": run("DenseRM", [0, 1, 2, 9], [5, 2]),
+    }
+    round1 = {
+        "n_generated": 6,
+        "kept": {"WO RM": 6, "SparseRM": 4, "DenseRM": 5},
+        "kept_fraction": {"WO RM": 1.0, "SparseRM": 4 / 6, "DenseRM": 5 / 6},
+        "agreement": {"SparseRM": {"SparseRM": 1.0, "DenseRM": 0.5}, "DenseRM": {"SparseRM": 0.5, "DenseRM": 1.0}},
+    }
     return AlignmentResult(config, metrics(range(3)), metrics(range(3)), runs, round1)
 
 
@@ -136,7 +158,10 @@ def test_table1_rows_are_the_policies_with_their_paired_change_and_the_papers_nu
 def test_alignment_verdicts_and_the_sparse_vs_wo_answer_come_from_the_paired_intervals():
     result = _alignment_result()
     verdicts = present.alignment_verdicts(result).data
-    assert "SparseRM beats WO RM by 70.0 points" in verdicts and "on the 10 test items of the red-teaming track" in verdicts
+    assert (
+        "SparseRM beats WO RM by 70.0 points" in verdicts
+        and "on the 10 test items of the red-teaming track" in verdicts
+    )
     assert "StandardRM" not in verdicts  # a comparison whose policy the run lacks is left out
     win = {"accuracy": result.compare("SparseRM", "WO RM", "accuracy")}
     assert chapter.clear_win(win)
@@ -176,7 +201,9 @@ def test_rounds_table_and_figures_read_every_round():
     heat = plots.agreement_heatmap(result.round1_filter, title="t")
     assert sorted(t.get_text() for t in heat.axes[0].texts) == ["100", "100", "50", "50"]
     plt.close(heat)
-    frame = pd.DataFrame({"SparseRM s_w - s_l": [1.0, -1.0], "DenseRM s_w - s_l": [0.5, 0.2], "contrast": [True, False]})
+    frame = pd.DataFrame(
+        {"SparseRM s_w - s_l": [1.0, -1.0], "DenseRM s_w - s_l": [0.5, 0.2], "contrast": [True, False]}
+    )
     scatter = plots.score_differences(frame, safety=True)
     assert [t.get_text() for t in scatter.axes[0].get_legend().get_texts()] == ["y_w refuses, y_l does not", "other"]
     plt.close(scatter)
@@ -222,8 +249,10 @@ def _similarity_frame():
     for space, gen in (("dense", (0.5, 0.3)), ("projection", (0.65, 0.55))):
         for group, values in (("held-out (test split)", (0.8, 0.6)), ("generated (policy)", gen)):
             for aggregate, centered in (("nearest", True), ("mean", False), ("nearest", False), ("mean", True)):
-                rows += [{"space": space, "group": group, "aggregate": aggregate, "centered": centered,
-                          "similarity": v} for v in values]
+                rows += [
+                    {"space": space, "group": group, "aggregate": aggregate, "centered": centered, "similarity": v}
+                    for v in values
+                ]
     return pd.DataFrame(rows)
 
 
@@ -249,13 +278,28 @@ def test_similarity_table_leaves_out_the_centered_mean():
 
 
 def test_decision_tables_and_text():
-    agreement = pd.DataFrame({"comparison": ["DenseRM vs SparseRM"] * 2 + ["DenseRM vs DenseRM (other seed)",
-                                                                          "SparseRM vs SparseRM (other seed)"] * 2,
-                              "data": ["held-out pairs", "generated pairs", "generated pairs", "generated pairs",
-                                       "held-out pairs", "held-out pairs"],
-                              "agreement": [0.9, 0.5, 0.7, 0.8, 1.0, 1.0]})
-    keep = pd.DataFrame({"method": ["DenseRM", "DenseRM", "SparseRM", "SparseRM"],
-                         "data": ["generated pairs"] * 4, "keep": [0.4, 0.6, 0.5, 0.5]})
+    agreement = pd.DataFrame(
+        {
+            "comparison": ["DenseRM vs SparseRM"] * 2
+            + ["DenseRM vs DenseRM (other seed)", "SparseRM vs SparseRM (other seed)"] * 2,
+            "data": [
+                "held-out pairs",
+                "generated pairs",
+                "generated pairs",
+                "generated pairs",
+                "held-out pairs",
+                "held-out pairs",
+            ],
+            "agreement": [0.9, 0.5, 0.7, 0.8, 1.0, 1.0],
+        }
+    )
+    keep = pd.DataFrame(
+        {
+            "method": ["DenseRM", "DenseRM", "SparseRM", "SparseRM"],
+            "data": ["generated pairs"] * 4,
+            "keep": [0.4, 0.6, 0.5, 0.5],
+        }
+    )
     table = present.agreement_table(agreement)
     assert table.loc["DenseRM vs SparseRM", "generated pairs"] == "50.0"  # one seed pair: no spread
     heading, _, _, kept = present.decisions_report(agreement, keep)
@@ -271,8 +315,9 @@ def test_shift_spaces_tsne_and_mixing_on_the_smoke_states(smoke):
     from srlib.experiments import select_for
 
     directions = select_for(s, ch.sae, ch.k)
-    generated = chapter.PolicyPairs(pairs=s.val.pairs[:3], chosen=s.val.chosen[:3], rejected=s.val.rejected[:3],
-                                    config=None, seconds=0.0)
+    generated = chapter.PolicyPairs(
+        pairs=s.val.pairs[:3], chosen=s.val.chosen[:3], rejected=s.val.rejected[:3], config=None, seconds=0.0
+    )
     spaces = chapter.shift_spaces(s, generated, directions)
     assert spaces["dense"]["generated (policy)"].shape == (6, ch.backbone.hidden_size)
     assert spaces["projection"]["training"].shape == (2 * len(s.train), 2 * ch.k)

@@ -36,8 +36,9 @@ def saved_rm(tmp_path: Path) -> Path:
 @pytest.fixture
 def pairs_file(tmp_path: Path) -> Path:
     path = tmp_path / "pairs.jsonl"
-    write_jsonl([PreferencePair("Is it true?", "Yes, with evidence.", "No idea lol", pair_id=f"p{i}")
-                 for i in range(3)], path)
+    write_jsonl(
+        [PreferencePair("Is it true?", "Yes, with evidence.", "No idea lol", pair_id=f"p{i}") for i in range(3)], path
+    )
     return path
 
 
@@ -56,7 +57,8 @@ def test_a_config_naming_a_foreign_module_runs_no_code(saved_rm, tmp_path, monke
     marker = tmp_path / "pwned"
     (tmp_path / "evil_module.py").write_text(
         f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
-        "from srlib.reward import DenseRM\nclass EvilRM(DenseRM):\n    pass\n")
+        "from srlib.reward import DenseRM\nclass EvilRM(DenseRM):\n    pass\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     config = json.loads((saved_rm / "config.json").read_text())
     for rm_class in ("EvilRM", "DenseRM"):  # a foreign class, and srlib's own class with a foreign module
@@ -75,8 +77,16 @@ def test_a_config_naming_a_foreign_module_runs_no_code(saved_rm, tmp_path, monke
 def test_every_srlib_reward_model_class_is_known_without_importing_it_first():
     from srlib import reward
 
-    assert set(reward.RM_CLASSES) == {"SparseRM", "DenseRM", "FeatureRM", "StandardRM", "GeneralizableRM",
-                                      "GenerativeJudge", "LogProbPreference", "SteeredSparseRM"}
+    assert set(reward.RM_CLASSES) == {
+        "SparseRM",
+        "DenseRM",
+        "FeatureRM",
+        "StandardRM",
+        "GeneralizableRM",
+        "GenerativeJudge",
+        "LogProbPreference",
+        "SteeredSparseRM",
+    }
     for name in reward.RM_CLASSES:
         assert reward.rm_class(name).__name__ == name
 
@@ -103,7 +113,7 @@ def _damage(folder: Path, how: str) -> Path:
         tensors["head.net.0.weight"] = torch.zeros(3, 3)
         save_file(tensors, weights)
     elif how == "config not JSON":
-        config_path.write_text("{\"format\": ")
+        config_path.write_text('{"format": ')
         return config_path
     elif how == "config a list":
         config_path.write_text("[1, 2]")
@@ -120,16 +130,31 @@ def _damage(folder: Path, how: str) -> Path:
         config["config"]["head"]["hidden"] = "four"
     else:
         raise AssertionError(how)
-    if how.startswith("config") or how in ("unknown feature kind", "version from the future",
-                                           "version not a number", "head of the wrong type"):
+    if how.startswith("config") or how in (
+        "unknown feature kind",
+        "version from the future",
+        "version not a number",
+        "head of the wrong type",
+    ):
         config_path.write_text(json.dumps(config))
         return config_path
     return weights
 
 
-DAMAGES = ["empty weights", "truncated weights", "no weights", "garbage weights", "weights of another shape",
-           "config not JSON", "config a list", "config misses a key", "unknown feature kind",
-           "version from the future", "version not a number", "head of the wrong type"]
+DAMAGES = [
+    "empty weights",
+    "truncated weights",
+    "no weights",
+    "garbage weights",
+    "weights of another shape",
+    "config not JSON",
+    "config a list",
+    "config misses a key",
+    "unknown feature kind",
+    "version from the future",
+    "version not a number",
+    "head of the wrong type",
+]
 
 
 @pytest.mark.parametrize("how", DAMAGES)
@@ -251,8 +276,10 @@ def test_duplicate_pair_ids_are_refused(tmp_path):
     with pytest.raises(SrlibError, match=rf"{path}:2: .*'same'.*line 1"):
         read_jsonl(path)
     # an explicit id equal to another line's default id is a duplicate too
-    rows = [{"prompt": "Q?", "chosen": "yes", "rejected": "no"},
-            {"prompt": "Q?", "chosen": "sure", "rejected": "no", "pair_id": "pairs.jsonl:1"}]
+    rows = [
+        {"prompt": "Q?", "chosen": "yes", "rejected": "no"},
+        {"prompt": "Q?", "chosen": "sure", "rejected": "no", "pair_id": "pairs.jsonl:1"},
+    ]
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with pytest.raises(SrlibError, match="pair_id"):
         read_jsonl(path)
@@ -261,16 +288,18 @@ def test_duplicate_pair_ids_are_refused(tmp_path):
 @pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
 def test_non_finite_cli_floats_are_refused(value, pairs_file, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["fit", "--profile", "smoke", "--train", str(pairs_file), "--out", str(tmp_path / "rm"),
-              f"--gamma={value}"])
+        main(
+            ["fit", "--profile", "smoke", "--train", str(pairs_file), "--out", str(tmp_path / "rm"), f"--gamma={value}"]
+        )
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "finite" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "rm").exists()
 
 
-@pytest.mark.parametrize("setting", [dict(lr=float("inf")), dict(gamma=float("inf")), dict(lr=float("nan")),
-                                     dict(weight_decay=float("nan"))])
+@pytest.mark.parametrize(
+    "setting", [dict(lr=float("inf")), dict(gamma=float("inf")), dict(lr=float("nan")), dict(weight_decay=float("nan"))]
+)
 def test_non_finite_fit_settings_are_refused(setting):
     X = torch.randn(8, 3)
     with pytest.raises(SrlibError, match="finite"):
@@ -359,11 +388,17 @@ def test_srlib_has_no_loader_that_can_run_code_from_a_file():
 
     import srlib
 
-    risky = re.compile(r"torch\.load\(|\bpickle\b|allow_pickle\s*=\s*True|trust_remote_code\s*=\s*True"
-                       r"|weights_only\s*=\s*False|importlib\.import_module\(config")
+    risky = re.compile(
+        r"torch\.load\(|\bpickle\b|allow_pickle\s*=\s*True|trust_remote_code\s*=\s*True"
+        r"|weights_only\s*=\s*False|importlib\.import_module\(config"
+    )
     package = Path(srlib.__file__).parent
-    hits = [f"{path.name}:{n}" for path in sorted(package.glob("*.py"))
-            for n, line in enumerate(path.read_text().splitlines(), 1) if risky.search(line)]
+    hits = [
+        f"{path.name}:{n}"
+        for path in sorted(package.glob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if risky.search(line)
+    ]
     assert hits == []
 
 

@@ -40,35 +40,35 @@ ALLOWED: list[tuple[str, str, str]] = [
 ]
 
 _STRIP = [
-    re.compile(r"```.*?```", re.S),            # fenced code
-    re.compile(r"\$\$.*?\$\$", re.S),          # display math
-    re.compile(r"\$[^$\n]+\$"),                # inline math
-    re.compile(r"`[^`\n]+`"),                  # inline code
-    re.compile(r"\]\([^)]*\)"),                # link targets
-    re.compile(r"https?://\S+"),               # bare URLs
-    re.compile(r"<[^>]+>"),                    # html tags
+    re.compile(r"```.*?```", re.S),  # fenced code
+    re.compile(r"\$\$.*?\$\$", re.S),  # display math
+    re.compile(r"\$[^$\n]+\$"),  # inline math
+    re.compile(r"`[^`\n]+`"),  # inline code
+    re.compile(r"\]\([^)]*\)"),  # link targets
+    re.compile(r"https?://\S+"),  # bare URLs
+    re.compile(r"<[^>]+>"),  # html tags
 ]
 _EXEMPT_TOKENS = [
-    re.compile(r"\bv?\d+\.\d+\.\d+\w*"),                        # versions 0.1.2
-    re.compile(r"\b[\w-]+\s*[=≤≥<>]\s*\d[\d.,eE+-]*%?"),         # parameters: lr = 1e-4, K = 128
+    re.compile(r"\bv?\d+\.\d+\.\d+\w*"),  # versions 0.1.2
+    re.compile(r"\b[\w-]+\s*[=≤≥<>]\s*\d[\d.,eE+-]*%?"),  # parameters: lr = 1e-4, K = 128
     re.compile(r"\b(?:eq|eqs|equation|§|section|table|figure|fig|chapter|step|layer|round)\.?\s*[\d.]+", re.I),
     re.compile(r"§\s*[\d.]+"),
     # human time estimates: reading and exercise times, "*(5 min)*" task times, "⭐ · 10 min", totals
     re.compile(r"(?:\b(?:reading|exercises?|total|plus)|⭐[ ·]*|\*\()[^.;]{0,12}?\d+(?:[–-]\d+)?\s*(?:min|h)\b", re.I),
     re.compile(r"\b\d+\s*min(?: to set up)?,? (?:open|for the open one)", re.I),
-    re.compile(r"\bPython\s+\d+\.\d+"),                          # versions of Python
-    re.compile(r"\bexactly\s+\d+(?:\.\d+)?"),                    # values that follow from a definition
+    re.compile(r"\bPython\s+\d+\.\d+"),  # versions of Python
+    re.compile(r"\bexactly\s+\d+(?:\.\d+)?"),  # values that follow from a definition
     re.compile(r"\b\d+%\s*(?:[\w-]+\s+){0,2}(?:interval|CI|confidence)", re.I),  # confidence levels
-    re.compile(r"\b\d+(?:\.\d+)?\s?[BM]\b"),                    # parameter counts 135M, 2.61 B
-    re.compile(r"\d[\d,]*\s*×\s*\d"),                              # arithmetic: 2 × 2304
-    re.compile(r"\bevery\s+\d+(?:\.\d+)?\s*(?:ms|s|min)\b"),      # sampling intervals are settings
+    re.compile(r"\b\d+(?:\.\d+)?\s?[BM]\b"),  # parameter counts 135M, 2.61 B
+    re.compile(r"\d[\d,]*\s*×\s*\d"),  # arithmetic: 2 × 2304
+    re.compile(r"\bevery\s+\d+(?:\.\d+)?\s*(?:ms|s|min)\b"),  # sampling intervals are settings
     re.compile(r"\bQ4_1\b|\bGemma-2-\d\w*|\bSmolLM2-\d+M\b", re.I),
 ]
 _MEASURED = re.compile(
-    r"(?<![\w.])\d+(?:[.,]\d+)?\s*%"                                   # percentages
-    r"|(?<![\w.-])\d+\.\d+(?![\w.])"                                    # decimals
+    r"(?<![\w.])\d+(?:[.,]\d+)?\s*%"  # percentages
+    r"|(?<![\w.-])\d+\.\d+(?![\w.])"  # decimals
     r"|(?<![\w.])\d+(?:\.\d+)?\s*(?:min|mins|minutes|s|sec|seconds|h|hours|ms)\b"  # timings
-    r"|(?<![\w.])\d+(?:\.\d+)?\s*[×x](?!\w)"                          # ratios
+    r"|(?<![\w.])\d+(?:\.\d+)?\s*[×x](?!\w)"  # ratios
 )
 _PAPER_LABEL = re.compile(r"\bpaper'?s?\b|\{cite|liu et al|\bthe authors\b", re.I)
 
@@ -98,7 +98,7 @@ def typed_numbers(text: str) -> list[str]:
             cleaned = pattern.sub(" ", cleaned)
         for match in _MEASURED.finditer(cleaned):
             start = max(0, match.start() - 40)
-            found.append(" ".join(cleaned[start:match.end() + 20].split()))
+            found.append(" ".join(cleaned[start : match.end() + 20].split()))
     return found
 
 
@@ -123,8 +123,10 @@ def findings(name: str, text: str) -> list[str]:
 @pytest.mark.parametrize("name", sorted(markdown_sources()))
 def test_no_typed_measured_numbers(name):
     found = findings(name, markdown_sources([name])[name])
-    assert not found, (f"{name}: measured numbers typed into prose (print them from a cell, point to the "
-                       f"benchmark that measures them, or label the paper's): {found}")
+    assert not found, (
+        f"{name}: measured numbers typed into prose (print them from a cell, point to the "
+        f"benchmark that measures them, or label the paper's): {found}"
+    )
 
 
 def test_the_scanner_flags_measured_numbers_and_spares_the_papers():

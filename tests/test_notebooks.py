@@ -37,8 +37,7 @@ def test_there_are_chapters_and_all_are_in_the_toc():
 def test_source_notebook_is_clean_and_documents_its_parameters(path):
     for cell in _cells(path):
         if cell["cell_type"] == "code":
-            assert not cell.get("outputs") and cell.get("execution_count") is None, \
-                f"{path.name} has committed outputs"
+            assert not cell.get("outputs") and cell.get("execution_count") is None, f"{path.name} has committed outputs"
     source = "".join(_parameters_cell(path)["source"])
     names = [t.id for node in ast.parse(source).body if isinstance(node, ast.Assign) for t in node.targets]
     assert names[:2] == ["PROFILE", "RESULTS_PATH"]

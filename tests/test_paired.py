@@ -29,7 +29,7 @@ def test_pair_outcomes_count_ties_as_half_and_tie_share():
 
 
 def test_ties_count_half_in_the_accuracy():
-    tied = pair_outcomes(np.zeros(10), np.zeros(10))      # a constant model: all ties
+    tied = pair_outcomes(np.zeros(10), np.zeros(10))  # a constant model: all ties
     right = np.ones(10)
     c = compare_paired(tied, right, name_a="constant", name_b="oracle")
     assert c.accuracy_a == pytest.approx(50.0)
@@ -148,11 +148,12 @@ def test_run_trials_records_outcomes_ties_and_resampled_selection():
 
     states, sae = _states(), _tiny_sae()
     fixed = select_for(states, sae, 3)
-    assert any(not torch.equal(select_for(states, sae, 3, resample_seed=s).indices, fixed.indices)
-               for s in range(5))
+    assert any(not torch.equal(select_for(states, sae, 3, resample_seed=s).indices, fixed.indices) for s in range(5))
     fast = dict(head=HeadConfig(epochs=3, batch_size=8))
-    variants = {"Top-K directions": dict(features="projection", select=dict(sae=sae, k=3), **fast),
-                "Dense": dict(features="dense", **fast)}
+    variants = {
+        "Top-K directions": dict(features="projection", select=dict(sae=sae, k=3), **fast),
+        "Dense": dict(features="dense", **fast),
+    }
     trials = run_trials(states, variants, seeds=(0, 1), resample=True, progress=False)
     topk = trials[trials.variant == "Top-K directions"]
     assert topk.resample_seed.tolist() == [0, 1]
@@ -183,8 +184,12 @@ def test_paired_table_has_one_verdict_per_group_and_comparison():
     from srlib.experiments import compare_variants, paired_table
 
     rng = np.random.default_rng(4)
-    rows = [dict(dataset=d, variant=v, seed=s, test_outcomes=list(rng.random(50) < p))
-            for d in ("truthfulqa", "hh-harmless") for v, p in (("A", 0.9), ("B", 0.5)) for s in (0, 1)]
+    rows = [
+        dict(dataset=d, variant=v, seed=s, test_outcomes=list(rng.random(50) < p))
+        for d in ("truthfulqa", "hh-harmless")
+        for v, p in (("A", 0.9), ("B", 0.5))
+        for s in (0, 1)
+    ]
     import pandas as pd
 
     trials = pd.DataFrame(rows)

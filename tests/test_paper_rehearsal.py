@@ -78,10 +78,18 @@ def _tiny_gemma(tokenizer):
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     config = Gemma2Config(
-        vocab_size=len(tokenizer), hidden_size=D_MODEL, intermediate_size=32,
-        num_hidden_layers=N_LAYERS, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-        max_position_embeddings=2048, sliding_window=64, initializer_range=0.1,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=D_MODEL,
+        intermediate_size=32,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=2048,
+        sliding_window=64,
+        initializer_range=0.1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):
@@ -117,9 +125,14 @@ def _gemma_scope_params(path: Path, model, tokenizer, texts: list[str], layer: i
         W_enc /= W_enc.norm(dim=0, keepdim=True)
         threshold = (Z @ W_enc).quantile(0.8, dim=0).clamp_min(1e-3)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, W_enc=W_enc.numpy(), W_dec=W_enc.T.contiguous().numpy(),
-             b_enc=np.zeros(d_sae, np.float32), b_dec=np.zeros(D_MODEL, np.float32),
-             threshold=threshold.numpy())
+    np.savez(
+        path,
+        W_enc=W_enc.numpy(),
+        W_dec=W_enc.T.contiguous().numpy(),
+        b_enc=np.zeros(d_sae, np.float32),
+        b_dec=np.zeros(D_MODEL, np.float32),
+        threshold=threshold.numpy(),
+    )
 
 
 def _questions() -> list[dict]:
@@ -130,12 +143,18 @@ def _questions() -> list[dict]:
     def sentence(n: int) -> str:
         return " ".join(rng.choice(words, n)).capitalize() + "."
 
-    return [{"type": "Adversarial", "category": "Misconceptions",
-             "question": f"Question {i}: what about the {words[i % len(words)]}?",
-             "best_answer": sentence(5),
-             "correct_answers": [sentence(5), sentence(6)],
-             "incorrect_answers": [sentence(5), sentence(7)],
-             "source": "https://example.org"} for i in range(N_QUESTIONS)]
+    return [
+        {
+            "type": "Adversarial",
+            "category": "Misconceptions",
+            "question": f"Question {i}: what about the {words[i % len(words)]}?",
+            "best_answer": sentence(5),
+            "correct_answers": [sentence(5), sentence(6)],
+            "incorrect_answers": [sentence(5), sentence(7)],
+            "source": "https://example.org",
+        }
+        for i in range(N_QUESTIONS)
+    ]
 
 
 def _truthfulqa_cache(datasets_cache: Path, rows: list[dict]) -> None:
@@ -151,8 +170,9 @@ def _truthfulqa_cache(datasets_cache: Path, rows: list[dict]) -> None:
         n, n_bytes = writer.finalize()
     splits = SplitDict(dataset_name="truthful_qa")
     splits.add(SplitInfo(name="validation", num_bytes=n_bytes, num_examples=n, dataset_name="truthful_qa"))
-    DatasetInfo(dataset_name="truthful_qa", config_name="generation", version="0.0.0",
-                features=table.features, splits=splits).write_to_directory(str(folder))
+    DatasetInfo(
+        dataset_name="truthful_qa", config_name="generation", version="0.0.0", features=table.features, splits=splits
+    ).write_to_directory(str(folder))
 
 
 @pytest.fixture(scope="module")
@@ -173,13 +193,16 @@ def offline_hub(tmp_path_factory, one_thread) -> dict:
     tokenizer.save_pretrained(model_dir)
 
     rows = _questions()
-    texts = [tokenizer.apply_chat_template(
-        [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": answer}],
-        tokenize=False) for row in rows[:10] for answer in row["correct_answers"] + row["incorrect_answers"]]
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["question"]}, {"role": "assistant", "content": answer}], tokenize=False
+        )
+        for row in rows[:10]
+        for answer in row["correct_answers"] + row["incorrect_answers"]
+    ]
     source = parse_sae_source(profile.sae_source)
     repo_id, folder = get_repo_id_and_folder_name(source.release, source.sae_id)
-    _gemma_scope_params(_snapshot(hub, repo_id) / folder / "params.npz", model, tokenizer, texts,
-                        profile.layer)
+    _gemma_scope_params(_snapshot(hub, repo_id) / folder / "params.npz", model, tokenizer, texts, profile.layer)
     _truthfulqa_cache(datasets_cache, rows)
 
     pairs = root / "pairs.jsonl"
@@ -187,11 +210,16 @@ def offline_hub(tmp_path_factory, one_thread) -> dict:
         for row in rows[:12]:
             for good, bad in zip(row["correct_answers"], row["incorrect_answers"], strict=False):
                 handle.write(json.dumps({"prompt": row["question"], "chosen": good, "rejected": bad}) + "\n")
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("HF_", "SRLIB_", "TRANSFORMERS_"))}
-    env.update(HF_HOME=str(root / "hf"), HF_HUB_CACHE=str(hub), HF_DATASETS_CACHE=str(datasets_cache),
-               HF_HUB_OFFLINE="1", SRLIB_CACHE_DIR=str(root / "srlib-cache"), OMP_NUM_THREADS="1",
-               PYTHONPATH=str(ROOT))
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("HF_", "SRLIB_", "TRANSFORMERS_"))}
+    env.update(
+        HF_HOME=str(root / "hf"),
+        HF_HUB_CACHE=str(hub),
+        HF_DATASETS_CACHE=str(datasets_cache),
+        HF_HUB_OFFLINE="1",
+        SRLIB_CACHE_DIR=str(root / "srlib-cache"),
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT),
+    )
     return {"root": root, "env": env, "pairs": pairs, "rows": rows}
 
 
@@ -218,42 +246,93 @@ def rehearse_library(root: str) -> None:
     backbone = backbone_for_profile(profile, device="cpu", progress=False)
     sae = sae_for_profile(profile, backbone, progress=False)
     train, val = load_pairs("truthfulqa:train"), load_pairs("truthfulqa:val")
-    rm = SparseRM.fit(backbone, train, val, layer=profile.layer, sae=sae, k=profile.k,
-                      sae_source=profile.sae_source, max_length=profile.max_length,
-                      batch_size=profile.batch_size, progress=False)
+    rm = SparseRM.fit(
+        backbone,
+        train,
+        val,
+        layer=profile.layer,
+        sae=sae,
+        k=profile.k,
+        sae_source=profile.sae_source,
+        max_length=profile.max_length,
+        batch_size=profile.batch_size,
+        progress=False,
+    )
     s_w, s_l = rm.score_pairs(train)
     rm.save_pretrained(Path(root) / "rm-library")
     loaded = RewardModel.from_pretrained(Path(root) / "rm-library")  # loads the backbone by its id
     l_w, l_l = loaded.score_pairs(train)
     cli = RewardModel.from_pretrained(Path(root) / "rm-cli")
     jsonl = load_pairs(Path(root) / "pairs.jsonl")
-    refit = SparseRM.fit(backbone, jsonl, None, layer=profile.layer, sae=sae, k=profile.k,
-                         sae_source=profile.sae_source, max_length=profile.max_length,
-                         batch_size=profile.batch_size, progress=False)
+    refit = SparseRM.fit(
+        backbone,
+        jsonl,
+        None,
+        layer=profile.layer,
+        sae=sae,
+        k=profile.k,
+        sae_source=profile.sae_source,
+        max_length=profile.max_length,
+        batch_size=profile.batch_size,
+        progress=False,
+    )
     seen = {
-        "source": backbone.source, "num_layers": backbone.num_layers, "hidden_size": backbone.hidden_size,
+        "source": backbone.source,
+        "num_layers": backbone.num_layers,
+        "hidden_size": backbone.hidden_size,
         "text": format_text(backbone.tokenizer, "Hi?", "Hello."),
-        "d_sae": int(sae.cfg.d_sae), "hook": sae.cfg.metadata.hook_name,
-        "n_train": len(train), "n_val": len(val), "first_pair": [train[0].prompt, train[0].chosen],
+        "d_sae": int(sae.cfg.d_sae),
+        "hook": sae.cfg.metadata.hook_name,
+        "n_train": len(train),
+        "n_val": len(val),
+        "first_pair": [train[0].prompt, train[0].chosen],
         "mc_questions": len(load_truthfulqa_mc("test")),
-        "indices_w": rm.indices_w, "sae_info": rm.sae_info,
-        "scores": [s_w.tolist(), s_l.tolist()], "reloaded_scores": [l_w.tolist(), l_l.tolist()],
+        "indices_w": rm.indices_w,
+        "sae_info": rm.sae_info,
+        "scores": [s_w.tolist(), s_l.tolist()],
+        "reloaded_scores": [l_w.tolist(), l_l.tolist()],
         "loaded_source": loaded.backbone.source,
         "cli_scores": [t.tolist() for t in cli.score_pairs(jsonl)],
         "refit_scores": [t.tolist() for t in refit.score_pairs(jsonl)],
-        "cli_indices_w": cli.indices_w, "refit_indices_w": refit.indices_w,
+        "cli_indices_w": cli.indices_w,
+        "refit_indices_w": refit.indices_w,
     }
     (Path(root) / "library.json").write_text(json.dumps(seen))
 
 
 def test_library_and_command_line_offline(offline_hub):
     root, env = offline_hub["root"], offline_hub["env"]
-    fit = _run([sys.executable, "-m", "srlib", "fit", "--profile", "paper", "--train", str(offline_hub["pairs"]),
-                "--out", str(root / "rm-cli"), "--k", str(K)], env, root)
+    fit = _run(
+        [
+            sys.executable,
+            "-m",
+            "srlib",
+            "fit",
+            "--profile",
+            "paper",
+            "--train",
+            str(offline_hub["pairs"]),
+            "--out",
+            str(root / "rm-cli"),
+            "--k",
+            str(K),
+        ],
+        env,
+        root,
+    )
     summary = json.loads(fit.stdout.strip().splitlines()[-1])
     assert summary["layer"] == 13 and summary["n_train"] == 24
-    _run([sys.executable, "-c", "import runpy, sys; runpy.run_path(sys.argv[1])['rehearse_library'](sys.argv[2])",
-          __file__, str(root)], env, root)
+    _run(
+        [
+            sys.executable,
+            "-c",
+            "import runpy, sys; runpy.run_path(sys.argv[1])['rehearse_library'](sys.argv[2])",
+            __file__,
+            str(root),
+        ],
+        env,
+        root,
+    )
     seen = json.loads((root / "library.json").read_text())
 
     assert (seen["source"], seen["num_layers"], seen["hidden_size"]) == ("hub", N_LAYERS, D_MODEL)
@@ -282,14 +361,31 @@ def test_chapter_2_under_papermill_offline(offline_hub, monkeypatch):
     source = ROOT / "notebooks" / "02_direction_selection.ipynb"
     executed, results = root / source.name, root / "02.results.json"
     papermill.execute_notebook(
-        str(source), str(executed), kernel_name="python3", cwd=str(root), progress_bar=False,
-        parameters={"PROFILE": "paper", "RESULTS_PATH": str(results), "K": K, "N_TABLE": 4, "N_SHOW": 2,
-                    "N_TEXTS": 2, "STABILITY_KS": [4, K], "STABILITY_SEEDS": [0]})
+        str(source),
+        str(executed),
+        kernel_name="python3",
+        cwd=str(root),
+        progress_bar=False,
+        parameters={
+            "PROFILE": "paper",
+            "RESULTS_PATH": str(results),
+            "K": K,
+            "N_TABLE": 4,
+            "N_SHOW": 2,
+            "N_TEXTS": 2,
+            "STABILITY_KS": [4, K],
+            "STABILITY_SEEDS": [0],
+        },
+    )
     data = json.loads(results.read_text())
     assert data["profile"] == "paper" and set(data["tables"]) == {"top_latents", "stability"}
     assert (data["metrics"]["k"], data["metrics"]["layer"]) == (K, 13)
-    printed = "".join(text for cell in json.loads(executed.read_text())["cells"]
-                      for out in cell.get("outputs", []) for text in out.get("text", []))
+    printed = "".join(
+        text
+        for cell in json.loads(executed.read_text())["cells"]
+        for out in cell.get("outputs", [])
+        for text in out.get("text", [])
+    )
     assert "google/gemma-2-2b-it, layer 13; SAE with 16,384 latents" in printed
 
 

@@ -20,9 +20,12 @@ def _close_figures():
 
 
 def _trials() -> pd.DataFrame:
-    rows = [dict(dataset=d, variant=v, seed=s, test_accuracy=0.6 + 0.1 * i + 0.01 * s)
-            for i, d in enumerate(["truthfulqa", "hh-harmless"])
-            for v in ["SparseRM", "DenseRM"] for s in range(3)]
+    rows = [
+        dict(dataset=d, variant=v, seed=s, test_accuracy=0.6 + 0.1 * i + 0.01 * s)
+        for i, d in enumerate(["truthfulqa", "hh-harmless"])
+        for v in ["SparseRM", "DenseRM"]
+        for s in range(3)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -32,8 +35,9 @@ def _labels(fig) -> list[tuple[str, str, str]]:
 
 def test_accuracy_bars_draws_seed_spread_and_the_papers_ticks():
     paper = {"SparseRM": {"truthfulqa": 93.6}}
-    fig = plots.accuracy_bars(_trials(), title="accuracy", paper=paper,
-                              x_labels={"truthfulqa": "TruthfulQA", "hh-harmless": "HH"})
+    fig = plots.accuracy_bars(
+        _trials(), title="accuracy", paper=paper, x_labels={"truthfulqa": "TruthfulQA", "hh-harmless": "HH"}
+    )
     ax = fig.axes[0]
     assert ax.get_title() == "accuracy" and "%" in ax.get_ylabel()
     assert "paper (Gemma-2-9B-it)" in [t.get_text() for t in ax.get_legend().get_texts()]
@@ -50,18 +54,22 @@ def test_frequency_scatter_highlights_both_sides():
 
 
 def test_histogram_with_groups_and_log_scale():
-    fig = plots.histogram([1, 2, 2, 3, 5, 8], title="h", xlabel="value (units)", log=True,
-                          hue=["a", "a", "b", "b", "b", "a"], bins=5)
+    fig = plots.histogram(
+        [1, 2, 2, 3, 5, 8], title="h", xlabel="value (units)", log=True, hue=["a", "a", "b", "b", "b", "a"], bins=5
+    )
     ax = fig.axes[0]
     assert (ax.get_title(), ax.get_xlabel()) == ("h", "value (units)")
     assert ax.get_yscale() == "log"
 
 
 def test_sweep_lines_log2_axis_ticks_at_the_swept_values():
-    rows = [dict(layer=layer, k=k, seed=s, test_accuracy=0.7 + 0.01 * s)
-            for layer in (1, 2) for k in (8, 16, 32) for s in range(3)]
-    fig = plots.sweep_lines(pd.DataFrame(rows), x="k", hue="layer", title="sweep", xlabel="K",
-                            log_x=True)
+    rows = [
+        dict(layer=layer, k=k, seed=s, test_accuracy=0.7 + 0.01 * s)
+        for layer in (1, 2)
+        for k in (8, 16, 32)
+        for s in range(3)
+    ]
+    fig = plots.sweep_lines(pd.DataFrame(rows), x="k", hue="layer", title="sweep", xlabel="K", log_x=True)
     ax = fig.axes[0]
     assert ax.get_xscale() == "log"
     assert [float(t) for t in ax.get_xticks()] == [8.0, 16.0, 32.0]
@@ -69,8 +77,7 @@ def test_sweep_lines_log2_axis_ticks_at_the_swept_values():
 
 
 def test_training_curves_mark_the_kept_epoch():
-    history = FitHistory(settings={}, train_loss=[1.0, 0.5, 0.4], val_accuracy=[0.6, 0.7, 0.65],
-                         best_epoch=2)
+    history = FitHistory(settings={}, train_loss=[1.0, 0.5, 0.4], val_accuracy=[0.6, 0.7, 0.65], best_epoch=2)
     fig = plots.training_curves(history, title="one run")
     titles = [t for t, _, _ in _labels(fig)]
     assert titles == ["training loss", "validation pair accuracy"]

@@ -146,7 +146,10 @@ def test_srlib_makes_its_bars_through_srlib_progress_only():
     from pathlib import Path
 
     package = Path(progress.__file__).parent
-    found = {path.relative_to(package).as_posix(): _tqdm_bars(path.read_text())
-             for path in sorted(package.rglob("*.py")) if path.name != "progress.py"}
+    found = {
+        path.relative_to(package).as_posix(): _tqdm_bars(path.read_text())
+        for path in sorted(package.rglob("*.py"))
+        if path.name != "progress.py"
+    }
     assert {name: lines for name, lines in found.items() if lines} == {}
     assert _tqdm_bars("from tqdm.auto import tqdm\nfor x in tqdm(range(3)):\n    tqdm.write('x')") == [2]

@@ -17,8 +17,7 @@ from srlib.errors import ConfigError
 
 pytestmark = pytest.mark.real
 
-SYSTEM_HEADER = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by "
-                 "Hugging Face<|im_end|>\n")
+SYSTEM_HEADER = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 
 
 @pytest.fixture(scope="module")

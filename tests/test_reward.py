@@ -170,7 +170,11 @@ def test_loss_registry_and_bad_names():
     assert set(LOSSES) == {"margin", "bt", "bce"}
     assert tuple(LOSSES) == LOSS_NAMES and tuple(ACTIVATIONS) == ACTIVATION_NAMES  # HeadConfig allows these
     assert (LOSSES["margin"], LOSSES["bt"], LOSSES["bce"]) == (margin_loss, bt_loss, bce_loss)
-    assert (ACTIVATIONS["relu"], ACTIVATIONS["gelu"], ACTIVATIONS["tanh"]) == (torch.nn.ReLU, torch.nn.GELU, torch.nn.Tanh)
+    assert (ACTIVATIONS["relu"], ACTIVATIONS["gelu"], ACTIVATIONS["tanh"]) == (
+        torch.nn.ReLU,
+        torch.nn.GELU,
+        torch.nn.Tanh,
+    )
     assert get_loss("margin", gamma=2.0)(torch.tensor([0.0]), torch.tensor([0.0])).item() == pytest.approx(2.0)
     with pytest.raises(ConfigError) as error:
         get_loss("hinge")
@@ -392,9 +396,15 @@ def test_bad_state_shapes_and_empty_sets():
 def tiny_pairs(n: int, offset: int = 0):
     from srlib.data import PreferencePair
 
-    return [PreferencePair(prompt=f"Question {i}: is {i} even?", chosen=f"{'Yes' if i % 2 == 0 else 'No'}, {i}.",
-                           rejected=f"{'No' if i % 2 == 0 else 'Yes'}, {i}!", pair_id=str(i))
-            for i in range(offset, offset + n)]
+    return [
+        PreferencePair(
+            prompt=f"Question {i}: is {i} even?",
+            chosen=f"{'Yes' if i % 2 == 0 else 'No'}, {i}.",
+            rejected=f"{'No' if i % 2 == 0 else 'Yes'}, {i}!",
+            pair_id=str(i),
+        )
+        for i in range(offset, offset + n)
+    ]
 
 
 def test_dense_rm_fits_from_pairs_and_scores_through_a_reloaded_backbone(tiny_backbone, isolated_cache, tmp_path):
@@ -416,8 +426,17 @@ def test_dense_rm_fits_from_pairs_and_scores_through_a_reloaded_backbone(tiny_ba
 def test_sparse_rm_fits_from_pairs(tiny_backbone, isolated_cache):
     pytest.importorskip("srlib.sae")
     sae = small_sae(d_in=tiny_backbone.hidden_size, d_sae=64)
-    rm = SparseRM.fit(tiny_backbone, tiny_pairs(16), tiny_pairs(8, 100), layer=1, sae=sae, k=4,
-                      max_length=64, progress=False, head=HeadConfig(epochs=2))
+    rm = SparseRM.fit(
+        tiny_backbone,
+        tiny_pairs(16),
+        tiny_pairs(8, 100),
+        layer=1,
+        sae=sae,
+        k=4,
+        max_length=64,
+        progress=False,
+        head=HeadConfig(epochs=2),
+    )
     assert rm.k == 4 and len(rm.indices_w) == len(rm.indices_l) == 4
     torch.testing.assert_close(rm.features.vectors, sae.W_dec.detach()[rm.directions.indices])
     assert rm.score_pairs(tiny_pairs(3, 200))[0].shape == (3,)

@@ -31,14 +31,29 @@ class WordCountRM:
 # What WordCountRM scores on the sample, subset by subset: (pairs, wins, ties), from the
 # W / L / T pattern each subset's rows were written with.
 EXPECTED_SUBSETS = {
-    "alpacaeval-easy": (2, 2, 0), "alpacaeval-length": (2, 1, 0), "alpacaeval-hard": (2, 1, 1),
-    "mt-bench-easy": (1, 1, 0), "mt-bench-med": (2, 0, 0),
-    "mt-bench-hard": (1, 1, 0), "llmbar-natural": (2, 1, 0), "llmbar-adver-neighbor": (2, 0, 2),
-    "llmbar-adver-GPTInst": (2, 2, 0), "llmbar-adver-GPTOut": (1, 0, 0), "llmbar-adver-manual": (2, 1, 0),
-    "refusals-dangerous": (2, 2, 0), "refusals-offensive": (2, 1, 0), "xstest-should-refuse": (4, 2, 0),
-    "xstest-should-respond": (2, 1, 1), "donotanswer": (1, 0, 0),
-    "math-prm": (4, 2, 0), "hep-cpp": (1, 1, 0), "hep-go": (1, 0, 0), "hep-java": (2, 2, 0),
-    "hep-js": (2, 1, 0), "hep-python": (1, 0, 1), "hep-rust": (1, 1, 0),
+    "alpacaeval-easy": (2, 2, 0),
+    "alpacaeval-length": (2, 1, 0),
+    "alpacaeval-hard": (2, 1, 1),
+    "mt-bench-easy": (1, 1, 0),
+    "mt-bench-med": (2, 0, 0),
+    "mt-bench-hard": (1, 1, 0),
+    "llmbar-natural": (2, 1, 0),
+    "llmbar-adver-neighbor": (2, 0, 2),
+    "llmbar-adver-GPTInst": (2, 2, 0),
+    "llmbar-adver-GPTOut": (1, 0, 0),
+    "llmbar-adver-manual": (2, 1, 0),
+    "refusals-dangerous": (2, 2, 0),
+    "refusals-offensive": (2, 1, 0),
+    "xstest-should-refuse": (4, 2, 0),
+    "xstest-should-respond": (2, 1, 1),
+    "donotanswer": (1, 0, 0),
+    "math-prm": (4, 2, 0),
+    "hep-cpp": (1, 1, 0),
+    "hep-go": (1, 0, 0),
+    "hep-java": (2, 2, 0),
+    "hep-js": (2, 1, 0),
+    "hep-python": (1, 0, 1),
+    "hep-rust": (1, 1, 0),
     "my-custom": (1, 1, 0),
 }
 # By hand, with RewardBench's EXAMPLE_COUNTS as weights (ties are losses):
@@ -99,8 +114,9 @@ def test_bare_hub_id_reads_the_filtered_split(monkeypatch):
 
 def test_a_record_without_subset_names_file_and_line(tmp_path):
     path = tmp_path / "rb.jsonl"
-    path.write_text(SAMPLE.read_text().splitlines()[0] + "\n" + json.dumps({"prompt": "p", "chosen": "a",
-                                                                            "rejected": "b"}) + "\n")
+    path.write_text(
+        SAMPLE.read_text().splitlines()[0] + "\n" + json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
+    )
     with pytest.raises(DataError, match=r"rb\.jsonl:2: field 'subset'"):
         load_rewardbench(path)
 
@@ -117,8 +133,9 @@ def test_cli_eval_prints_the_table_and_json_on_the_last_line(monkeypatch, capsys
     assert summary["subsets"]["math-prm"] == {"n": 4, "accuracy": 0.5, "ties": 0}
     table = "\n".join(lines[:-1])
     for section, score in EXPECTED_SECTIONS.items():
-        assert any(line.startswith(section + " ") and line.split()[-1] == f"{score:.3f}"
-                   for line in table.splitlines()), section
+        assert any(
+            line.startswith(section + " ") and line.split()[-1] == f"{score:.3f}" for line in table.splitlines()
+        ), section
     assert "(no section)" in table and "my-custom" in table
 
 
@@ -152,7 +169,9 @@ def test_cli_eval_with_a_saved_smoke_reward_model(tmp_path, capsys, monkeypatch)
     pairs, subsets = load_rewardbench(SAMPLE)
     s_w, s_l = RewardModel.from_pretrained(rm).score_pairs(pairs)
     expected = score_subsets(subsets, s_w.tolist(), s_l.tolist())
-    assert summary["subsets"] == {name: {"n": s.n, "accuracy": s.accuracy, "ties": s.ties}
-                                  for name, s in expected.subsets.items()}
-    assert summary["sections"] == pytest.approx(rewardbench.section_scores(
-        {name: s.accuracy for name, s in expected.subsets.items()}))
+    assert summary["subsets"] == {
+        name: {"n": s.n, "accuracy": s.accuracy, "ties": s.ties} for name, s in expected.subsets.items()
+    }
+    assert summary["sections"] == pytest.approx(
+        rewardbench.section_scores({name: s.accuracy for name, s in expected.subsets.items()})
+    )

@@ -48,7 +48,10 @@ def test_parse_sae_source():
     assert parse_sae_source("train") == SAESource("train")
     src = parse_sae_source(GEMMA)
     assert (src.kind, src.release, src.sae_id) == (
-        "sae-lens", "gemma-scope-2b-pt-res-canonical", "layer_13/width_16k/canonical")
+        "sae-lens",
+        "gemma-scope-2b-pt-res-canonical",
+        "layer_13/width_16k/canonical",
+    )
 
 
 def test_parse_sae_source_local_folder(tmp_path):
@@ -57,8 +60,9 @@ def test_parse_sae_source_local_folder(tmp_path):
     assert src.kind == "disk" and src.path == tmp_path / "mine"
 
 
-@pytest.mark.parametrize("bad", ["sae-lens:gemma-scope", "sae-lens:/layer_13", "sae-lens:rel/",
-                                 "gemma-scope-2b", "", "TRAIN"])
+@pytest.mark.parametrize(
+    "bad", ["sae-lens:gemma-scope", "sae-lens:/layer_13", "sae-lens:rel/", "gemma-scope-2b", "", "TRAIN"]
+)
 def test_bad_sae_source_is_one_line_config_error(bad, tmp_path):
     with pytest.raises(ConfigError, match="bad sae_source") as err:
         parse_sae_source(bad)
@@ -180,17 +184,18 @@ def test_outlier_rows_are_dropped():
 
 # ---------------------------------------------------------------------------- training
 
-TINY_CONFIG = SAETrainingConfig(d_sae=32, k=4, training_tokens=64 * 15, batch_size=64,
-                                lr=3e-3, lr_end=3e-4)
+TINY_CONFIG = SAETrainingConfig(d_sae=32, k=4, training_tokens=64 * 15, batch_size=64, lr=3e-3, lr_end=3e-4)
 
 
 @pytest.fixture(scope="module")
 def texts(tiny_backbone):
     subjects = ["the cat", "a dolphin", "my neighbour", "the river", "this recipe", "the moon"]
-    verbs = ["sleeps in the sun", "is a mammal", "asked for help", "floods in spring",
-             "needs more salt"]
-    return [format_text(tiny_backbone.tokenizer, f"Tell me about {s}.", f"I think {s} {v}.")
-            for s in subjects for v in verbs]
+    verbs = ["sleeps in the sun", "is a mammal", "asked for help", "floods in spring", "needs more salt"]
+    return [
+        format_text(tiny_backbone.tokenizer, f"Tell me about {s}.", f"I think {s} {v}.")
+        for s in subjects
+        for v in verbs
+    ]
 
 
 @pytest.fixture
@@ -211,8 +216,7 @@ def count_trainings(monkeypatch):
     return calls
 
 
-def test_train_sae_saves_a_loadable_sae_lens_sae(tiny_backbone, texts, isolated_cache,
-                                                 count_trainings):
+def test_train_sae_saves_a_loadable_sae_lens_sae(tiny_backbone, texts, isolated_cache, count_trainings):
     sae = train_sae(tiny_backbone, 2, texts, TINY_CONFIG, max_length=64, progress=False)
     assert count_trainings == [1]
     assert isinstance(sae, TopKSAE) and sae.cfg.k == 4
@@ -232,8 +236,9 @@ def test_train_sae_saves_a_loadable_sae_lens_sae(tiny_backbone, texts, isolated_
     assert sae_mod.SAETrainer.windows == [15 // 10]  # the default window: a tenth of 15 steps
 
 
-def test_second_call_loads_and_another_config_trains_anew(tiny_backbone, texts, isolated_cache,
-                                                          count_trainings, monkeypatch):
+def test_second_call_loads_and_another_config_trains_anew(
+    tiny_backbone, texts, isolated_cache, count_trainings, monkeypatch
+):
     extractions = []
 
     def counting_stream(*args, **kwargs):
@@ -246,8 +251,7 @@ def test_second_call_loads_and_another_config_trains_anew(tiny_backbone, texts, 
     again = train_sae(tiny_backbone, 2, texts, TINY_CONFIG, max_length=64, progress=False)
     assert count_trainings == [1] and extractions == [1, 1]
     torch.testing.assert_close(again.W_dec, first.W_dec)
-    other = train_sae(tiny_backbone, 2, texts, dataclasses.replace(TINY_CONFIG, seed=1),
-                      max_length=64, progress=False)
+    other = train_sae(tiny_backbone, 2, texts, dataclasses.replace(TINY_CONFIG, seed=1), max_length=64, progress=False)
     assert count_trainings == [1, 1]
     assert extractions == [1, 1]  # same corpus: its activations come from the cache
     assert sae_info(other)["training"]["activations_from_cache"]
@@ -274,8 +278,7 @@ def test_training_is_deterministic(tiny_backbone, texts, tmp_path, monkeypatch):
     weights = []
     for run in ("a", "b"):
         monkeypatch.setenv("SRLIB_CACHE_DIR", str(tmp_path / run))
-        weights.append(train_sae(tiny_backbone, 2, texts, TINY_CONFIG, max_length=64,
-                                 progress=False).W_dec)
+        weights.append(train_sae(tiny_backbone, 2, texts, TINY_CONFIG, max_length=64, progress=False).W_dec)
     assert torch.equal(weights[0], weights[1])
 
 
@@ -293,8 +296,13 @@ def test_training_input_errors(tiny_backbone, texts, isolated_cache):
 def test_smoke_profile_trains_on_the_train_splits(tiny_backbone, smoke_profile, isolated_cache):
     corpus = sae_mod.default_sae_corpus(tiny_backbone.tokenizer, max_pairs=smoke_profile.max_pairs)
     full = set(sae_mod.default_sae_corpus(tiny_backbone.tokenizer))
-    held = {text for split in ("val", "test") for name in ("truthfulqa", "hh-harmless", "pku-saferlhf")
-            for pair in load_pairs(f"{name}:{split}") for text in format_pair(tiny_backbone.tokenizer, pair)}
+    held = {
+        text
+        for split in ("val", "test")
+        for name in ("truthfulqa", "hh-harmless", "pku-saferlhf")
+        for pair in load_pairs(f"{name}:{split}")
+        for text in format_pair(tiny_backbone.tokenizer, pair)
+    }
     assert set(corpus) <= full and not full & held
     sae = sae_for_profile(smoke_profile, tiny_backbone, progress=False)
     assert sae.cfg.d_sae == smoke_profile.sae_training.d_sae
@@ -309,17 +317,24 @@ def test_default_levers_keep_the_cache_key_of_earlier_saes(tiny_backbone, texts)
     key, parts = sae_mod.sae_cache_key(tiny_backbone, 2, texts, TINY_CONFIG, max_length=64)
     before = {"d_sae", "k", "training_tokens", "batch_size", "lr", "lr_end", "seed", "last_token_share"}
     assert set(parts["config"]) == before and parts["dead_window_divisor"] == 10
-    for change in (dict(architecture="batchtopk"), dict(sparsity_coefficient=0.5), dict(dead_window_divisor=5),
-                   dict(last_token_share=0.5)):
-        other, _ = sae_mod.sae_cache_key(tiny_backbone, 2, texts, dataclasses.replace(TINY_CONFIG, **change),
-                                         max_length=64)
+    for change in (
+        dict(architecture="batchtopk"),
+        dict(sparsity_coefficient=0.5),
+        dict(dead_window_divisor=5),
+        dict(last_token_share=0.5),
+    ):
+        other, _ = sae_mod.sae_cache_key(
+            tiny_backbone, 2, texts, dataclasses.replace(TINY_CONFIG, **change), max_length=64
+        )
         assert other != key, change
 
 
-@pytest.mark.parametrize("architecture, saved_as", [("batchtopk", "JumpReLUSAE"), ("jumprelu", "JumpReLUSAE"),
-                                                    ("standard", "StandardSAE")])
-def test_other_sae_lens_architectures_train_and_load(architecture, saved_as, tiny_backbone, texts,
-                                                     isolated_cache, count_trainings):
+@pytest.mark.parametrize(
+    "architecture, saved_as", [("batchtopk", "JumpReLUSAE"), ("jumprelu", "JumpReLUSAE"), ("standard", "StandardSAE")]
+)
+def test_other_sae_lens_architectures_train_and_load(
+    architecture, saved_as, tiny_backbone, texts, isolated_cache, count_trainings
+):
     config = dataclasses.replace(TINY_CONFIG, architecture=architecture, sparsity_coefficient=0.01)
     sae = train_sae(tiny_backbone, 2, texts, config, max_length=64, progress=False)
     assert type(sae).__name__ == saved_as and sae.cfg.d_sae == 32
@@ -328,14 +343,20 @@ def test_other_sae_lens_architectures_train_and_load(architecture, saved_as, tin
 
 
 def test_dead_window_follows_its_divisor(tiny_backbone, texts, isolated_cache, count_trainings):
-    train_sae(tiny_backbone, 2, texts, dataclasses.replace(TINY_CONFIG, dead_window_divisor=5),
-              max_length=64, progress=False)
+    train_sae(
+        tiny_backbone, 2, texts, dataclasses.replace(TINY_CONFIG, dead_window_divisor=5), max_length=64, progress=False
+    )
     assert sae_mod.SAETrainer.windows == [15 // 5]
 
 
-@pytest.mark.parametrize("change, message", [(dict(architecture="gated"), "unknown SAE architecture 'gated'"),
-                                             (dict(dead_window_divisor=0), "dead_window_divisor"),
-                                             (dict(sparsity_coefficient=float("nan")), "sparsity_coefficient")])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(architecture="gated"), "unknown SAE architecture 'gated'"),
+        (dict(dead_window_divisor=0), "dead_window_divisor"),
+        (dict(sparsity_coefficient=float("nan")), "sparsity_coefficient"),
+    ],
+)
 def test_bad_levers_are_one_line_config_errors(change, message, tiny_backbone, texts, isolated_cache):
     with pytest.raises(ConfigError, match=message) as error:
         train_sae(tiny_backbone, 2, texts, dataclasses.replace(TINY_CONFIG, **change), progress=False)

@@ -38,8 +38,9 @@ def half_dead_sae(d: int) -> TopKSAE:
 
 @pytest.fixture(scope="module")
 def texts(tiny_backbone):
-    return [format_text(tiny_backbone.tokenizer, f"Is claim {i} true?", f"Answer number {i} says no.")
-            for i in range(6)]
+    return [
+        format_text(tiny_backbone.tokenizer, f"Is claim {i} true?", f"Answer number {i} says no.") for i in range(6)
+    ]
 
 
 def test_quality_at_the_read_position_beside_all_tokens(tiny_backbone, texts, isolated_cache):
@@ -83,8 +84,9 @@ def test_sae_report_prints_read_position_and_all_tokens(module_cache, tiny_backb
     pairs, sae = tmp_path / "pairs.jsonl", tmp_path / "sae"
     write_jsonl(toy_pairs(12), pairs)
     half_dead_sae(tiny_backbone.hidden_size).save_model(sae)  # a saved SAE: nothing to train
-    assert main(["sae", "report", "--profile", "smoke", "--sae", str(sae), "--pairs", str(pairs),
-                 "--max-pairs", "5"]) == 0
+    assert (
+        main(["sae", "report", "--profile", "smoke", "--sae", str(sae), "--pairs", str(pairs), "--max-pairs", "5"]) == 0
+    )
     out = capsys.readouterr().out.strip().splitlines()
     header = next(line for line in out if "alive % read" in line)
     assert "alive % all" in header and "FVE read" in header and "FVE all" in header
@@ -94,10 +96,13 @@ def test_sae_report_prints_read_position_and_all_tokens(module_cache, tiny_backb
     assert quality["read_position"]["dead_fraction"] >= 0.5  # half its latents never fire
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["sae", "report", "--profile", "smoke", "--pairs", "no-such-file.jsonl"], "no-such-file.jsonl"),
-    (["sae", "train", "--profile", "smoke", "--pairs", "x.jsonl"], "--pairs is for `sae report`"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["sae", "report", "--profile", "smoke", "--pairs", "no-such-file.jsonl"], "no-such-file.jsonl"),
+        (["sae", "train", "--profile", "smoke", "--pairs", "x.jsonl"], "--pairs is for `sae report`"),
+    ],
+)
 def test_sae_report_bad_input_is_exit_2_and_one_line(argv, message, module_cache, capsys):
     assert main(argv) == 2
     assert message in error_line(capsys)
@@ -107,7 +112,9 @@ def test_sae_report_bad_input_is_exit_2_and_one_line(argv, message, module_cache
 
 
 def _split(n: int, groups: int, offset: int = 0) -> SplitStates:
-    pairs = [dataclasses.replace(pair, group_id=f"g{offset + i % groups}") for i, pair in enumerate(toy_pairs(n, offset))]
+    pairs = [
+        dataclasses.replace(pair, group_id=f"g{offset + i % groups}") for i, pair in enumerate(toy_pairs(n, offset))
+    ]
     return SplitStates(pairs, torch.randn(n, 4), torch.randn(n, 4))
 
 
@@ -125,14 +132,20 @@ def test_validation_view_halves_validation_by_question_and_drops_test():
 
 
 def _trials(outcomes: dict[str, list[float]], dataset: str = "toy", k: int = 8) -> pd.DataFrame:
-    return pd.DataFrame([{"dataset": dataset, "K": k, "variant": name, "seed": seed, "test_outcomes": values}
-                         for name, values in outcomes.items() for seed in (0, 1)])
+    return pd.DataFrame(
+        [
+            {"dataset": dataset, "K": k, "variant": name, "seed": seed, "test_outcomes": values}
+            for name, values in outcomes.items()
+            for seed in (0, 1)
+        ]
+    )
 
 
 def test_gap_and_trend_are_paired_and_computed_from_the_outcomes():
     n = 40
-    trials = _trials({"weak": [1.0] * (n // 2) + [0.0] * (n // 2), "strong": [1.0] * n,
-                      RANDOM: [1.0] * (n // 2) + [0.0] * (n // 2)})
+    trials = _trials(
+        {"weak": [1.0] * (n // 2) + [0.0] * (n // 2), "strong": [1.0] * n, RANDOM: [1.0] * (n // 2) + [0.0] * (n // 2)}
+    )
     gaps = gap_table(trials, ["weak", "strong"])
     by_variant = gaps.set_index("variant")
     assert by_variant.loc["weak", "A − B (points)"] == 0.0 and by_variant.loc["strong", "A − B (points)"] == 50.0
@@ -147,8 +160,9 @@ def test_gap_and_trend_are_paired_and_computed_from_the_outcomes():
 
 
 def test_conclusion_counts_grew_shrank_and_unclear():
-    trend = pd.DataFrame({"gap change (points)": [5.0, -4.0, 1.0], "CI low": [1.0, -7.0, -2.0],
-                          "CI high": [9.0, -1.0, 4.0]})
+    trend = pd.DataFrame(
+        {"gap change (points)": [5.0, -4.0, 1.0], "CI low": [1.0, -7.0, -2.0], "CI high": [9.0, -1.0, 4.0]}
+    )
     text = trend_conclusion(trend)
     assert "in 1, loses (the gap shrinks) in 1, and shows no clear difference in 1" in text
     assert "-4.0 to +5.0 points" in text
@@ -166,11 +180,19 @@ def test_the_profiles_define_a_graded_family():
 def test_gap_figure_has_a_panel_per_data_set_and_the_paired_intervals():
     from srlib import plots
 
-    gaps = pd.DataFrame({"variant": ["weak", "strong"] * 2, "dataset": ["a", "a", "b", "b"], "K": [8] * 4,
-                         "A − B (points)": [1.0, 5.0, -2.0, 3.0], "CI low": [-1.0, 2.0, -6.0, 0.5],
-                         "CI high": [3.0, 9.0, 1.0, 4.0]})
-    quality = pd.DataFrame({"variant": ["weak", "strong"] * 2, "dataset": ["a", "a", "b", "b"],
-                            "FVE read": [0.3, 0.8, 0.2, 0.7]})
+    gaps = pd.DataFrame(
+        {
+            "variant": ["weak", "strong"] * 2,
+            "dataset": ["a", "a", "b", "b"],
+            "K": [8] * 4,
+            "A − B (points)": [1.0, 5.0, -2.0, 3.0],
+            "CI low": [-1.0, 2.0, -6.0, 0.5],
+            "CI high": [3.0, 9.0, 1.0, 4.0],
+        }
+    )
+    quality = pd.DataFrame(
+        {"variant": ["weak", "strong"] * 2, "dataset": ["a", "a", "b", "b"], "FVE read": [0.3, 0.8, 0.2, 0.7]}
+    )
     fig = plots.gap_vs_quality(gaps, quality, title="t", dataset_labels={"a": "A"})
     assert [ax.get_title() for ax in fig.axes] == ["A", "b"]
     line = fig.axes[0].lines[0]
@@ -179,10 +201,13 @@ def test_gap_figure_has_a_panel_per_data_set_and_the_paired_intervals():
     assert [tuple(segment[:, 1]) for segment in bars.get_segments()] == [(-1.0, 3.0), (2.0, 9.0)]
 
 
-@pytest.mark.parametrize("check, wrong", [
-    ("alive_fraction", lambda z: float((z > 0).float().mean())),  # the firing rate, not the alive share
-    ("gap_change", lambda best, weakest, random: float((best - random).mean())),  # a gap, not its change, no points
-])
+@pytest.mark.parametrize(
+    "check, wrong",
+    [
+        ("alive_fraction", lambda z: float((z > 0).float().mean())),  # the firing rate, not the alive share
+        ("gap_change", lambda best, weakest, random: float((best - random).mean())),  # a gap, not its change, no points
+    ],
+)
 def test_the_chapter_checks_reject_a_wrong_answer(check, wrong):
     from srlib import checks
 
@@ -194,12 +219,20 @@ def test_closing_table_puts_quality_gaps_and_accuracy_in_one_row_per_sae():
     from srlib.sae_study import FamilyStudy
 
     n = 40
-    trials = _trials({"weak": [1.0] * (n // 2) + [0.0] * (n // 2), "strong": [1.0] * n,
-                      RANDOM: [1.0] * (n // 2) + [0.0] * (n // 2)})
+    trials = _trials(
+        {"weak": [1.0] * (n // 2) + [0.0] * (n // 2), "strong": [1.0] * n, RANDOM: [1.0] * (n // 2) + [0.0] * (n // 2)}
+    )
     trials["heldout_val_accuracy"] = [sum(o) / n for o in trials["test_outcomes"]]
     gaps = gap_table(trials, ["weak", "strong"])
-    quality = pd.DataFrame({"variant": ["weak", "strong"], "dataset": ["toy", "toy"], "FVE read": [0.2, 0.9],
-                            "alive % read": [5.0, 40.0], "training s": [1.0, 9.0]})
+    quality = pd.DataFrame(
+        {
+            "variant": ["weak", "strong"],
+            "dataset": ["toy", "toy"],
+            "FVE read": [0.2, 0.9],
+            "alive % read": [5.0, 40.0],
+            "training s": [1.0, 9.0],
+        }
+    )
     study = FamilyStudy(quality, trials, gaps, quality_trend(trials, gaps, quality), {}, None, None)
     table = study.table({"toy": "Toy"})
     assert list(table.index) == [("Toy", "weak"), ("Toy", "strong")]

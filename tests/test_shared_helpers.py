@@ -38,10 +38,17 @@ def test_a_batch_size_below_one_is_refused():
         length_batches([1, 2], 0)
 
 
-@pytest.mark.parametrize(("mean", "sd", "digits", "label"), [
-    (71.04, 1.25, 1, "71.0 ± 1.2"), (71.04, None, 1, "71.0"), (71.04, math.nan, 1, "71.0"),
-    (math.nan, 1.0, 1, "–"), (0.5, 0.25, 3, "0.500 ± 0.250"), (12.6, 3.4, 0, "13 ± 3"),
-])
+@pytest.mark.parametrize(
+    ("mean", "sd", "digits", "label"),
+    [
+        (71.04, 1.25, 1, "71.0 ± 1.2"),
+        (71.04, None, 1, "71.0"),
+        (71.04, math.nan, 1, "71.0"),
+        (math.nan, 1.0, 1, "–"),
+        (0.5, 0.25, 3, "0.500 ± 0.250"),
+        (12.6, 3.4, 0, "13 ± 3"),
+    ],
+)
 def test_mean_sd_labels(mean, sd, digits, label):
     assert mean_sd(mean, sd, digits=digits) == label
 
@@ -55,7 +62,10 @@ def test_no_module_sorts_by_length_for_batches_or_formats_mean_sd_itself():
     """A second copy of either helper is what this test exists to catch."""
     by_length = re.compile(r"sorted\(range\(len\(\w+\)\),\s*key=lambda \w+: len\(")
     plus_minus = re.compile(r"\}\s*±\s*\{")  # an f-string "{mean} ± {sd}"
-    found = [f"{path.relative_to(ROOT)}: {pattern.pattern}" for path, text in _sources().items()
-             for pattern in (by_length, plus_minus) if pattern.search(text)
-             and not (path.name == "evaluate.py" and pattern is plus_minus)]
+    found = [
+        f"{path.relative_to(ROOT)}: {pattern.pattern}"
+        for path, text in _sources().items()
+        for pattern in (by_length, plus_minus)
+        if pattern.search(text) and not (path.name == "evaluate.py" and pattern is plus_minus)
+    ]
     assert not found

@@ -57,13 +57,24 @@ def test_similarity_rejects_bad_input():
 def test_projection_space_and_similarity_frame():
     g = torch.Generator().manual_seed(3)
     vectors = torch.randn(4, 6, generator=g)
-    directions = Directions(torch.tensor([0, 1]), torch.tensor([2, 3]), torch.zeros(2), torch.zeros(2),
-                            torch.zeros(8), torch.zeros(8), vectors)
+    directions = Directions(
+        torch.tensor([0, 1]),
+        torch.tensor([2, 3]),
+        torch.zeros(2),
+        torch.zeros(2),
+        torch.zeros(8),
+        torch.zeros(8),
+        vectors,
+    )
     Z = torch.randn(5, 6, generator=g)
     assert torch.allclose(shift.projection_space(Z, directions), Z @ vectors.T)
-    spaces = {"dense": {"training": Z, "generated": Z[:3]},
-              "projection": {"training": shift.projection_space(Z, directions),
-                             "generated": shift.projection_space(Z[:3], directions)}}
+    spaces = {
+        "dense": {"training": Z, "generated": Z[:3]},
+        "projection": {
+            "training": shift.projection_space(Z, directions),
+            "generated": shift.projection_space(Z[:3], directions),
+        },
+    }
     frame = shift.similarity_frame(spaces, center=True)
     assert len(frame) == 2 * 2 * 3
     assert set(frame["aggregate"]) == set(shift.AGGREGATES) and frame["centered"].all()
@@ -86,7 +97,13 @@ def test_agreement_counts_and_pairwise_agreement():
     table = shift.pairwise_agreement(decisions)
     # Dense 0-1, Dense0-Sparse0, Sparse 0-1, Dense1-Sparse1 (cross-method pairs need equal seeds)
     assert len(table) == 4
-    rates = dict(zip(zip(table["method_a"], table["seed_a"], table["method_b"], table["seed_b"], strict=True), table["agreement"], strict=True))
+    rates = dict(
+        zip(
+            zip(table["method_a"], table["seed_a"], table["method_b"], table["seed_b"], strict=True),
+            table["agreement"],
+            strict=True,
+        )
+    )
     assert rates[("Dense", 0, "Dense", 1)] == 1.0 and rates[("Dense", 0, "Sparse", 0)] == 0.5
     assert rates[("Dense", 1, "Sparse", 1)] == 1.0
     with pytest.raises(ConfigError):
@@ -140,14 +157,21 @@ def test_beside_paper_puts_the_papers_number_next_to_ours():
     from srlib.experiments import summarize
     from srlib.present import beside_paper
 
-    trials = pd.DataFrame({"dataset": ["truthfulqa"] * 4 + ["hh-harmless"] * 4,
-                           "variant": ["A", "A", "B", "B"] * 2,
-                           "test_accuracy": [0.8, 0.82, 0.7, 0.72, 0.6, 0.6, 0.5, 0.52]})
+    trials = pd.DataFrame(
+        {
+            "dataset": ["truthfulqa"] * 4 + ["hh-harmless"] * 4,
+            "variant": ["A", "A", "B", "B"] * 2,
+            "test_accuracy": [0.8, 0.82, 0.7, 0.72, 0.6, 0.6, 0.5, 0.52],
+        }
+    )
     table = beside_paper(summarize(trials, value="test_accuracy"), {"A": {"truthfulqa": 93.6, "hh-harmless": 90.2}})
     assert list(table.index) == ["A", "B"]
-    assert list(table.columns) == ["TruthfulQA (ours)", "TruthfulQA · paper (Gemma-2-9B-it)",
-                                   "Red-Teaming (HH harmless) (ours)",
-                                   "Red-Teaming (HH harmless) · paper (Gemma-2-9B-it)"]
+    assert list(table.columns) == [
+        "TruthfulQA (ours)",
+        "TruthfulQA · paper (Gemma-2-9B-it)",
+        "Red-Teaming (HH harmless) (ours)",
+        "Red-Teaming (HH harmless) · paper (Gemma-2-9B-it)",
+    ]
     assert table.loc["A", "TruthfulQA (ours)"] == "81.0 ± 1.4"
     assert table.loc["A", "TruthfulQA · paper (Gemma-2-9B-it)"] == "93.6"
     assert table.loc["B", "TruthfulQA · paper (Gemma-2-9B-it)"] == ""
@@ -162,16 +186,23 @@ def test_figure_helpers_of_chapters_5_and_6_draw_labelled_panels():
 
     g = torch.Generator().manual_seed(6)
     Z = torch.randn(30, 8, generator=g)
-    spaces = {"dense": {"training": Z[:20], "generated": Z[20:]}, "projection": {"training": Z[:20, :4],
-                                                                                 "generated": Z[20:, :4]}}
+    spaces = {
+        "dense": {"training": Z[:20], "generated": Z[20:]},
+        "projection": {"training": Z[:20, :4], "generated": Z[20:, :4]},
+    }
     fig = plots.similarity_histograms(shift.similarity_frame(spaces), title="t")
     assert [ax.get_title() for ax in fig.axes] == ["dense space", "projection space"]
     points = shift.tsne_embedding(Z, seed=0)
-    fig = plots.tsne_panels({"dense": points, "projection": points}, labels=["chosen", "rejected"] * 15,
-                            sources=["training"] * 20 + ["generated"] * 10, title="t")
+    fig = plots.tsne_panels(
+        {"dense": points, "projection": points},
+        labels=["chosen", "rejected"] * 15,
+        sources=["training"] * 20 + ["generated"] * 10,
+        title="t",
+    )
     assert len(fig.axes) == 2 and fig.axes[0].get_xlabel().startswith("t-SNE 1")
-    sweep = pd.DataFrame([dict(gamma=gm, seed=s, test_accuracy=0.6, scale_vs_gamma1=gm) for gm in (0.1, 1.0, 10.0)
-                          for s in range(2)])
+    sweep = pd.DataFrame(
+        [dict(gamma=gm, seed=s, test_accuracy=0.6, scale_vs_gamma1=gm) for gm in (0.1, 1.0, 10.0) for s in range(2)]
+    )
     fig = plots.gamma_sweep(sweep, title="t")
     assert fig.axes[1].get_yscale() == "log" and fig.axes[0].get_xscale() == "log"
     matplotlib.pyplot.close("all")
@@ -198,8 +229,9 @@ def test_legend_below_moves_the_legend_under_the_axes():
     matplotlib.use("Agg")
     from srlib import plots
 
-    trials = pd.DataFrame({"dataset": ["truthfulqa"] * 4, "variant": ["A", "A", "B", "B"],
-                           "test_accuracy": [0.8, 0.82, 0.7, 0.72]})
+    trials = pd.DataFrame(
+        {"dataset": ["truthfulqa"] * 4, "variant": ["A", "A", "B", "B"], "test_accuracy": [0.8, 0.82, 0.7, 0.72]}
+    )
     fig = plots.legend_below(plots.accuracy_bars(trials, title="t"))
     legend = fig.axes[0].get_legend()
     assert legend is not None and legend.get_bbox_to_anchor().y0 < fig.axes[0].get_window_extent().y0

@@ -70,17 +70,31 @@ def test_declared_dependencies_cover_what_srlib_imports():
 
     root = Path(__file__).resolve().parents[1]
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
-    declared = {req.split("==")[0].split(">=")[0].strip().lower()
-                for group in [project["dependencies"], *project["optional-dependencies"].values()]
-                for req in group}
-    distribution = {"sklearn": "scikit-learn", "yaml": "pyyaml", "sae_lens": "sae-lens",
-                    "huggingface_hub": "huggingface-hub", "jupyter_client": "jupyter-client",
-                    "jupyter_book": "jupyter-book", "transformer_lens": "transformer-lens", "IPython": "ipython"}
+    declared = {
+        req.split("==")[0].split(">=")[0].strip().lower()
+        for group in [project["dependencies"], *project["optional-dependencies"].values()]
+        for req in group
+    }
+    distribution = {
+        "sklearn": "scikit-learn",
+        "yaml": "pyyaml",
+        "sae_lens": "sae-lens",
+        "huggingface_hub": "huggingface-hub",
+        "jupyter_client": "jupyter-client",
+        "jupyter_book": "jupyter-book",
+        "transformer_lens": "transformer-lens",
+        "IPython": "ipython",
+    }
     imported = set()
     for path in (root / "srlib").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
             imported.update(name.split(".")[0] for name in names if name)
     import sys
 
@@ -130,8 +144,19 @@ def tiny_rm(tiny_backbone):
     with torch.no_grad():
         sae.W_dec.copy_(torch.randn(64, tiny_backbone.hidden_size))
         sae.W_enc.copy_(torch.randn(tiny_backbone.hidden_size, 64))
-    return SparseRM.fit(tiny_backbone, toy_pairs(12), toy_pairs(6, 100), layer=1, sae=sae, k=4, max_length=64,
-                        sae_source="train", cache=False, progress=False, head=HeadConfig(epochs=2))
+    return SparseRM.fit(
+        tiny_backbone,
+        toy_pairs(12),
+        toy_pairs(6, 100),
+        layer=1,
+        sae=sae,
+        k=4,
+        max_length=64,
+        sae_source="train",
+        cache=False,
+        progress=False,
+        head=HeadConfig(epochs=2),
+    )
 
 
 PROMPTS = ["Is the moon made of cheese?", "What is the capital of France?"]
@@ -153,8 +178,10 @@ def test_reward_function_has_trls_signature_in_both_formats(tiny_rm):
     expected = reference_scores(tiny_rm, PROMPTS, ANSWERS)
     assert expected[0] != expected[1]
     assert reward(prompts=PROMPTS, completions=ANSWERS, completion_ids=[[1], [2]], trainer_state=None) == expected
-    conversational = reward(prompts=[[{"role": "user", "content": p}] for p in PROMPTS],
-                            completions=[[{"role": "assistant", "content": a}] for a in ANSWERS])
+    conversational = reward(
+        prompts=[[{"role": "user", "content": p}] for p in PROMPTS],
+        completions=[[{"role": "assistant", "content": a}] for a in ANSWERS],
+    )
     assert conversational == pytest.approx(expected, abs=1e-6)
     assert get_callable_name(reward) == "SparseRM"
     assert get_callable_name(tiny_rm.as_reward_function(name="truthfulness")) == "truthfulness"
@@ -185,13 +212,29 @@ def test_grpo_steps_log_the_sparserm_rewards(tiny_rm, tiny_backbone, isolated_ca
     from srlib.backbone import pretrained_path
 
     prompts = [[{"role": "user", "content": p.prompt}] for p in toy_pairs(4)]
-    args = GRPOConfig(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=2,
-                      max_completion_length=6, max_steps=1, use_cpu=True, bf16=False, fp16=False,
-                      gradient_checkpointing=False, report_to="none", logging_steps=1, save_strategy="no",
-                      disable_tqdm=True, seed=0)
-    trainer = GRPOTrainer(model=pretrained_path(tiny_backbone), reward_funcs=tiny_rm.as_reward_function(),
-                          args=args, train_dataset=Dataset.from_dict({"prompt": prompts}),
-                          processing_class=tiny_backbone.tokenizer)
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "grpo"),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        max_completion_length=6,
+        max_steps=1,
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = GRPOTrainer(
+        model=pretrained_path(tiny_backbone),
+        reward_funcs=tiny_rm.as_reward_function(),
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": prompts}),
+        processing_class=tiny_backbone.tokenizer,
+    )
     trainer.train()
     logged_prompts, completions = list(trainer._logs["prompt"]), list(trainer._logs["completion"])
     assert len(completions) == 4 and all(c[0]["role"] == "assistant" for c in completions)
@@ -212,8 +255,20 @@ def test_score_and_filter_show_a_progress_bar(tiny_rm, isolated_cache, tmp_path,
     assert main(["score", "--rm", str(tmp_path / "rm"), "--pairs", str(tmp_path / "pairs.jsonl")]) == 0
     assert "states" in capsys.readouterr().err
     write_jsonl(toy_pairs(5, 50), tmp_path / "new.jsonl")  # not cached by the scoring above: read again
-    assert main(["filter", "--rm", str(tmp_path / "rm"), "--pairs", str(tmp_path / "new.jsonl"),
-                 "--out", str(tmp_path / "kept.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "filter",
+                "--rm",
+                str(tmp_path / "rm"),
+                "--pairs",
+                str(tmp_path / "new.jsonl"),
+                "--out",
+                str(tmp_path / "kept.jsonl"),
+            ]
+        )
+        == 0
+    )
     assert "states" in capsys.readouterr().err
 
 
@@ -368,6 +423,6 @@ def test_the_sae_saves_in_sae_lens_format_and_uploads_with_sae_lens(tiny_rm, tmp
     monkeypatch.setattr(uploader, "_repo_exists", lambda api, repo_id: True)
     monkeypatch.setattr(uploader, "_repo_file_exists", lambda repo_id, filename, revision: True)
     srlib.hub.push_sae_to_hub(sae, "someone/tiny-sae", "layer_1")
-    (_, repo_id, files, kwargs), = StubApi.calls
+    ((_, repo_id, files, kwargs),) = StubApi.calls
     assert repo_id == "someone/tiny-sae" and kwargs["path_in_repo"] == "layer_1"
     assert {"cfg.json", "sae_weights.safetensors"} <= set(files)

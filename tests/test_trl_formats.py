@@ -43,10 +43,15 @@ def texts(pairs: list[PreferencePair]) -> list[tuple]:
 
 
 STANDARD = {"prompt": "What colour is the sky?", "chosen": "Blue.", "rejected": "Green."}
-CONVERSATIONAL = {"prompt": [user("What colour is the sky?")], "chosen": [assistant("Blue.")],
-                  "rejected": [assistant("Green.")]}
-IMPLICIT = {"chosen": [user("What colour is the sky?"), assistant("Blue.")],
-            "rejected": [user("What colour is the sky?"), assistant("Green.")]}
+CONVERSATIONAL = {
+    "prompt": [user("What colour is the sky?")],
+    "chosen": [assistant("Blue.")],
+    "rejected": [assistant("Green.")],
+}
+IMPLICIT = {
+    "chosen": [user("What colour is the sky?"), assistant("Blue.")],
+    "rejected": [user("What colour is the sky?"), assistant("Green.")],
+}
 
 
 def test_one_turn_conversational_and_implicit_records_are_the_standard_pair(tmp_path):
@@ -57,15 +62,23 @@ def test_one_turn_conversational_and_implicit_records_are_the_standard_pair(tmp_
 
 
 def test_multi_turn_conversation_stays_a_conversation_and_goes_through_the_chat_template(tmp_path, tiny_backbone):
-    explicit = {"prompt": list(MULTI_TURN), "chosen": [assistant("A myth from old fables.")],
-                "rejected": [assistant("Because it is cheese.")]}
-    implicit = {"chosen": [*MULTI_TURN, assistant("A myth from old fables.")],
-                "rejected": [*MULTI_TURN, assistant("Because it is cheese.")]}
+    explicit = {
+        "prompt": list(MULTI_TURN),
+        "chosen": [assistant("A myth from old fables.")],
+        "rejected": [assistant("Because it is cheese.")],
+    }
+    implicit = {
+        "chosen": [*MULTI_TURN, assistant("A myth from old fables.")],
+        "rejected": [*MULTI_TURN, assistant("Because it is cheese.")],
+    }
     first, second = load_pairs(write_records(tmp_path / "conv.jsonl", [explicit, implicit]))
     assert first.prompt == second.prompt == MULTI_TURN
     assert (first.chosen, first.rejected) == ("A myth from old fables.", "Because it is cheese.")
-    assert first.group_id == second.group_id != data.load_pairs(
-        write_records(tmp_path / "one.jsonl", [STANDARD]))[0].group_id
+    assert (
+        first.group_id
+        == second.group_id
+        != data.load_pairs(write_records(tmp_path / "one.jsonl", [STANDARD]))[0].group_id
+    )
     assert data.prompt_messages(first.prompt) == list(MULTI_TURN)
 
     tokenizer = tiny_backbone.tokenizer
@@ -123,16 +136,22 @@ def test_a_conversation_pair_round_trips_through_write_jsonl(tmp_path):
 BAD_RECORDS = {
     "message without content": ({"prompt": [{"role": "user"}], "chosen": "a", "rejected": "b"}, "'prompt' message 0"),
     "unknown role": ({"prompt": [{"role": "robot", "content": "hi"}], "chosen": "a", "rejected": "b"}, "'robot'"),
-    "prompt ends on the assistant": ({"prompt": [user("hi"), assistant("hello")], "chosen": "a", "rejected": "b"},
-                                     "ends on a 'assistant' message"),
-    "two answer messages": ({"prompt": [user("hi")], "chosen": [assistant("a"), user("b")],
-                             "rejected": [assistant("c")]}, "one assistant message"),
+    "prompt ends on the assistant": (
+        {"prompt": [user("hi"), assistant("hello")], "chosen": "a", "rejected": "b"},
+        "ends on a 'assistant' message",
+    ),
+    "two answer messages": (
+        {"prompt": [user("hi")], "chosen": [assistant("a"), user("b")], "rejected": [assistant("c")]},
+        "one assistant message",
+    ),
     "empty conversation": ({"prompt": [], "chosen": "a", "rejected": "b"}, "empty conversation"),
     "mixed implicit": ({"chosen": [user("q"), assistant("a")], "rejected": "q b"}, "both be strings"),
     "nothing shared": ({"chosen": "yes", "rejected": "no"}, "share no prefix"),
     "identical answers": (CONVERSATIONAL | {"rejected": [assistant("Blue.")]}, "identical"),
-    "hh prefix mismatch": ({"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"},
-                           "differ before their last Assistant turn"),
+    "hh prefix mismatch": (
+        {"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"},
+        "differ before their last Assistant turn",
+    ),
 }
 
 
@@ -150,8 +169,10 @@ def test_bad_trl_records_are_one_line_errors_with_file_and_line(case, tmp_path):
 # A datasets.Dataset, a parquet file, a hub data set
 
 
-RECORDS = [STANDARD, {"prompt": list(MULTI_TURN), "chosen": [assistant("A myth.")],
-                      "rejected": [assistant("It is cheese.")]}]
+RECORDS = [
+    STANDARD,
+    {"prompt": list(MULTI_TURN), "chosen": [assistant("A myth.")], "rejected": [assistant("It is cheese.")]},
+]
 
 
 def test_dataset_and_parquet_give_the_pairs_of_the_jsonl_file(tmp_path):
@@ -182,9 +203,11 @@ def hub_calls(monkeypatch) -> list[tuple]:
     import datasets
 
     calls: list[tuple] = []
-    rows = [{"chosen": "\n\nHuman: hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: hi\n\nAssistant: Go away."},
-            {"chosen": "\n\nHuman: x\n\nAssistant: same", "rejected": "\n\nHuman: x\n\nAssistant: same"},
-            {"chosen": "\n\nHuman: 2+2?\n\nAssistant: 4", "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5"}]
+    rows = [
+        {"chosen": "\n\nHuman: hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: hi\n\nAssistant: Go away."},
+        {"chosen": "\n\nHuman: x\n\nAssistant: same", "rejected": "\n\nHuman: x\n\nAssistant: same"},
+        {"chosen": "\n\nHuman: 2+2?\n\nAssistant: 4", "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5"},
+    ]
 
     def load_dataset(path, **kwargs):
         calls.append((path, kwargs))
@@ -199,8 +222,10 @@ def test_hub_spec_loads_the_split_and_drops_unusable_rows_with_one_warning(hub_c
     with pytest.warns(UserWarning, match=r"hub:Anthropic/hh-rlhf:test: dropped 1 of 3 .*identical"):
         pairs = load_pairs("hub:Anthropic/hh-rlhf:test")
     assert hub_calls == [("Anthropic/hh-rlhf", {"split": "test"})]
-    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [("Human: hi", "Hello!", "Go away."),
-                                                                   ("Human: 2+2?", "4", "5")]
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
+        ("Human: hi", "Hello!", "Go away."),
+        ("Human: 2+2?", "4", "5"),
+    ]
     assert [p.pair_id for p in pairs] == ["Anthropic/hh-rlhf:test:0", "Anthropic/hh-rlhf:test:2"]
     with pytest.warns(UserWarning, match="dropped 1 of 3"):
         load_pairs("hub:someone/prefs")
@@ -228,8 +253,11 @@ def test_hub_spec_offline_is_one_line_saying_what_to_set(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline_cache_miss)
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # offline: datasets reads its cache, so it is asked
-    with pytest.raises(DataError, match=r"cannot load Anthropic/hh-rlhf from the hub \(ConnectionError.*"
-                                        r"HF_DATASETS_OFFLINE"):
+    with pytest.raises(
+        DataError,
+        match=r"cannot load Anthropic/hh-rlhf from the hub \(ConnectionError.*"
+        r"HF_DATASETS_OFFLINE",
+    ):
         load_pairs("hub:Anthropic/hh-rlhf:test")
 
 
@@ -257,8 +285,9 @@ def conversational_file(path: Path, n: int, offset: int = 0) -> Path:
     for i in range(offset, offset + n):
         question = user(f"Question number {i}: is claim {i % 7} true?")
         prompt = [SYSTEM, user("Hello."), assistant("Hi! Ask away."), question] if i % 3 == 0 else [question]
-        records.append({"prompt": prompt, "chosen": [assistant(GOOD[i % 4])],
-                        "rejected": [assistant(BAD[(i + 1) % 4])]})
+        records.append(
+            {"prompt": prompt, "chosen": [assistant(GOOD[i % 4])], "rejected": [assistant(BAD[(i + 1) % 4])]}
+        )
     return write_records(path, records)
 
 
@@ -282,7 +311,8 @@ def test_cli_fits_and_scores_a_trl_conversational_file(tmp_path, capsys):
 
 
 def test_cli_bad_conversational_record_exits_2_with_the_line(tmp_path, capsys):
-    path = write_records(tmp_path / "conv.jsonl", [CONVERSATIONAL, {"prompt": [assistant("hi")], "chosen": "a",
-                                                                    "rejected": "b"}])
+    path = write_records(
+        tmp_path / "conv.jsonl", [CONVERSATIONAL, {"prompt": [assistant("hi")], "chosen": "a", "rejected": "b"}]
+    )
     assert main(["fit", "--profile", "smoke", "--train", str(path), "--out", str(tmp_path / "rm")]) == 2
     assert "conv.jsonl:2: field 'prompt' ends on a 'assistant' message" in error_line(capsys)

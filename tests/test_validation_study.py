@@ -22,16 +22,25 @@ from srlib.reward_config import HeadConfig
 
 def _trials(rows: list[tuple[str, int, float, float]]) -> pd.DataFrame:
     """Trials with (variant, seed, val_accuracy, test_accuracy) per row."""
-    return pd.DataFrame([{"dataset": "toy", "variant": v, "seed": s, "val_accuracy": va, "test_accuracy": te}
-                         for v, s, va, te in rows])
+    return pd.DataFrame(
+        [{"dataset": "toy", "variant": v, "seed": s, "val_accuracy": va, "test_accuracy": te} for v, s, va, te in rows]
+    )
 
 
 # --------------------------------------------------------------------------- selection on validation
 
 
 def test_the_validation_choice_wins_when_the_test_column_disagrees():
-    trials = _trials([("A", 0, 0.80, 0.60), ("A", 1, 0.82, 0.61), ("A", 2, 0.81, 0.59),
-                      ("B", 0, 0.70, 0.90), ("B", 1, 0.71, 0.91), ("B", 2, 0.69, 0.92)])
+    trials = _trials(
+        [
+            ("A", 0, 0.80, 0.60),
+            ("A", 1, 0.82, 0.61),
+            ("A", 2, 0.81, 0.59),
+            ("B", 0, 0.70, 0.90),
+            ("B", 1, 0.71, 0.91),
+            ("B", 2, 0.69, 0.92),
+        ]
+    )
     best = ex.best_setting(trials, ("variant",), select_on="val_accuracy")
     assert best["variant"] == "A" and best["mean"] == pytest.approx(81.0) and best["tied"] == []
     with pytest.raises(ConfigError, match="test column"):
@@ -41,15 +50,18 @@ def test_the_validation_choice_wins_when_the_test_column_disagrees():
     with pytest.raises(TypeError):
         ex.summarize(trials)
     table = ex.summarize(trials, ("variant",), value="val_accuracy")
-    assert list(table["mean"].round(6)) == [81.0, 70.0] and list(table["se"].round(6)) == [round(1 / 3 ** 0.5, 6)] * 2
+    assert list(table["mean"].round(6)) == [81.0, 70.0] and list(table["se"].round(6)) == [round(1 / 3**0.5, 6)] * 2
 
 
 def test_a_tie_within_one_standard_error_goes_to_the_simpler_setting():
     # K=64 is best by 0.5 points, but its standard error is 1 point: tied with K=8, the simpler.
-    trials = pd.DataFrame([{"layer": 2, "k": k, "seed": s, "val_accuracy": v}
-                           for k, values in ((64, (0.735, 0.745, 0.755)), (8, (0.74, 0.74, 0.74)),
-                                             (16, (0.60, 0.61, 0.62)))
-                           for s, v in enumerate(values)])
+    trials = pd.DataFrame(
+        [
+            {"layer": 2, "k": k, "seed": s, "val_accuracy": v}
+            for k, values in ((64, (0.735, 0.745, 0.755)), (8, (0.74, 0.74, 0.74)), (16, (0.60, 0.61, 0.62)))
+            for s, v in enumerate(values)
+        ]
+    )
     best = ex.best_setting(trials, ("layer", "k"), select_on="val_accuracy", simpler=lambda s: s["k"])
     assert (best["layer"], best["k"]) == (2, 8) and best["tied"] == [{"layer": 2, "k": 64}]
     unordered = ex.best_setting(trials, ("layer", "k"), select_on="val_accuracy")
@@ -76,25 +88,41 @@ def test_validation_study_scores_the_test_split_once_for_the_selection(monkeypat
 
     monkeypatch.setattr(ex, "states_at_positions", fake_positions)
     monkeypatch.setattr(ex, "warm_states", lambda *args, **kwargs: None)  # toy states need no backbone
-    monkeypatch.setattr(srlib.sae, "sae_for_profile", lambda profile, backbone, *a, progress=True, **k:
-                        TopKSAE(TopKSAEConfig(d_in=3, d_sae=8, k=2)))
+    monkeypatch.setattr(
+        srlib.sae,
+        "sae_for_profile",
+        lambda profile, backbone, *a, progress=True, **k: TopKSAE(TopKSAEConfig(d_in=3, d_sae=8, k=2)),
+    )
     profile = get_profile("smoke")
     sae = TopKSAE(TopKSAEConfig(d_in=3, d_sae=8, k=2))
-    study = ex.validation_study(None, profile.replace(k=2), sae, dataset="toy", layers=[1, 2], ks=[1, 2],
-                                seeds=[0, 1, 2], progress=False, head=HeadConfig(epochs=3))
+    study = ex.validation_study(
+        None,
+        profile.replace(k=2),
+        sae,
+        dataset="toy",
+        layers=[1, 2],
+        ks=[1, 2],
+        seeds=[0, 1, 2],
+        progress=False,
+        head=HeadConfig(epochs=3),
+    )
     assert len(study.reading) == 3 * 2 * 3 and len(study.grid) == 2 * 2 * 3 and len(study.test) == 3
     assert study.reading["test_accuracy"].isna().all() and study.grid["test_accuracy"].isna().all()
     assert study.test["test_accuracy"].between(0, 1).all()
     assert set(study.selected) == {"position", "standardize", "layer", "k"}
     assert study.selected["position"] == study.choices["reading"]["position"]
-    assert (study.selected["layer"], study.selected["k"]) == (study.choices["grid"]["layer"],
-                                                              study.choices["grid"]["k"])
+    assert (study.selected["layer"], study.selected["k"]) == (
+        study.choices["grid"]["layer"],
+        study.choices["grid"]["k"],
+    )
     assert set(study.grid["layer"]) == {1, 2}
     both = study.both_columns()
     assert list(both.columns[-2:]) == ["validation accuracy (%)", "test accuracy (%)"]
     matches = study.defaults_match(profile)
-    assert matches == {key: getattr(profile.head if key == "standardize" else profile, key) == value
-                       for key, value in study.selected.items()}
+    assert matches == {
+        key: getattr(profile.head if key == "standardize" else profile, key) == value
+        for key, value in study.selected.items()
+    }
 
 
 # --------------------------------------------------------------------------- read positions
@@ -107,9 +135,15 @@ def test_read_positions_name_the_newline_the_end_of_turn_and_the_answer(tiny_bac
     names = tok.convert_ids_to_tokens(encoded.ids)
     assert activations._template_suffix(tok) == "<|im_end|>\n"
     assert {p: names[i] for p, i in encoded.reads.items()} == {
-        "last": names[-1], "end_of_turn": "<|im_end|>", "answer": names[-3]}
+        "last": names[-1],
+        "end_of_turn": "<|im_end|>",
+        "answer": names[-3],
+    }
     assert names[-1] == tok.convert_ids_to_tokens(tok("\n", add_special_tokens=False)["input_ids"])[-1]
-    assert tok.decode(encoded.ids[encoded.reads["answer"]]).strip() == tok.decode(tok("Because of scattering", add_special_tokens=False)["input_ids"][-1:]).strip()
+    assert (
+        tok.decode(encoded.ids[encoded.reads["answer"]]).strip()
+        == tok.decode(tok("Because of scattering", add_special_tokens=False)["input_ids"][-1:]).strip()
+    )
     plain = activations._encode(tok, "no template here", 512, suffix=activations._template_suffix(tok))
     assert set(plain.reads.values()) == {-1}  # no template suffix: every position is the last token
     with pytest.raises(ConfigError, match="unknown read position 'middle'"):
@@ -142,12 +176,24 @@ def test_one_pass_reads_every_position_and_caches_each_apart(tiny_backbone, isol
 def _tiny_rm(backbone, pairs, position: str) -> SparseRM:
     torch.manual_seed(0)
     sae = TopKSAE(TopKSAEConfig(d_in=backbone.hidden_size, d_sae=32, k=4))
-    return SparseRM.fit(backbone, pairs, pairs, layer=2, sae=sae, k=4, position=position, max_length=96,
-                        progress=False, head=HeadConfig(epochs=2))
+    return SparseRM.fit(
+        backbone,
+        pairs,
+        pairs,
+        layer=2,
+        sae=sae,
+        k=4,
+        position=position,
+        max_length=96,
+        progress=False,
+        head=HeadConfig(epochs=2),
+    )
 
 
-PAIRS = [PreferencePair(f"Question {i}: is {i} even?", "Yes it is " * (i % 3 + 1), "No " * (i % 4 + 1),
-                        group_id=f"q{i}") for i in range(8)]
+PAIRS = [
+    PreferencePair(f"Question {i}: is {i} even?", "Yes it is " * (i % 3 + 1), "No " * (i % 4 + 1), group_id=f"q{i}")
+    for i in range(8)
+]
 
 
 def test_the_read_position_travels_with_a_saved_reward_model(tiny_backbone, isolated_cache, tmp_path):
@@ -157,8 +203,9 @@ def test_the_read_position_travels_with_a_saved_reward_model(tiny_backbone, isol
     assert loaded.position == "answer" and loaded.rm_config.position == "answer"
     s_w, s_l = loaded.score_pairs(PAIRS, cache=False)
     texts = [format_pair(tiny_backbone.tokenizer, p)[0] for p in PAIRS]
-    at_answer = last_token_states(tiny_backbone, texts, 2, position="answer", max_length=96, cache=False,
-                                  progress=False)
+    at_answer = last_token_states(
+        tiny_backbone, texts, 2, position="answer", max_length=96, cache=False, progress=False
+    )
     assert torch.equal(s_w, loaded.score_states(at_answer))
     at_last = last_token_states(tiny_backbone, texts, 2, max_length=96, cache=False, progress=False)
     assert not torch.equal(s_w, loaded.score_states(at_last))
@@ -170,8 +217,7 @@ def test_the_read_position_travels_with_a_saved_reward_model(tiny_backbone, isol
 def test_a_state_does_not_depend_on_the_batch(tiny_backbone):
     tok = tiny_backbone.tokenizer
     texts = [format_text(tok, f"Question {i}?", "word " * (i % 5 + 1)) for i in range(12)]
-    alone = torch.stack([last_token_states(tiny_backbone, [t], 2, cache=False, progress=False)[0]
-                         for t in texts])
+    alone = torch.stack([last_token_states(tiny_backbone, [t], 2, cache=False, progress=False)[0] for t in texts])
     for batch_size in (2, 16):
         together = last_token_states(tiny_backbone, texts, 2, batch_size=batch_size, cache=False, progress=False)
         assert torch.equal(together, alone)
@@ -190,7 +236,7 @@ def test_scores_are_the_same_bits_from_a_cold_and_a_warm_cache(tiny_backbone, tm
     assert torch.equal(warm, model.score(texts, batch_size=4, cache=False))
     assert torch.equal(torch.stack(model.score_pairs(PAIRS[2:5]), 1).flatten(), warm)
     Z = last_token_states(tiny_backbone, texts, 2, max_length=96, progress=False)
-    alone = torch.cat([model.score_states(Z[i:i + 1]) for i in range(len(Z))])
+    alone = torch.cat([model.score_states(Z[i : i + 1]) for i in range(len(Z))])
     assert torch.equal(model.score_states(Z), alone)  # a score does not depend on the rows scored with it
 
 
@@ -205,13 +251,16 @@ def test_a_layer_sweep_reads_every_layer_from_one_pass(tiny_backbone, isolated_c
     try:
         ex.warm_states(tiny_backbone, "truthfulqa", profile, [1, 2], progress=False)
         warm = len(passes)
-        states = {layer: ex.dataset_states(tiny_backbone, "truthfulqa", profile, layer=layer, progress=False)
-                  for layer in (1, 2)}
+        states = {
+            layer: ex.dataset_states(tiny_backbone, "truthfulqa", profile, layer=layer, progress=False)
+            for layer in (1, 2)
+        }
         assert warm > 0 and len(passes) == warm  # the sweep's layers were all read by the warm pass
     finally:
         handle.remove()
     texts = [format_pair(tiny_backbone.tokenizer, p)[0] for p in states[1].val.pairs]
     for layer in (1, 2):  # the same bits a pass to that layer alone gives
-        alone = last_token_states(tiny_backbone, texts, layer, max_length=profile.max_length, cache=False,
-                                  progress=False)
+        alone = last_token_states(
+            tiny_backbone, texts, layer, max_length=profile.max_length, cache=False, progress=False
+        )
         assert torch.equal(states[layer].val.chosen, alone)

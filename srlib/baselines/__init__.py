@@ -57,15 +57,38 @@ from typing import TYPE_CHECKING, Any
 
 #: Each public name and the module of this package that defines it.
 _HOMES = {
-    "registry": ("COMPARISON_METHODS", "METHODS", "METHOD_LABELS", "REGISTRY", "TRAINED_METHODS", "Method",
-                 "get_method"),
+    "registry": (
+        "COMPARISON_METHODS",
+        "METHODS",
+        "METHOD_LABELS",
+        "REGISTRY",
+        "TRAINED_METHODS",
+        "Method",
+        "get_method",
+    ),
     "settings": ("GRMSettings", "JudgeSettings", "LogProbSettings", "LoraSettings", "build_settings"),
     "cost": ("CostMeter", "TrainingCost", "costed_fit", "extraction_cost", "measure_cost"),
-    "models": ("JUDGE_TEMPLATE", "VERDICT_TOKENS", "GeneralizableRM", "GenerativeJudge", "LogProbPreference",
-               "StandardRM", "chosen_response_logprob", "fit_baseline", "trainable_parameters",
-               "verdict_preference"),
-    "cache": ("CACHE_VERSION", "PairScores", "baseline_key", "cached_fit_baseline", "cached_score_pairs",
-              "pairs_digest", "scores_path"),
+    "models": (
+        "JUDGE_TEMPLATE",
+        "VERDICT_TOKENS",
+        "GeneralizableRM",
+        "GenerativeJudge",
+        "LogProbPreference",
+        "StandardRM",
+        "chosen_response_logprob",
+        "fit_baseline",
+        "trainable_parameters",
+        "verdict_preference",
+    ),
+    "cache": (
+        "CACHE_VERSION",
+        "PairScores",
+        "baseline_key",
+        "cached_fit_baseline",
+        "cached_score_pairs",
+        "pairs_digest",
+        "scores_path",
+    ),
     "trials": ("TRIAL_COLUMNS", "baseline_settings", "baseline_trials"),
     "table": ("comparison_table",),
 }
@@ -87,14 +110,37 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what type checkers and editors see: the same names, imported eagerly
-    from srlib.baselines.cache import (CACHE_VERSION, PairScores, baseline_key, cached_fit_baseline,
-                                       cached_score_pairs, pairs_digest, scores_path)
+    from srlib.baselines.cache import (
+        CACHE_VERSION,
+        PairScores,
+        baseline_key,
+        cached_fit_baseline,
+        cached_score_pairs,
+        pairs_digest,
+        scores_path,
+    )
     from srlib.baselines.cost import CostMeter, TrainingCost, costed_fit, extraction_cost, measure_cost
-    from srlib.baselines.models import (JUDGE_TEMPLATE, VERDICT_TOKENS, GeneralizableRM, GenerativeJudge,
-                                        LogProbPreference, StandardRM, chosen_response_logprob, fit_baseline,
-                                        trainable_parameters, verdict_preference)
-    from srlib.baselines.registry import (COMPARISON_METHODS, METHOD_LABELS, METHODS, REGISTRY,
-                                          TRAINED_METHODS, Method, get_method)
+    from srlib.baselines.models import (
+        JUDGE_TEMPLATE,
+        VERDICT_TOKENS,
+        GeneralizableRM,
+        GenerativeJudge,
+        LogProbPreference,
+        StandardRM,
+        chosen_response_logprob,
+        fit_baseline,
+        trainable_parameters,
+        verdict_preference,
+    )
+    from srlib.baselines.registry import (
+        COMPARISON_METHODS,
+        METHOD_LABELS,
+        METHODS,
+        REGISTRY,
+        TRAINED_METHODS,
+        Method,
+        get_method,
+    )
     from srlib.baselines.settings import GRMSettings, JudgeSettings, LogProbSettings, LoraSettings, build_settings
     from srlib.baselines.table import comparison_table
     from srlib.baselines.trials import TRIAL_COLUMNS, baseline_settings, baseline_trials

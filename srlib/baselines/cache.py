@@ -49,8 +49,15 @@ def pairs_digest(pairs: Sequence | None) -> str | None:
     return digest.hexdigest()
 
 
-def baseline_key(method: str, backbone, train_pairs: Sequence | None = None, val_pairs: Sequence | None = None,
-                 *, seed: int = 0, **settings) -> str:
+def baseline_key(
+    method: str,
+    backbone,
+    train_pairs: Sequence | None = None,
+    val_pairs: Sequence | None = None,
+    *,
+    seed: int = 0,
+    **settings,
+) -> str:
     """The cache key of one baseline fit: "<method>-<hash>".
 
     The hash covers the backbone's identity, the method, its settings with the defaults filled
@@ -62,19 +69,32 @@ def baseline_key(method: str, backbone, train_pairs: Sequence | None = None, val
     spec = get_method(method)
     resolved = build_settings(spec.model_class.settings_class, settings)
     # 1 and 1.0 epochs are one fit: numbers of float fields are hashed as floats
-    canonical = {f.name: float(getattr(resolved, f.name)) if f.type == "float" else getattr(resolved, f.name)
-                 for f in dataclasses.fields(resolved)}
-    record: dict[str, Any] = {"version": CACHE_VERSION, "method": method, "backbone": backbone.identity,
-                              "settings": canonical}
+    canonical = {
+        f.name: float(getattr(resolved, f.name)) if f.type == "float" else getattr(resolved, f.name)
+        for f in dataclasses.fields(resolved)
+    }
+    record: dict[str, Any] = {
+        "version": CACHE_VERSION,
+        "method": method,
+        "backbone": backbone.identity,
+        "settings": canonical,
+    }
     if spec.trained:
         record.update(seed=seed, train=pairs_digest(train_pairs), val=pairs_digest(val_pairs))
     text = json.dumps(record, sort_keys=True)
     return f"{method}-{hashlib.sha256(text.encode()).hexdigest()[:24]}"
 
 
-def cached_fit_baseline(method: str, backbone, train_pairs: Sequence | None = None,
-                        val_pairs: Sequence | None = None, *, seed: int = 0, progress: bool = True,
-                        **settings) -> RewardModel:
+def cached_fit_baseline(
+    method: str,
+    backbone,
+    train_pairs: Sequence | None = None,
+    val_pairs: Sequence | None = None,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+    **settings,
+) -> RewardModel:
     """`fit_baseline`, but only once: the fitted model is saved (atomically) under
     `cache_dir("baselines", baseline_key(...))` and a later call with the same backbone, method,
     settings, seed and pairs loads it instead of training.
@@ -82,8 +102,7 @@ def cached_fit_baseline(method: str, backbone, train_pairs: Sequence | None = No
     The returned model has `cache_path` (its folder, for `cached_score_pairs`) and
     `from_cache` (True when loaded); its `.cost` is the cost measured when it was trained.
     """
-    directory = cache_dir("baselines") / baseline_key(method, backbone, train_pairs, val_pairs, seed=seed,
-                                                      **settings)
+    directory = cache_dir("baselines") / baseline_key(method, backbone, train_pairs, val_pairs, seed=seed, **settings)
     rm = None
     if (directory / CONFIG_NAME).is_file():
         try:
@@ -143,6 +162,9 @@ def cached_score_pairs(rm: RewardModel, pairs: Sequence, *, progress: bool = Fal
     chosen, rejected = rm.score_pairs(pairs, progress=progress)
     scores = PairScores(chosen.float(), rejected.float(), time.perf_counter() - started)
     with atomic_path(path) as tmp:
-        save_file({"chosen": scores.chosen.contiguous(), "rejected": scores.rejected.contiguous()}, str(tmp),
-                  metadata={"seconds": repr(scores.seconds), "n_pairs": str(len(pairs))})
+        save_file(
+            {"chosen": scores.chosen.contiguous(), "rejected": scores.rejected.contiguous()},
+            str(tmp),
+            metadata={"seconds": repr(scores.seconds), "n_pairs": str(len(pairs))},
+        )
     return scores

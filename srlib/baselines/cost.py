@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 
@@ -36,7 +37,7 @@ class CostMeter:
 
     interval = 0.02
 
-    def __enter__(self) -> "CostMeter":
+    def __enter__(self) -> CostMeter:
         self._process = psutil.Process()
         self.start_rss = self.peak_rss = self._process.memory_info().rss
         self._stop = threading.Event()
@@ -57,9 +58,12 @@ class CostMeter:
 
     def cost(self, n_train_pairs: int) -> TrainingCost:
         mb = 1024 * 1024
-        return TrainingCost(seconds=round(self.seconds, 3), peak_rss_mb=round(self.peak_rss / mb, 1),
-                            rss_increase_mb=round((self.peak_rss - self.start_rss) / mb, 1),
-                            n_train_pairs=n_train_pairs)
+        return TrainingCost(
+            seconds=round(self.seconds, 3),
+            peak_rss_mb=round(self.peak_rss / mb, 1),
+            rss_increase_mb=round((self.peak_rss - self.start_rss) / mb, 1),
+            n_train_pairs=n_train_pairs,
+        )
 
 
 def measure_cost(fn: Callable[..., Any], *args, n_train_pairs: int, **kwargs) -> tuple[Any, TrainingCost]:
@@ -87,16 +91,32 @@ def costed_fit(states, features: str, *, sae, k: int, seed: int, validation: boo
     from srlib.evaluate import pair_outcomes
     from srlib.reward import pair_accuracy
 
-    model, cost = measure_cost(fit_feature_rm, states, features, sae=sae, k=k, seed=seed, validation=validation,
-                               n_train_pairs=len(states.train))
+    model, cost = measure_cost(
+        fit_feature_rm,
+        states,
+        features,
+        sae=sae,
+        k=k,
+        seed=seed,
+        validation=validation,
+        n_train_pairs=len(states.train),
+    )
     test = states.test if test is None else test
     common = model.score_states(test.chosen), model.score_states(test.rejected)
     full = model.score_states(states.test.chosen), model.score_states(states.test.rejected)
-    return {"dataset": states.name, "seed": seed, "test_accuracy": pair_accuracy(*common),
-            "full_test_accuracy": pair_accuracy(*full), "trainable_parameters": model.num_trainable_parameters(),
-            "fit_seconds": cost.seconds, "peak_rss_mb": cost.peak_rss_mb, "rss_increase_mb": cost.rss_increase_mb,
-            "n_train_pairs": len(states.train), "n_val_pairs": len(states.val) if validation else 0,
-            "outcomes": pair_outcomes(*common)}
+    return {
+        "dataset": states.name,
+        "seed": seed,
+        "test_accuracy": pair_accuracy(*common),
+        "full_test_accuracy": pair_accuracy(*full),
+        "trainable_parameters": model.num_trainable_parameters(),
+        "fit_seconds": cost.seconds,
+        "peak_rss_mb": cost.peak_rss_mb,
+        "rss_increase_mb": cost.rss_increase_mb,
+        "n_train_pairs": len(states.train),
+        "n_val_pairs": len(states.val) if validation else 0,
+        "outcomes": pair_outcomes(*common),
+    }
 
 
 def extraction_cost(backbone, pairs, *, layer: int, max_length: int, batch_size: int) -> dict[str, float]:
@@ -108,7 +128,20 @@ def extraction_cost(backbone, pairs, *, layer: int, max_length: int, batch_size:
     from srlib.backbone import format_pair
 
     texts = [text for pair in pairs for text in format_pair(backbone.tokenizer, pair)]
-    _, cost = measure_cost(last_token_states, backbone, texts, layer, max_length=max_length, batch_size=batch_size,
-                           cache=False, progress=False, n_train_pairs=0)
-    return {"texts": len(texts), "seconds": cost.seconds, "texts_per_second": len(texts) / cost.seconds,
-            "rss_increase_mb": cost.rss_increase_mb}
+    _, cost = measure_cost(
+        last_token_states,
+        backbone,
+        texts,
+        layer,
+        max_length=max_length,
+        batch_size=batch_size,
+        cache=False,
+        progress=False,
+        n_train_pairs=0,
+    )
+    return {
+        "texts": len(texts),
+        "seconds": cost.seconds,
+        "texts_per_second": len(texts) / cost.seconds,
+        "rss_increase_mb": cost.rss_increase_mb,
+    }

@@ -78,8 +78,13 @@ def _pad_id(tokenizer, sequences: Sequence[list[int]]) -> int:
     them read an earlier token. Prefer the tokenizer's pad, then EOS, UNK, BOS, other specials.
     """
     last = {s[-1] for s in sequences if s}
-    candidates = [tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id,
-                  tokenizer.bos_token_id, *tokenizer.all_special_ids]
+    candidates = [
+        tokenizer.pad_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.unk_token_id,
+        tokenizer.bos_token_id,
+        *tokenizer.all_special_ids,
+    ]
     for candidate in candidates:
         if candidate is not None and candidate not in last:
             return int(candidate)
@@ -135,8 +140,10 @@ def _resolve_backbone(config: dict, backbone):
 
         backbone = load_backbone(saved["model_id"])
     if backbone.identity != saved["identity"]:
-        raise ConfigError(f"backbone {backbone.model_id!r} is not the one this {config['rm_class']} was trained on "
-                          f"(identity {backbone.identity!r} != {saved['identity']!r})")
+        raise ConfigError(
+            f"backbone {backbone.model_id!r} is not the one this {config['rm_class']} was trained on "
+            f"(identity {backbone.identity!r} != {saved['identity']!r})"
+        )
     return backbone
 
 
@@ -177,8 +184,15 @@ class _PairRewardTrainer(RewardTrainer):
       from the final (normed) hidden states of the same forward pass.
     """
 
-    def __init__(self, *args, sft_weight: float = 0.0, sft_beta: float = 0.1,
-                 lm_head_weight: Tensor | None = None, logit_softcap: float | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        sft_weight: float = 0.0,
+        sft_beta: float = 0.1,
+        lm_head_weight: Tensor | None = None,
+        logit_softcap: float | None = None,
+        **kwargs,
+    ):
         self.sft_weight, self.sft_beta = sft_weight, sft_beta
         self.lm_head_weight, self.logit_softcap = lm_head_weight, logit_softcap
         super().__init__(*args, **kwargs)
@@ -193,8 +207,14 @@ class _PairRewardTrainer(RewardTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         inputs["output_hidden_states"] = True
         bt, outputs = super().compute_loss(model, inputs, return_outputs=True)
-        logp = chosen_response_logprob(outputs.hidden_states[-1], inputs["input_ids"], inputs["attention_mask"],
-                                       starts, self.lm_head_weight, self.logit_softcap)
+        logp = chosen_response_logprob(
+            outputs.hidden_states[-1],
+            inputs["input_ids"],
+            inputs["attention_mask"],
+            starts,
+            self.lm_head_weight,
+            self.logit_softcap,
+        )
         sft = -F.logsigmoid(self.sft_beta * logp).mean()
         mode = "train" if self.model.training else "eval"
         self._metrics[mode]["sft_loss"].append(sft.item())
@@ -202,8 +222,14 @@ class _PairRewardTrainer(RewardTrainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def chosen_response_logprob(hidden: Tensor, input_ids: Tensor, attention_mask: Tensor, starts: Tensor,
-                            lm_head_weight: Tensor, logit_softcap: float | None = None) -> Tensor:
+def chosen_response_logprob(
+    hidden: Tensor,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    starts: Tensor,
+    lm_head_weight: Tensor,
+    logit_softcap: float | None = None,
+) -> Tensor:
     """Summed log-prob of each chosen response's tokens, from final hidden states [2n, T, d].
 
     Rows 0..n-1 are the chosen texts (TRL's collator puts them first), right-padded; the
@@ -233,9 +259,19 @@ class StandardRM(RewardModel):
     method: ClassVar[str] = "standard"
     settings_class: ClassVar[type] = LoraSettings
 
-    def __init__(self, backbone, model: PeftModel, pad_id: int, settings: LoraSettings, *, seed: int,
-                 trainable_parameters: int, cost: TrainingCost | None = None,
-                 val_loss: Sequence[float] = (), best_epoch: int | None = None):
+    def __init__(
+        self,
+        backbone,
+        model: PeftModel,
+        pad_id: int,
+        settings: LoraSettings,
+        *,
+        seed: int,
+        trainable_parameters: int,
+        cost: TrainingCost | None = None,
+        val_loss: Sequence[float] = (),
+        best_epoch: int | None = None,
+    ):
         self.backbone, self.model, self.pad_id = backbone, model.eval(), pad_id
         self.settings, self.seed = settings, seed
         self.trainable_parameters, self.cost = trainable_parameters, cost
@@ -245,8 +281,9 @@ class StandardRM(RewardModel):
     # -- fitting ----------------------------------------------------------------------------
 
     @classmethod
-    def fit(cls, backbone, train_pairs, val_pairs=None, *, seed: int = 0, progress: bool = True,
-            **settings) -> StandardRM:
+    def fit(
+        cls, backbone, train_pairs, val_pairs=None, *, seed: int = 0, progress: bool = True, **settings
+    ) -> StandardRM:
         """Train on `train_pairs` with TRL's RewardTrainer; with `val_pairs`, keep the epoch of
         lowest validation loss. `settings` are `LoraSettings` fields (GRMSettings for GRM)."""
         settings = build_settings(cls.settings_class, settings)
@@ -262,7 +299,9 @@ class StandardRM(RewardModel):
                 args = RewardConfig(**settings.trainer_kwargs(out, seed, val_pairs is not None, progress))
                 with _peft_wrapping():
                     trainer = _PairRewardTrainer(
-                        model=classifier, args=args, processing_class=_tokenizer_with_pad(backbone.tokenizer, pad_id),
+                        model=classifier,
+                        args=args,
+                        processing_class=_tokenizer_with_pad(backbone.tokenizer, pad_id),
                         train_dataset=Dataset.from_dict(train_rows),
                         eval_dataset=Dataset.from_dict(val_rows) if val_rows else None,
                         data_collator=_ResponseStartCollator(pad_token_id=pad_id),
@@ -272,8 +311,17 @@ class StandardRM(RewardModel):
                 trainable = _train(trainer, progress)
                 model = trainer.model
                 val_loss, best_epoch = _kept_epoch(trainer.state)
-        return cls(backbone, model, pad_id, settings, seed=seed, trainable_parameters=trainable,
-                   cost=meter.cost(len(train_pairs)), val_loss=val_loss, best_epoch=best_epoch)
+        return cls(
+            backbone,
+            model,
+            pad_id,
+            settings,
+            seed=seed,
+            trainable_parameters=trainable,
+            cost=meter.cost(len(train_pairs)),
+            val_loss=val_loss,
+            best_epoch=best_epoch,
+        )
 
     @classmethod
     def lora_wrapped(cls, backbone, settings: LoraSettings):
@@ -282,8 +330,9 @@ class StandardRM(RewardModel):
         from peft import get_peft_model
 
         pad_id = backbone.tokenizer.pad_token_id if backbone.tokenizer.pad_token_id is not None else 0
-        return get_peft_model(_sequence_classifier(backbone, pad_id),
-                              settings.lora_config(TaskType.SEQ_CLS, modules_to_save=["score"]))
+        return get_peft_model(
+            _sequence_classifier(backbone, pad_id), settings.lora_config(TaskType.SEQ_CLS, modules_to_save=["score"])
+        )
 
     @classmethod
     def _rows(cls, tokenizer, pairs, max_length: int) -> dict[str, list]:
@@ -291,8 +340,11 @@ class StandardRM(RewardModel):
         a `length` column for length-grouped batches."""
         chosen = [_encode(tokenizer, format_text(tokenizer, p.prompt, p.chosen), max_length) for p in pairs]
         rejected = [_encode(tokenizer, format_text(tokenizer, p.prompt, p.rejected), max_length) for p in pairs]
-        return {"chosen_ids": chosen, "rejected_ids": rejected,
-                "length": [max(len(c), len(r)) for c, r in zip(chosen, rejected, strict=True)]}
+        return {
+            "chosen_ids": chosen,
+            "rejected_ids": rejected,
+            "length": [max(len(c), len(r)) for c, r in zip(chosen, rejected, strict=True)],
+        }
 
     @classmethod
     def _trainer_extras(cls, backbone, settings) -> dict[str, Any]:
@@ -308,7 +360,9 @@ class StandardRM(RewardModel):
         out = torch.empty(len(sequences), dtype=torch.float32)
         device = next(self.model.parameters()).device
         batches = length_batches([len(s) for s in sequences], self.settings.scoring_batch_size)
-        for batch in progress_bar(batches, desc=f"{type(self).__name__} scores", unit="batch", disable=not progress, leave=False):
+        for batch in progress_bar(
+            batches, desc=f"{type(self).__name__} scores", unit="batch", disable=not progress, leave=False
+        ):
             input_ids, attention = _right_pad([sequences[i] for i in batch], self.pad_id)
             logits = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
             out[batch] = logits[:, 0].float().cpu()
@@ -326,7 +380,7 @@ class StandardRM(RewardModel):
         texts = [format_text(tokenizer, p.prompt, p.chosen) for p in pairs]
         texts += [format_text(tokenizer, p.prompt, p.rejected) for p in pairs]
         scores = self.score(texts, progress=progress)
-        return scores[: len(pairs)], scores[len(pairs):]
+        return scores[: len(pairs)], scores[len(pairs) :]
 
     def num_trainable_parameters(self) -> int:
         """LoRA matrices plus the score head (what the optimiser updated)."""
@@ -335,11 +389,18 @@ class StandardRM(RewardModel):
     # -- saving -------------------------------------------------------------------------------
 
     def config(self) -> dict[str, Any]:
-        return {**self._config_header(), "method": self.method, "backbone": _backbone_record(self.backbone),
-                "settings": asdict(self.settings), "seed": self.seed, "pad_id": self.pad_id,
-                "trainable_parameters": self.trainable_parameters,
-                "cost": self.cost.as_dict() if self.cost else None,
-                "val_loss": self.val_loss, "best_epoch": self.best_epoch}
+        return {
+            **self._config_header(),
+            "method": self.method,
+            "backbone": _backbone_record(self.backbone),
+            "settings": asdict(self.settings),
+            "seed": self.seed,
+            "pad_id": self.pad_id,
+            "trainable_parameters": self.trainable_parameters,
+            "cost": self.cost.as_dict() if self.cost else None,
+            "val_loss": self.val_loss,
+            "best_epoch": self.best_epoch,
+        }
 
     def save_pretrained(self, directory: str | Path, *, overwrite: bool = True) -> None:
         """config.json + the peft adapter (LoRA and score head) in `directory/adapter`."""
@@ -349,10 +410,17 @@ class StandardRM(RewardModel):
     def _load(cls, directory: Path, config: dict, backbone=None) -> StandardRM:
         backbone = _resolve_backbone(config, backbone)
         model = _load_adapter(_sequence_classifier(backbone, config["pad_id"]), directory)
-        return cls(backbone, model, config["pad_id"], build_settings(cls.settings_class, config["settings"]),
-                   seed=config["seed"], trainable_parameters=config["trainable_parameters"],
-                   cost=_saved_cost(config), val_loss=config.get("val_loss", ()),
-                   best_epoch=config.get("best_epoch"))
+        return cls(
+            backbone,
+            model,
+            config["pad_id"],
+            build_settings(cls.settings_class, config["settings"]),
+            seed=config["seed"],
+            trainable_parameters=config["trainable_parameters"],
+            cost=_saved_cost(config),
+            val_loss=config.get("val_loss", ()),
+            best_epoch=config.get("best_epoch"),
+        )
 
 
 def _kept_epoch(state) -> tuple[list[float], int | None]:
@@ -406,16 +474,20 @@ class GeneralizableRM(StandardRM):
     @classmethod
     def _rows(cls, tokenizer, pairs, max_length: int) -> dict[str, list]:
         rows = super()._rows(tokenizer, pairs, max_length)
-        rows["chosen_response_start"] = [_response_start(tokenizer, p, len(ids))
-                                         for p, ids in zip(pairs, rows["chosen_ids"], strict=True)]
+        rows["chosen_response_start"] = [
+            _response_start(tokenizer, p, len(ids)) for p, ids in zip(pairs, rows["chosen_ids"], strict=True)
+        ]
         return rows
 
     @classmethod
     def _trainer_extras(cls, backbone, settings: GRMSettings) -> dict[str, Any]:
         text_config = backbone.model.config.get_text_config()
-        return dict(sft_weight=settings.sft_weight, sft_beta=settings.sft_beta,
-                    lm_head_weight=backbone.model.get_output_embeddings().weight.detach(),
-                    logit_softcap=getattr(text_config, "final_logit_softcapping", None))
+        return dict(
+            sft_weight=settings.sft_weight,
+            sft_beta=settings.sft_beta,
+            lm_head_weight=backbone.model.get_output_embeddings().weight.detach(),
+            logit_softcap=getattr(text_config, "final_logit_softcapping", None),
+        )
 
 
 def _response_start(tokenizer, pair, n_kept: int) -> int:
@@ -430,9 +502,7 @@ def _response_start(tokenizer, pair, n_kept: int) -> int:
     return max(0, start - (len(full) - n_kept))
 
 
-
 # ----------------------------------------------------------------------------- generative judge
-
 
 
 def verdict_preference(logits_chosen_as_a: Tensor, logits_chosen_as_b: Tensor) -> Tensor:
@@ -452,8 +522,9 @@ def verdict_preference(logits_chosen_as_a: Tensor, logits_chosen_as_b: Tensor) -
 def _verdict_ids(tokenizer) -> list[int]:
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in VERDICT_TOKENS]
     if any(len(i) != 1 for i in ids):
-        raise ConfigError(f"the tokenizer splits the verdicts {VERDICT_TOKENS} into several tokens; "
-                          "the judge needs one token each")
+        raise ConfigError(
+            f"the tokenizer splits the verdicts {VERDICT_TOKENS} into several tokens; the judge needs one token each"
+        )
     return [i[0] for i in ids]
 
 
@@ -466,8 +537,9 @@ def _judge_ids(tokenizer, pair, chosen_as_a: bool, max_length: int) -> list[int]
 
 
 @torch.no_grad()
-def _next_token_logits(model, sequences: list[list[int]], token_ids: list[int], pad_id: int,
-                       batch_size: int, progress: bool, desc: str) -> Tensor:
+def _next_token_logits(
+    model, sequences: list[list[int]], token_ids: list[int], pad_id: int, batch_size: int, progress: bool, desc: str
+) -> Tensor:
     """Logits [n, len(token_ids)] of the given tokens right after each sequence.
 
     Left padding with position ids that follow the attention mask, so a padded row reads as it
@@ -477,11 +549,21 @@ def _next_token_logits(model, sequences: list[list[int]], token_ids: list[int], 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    for batch in progress_bar(length_batches([len(s) for s in sequences], batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
+    for batch in progress_bar(
+        length_batches([len(s) for s in sequences], batch_size),
+        desc=desc,
+        unit="batch",
+        disable=not progress,
+        leave=False,
+    ):
         input_ids, attention = left_pad([sequences[i] for i in batch], pad_id)
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
-                       position_ids=position_ids.to(device), logits_to_keep=1).logits[:, -1]
+        logits = model(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            position_ids=position_ids.to(device),
+            logits_to_keep=1,
+        ).logits[:, -1]
         out[batch] = logits[:, token_ids].float().cpu()
     model.train(was_training)
     return out
@@ -496,9 +578,19 @@ class GenerativeJudge(RewardModel):
 
     settings_class: ClassVar[type] = JudgeSettings
 
-    def __init__(self, backbone, model, settings: JudgeSettings, *, lora: bool, seed: int,
-                 trainable_parameters: int, cost: TrainingCost | None = None,
-                 val_loss: Sequence[float] = (), best_epoch: int | None = None):
+    def __init__(
+        self,
+        backbone,
+        model,
+        settings: JudgeSettings,
+        *,
+        lora: bool,
+        seed: int,
+        trainable_parameters: int,
+        cost: TrainingCost | None = None,
+        val_loss: Sequence[float] = (),
+        best_epoch: int | None = None,
+    ):
         self.backbone, self.model, self.settings = backbone, model.eval(), settings
         self.lora, self.seed = lora, seed
         self.trainable_parameters, self.cost = trainable_parameters, cost
@@ -512,8 +604,17 @@ class GenerativeJudge(RewardModel):
         return "judge-lora" if self.lora else "judge"
 
     @classmethod
-    def fit(cls, backbone, train_pairs=None, val_pairs=None, *, seed: int = 0, lora: bool = False,
-            progress: bool = True, **settings) -> GenerativeJudge:
+    def fit(
+        cls,
+        backbone,
+        train_pairs=None,
+        val_pairs=None,
+        *,
+        seed: int = 0,
+        lora: bool = False,
+        progress: bool = True,
+        **settings,
+    ) -> GenerativeJudge:
         """Zero-shot (`lora=False`: nothing is trained, the pairs are not needed) or a LoRA judge
         tuned with TRL's SFTTrainer on the correct verdict token of every training pair in both
         orders; with `val_pairs`, the epoch of lowest validation loss is kept."""
@@ -522,13 +623,16 @@ class GenerativeJudge(RewardModel):
         if not lora:
             with CostMeter() as meter:
                 pass
-            return cls(backbone, backbone.model, settings, lora=False, seed=seed, trainable_parameters=0,
-                       cost=meter.cost(0))
+            return cls(
+                backbone, backbone.model, settings, lora=False, seed=seed, trainable_parameters=0, cost=meter.cost(0)
+            )
         train_pairs = nonempty_pairs(train_pairs or [], "training")
         val_pairs = nonempty_pairs(val_pairs, "validation") if val_pairs else None
         with CostMeter() as meter:
             rows = _verdict_rows(backbone.tokenizer, train_pairs, verdict_ids, settings.max_length)
-            val_rows = _verdict_rows(backbone.tokenizer, val_pairs, verdict_ids, settings.max_length) if val_pairs else None
+            val_rows = (
+                _verdict_rows(backbone.tokenizer, val_pairs, verdict_ids, settings.max_length) if val_pairs else None
+            )
             tokenizer = backbone.tokenizer
             if tokenizer.pad_token_id is None:
                 tokenizer = _tokenizer_with_pad(tokenizer, tokenizer.eos_token_id)
@@ -537,7 +641,9 @@ class GenerativeJudge(RewardModel):
                 args = SFTConfig(**settings.trainer_kwargs(out, seed, val_pairs is not None, progress))
                 with _peft_wrapping():
                     trainer = SFTTrainer(
-                        model=copy.deepcopy(backbone.model), args=args, processing_class=tokenizer,
+                        model=copy.deepcopy(backbone.model),
+                        args=args,
+                        processing_class=tokenizer,
                         train_dataset=Dataset.from_dict(rows),
                         eval_dataset=Dataset.from_dict(val_rows) if val_rows else None,
                         peft_config=settings.lora_config(TaskType.CAUSAL_LM),
@@ -545,8 +651,17 @@ class GenerativeJudge(RewardModel):
                 trainable = _train(trainer, progress)
                 model = trainer.model
                 val_loss, best_epoch = _kept_epoch(trainer.state)
-        return cls(backbone, model, settings, lora=True, seed=seed, trainable_parameters=trainable,
-                   cost=meter.cost(len(train_pairs)), val_loss=val_loss, best_epoch=best_epoch)
+        return cls(
+            backbone,
+            model,
+            settings,
+            lora=True,
+            seed=seed,
+            trainable_parameters=trainable,
+            cost=meter.cost(len(train_pairs)),
+            val_loss=val_loss,
+            best_epoch=best_epoch,
+        )
 
     @classmethod
     def lora_wrapped(cls, backbone, settings: JudgeSettings):
@@ -563,9 +678,16 @@ class GenerativeJudge(RewardModel):
         sequences = [_judge_ids(tokenizer, p, True, max_length) for p in pairs]
         sequences += [_judge_ids(tokenizer, p, False, max_length) for p in pairs]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        logits = _next_token_logits(self.model, sequences, self.verdict_ids, pad_id,
-                                    self.settings.scoring_batch_size, progress, "judge verdicts")
-        return logits[: len(pairs)], logits[len(pairs):]
+        logits = _next_token_logits(
+            self.model,
+            sequences,
+            self.verdict_ids,
+            pad_id,
+            self.settings.scoring_batch_size,
+            progress,
+            "judge verdicts",
+        )
+        return logits[: len(pairs)], logits[len(pairs) :]
 
     def score_pairs(self, pairs, *, progress: bool = False) -> tuple[Tensor, Tensor]:
         """(P(chosen is better), 1 − that), averaged over both answer orders."""
@@ -573,18 +695,25 @@ class GenerativeJudge(RewardModel):
         return p, 1 - p
 
     def score(self, texts: list[str]) -> Tensor:
-        raise ConfigError("a generative judge compares two answers and has no score for one text; "
-                          "use score_pairs")
+        raise ConfigError("a generative judge compares two answers and has no score for one text; use score_pairs")
 
     def num_trainable_parameters(self) -> int:
         return self.trainable_parameters
 
     def config(self) -> dict[str, Any]:
-        return {**self._config_header(), "method": self.method, "backbone": _backbone_record(self.backbone),
-                "settings": asdict(self.settings), "lora": self.lora, "seed": self.seed,
-                "judge_template": JUDGE_TEMPLATE, "trainable_parameters": self.trainable_parameters,
-                "cost": self.cost.as_dict() if self.cost else None,
-                "val_loss": self.val_loss, "best_epoch": self.best_epoch}
+        return {
+            **self._config_header(),
+            "method": self.method,
+            "backbone": _backbone_record(self.backbone),
+            "settings": asdict(self.settings),
+            "lora": self.lora,
+            "seed": self.seed,
+            "judge_template": JUDGE_TEMPLATE,
+            "trainable_parameters": self.trainable_parameters,
+            "cost": self.cost.as_dict() if self.cost else None,
+            "val_loss": self.val_loss,
+            "best_epoch": self.best_epoch,
+        }
 
     def save_pretrained(self, directory: str | Path, *, overwrite: bool = True) -> None:
         """config.json, plus the LoRA adapter in `directory/adapter` for a tuned judge."""
@@ -596,10 +725,17 @@ class GenerativeJudge(RewardModel):
         model = backbone.model
         if config["lora"]:
             model = _load_adapter(copy.deepcopy(backbone.model), directory)
-        return cls(backbone, model, build_settings(JudgeSettings, config["settings"]), lora=config["lora"],
-                   seed=config["seed"], trainable_parameters=config["trainable_parameters"],
-                   cost=_saved_cost(config), val_loss=config.get("val_loss", ()),
-                   best_epoch=config.get("best_epoch"))
+        return cls(
+            backbone,
+            model,
+            build_settings(JudgeSettings, config["settings"]),
+            lora=config["lora"],
+            seed=config["seed"],
+            trainable_parameters=config["trainable_parameters"],
+            cost=_saved_cost(config),
+            val_loss=config.get("val_loss", ()),
+            best_epoch=config.get("best_epoch"),
+        )
 
 
 def _verdict_rows(tokenizer, pairs, verdict_ids: list[int], max_length: int) -> dict[str, list]:
@@ -627,8 +763,9 @@ class LogProbPreference(RewardModel):
         self.backbone, self.settings, self.cost = backbone, settings, cost
 
     @classmethod
-    def fit(cls, backbone, train_pairs=None, val_pairs=None, *, seed: int = 0, progress: bool = True,
-            **settings) -> LogProbPreference:
+    def fit(
+        cls, backbone, train_pairs=None, val_pairs=None, *, seed: int = 0, progress: bool = True, **settings
+    ) -> LogProbPreference:
         """Nothing to train; the pairs and seed are accepted for a uniform interface."""
         settings = build_settings(LogProbSettings, settings)
         with CostMeter() as meter:
@@ -639,11 +776,17 @@ class LogProbPreference(RewardModel):
         """Mean log-prob per response token of the chosen and of the rejected responses."""
         pairs = list(pairs)
         items = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-        scores = sequence_logprobs(self.backbone.model, self.backbone.tokenizer, items, normalize=True,
-                                    batch_size=self.settings.scoring_batch_size,
-                                    max_length=self.settings.max_length, progress=progress,
-                                    desc="mean log-probs")
-        return scores[: len(pairs)], scores[len(pairs):]
+        scores = sequence_logprobs(
+            self.backbone.model,
+            self.backbone.tokenizer,
+            items,
+            normalize=True,
+            batch_size=self.settings.scoring_batch_size,
+            max_length=self.settings.max_length,
+            progress=progress,
+            desc="mean log-probs",
+        )
+        return scores[: len(pairs)], scores[len(pairs) :]
 
     def score(self, texts: list[str]) -> Tensor:
         raise ConfigError("the log-prob floor scores a response given its prompt; use score_pairs")
@@ -652,29 +795,39 @@ class LogProbPreference(RewardModel):
         return 0
 
     def config(self) -> dict[str, Any]:
-        return {**self._config_header(), "method": self.method, "backbone": _backbone_record(self.backbone),
-                "settings": asdict(self.settings), "trainable_parameters": 0,
-                "cost": self.cost.as_dict() if self.cost else None}
+        return {
+            **self._config_header(),
+            "method": self.method,
+            "backbone": _backbone_record(self.backbone),
+            "settings": asdict(self.settings),
+            "trainable_parameters": 0,
+            "cost": self.cost.as_dict() if self.cost else None,
+        }
 
     def save_pretrained(self, directory: str | Path, *, overwrite: bool = True) -> None:
         _write(directory, self.config(), overwrite=overwrite)
 
     @classmethod
     def _load(cls, directory: Path, config: dict, backbone=None) -> LogProbPreference:
-        return cls(_resolve_backbone(config, backbone), build_settings(LogProbSettings, config["settings"]),
-                   _saved_cost(config))
+        return cls(
+            _resolve_backbone(config, backbone),
+            build_settings(LogProbSettings, config["settings"]),
+            _saved_cost(config),
+        )
 
 
 # ----------------------------------------------------------------------------- factory
 
 
-def fit_baseline(method: str, backbone, train_pairs=None, val_pairs=None, *, seed: int = 0,
-                 progress: bool = True, **settings) -> RewardModel:
+def fit_baseline(
+    method: str, backbone, train_pairs=None, val_pairs=None, *, seed: int = 0, progress: bool = True, **settings
+) -> RewardModel:
     """Fit the baseline named `method` (one of `srlib.baselines.METHODS`); `settings` go to its
     class's settings class (`LoraSettings`, `GRMSettings`, `JudgeSettings`, `LogProbSettings`)."""
     spec = get_method(method)
-    return spec.model_class.fit(backbone, train_pairs, val_pairs, seed=seed, progress=progress,
-                                **spec.fit_options, **settings)
+    return spec.model_class.fit(
+        backbone, train_pairs, val_pairs, seed=seed, progress=progress, **spec.fit_options, **settings
+    )
 
 
 def trainable_parameters(method: str, backbone, **settings) -> int:

@@ -43,14 +43,24 @@ class Method:
 
 
 #: Every baseline, in the order tables list them.
-REGISTRY: dict[str, Method] = {m.name: m for m in (
-    Method("standard", "StandardRM (LoRA)", "StandardRM", trained=True),
-    Method("generalizable", "GeneralizableRM (LoRA)", "GeneralizableRM", trained=True),
-    Method("judge", "zero-shot judge", "GenerativeJudge", trained=False, two_answers=True),
-    Method("judge-lora", "LoRA judge", "GenerativeJudge", trained=True, two_answers=True, in_comparison=False,
-           fit_options={"lora": True}),
-    Method("logprob", "log-prob floor", "LogProbPreference", trained=False),
-)}
+REGISTRY: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("standard", "StandardRM (LoRA)", "StandardRM", trained=True),
+        Method("generalizable", "GeneralizableRM (LoRA)", "GeneralizableRM", trained=True),
+        Method("judge", "zero-shot judge", "GenerativeJudge", trained=False, two_answers=True),
+        Method(
+            "judge-lora",
+            "LoRA judge",
+            "GenerativeJudge",
+            trained=True,
+            two_answers=True,
+            in_comparison=False,
+            fit_options={"lora": True},
+        ),
+        Method("logprob", "log-prob floor", "LogProbPreference", trained=False),
+    )
+}
 METHODS = tuple(REGISTRY)
 #: The methods that learn from the training pairs (the others ignore pairs and seed).
 TRAINED_METHODS = tuple(name for name, m in REGISTRY.items() if m.trained)

@@ -36,29 +36,53 @@ class LoraSettings:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (math.isfinite(self.learning_rate) and math.isfinite(self.epochs)):
-            raise ConfigError(f"learning_rate and epochs must be finite numbers, got {self.learning_rate}, "
-                              f"{self.epochs}")
+            raise ConfigError(
+                f"learning_rate and epochs must be finite numbers, got {self.learning_rate}, {self.epochs}"
+            )
         if not self.learning_rate > 0 or not self.epochs > 0:
             raise ConfigError(f"learning_rate and epochs must be > 0, got {self.learning_rate}, {self.epochs}")
 
     def lora_config(self, task_type: TaskType, modules_to_save: list[str] | None = None) -> LoraConfig:
         # Dropout 0: TRL's trainers switch every dropout off anyway (disable_dropout=True).
-        return LoraConfig(task_type=task_type, r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=0.0,
-                          target_modules=list(self.target_modules), modules_to_save=modules_to_save)
+        return LoraConfig(
+            task_type=task_type,
+            r=self.lora_r,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=0.0,
+            target_modules=list(self.target_modules),
+            modules_to_save=modules_to_save,
+        )
 
     def trainer_kwargs(self, output_dir: str, seed: int, has_val: bool, progress: bool) -> dict[str, Any]:
         """Arguments shared by RewardConfig and SFTConfig: float32, no checkpointing; the GPU if any."""
         per_epoch = "epoch" if has_val else "no"
         return dict(
-            output_dir=output_dir, num_train_epochs=self.epochs, max_steps=self.max_steps,
-            learning_rate=self.learning_rate, lr_scheduler_type="linear", warmup_steps=self.warmup_ratio,
-            weight_decay=0.0, per_device_train_batch_size=self.batch_size,
+            output_dir=output_dir,
+            num_train_epochs=self.epochs,
+            max_steps=self.max_steps,
+            learning_rate=self.learning_rate,
+            lr_scheduler_type="linear",
+            warmup_steps=self.warmup_ratio,
+            weight_decay=0.0,
+            per_device_train_batch_size=self.batch_size,
             per_device_eval_batch_size=self.scoring_batch_size,
             gradient_accumulation_steps=self.gradient_accumulation_steps,
-            eval_strategy=per_epoch, save_strategy=per_epoch, save_only_model=True, save_total_limit=1,
-            load_best_model_at_end=has_val, prediction_loss_only=True,
-            seed=seed, data_seed=seed, use_cpu=not torch.cuda.is_available(), bf16=False, fp16=False, activation_checkpointing=False,
-            report_to="none", logging_steps=10, disable_tqdm=not progress, dataloader_num_workers=0,
+            eval_strategy=per_epoch,
+            save_strategy=per_epoch,
+            save_only_model=True,
+            save_total_limit=1,
+            load_best_model_at_end=has_val,
+            prediction_loss_only=True,
+            seed=seed,
+            data_seed=seed,
+            use_cpu=not torch.cuda.is_available(),
+            bf16=False,
+            fp16=False,
+            activation_checkpointing=False,
+            report_to="none",
+            logging_steps=10,
+            disable_tqdm=not progress,
+            dataloader_num_workers=0,
             train_sampling_strategy="group_by_length",  # shuffled batches of similar length: less padding
             max_length=None,  # texts are cut from the left beforehand; TRL would drop long ones
         )
@@ -75,7 +99,6 @@ class GRMSettings(LoraSettings):
         super().check()
         if not 0 < self.sft_weight < 1:
             raise ConfigError(f"sft_weight (GRM's alpha) must be in (0, 1), got {self.sft_weight}")
-
 
 
 @dataclass(frozen=True)
@@ -95,8 +118,9 @@ class LogProbSettings:
 
     def check(self) -> None:
         if self.max_length < 2 or self.scoring_batch_size < 1:
-            raise ConfigError(f"max_length must be >= 2 and scoring_batch_size >= 1, got "
-                              f"{self.max_length}, {self.scoring_batch_size}")
+            raise ConfigError(
+                f"max_length must be >= 2 and scoring_batch_size >= 1, got {self.max_length}, {self.scoring_batch_size}"
+            )
 
 
 def build_settings(cls: type, kwargs: dict[str, Any]):

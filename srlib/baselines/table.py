@@ -34,19 +34,29 @@ def comparison_table(trials, backbone_parameters: int):
     rows = []
     for (dataset, variant), group in data.groupby(["dataset", "variant"], sort=False):
         params = int(group["trainable_parameters"].iloc[0])
-        row = {"data set": DATASET_LABELS.get(dataset, dataset), "method": variant,
-               "test accuracy (%)": label(group["test_accuracy"])}
+        row = {
+            "data set": DATASET_LABELS.get(dataset, dataset),
+            "method": variant,
+            "test accuracy (%)": label(group["test_accuracy"]),
+        }
         if "full_test_accuracy" in group:
             row["full test split (%)"] = label(group["full_test_accuracy"])
         if "outcomes" in group:
             outcomes = [np.asarray(o) for o in group["outcomes"] if o is not None and not np.isscalar(o)]
             row["ties (%)"] = 100 * float(np.mean([np.mean(o == 0.5) for o in outcomes])) if outcomes else 0.0
-        row.update({"seeds": int(group["seed"].nunique()), "train pairs": int(group["n_train_pairs"].iloc[0]),
-                    "trainable parameters": params, "% of backbone": 100 * params / backbone_parameters,
-                    "train time (s)": group["fit_seconds"].mean(),
-                    "train time with extraction (s)": group["fit_seconds_with_extraction"].mean(),
-                    "RSS increase (MB)": group["rss_increase_mb"].mean(), "peak RSS (MB)": group["peak_rss_mb"].mean(),
-                    "scoring pairs/s": group["pairs_per_second"].mean()})
+        row.update(
+            {
+                "seeds": int(group["seed"].nunique()),
+                "train pairs": int(group["n_train_pairs"].iloc[0]),
+                "trainable parameters": params,
+                "% of backbone": 100 * params / backbone_parameters,
+                "train time (s)": group["fit_seconds"].mean(),
+                "train time with extraction (s)": group["fit_seconds_with_extraction"].mean(),
+                "RSS increase (MB)": group["rss_increase_mb"].mean(),
+                "peak RSS (MB)": group["peak_rss_mb"].mean(),
+                "scoring pairs/s": group["pairs_per_second"].mean(),
+            }
+        )
         rows.append(row)
     table = pd.DataFrame(rows)
     if "ties (%)" in table and not (table["ties (%)"] > 0).any():
