@@ -14,7 +14,7 @@ export SRLIB_DATA_DIR := $(abspath ../shared/data)
 endif
 endif
 
-.PHONY: install book book-smoke mathjax chromium test clean
+.PHONY: install book book-smoke mathjax chromium lint test clean
 
 install: $(STAMP)
 
@@ -48,7 +48,13 @@ chromium:
 		|| echo "chromium could not be installed: the browser tests will skip"; \
 	fi
 
-test: $(STAMP) chromium book-smoke
+# The habits that keep the tree clean: ruff's lint and format check (settings in pyproject.toml).
+# `make test` runs this first, before the smoke book.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: $(STAMP) lint chromium book-smoke
 	$(PY) -m pytest
 
 clean:
