@@ -386,7 +386,7 @@ def test_chapter_2_under_papermill_offline(offline_hub, monkeypatch):
         for out in cell.get("outputs", [])
         for text in out.get("text", [])
     )
-    assert "google/gemma-2-2b-it, layer 13; SAE with 16,384 latents" in printed
+    assert "google/gemma-2-2b-it, layer 13 of " in printed and "SAE with 16,384 latents" in printed
 
 
 def test_generation_prompt_under_a_template_without_system_role():
