@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -485,11 +484,16 @@ def test_real_truthfulqa_counts_and_split():
 
 
 @needs_real_data
-def test_real_truthfulqa_loads_fast():
+def test_real_truthfulqa_loads_from_the_local_file_without_the_datasets_library(monkeypatch):
+    """The local path reads the CSV directly (fast, offline); its speed is benchmarked, not timed here."""
+    import datasets
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the local TruthfulQA file must not go through datasets.load_dataset")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
     data._normalised_local.cache_clear()
-    start = time.perf_counter()
-    data.load_truthfulqa("train")
-    assert time.perf_counter() - start < 0.5
+    assert len(data.load_truthfulqa("train")) > 0
 
 
 @needs_real_data
