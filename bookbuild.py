@@ -573,15 +573,21 @@ def reusable(paths: BuildPaths, stem: str, fingerprint: str) -> float | None:
     return None
 
 
-def _kernel_with_env(env: dict[str, str]) -> type:
-    """A kernel manager class for papermill (nbclient) whose kernels start with `env` added to
-    this process's environment. A chapter's own events file travels this way: `os.environ` is
-    shared by the chapters that run side by side, so it cannot name one per chapter."""
+def _chapter_kernel(cwd: Path, env: dict[str, str]) -> type:
+    """A kernel manager class for papermill (nbclient) whose kernels start in the folder `cwd`
+    with `env` added to this process's environment.
+
+    Both travel to the kernel this way, never through this process: papermill's own `cwd`
+    changes the working directory of the whole process, so chapters run side by side in threads
+    would start their kernels in each other's (or no) folder; and `os.environ` is shared by those
+    threads, so it cannot name one events file per chapter.
+    """
     from jupyter_client.manager import AsyncKernelManager
 
     class ChapterKernelManager(AsyncKernelManager):
         async def start_kernel(self, **kw: Any) -> None:
             kw["env"] = {**kw.get("env", os.environ), **env}
+            kw["cwd"] = str(cwd)
             return await super().start_kernel(**kw)
 
     return ChapterKernelManager
@@ -604,12 +610,13 @@ def execute_notebook(source: Path, executed: Path, results: Path, profile: str, 
             str(source),
             str(executed),
             kernel_name="python3",
-            cwd=str(executed.parent),
+            kernel_manager_class=_chapter_kernel(
+                executed.parent, {EVENTS_ENV: str(events.resolve())} if events else {}
+            ),
             # Relative to the notebook's folder (the kernel's cwd), so the injected cell that
             # the book shows names no folder of the machine that built it.
             parameters={"PROFILE": profile, "RESULTS_PATH": os.path.relpath(results, executed.parent)},
             progress_bar=False,  # the stages' status line says more than a count of cells
-            **({"kernel_manager_class": _kernel_with_env({EVENTS_ENV: str(events.resolve())})} if events else {}),
         )
     except PapermillExecutionError as exc:
         tail = _strip_ansi("\n".join(exc.traceback[-6:]))

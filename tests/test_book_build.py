@@ -244,6 +244,47 @@ def test_the_kernel_resolves_a_bare_python_to_the_launching_interpreter():
     )
 
 
+def _where_am_i_notebook() -> nbformat.NotebookNode:
+    """A chapter that records its kernel's working directory and events file in its results."""
+    return nbformat.v4.new_notebook(
+        cells=[
+            nbformat.v4.new_code_cell('PROFILE = "cpu"\nRESULTS_PATH = ""', metadata={"tags": ["parameters"]}),
+            nbformat.v4.new_code_cell(
+                "import os, time\n"
+                "from srlib.results import write_results\n"
+                "time.sleep(1)  # so that the two chapters overlap\n"
+                'write_results(RESULTS_PATH, profile=PROFILE, tables={}, metrics={"cwd": os.getcwd(), '
+                '"events": os.environ.get("SRLIB_PROGRESS_EVENTS")})'
+            ),
+        ],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+    )
+
+
+def test_chapters_run_side_by_side_each_start_their_kernel_in_their_own_folder(tmp_path, monkeypatch):
+    # papermill's `cwd` changes the working directory of the whole process: two chapters run in
+    # threads once started a kernel outside its folder, whose results then went missing.
+    driver_cwd = tmp_path / "driver"
+    driver_cwd.mkdir()
+    monkeypatch.chdir(driver_cwd)
+    runs = {}
+    for stem in ("a_ch", "b_ch"):
+        folder = tmp_path / stem / "notebooks"
+        source = tmp_path / f"{stem}.ipynb"
+        nbformat.write(_where_am_i_notebook(), source)
+        runs[stem] = (source, folder / f"{stem}.ipynb", folder / f"{stem}.results.json", folder / f"{stem}.events")
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(lambda run: book.execute_notebook(*run[:3], "smoke", events=run[3]), runs.values()))
+    for _, executed, results_path, events in runs.values():
+        metrics = json.loads(results_path.read_text())["metrics"]
+        assert Path(metrics["cwd"]).resolve() == executed.parent.resolve()
+        assert metrics["events"] == str(events.resolve())
+    assert Path.cwd() == driver_cwd  # the build's own working directory never moved
+    assert list(driver_cwd.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- exercises
 
 
