@@ -26,7 +26,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, snapshot_download
 
@@ -112,7 +112,7 @@ def model_card(
     name = model_name or type(rm).__name__
     base_model = _hub_id(rm.backbone_id)
     sae_source = config.sae_source
-    metadata = {
+    metadata: dict[str, Any] = {
         "layer": config.layer,
         "k": config.k,
         "feature_kind": config.features,

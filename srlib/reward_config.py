@@ -20,7 +20,7 @@ import difflib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from srlib.errors import ConfigError
 
@@ -69,7 +69,10 @@ def _check_keys(cls: type, keys: Any, where: str) -> None:
             )
 
 
-def _typo_checked(cls: type) -> type:
+_Config = TypeVar("_Config")
+
+
+def _typo_checked(cls: type[_Config]) -> type[_Config]:
     """`cls` whose constructor refuses an unknown keyword with `_check_keys`'s one line (a
     `ConfigError`, like every other bad setting) instead of Python's TypeError."""
     init = cls.__init__
@@ -168,8 +171,9 @@ class SparseRMConfig:
     """What a fitted SparseRM (or DenseRM, `features="dense"`) reads and how its head was trained.
 
     features: "projection" (the paper's), "latents", "random" (Table 2) or "dense" (DenseRM);
-    k: directions per side (None only for dense); layer: the hidden layer read (None: not set);
-    sae_source: where the SAE came from (`srlib.profiles.Profile.sae_source`; None for dense);
+    k: directions per side (None for dense, and only there); layer: the hidden layer read (None:
+    not set; `SparseRM.fit` needs one); sae_source: where the SAE came from
+    (`srlib.profiles.Profile.sae_source`; None for dense);
     position: the token read (`srlib.activations.POSITIONS`); max_length: tokens per text.
     """
 
@@ -189,8 +193,15 @@ class SparseRMConfig:
 
         _check_choice(self.OWNER, "features", self.features, tuple(FEATURE_MAPS))
         _check_choice(self.OWNER, "position", self.position, POSITIONS)
-        if self.k is not None or self.features != "dense":
+        if self.features != "dense":
             _check_int(self.OWNER, "k", self.k, 1)
+        else:  # a fitted DenseRM has neither, and its `rm_config` must give back the config it was fitted with
+            for name in ("k", "sae_source"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(
+                        f"{self.OWNER}.{name}={getattr(self, name)!r} is not allowed with features='dense' "
+                        f"(DenseRM reads no SAE); set {name}=None"
+                    )
         if self.layer is not None:
             _check_int(self.OWNER, "layer", self.layer, 0)
         _check_int(self.OWNER, "max_length", self.max_length, 1)
