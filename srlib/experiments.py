@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from srlib.data import DATASET_LABELS, PreferencePair, load_pairs
+from srlib.data import DATASET_LABELS, PreferencePair, load_pairs, prompt_text
 from srlib.directions import Directions, select_directions
 from srlib.errors import ConfigError
 from srlib.evaluate import PairedComparison, compare_paired, mean_sd, pair_outcomes
@@ -300,15 +300,17 @@ def fit_variant(
     started = time.perf_counter()
     fit_on_states(model, states, head=seeded_head(states, head, seed))
     seconds = time.perf_counter() - started
+    history = model.history
+    assert history is not None  # fit_on_states has just fitted the head
     trial = Trial(
         dataset=states.name,
         variant=variant or features,
         seed=seed,
         test_accuracy=None,
-        val_accuracy=model.history.best_val_accuracy,
+        val_accuracy=history.best_val_accuracy,
         trainable_parameters=model.num_trainable_parameters(),
         fit_seconds=seconds,
-        best_epoch=model.history.best_epoch,
+        best_epoch=history.best_epoch,
         resample_seed=resample_seed if select is not None else None,
         features=features,
     )
@@ -415,7 +417,7 @@ def summarize(trials, by: Sequence[str] = ("dataset", "variant"), *, value: str,
 
 def pair_text(pair: PreferencePair, side: str = "chosen", chars: int = 200) -> str:
     """ "question → answer" of one side of a pair on one line, cut to `chars` characters."""
-    return _cut(f"{pair.prompt} → {pair.chosen if side == 'chosen' else pair.rejected}", chars)
+    return _cut(f"{prompt_text(pair.prompt)} → {pair.chosen if side == 'chosen' else pair.rejected}", chars)
 
 
 def top_latents(latents: Tensor, n: int = 5) -> list[list[tuple[int, float]]]:
@@ -548,7 +550,7 @@ def latent_cards(
                 firing = (latents_w if side == "w" else latents_l)[separated, latent]
                 pair = pairs[int(separated[firing.argmax()])]
                 example = (
-                    f"{_cut(pair.prompt, chars // 2)} | chosen: {_cut(pair.chosen, chars // 3)}"
+                    f"{_cut(prompt_text(pair.prompt), chars // 2)} | chosen: {_cut(pair.chosen, chars // 3)}"
                     f" | rejected: {_cut(pair.rejected, chars // 3)}"
                 )
             rows.append(
@@ -572,8 +574,8 @@ def latent_cards(
 
 def jaccard(a: Tensor | Sequence[int], b: Tensor | Sequence[int]) -> float:
     """|A ∩ B| / |A ∪ B| of two index sets (1.0 for two empty sets)."""
-    a, b = set(torch.as_tensor(a).tolist()), set(torch.as_tensor(b).tolist())
-    return len(a & b) / len(a | b) if a | b else 1.0
+    set_a, set_b = set(torch.as_tensor(a).tolist()), set(torch.as_tensor(b).tolist())
+    return len(set_a & set_b) / len(set_a | set_b) if set_a | set_b else 1.0
 
 
 def selection_stability(

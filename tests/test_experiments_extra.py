@@ -85,6 +85,21 @@ def test_latent_cards_one_row_per_shown_latent():
     assert "rejected: Wrong answer 1" in first["example pair"]  # pair 1 fires latent 0 harder than pair 0
 
 
+def test_latent_cards_show_a_conversation_prompt_as_its_turns():
+    """A pair in TRL's conversational format (a tuple of turns) is shown as "User: ..." text, as
+    `prompt_text` writes it for a table, not as a tuple (nor a crash when it is cut)."""
+    turns = (
+        {"role": "user", "content": "Hi?"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Why?"},
+    )
+    pairs = [PreferencePair(turns, p.chosen, p.rejected, group_id=p.group_id) for p in PAIRS]
+    assert ex.pair_text(pairs[0]) == "User: Hi? Assistant: Hello. User: Why? → Right answer 0"
+    d = ex.select_directions(W_DEC, LAT_W, LAT_L, k=2)
+    cards = ex.latent_cards(d, LAT_W, LAT_L, pairs, n_latents=1, n_texts=2, sae_source="train")
+    assert cards.iloc[0]["example pair"].startswith("User: Hi? Assistant: Hello. User: Why? | chosen: Right answer")
+
+
 def test_jaccard():
     assert ex.jaccard([1, 2, 3], [2, 3, 4]) == 0.5
     assert ex.jaccard(torch.tensor([1]), torch.tensor([1])) == 1.0
