@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ from srlib.progress import progress_bar
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from srlib.data import MCQuestion, PreferencePair
+    from srlib.data import Conversation, MCQuestion, PreferencePair
 
 
 def fold_system_turn(messages: list[dict]) -> list[dict]:
@@ -79,7 +79,7 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list
 
 
 def split_prompt_response(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str
+    tokenizer: PreTrainedTokenizerBase, prompt: str | Conversation, response: str
 ) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids) as TRL's DPOTrainer tokenizes a conversational example.
 
@@ -97,7 +97,7 @@ def split_prompt_response(
 def sequence_logprobs(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    items: Sequence[tuple[str, str]],
+    items: Sequence[tuple[str | Conversation, str]],
     *,
     normalize: bool,
     batch_size: int,
@@ -264,15 +264,21 @@ def truthfulqa_mc(
     )
     mc1, mc2 = [], []
     for start, n_true, n_false in layout:
-        correct = scores[start : start + n_true]
-        incorrect = scores[start + n_true : start + n_true + n_false]
-        a, b = mc_scores(correct[0], correct, incorrect)
+        true_scores = scores[start : start + n_true]
+        false_scores = scores[start + n_true : start + n_true + n_false]
+        a, b = mc_scores(true_scores[0], true_scores, false_scores)
         mc1.append(a)
         mc2.append(b)
     mc1_t, mc2_t = torch.tensor(mc1, dtype=torch.float64), torch.tensor(mc2, dtype=torch.float64)
     n = len(questions)
     p1 = float(mc1_t.mean())
-    out = {"mc1": p1, "mc2": float(mc2_t.mean()), "n": n, "mc1_se": binomial_se(p1, n), "mc2_se": mean_se(mc2_t)}
+    out: dict[str, Any] = {
+        "mc1": p1,
+        "mc2": float(mc2_t.mean()),
+        "n": n,
+        "mc1_se": binomial_se(p1, n),
+        "mc2_se": mean_se(mc2_t),
+    }
     if per_item:
         out.update(mc1_items=mc1, mc2_items=mc2)
     return out
@@ -311,7 +317,7 @@ def pairwise_logprob_accuracy(
     margin = scores[: len(pairs)] - scores[len(pairs) :]
     correct = (margin > 0).float()
     acc = float(correct.mean())
-    out = {
+    out: dict[str, Any] = {
         "accuracy": acc,
         "n": len(pairs),
         "se": binomial_se(acc, len(pairs)),
@@ -529,12 +535,12 @@ def compare_paired(
 def seed_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
     """Mean of per-seed values and its Student-t interval at `confidence` (NaN with one seed;
     the mean twice when every seed agrees)."""
-    values = np.asarray(values, dtype=np.float64)
-    mean = float(values.mean())
-    if len(values) < 2:
+    array = np.asarray(values, dtype=np.float64)
+    mean = float(array.mean())
+    if len(array) < 2:
         return mean, float("nan"), float("nan")
-    sem = float(stats.sem(values))
+    sem = float(stats.sem(array))
     if sem == 0:
         return mean, mean, mean
-    low, high = stats.t.interval(confidence, len(values) - 1, loc=mean, scale=sem)
+    low, high = stats.t.interval(confidence, len(array) - 1, loc=mean, scale=sem)
     return mean, float(low), float(high)
