@@ -50,7 +50,7 @@ def _dense_rm(config: AlignmentConfig, layer: int, out: Path, progress: bool):
     """A DenseRM on the track's training pairs (val for early stopping), saved under `out`."""
     from srlib.backbone import load_backbone
     from srlib.data import load_pairs
-    from srlib.reward import DenseRM, RewardModel
+    from srlib.reward import DenseRM, RewardModel, SparseRMConfig
 
     backbone = load_backbone(config.model_id, progress=progress)
     path = out / f"dense-rm-{config.data_name}-L{layer}"
@@ -61,7 +61,7 @@ def _dense_rm(config: AlignmentConfig, layer: int, out: Path, progress: bool):
         backbone,
         load_pairs(f"{config.data_name}:train"),
         load_pairs(f"{config.data_name}:val"),
-        layer=layer,
+        config=SparseRMConfig(features="dense", k=None, layer=layer),
         progress=progress,
     )
     rm.save_pretrained(path)

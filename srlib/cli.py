@@ -81,6 +81,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     check_output(args.out, is_dir=True, overwrite=args.overwrite, is_ours=is_saved_reward_model)
     profile = _profile_from_args(args)
     head = dataclasses.replace(profile.head, loss=args.loss, gamma=args.gamma, seed=args.seed)  # a bad value fails here
+    config = profile.sparserm_config(args.features, head=head)  # what a sparserm fit builds
     train = _load_pairs(args.train, args, profile)
     val = _load_pairs(args.val, args, profile) if args.val else None
     backbone = backbone_for_profile(profile)
@@ -89,39 +90,16 @@ def cmd_fit(args: argparse.Namespace) -> int:
         from srlib.baselines import fit_baseline
 
         model = fit_baseline(args.method, backbone, train, val, seed=args.seed)
-    elif args.features == "dense":
+    elif config.features == "dense":
         from srlib.reward import DenseRM
 
-        model = DenseRM.fit(
-            backbone,
-            train,
-            val,
-            layer=profile.layer,
-            max_length=profile.max_length,
-            position=profile.position,
-            batch_size=profile.batch_size,
-            head=head,
-        )
+        model = DenseRM.fit(backbone, train, val, config=config, batch_size=profile.batch_size)
     else:
         from srlib.reward import SparseRM
         from srlib.sae import sae_for_profile
 
         sae = sae_for_profile(profile, backbone)
-        model = SparseRM.fit(
-            backbone,
-            train,
-            val,
-            layer=profile.layer,
-            sae=sae,
-            k=profile.k,
-            kind=args.features,
-            feature_seed=args.seed,
-            sae_source=profile.sae_source,
-            max_length=profile.max_length,
-            position=profile.position,
-            batch_size=profile.batch_size,
-            head=head,
-        )
+        model = SparseRM.fit(backbone, train, val, config=config, sae=sae, batch_size=profile.batch_size)
     # the model card names the training data (a local file by its name only, never its path)
     card = {"training_data": Path(args.train).name if Path(args.train).exists() else args.train}
     model.save_pretrained(

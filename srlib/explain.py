@@ -341,7 +341,22 @@ class SteeredSparseRM(SparseRM):
     """A SparseRM with some of its directions scaled or masked (`steer`). It scores, saves and
     loads like any reward model; config.json records the edit under ``steering``."""
 
-    steering: dict[int, float]
+    def __init__(self, *, steering: Mapping[int, float], head: RewardHead, **parts):
+        """A fitted SparseRM's parts (`FeatureRM.fitted_parts`: features, head, history, latent
+        indices, ...) whose head multiplies its standardised input for each latent in `steering`
+        ({latent: factor}) by the factor. `head` may itself be steered: its weights are copied
+        into a new head, so the model it came from is not changed."""
+        super().__init__(head=head, **parts)
+        self.steering: dict[int, float] = dict(steering)
+        scale = torch.tensor([self.steering.get(latent, 1.0) for latent, _ in input_latents(self)])
+        base = RewardHead(**head.config())
+        base.load_state_dict(head.state_dict())  # a SteeredHead's scale is not in its state dict
+        self.head = SteeredHead.from_head(base, scale)
+
+    @classmethod
+    def from_model(cls, model: FeatureRM, steering: Mapping[int, float]) -> SteeredSparseRM:
+        """`model`'s fitted parts with `steering` (the factors as given: `steer` checks and combines them)."""
+        return cls(**model.fitted_parts(), steering=steering)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -354,19 +369,8 @@ class SteeredSparseRM(SparseRM):
 
     @classmethod
     def _load(cls, directory: Path, config: dict, backbone=None) -> SteeredSparseRM:
-        model = super()._load(directory, config, backbone)
         scales = {int(latent): float(factor) for latent, factor in config["steering"]["scales"].items()}
-        return _apply_steering(model, scales)
-
-
-def _apply_steering(model: SteeredSparseRM, scales: dict[int, float]) -> SteeredSparseRM:
-    """Give `model` (already of class SteeredSparseRM) a head that applies `scales`."""
-    head = model._require_fitted()
-    scale = torch.tensor([scales.get(latent, 1.0) for latent, _ in input_latents(model)])
-    base = RewardHead(**head.config())
-    base.load_state_dict(head.state_dict())
-    model.head, model.steering = SteeredHead.from_head(base, scale), dict(scales)
-    return model
+        return cls(**cls._saved_parts(directory, config, backbone), steering=scales)
 
 
 def steer(model: FeatureRM, scales: Mapping[int, float]) -> SteeredSparseRM:
@@ -378,9 +382,7 @@ def steer(model: FeatureRM, scales: Mapping[int, float]) -> SteeredSparseRM:
     combined = dict(getattr(model, "steering", {}))
     for latent, factor in scales.items():
         combined[latent] = combined.get(latent, 1.0) * factor
-    steered = SteeredSparseRM.__new__(SteeredSparseRM)
-    steered.__dict__.update(model.__dict__)
-    return _apply_steering(steered, combined)
+    return SteeredSparseRM.from_model(model, combined)
 
 
 def parse_scales(items: Sequence[str]) -> dict[int, float]:

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from srlib.errors import ConfigError
-from srlib.reward_config import HeadConfig
+from srlib.reward_config import HeadConfig, SparseRMConfig
 
 #: The model id that the smoke profile resolves to a tiny random model built in-process.
 TINY_MODEL_ID = "srlib/tiny-random-llama"
@@ -146,6 +146,22 @@ class Profile:
     def sweep_config(self) -> SweepConfig:
         """The validation study's grid: `sweep`, or the profile's own layer when it has none."""
         return self.sweep or SweepConfig(layers=(self.layer,))
+
+    def sparserm_config(self, features: str = "projection", *, head: HeadConfig | None = None) -> SparseRMConfig:
+        """The reward model this profile fits, as the `SparseRMConfig` that `SparseRM.fit` and
+        `DenseRM.fit` take: the profile's layer, K and SAE source (neither for `features="dense"`),
+        read position, text length, and `head` (default: the profile's `HeadConfig`). The one
+        place a profile's sizes become a reward model's; vary one with `dataclasses.replace`."""
+        dense = features == "dense"
+        return SparseRMConfig(
+            features=features,
+            k=None if dense else self.k,
+            layer=self.layer,
+            sae_source=None if dense else self.sae_source,
+            position=self.position,
+            max_length=self.max_length,
+            head=self.head if head is None else head,
+        )
 
     def replace(self, **changes) -> Profile:
         """A copy with some fields changed (e.g. another layer for a sweep)."""

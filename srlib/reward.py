@@ -23,7 +23,7 @@ model's whole description (feature kind, K, layer, SAE source, read position, he
   statistics live in the head as buffers, so they are applied inside ``forward`` and saved
   with it. A constant feature (std ≤ 1e-6) keeps scale 1. Chapter 3's validation study
   compares it with raw inputs (`srlib.experiments.validation_study`). With standardisation on, decoder-row normalisation
-  (``normalize_directions``, default False as in the paper) cannot change the model: scaling
+  (`select_directions(normalize=...)`, default False as in the paper) cannot change the model: scaling
   a direction scales its projection and its std alike.
 * γ (``gamma=1.0``): with standardised inputs the scores are O(1); for a ReLU head γ only
   sets the scale of the scores (a positively homogeneous network with γ is the same network,
@@ -775,6 +775,9 @@ class FeatureRM(RewardModel):
     what config.json records besides the feature map.
     """
 
+    #: The `SparseRMConfig.features` a subclass's `fit` builds.
+    kinds: ClassVar[tuple[str, ...]] = ()
+
     def __init__(
         self,
         features: FeatureMap | None,
@@ -877,6 +880,34 @@ class FeatureRM(RewardModel):
         return self
 
     @classmethod
+    def _check_fit_config(cls, config: Any) -> SparseRMConfig:
+        """`config` if `fit` can build it: a `SparseRMConfig` of one of this class's `kinds`, with
+        a layer; a one-line `ConfigError` otherwise (before any state is extracted)."""
+        name = cls.__name__
+        if not isinstance(config, SparseRMConfig):
+            raise ConfigError(
+                f"{name}.fit takes config=SparseRMConfig(...), got {type(config).__name__}; "
+                "build it with srlib.profiles.Profile.sparserm_config or SparseRMConfig(...)"
+            )
+        if config.features not in cls.kinds:
+            other = "DenseRM" if config.features == "dense" else "SparseRM"
+            raise ConfigError(f"{name}.fit cannot fit features={config.features!r}; use {other}.fit")
+        if config.layer is None:
+            raise ConfigError(f"{name}.fit needs config.layer, the hidden layer to read; set SparseRMConfig(layer=...)")
+        return config
+
+    @classmethod
+    def _fit_states(
+        cls, backbone, train_pairs, val_pairs, config: SparseRMConfig, **extract
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | tuple[None, None]]:
+        """(Z_w, Z_l, (Zv_w, Zv_l)): the hidden states of the training and validation pairs as
+        `config` reads them (layer, position, max_length); (None, None) without validation pairs."""
+        read = dict(max_length=config.max_length, position=config.position, **extract)
+        Z_w, Z_l = cls._pair_states(backbone, train_pairs, config.layer, "training", **read)
+        val = cls._pair_states(backbone, val_pairs, config.layer, "validation", **read) if val_pairs else (None, None)
+        return Z_w, Z_l, val
+
+    @classmethod
     def _pair_states(cls, backbone, pairs, layer: int, what: str, **extract) -> tuple[Tensor, Tensor]:
         """Hidden states of the chosen and rejected responses of `pairs` (non-empty)."""
         if not pairs:
@@ -967,16 +998,39 @@ class FeatureRM(RewardModel):
             **self._config_header(),
             "config": self.rm_config.to_dict(),
             "features": self.features.config(),
-            "backbone": {
-                "model_id": self.backbone_id,
-                "identity": self.backbone_identity,
-                "weights": self.backbone_weights,
-            },
+            "backbone": self._backbone_record(),
             "sae": self.sae_info,
-            "latent_indices": None if self.indices_w is None else {"w": self.indices_w, "l": self.indices_l},
+            "latent_indices": self._latent_indices(),
             "directions_normalized": self.directions_normalized,
             "history": self.history.as_dict(),
         }
+
+    def _backbone_record(self) -> dict[str, Any]:
+        """The backbone it was fitted on, as config.json's "backbone" entry (`backbone_record`)."""
+        return {"model_id": self.backbone_id, "identity": self.backbone_identity, "weights": self.backbone_weights}
+
+    def _latent_indices(self) -> dict[str, list[int]] | None:
+        """The selected latents per side, as config.json's "latent_indices" entry."""
+        return None if self.indices_w is None else {"w": self.indices_w, "l": self.indices_l}
+
+    def fitted_parts(self) -> dict[str, Any]:
+        """The keywords of the constructor that rebuild this fitted model (those `_load` reads from
+        a saved folder): `type(rm)(**rm.fitted_parts())` is a copy sharing its feature map, head,
+        history and backbone, built without touching `rm`."""
+        return dict(
+            features=self.features,
+            backbone=self._backbone,
+            layer=self.layer,
+            max_length=self.max_length,
+            position=self.position,
+            sae_info=self.sae_info,
+            head=self._require_fitted(),
+            history=self.history,
+            k=self.k,
+            latent_indices=self._latent_indices(),
+            directions_normalized=self.directions_normalized,
+            backbone_record=self._backbone_record(),
+        )
 
     def save_pretrained(
         self, directory: str | Path, *, overwrite: bool = True, model_card_kwargs: dict[str, Any] | None = None
@@ -1003,8 +1057,14 @@ class FeatureRM(RewardModel):
 
     @classmethod
     def _load(cls, directory: Path, config: dict, backbone=None) -> FeatureRM:
-        """Rebuild from config.json and model.safetensors; a file that does not fit raises a
-        one-line `DamagedFileError` naming it (KeyError / TypeError: see `from_pretrained`)."""
+        """Rebuild from config.json and model.safetensors, through the constructor."""
+        return cls(**cls._saved_parts(directory, config, backbone))
+
+    @classmethod
+    def _saved_parts(cls, directory: Path, config: dict, backbone=None) -> dict[str, Any]:
+        """The constructor's keywords (`fitted_parts`) read from config.json and model.safetensors;
+        a file that does not fit raises a one-line `DamagedFileError` naming it (KeyError /
+        TypeError: see `from_pretrained`)."""
         weights = directory / WEIGHTS_NAME
         tensors = read_tensors(weights, damaged_remedy(directory))
         rm_config, history = saved_rm_config(config, directory / CONFIG_NAME), FitHistory.from_dict(config["history"])
@@ -1024,7 +1084,7 @@ class FeatureRM(RewardModel):
                 f"{weights}: its tensors do not match {directory / CONFIG_NAME} "
                 f"({one_line(str(error))}); {damaged_remedy(directory)}"
             ) from None
-        return cls(
+        return dict(
             features=features,
             backbone=backbone,
             layer=rm_config.layer,
@@ -1045,7 +1105,8 @@ class SparseRM(FeatureRM):
 
     `SparseRM(directions)` for the paper's model (kind="projection"); kind="latents" (needs the
     `sae`) and kind="random" (`feature_seed`) are the Table 2 ablations on the same K.
-    `SparseRM.fit(backbone, train_pairs, ...)` runs the whole method from text pairs.
+    `SparseRM.fit(backbone, train_pairs, val_pairs, config=profile.sparserm_config(), sae=sae)`
+    runs the whole method from text pairs.
     """
 
     kinds: ClassVar[tuple[str, ...]] = ("projection", "latents", "random")
@@ -1099,56 +1160,52 @@ class SparseRM(FeatureRM):
         train_pairs,
         val_pairs=None,
         *,
-        layer: int,
+        config: SparseRMConfig,
         sae,
-        k: int = 128,
-        kind: str = "projection",
-        normalize_directions: bool = False,
-        allow_overlap: bool = True,
-        feature_seed: int = 0,
-        sae_source: str | None = None,
-        max_length: int = 512,
-        position: str = "last",
         batch_size: int = 16,
         cache: bool = True,
         progress: bool = True,
-        head: HeadConfig = HeadConfig(),
     ) -> SparseRM:
-        """The whole method: hidden states of the pairs at `layer`, SAE latents of the training
-        states, top-k directions per side (`srlib.directions.select_directions`), then the head
-        with the settings of `head` (`fit_head`).
+        """The whole method, as `config` says (`Profile.sparserm_config()` gives the profile's):
+        hidden states of the pairs at `config.layer`, SAE latents of the training states, the
+        top-`config.k` directions per side (`srlib.directions.select_directions`), the
+        `config.features` map on them (the random ablation draws its directions with
+        `config.head.seed`), then the head with the settings of `config.head` (`fit_head`). The
+        fitted model's `rm_config` is `config`.
 
         Directions are selected on the training pairs only; `val_pairs` drive early stopping.
+        `batch_size`, `cache` and `progress` say how states are extracted, not what the model is.
+        A config or SAE that cannot work is refused in one line before anything is extracted.
         """
+        config = cls._check_fit_config(config)
         if sae is None:
             raise ConfigError("SparseRM.fit needs an SAE (srlib.sae.sae_for_profile or load_pretrained_sae)")
-        _check_sae(sae, backbone.hidden_size, k)
-        extract = dict(max_length=max_length, position=position, batch_size=batch_size, cache=cache, progress=progress)
-        Z_w, Z_l = cls._pair_states(backbone, train_pairs, layer, "training", **extract)
-        Zv = cls._pair_states(backbone, val_pairs, layer, "validation", **extract) if val_pairs else (None, None)
+        _check_sae(sae, backbone.hidden_size, config.k)
+        extract = dict(batch_size=batch_size, cache=cache, progress=progress)
+        Z_w, Z_l, val = cls._fit_states(backbone, train_pairs, val_pairs, config, **extract)
         from srlib.directions import select_directions
         from srlib.sae import encode
 
-        directions = select_directions(
-            sae, encode(sae, Z_w), encode(sae, Z_l), k, normalize=normalize_directions, allow_overlap=allow_overlap
-        )
+        directions = select_directions(sae, encode(sae, Z_w), encode(sae, Z_l), config.k)
         model = cls(
             directions,
-            kind=kind,
+            kind=config.features,
             sae=sae,
-            feature_seed=feature_seed,
+            feature_seed=config.head.seed,
             backbone=backbone,
-            layer=layer,
-            max_length=max_length,
-            sae_source=sae_source,
-            position=position,
+            layer=config.layer,
+            max_length=config.max_length,
+            sae_source=config.sae_source,
+            position=config.position,
         )
-        return model.fit_states(Z_w, Z_l, *Zv, head=head, progress=progress)
+        return model.fit_states(Z_w, Z_l, *val, head=config.head, progress=progress)
 
 
 class DenseRM(FeatureRM):
     """DenseRM (§5.2): the same head on the hidden state itself. The width is taken from the
     states at fit time (or give `d`)."""
+
+    kinds: ClassVar[tuple[str, ...]] = ("dense",)
 
     def __init__(
         self,
@@ -1183,17 +1240,17 @@ class DenseRM(FeatureRM):
         train_pairs,
         val_pairs=None,
         *,
-        layer: int,
-        max_length: int = 512,
-        position: str = "last",
+        config: SparseRMConfig,
         batch_size: int = 16,
         cache: bool = True,
         progress: bool = True,
-        head: HeadConfig = HeadConfig(),
     ) -> DenseRM:
-        """Hidden states of the pairs at `layer`, then the head with the settings of `head` (`fit_head`)."""
-        extract = dict(max_length=max_length, position=position, batch_size=batch_size, cache=cache, progress=progress)
-        Z_w, Z_l = cls._pair_states(backbone, train_pairs, layer, "training", **extract)
-        Zv = cls._pair_states(backbone, val_pairs, layer, "validation", **extract) if val_pairs else (None, None)
-        model = cls(backbone=backbone, layer=layer, max_length=max_length, position=position)
-        return model.fit_states(Z_w, Z_l, *Zv, head=head, progress=progress)
+        """Hidden states of the pairs as `config` reads them (features="dense":
+        `Profile.sparserm_config("dense")`), then the head with the settings of `config.head`
+        (`fit_head`). The fitted model's `rm_config` is `config`; `batch_size`, `cache` and
+        `progress` say how states are extracted."""
+        config = cls._check_fit_config(config)
+        extract = dict(batch_size=batch_size, cache=cache, progress=progress)
+        Z_w, Z_l, val = cls._fit_states(backbone, train_pairs, val_pairs, config, **extract)
+        model = cls(backbone=backbone, layer=config.layer, max_length=config.max_length, position=config.position)
+        return model.fit_states(Z_w, Z_l, *val, head=config.head, progress=progress)

@@ -15,7 +15,7 @@ from srlib import explain
 from srlib.cli import main
 from srlib.data import write_jsonl
 from srlib.directions import Directions
-from srlib.reward import DenseRM, RewardModel, SparseRM
+from srlib.reward import DenseRM, RewardHead, RewardModel, SparseRM
 from srlib.reward_config import HeadConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,6 +129,30 @@ def test_masking_one_direction_removes_about_its_contribution_and_leaves_the_bas
     assert (attribution.contributions[:, 1] == 0).all()  # a masked input contributes nothing
     assert attribution.completeness_error < 1e-4
     assert not torch.equal(masked.score_states(Z_w), before)
+
+
+def test_a_steered_copy_is_built_by_its_constructor_and_leaves_the_model_alone(monkeypatch, tmp_path):
+    model, Z_w, _ = toy_rm(6)
+    weights, scores = {name: t.clone() for name, t in model.head.state_dict().items()}, model.score_states(Z_w)
+    built = []
+    init = explain.SteeredSparseRM.__init__
+
+    def spy(self, **parts):
+        built.append(sorted(parts))
+        init(self, **parts)
+
+    monkeypatch.setattr(explain.SteeredSparseRM, "__init__", spy)
+    unit, unsteered = explain.steer(model, {3: 1.0}), explain.SteeredSparseRM.from_model(model, {})
+    assert built == [sorted([*model.fitted_parts(), "steering"])] * 2
+    for copy in (unit, unsteered):
+        assert type(copy) is explain.SteeredSparseRM and copy.head is not model.head
+        assert torch.equal(copy.score_states(Z_w), scores)  # factors of one: the original's scores
+    assert (unit.steering, unsteered.steering) == ({3: 1.0}, {})
+    assert type(model) is SparseRM and type(model.head) is RewardHead and not hasattr(model, "steering")
+    assert all(torch.equal(t, weights[name]) for name, t in model.head.state_dict().items())
+    unit.save_pretrained(tmp_path / "rm")
+    RewardModel.from_pretrained(tmp_path / "rm")
+    assert len(built) == 3  # loading goes through the constructor too
 
 
 def test_a_steered_model_saves_loads_and_records_its_edit(tmp_path):

@@ -75,6 +75,8 @@ def test_head_config_is_frozen():
         (dict(layer=-1), "layer"),
         (dict(max_length=0), "max_length"),
         (dict(head={"loss": "bt"}), "head"),
+        (dict(features="dense"), "k"),  # the default K of 128: a DenseRM has none
+        (dict(features="dense", k=None, sae_source="train"), "sae_source"),
     ],
 )
 def test_sparse_rm_config_validates_its_fields(changes, field):
@@ -235,6 +237,26 @@ def test_every_profile_holds_a_valid_default_head_config():
     for profile in PROFILES.values():
         assert isinstance(profile.head, HeadConfig)
     assert PROFILES["cpu"].head == HeadConfig()  # the book's defaults: margin loss, standardised inputs
+
+
+@pytest.mark.parametrize("name", list(PROFILES))
+def test_a_profiles_reward_model_config_comes_from_its_own_fields(name):
+    profile = PROFILES[name].replace(k=7, position="answer", head=HeadConfig(epochs=2))
+    config = profile.sparserm_config("latents")
+    assert config == SparseRMConfig(
+        features="latents",
+        k=7,
+        layer=profile.layer,
+        sae_source=profile.sae_source,
+        position="answer",
+        max_length=profile.max_length,
+        head=HeadConfig(epochs=2),
+    )
+    assert profile.sparserm_config().features == "projection"
+    dense = profile.sparserm_config("dense", head=HeadConfig(loss="bt"))
+    assert (dense.k, dense.sae_source, dense.layer, dense.head) == (None, None, profile.layer, HeadConfig(loss="bt"))
+    with pytest.raises(ConfigError, match=r"^SparseRMConfig\.features='pca' is not allowed"):
+        profile.sparserm_config("pca")
 
 
 def test_a_study_varies_one_field_of_the_profiles_head(monkeypatch):

@@ -246,36 +246,15 @@ def rehearse_library(root: str) -> None:
     backbone = backbone_for_profile(profile, device="cpu", progress=False)
     sae = sae_for_profile(profile, backbone, progress=False)
     train, val = load_pairs("truthfulqa:train"), load_pairs("truthfulqa:val")
-    rm = SparseRM.fit(
-        backbone,
-        train,
-        val,
-        layer=profile.layer,
-        sae=sae,
-        k=profile.k,
-        sae_source=profile.sae_source,
-        max_length=profile.max_length,
-        batch_size=profile.batch_size,
-        progress=False,
-    )
+    config = profile.sparserm_config()
+    rm = SparseRM.fit(backbone, train, val, config=config, sae=sae, batch_size=profile.batch_size, progress=False)
     s_w, s_l = rm.score_pairs(train)
     rm.save_pretrained(Path(root) / "rm-library")
     loaded = RewardModel.from_pretrained(Path(root) / "rm-library")  # loads the backbone by its id
     l_w, l_l = loaded.score_pairs(train)
     cli = RewardModel.from_pretrained(Path(root) / "rm-cli")
     jsonl = load_pairs(Path(root) / "pairs.jsonl")
-    refit = SparseRM.fit(
-        backbone,
-        jsonl,
-        None,
-        layer=profile.layer,
-        sae=sae,
-        k=profile.k,
-        sae_source=profile.sae_source,
-        max_length=profile.max_length,
-        batch_size=profile.batch_size,
-        progress=False,
-    )
+    refit = SparseRM.fit(backbone, jsonl, None, config=config, sae=sae, batch_size=profile.batch_size, progress=False)
     seen = {
         "source": backbone.source,
         "num_layers": backbone.num_layers,

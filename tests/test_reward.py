@@ -28,7 +28,7 @@ from srlib.reward import (
     margin_loss,
     pair_accuracy,
 )
-from srlib.reward_config import ACTIVATION_NAMES, LOSS_NAMES, HeadConfig
+from srlib.reward_config import ACTIVATION_NAMES, LOSS_NAMES, HeadConfig, SparseRMConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -358,10 +358,10 @@ def test_bad_feature_kind():
 def test_k_larger_than_the_sae_and_widths_that_disagree():
     sae = small_sae(d_in=8, d_sae=32)
     with pytest.raises(ConfigError) as error:
-        SparseRM.fit(FakeBackbone(hidden_size=8), ["pair"], layer=0, sae=sae, k=33)
+        SparseRM.fit(FakeBackbone(hidden_size=8), ["pair"], config=SparseRMConfig(layer=0, k=33), sae=sae)
     assert "32 latents" in one_line(error)
     with pytest.raises(ConfigError) as error:
-        SparseRM.fit(FakeBackbone(hidden_size=12), ["pair"], layer=0, sae=sae, k=4)
+        SparseRM.fit(FakeBackbone(hidden_size=12), ["pair"], config=SparseRMConfig(layer=0, k=4), sae=sae)
     assert "width 8" in one_line(error) and "12" in one_line(error)
     dirs = FakeDirections(torch.tensor([0]), torch.tensor([1]), torch.randn(2, 10))
     with pytest.raises(ConfigError):
@@ -386,7 +386,7 @@ def test_bad_state_shapes_and_empty_sets():
         rm.score_states(torch.randn(3, 8))
     assert "not fitted" in one_line(error)
     with pytest.raises(ConfigError) as error:
-        SparseRM.fit(FakeBackbone(), [], layer=0, sae=small_sae(), k=2)
+        SparseRM.fit(FakeBackbone(), [], config=SparseRMConfig(layer=0, k=2), sae=small_sae())
     assert "empty" in one_line(error)
 
 
@@ -411,13 +411,16 @@ def test_dense_rm_fits_from_pairs_and_scores_through_a_reloaded_backbone(tiny_ba
     from srlib.activations import pair_states
 
     train, val, test = tiny_pairs(16), tiny_pairs(8, 100), tiny_pairs(6, 200)
-    rm = DenseRM.fit(tiny_backbone, train, val, layer=1, max_length=64, progress=False, head=HeadConfig(epochs=3))
+    config = SparseRMConfig(features="dense", k=None, layer=1, max_length=64, head=HeadConfig(epochs=3))
+    rm = DenseRM.fit(tiny_backbone, train, val, config=config, progress=False)
+    assert rm.rm_config == config
     assert rm.layer == 1 and rm.backbone_identity == tiny_backbone.identity
     s_w, s_l = rm.score_pairs(test)
     Z_w, Z_l = pair_states(tiny_backbone, test, 1, max_length=64, progress=False)
     assert s_w.dtype == torch.float32 and s_w.shape == (6,)
     assert torch.equal(s_w, rm.score_states(Z_w)) and torch.equal(s_l, rm.score_states(Z_l))
     rm.save_pretrained(tmp_path / "rm")
+    assert SparseRMConfig.from_dict(json.loads((tmp_path / "rm" / "config.json").read_text())["config"]) == config
     loaded = RewardModel.from_pretrained(tmp_path / "rm")  # no backbone: loaded from the saved id on use
     assert all(torch.equal(a, b) for a, b in zip(loaded.score_pairs(test), (s_w, s_l), strict=True))
     assert [t.shape for t in loaded.score_pairs([])] == [(0,), (0,)]
@@ -426,20 +429,69 @@ def test_dense_rm_fits_from_pairs_and_scores_through_a_reloaded_backbone(tiny_ba
 def test_sparse_rm_fits_from_pairs(tiny_backbone, isolated_cache):
     pytest.importorskip("srlib.sae")
     sae = small_sae(d_in=tiny_backbone.hidden_size, d_sae=64)
-    rm = SparseRM.fit(
-        tiny_backbone,
-        tiny_pairs(16),
-        tiny_pairs(8, 100),
-        layer=1,
-        sae=sae,
-        k=4,
-        max_length=64,
-        progress=False,
-        head=HeadConfig(epochs=2),
-    )
+    config = SparseRMConfig(k=4, layer=1, max_length=64, head=HeadConfig(epochs=2))
+    rm = SparseRM.fit(tiny_backbone, tiny_pairs(16), tiny_pairs(8, 100), config=config, sae=sae, progress=False)
     assert rm.k == 4 and len(rm.indices_w) == len(rm.indices_l) == 4
     torch.testing.assert_close(rm.features.vectors, sae.W_dec.detach()[rm.directions.indices])
     assert rm.score_pairs(tiny_pairs(3, 200))[0].shape == (3,)
+
+
+@pytest.mark.parametrize("kind", ["projection", "latents", "random"])
+def test_fit_builds_the_model_its_config_describes(tiny_backbone, isolated_cache, tmp_path, kind):
+    """SparseRM.fit(config=...) is the states the config reads, `select_directions`, the config's
+    feature map (random directions drawn with the head's seed) and `fit_head` with `config.head`:
+    the same directions and the same head weights; `rm_config` and config.json give the config back."""
+    from srlib.activations import pair_states
+    from srlib.directions import select_directions
+    from srlib.sae import encode
+
+    sae = small_sae(d_in=tiny_backbone.hidden_size, d_sae=64)
+    head_config = HeadConfig(epochs=3, hidden=16, seed=3)
+    config = SparseRMConfig(
+        features=kind, k=4, layer=1, sae_source="test:small", position="answer", max_length=64, head=head_config
+    )
+    train, val = tiny_pairs(16), tiny_pairs(8, 100)
+    rm = SparseRM.fit(tiny_backbone, train, val, config=config, sae=sae, progress=False)
+
+    Z_w, Z_l = pair_states(tiny_backbone, train, 1, max_length=64, position="answer", progress=False)
+    Zv_w, Zv_l = pair_states(tiny_backbone, val, 1, max_length=64, position="answer", progress=False)
+    directions = select_directions(sae, encode(sae, Z_w), encode(sae, Z_l), 4)
+    features = make_features(kind, directions=directions, sae=sae, seed=3)
+    head, history = fit_head(features(Z_w), features(Z_l), features(Zv_w), features(Zv_l), head_config)
+
+    assert (rm.indices_w, rm.indices_l) == (directions.indices_w.tolist(), directions.indices_l.tolist())
+    assert rm.features.state_dict().keys() == features.state_dict().keys()
+    assert all(torch.equal(t, features.state_dict()[name]) for name, t in rm.features.state_dict().items())
+    assert rm.head.state_dict().keys() == head.state_dict().keys()
+    assert all(torch.equal(t, head.state_dict()[name]) for name, t in rm.head.state_dict().items())
+    assert rm.history.best_epoch == history.best_epoch
+    assert rm.rm_config == config
+    rm.save_pretrained(tmp_path / "rm")
+    assert SparseRMConfig.from_dict(json.loads((tmp_path / "rm" / "config.json").read_text())["config"]) == config
+
+
+def test_a_config_fit_cannot_build_is_refused_in_one_line_before_any_state_is_read(monkeypatch):
+    import srlib.activations
+
+    def no_extraction(*args, **kwargs):
+        raise AssertionError("hidden states were extracted")
+
+    monkeypatch.setattr(srlib.activations, "pair_states", no_extraction)
+    with pytest.raises(ConfigError) as error:
+        SparseRMConfig(k=4, layr=1)  # a typo fails where the config is written
+    assert "unknown SparseRMConfig field 'layr' (did you mean 'layer'?)" in one_line(error)
+    cases = [
+        (SparseRM, {"k": 4, "layer": 1}, "SparseRM.fit takes config=SparseRMConfig(...), got dict"),
+        (SparseRM, SparseRMConfig(features="dense", k=None, layer=1), "cannot fit features='dense'; use DenseRM.fit"),
+        (DenseRM, SparseRMConfig(layer=1), "DenseRM.fit cannot fit features='projection'; use SparseRM.fit"),
+        (SparseRM, SparseRMConfig(k=4), "SparseRM.fit needs config.layer"),
+        (SparseRM, SparseRMConfig(k=33, layer=1), "k=33 is out of range: the SAE has 32 latents"),
+    ]
+    for cls, config, message in cases:
+        sae = {"sae": small_sae()} if cls is SparseRM else {}
+        with pytest.raises(ConfigError) as error:
+            cls.fit(FakeBackbone(), ["pair"], config=config, **sae)
+        assert message in one_line(error)
 
 
 def test_a_saved_and_loaded_sparserm_scores_the_same_bits(tmp_path, smoke_profile, tiny_backbone):

@@ -137,25 +137,16 @@ def tiny_rm(tiny_backbone):
     from toy_data import toy_pairs
 
     from srlib.reward import SparseRM
-    from srlib.reward_config import HeadConfig
+    from srlib.reward_config import HeadConfig, SparseRMConfig
 
     torch.manual_seed(0)
     sae = StandardSAE(StandardSAEConfig(d_in=tiny_backbone.hidden_size, d_sae=64))
     with torch.no_grad():
         sae.W_dec.copy_(torch.randn(64, tiny_backbone.hidden_size))
         sae.W_enc.copy_(torch.randn(tiny_backbone.hidden_size, 64))
+    config = SparseRMConfig(k=4, layer=1, sae_source="train", max_length=64, head=HeadConfig(epochs=2))
     return SparseRM.fit(
-        tiny_backbone,
-        toy_pairs(12),
-        toy_pairs(6, 100),
-        layer=1,
-        sae=sae,
-        k=4,
-        max_length=64,
-        sae_source="train",
-        cache=False,
-        progress=False,
-        head=HeadConfig(epochs=2),
+        tiny_backbone, toy_pairs(12), toy_pairs(6, 100), config=config, sae=sae, cache=False, progress=False
     )
 
 

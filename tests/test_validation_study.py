@@ -17,7 +17,7 @@ from srlib.data import PreferencePair
 from srlib.errors import ConfigError
 from srlib.profiles import get_profile
 from srlib.reward import RewardModel, SparseRM
-from srlib.reward_config import HeadConfig
+from srlib.reward_config import HeadConfig, SparseRMConfig
 
 
 def _trials(rows: list[tuple[str, int, float, float]]) -> pd.DataFrame:
@@ -176,18 +176,8 @@ def test_one_pass_reads_every_position_and_caches_each_apart(tiny_backbone, isol
 def _tiny_rm(backbone, pairs, position: str) -> SparseRM:
     torch.manual_seed(0)
     sae = TopKSAE(TopKSAEConfig(d_in=backbone.hidden_size, d_sae=32, k=4))
-    return SparseRM.fit(
-        backbone,
-        pairs,
-        pairs,
-        layer=2,
-        sae=sae,
-        k=4,
-        position=position,
-        max_length=96,
-        progress=False,
-        head=HeadConfig(epochs=2),
-    )
+    config = SparseRMConfig(k=4, layer=2, position=position, max_length=96, head=HeadConfig(epochs=2))
+    return SparseRM.fit(backbone, pairs, pairs, config=config, sae=sae, progress=False)
 
 
 PAIRS = [
