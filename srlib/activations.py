@@ -37,12 +37,14 @@ import hashlib
 import json
 import operator
 from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from srlib.backbone import Backbone, format_pair
 from srlib.cache import read_cache_entry
@@ -225,33 +227,70 @@ def iter_token_activations(
     causal, so their states are one identical vector in every text: keeping them would
     flood an SAE's training set with copies. A text that does not start with the prefix (or
     lost it to truncation) loses only a leading BOS. A text may yield zero rows. Not cached.
+    `iter_token_activations_at_layers` streams several layers from one pass.
     """
     layer = _check_layer(backbone, layer)
+    for rows in iter_token_activations_at_layers(
+        backbone,
+        texts,
+        (layer,),
+        max_length=max_length,
+        batch_size=batch_size,
+        progress=progress,
+        cache_positions=cache_positions,
+    ):
+        yield rows[layer]
+
+
+def iter_token_activations_at_layers(
+    backbone: Backbone,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    *,
+    max_length: int = 512,
+    batch_size: int = 16,
+    progress: bool = True,
+    cache_positions: Sequence[str] = (),
+    bar: tqdm | None = None,
+) -> Iterator[dict[int, Tensor]]:
+    """Yield, for each text in order, {layer: [n_tokens, d] float32 CPU tensor}: the token
+    rows of `iter_token_activations` at every one of `layers`, from one forward pass per text
+    that stops at the deepest of them (the same batches, so the same bits, as one pass per
+    layer). `cache_positions` fills `token_states`'s cache at every layer. `bar`: an open
+    progress bar to advance by one per text instead of opening one (`progress` then unused).
+    """
+    layers = list(dict.fromkeys(_check_layer(backbone, layer) for layer in layers))
+    if not layers:
+        raise ConfigError("iter_token_activations_at_layers needs at least one layer")
     texts = list(texts)
     prefix = _template_prefix(backbone.tokenizer)
     suffix = _template_suffix(backbone.tokenizer)
-    folders = (
-        {
-            position: _cache_folder(backbone, layer, max_length, position)
-            for position in _check_positions(cache_positions)
-        }
-        if cache_positions
-        else {}
-    )
+    positions = _check_positions(cache_positions) if cache_positions else ()
+    folders = {
+        layer: {position: _cache_folder(backbone, layer, max_length, position) for position in positions}
+        for layer in layers
+    }
     window = max(1, batch_size * _WINDOW_BATCHES)
-    with progress_bar(total=len(texts), desc=f"layer {layer} tokens", unit="text", disable=not progress) as bar:
+    what = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
+    with (
+        nullcontext(bar)
+        if bar is not None
+        else progress_bar(total=len(texts), desc=f"{what} tokens", unit="text", disable=not progress)
+    ) as shown:
         for start in range(0, len(texts), window):
             chunk = texts[start : start + window]
             encoded = [_encode(backbone.tokenizer, text, max_length, prefix, suffix) for text in chunk]
-            results: dict[int, Tensor] = {}
-            for rows, hidden in _forward_batches(backbone, encoded, layer, batch_size):
+            results: dict[int, dict[int, Tensor]] = {}
+            for rows, hidden in _forward_batches_at(backbone, encoded, layers, batch_size):
                 for i, row in enumerate(rows):
                     keep = ~torch.tensor(encoded[row].prefix, dtype=torch.bool)
-                    real = hidden[i, : len(encoded[row].ids)]
-                    results[row] = real[keep.to(hidden.device)].float().cpu()
-                    if folders:
-                        _store_states(folders, chunk[row], real, encoded[row].reads)
-                bar.update(len(rows))
+                    results[row] = {}
+                    for layer in layers:
+                        real = hidden[layer][i, : len(encoded[row].ids)]
+                        results[row][layer] = real[keep.to(real.device)].float().cpu()
+                        if folders[layer]:
+                            _store_states(folders[layer], chunk[row], real, encoded[row].reads)
+                shown.update(len(rows))
             yield from (results[row] for row in range(len(encoded)))
 
 
@@ -489,14 +528,6 @@ def _batches(encoded: Sequence[_Encoded], batch_size: int, pad_id: int) -> Itera
             input_ids[j, :n] = torch.tensor(encoded[row].ids)
             attention_mask[j, :n] = 1
         yield rows, input_ids, attention_mask
-
-
-def _forward_batches(
-    backbone: Backbone, encoded: Sequence[_Encoded], layer: int, batch_size: int
-) -> Iterator[tuple[list[int], Tensor]]:
-    """(rows, block-`layer` output [b, width, d]) for each batch of `_batches`."""
-    for rows, hidden in _forward_batches_at(backbone, encoded, (layer,), batch_size):
-        yield rows, hidden[layer]
 
 
 def _forward_batches_at(

@@ -701,12 +701,18 @@ def layer_k_sweep(
     """
     import pandas as pd
 
-    from srlib.sae import sae_for_profile
+    from srlib.sae import extract_sae_corpora, sae_for_profile
 
-    warm_states(backbone, dataset, profile, layers, progress=progress)  # every layer from one pass
+    at_layers = {
+        layer: profile_at_layer(profile, layer, sae_tokens=sae_tokens, sae_corpus_tokens=sae_corpus_tokens)
+        for layer in layers
+    }
+    # Every layer from one pass: first the SAE corpora (whose pass also caches the states of
+    # any of the data set's pairs they hold), then the data set's remaining states.
+    extract_sae_corpora(backbone, list(at_layers.values()), progress=progress)
+    warm_states(backbone, dataset, profile, layers, progress=progress)
     frames = []
-    for layer in layers:
-        at_layer = profile_at_layer(profile, layer, sae_tokens=sae_tokens, sae_corpus_tokens=sae_corpus_tokens)
+    for layer, at_layer in at_layers.items():
         sae = sae_for_profile(at_layer, backbone, progress=progress)
         states = dataset_states(backbone, dataset, profile, layer=layer, progress=progress)
         variants = {

@@ -60,8 +60,15 @@ with warnings.catch_warnings():
     from sae_lens.training.sae_trainer import SAETrainer
 from safetensors.torch import save_file
 from torch import Tensor
+from tqdm import tqdm
 
-from srlib.activations import DEFAULT_POSITION, POSITIONS, iter_token_activations, token_states
+from srlib.activations import (
+    DEFAULT_POSITION,
+    POSITIONS,
+    _check_layer,
+    iter_token_activations_at_layers,
+    token_states,
+)
 from srlib.backbone import Backbone, format_pair, format_text
 from srlib.cache import check_safetensors, clear_command, read_cache_entry, read_json, warn_recomputing
 from srlib.data import load_arc_prompts, load_pairs
@@ -290,7 +297,7 @@ def sae_quality(
         raise DataError("sae_quality needs at least one text")
     every = None
     if all_tokens:
-        tokens, _, _ = _collect(backbone, texts, layer, max_length, batch_size, progress)
+        tokens, _, _ = _collect(backbone, texts, (layer,), max_length, batch_size, progress=progress)[layer]
         every = sae_report(sae, tokens)
     read = token_states(
         backbone, texts, layer, positions=(position,), max_length=max_length, batch_size=batch_size, progress=progress
@@ -365,12 +372,7 @@ def sae_for_profile(
     if source.kind == "train":
         if profile.sae_training is None:
             raise ConfigError(f"profile {profile.name!r} has sae_source 'train' but no sae_training")
-        if corpus_texts is None:
-            budget = profile.sae_corpus_tokens
-            texts = default_sae_corpus(backbone.tokenizer, max_pairs=profile.max_pairs, max_tokens=budget)
-            description = DEFAULT_CORPUS_DESCRIPTION + (f", at most {budget:,} tokens" if budget is not None else "")
-        else:
-            texts, description = list(corpus_texts), "texts given by the caller"
+        texts, description = _profile_corpus(profile, backbone, corpus_texts)
         sae = train_sae(
             backbone,
             profile.layer,
@@ -388,6 +390,39 @@ def sae_for_profile(
     check_width(sae, backbone.hidden_size)
     _check_hook_layer(sae, profile.layer)
     return sae
+
+
+def _profile_corpus(
+    profile: Profile, backbone: Backbone, corpus_texts: Sequence[str] | None = None
+) -> tuple[list[str], str]:
+    """(texts, description) of the corpus `sae_for_profile` trains the profile's SAE on."""
+    if corpus_texts is not None:
+        return list(corpus_texts), "texts given by the caller"
+    budget = profile.sae_corpus_tokens
+    texts = default_sae_corpus(backbone.tokenizer, max_pairs=profile.max_pairs, max_tokens=budget)
+    return texts, DEFAULT_CORPUS_DESCRIPTION + (f", at most {budget:,} tokens" if budget is not None else "")
+
+
+def extract_sae_corpora(backbone: Backbone, profiles: Sequence[Profile], *, progress: bool = True) -> list[int]:
+    """Fill the corpus cache that `sae_for_profile` will train on for each of `profiles` (a
+    layer sweep: one profile per layer, `srlib.experiments.profile_at_layer`), every layer of a
+    corpus from one pass (`corpus_activations_at_layers`), so the SAEs trained next find their
+    activations cached. Only profiles whose SAE is trained here and not cached yet count.
+    Returns their layers (the corpora requested, cached ones read rather than recomputed).
+    """
+    groups: dict[tuple, list[int]] = {}
+    for profile in profiles:
+        if parse_sae_source(profile.sae_source).kind != "train" or profile.sae_training is None:
+            continue
+        texts, _ = _profile_corpus(profile, backbone)
+        key, _ = sae_cache_key(backbone, profile.layer, texts, profile.sae_training, max_length=profile.max_length)
+        if not (cache_dir("sae") / key / INFO_FILENAME).is_file():
+            groups.setdefault((tuple(texts), profile.max_length, profile.batch_size), []).append(profile.layer)
+    for (texts, max_length, batch_size), layers in groups.items():
+        corpus_activations_at_layers(
+            backbone, layers, texts, max_length=max_length, batch_size=batch_size, progress=progress
+        )
+    return [layer for layers in groups.values() for layer in layers]
 
 
 def _check_hook_layer(sae: SAE, layer: int) -> None:
@@ -429,48 +464,96 @@ def corpus_activations(
     a fixed seed, so every SAE trained on the same corpus is judged on the same texts.
     Cached as float32 safetensors under `cache_dir("sae-corpus", key)` (about 2.3 KB per
     token for d=576), so that another SAE config on the same corpus skips the forward passes.
+    The one-layer case of `corpus_activations_at_layers`.
+    """
+    layer = _check_layer(backbone, layer)
+    return corpus_activations_at_layers(
+        backbone, (layer,), texts, max_length=max_length, batch_size=batch_size, progress=progress
+    )[layer]
+
+
+def corpus_activations_at_layers(
+    backbone: Backbone,
+    layers: Sequence[int],
+    texts: Sequence[str],
+    *,
+    max_length: int = 512,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[int, CorpusActivations]:
+    """{layer: `corpus_activations(backbone, layer, texts)`}, the layers not yet cached from ONE
+    pass over the corpus that stops at the deepest of them (a layer sweep's SAEs then cost one
+    corpus pass, not one per layer). Each layer is cached under the key `corpus_activations`
+    uses, with the same bits as a pass of its own (the same batches); a cached layer is read,
+    not recomputed.
     """
     texts = list(texts)
     if len(texts) < 2:
         raise DataError(f"an SAE corpus needs at least 2 texts (one is held out), got {len(texts)}")
-    key, parts = _corpus_key(backbone, layer, texts, max_length)
+    layers = list(dict.fromkeys(_check_layer(backbone, layer) for layer in layers))
+    if not layers:
+        raise ConfigError("corpus_activations_at_layers needs at least one layer")
+    found = {layer: _cached_corpus(backbone, layer, texts, max_length) for layer in layers}
+    missing = [layer for layer, data in found.items() if data is None]
+    if missing:
+        found.update(_extract_corpora(backbone, missing, texts, max_length, batch_size, progress))
+    return {layer: data for layer, data in found.items() if data is not None}
+
+
+def _cached_corpus(backbone: Backbone, layer: int, texts: list[str], max_length: int) -> CorpusActivations | None:
+    """The cached corpus activations of one layer, or None (absent, or damaged: warned about)."""
+    key, _ = _corpus_key(backbone, layer, texts, max_length)
     final = cache_dir("sae-corpus") / key
-    if (final / "info.json").is_file():
-        names = {"train_tokens", "train_last", "heldout_tokens", "heldout_last"}
-        tensors = read_cache_entry(
-            final / "activations.safetensors", "sae-corpus", check=lambda found: set(found) == names
-        )
-        try:
-            info = read_json(final / "info.json", clear_command("sae-corpus"))
-        except DamagedFileError as error:
-            warn_recomputing(final / "info.json", error)
-            tensors = None
-        if tensors is not None:
-            return CorpusActivations(**tensors, info=info, from_cache=True)
+    if not (final / "info.json").is_file():
+        return None
+    names = {"train_tokens", "train_last", "heldout_tokens", "heldout_last"}
+    tensors = read_cache_entry(final / "activations.safetensors", "sae-corpus", check=lambda found: set(found) == names)
+    try:
+        info = read_json(final / "info.json", clear_command("sae-corpus"))
+    except DamagedFileError as error:
+        warn_recomputing(final / "info.json", error)
+        return None
+    return None if tensors is None else CorpusActivations(**tensors, info=info, from_cache=True)
+
+
+def _extract_corpora(
+    backbone: Backbone, layers: list[int], texts: list[str], max_length: int, batch_size: int, progress: bool
+) -> dict[int, CorpusActivations]:
+    """Run the corpus once to the deepest of `layers`, one progress bar; cache each layer's result."""
     start = time.perf_counter()
     train_texts, heldout_texts = _split_holdout(texts)
-    train_tokens, train_last, train_dropped = _collect(backbone, train_texts, layer, max_length, batch_size, progress)
-    heldout_tokens, heldout_last, heldout_dropped = _collect(
-        backbone, heldout_texts, layer, max_length, batch_size, progress
-    )
-    info = {
-        "key": key,
-        "key_parts": parts,
-        "n_train_texts": len(train_texts),
-        "n_heldout_texts": len(heldout_texts),
-        "outlier_rows_dropped": train_dropped + heldout_dropped,
-        "extraction_seconds": round(time.perf_counter() - start, 1),
-    }
-    tensors = {
-        "train_tokens": train_tokens,
-        "train_last": train_last,
-        "heldout_tokens": heldout_tokens,
-        "heldout_last": heldout_last,
-    }
-    with atomic_path(final, is_dir=True) as tmp:
-        save_file(tensors, tmp / "activations.safetensors")
-        (tmp / "info.json").write_text(json.dumps(info, indent=1))
-    return CorpusActivations(**tensors, info=info)
+    what = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
+    with progress_bar(total=len(texts), desc=f"SAE corpus, {what}", unit="text", disable=not progress) as bar:
+        train = _collect(backbone, train_texts, layers, max_length, batch_size, bar=bar)
+        heldout = _collect(backbone, heldout_texts, layers, max_length, batch_size, bar=bar)
+    seconds = round(time.perf_counter() - start, 1)
+    result = {}
+    for layer in layers:
+        key, parts = _corpus_key(backbone, layer, texts, max_length)
+        (train_tokens, train_last, train_dropped), (heldout_tokens, heldout_last, heldout_dropped) = (
+            train[layer],
+            heldout[layer],
+        )
+        info = {
+            "key": key,
+            "key_parts": parts,
+            "n_train_texts": len(train_texts),
+            "n_heldout_texts": len(heldout_texts),
+            "outlier_rows_dropped": train_dropped + heldout_dropped,
+            "extraction_seconds": seconds,
+            "layers_in_the_pass": layers,
+        }
+        tensors = {
+            "train_tokens": train_tokens,
+            "train_last": train_last,
+            "heldout_tokens": heldout_tokens,
+            "heldout_last": heldout_last,
+        }
+        with atomic_path(cache_dir("sae-corpus") / key, is_dir=True) as tmp:
+            save_file(tensors, tmp / "activations.safetensors")
+            (tmp / "info.json").write_text(json.dumps(info, indent=1))
+        result[layer] = CorpusActivations(**tensors, info=info)
+    return result
 
 
 def _corpus_key(backbone: Backbone, layer: int, texts: list[str], max_length: int) -> tuple[str, dict]:
@@ -617,29 +700,42 @@ def _split_holdout(texts: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _collect(
-    backbone: Backbone, texts: list[str], layer: int, max_length: int, batch_size: int, progress: bool
-) -> tuple[Tensor, Tensor, int]:
-    """(token rows without outliers [N, d], last-token rows [n_texts, d], outliers dropped)."""
+    backbone: Backbone,
+    texts: list[str],
+    layers: Sequence[int],
+    max_length: int,
+    batch_size: int,
+    *,
+    progress: bool = True,
+    bar: tqdm | None = None,
+) -> dict[int, tuple[Tensor, Tensor, int]]:
+    """{layer: (token rows without outliers [N, d], last-token rows [n_texts, d], outliers
+    dropped)}, every layer from one pass; `bar` (an open progress bar) is advanced per text."""
     # The same pass stores each text's reward-model states (every read position): the pair
     # states of the training texts in the corpus then cost no second forward pass.
-    per_text = [
-        t
-        for t in iter_token_activations(
-            backbone,
-            texts,
-            layer,
-            max_length=max_length,
-            batch_size=batch_size,
-            progress=progress,
-            cache_positions=POSITIONS,
-        )
-        if len(t)
-    ]
-    if not per_text:
-        raise DataError("the SAE corpus has no tokens outside the chat template's header")
-    tokens = torch.cat(per_text)
-    kept = _without_outliers(tokens)
-    return kept, torch.stack([t[-1] for t in per_text]), len(tokens) - len(kept)
+    per_text: dict[int, list[Tensor]] = {layer: [] for layer in layers}
+    for rows in iter_token_activations_at_layers(
+        backbone,
+        texts,
+        layers,
+        max_length=max_length,
+        batch_size=batch_size,
+        progress=progress,
+        cache_positions=POSITIONS,
+        bar=bar,
+    ):
+        for layer, t in rows.items():
+            if len(t):
+                per_text[layer].append(t)
+    result = {}
+    for layer in list(per_text):
+        kept_texts = per_text.pop(layer)  # one layer's rows at a time in two copies, not every layer's
+        if not kept_texts:
+            raise DataError("the SAE corpus has no tokens outside the chat template's header")
+        tokens = torch.cat(kept_texts)
+        kept = _without_outliers(tokens)
+        result[layer] = (kept, torch.stack([t[-1] for t in kept_texts]), len(tokens) - len(kept))
+    return result
 
 
 def _without_outliers(rows: Tensor) -> Tensor:

@@ -10,7 +10,7 @@ import torch
 from sae_lens import SAE, TopKSAE, TopKSAEConfig
 
 import srlib.sae as sae_mod
-from srlib.activations import iter_token_activations
+from srlib.activations import _decoder_layers, iter_token_activations_at_layers
 from srlib.backbone import format_pair, format_text
 from srlib.data import load_pairs
 from srlib.errors import ConfigError, DataError
@@ -243,9 +243,9 @@ def test_second_call_loads_and_another_config_trains_anew(
 
     def counting_stream(*args, **kwargs):
         extractions.append(1)
-        return iter_token_activations(*args, **kwargs)
+        return iter_token_activations_at_layers(*args, **kwargs)
 
-    monkeypatch.setattr(sae_mod, "iter_token_activations", counting_stream)
+    monkeypatch.setattr(sae_mod, "iter_token_activations_at_layers", counting_stream)
     first = train_sae(tiny_backbone, 2, texts, TINY_CONFIG, max_length=64, progress=False)
     assert count_trainings == [1] and extractions == [1, 1]  # training texts, held-out texts
     again = train_sae(tiny_backbone, 2, texts, TINY_CONFIG, max_length=64, progress=False)
@@ -259,6 +259,102 @@ def test_second_call_loads_and_another_config_trains_anew(
     train_sae(tiny_backbone, 1, texts, TINY_CONFIG, max_length=64, progress=False)  # other layer
     assert count_trainings == [1, 1, 1] and extractions == [1, 1, 1, 1]
     assert len(list((isolated_cache / "sae").iterdir())) == 3
+
+
+class BlockCounter:
+    """Counts forward calls of every decoder block of a model while active: {block: calls}."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.blocks, self.calls = _decoder_layers(model), {}
+
+    def __enter__(self) -> "BlockCounter":
+        self.calls = {i: 0 for i in range(len(self.blocks))}
+        self.handles = [block.register_forward_pre_hook(self._counter(i)) for i, block in enumerate(self.blocks)]
+        return self
+
+    def _counter(self, i: int):
+        def count(module, args) -> None:
+            self.calls[i] += 1
+
+        return count
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+CORPUS_TENSORS = ("train_tokens", "train_last", "heldout_tokens", "heldout_last")
+
+
+def assert_same_corpus(a, b) -> None:
+    for name in CORPUS_TENSORS:
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    for name in ("key", "n_train_texts", "n_heldout_texts", "outlier_rows_dropped"):
+        assert a.info[name] == b.info[name], name
+
+
+def test_corpus_at_several_layers_equals_one_pass_per_layer_and_fills_their_cache(
+    tiny_backbone, texts, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SRLIB_CACHE_DIR", str(tmp_path / "separate"))
+    with BlockCounter(tiny_backbone.model) as separate:
+        single = {layer: sae_mod.corpus_activations(tiny_backbone, layer, texts, progress=False) for layer in (0, 2)}
+    monkeypatch.setenv("SRLIB_CACHE_DIR", str(tmp_path / "together"))
+    with BlockCounter(tiny_backbone.model) as together:
+        both = sae_mod.corpus_activations_at_layers(tiny_backbone, [2, 0], texts, progress=False)
+    assert separate.calls[0] == 2 * together.calls[0] > 0  # block 0 ran once per text, not once per layer
+    assert together.calls[2] == separate.calls[2]  # the deepest block ran as often as in its own pass
+    assert set(both) == {0, 2} and not any(data.from_cache for data in both.values())
+    assert not torch.equal(both[0].train_tokens, both[2].train_tokens)
+    for layer in (0, 2):
+        assert_same_corpus(both[layer], single[layer])
+    with BlockCounter(tiny_backbone.model) as again:
+        cached = {layer: sae_mod.corpus_activations(tiny_backbone, layer, texts, progress=False) for layer in (0, 2)}
+        repeat = sae_mod.corpus_activations_at_layers(tiny_backbone, [0, 2], texts, progress=False)
+    assert sum(again.calls.values()) == 0  # every layer is a cache hit of the single-layer function too
+    for layer in (0, 2):
+        assert cached[layer].from_cache and repeat[layer].from_cache
+        assert_same_corpus(cached[layer], single[layer])
+
+
+def test_a_cached_corpus_layer_is_read_and_only_the_missing_ones_run(tiny_backbone, texts, isolated_cache, monkeypatch):
+    first = sae_mod.corpus_activations(tiny_backbone, 2, texts, progress=False)
+    passes = []
+
+    def recording_stream(backbone, texts, layers, **kwargs):
+        passes.append(list(layers))
+        return iter_token_activations_at_layers(backbone, texts, layers, **kwargs)
+
+    monkeypatch.setattr(sae_mod, "iter_token_activations_at_layers", recording_stream)
+    with BlockCounter(tiny_backbone.model) as counter:
+        mixed = sae_mod.corpus_activations_at_layers(tiny_backbone, [1, 2], texts, progress=False)
+    assert passes == [[1], [1]]  # training texts, held-out texts: layer 1 only
+    assert counter.calls[2] == 0 and counter.calls[1] > 0  # the cached layer's block never ran
+    assert mixed[2].from_cache and not mixed[1].from_cache
+    assert_same_corpus(mixed[2], first)
+    assert len(list((isolated_cache / "sae-corpus").iterdir())) == 2
+    with pytest.raises(ConfigError, match="at least one layer"):
+        sae_mod.corpus_activations_at_layers(tiny_backbone, [], texts, progress=False)
+
+
+def test_a_layer_sweep_extracts_every_sae_corpus_in_one_pass(
+    tiny_backbone, smoke_profile, texts, isolated_cache, count_trainings, monkeypatch
+):
+    from srlib.experiments import profile_at_layer
+
+    monkeypatch.setattr(sae_mod, "default_sae_corpus", lambda tokenizer, **kwargs: list(texts))
+    profile = smoke_profile.replace(sae_training=TINY_CONFIG)
+    at_layers = [profile_at_layer(profile, layer) for layer in (1, 2)]
+    with BlockCounter(tiny_backbone.model) as counter:
+        assert sae_mod.extract_sae_corpora(tiny_backbone, at_layers, progress=False) == [1, 2]
+    with BlockCounter(tiny_backbone.model) as training:
+        saes = [sae_for_profile(at_layer, tiny_backbone, progress=False) for at_layer in at_layers]
+    assert counter.calls[1] == counter.calls[2] > 0 and counter.calls[1] == counter.calls[0]  # one pass
+    assert sum(training.calls.values()) == 0 and count_trainings == [1, 1]  # the SAEs trained on cached corpora
+    assert [sae_info(sae)["training"]["activations_from_cache"] for sae in saes] == [True, True]
+    assert sae_mod.extract_sae_corpora(tiny_backbone, at_layers, progress=False) == []  # SAEs cached: nothing to do
+    pretrained = profile.replace(sae_source="sae-lens:some-release/some-id")
+    assert sae_mod.extract_sae_corpora(tiny_backbone, [pretrained], progress=False) == []
 
 
 def test_token_budget_is_shared_equally():
