@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -121,8 +121,9 @@ def setup(
     base = base.at_layer(layer)
     if k is not None:
         base = base.replace(k=k)
-    if not single_thread and (threads or base.threads):
-        torch.set_num_threads(threads or base.threads)
+    count = threads or base.threads
+    if not single_thread and count:
+        torch.set_num_threads(count)
     backbone = backbone_for_profile(base, progress=False)
     sae = sae_for_profile(base, backbone, progress=False)
     chapter = Chapter(
@@ -624,10 +625,11 @@ def alignment_rms(
     from srlib.experiments import select_for
 
     rms, rows = {}, []
-    for name, options in {
+    variants: dict[str, dict[str, Any]] = {
         "SparseRM": dict(features="projection", directions=select_for(states, ch.sae, ch.k)),
         "DenseRM": dict(features="dense"),
-    }.items():
+    }
+    for name, options in variants.items():
         rms[name], trial = attached_rm(ch, states, seed=seed, variant=name, **options)
         rows.append(
             {
@@ -698,7 +700,7 @@ def alignment_metrics(result, sparse_vs_wo: dict[str, Any], *, alignment_seconds
     }
 
 
-def clear_win(comparisons: dict[str, Any]) -> bool:
+def clear_win(comparisons: Mapping[str, Any]) -> bool:
     """Whether A beats B on every metric: each `compare_paired` interval lies above zero."""
     return all(c.low > 0 for c in comparisons.values())
 
@@ -739,7 +741,7 @@ def round_one(result, out_dir, reward_models: dict[str, Any]) -> RoundOne:
     ]
     for name, verdict in verdicts.items():
         frame[f"{name} keeps"] = verdict.keep
-        if verdict.s_w is not None:
+        if verdict.s_w is not None and verdict.s_l is not None:
             frame[f"{name} s_w - s_l"] = [good - bad for good, bad in zip(verdict.s_w, verdict.s_l, strict=True)]
     return RoundOne(tuples=tuples, verdicts=verdicts, frame=frame)
 
@@ -755,7 +757,7 @@ def dense_vs_sparse_trials(ch: Chapter, states: dict[str, DatasetStates], *, res
 
     from srlib.experiments import run_trials
 
-    variants = {
+    variants: dict[str, dict[str, Any]] = {
         "DenseRM": dict(features="dense"),
         "SparseRM": dict(features="projection", select=dict(sae=ch.sae, k=ch.k)),
     }
@@ -942,11 +944,12 @@ def filter_decisions(states: DatasetStates, generated: PolicyPairs, directions, 
     from srlib.experiments import fit_variant
     from srlib.shift import keep_decisions, pairwise_agreement
 
-    decisions = {"held-out pairs": {}, "generated pairs": {}}
-    for method, options in {
+    decisions: dict[str, dict[tuple[str, int], Tensor]] = {"held-out pairs": {}, "generated pairs": {}}
+    variants: dict[str, dict[str, Any]] = {
         "DenseRM": dict(features="dense"),
         "SparseRM": dict(features="projection", directions=directions),
-    }.items():
+    }
+    for method, options in variants.items():
         for seed in seeds:
             model, _ = fit_variant(states, seed=seed, **options)
             for where, (Z_w, Z_l) in {
