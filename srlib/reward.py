@@ -290,6 +290,9 @@ class RewardHead(nn.Module):
     module, so it is applied in `forward` and saved with the weights. It is not trained.
     """
 
+    mean: Tensor  # the buffers (registered in __init__), typed for the checker
+    std: Tensor
+
     def __init__(self, in_dim: int, hidden: int = 512, activation: str = "relu"):
         super().__init__()
         if activation not in ACTIVATIONS:
