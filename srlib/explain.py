@@ -302,6 +302,8 @@ class SteeredHead(RewardHead):
     it is rebuilt from the ``steering`` entry of config.json.
     """
 
+    scale: Tensor  # a buffer (registered in __init__), typed for the checker
+
     def __init__(self, in_dim: int, hidden: int = 512, activation: str = "relu"):
         super().__init__(in_dim, hidden, activation)
         self.register_buffer("scale", torch.ones(in_dim), persistent=False)
