@@ -129,7 +129,7 @@ def data_efficiency(
         raise ConfigError("StandardRM's points need the backbone (backbone=...), or pass lora_sizes=()")
     rows = []
 
-    def add(method: str, n: int, seed: int, digest: str, s_w, s_l) -> None:
+    def add(method: str, n: int, seed: int, digest: str | None, s_w, s_l) -> None:
         outcomes = pair_outcomes(s_w, s_l)
         rows.append(
             {

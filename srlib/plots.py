@@ -8,9 +8,14 @@ reader can tell a real difference from noise.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import matplotlib.pyplot as plt
 import seaborn as sns
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
 sns.set_theme(context="notebook", style="whitegrid")
 
@@ -203,7 +208,7 @@ def similarity_histograms(frame, *, title: str, aggregate: str = "mean", centere
 
 
 def tsne_panels(
-    embeddings: Mapping[str, object],
+    embeddings: Mapping[str, np.ndarray],
     *,
     labels: Sequence[str],
     sources: Sequence[str],
@@ -450,7 +455,7 @@ def data_efficiency(summary, *, title: str, dataset_labels: Mapping[str, str] | 
     return fig
 
 
-def contribution_bars(parts: Mapping[str, object], *, title: str):
+def contribution_bars(parts: Mapping[str, pd.DataFrame], *, title: str):
     """Chapter 9's reading of one pair: a panel per answer (e.g. chosen, rejected), a horizontal
     bar per input with its contribution to the score (`srlib.explain.contribution_frame`: the
     largest first, then the sum of all others), labelled with the latent, its side and what it
@@ -473,7 +478,7 @@ def contribution_bars(parts: Mapping[str, object], *, title: str):
     return fig
 
 
-def deletion_curves(frames: Mapping[str, object], *, title: str):
+def deletion_curves(frames: Mapping[str, pd.DataFrame], *, title: str):
     """Chapter 9's faithfulness test, one panel per data set: the mean drop of the margin
     s_chosen − s_rejected after deleting each pair's top-m attributed directions and m random
     ones (`srlib.explain.DeletionCurve.frame`), against m (log x), the band its 95% interval over pairs."""

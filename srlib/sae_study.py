@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -40,6 +41,10 @@ from srlib.experiments import (
     select_for,
 )
 from srlib.profiles import Profile, SAEFamily
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from sae_lens import SAE
 
 RANDOM = "Random directions"
 #: What the study's verdict lines are measured on (compare_paired names them "test pairs").
@@ -87,7 +92,7 @@ def validation_view(states: DatasetStates) -> DatasetStates:
     return dataclasses.replace(states, val=_rows(states.val, rows[True]), test=_rows(states.val, rows[False]))
 
 
-def quality_table(saes: Mapping[str, object], states: Mapping[str, DatasetStates]):
+def quality_table(saes: Mapping[str, SAE], states: Mapping[str, DatasetStates]):
     """One row per (SAE, data set): latents alive (%), FVE and L0 at the read position on the
     validation answers, and what training recorded (held-out corpus texts, all tokens: FVE,
     dead %; training seconds), None for an SAE not trained here."""
@@ -120,7 +125,7 @@ def quality_table(saes: Mapping[str, object], states: Mapping[str, DatasetStates
 
 
 def gap_trials(
-    saes: Mapping[str, object],
+    saes: Mapping[str, SAE],
     states: Mapping[str, DatasetStates],
     ks: Sequence[int],
     seeds: Sequence[int],
@@ -218,13 +223,13 @@ class FamilyStudy:
     """Chapter 11's study: quality per SAE, validation trials and gaps, the trend, the choice
     and its one test run (top-K with the chosen SAE against random, every K and data set)."""
 
-    quality: object
-    trials: object
-    gaps: object
-    trend: object
+    quality: pd.DataFrame
+    trials: pd.DataFrame
+    gaps: pd.DataFrame
+    trend: pd.DataFrame
     selected: dict
-    test: object
-    test_gaps: object
+    test: pd.DataFrame
+    test_gaps: pd.DataFrame
 
     def conclusion(self) -> str:
         return trend_conclusion(self.trend)

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from srlib.cache import clear_command, read_json, warn_recomputing
-from srlib.data import PreferencePair
+from srlib.data import Conversation, PreferencePair
 from srlib.errors import ConfigError, DamagedFileError
 from srlib.paths import atomic_path, cache_dir
 
@@ -266,7 +266,7 @@ def pairwise_agreement(decisions: Mapping[tuple[str, int], Tensor]):
 
 
 def tsne_embedding(
-    X: Tensor, *, seed: int = 0, perplexity: float = 30.0, metric: str = "cosine", pca_dims: int = 50
+    X: Tensor | np.ndarray, *, seed: int = 0, perplexity: float = 30.0, metric: str = "cosine", pca_dims: int = 50
 ) -> np.ndarray:
     """A 2-D t-SNE embedding [n, 2] of the rows of X (sklearn), deterministic given `seed`.
 
@@ -278,14 +278,14 @@ def tsne_embedding(
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
-    X = X.detach().float().cpu().numpy() if isinstance(X, Tensor) else np.asarray(X, dtype=np.float32)
-    n = X.shape[0]
-    if X.ndim != 2 or n < 4:
-        raise ConfigError(f"t-SNE needs a 2-D array with at least 4 rows, got shape {X.shape}")
-    if X.shape[1] > pca_dims and n > pca_dims:
-        X = PCA(n_components=pca_dims, random_state=seed).fit_transform(X - X.mean(axis=0))
+    rows = X.detach().float().cpu().numpy() if isinstance(X, Tensor) else np.asarray(X, dtype=np.float32)
+    n = rows.shape[0]
+    if rows.ndim != 2 or n < 4:
+        raise ConfigError(f"t-SNE needs a 2-D array with at least 4 rows, got shape {rows.shape}")
+    if rows.shape[1] > pca_dims and n > pca_dims:
+        rows = PCA(n_components=pca_dims, random_state=seed).fit_transform(rows - rows.mean(axis=0))
     perplexity = min(perplexity, (n - 1) / 3)
-    return TSNE(n_components=2, perplexity=perplexity, metric=metric, init="pca", random_state=seed).fit_transform(X)
+    return TSNE(n_components=2, perplexity=perplexity, metric=metric, init="pca", random_state=seed).fit_transform(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def tsne_embedding(
 def generated_pairs(
     model,
     tokenizer,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Conversation],
     shots: Sequence[PreferencePair],
     config,
     *,
