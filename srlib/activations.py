@@ -40,6 +40,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
@@ -52,6 +53,9 @@ from srlib.data import PreferencePair
 from srlib.errors import ConfigError, DataError
 from srlib.paths import atomic_path, cache_dir
 from srlib.progress import progress_bar
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # Texts sorted by length are processed in windows of this many batches by
 # `iter_token_activations`, which yields results in input order.
@@ -341,8 +345,10 @@ def _cache_folder(backbone: Backbone, layer: int, max_length: int, position: str
 
 def _is_state(tensors: dict[str, Tensor], backbone: Backbone) -> bool:
     """Whether a cache entry holds one finite hidden state of the backbone's width."""
-    state = tensors.get("state")
-    return set(tensors) == {"state"} and state.shape == (backbone.hidden_size,) and bool(torch.isfinite(state).all())
+    if set(tensors) != {"state"}:
+        return False
+    state = tensors["state"]
+    return state.shape == (backbone.hidden_size,) and bool(torch.isfinite(state).all())
 
 
 def _write_entry(path: Path, state: Tensor) -> None:
@@ -437,7 +443,7 @@ def _encode(tokenizer, text: str, max_length: int, prefix: str = "", suffix: str
     return _Encoded(ids, in_prefix, reads)
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+def _decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     """The model's list of decoder blocks (`model.model.layers` for Llama, Gemma 2, Qwen)."""
     n = model.config.get_text_config().num_hidden_layers
     base = model.get_decoder() if hasattr(model, "get_decoder") else model

@@ -384,8 +384,10 @@ def sae_for_profile(
             progress=progress,
         )
     elif source.kind == "sae-lens":
+        assert source.release is not None and source.sae_id is not None  # parse_sae_source sets both
         sae = load_pretrained_sae(source.release, source.sae_id, device=str(backbone.device))
     else:
+        assert source.path is not None  # kind "disk": parse_sae_source sets the folder
         sae = load_sae(source.path, device=str(backbone.device))
     check_width(sae, backbone.hidden_size)
     _check_hook_layer(sae, profile.layer)
