@@ -585,7 +585,8 @@ def _chapter_kernel(cwd: Path, env: dict[str, str]) -> type:
     from jupyter_client.manager import AsyncKernelManager
 
     class ChapterKernelManager(AsyncKernelManager):
-        async def start_kernel(self, **kw: Any) -> None:
+        # jupyter_client types start_kernel as the sync KernelManager's; AsyncKernelManager's is async
+        async def start_kernel(self, **kw: Any) -> None:  # type: ignore[override]
             kw["env"] = {**kw.get("env", os.environ), **env}
             kw["cwd"] = str(cwd)
             return await super().start_kernel(**kw)
@@ -871,7 +872,8 @@ class _Tee(io.TextIOBase):
     """Write to a stream and remember what was written (Sphinx's warnings)."""
 
     def __init__(self, stream: Any) -> None:
-        self.stream, self.parts = stream, []
+        self.stream = stream
+        self.parts: list[str] = []
 
     def write(self, text: str) -> int:
         self.parts.append(text)
@@ -979,6 +981,8 @@ def execute_chapters(
         seconds, stages = _run_chapter(source, paths, profile, position, fingerprint, console)
         records[source.stem] = {"chapter": source.stem, "seconds": seconds, "reused": False, "stages": stages}
 
+    first: list[tuple[Path, str, str]]
+    rest: list[tuple[Path, str, str]]
     if not todo:
         first, rest = [], []
     elif jobs == 1:
@@ -997,8 +1001,9 @@ def execute_chapters(
             for future in pending:
                 future.cancel()
             for future in futures:
-                if future.done() and not future.cancelled() and future.exception():
-                    raise future.exception()
+                error = future.exception() if future.done() and not future.cancelled() else None
+                if error is not None:
+                    raise error
     return [records[source.stem] for source in sources]
 
 
