@@ -554,7 +554,7 @@ def _extract_corpora(
         with atomic_path(cache_dir("sae-corpus") / key, is_dir=True) as tmp:
             save_file(tensors, tmp / "activations.safetensors")
             (tmp / "info.json").write_text(json.dumps(info, indent=1))
-        result[layer] = CorpusActivations(**tensors, info=info)
+        result[layer] = CorpusActivations(train_tokens, train_last, heldout_tokens, heldout_last, info=info)
     return result
 
 
