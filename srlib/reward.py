@@ -52,7 +52,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -494,6 +494,9 @@ def fit_head(
 # ----------------------------------------------------------------------------- reward models
 
 
+_RM = TypeVar("_RM", bound="RewardModel")
+
+
 class RewardModel:
     """What every reward model offers: scores for texts and pairs, save/load, a parameter count.
 
@@ -529,6 +532,11 @@ class RewardModel:
         with `overwrite`, and a folder holding anything else is refused (`srlib.paths.check_output`)."""
         raise NotImplementedError
 
+    def config(self) -> dict[str, Any]:
+        """The JSON description `save_pretrained` writes as config.json, starting with
+        `_config_header()`."""
+        raise NotImplementedError
+
     def _config_header(self) -> dict[str, Any]:
         cls = type(self)
         return {
@@ -539,7 +547,7 @@ class RewardModel:
         }
 
     @classmethod
-    def _load(cls, directory: Path, config: dict, backbone=None) -> RewardModel:
+    def _load(cls: type[_RM], directory: Path, config: dict, backbone=None) -> _RM:
         raise NotImplementedError
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:
@@ -551,7 +559,7 @@ class RewardModel:
 
     @classmethod
     def from_pretrained(
-        cls,
+        cls: type[_RM],
         pretrained_model_name_or_path: str | Path,
         *,
         backbone=None,
@@ -560,7 +568,7 @@ class RewardModel:
         cache_dir: str | Path | None = None,
         local_files_only: bool = False,
         force_download: bool = False,
-    ) -> RewardModel:
+    ) -> _RM:
         """Load a saved reward model of whatever srlib class saved it; optionally attach a backbone now.
 
         A local folder, or a Hugging Face Hub repo id ("owner/name", with huggingface_hub's
