@@ -18,12 +18,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from srlib.baselines.registry import METHODS as BASELINE_METHODS
 from srlib.errors import SrlibError
 from srlib.paper import TABLE1_TRACKS
 from srlib.profiles import DEFAULT_PROFILE, PROFILES, Profile, get_profile
 from srlib.reward_config import LOSS_NAMES
+
+if TYPE_CHECKING:
+    from srlib.reward import RewardModel
 
 FEATURES = ("projection", "latents", "random", "dense")
 METHODS = ("sparserm",) + BASELINE_METHODS
@@ -89,7 +93,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if args.method != "sparserm":
         from srlib.baselines import fit_baseline
 
-        model = fit_baseline(args.method, backbone, train, val, seed=args.seed)
+        model: RewardModel = fit_baseline(args.method, backbone, train, val, seed=args.seed)
     elif config.features == "dense":
         from srlib.reward import DenseRM
 
@@ -199,7 +203,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
         check_output(args.out, is_dir=True, overwrite=args.overwrite, is_ours=is_saved_reward_model)
     model = _load_rm(args.rm)
     steered = steer(model, scales)
-    result = {"rm": str(args.rm), "steering": {str(k): v for k, v in steered.steering.items()}}
+    result: dict[str, Any] = {"rm": str(args.rm), "steering": {str(k): v for k, v in steered.steering.items()}}
     if args.pairs:
         pairs = _load_pairs(args.pairs, args)
         effect = steering_effect(model, steered, pairs, *read_pair_states(model, pairs))
