@@ -39,10 +39,10 @@ import re
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -51,6 +51,8 @@ from srlib.activations import length_batches
 from srlib.backbone import left_pad
 from srlib.cache import clear_command, read_json
 from srlib.data import (
+    Conversation,
+    MCQuestion,
     PreferencePair,
     generation_prompts,
     load_pairs,
@@ -72,9 +74,18 @@ from srlib.profiles import ALIGNMENT
 from srlib.progress import progress_bar, trainer_callback
 
 if TYPE_CHECKING:
+    from torch import Tensor
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from srlib.reward import RewardModel
+
+
+class PairScorer(Protocol):
+    """What `filter_tuples` asks of a reward model: (s_w [n], s_l [n]) for a list of pairs. Every
+    `RewardModel` is one; so is a stand-in that takes the pairs alone (tests, exercise checks)."""
+
+    def score_pairs(self, pairs: list[PreferencePair], /) -> tuple[Tensor, Tensor]: ...
+
 
 #: The three tracks of the paper's Table 1 (`srlib.paper.TABLE1_TRACKS`): "truthfulqa",
 #: "saferlhf", "red-teaming".
@@ -343,7 +354,9 @@ def select_shots(
     return shots
 
 
-def generation_messages(prompt: str, shots: Sequence[PreferencePair], kind: str, side: str) -> list[dict]:
+def generation_messages(
+    prompt: str | Conversation, shots: Sequence[PreferencePair], kind: str, side: str
+) -> list[dict]:
     """The chat turns that ask the policy for a good (`side="good"`) or bad answer to `prompt`,
     for a track of `kind` "truthfulness" or "safety".
 
@@ -423,7 +436,7 @@ def _generate_batch(
 def generate_tuples(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    prompts: Sequence[str | Conversation],
     shots: Sequence[PreferencePair],
     config: AlignmentConfig,
     *,
@@ -485,7 +498,7 @@ class FilterResult:
 
 def filter_tuples(
     tuples: Sequence[PreferencePair],
-    reward_model: RewardModel | None,
+    reward_model: PairScorer | None,
     *,
     keep_ties: bool = False,
     progress: bool = False,
@@ -503,8 +516,8 @@ def filter_tuples(
     if not tuples:
         return FilterResult(keep=[], s_w=[], s_l=[])
     # only asked for a bar when one is wanted: stand-in models (tests, exercise checks) take pairs alone
-    s_w, s_l = reward_model.score_pairs(list(tuples), **({"progress": True} if progress else {}))
-    s_w, s_l = [float(v) for v in s_w], [float(v) for v in s_l]
+    scores_w, scores_l = reward_model.score_pairs(list(tuples), **({"progress": True} if progress else {}))
+    s_w, s_l = [float(v) for v in scores_w], [float(v) for v in scores_l]
     keep = [v and (w > r or (keep_ties and w == r)) for v, w, r in zip(valid, s_w, s_l, strict=True)]
     return FilterResult(keep=keep, s_w=s_w, s_l=s_l)
 
@@ -557,6 +570,7 @@ def track_filter_accuracy(
                 model.max_length = profile.max_length
                 accuracies.append(pair_accuracy(*model.attach_backbone(backbone).score_pairs(arc, progress=progress)))
             else:
+                assert trial.val_accuracy is not None  # fit_variant validates on the validation split
                 accuracies.append(trial.val_accuracy)
         accuracy = float(np.mean(accuracies))
         rows.append(
@@ -783,6 +797,8 @@ class _EvalData:
 
 
 def _eval_data(config: AlignmentConfig) -> _EvalData:
+    val: list[MCQuestion] | list[PreferencePair]
+    test: list[MCQuestion] | list[PreferencePair]
     if config.kind == "truthfulness":
         val, test = load_truthfulqa_mc("val", config.split_seed), load_truthfulqa_mc("test", config.split_seed)
     else:
@@ -801,13 +817,15 @@ def evaluate_policy(
     per_item: bool = False,
 ) -> dict:
     """The track's metrics on `items`: TruthfulQA MC1/MC2 or pairwise log-prob accuracy."""
-    kwargs = dict(batch_size=config.eval_batch_size, max_length=config.max_length, progress=progress, per_item=per_item)
+    kwargs: dict[str, Any] = dict(
+        batch_size=config.eval_batch_size, max_length=config.max_length, progress=progress, per_item=per_item
+    )
     if config.kind == "truthfulness":
         return truthfulqa_mc(model, tokenizer, items, **kwargs)
     return pairwise_logprob_accuracy(model, tokenizer, items, **kwargs)
 
 
-def prompts_and_shots(config: AlignmentConfig) -> tuple[list[str], list[PreferencePair]]:
+def prompts_and_shots(config: AlignmentConfig) -> tuple[list[str | Conversation], list[PreferencePair]]:
     """(generation prompts, few-shot examples) of the track.
 
     The prompts are `config.n_prompts` of the track's generation prompts, which no reward
@@ -964,7 +982,7 @@ def _slug(name: str) -> str:
 def _write_tuples(tuples: Sequence[PreferencePair], verdict: FilterResult | None, path: Path) -> None:
     with open(path, "w", encoding="utf-8") as handle:
         for i, t in enumerate(tuples):
-            record = {
+            record: dict[str, Any] = {
                 "prompt": t.prompt,
                 "chosen": t.chosen,
                 "rejected": t.rejected,
@@ -974,7 +992,7 @@ def _write_tuples(tuples: Sequence[PreferencePair], verdict: FilterResult | None
             }
             if verdict is not None:
                 record["kept"] = verdict.keep[i]
-                if verdict.s_w is not None:
+                if verdict.s_w is not None and verdict.s_l is not None:
                     record["s_w"], record["s_l"] = verdict.s_w[i], verdict.s_l[i]
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
@@ -1052,7 +1070,7 @@ class AlignmentRun:
     def __init__(
         self,
         config: AlignmentConfig,
-        reward_models: dict[str, RewardModel | None],
+        reward_models: Mapping[str, RewardModel | None],
         *,
         out_dir: str | Path,
         progress: bool = True,
@@ -1256,7 +1274,7 @@ class AlignmentRun:
 
 def run_alignment(
     config: AlignmentConfig,
-    reward_models: dict[str, RewardModel | None],
+    reward_models: Mapping[str, RewardModel | None],
     *,
     out_dir: str | Path,
     progress: bool = True,
@@ -1267,7 +1285,7 @@ def run_alignment(
     return AlignmentRun(config, reward_models, out_dir=out_dir, progress=progress).resume()
 
 
-def default_run_dir(config: AlignmentConfig, reward_models: dict[str, RewardModel | None], *, profile, sae) -> Path:
+def default_run_dir(config: AlignmentConfig, reward_models: Mapping[str, RewardModel | None], *, profile, sae) -> Path:
     """The run folder of a chapter that names none: `cache_dir("alignment",
     "<profile>-<track>-<hash>")`, the hash over what the run depends on (its settings, the SAE,
     and each reward model's description without its training curves and costs, which vary in
