@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from srlib.baselines.models import fit_baseline, nonempty_pairs
+from srlib.baselines.models import Baseline, fit_baseline, nonempty_pairs
 from srlib.baselines.registry import get_method
 from srlib.baselines.settings import build_settings
 from srlib.cache import warn_recomputing
@@ -94,7 +94,7 @@ def cached_fit_baseline(
     seed: int = 0,
     progress: bool = True,
     **settings,
-) -> RewardModel:
+) -> Baseline:
     """`fit_baseline`, but only once: the fitted model is saved (atomically) under
     `cache_dir("baselines", baseline_key(...))` and a later call with the same backbone, method,
     settings, seed and pairs loads it instead of training.
@@ -103,10 +103,10 @@ def cached_fit_baseline(
     `from_cache` (True when loaded); its `.cost` is the cost measured when it was trained.
     """
     directory = cache_dir("baselines") / baseline_key(method, backbone, train_pairs, val_pairs, seed=seed, **settings)
-    rm = None
+    rm: Baseline | None = None
     if (directory / CONFIG_NAME).is_file():
         try:
-            rm = RewardModel.from_pretrained(directory, backbone=backbone)
+            rm = Baseline.from_pretrained(directory, backbone=backbone)
             rm.from_cache = True
         except DamagedFileError as error:
             warn_recomputing(directory, error)

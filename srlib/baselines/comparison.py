@@ -13,12 +13,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from srlib.baselines.cost import costed_fit, extraction_cost
 from srlib.baselines.registry import COMPARISON_METHODS, METHOD_LABELS, TRAINED_METHODS
 from srlib.baselines.trials import baseline_settings, baseline_trials
 from srlib.errors import ConfigError
+
+if TYPE_CHECKING:
+    from srlib.evaluate import PairedComparison
 
 #: The variants of SparseRM and DenseRM in the comparison: (model, features, on the baselines' pairs only).
 FEATURE_VARIANTS = (
@@ -253,8 +256,8 @@ class DatasetVerdicts:
     baseline, SparseRM with and without early stopping, and the training times."""
 
     dataset: str
-    against: list[tuple[Any, Any]]  # per baseline: (same pairs, all pairs) PairedComparisons
-    early_stopping: Any
+    against: list[tuple[PairedComparison, ...]]  # per baseline: (same pairs, all pairs)
+    early_stopping: PairedComparison
     seconds: dict[str, float]  # StandardRM, SparseRM from cached states, SparseRM with extraction
 
 

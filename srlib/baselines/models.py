@@ -29,7 +29,14 @@ from srlib.activations import length_batches
 from srlib.backbone import format_text, left_pad
 from srlib.baselines.cost import CostMeter, TrainingCost
 from srlib.baselines.registry import get_method
-from srlib.baselines.settings import GRMSettings, JudgeSettings, LogProbSettings, LoraSettings, build_settings
+from srlib.baselines.settings import (
+    GRMSettings,
+    JudgeSettings,
+    LogProbSettings,
+    LoraSettings,
+    SettingsClass,
+    build_settings,
+)
 from srlib.cache import check_safetensors, read_json
 from srlib.data import prompt_messages, prompt_text
 from srlib.errors import ConfigError, DamagedFileError, DataError, one_line
@@ -184,6 +191,8 @@ class _PairRewardTrainer(RewardTrainer):
       from the final (normed) hidden states of the same forward pass.
     """
 
+    _signature_columns: list[str] | None  # transformers' Trainer: the columns the model is fed
+
     def __init__(
         self,
         *args,
@@ -205,6 +214,7 @@ class _PairRewardTrainer(RewardTrainer):
         starts = inputs.pop("chosen_response_start", None)
         if self.sft_weight == 0:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        assert self.lm_head_weight is not None  # GRM, the one user of sft_weight, passes its LM head
         inputs["output_hidden_states"] = True
         bt, outputs = super().compute_loss(model, inputs, return_outputs=True)
         logp = chosen_response_logprob(
@@ -249,7 +259,32 @@ def chosen_response_logprob(
     return torch.zeros(n, dtype=token_logp.dtype, device=token_logp.device).index_add(0, rows, token_logp)
 
 
-class StandardRM(RewardModel):
+class Baseline(RewardModel):
+    """What every baseline adds to `RewardModel`: its settings class, the `fit` that
+    `fit_baseline` calls by method name, and what training cost. `cached_fit_baseline` sets
+    `from_cache` and `cache_path` on the models it returns."""
+
+    settings_class: ClassVar[type[SettingsClass]]
+    cost: TrainingCost | None
+    from_cache: bool
+    cache_path: Path
+
+    @classmethod
+    def fit(
+        cls, backbone, train_pairs, val_pairs=None, *, seed: int = 0, progress: bool = True, **overrides: Any
+    ) -> Baseline:
+        """Fit on `train_pairs` (stopping on `val_pairs`, if given); `overrides` are fields of
+        `settings_class`."""
+        raise NotImplementedError
+
+    @classmethod
+    def lora_wrapped(cls, backbone, settings: Any) -> torch.nn.Module:
+        """The backbone wrapped with the adapter (and score head) the trainer would add, for
+        counting trainable parameters; only the methods that train have one."""
+        raise NotImplementedError
+
+
+class StandardRM(Baseline):
     """A LoRA reward model: the backbone as a scalar sequence classifier, trained with BT by TRL.
 
     The score is the classifier head on the final hidden state of the last token of the
@@ -257,7 +292,7 @@ class StandardRM(RewardModel):
     """
 
     method: ClassVar[str] = "standard"
-    settings_class: ClassVar[type] = LoraSettings
+    settings_class: ClassVar[type[LoraSettings]] = LoraSettings
 
     def __init__(
         self,
@@ -282,11 +317,11 @@ class StandardRM(RewardModel):
 
     @classmethod
     def fit(
-        cls, backbone, train_pairs, val_pairs=None, *, seed: int = 0, progress: bool = True, **settings
+        cls, backbone, train_pairs, val_pairs=None, *, seed: int = 0, progress: bool = True, **overrides
     ) -> StandardRM:
         """Train on `train_pairs` with TRL's RewardTrainer; with `val_pairs`, keep the epoch of
-        lowest validation loss. `settings` are `LoraSettings` fields (GRMSettings for GRM)."""
-        settings = build_settings(cls.settings_class, settings)
+        lowest validation loss. `overrides` are `LoraSettings` fields (GRMSettings for GRM)."""
+        settings = build_settings(cls.settings_class, overrides)
         train_pairs = nonempty_pairs(train_pairs, "training")
         val_pairs = nonempty_pairs(val_pairs, "validation") if val_pairs else None
         with CostMeter() as meter:
@@ -469,7 +504,7 @@ class GeneralizableRM(StandardRM):
     docstring for what is and is not the published method."""
 
     method: ClassVar[str] = "generalizable"
-    settings_class: ClassVar[type] = GRMSettings
+    settings_class: ClassVar[type[LoraSettings]] = GRMSettings
 
     @classmethod
     def _rows(cls, tokenizer, pairs, max_length: int) -> dict[str, list]:
@@ -569,14 +604,14 @@ def _next_token_logits(
     return out
 
 
-class GenerativeJudge(RewardModel):
+class GenerativeJudge(Baseline):
     """A pairwise LLM judge on the backbone: zero-shot, or with a LoRA tuned on the verdicts.
 
     Not the published JudgeLM or GRAM models (see the module docstring). `score_pairs`
     returns (P(chosen better), 1 − P(chosen better)); a single text has no score.
     """
 
-    settings_class: ClassVar[type] = JudgeSettings
+    settings_class: ClassVar[type[JudgeSettings]] = JudgeSettings
 
     def __init__(
         self,
@@ -613,12 +648,12 @@ class GenerativeJudge(RewardModel):
         seed: int = 0,
         lora: bool = False,
         progress: bool = True,
-        **settings,
+        **overrides,
     ) -> GenerativeJudge:
         """Zero-shot (`lora=False`: nothing is trained, the pairs are not needed) or a LoRA judge
         tuned with TRL's SFTTrainer on the correct verdict token of every training pair in both
         orders; with `val_pairs`, the epoch of lowest validation loss is kept."""
-        settings = build_settings(JudgeSettings, settings)
+        settings = build_settings(JudgeSettings, overrides)
         verdict_ids = _verdict_ids(backbone.tokenizer)
         if not lora:
             with CostMeter() as meter:
@@ -753,21 +788,21 @@ def _verdict_rows(tokenizer, pairs, verdict_ids: list[int], max_length: int) -> 
 # ----------------------------------------------------------------------------- log-prob floor
 
 
-class LogProbPreference(RewardModel):
+class LogProbPreference(Baseline):
     """The floor: the backbone's mean per-token log-prob of each response given its prompt."""
 
     method: ClassVar[str] = "logprob"
-    settings_class: ClassVar[type] = LogProbSettings
+    settings_class: ClassVar[type[LogProbSettings]] = LogProbSettings
 
     def __init__(self, backbone, settings: LogProbSettings, cost: TrainingCost | None = None):
         self.backbone, self.settings, self.cost = backbone, settings, cost
 
     @classmethod
     def fit(
-        cls, backbone, train_pairs=None, val_pairs=None, *, seed: int = 0, progress: bool = True, **settings
+        cls, backbone, train_pairs=None, val_pairs=None, *, seed: int = 0, progress: bool = True, **overrides
     ) -> LogProbPreference:
         """Nothing to train; the pairs and seed are accepted for a uniform interface."""
-        settings = build_settings(LogProbSettings, settings)
+        settings = build_settings(LogProbSettings, overrides)
         with CostMeter() as meter:
             pass
         return cls(backbone, settings, meter.cost(0))
@@ -821,7 +856,7 @@ class LogProbPreference(RewardModel):
 
 def fit_baseline(
     method: str, backbone, train_pairs=None, val_pairs=None, *, seed: int = 0, progress: bool = True, **settings
-) -> RewardModel:
+) -> Baseline:
     """Fit the baseline named `method` (one of `srlib.baselines.METHODS`); `settings` go to its
     class's settings class (`LoraSettings`, `GRMSettings`, `JudgeSettings`, `LogProbSettings`)."""
     spec = get_method(method)

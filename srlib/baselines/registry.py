@@ -11,9 +11,12 @@ from __future__ import annotations
 import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from srlib.errors import ConfigError
+
+if TYPE_CHECKING:
+    from srlib.baselines.models import Baseline
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,7 @@ class Method:
     fit_options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
-    def model_class(self) -> type:
+    def model_class(self) -> type[Baseline]:
         """The reward-model class that fits this method (imports `srlib.baselines.models`)."""
         return getattr(importlib.import_module("srlib.baselines.models"), self.model)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 from peft import LoraConfig, TaskType
@@ -123,7 +123,19 @@ class LogProbSettings:
             )
 
 
-def build_settings(cls: type, kwargs: dict[str, Any]):
+class SettingsClass(Protocol):
+    """What every baseline settings class is: a dataclass whose `check` raises a ConfigError
+    naming a value out of range."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    def check(self) -> None: ...
+
+
+Settings = TypeVar("Settings", bound=SettingsClass)
+
+
+def build_settings(cls: type[Settings], kwargs: dict[str, Any]) -> Settings:
     """Build a settings dataclass, turning an unknown or badly typed keyword into a ConfigError."""
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(kwargs) - set(names))

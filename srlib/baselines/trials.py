@@ -95,6 +95,8 @@ def baseline_trials(
                     continue
             rm = cached_fit_baseline(progress=progress, **fit)
             scores = cached_score_pairs(rm, test_pairs, progress=progress)
+            cost = rm.cost
+            assert cost is not None  # fitted by cached_fit_baseline, which saves the cost with the model
             rows.append(
                 {
                     "dataset": dataset,
@@ -103,11 +105,11 @@ def baseline_trials(
                     "seed": seed,
                     "test_accuracy": scores.accuracy,
                     "trainable_parameters": rm.num_trainable_parameters(),
-                    "fit_seconds": rm.cost.seconds,
-                    "peak_rss_mb": rm.cost.peak_rss_mb,
-                    "rss_increase_mb": rm.cost.rss_increase_mb,
+                    "fit_seconds": cost.seconds,
+                    "peak_rss_mb": cost.peak_rss_mb,
+                    "rss_increase_mb": cost.rss_increase_mb,
                     "pairs_per_second": scores.pairs_per_second,
-                    "n_train_pairs": rm.cost.n_train_pairs,
+                    "n_train_pairs": cost.n_train_pairs,
                     "n_test_pairs": len(test_pairs),
                     "from_cache": rm.from_cache,
                     "best_epoch": getattr(rm, "best_epoch", None),
