@@ -168,6 +168,7 @@ def test_layer_k_sweep_one_row_per_layer_k_seed(monkeypatch):
         ex, "dataset_states", lambda backbone, dataset, profile, *, layer, progress: _fake_states(layer)
     )
     monkeypatch.setattr(ex, "warm_states", lambda *args, **kwargs: None)  # fake states need no backbone
+    monkeypatch.setattr(srlib.sae, "extract_sae_corpora", lambda *args, **kwargs: [])  # nor SAE corpora
     trials = ex.layer_k_sweep(
         None,
         get_profile("smoke"),

@@ -88,6 +88,7 @@ def test_validation_study_scores_the_test_split_once_for_the_selection(monkeypat
 
     monkeypatch.setattr(ex, "states_at_positions", fake_positions)
     monkeypatch.setattr(ex, "warm_states", lambda *args, **kwargs: None)  # toy states need no backbone
+    monkeypatch.setattr(srlib.sae, "extract_sae_corpora", lambda *args, **kwargs: [])  # nor SAE corpora
     monkeypatch.setattr(
         srlib.sae,
         "sae_for_profile",
