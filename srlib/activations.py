@@ -161,8 +161,9 @@ def states_at_layers(
         todo_keys = list(todo)
         suffix = _template_suffix(backbone.tokenizer)
         encoded = [_encode(backbone.tokenizer, todo[key], max_length, suffix=suffix) for key in todo_keys]
-        what = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
-        with progress_bar(total=len(encoded), desc=f"{what} states", unit="text", disable=not progress) as bar:
+        with progress_bar(
+            total=len(encoded), desc=f"{layers_label(layers)} states", unit="text", disable=not progress
+        ) as bar:
             for rows, hidden in _forward_batches_at(backbone, encoded, layers, batch_size):
                 for i, row in enumerate(rows):
                     key = todo_keys[row]
@@ -275,11 +276,10 @@ def iter_token_activations_at_layers(
         for layer in layers
     }
     window = max(1, batch_size * _WINDOW_BATCHES)
-    what = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
     with (
         nullcontext(bar)
         if bar is not None
-        else progress_bar(total=len(texts), desc=f"{what} tokens", unit="text", disable=not progress)
+        else progress_bar(total=len(texts), desc=f"{layers_label(layers)} tokens", unit="text", disable=not progress)
     ) as shown:
         for start in range(0, len(texts), window):
             chunk = texts[start : start + window]
@@ -296,6 +296,11 @@ def iter_token_activations_at_layers(
                             _store_states(folders[layer], chunk[row], real, encoded[row].reads)
                 shown.update(len(rows))
             yield from (results[row] for row in range(len(encoded)))
+
+
+def layers_label(layers: Sequence[int]) -> str:
+    """'layer 8' or 'layers 8, 15, 22': how a progress bar names the layers of one forward pass."""
+    return f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
 
 
 def _check_layer(backbone: Backbone, layer: int) -> int:

@@ -67,6 +67,7 @@ from srlib.activations import (
     POSITIONS,
     _check_layer,
     iter_token_activations_at_layers,
+    layers_label,
     token_states,
 )
 from srlib.backbone import Backbone, format_pair, format_text
@@ -418,7 +419,7 @@ def extract_sae_corpora(backbone: Backbone, profiles: Sequence[Profile], *, prog
             continue
         texts, _ = _profile_corpus(profile, backbone)
         key, _ = sae_cache_key(backbone, profile.layer, texts, profile.sae_training, max_length=profile.max_length)
-        if not (cache_dir("sae") / key / INFO_FILENAME).is_file():
+        if not _is_trained(cache_dir("sae") / key):
             groups.setdefault((tuple(texts), profile.max_length, profile.batch_size), []).append(profile.layer)
     for (texts, max_length, batch_size), layers in groups.items():
         corpus_activations_at_layers(
@@ -524,8 +525,9 @@ def _extract_corpora(
     """Run the corpus once to the deepest of `layers`, one progress bar; cache each layer's result."""
     start = time.perf_counter()
     train_texts, heldout_texts = _split_holdout(texts)
-    what = f"layer {layers[0]}" if len(layers) == 1 else f"layers {', '.join(map(str, layers))}"
-    with progress_bar(total=len(texts), desc=f"SAE corpus, {what}", unit="text", disable=not progress) as bar:
+    with progress_bar(
+        total=len(texts), desc=f"SAE corpus, {layers_label(layers)}", unit="text", disable=not progress
+    ) as bar:
         train = _collect(backbone, train_texts, layers, max_length, batch_size, bar=bar)
         heldout = _collect(backbone, heldout_texts, layers, max_length, batch_size, bar=bar)
     seconds = round(time.perf_counter() - start, 1)
@@ -598,6 +600,12 @@ def sae_cache_key(
     return _hash(parts), parts
 
 
+def _is_trained(folder: Path) -> bool:
+    """Whether `folder` (a `cache_dir("sae")` entry) holds a trained SAE: its srlib_sae.json is
+    written inside the temporary folder that `atomic_path` moves into place whole."""
+    return (folder / INFO_FILENAME).is_file()
+
+
 def train_sae(
     backbone: Backbone,
     layer: int,
@@ -621,7 +629,7 @@ def train_sae(
     _check_config(config)
     key, parts = sae_cache_key(backbone, layer, texts, config, max_length=max_length)
     final = cache_dir("sae") / key
-    if (final / INFO_FILENAME).is_file():
+    if _is_trained(final):
         try:
             return load_sae(final, device=str(backbone.device))
         except DamagedFileError as error:
