@@ -48,11 +48,12 @@ chromium:
 		|| echo "chromium could not be installed: the browser tests will skip"; \
 	fi
 
-# The habits that keep the tree clean: ruff's lint and format check (settings in pyproject.toml).
-# `make test` runs this first, before the smoke book.
+# The habits that keep the tree clean: ruff's lint and format check and mypy over srlib and the
+# book build (settings in pyproject.toml). `make test` runs this first, before the smoke book.
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 test: $(STAMP) lint chromium book-smoke
 	$(PY) -m pytest

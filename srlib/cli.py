@@ -80,7 +80,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     """Train a reward model on PAIRS and save it under --out."""
     from srlib.backbone import backbone_for_profile
     from srlib.paths import check_output
-    from srlib.reward import is_saved_reward_model
+    from srlib.reward import FeatureRM, is_saved_reward_model
 
     check_output(args.out, is_dir=True, overwrite=args.overwrite, is_ours=is_saved_reward_model)
     profile = _profile_from_args(args)
@@ -117,12 +117,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
         "trainable_parameters": model.num_trainable_parameters(),
         "fit_seconds": round(time.perf_counter() - started, 2),
     }
-    if args.method == "sparserm":
+    if isinstance(model, FeatureRM):  # the sparserm method: SparseRM or DenseRM
         result.update(
             features=args.features,
             loss=args.loss,
             layer=profile.layer,
-            best_val_accuracy=model.history.best_val_accuracy,
+            best_val_accuracy=model.require_fitted().history.best_val_accuracy,
         )
     _print_result(result)
     return 0
@@ -171,7 +171,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     """Attribute each pair's chosen and rejected scores to the SparseRM's selected directions:
     one JSON record per pair (to --out, or to stdout), baseline + contributions + rest = score."""
-    from srlib.explain import explain_records, read_pair_states, require_sae_inputs
+    from srlib.explain import explain_records, require_sae_inputs
     from srlib.paths import atomic_path, check_output
 
     if args.out:
@@ -180,7 +180,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
         raise SrlibError(f"--top must be >= 0, got {args.top}")
     model = require_sae_inputs(_load_rm(args.rm))
     pairs = _load_pairs(args.pairs, args)
-    records = explain_records(model, pairs, *read_pair_states(model, pairs), top=args.top)
+    records = explain_records(model, pairs, *model.read_pair_states(pairs), top=args.top)
     lines = [json.dumps(record) + "\n" for record in records]
     if not args.out:
         sys.stdout.writelines(lines)
@@ -194,7 +194,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_steer(args: argparse.Namespace) -> int:
     """Scale or mask selected directions of a SparseRM; save the steered model (--out) and, with
     --pairs, print the pair accuracy before and after (ties count 1/2) and the pairs that flipped."""
-    from srlib.explain import parse_scales, read_pair_states, steer, steering_effect
+    from srlib.explain import parse_scales, steer, steering_effect
     from srlib.paths import check_output
     from srlib.reward import is_saved_reward_model
 
@@ -206,7 +206,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {"rm": str(args.rm), "steering": {str(k): v for k, v in steered.steering.items()}}
     if args.pairs:
         pairs = _load_pairs(args.pairs, args)
-        effect = steering_effect(model, steered, pairs, *read_pair_states(model, pairs))
+        effect = steering_effect(model, steered, pairs, *model.read_pair_states(pairs))
         result.update(n=len(pairs), **effect.as_dict())
     if args.out:
         steered.save_pretrained(args.out, overwrite=args.overwrite)

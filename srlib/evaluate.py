@@ -532,7 +532,7 @@ def compare_paired(
     )
 
 
-def seed_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+def seed_interval(values: Sequence[float] | np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
     """Mean of per-seed values and its Student-t interval at `confidence` (NaN with one seed;
     the mean twice when every seed agrees)."""
     array = np.asarray(values, dtype=np.float64)

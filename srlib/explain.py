@@ -36,7 +36,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -77,21 +77,27 @@ def require_sae_inputs(model: Any) -> FeatureRM:
             f"this {name} reads {kind!r} features, not selected SAE latents: nothing to "
             "explain or steer; use a projection or latents SparseRM"
         )
-    model._require_fitted()
+    model.require_fitted()
     return model
+
+
+def _sae_head(model: Any) -> RewardHead:
+    """The fitted head of a model whose inputs are selected SAE latents (`require_sae_inputs`)."""
+    return require_sae_inputs(model).require_fitted().head
 
 
 def input_latents(model: FeatureRM) -> list[tuple[int, str]]:
     """(latent index, side) of each of the head's 2K inputs, in input order: I_w ('chosen') then I_l ('rejected')."""
     require_sae_inputs(model)
-    return [(int(i), SIDES["w"]) for i in model.indices_w] + [(int(i), SIDES["l"]) for i in model.indices_l]
+    indices_w, indices_l = model.indices_w or [], model.indices_l or []
+    return [(int(i), SIDES["w"]) for i in indices_w] + [(int(i), SIDES["l"]) for i in indices_l]
 
 
 def standardized_inputs(model: FeatureRM, Z: Tensor) -> tuple[Tensor, Tensor]:
     """(x, u) for hidden states Z [n, d]: the head's raw inputs x [n, 2K] (float32) and the
     standardised, steered inputs u [n, 2K] (float64) its MLP reads."""
-    head = require_sae_inputs(model).head
-    x = model.features(Z)
+    features, head, _ = require_sae_inputs(model).require_fitted()
+    x = features(Z)
     u = (x.double() - head.mean.double()) / head.std.double()
     return x, u * input_scale(head).double()
 
@@ -164,7 +170,7 @@ def _relu_path_shares(pre0: Tensor, slope: Tensor) -> Tensor:
 
 def _relu_gradients(net: nn.Sequential, u: Tensor) -> Tensor:
     """∫₀¹ ∇f(αu) dα exactly, for f = Linear → ReLU → Linear ([n, in_dim])."""
-    first, last = net[0], net[2]
+    first, last = cast(nn.Linear, net[0]), cast(nn.Linear, net[2])
     slope = u @ first.weight.T  # [n, hidden]: how each pre-activation moves along the path
     shares = _relu_path_shares(first.bias.expand_as(slope), slope)
     return (shares * last.weight[0]) @ first.weight
@@ -188,7 +194,7 @@ def attribute(model: FeatureRM, Z: Tensor, *, max_nodes: int = 4096) -> Attribut
     ReLU heads: exact. Other activations: Gauss-Legendre with 16, 32, ... nodes until complete;
     a `ConfigError` if `max_nodes` do not suffice.
     """
-    head = require_sae_inputs(model).head
+    head = _sae_head(model)
     pairs = input_latents(model)
     x, u = standardized_inputs(model, Z)
     net = _mlp64(head)
@@ -220,17 +226,6 @@ def attribute(model: FeatureRM, Z: Tensor, *, max_nodes: int = 4096) -> Attribut
         scores=scores.detach(),
         nodes=nodes,
     )
-
-
-def read_pair_states(
-    model: FeatureRM, pairs: Sequence, *, batch_size: int = 16, progress: bool = False
-) -> tuple[Tensor, Tensor]:
-    """The hidden states the model reads for the chosen and rejected answers of `pairs` (its
-    layer, token position and length limit; through its backbone and the activation cache)."""
-    from srlib.activations import pair_states
-
-    kwargs = model._extract_kwargs(batch_size, True, progress)
-    return pair_states(model.backbone, list(pairs), model.layer, **kwargs)
 
 
 def explain_records(
@@ -543,7 +538,7 @@ def deletion_curve(
     """For each m in `ms`: mask, in both answers of each pair, the m inputs with the largest
     contribution to its margin s_w − s_l (`attribute`), and, `draws` times, m inputs drawn at
     random without replacement; record how much the margin drops and the outcomes after."""
-    head = require_sae_inputs(model).head
+    head = _sae_head(model)
     width = head.in_dim
     if not ms or min(ms) < 1 or max(ms) > width:
         raise ConfigError(f"the deletion sizes m must lie in 1..{width}, got {list(ms)}")

@@ -52,7 +52,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -441,9 +441,9 @@ def fit_head(
     X_w, X_l = _check_pair_tensors(X_w, X_l, "training")
     if (Xv_w is None) != (Xv_l is None):
         raise ConfigError("give both validation tensors (chosen and rejected) or neither")
-    has_val = Xv_w is not None
-    if has_val:
-        Xv_w, Xv_l = _check_pair_tensors(Xv_w, Xv_l, "validation", X_w.shape[1])
+    val = None
+    if Xv_w is not None and Xv_l is not None:
+        val = _check_pair_tensors(Xv_w, Xv_l, "validation", X_w.shape[1])
     loss_fn = get_loss(config.loss, gamma=config.gamma)
 
     history = FitHistory(settings={**asdict(config), "optimizer": "adam"})
@@ -466,11 +466,11 @@ def fit_head(
             optimizer.step()
             total += batch_loss.item() * len(batch)
         history.train_loss.append(total / n)
-        if not has_val:
+        if val is None:
             continue
         head.eval()
         with torch.no_grad():
-            sv_w, sv_l = head(Xv_w), head(Xv_l)
+            sv_w, sv_l = head(val[0]), head(val[1])
         accuracy, val_loss = pair_accuracy(sv_w, sv_l), loss_fn(sv_w, sv_l).item()
         history.val_accuracy.append(accuracy)
         history.val_loss.append(val_loss)
@@ -483,7 +483,7 @@ def fit_head(
             if waited >= config.patience:
                 history.stopped_early = True
                 break
-    if has_val:
+    if best_state is not None:  # with validation pairs: the best epoch's state
         head.load_state_dict(best_state)
     else:
         history.best_epoch = history.epochs_run
@@ -495,6 +495,15 @@ def fit_head(
 
 
 _RM = TypeVar("_RM", bound="RewardModel")
+_FeatureRM = TypeVar("_FeatureRM", bound="FeatureRM")
+
+
+class Fitted(NamedTuple):
+    """The parts of a fitted `FeatureRM` (`FeatureRM.require_fitted`): never None."""
+
+    features: FeatureMap
+    head: RewardHead
+    history: FitHistory
 
 
 class RewardModel:
@@ -710,7 +719,12 @@ class RewardFunction:
             raise ConfigError(
                 f"{len(prompts)} prompts but {len(completions)} completions: give one prompt per completion"
             )
-        tokenizer = self.model.backbone.tokenizer
+        backbone = getattr(self.model, "backbone", None)
+        if backbone is None:
+            raise ConfigError(
+                f"a {type(self.model).__name__} has no backbone whose tokenizer formats the texts it scores"
+            )
+        tokenizer = backbone.tokenizer
         return [
             format_text(tokenizer, prompt if isinstance(prompt, str) else tuple(prompt), _answer(completion))
             for prompt, completion in zip(prompts, completions, strict=True)
@@ -727,12 +741,13 @@ def _answer(completion) -> str:
     if isinstance(completion, str):
         return completion
     parts = [m.get("content") for m in completion if isinstance(m, dict) and m.get("role") == "assistant"]
-    if not parts or not all(isinstance(p, str) for p in parts):
+    texts = [p for p in parts if isinstance(p, str)]
+    if not parts or len(texts) != len(parts):
         raise ConfigError(
             f"a completion must be a string or a list of messages with an assistant turn of text, "
             f"got {one_line(repr(completion), 80)}"
         )
-    return "".join(parts)
+    return "".join(texts)
 
 
 class PairwiseJudge:
@@ -767,6 +782,20 @@ class PairwiseJudge:
             gap = torch.tensor(firsts, dtype=torch.float64) - torch.tensor(seconds, dtype=torch.float64)
             return torch.sigmoid(gap).tolist()
         return [0 if a >= b else 1 for a, b in zip(firsts, seconds, strict=True)]
+
+
+def _required_layer(layer: int | None, remedy: str = "set SparseRMConfig(layer=...)") -> int:
+    """`layer`, or a one-line `ConfigError` when no layer is recorded."""
+    if layer is None:
+        raise ConfigError(f"this reward model has no layer recorded: {remedy}")
+    return layer
+
+
+def _required_k(config: SparseRMConfig) -> int:
+    """The K of a SparseRM config (None only for dense features, which select no directions)."""
+    if config.k is None:
+        raise ConfigError(f"features={config.features!r} selects SAE directions and needs K; set SparseRMConfig(k=...)")
+    return config.k
 
 
 class FeatureRM(RewardModel):
@@ -828,7 +857,7 @@ class FeatureRM(RewardModel):
 
     # -- backbone -------------------------------------------------------------------------
 
-    def attach_backbone(self, backbone, *, strict: bool = True) -> FeatureRM:
+    def attach_backbone(self: _FeatureRM, backbone, *, strict: bool = True) -> _FeatureRM:
         """Use `backbone` to extract hidden states. Its hidden size must match the feature map;
         with `strict`, its identity must match the one the model was fitted on (if recorded)."""
         if self.features is not None and backbone.hidden_size != self.features.in_dim:
@@ -870,7 +899,7 @@ class FeatureRM(RewardModel):
         return self.features
 
     def fit_states(
-        self,
+        self: _FeatureRM,
         Z_w: Tensor,
         Z_l: Tensor,
         Zv_w: Tensor | None = None,
@@ -878,7 +907,7 @@ class FeatureRM(RewardModel):
         *,
         head: HeadConfig = HeadConfig(),
         progress: bool = False,
-    ) -> FeatureRM:
+    ) -> _FeatureRM:
         """Fit the head on already-extracted hidden states [n, d] of chosen/rejected responses,
         with the settings of `head` (`fit_head`). Returns self.
         """
@@ -886,8 +915,8 @@ class FeatureRM(RewardModel):
         features = self._prepare_features(Z_w.shape[1])
         if (Zv_w is None) != (Zv_l is None):
             raise ConfigError("give both validation tensors (chosen and rejected) or neither")
-        val = (features(Zv_w), features(Zv_l)) if Zv_w is not None else (None, None)
-        self.head, self.history = fit_head(features(Z_w), features(Z_l), *val, head, progress=progress)
+        Xv_w, Xv_l = (features(Zv_w), features(Zv_l)) if Zv_w is not None and Zv_l is not None else (None, None)
+        self.head, self.history = fit_head(features(Z_w), features(Z_l), Xv_w, Xv_l, head, progress=progress)
         return self
 
     @classmethod
@@ -913,9 +942,10 @@ class FeatureRM(RewardModel):
     ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | tuple[None, None]]:
         """(Z_w, Z_l, (Zv_w, Zv_l)): the hidden states of the training and validation pairs as
         `config` reads them (layer, position, max_length); (None, None) without validation pairs."""
+        layer = _required_layer(config.layer)
         read = dict(max_length=config.max_length, position=config.position, **extract)
-        Z_w, Z_l = cls._pair_states(backbone, train_pairs, config.layer, "training", **read)
-        val = cls._pair_states(backbone, val_pairs, config.layer, "validation", **read) if val_pairs else (None, None)
+        Z_w, Z_l = cls._pair_states(backbone, train_pairs, layer, "training", **read)
+        val = cls._pair_states(backbone, val_pairs, layer, "validation", **read) if val_pairs else (None, None)
         return Z_w, Z_l, val
 
     @classmethod
@@ -929,14 +959,15 @@ class FeatureRM(RewardModel):
 
     # -- scoring ------------------------------------------------------------------------------
 
-    def _require_fitted(self) -> RewardHead:
-        if self.head is None:
+    def require_fitted(self) -> Fitted:
+        """The feature map, head and fit history; a one-line `ConfigError` if the model is not fitted."""
+        if self.features is None or self.head is None or self.history is None:
             raise ConfigError(f"this {type(self).__name__} is not fitted; call fit or fit_states first")
-        return self.head
+        return Fitted(self.features, self.head, self.history)
 
     def score_states(self, Z: Tensor) -> Tensor:
         """Scores [n] (float32, CPU) for hidden states Z [n, d]; NaN or infinite states are refused."""
-        head = self._require_fitted()
+        features, head, _ = self.require_fitted()
         Z = _as_states(Z, "hidden states")
         bad = (~torch.isfinite(Z).all(dim=1)).nonzero().flatten()
         if len(bad):
@@ -948,23 +979,28 @@ class FeatureRM(RewardModel):
         # Row by row: a matrix product's rounding depends on how many rows it multiplies, so
         # scoring rows together made a text's score depend on what it was scored with.
         with torch.no_grad():
-            rows = [head(self.features(z[None])) for z in Z]
+            rows = [head(features(z[None])) for z in Z]
         return torch.cat(rows).float().cpu() if rows else torch.zeros(0)
 
     def _extract_kwargs(self, batch_size: int, cache: bool, progress: bool) -> dict[str, Any]:
-        if self.layer is None:
-            raise ConfigError("this reward model has no layer recorded; set rm.layer before scoring texts")
+        """How this model reads texts (its layer, position and length), for `srlib.activations`."""
+        layer = _required_layer(self.layer, "set rm.layer before scoring texts")
         return dict(
-            max_length=self.max_length, position=self.position, batch_size=batch_size, cache=cache, progress=progress
+            layer=layer,
+            max_length=self.max_length,
+            position=self.position,
+            batch_size=batch_size,
+            cache=cache,
+            progress=progress,
         )
 
     def score(self, texts: list[str], *, batch_size: int = 16, cache: bool = True, progress: bool = False) -> Tensor:
         """Scores [n] for chat-formatted prompt+response texts, read through the backbone."""
         from srlib.activations import last_token_states
 
-        self._require_fitted()
+        self.require_fitted()
         kwargs = self._extract_kwargs(batch_size, cache, progress)
-        return self.score_states(last_token_states(self.backbone, list(texts), self.layer, **kwargs))
+        return self.score_states(last_token_states(self.backbone, list(texts), **kwargs))
 
     def as_reward_function(self, *, name: str | None = None, **score_kwargs) -> RewardFunction:
         """This model as a TRL reward function (`RewardFunction`). Its completions are not written
@@ -975,45 +1011,53 @@ class FeatureRM(RewardModel):
         self, pairs, *, batch_size: int = 16, cache: bool = True, progress: bool = False
     ) -> tuple[Tensor, Tensor]:
         """(s_chosen, s_rejected), 1-D float32, for a list of `PreferencePair`s (empty in, empty out)."""
+        self.require_fitted()
+        Z_w, Z_l = self.read_pair_states(pairs, batch_size=batch_size, cache=cache, progress=progress)
+        return self.score_states(Z_w), self.score_states(Z_l)
+
+    def read_pair_states(
+        self, pairs, *, batch_size: int = 16, cache: bool = True, progress: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """The hidden states [n, d] this model reads for the chosen and rejected answers of
+        `pairs` (its layer, token position and length limit; through its backbone and the
+        activation cache): what `score_pairs` scores, and what `srlib.explain` attributes."""
         from srlib.activations import pair_states
 
-        self._require_fitted()
-        kwargs = self._extract_kwargs(batch_size, cache, progress)
-        Z_w, Z_l = pair_states(self.backbone, list(pairs), self.layer, **kwargs)
-        return self.score_states(Z_w), self.score_states(Z_l)
+        return pair_states(self.backbone, list(pairs), **self._extract_kwargs(batch_size, cache, progress))
 
     def num_trainable_parameters(self) -> int:
         """Trainable numbers of the head (the feature map and backbone are frozen)."""
-        return self._require_fitted().num_trainable_parameters()
+        return self.require_fitted().head.num_trainable_parameters()
 
     # -- saving -------------------------------------------------------------------------------
 
     @property
     def rm_config(self) -> SparseRMConfig:
         """What this fitted model reads and how its head was trained, as one `SparseRMConfig`."""
-        self._require_fitted()
+        features, _, history = self.require_fitted()
         return SparseRMConfig(
-            features=self.features.kind,
+            features=features.kind,
             k=self.k,
             layer=self.layer,
             sae_source=(self.sae_info or {}).get("source"),
             position=self.position,
             max_length=self.max_length,
-            head=self.history.head_config(),
+            head=history.head_config(),
         )
 
     def config(self) -> dict[str, Any]:
         """The JSON description saved as config.json: the header, `rm_config.to_dict()` under
         "config", then what rebuilding and reading the model needs besides it."""
+        features, _, history = self.require_fitted()
         return {
             **self._config_header(),
             "config": self.rm_config.to_dict(),
-            "features": self.features.config(),
+            "features": features.config(),
             "backbone": self._backbone_record(),
             "sae": self.sae_info,
             "latent_indices": self._latent_indices(),
             "directions_normalized": self.directions_normalized,
-            "history": self.history.as_dict(),
+            "history": history.as_dict(),
         }
 
     def _backbone_record(self) -> dict[str, Any]:
@@ -1022,7 +1066,9 @@ class FeatureRM(RewardModel):
 
     def _latent_indices(self) -> dict[str, list[int]] | None:
         """The selected latents per side, as config.json's "latent_indices" entry."""
-        return None if self.indices_w is None else {"w": self.indices_w, "l": self.indices_l}
+        if self.indices_w is None or self.indices_l is None:
+            return None
+        return {"w": self.indices_w, "l": self.indices_l}
 
     def fitted_parts(self) -> dict[str, Any]:
         """The keywords of the constructor that rebuild this fitted model (those `_load` reads from
@@ -1035,7 +1081,7 @@ class FeatureRM(RewardModel):
             max_length=self.max_length,
             position=self.position,
             sae_info=self.sae_info,
-            head=self._require_fitted(),
+            head=self.require_fitted().head,
             history=self.history,
             k=self.k,
             latent_indices=self._latent_indices(),
@@ -1053,16 +1099,17 @@ class FeatureRM(RewardModel):
 
         config = self.config()
         card = model_card(self, **(model_card_kwargs or {}))
-        tensors = {f"head.{name}": t for name, t in self.head.state_dict().items()}
-        tensors.update({f"features.{name}": t for name, t in self.features.state_dict().items()})
+        features, head, _ = self.require_fitted()
+        tensors = {f"head.{name}": t for name, t in head.state_dict().items()}
+        tensors.update({f"features.{name}": t for name, t in features.state_dict().items()})
         with atomic_path(directory, is_dir=True, overwrite=overwrite, is_ours=is_saved_reward_model) as tmp:
             save_file(
                 {name: t.detach().cpu().contiguous() for name, t in tensors.items()},
                 str(tmp / WEIGHTS_NAME),
                 metadata={"format": "pt"},
             )
-            if isinstance(self.features, LatentFeatures):
-                self.features.sae.save_model(tmp / SAE_DIR_NAME)
+            if isinstance(features, LatentFeatures):
+                features.sae.save_model(tmp / SAE_DIR_NAME)
             card.save(tmp / "README.md")
             (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
@@ -1148,11 +1195,11 @@ class SparseRM(FeatureRM):
             return
         if kind not in self.kinds:
             raise ConfigError(f"unknown SparseRM feature kind {kind!r}; choose one of: {', '.join(self.kinds)}")
-        sae_info = None if sae is None and sae_source is None else {"source": sae_source}
+        sae_info: dict[str, Any] | None = None if sae is None and sae_source is None else {"source": sae_source}
         if sae is not None:
             _check_sae(sae, int(directions.vectors.shape[1]))
             d_in, d_sae = _sae_dims(sae)
-            sae_info.update(d_in=d_in, d_sae=d_sae, architecture=sae.cfg.architecture())
+            sae_info = {"source": sae_source, "d_in": d_in, "d_sae": d_sae, "architecture": sae.cfg.architecture()}
         features = make_features(kind, directions=directions, sae=sae, seed=feature_seed)
         super().__init__(
             features, backbone=backbone, layer=layer, max_length=max_length, sae_info=sae_info, position=position
@@ -1197,7 +1244,7 @@ class SparseRM(FeatureRM):
         from srlib.directions import select_directions
         from srlib.sae import encode
 
-        directions = select_directions(sae, encode(sae, Z_w), encode(sae, Z_l), config.k)
+        directions = select_directions(sae, encode(sae, Z_w), encode(sae, Z_l), _required_k(config))
         model = cls(
             directions,
             kind=config.features,

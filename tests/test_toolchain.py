@@ -180,6 +180,16 @@ def test_reward_function_has_trls_signature_in_both_formats(tiny_rm):
         reward(prompts=PROMPTS[:1], completions=[[{"role": "user", "content": "no assistant turn"}]])
 
 
+def test_reward_function_of_a_model_without_a_backbone_is_one_line():
+    from srlib.reward import RewardModel
+
+    class Backboneless(RewardModel):
+        pass
+
+    with pytest.raises(ConfigError, match="Backboneless has no backbone"):
+        Backboneless().as_reward_function()(prompts=PROMPTS, completions=ANSWERS)
+
+
 def test_pairwise_judge_prefers_the_higher_score(tiny_rm):
     judge = tiny_rm.as_pairwise_judge()
     good, bad = reference_scores(tiny_rm, PROMPTS, ANSWERS), reference_scores(tiny_rm, PROMPTS, ["lol", "whatever"])
