@@ -567,7 +567,6 @@ def track_filter_accuracy(
         for seed in seeds:
             model, trial = fit_variant(states, directions=directions, seed=seed, score_test=False)
             if arc is not None:
-                model.max_length = profile.max_length
                 accuracies.append(pair_accuracy(*model.attach_backbone(backbone).score_pairs(arc, progress=progress)))
             else:
                 assert trial.val_accuracy is not None  # fit_variant validates on the validation split

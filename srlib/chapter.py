@@ -445,12 +445,11 @@ def sweep_grid(ch: Chapter, *, layers=None, ks=None, seeds=None, sae_tokens=None
 
 def attached_rm(ch: Chapter, states: DatasetStates, *, seed: int, **options):
     """A reward model fitted on `states` (`srlib.experiments.fit_variant` with `options`) that
-    reads texts through the chapter's backbone, cut at the profile's `max_length` as the training
-    pairs were: what scores generated answers (chapters 7 and 10). Returns (model, trial)."""
+    reads texts through the chapter's backbone as the training pairs were read: what scores
+    generated answers (chapters 7 and 10). Returns (model, trial)."""
     from srlib.experiments import fit_variant
 
     model, trial = fit_variant(states, seed=seed, **options)
-    model.max_length = ch.profile.max_length
     return model.attach_backbone(ch.backbone), trial
 
 

@@ -69,7 +69,7 @@ def fit_feature_rm(
         if sae is None or k is None:
             raise ConfigError("SparseRM needs the SAE and K to select its directions (sae=..., k=...)")
         directions = select_for(states, sae, k)
-    model = make_model(features, directions=directions, seed=seed, layer=states.layer, position=states.position)
+    model = make_model(features, states, directions=directions, seed=seed)
     return fit_on_states(model, states, validation=validation, head=seeded_head(states, head, seed))
 
 

@@ -58,9 +58,10 @@ class SplitStates:
 class DatasetStates:
     """Train / val / test states of one data set at one layer, with how a head reads them.
 
-    `position` (the token the states were read at) and `head` (the `HeadConfig` a head fitted
-    on them is trained with) come from the profile the states were built with
-    (`dataset_states`); `fit_on_states` applies them to every head fitted here.
+    `position` (the token the states were read at), `max_length` (the tokens a text was cut at)
+    and `head` (the `HeadConfig` a head fitted on them is trained with) come from the profile the
+    states were built with (`dataset_states`); a model made for them (`make_model`) reads texts
+    the same way, and `fit_on_states` trains its head with `head`.
     """
 
     name: str
@@ -70,6 +71,7 @@ class DatasetStates:
     test: SplitStates
     position: str = "last"
     head: HeadConfig = HeadConfig()
+    max_length: int = 512
 
     @property
     def label(self) -> str:
@@ -139,7 +141,9 @@ def states_at_positions(
         for position, (chosen, rejected) in read.items():
             splits[position][split] = SplitStates(pairs, chosen, rejected)
     return {
-        position: DatasetStates(dataset, layer, **splits[position], position=position, head=profile.head)
+        position: DatasetStates(
+            dataset, layer, **splits[position], position=position, head=profile.head, max_length=profile.max_length
+        )
         for position in positions
     }
 
@@ -232,17 +236,19 @@ class Trial:
 
 def make_model(
     features: str,
+    states: DatasetStates,
     *,
     directions: Directions | None = None,
     sae=None,
     seed: int = 0,
-    layer: int | None = None,
-    position: str = "last",
 ) -> FeatureRM:
-    """An unfitted reward model of one kind: `dense` (DenseRM) or a SparseRM feature map
-    (`projection`, `latents`, `random`) on the given directions, reading `layer` at `position`."""
+    """An unfitted reward model of one kind for `states`: `dense` (DenseRM) or a SparseRM feature
+    map (`projection`, `latents`, `random`) on the given directions. It reads texts as the states
+    were read (their layer, token position and length limit), so a model fitted on them scores
+    new texts the way it was trained."""
+    layer, position, max_length = states.layer, states.position, states.max_length
     if features == "dense":
-        return DenseRM(layer=layer, position=position)
+        return DenseRM(layer=layer, position=position, max_length=max_length)
     if directions is None:
         raise ConfigError(f"features={features!r} needs directions (srlib.experiments.select_for)")
     return SparseRM(
@@ -252,6 +258,7 @@ def make_model(
         feature_seed=seed,
         layer=layer,
         position=position,
+        max_length=max_length,
     )
 
 
@@ -294,9 +301,7 @@ def fit_variant(
     """
     if select is not None:
         directions = select_for(states, resample_seed=resample_seed, **select)
-    model = make_model(
-        features, directions=directions, sae=sae, seed=seed, layer=states.layer, position=states.position
-    )
+    model = make_model(features, states, directions=directions, sae=sae, seed=seed)
     started = time.perf_counter()
     fit_on_states(model, states, head=seeded_head(states, head, seed))
     seconds = time.perf_counter() - started

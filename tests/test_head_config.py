@@ -277,6 +277,22 @@ def test_a_study_varies_one_field_of_the_profiles_head(monkeypatch):
     assert model.rm_config.head == dataclasses.replace(bt, seed=5) and model.history.settings["loss"] == "bt"
 
 
+def test_a_model_fitted_on_states_reads_texts_as_the_states_were_read():
+    """The layer, token position and length limit of the states travel to the fitted model (and its
+    saved config), so it scores new texts the way its training pairs were read."""
+    from srlib import experiments as ex
+
+    Z_w, Z_l = separable_pairs(40, 8, seed=0)
+    split = lambda a, b: ex.SplitStates([None] * len(a), a, b)  # noqa: E731
+    states = ex.DatasetStates(
+        "toy", 3, split(Z_w, Z_l), split(Z_w, Z_l), split(Z_w, Z_l), position="answer", max_length=96,
+        head=HeadConfig(epochs=2, hidden=8),
+    )  # fmt: skip
+    model, _ = ex.fit_variant(states, features="dense", score_test=False)
+    config = model.rm_config
+    assert (config.layer, config.position, config.max_length) == (3, "answer", 96)
+
+
 @pytest.mark.parametrize("flags, field", [(["--seed", "-1"], "seed"), (["--gamma", "0"], "gamma")])
 def test_the_cli_refuses_a_bad_head_setting_in_one_line_before_loading_anything(
     flags, field, tmp_path, capsys, monkeypatch
