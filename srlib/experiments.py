@@ -743,7 +743,14 @@ SELECTION_RULE = (
 )
 
 
-def best_setting(trials, by: Sequence[str], *, select_on: str, simpler: Callable[[dict], Any] | None = None) -> dict:
+def best_setting(
+    trials,
+    by: Sequence[str],
+    *,
+    select_on: str,
+    simpler: Callable[[dict], Any] | None = None,
+    within: Sequence[str] = (),
+) -> dict:
     """The setting (one value of each `by` column) chosen on the column `select_on` by `SELECTION_RULE`.
 
     `select_on` has no default and may not be a test column (ConfigError): settings are chosen
@@ -751,15 +758,33 @@ def best_setting(trials, by: Sequence[str], *, select_on: str, simpler: Callable
     without it, the setting listed first in `trials`. Returns the chosen `by` values with the
     mean, std, se (points), count and label of `select_on`, and `tied`: the other settings
     within one standard error.
+
+    `within` (e.g. ("dataset", "K", "seed")) names the cells in which every setting was tried
+    once: the settings are then compared paired, cell by cell. The mean is still the plain mean,
+    but std and se are those of each trial's difference from its cell's mean over settings, so
+    what differs between cells (one data set is harder than another) does not widen the tie
+    margin. Each cell must hold one trial of every setting (ConfigError otherwise).
     """
     if "test" in select_on:
         raise ConfigError(
             f"best_setting was asked to choose on {select_on!r}, a test column; choose on "
             "validation data (select_on='val_accuracy')"
         )
-    summary = summarize(trials, by, value=select_on)
-    if summary.empty:
+    if trials.empty:
         raise ConfigError("best_setting needs at least one trial")
+    summary = summarize(trials, by, value=select_on)
+    if within:
+        cells = trials.groupby(list(within), sort=False)
+        n_settings = len(summary)
+        if (cells.size() != n_settings).any() or (cells[list(by)].nunique() != n_settings).any().any():
+            raise ConfigError(
+                f"best_setting(within={tuple(within)}) needs one trial of each of the {n_settings} settings "
+                "in every cell; some cell lacks a setting or holds one twice"
+            )
+        centered = trials.assign(**{select_on: trials[select_on] - cells[select_on].transform("mean")})
+        spread = summarize(centered, by, value=select_on)
+        summary["std"], summary["se"] = spread["std"].to_numpy(), spread["se"].to_numpy()
+        summary["label"] = [mean_sd(m, sd) for m, sd in zip(summary["mean"], summary["std"], strict=True)]
     top = summary.loc[summary["mean"].idxmax()]
     margin = float(top["se"]) if top["se"] == top["se"] else 0.0  # one seed: no se, no tie margin
     rows = summary[summary["mean"] >= top["mean"] - margin].to_dict("records")

@@ -274,8 +274,12 @@ def family_study(
     """Run the study on `states` ({data set: `dataset_states`}) with the profile's family.
 
     The SAE is chosen by `srlib.experiments.SELECTION_RULE` on the scored validation half,
-    top-K trials of every data set and K together; ties go to the variant listed first
-    (the cheaper one). The test split is scored once: the chosen SAE's top-K against random.
+    top-K trials of every data set and K together, compared paired within each (data set, K,
+    seed) cell (`best_setting(within=...)`: a hard data set lowers every SAE alike and does not
+    widen the tie margin). A tie goes to the SAE that reconstructs the read state best (the
+    highest FVE at the read position on the validation answers, mean over data sets): when the
+    reward models cannot tell the SAEs apart, the one whose directions best describe what the
+    head reads. The test split is scored once: the chosen SAE's top-K against random.
     """
     import pandas as pd
 
@@ -288,8 +292,13 @@ def family_study(
     gaps = gap_table(trials, names)
     trend = quality_trend(trials, gaps, quality)
     top_k = trials[trials["variant"] != RANDOM]
+    fve_read = quality.groupby("variant")["FVE read"].mean()
     selected = best_setting(
-        top_k, ("variant",), select_on="heldout_val_accuracy", simpler=lambda s: names.index(s["variant"])
+        top_k,
+        ("variant",),
+        select_on="heldout_val_accuracy",
+        simpler=lambda s: -fve_read[s["variant"]],  # ties: the best reconstruction of the read state
+        within=("dataset", "K", "seed"),
     )
     chosen = saes[selected["variant"]]
     frames = []

@@ -68,6 +68,35 @@ def test_a_tie_within_one_standard_error_goes_to_the_simpler_setting():
     assert unordered["k"] == 64  # without a simplicity order, the first listed of the tied settings
 
 
+def test_settings_tried_in_the_same_cells_are_compared_paired_within_them():
+    # "strong" beats "weak" by 2 points in every (data set, seed) cell, but the data sets differ
+    # by 20 points: pooled, that spread makes them tie (the simpler, "weak", wins); paired within
+    # each cell the difference is exact and "strong" is chosen.
+    trials = pd.DataFrame(
+        [
+            {"variant": name, "dataset": dataset, "seed": seed, "val_accuracy": base + bonus + 0.01 * seed}
+            for dataset, base in (("easy", 0.80), ("hard", 0.60))
+            for seed in range(3)
+            for name, bonus in (("weak", 0.0), ("strong", 0.02))
+        ]
+    )
+    simpler = {"weak": 0, "strong": 1}
+    pooled = ex.best_setting(trials, ("variant",), select_on="val_accuracy", simpler=lambda s: simpler[s["variant"]])
+    assert pooled["variant"] == "weak" and pooled["tied"] == [{"variant": "strong"}]
+    paired = ex.best_setting(
+        trials,
+        ("variant",),
+        select_on="val_accuracy",
+        simpler=lambda s: simpler[s["variant"]],
+        within=("dataset", "seed"),
+    )
+    assert paired["variant"] == "strong" and paired["tied"] == []
+    assert paired["mean"] == pytest.approx(100 * trials[trials.variant == "strong"].val_accuracy.mean())
+    assert paired["se"] == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ConfigError, match="one trial of each of the 2 settings in every cell"):
+        ex.best_setting(trials.iloc[1:], ("variant",), select_on="val_accuracy", within=("dataset", "seed"))
+
+
 def _toy_states(layer: int, position: str = "last", n: int = 40, d: int = 3) -> ex.DatasetStates:
     g = torch.Generator().manual_seed(layer * 10 + POSITIONS.index(position))
     shift = torch.tensor([1.0, 0.0, 0.0]) * (0.2 + 0.3 * layer)
