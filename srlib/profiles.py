@@ -278,7 +278,9 @@ PROFILES: dict[str, Profile] = {
                     ),
                 ),
             ),
-            ks=(16, 64, 128),
+            # the profile's own K (256, chapter 3's choice) among them: the chapter says whether
+            # top-K beats random there
+            ks=(16, 64, 128, 256),
         ),
         n_generated=96,
         paper_gap_note="A 135M-parameter model knows far less than Gemma-2-9B-it, and its SAE was trained here on a "

@@ -218,6 +218,29 @@ def trend_conclusion(trend) -> str:
     )
 
 
+def selection_verdict(test_gaps, k: int, labels: Mapping[str, str] | None = None) -> str:
+    """One sentence computed from the test run (`family_study`'s `test_gaps`) at `k`: on how many
+    data sets top-K directions of the chosen SAE beat random ones (the paired 95% interval above
+    zero), lose to them, or show no clear difference, naming each."""
+    at_k = test_gaps[test_gaps["K"] == k]
+    if at_k.empty:
+        raise ConfigError(f"the study did not measure K = {k}; measured: {sorted(set(test_gaps['K']))}")
+    names = {
+        outcome: [(labels or {}).get(row.dataset, row.dataset) for row in rows.itertuples()]
+        for outcome, rows in (
+            ("beats", at_k[at_k["CI low"] > 0]),
+            ("loses", at_k[at_k["CI high"] < 0]),
+            ("unclear", at_k[(at_k["CI low"] <= 0) & (at_k["CI high"] >= 0)]),
+        )
+    }
+    listed = {outcome: f" ({', '.join(found)})" if found else "" for outcome, found in names.items()}
+    return (
+        f"At K = {k}, top-K directions beat random ones on {len(names['beats'])} of {len(at_k)} data sets"
+        f"{listed['beats']}, lose to them on {len(names['loses'])}{listed['loses']} and show no clear "
+        f"difference on {len(names['unclear'])}{listed['unclear']} (test split, paired 95% intervals)."
+    )
+
+
 @dataclass
 class FamilyStudy:
     """Chapter 11's study: quality per SAE, validation trials and gaps, the trend, the choice

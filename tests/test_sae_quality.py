@@ -168,9 +168,31 @@ def test_conclusion_counts_grew_shrank_and_unclear():
     assert "-4.0 to +5.0 points" in text
 
 
+def test_the_selection_verdict_counts_and_names_the_data_sets_at_one_k():
+    import pandas as pd
+
+    from srlib.sae_study import selection_verdict
+
+    test_gaps = pd.DataFrame(
+        [
+            {"dataset": "truthfulqa", "K": 8, "CI low": 0.5, "CI high": 4.0},
+            {"dataset": "pku-saferlhf", "K": 8, "CI low": -3.0, "CI high": 2.0},
+            {"dataset": "hh-harmless", "K": 8, "CI low": -5.0, "CI high": -1.0},
+            {"dataset": "truthfulqa", "K": 16, "CI low": -1.0, "CI high": 1.0},
+        ]
+    )
+    text = selection_verdict(test_gaps, 8, {"truthfulqa": "TruthfulQA"})
+    assert text.startswith("At K = 8, top-K directions beat random ones on 1 of 3 data sets (TruthfulQA)")
+    assert "lose to them on 1 (hh-harmless)" in text and "no clear difference on 1 (pku-saferlhf)" in text
+    with pytest.raises(ConfigError, match="did not measure K = 32"):
+        selection_verdict(test_gaps, 32)
+
+
 def test_the_profiles_define_a_graded_family():
     cpu = family_of(get_profile("cpu"))
-    assert 4 <= len(cpu.variants) <= 6 and cpu.ks == (16, 64, 128)
+    # the K values and the profile's own K, where the chapter states whether top-K wins
+    assert 4 <= len(cpu.variants) <= 6 and {16, 64, 128, get_profile("cpu").k} <= set(cpu.ks)
+    assert get_profile("smoke").k in family_of(get_profile("smoke")).ks
     assert sum(config is None for _, config in cpu.variants) == 1  # the profile's own SAE, by reference
     assert len(family_of(get_profile("smoke")).variants) >= 2
     with pytest.raises(ConfigError, match="no sae_family"):
