@@ -594,13 +594,23 @@ def _chapter_kernel(cwd: Path, env: dict[str, str]) -> type:
     return ChapterKernelManager
 
 
-def execute_notebook(source: Path, executed: Path, results: Path, profile: str, events: Path | None = None) -> float:
+def execute_notebook(
+    source: Path,
+    executed: Path,
+    results: Path,
+    profile: str,
+    events: Path | None = None,
+    threads: int | None = None,
+) -> float:
     """Run `source` with papermill into `executed`; return seconds. Raise NotebookFailed.
 
-    With `events`, the kernel reports its stages there (`srlib.progress`, `SRLIB_PROGRESS_EVENTS`).
+    With `events`, the kernel reports its stages there (`srlib.progress`, `SRLIB_PROGRESS_EVENTS`);
+    with `threads`, its torch work uses at most that many threads (`srlib.chapter.THREADS_ENV`).
     """
     import papermill
     from papermill.exceptions import PapermillExecutionError
+
+    from srlib.chapter import THREADS_ENV
 
     executed.parent.mkdir(parents=True, exist_ok=True)
     results.unlink(missing_ok=True)
@@ -612,7 +622,11 @@ def execute_notebook(source: Path, executed: Path, results: Path, profile: str, 
             str(executed),
             kernel_name="python3",
             kernel_manager_class=_chapter_kernel(
-                executed.parent, {EVENTS_ENV: str(events.resolve())} if events else {}
+                executed.parent,
+                {
+                    **({EVENTS_ENV: str(events.resolve())} if events else {}),
+                    **({THREADS_ENV: str(threads)} if threads else {}),
+                },
             ),
             # Relative to the notebook's folder (the kernel's cwd), so the injected cell that
             # the book shows names no folder of the machine that built it.
@@ -913,10 +927,17 @@ def build_html(paths: BuildPaths, *, strict: bool) -> int:
 
 
 def _run_chapter(
-    source: Path, paths: BuildPaths, profile: str, position: str, fingerprint: str, console: Console
+    source: Path,
+    paths: BuildPaths,
+    profile: str,
+    position: str,
+    fingerprint: str,
+    console: Console,
+    threads: int | None = None,
 ) -> tuple[float, list[dict]]:
-    """Execute one chapter (telling `console` its stages as they go), fold its solutions, stamp
-    its inputs; return its seconds and its stages (`stage_report`)."""
+    """Execute one chapter (telling `console` its stages as they go; its torch work on at most
+    `threads` threads), fold its solutions, stamp its inputs; return its seconds and its stages
+    (`stage_report`)."""
     stem = source.stem
     last = last_seconds(paths, stem)
     paths.fingerprint(stem).unlink(missing_ok=True)  # a failed run is never reused
@@ -925,7 +946,9 @@ def _run_chapter(
     events.unlink(missing_ok=True)
     console.say(f"{position} executing {NOTEBOOK_DIR}/{source.name} (PROFILE={profile})")
     with watching(events, f"{position} {stem}", console, last=last) as seen:
-        seconds = execute_notebook(source, paths.executed(stem), paths.results(stem), profile, events=events)
+        seconds = execute_notebook(
+            source, paths.executed(stem), paths.results(stem), profile, events=events, threads=threads
+        )
     stages = stage_report(seen)
     executed = json.loads(paths.executed(stem).read_text())
     if fold_solutions(executed):
@@ -933,6 +956,16 @@ def _run_chapter(
     paths.fingerprint(stem).write_text(json.dumps({"fingerprint": fingerprint, "seconds": seconds, "stages": stages}))
     console.say(f"{position} {NOTEBOOK_DIR}/{source.name} done in {seconds:.1f} s")
     return seconds, stages
+
+
+def side_by_side_threads(jobs: int) -> int | None:
+    """The torch threads of each of `jobs` chapters running at once: the cores shared equally
+    (at least one); None (no cap) for one chapter at a time. Two threads each for two chapters
+    on two cores would leave each parallel region waiting for a descheduled thread
+    (`benchmarks/threads.py --side-by-side 2` measures it)."""
+    if jobs <= 1:
+        return None
+    return max(1, (os.cpu_count() or 1) // jobs)
 
 
 def execute_chapters(
@@ -952,8 +985,9 @@ def execute_chapters(
     With `jobs` > 1 the book's first chapter, when it must run, goes alone (chapter 1 builds
     the SAE and the hidden states every later chapter reads from the cache), then up to `jobs` chapters run
     at once, each in its own kernel, the longest first by their last running time (a chapter
-    never run counts as longest), so that a long chapter does not start last. The first
-    failure stops the build once running chapters finish.
+    never run counts as longest), so that a long chapter does not start last. A chapter that
+    runs alone uses every core; chapters side by side share them (`side_by_side_threads`). The
+    first failure stops the build once running chapters finish.
     """
     from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
@@ -977,9 +1011,15 @@ def execute_chapters(
                 f"{position} {NOTEBOOK_DIR}/{source.name}: unchanged since its last run ({seconds:.0f} s then), reused"
             )
 
-    def run(source: Path, position: str, fingerprint: str) -> None:
-        seconds, stages = _run_chapter(source, paths, profile, position, fingerprint, console)
-        records[source.stem] = {"chapter": source.stem, "seconds": seconds, "reused": False, "stages": stages}
+    def run(source: Path, position: str, fingerprint: str, threads: int | None = None) -> None:
+        seconds, stages = _run_chapter(source, paths, profile, position, fingerprint, console, threads)
+        records[source.stem] = {
+            "chapter": source.stem,
+            "seconds": seconds,
+            "reused": False,
+            "stages": stages,
+            "threads": threads,
+        }
 
     first: list[tuple[Path, str, str]]
     rest: list[tuple[Path, str, str]]
@@ -996,7 +1036,10 @@ def execute_chapters(
         run(source, position, fingerprint)
     if rest:
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = [pool.submit(run, source, position, fingerprint) for source, position, fingerprint in rest]
+            threads = side_by_side_threads(jobs)
+            futures = [
+                pool.submit(run, source, position, fingerprint, threads) for source, position, fingerprint in rest
+            ]
             _, pending = wait(futures, return_when=FIRST_EXCEPTION)
             for future in pending:
                 future.cancel()

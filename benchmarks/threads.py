@@ -16,7 +16,12 @@ speed-up is at least `--threshold` (default 1.2), else 1. The workloads:
 - DPO: one `dpo_round` on a few tuples (TRL DPOTrainer with a LoRA adapter: reference
   log-probs, one epoch of steps, the merge), on a fresh copy of the model each time.
 
-    SRLIB_DATA_DIR=... python benchmarks/threads.py [--model tiny] [--repeats 3]
+    SRLIB_DATA_DIR=... python benchmarks/threads.py [--model tiny] [--repeats 3] [--side-by-side 2]
+
+`--side-by-side N` measures what the book build does with `--jobs N`: N processes run the same
+workload at once (each loads its own model, untimed, then all start together), first with one
+thread each and then with two; the time is until the last finishes. The choice there is the
+thread count per chapter when N chapters share the machine.
 
 `--model tiny` runs the same on the tiny random model in seconds (a check that it works; its
 numbers say nothing about the real model). Timings depend on whatever else runs on the
@@ -30,9 +35,10 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import multiprocessing
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -98,6 +104,57 @@ def workloads(backbone, profile, args) -> dict[str, Callable[[], object]]:
     }
 
 
+def load(args):
+    """(backbone, profile) of the run: the tiny model with the smoke profile's sizes, or the real one."""
+    # The tiny model has the smoke profile's sizes (its layer, SAE width, K), not the cpu profile's.
+    profile = get_profile("smoke" if args.model == "tiny" else args.profile)
+    backbone = load_backbone(TINY_MODEL_ID, device="cpu") if args.model == "tiny" else backbone_for_profile(profile)
+    return backbone, profile
+
+
+def selected(runs: dict[str, Callable[[], object]], only: Sequence[str]) -> dict[str, Callable[[], object]]:
+    """The workloads whose name starts with one of `only` (all when empty)."""
+    return {name: run for name, run in runs.items() if not only or name.startswith(tuple(only))}
+
+
+def _side_by_side_worker(args, name: str, threads: int, barrier, results) -> None:
+    """One of the processes of `side_by_side`: load, warm up, wait for the others, run once."""
+    torch.set_num_threads(threads)
+    backbone, profile = load(args)
+    run = workloads(backbone, profile, args)[name]
+    run()  # warm-up, as in the one-process rounds
+    barrier.wait()
+    start = time.perf_counter()
+    run()
+    results.put(time.perf_counter() - start)
+
+
+def side_by_side(args, names: Sequence[str], copies: int) -> None:
+    """Print, per workload, the seconds until `copies` processes running it at once all finish,
+    with one and with two threads each (the fastest of `args.repeats` rounds), and the choice."""
+    context = multiprocessing.get_context("spawn")  # fork after torch's thread pool started can hang
+    one, two = f"{copies} x 1 thread (s)", f"{copies} x 2 threads (s)"
+    print(f"{'workload':<44}{one:>18}{two:>19}{'speed-up':>10}{'choice':>8}", flush=True)
+    for name in names:
+        at = {1: float("inf"), 2: float("inf")}
+        for _ in range(args.repeats):
+            for threads in (1, 2):
+                barrier, results = context.Barrier(copies), context.Queue()
+                processes = [
+                    context.Process(target=_side_by_side_worker, args=(args, name, threads, barrier, results))
+                    for _ in range(copies)
+                ]
+                for process in processes:
+                    process.start()
+                seconds = max(results.get() for _ in processes)
+                for process in processes:
+                    process.join()
+                at[threads] = min(at[threads], seconds)
+        speedup = at[1] / at[2]
+        choice = 2 if speedup >= args.threshold else 1
+        print(f"{name:<44}{at[1]:>18.2f}{at[2]:>19.2f}{speedup:>10.2f}{choice:>8}", flush=True)
+
+
 def timed(run: Callable[[], object], threads: int) -> float:
     """Seconds of one `run()` with torch on `threads` threads."""
     torch.set_num_threads(threads)
@@ -122,20 +179,23 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="generation prompts")
     parser.add_argument("--tuples", type=int, default=8, help="DPO tuples")
     parser.add_argument("--only", nargs="*", default=(), help="run only the workloads whose name starts so")
+    parser.add_argument(
+        "--side-by-side", type=int, default=0, metavar="N", help="N processes run each workload at once (as --jobs N)"
+    )
     args = parser.parse_args()
-    # The tiny model has the smoke profile's sizes (its layer, SAE width, K), not the cpu profile's.
-    profile = get_profile("smoke" if args.model == "tiny" else args.profile)
-    backbone = load_backbone(TINY_MODEL_ID, device="cpu") if args.model == "tiny" else backbone_for_profile(profile)
-    runs = workloads(backbone, profile, args)
+    backbone, profile = load(args)
+    runs = selected(workloads(backbone, profile, args), args.only)
     print(
         f"{backbone.model_id} ({backbone.source}), profile {profile.name} sizes, {args.repeats} rounds, "
         f"{torch.get_num_threads()} threads available to torch by default",
         flush=True,
     )
+    if args.side_by_side > 1:
+        del backbone  # each process loads its own
+        side_by_side(args, list(runs), args.side_by_side)
+        return
     print(f"{'workload':<44}{'1 thread (s)':>14}{'2 threads (s)':>15}{'speed-up':>10}{'choice':>8}", flush=True)
     for name, run in runs.items():
-        if args.only and not name.startswith(tuple(args.only)):
-            continue
         timed(run, 1)  # warm-up: first-call costs (allocations, kernels, TRL imports) are not the workload's
         at = {1: float("inf"), 2: float("inf")}
         for _ in range(args.repeats):

@@ -15,6 +15,7 @@ reconstruction, which latents answers share); the tables and sentences that show
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -32,12 +33,35 @@ warnings.filterwarnings("ignore", message="IProgress not found", category=TqdmWa
 
 from srlib.backbone import Backbone, backbone_for_profile  # noqa: E402
 from srlib.data import PreferencePair  # noqa: E402
+from srlib.errors import ConfigError  # noqa: E402
 from srlib.experiments import DATASET_LABELS, DatasetStates, dataset_states, top_latents  # noqa: E402
 from srlib.profiles import Profile, get_profile  # noqa: E402
 from srlib.sae import sae_for_profile  # noqa: E402
 
 if TYPE_CHECKING:
     import pandas as pd
+
+#: The most torch threads a chapter may use. The book build sets it for chapters it runs side by
+#: side (the cores divided by the chapters running at once), so that two chapters never ask for
+#: more threads than the machine has cores; unset, a chapter uses what it asks for.
+THREADS_ENV = "SRLIB_THREADS"
+#: torch's own thread count when srlib.chapter was imported (every core), before a chapter set one.
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+def torch_threads(requested: int | None = None) -> int:
+    """The torch threads for work that gains from several (extraction, generation, training):
+    `requested` (None: torch's default, every core) capped by `SRLIB_THREADS` when it is set.
+    On two cores, two chapters with two threads each are slower than with one each
+    (`benchmarks/threads.py --side-by-side 2` measures it)."""
+    wanted = requested or DEFAULT_THREADS
+    budget = os.environ.get(THREADS_ENV, "").strip()
+    if not budget:
+        return wanted
+    if not budget.isdigit() or int(budget) < 1:
+        raise ConfigError(f"{THREADS_ENV}={budget!r} is not a positive whole number of threads; unset it or fix it")
+    return min(wanted, int(budget))
+
 
 #: What the smoke profile's banner says, above every chapter run under it.
 SMOKE_BANNER = (
@@ -107,9 +131,10 @@ def setup(
     `single_thread` sets torch to one thread first: the reward heads and the SAE's small
     matrices gain nothing from a second thread, and lose much when other processes share the
     CPU. A chapter that extracts many hidden states passes False and sets it after extraction.
-    Without `single_thread`, `threads` (None: the profile's `threads`, if any) sets torch's
-    thread count for the whole chapter. `show` prints the header line and, under the smoke profile, the banner saying
-    the numbers mean nothing. `quiet` silences what transformers and TRL print that a chapter training with
+    Without `single_thread`, `threads` (None: the profile's `threads`, if any; else every core)
+    sets torch's thread count for the whole chapter, at most `SRLIB_THREADS` (`torch_threads`).
+    `show` prints the header line and, under the smoke profile, the banner saying the numbers
+    mean nothing. `quiet` silences what transformers and TRL print that a chapter training with
     them does not need (`quiet_libraries`).
     """
     if quiet:
@@ -121,9 +146,8 @@ def setup(
     base = base.at_layer(layer)
     if k is not None:
         base = base.replace(k=k)
-    count = threads or base.threads
-    if not single_thread and count:
-        torch.set_num_threads(count)
+    if not single_thread:
+        torch.set_num_threads(torch_threads(threads or base.threads))
     backbone = backbone_for_profile(base, progress=False)
     sae = sae_for_profile(base, backbone, progress=False)
     chapter = Chapter(
@@ -794,7 +818,7 @@ def policy_generation(ch: Chapter, dataset: str, n: int, *, threads: int) -> Pol
     if n > available:
         print(f"{dataset} has {available} generation prompts: the policy answers all of them, not {n}")
         n = available
-    torch.set_num_threads(threads)
+    torch.set_num_threads(torch_threads(threads))
     started = time.perf_counter()
     pairs = policy_pairs(ch.backbone, config, n, progress=False)
     seconds = time.perf_counter() - started

@@ -253,8 +253,9 @@ def _where_am_i_notebook() -> nbformat.NotebookNode:
                 "import os, time\n"
                 "from srlib.results import write_results\n"
                 "time.sleep(1)  # so that the two chapters overlap\n"
+                "from srlib.chapter import torch_threads\n"
                 'write_results(RESULTS_PATH, profile=PROFILE, tables={}, metrics={"cwd": os.getcwd(), '
-                '"events": os.environ.get("SRLIB_PROGRESS_EVENTS")})'
+                '"events": os.environ.get("SRLIB_PROGRESS_EVENTS"), "threads": torch_threads(8)})'
             ),
         ],
         metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
@@ -275,14 +276,40 @@ def test_chapters_run_side_by_side_each_start_their_kernel_in_their_own_folder(t
         runs[stem] = (source, folder / f"{stem}.ipynb", folder / f"{stem}.results.json", folder / f"{stem}.events")
     from concurrent.futures import ThreadPoolExecutor
 
+    threads = {"a_ch": 1, "b_ch": None}  # a capped chapter beside an uncapped one
     with ThreadPoolExecutor(max_workers=2) as pool:
-        list(pool.map(lambda run: book.execute_notebook(*run[:3], "smoke", events=run[3]), runs.values()))
-    for _, executed, results_path, events in runs.values():
+        list(
+            pool.map(
+                lambda item: book.execute_notebook(*item[1][:3], "smoke", events=item[1][3], threads=threads[item[0]]),
+                runs.items(),
+            )
+        )
+    for stem, (_, executed, results_path, events) in runs.items():
         metrics = json.loads(results_path.read_text())["metrics"]
         assert Path(metrics["cwd"]).resolve() == executed.parent.resolve()
         assert metrics["events"] == str(events.resolve())
+        assert metrics["threads"] == (threads[stem] or 8)  # each kernel got its own cap, or none
     assert Path.cwd() == driver_cwd  # the build's own working directory never moved
     assert list(driver_cwd.iterdir()) == []
+
+
+def test_chapters_side_by_side_share_the_cores_and_a_chapter_alone_has_them_all(monkeypatch):
+    monkeypatch.setattr(book.os, "cpu_count", lambda: 8)
+    assert book.side_by_side_threads(1) is None
+    assert (book.side_by_side_threads(2), book.side_by_side_threads(3), book.side_by_side_threads(16)) == (4, 2, 1)
+
+
+def test_the_thread_cap_bounds_what_a_chapter_asks_for(monkeypatch):
+    from srlib import chapter
+    from srlib.errors import ConfigError
+
+    monkeypatch.delenv(chapter.THREADS_ENV, raising=False)
+    assert chapter.torch_threads(4) == 4 and chapter.torch_threads() == chapter.DEFAULT_THREADS
+    monkeypatch.setenv(chapter.THREADS_ENV, "2")
+    assert (chapter.torch_threads(4), chapter.torch_threads(1)) == (2, 1)
+    monkeypatch.setenv(chapter.THREADS_ENV, "two")
+    with pytest.raises(ConfigError, match="SRLIB_THREADS='two' is not a positive whole number"):
+        chapter.torch_threads(4)
 
 
 # ----------------------------------------------------------------------------- exercises
@@ -351,11 +378,13 @@ class _FakePapermill:
         # chapters in `pairs` wait inside the run until a second one is running too
         self.pairs, self.barrier = set(pairs), threading.Barrier(2, timeout=30)
         self.entered, self.active, self.peak = [], 0, 0
+        self.threads: dict[str, int | None] = {}  # the thread cap each chapter was given
 
-    def __call__(self, source, executed, results, profile, events=None):
+    def __call__(self, source, executed, results, profile, events=None, threads=None):
         import time
 
         start = time.perf_counter()
+        self.threads[source.stem] = threads
         if events is not None:  # what srlib.progress writes: one stage's end line
             events.write_text(
                 json.dumps(
@@ -464,14 +493,17 @@ def test_with_two_jobs_the_first_chapter_runs_alone_then_two_at_a_time(tmp_path,
 def test_with_two_jobs_the_longest_chapters_start_first(tmp_path, monkeypatch):
     sources = _chapters(tmp_path, 4)
     paths = BuildPaths(tmp_path, "smoke")
-    monkeypatch.setattr(book, "execute_notebook", _FakePapermill())
+    alone = _FakePapermill()
+    monkeypatch.setattr(book, "execute_notebook", alone)
     book.execute_chapters(sources, paths, "smoke")
+    assert set(alone.threads.values()) == {None}  # one chapter at a time: every core
     for stem, seconds in {"02_ch": 5.0, "03_ch": 50.0, "04_ch": 20.0}.items():
         paths.fingerprint(stem).write_text(json.dumps({"fingerprint": "old inputs", "seconds": seconds}))
     fake = _FakePapermill(pairs=("03_ch", "04_ch"))  # the two longest run side by side ...
     monkeypatch.setattr(book, "execute_notebook", fake)
     book.execute_chapters(sources, paths, "smoke", jobs=2)
     assert sorted(fake.entered[:2]) == ["03_ch", "04_ch"] and fake.entered[2:] == ["02_ch"]  # ... 02 after
+    assert fake.threads == dict.fromkeys(("02_ch", "03_ch", "04_ch"), book.side_by_side_threads(2))  # cores shared
 
 
 def test_the_closure_takes_a_subpackage_whole_and_follows_its_relative_imports(tmp_path, monkeypatch):
