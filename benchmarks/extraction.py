@@ -11,7 +11,12 @@ on the same tokenised batches (texts of one padded width together: `srlib.activa
 Blocks cost the same, so the expected speed-up of early exit over all blocks is about
 num_layers / (L + 1) (30 / 16 ≈ 1.9 for the cpu profile); the LM head adds more on top.
 
-    SRLIB_DATA_DIR=... python benchmarks/extraction.py --profile cpu --n 256 --batch-size 16
+It also prints the GEMM bound of the early exit from the same run: the seconds that only the
+matrix products of blocks 0..L (the attention and MLP projections of every real token, padding
+not counted) would take at the rate a plain `torch.matmul` of one batch's shape reaches here
+with the same threads, and the share of that bound the early exit reaches (bound / measured).
+
+    SRLIB_DATA_DIR=... python benchmarks/extraction.py --profile cpu --n 256 --batch-size 16 [--threads 2]
 """
 
 from __future__ import annotations
@@ -43,6 +48,26 @@ def full_forward_states(backbone, texts, layer, max_length, batch_size, with_lm_
     return out
 
 
+def projection_flops_per_token(config) -> int:
+    """Multiply-adds × 2 of one block's linear projections for one token: q, k, v, o and the
+    gated MLP's gate, up and down (attention scores and softmax not counted)."""
+    d, inner = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    return 2 * (2 * d * d + 2 * d * kv + 3 * d * inner)
+
+
+def matmul_rate(rows: int, d: int, inner: int, repeats: int = 20) -> float:
+    """FLOP/s of the best of `repeats` [rows, d] @ [d, inner] products (float32, torch's threads)."""
+    a, b = torch.randn(rows, d), torch.randn(d, inner)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * rows * d * inner / best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default=DEFAULT_PROFILE)
@@ -51,7 +76,10 @@ def main() -> None:
     parser.add_argument(
         "--repeats", type=int, default=3, help="interleaved rounds; the fastest round of each method is reported"
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, every core)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     profile = get_profile(args.profile)
     batch_size = args.batch_size or profile.batch_size
     layer, max_length = profile.layer, profile.max_length
@@ -92,6 +120,14 @@ def main() -> None:
     print(
         f"expected early-exit speed-up over all blocks ≈ {backbone.num_layers}/{layer + 1} = "
         f"{backbone.num_layers / (layer + 1):.2f}"
+    )
+    config = backbone.model.config
+    rate = matmul_rate(batch_size * n_tokens // len(texts), config.hidden_size, config.intermediate_size)
+    bound = n_tokens * (layer + 1) * projection_flops_per_token(config) / rate
+    print(
+        f"GEMM bound of the early exit ({torch.get_num_threads()} threads, {rate / 1e9:.1f} GFLOP/s on one "
+        f"batch's shape): {bound:.2f} s; measured {seconds['early exit']:.2f} s, "
+        f"{100 * bound / seconds['early exit']:.0f}% of the bound"
     )
 
 
