@@ -743,13 +743,45 @@ SELECTION_RULE = (
 )
 
 
+def _paired_item_se(trials, by: Sequence[str], outcomes: str, cells: Sequence[str], best: dict) -> dict[tuple, float]:
+    """{setting: SE (points) of the best setting's mean minus this setting's}, from per-item
+    outcomes scored on the same items. In each cell (e.g. a data set, whose pairs every trial
+    there scored) a setting's outcomes are averaged per item over its trials (seeds, K), the
+    difference from the best's is taken item by item, and its mean's SE is std / sqrt(n); the
+    cells' SEs combine as the SE of the mean over cells (each cell weighs the same)."""
+    import numpy as np
+
+    per_setting: dict[tuple, list[np.ndarray]] = {}
+    best_key = tuple(best[key] for key in by)
+    for _, cell in trials.groupby(list(cells), sort=False):
+        means = {
+            key if isinstance(key, tuple) else (key,): np.stack(
+                [np.asarray(o, dtype=float) for o in rows[outcomes]]
+            ).mean(0)
+            for key, rows in cell.groupby(list(by), sort=False)
+        }
+        if best_key not in means or len({len(m) for m in means.values()}) != 1:
+            raise ConfigError(
+                f"best_setting(outcomes={outcomes!r}) needs every setting scored on the same items in each "
+                f"cell of {tuple(cells)}"
+            )
+        for key, mean in means.items():
+            per_setting.setdefault(key, []).append(means[best_key] - mean)
+    se = {}
+    for key, differences in per_setting.items():
+        cell_se = [d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else 0.0 for d in differences]
+        se[key] = 100 * float(np.sqrt(np.sum(np.square(cell_se)))) / len(differences)
+    return se
+
+
 def best_setting(
     trials,
     by: Sequence[str],
     *,
     select_on: str,
     simpler: Callable[[dict], Any] | None = None,
-    within: Sequence[str] = (),
+    outcomes: str | None = None,
+    cells: Sequence[str] = ("dataset",),
 ) -> dict:
     """The setting (one value of each `by` column) chosen on the column `select_on` by `SELECTION_RULE`.
 
@@ -759,11 +791,13 @@ def best_setting(
     mean, std, se (points), count and label of `select_on`, and `tied`: the other settings
     within one standard error.
 
-    `within` (e.g. ("dataset", "K", "seed")) names the cells in which every setting was tried
-    once: the settings are then compared paired, cell by cell. The mean is still the plain mean,
-    but std and se are those of each trial's difference from its cell's mean over settings, so
-    what differs between cells (one data set is harder than another) does not widen the tie
-    margin. Each cell must hold one trial of every setting (ConfigError otherwise).
+    The standard error is the best setting's, over its trials (seeds). When every setting was
+    scored on the same validation items, `outcomes` (the column of per-item outcomes behind
+    `select_on`, e.g. "test_outcomes" of a scored validation view) compares them paired item by
+    item instead (`cells`: what holds one set of items, e.g. a data set): a setting is tied with
+    the best when their difference is within one standard error of that paired difference. Which
+    items happen to be in the validation split is then part of the uncertainty, as it is in
+    `srlib.evaluate.compare_paired`, and a hard data set, which lowers every setting alike, is not.
     """
     if "test" in select_on:
         raise ConfigError(
@@ -773,21 +807,15 @@ def best_setting(
     if trials.empty:
         raise ConfigError("best_setting needs at least one trial")
     summary = summarize(trials, by, value=select_on)
-    if within:
-        cells = trials.groupby(list(within), sort=False)
-        n_settings = len(summary)
-        if (cells.size() != n_settings).any() or (cells[list(by)].nunique() != n_settings).any().any():
-            raise ConfigError(
-                f"best_setting(within={tuple(within)}) needs one trial of each of the {n_settings} settings "
-                "in every cell; some cell lacks a setting or holds one twice"
-            )
-        centered = trials.assign(**{select_on: trials[select_on] - cells[select_on].transform("mean")})
-        spread = summarize(centered, by, value=select_on)
-        summary["std"], summary["se"] = spread["std"].to_numpy(), spread["se"].to_numpy()
-        summary["label"] = [mean_sd(m, sd) for m, sd in zip(summary["mean"], summary["std"], strict=True)]
     top = summary.loc[summary["mean"].idxmax()]
-    margin = float(top["se"]) if top["se"] == top["se"] else 0.0  # one seed: no se, no tie margin
-    rows = summary[summary["mean"] >= top["mean"] - margin].to_dict("records")
+    if outcomes is None:
+        margin = float(top["se"]) if top["se"] == top["se"] else 0.0  # one seed: no se, no tie margin
+        rows = summary[summary["mean"] >= top["mean"] - margin].to_dict("records")
+    else:
+        se = _paired_item_se(trials, by, outcomes, cells, {key: top[key] for key in by})
+        rows = [
+            row for row in summary.to_dict("records") if top["mean"] - row["mean"] <= se[tuple(row[key] for key in by)]
+        ]
     settings = [{key: (row[key].item() if hasattr(row[key], "item") else row[key]) for key in by} for row in rows]
     index = min(range(len(rows)), key=lambda i: (simpler(settings[i]) if simpler else 0, i))
     chosen = rows[index]

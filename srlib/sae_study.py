@@ -297,9 +297,9 @@ def family_study(
     """Run the study on `states` ({data set: `dataset_states`}) with the profile's family.
 
     The SAE is chosen by `srlib.experiments.SELECTION_RULE` on the scored validation half,
-    top-K trials of every data set and K together, compared paired within each (data set, K,
-    seed) cell (`best_setting(within=...)`: a hard data set lowers every SAE alike and does not
-    widen the tie margin). A tie goes to the SAE that reconstructs the read state best (the
+    top-K trials of every data set and K together, compared paired on the same validation pairs
+    (`best_setting(outcomes=...)`: which pairs were drawn is part of the uncertainty, a hard data
+    set, which lowers every SAE alike, is not). A tie goes to the SAE that reconstructs the read state best (the
     highest FVE at the read position on the validation answers, mean over data sets): when the
     reward models cannot tell the SAEs apart, the one whose directions best describe what the
     head reads. The test split is scored once: the chosen SAE's top-K against random.
@@ -321,7 +321,8 @@ def family_study(
         ("variant",),
         select_on="heldout_val_accuracy",
         simpler=lambda s: -fve_read[s["variant"]],  # ties: the best reconstruction of the read state
-        within=("dataset", "K", "seed"),
+        outcomes="test_outcomes",  # the scored validation half's per-pair outcomes (gap_trials)
+        cells=("dataset",),
     )
     chosen = saes[selected["variant"]]
     frames = []

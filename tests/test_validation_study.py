@@ -68,33 +68,37 @@ def test_a_tie_within_one_standard_error_goes_to_the_simpler_setting():
     assert unordered["k"] == 64  # without a simplicity order, the first listed of the tied settings
 
 
-def test_settings_tried_in_the_same_cells_are_compared_paired_within_them():
-    # "strong" beats "weak" by 2 points in every (data set, seed) cell, but the data sets differ
-    # by 20 points: pooled, that spread makes them tie (the simpler, "weak", wins); paired within
-    # each cell the difference is exact and "strong" is chosen.
+def test_settings_scored_on_the_same_items_are_compared_item_by_item():
+    # "strong" gets 4 items right that "weak" gets wrong and 2 wrong that it gets right, of 50:
+    # +4 points. Every seed gives the same outcomes, so the spread over seeds is zero and by it
+    # "strong" wins; but which 50 items were drawn is uncertain, and paired over the items the
+    # difference is within one standard error: a tie, and the simpler "weak" is chosen.
+    weak = [1.0] * 30 + [0.0] * 20
+    strong = weak[:]
+    for i in (30, 31, 32, 33):
+        strong[i] = 1.0
+    for i in (0, 1):
+        strong[i] = 0.0
     trials = pd.DataFrame(
         [
-            {"variant": name, "dataset": dataset, "seed": seed, "val_accuracy": base + bonus + 0.01 * seed}
-            for dataset, base in (("easy", 0.80), ("hard", 0.60))
+            {"variant": name, "dataset": "toy", "seed": seed, "val_accuracy": sum(o) / len(o), "outcomes": o}
             for seed in range(3)
-            for name, bonus in (("weak", 0.0), ("strong", 0.02))
+            for name, o in (("weak", weak), ("strong", strong))
         ]
     )
     simpler = {"weak": 0, "strong": 1}
-    pooled = ex.best_setting(trials, ("variant",), select_on="val_accuracy", simpler=lambda s: simpler[s["variant"]])
-    assert pooled["variant"] == "weak" and pooled["tied"] == [{"variant": "strong"}]
+    by_seeds = ex.best_setting(trials, ("variant",), select_on="val_accuracy", simpler=lambda s: simpler[s["variant"]])
+    assert by_seeds["variant"] == "strong" and by_seeds["tied"] == []
     paired = ex.best_setting(
-        trials,
-        ("variant",),
-        select_on="val_accuracy",
-        simpler=lambda s: simpler[s["variant"]],
-        within=("dataset", "seed"),
+        trials, ("variant",), select_on="val_accuracy", simpler=lambda s: simpler[s["variant"]], outcomes="outcomes"
     )
-    assert paired["variant"] == "strong" and paired["tied"] == []
-    assert paired["mean"] == pytest.approx(100 * trials[trials.variant == "strong"].val_accuracy.mean())
-    assert paired["se"] == pytest.approx(0.0, abs=1e-9)
-    with pytest.raises(ConfigError, match="one trial of each of the 2 settings in every cell"):
-        ex.best_setting(trials.iloc[1:], ("variant",), select_on="val_accuracy", within=("dataset", "seed"))
+    assert paired["variant"] == "weak" and paired["tied"] == [{"variant": "strong"}]
+    assert paired["mean"] == pytest.approx(60.0)
+    short = trials.assign(
+        outcomes=[o if v == "weak" else o[:40] for v, o in zip(trials.variant, trials.outcomes, strict=True)]
+    )
+    with pytest.raises(ConfigError, match="needs every setting scored on the same items"):
+        ex.best_setting(short, ("variant",), select_on="val_accuracy", outcomes="outcomes")
 
 
 def _toy_states(layer: int, position: str = "last", n: int = 40, d: int = 3) -> ex.DatasetStates:
