@@ -252,9 +252,9 @@ PROFILES: dict[str, Profile] = {
         sae_corpus_tokens=400_000,
         # Each sweep layer's SAE: fewer training tokens than the profile's own SAE, the same corpus cap.
         sweep=SweepConfig(layers=(8, 15, 22), sae_tokens=300_000, sae_corpus_tokens=400_000),
-        # Chapter 11: six SAEs at layer 22 on the profile's corpus, weakest first. "sweep size" is
+        # Chapter 11: seven SAEs at layer 22 on the profile's corpus, weakest first. "sweep size" is
         # chapter 3's layer-22 sweep SAE and "profile default" the profile's own (both cached by
-        # earlier chapters); the other four are trained by the chapter (minutes each on 2 cores).
+        # earlier chapters); the other five are trained by the chapter (minutes each on 2 cores).
         sae_family=SAEFamily(
             variants=(
                 (
@@ -275,6 +275,12 @@ PROFILES: dict[str, Profile] = {
                     "read-heavy: 600k tokens, half read-position rows, dead window 1/20",
                     SAETrainingConfig(
                         d_sae=8 * 576, k=32, training_tokens=600_000, last_token_share=0.5, dead_window_divisor=20
+                    ),
+                ),
+                (
+                    "read-heavy: 1.2M tokens, half read-position rows, dead window 1/20",
+                    SAETrainingConfig(
+                        d_sae=8 * 576, k=32, training_tokens=1_200_000, last_token_share=0.5, dead_window_divisor=20
                     ),
                 ),
             ),
