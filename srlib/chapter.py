@@ -128,9 +128,10 @@ def setup(
 ) -> Chapter:
     """Load what a chapter needs under `profile`, with its overrides (None: the profile's).
 
-    `single_thread` sets torch to one thread first: the reward heads and the SAE's small
-    matrices gain nothing from a second thread, and lose much when other processes share the
-    CPU. A chapter that extracts many hidden states passes False and sets it after extraction.
+    `single_thread` sets torch to one thread first, for a chapter of many small head fits that
+    may share the CPU with other work: a second thread pays alone and costs much beside another
+    busy process (`benchmarks/threads.py`, alone and `--side-by-side 2`, measures both). A
+    chapter that extracts many hidden states or trains an SAE passes False.
     Without `single_thread`, `threads` (None: the profile's `threads`, if any; else every core)
     sets torch's thread count for the whole chapter, at most `SRLIB_THREADS` (`torch_threads`).
     `show` prints the header line and, under the smoke profile, the banner saying the numbers
