@@ -17,8 +17,10 @@ takes the profile's family of SAEs (`Profile.sae_family`, weakest first), and fo
 
 Every number above is measured on validation data (`validation_view`: the validation questions
 split in two halves, one to stop training early, one to score), so that choosing the SAE
-(`best_setting` on the scored half) never looks at the test split. The test split is then
-scored once, for the chosen SAE: top-K against random at each K.
+(`best_setting` on the scored half) never looks at the test split. The choice is made again
+with the halves' roles swapped (a replicate on other pairs; it is reported, not used to choose),
+so the reader sees whether it rests on which pairs were drawn. The test split is then scored
+once, for the chosen SAE: top-K against random at each K.
 """
 
 from __future__ import annotations
@@ -76,11 +78,11 @@ def _rows(split: SplitStates, rows: Sequence[int]) -> SplitStates:
     return SplitStates([split.pairs[i] for i in rows], split.chosen[index], split.rejected[index])
 
 
-def validation_view(states: DatasetStates) -> DatasetStates:
+def validation_view(states: DatasetStates, *, swapped: bool = False) -> DatasetStates:
     """`states` with the test split replaced by validation data: the validation questions in
     their seeded order, split in two halves by question (a question's pairs stay together);
-    the first half stops training early (`val`), the second is scored (`test`). The real test
-    split is not in the result."""
+    the first half stops training early (`val`), the second is scored (`test`); `swapped`
+    exchanges the two roles. The real test split is not in the result."""
     groups = list(dict.fromkeys(pair.group_id for pair in states.val.pairs))
     if len(groups) < 2:
         raise ConfigError(f"{states.name}: the validation split needs at least two questions to be halved")
@@ -89,7 +91,8 @@ def validation_view(states: DatasetStates) -> DatasetStates:
         half: [i for i, pair in enumerate(states.val.pairs) if (pair.group_id in first) == half]
         for half in (True, False)
     }
-    return dataclasses.replace(states, val=_rows(states.val, rows[True]), test=_rows(states.val, rows[False]))
+    early, scored = (rows[False], rows[True]) if swapped else (rows[True], rows[False])
+    return dataclasses.replace(states, val=_rows(states.val, early), test=_rows(states.val, scored))
 
 
 def quality_table(saes: Mapping[str, SAE], states: Mapping[str, DatasetStates]):
@@ -130,17 +133,18 @@ def gap_trials(
     ks: Sequence[int],
     seeds: Sequence[int],
     *,
+    swapped: bool = False,
     progress: bool = True,
 ):
-    """Trials on each data set's `validation_view`: top-K directions of every SAE and random
-    directions (shared by all SAEs: they do not depend on one) at every K, every seed.
-    `test_*` columns hold the scored validation half; `heldout_val_accuracy` repeats it
-    (ties 1/2) under a name `best_setting` accepts."""
+    """Trials on each data set's `validation_view` (`swapped`: the halves' roles exchanged): top-K
+    directions of every SAE and random directions (shared by all SAEs: they do not depend on
+    one) at every K, every seed. `test_*` columns hold the scored validation half;
+    `heldout_val_accuracy` repeats it (ties 1/2) under a name `best_setting` accepts."""
     import pandas as pd
 
     frames = []
     for full in states.values():
-        view = validation_view(full)
+        view = validation_view(full, swapped=swapped)
         for k in ks:
             variants = {
                 name: dict(features="projection", directions=select_for(view, sae, k)) for name, sae in saes.items()
@@ -253,6 +257,21 @@ class FamilyStudy:
     selected: dict
     test: pd.DataFrame
     test_gaps: pd.DataFrame
+    replicate: dict  # the same choice with the validation halves' roles swapped (reported only)
+
+    def replicate_text(self) -> str:
+        """One sentence: the choice on the other half, and whether the two halves agree."""
+        other = self.replicate["variant"]
+        if other == self.selected["variant"]:
+            return (
+                f"With the halves' roles swapped the same SAE is chosen ({other}): the choice does not "
+                "rest on which validation pairs were drawn."
+            )
+        return (
+            f"With the halves' roles swapped another SAE is chosen ({other}, {self.replicate['label']}%): "
+            "the choice rests on which validation pairs were drawn, and the validation data do not "
+            "separate these SAEs."
+        )
 
     def conclusion(self) -> str:
         return trend_conclusion(self.trend)
@@ -314,16 +333,20 @@ def family_study(
     trials = gap_trials(saes, states, ks, seeds, progress=progress)
     gaps = gap_table(trials, names)
     trend = quality_trend(trials, gaps, quality)
-    top_k = trials[trials["variant"] != RANDOM]
     fve_read = quality.groupby("variant")["FVE read"].mean()
-    selected = best_setting(
-        top_k,
-        ("variant",),
-        select_on="heldout_val_accuracy",
-        simpler=lambda s: -fve_read[s["variant"]],  # ties: the best reconstruction of the read state
-        outcomes="test_outcomes",  # the scored validation half's per-pair outcomes (gap_trials)
-        cells=("dataset",),
-    )
+
+    def choose(on_trials) -> dict:
+        return best_setting(
+            on_trials[on_trials["variant"] != RANDOM],
+            ("variant",),
+            select_on="heldout_val_accuracy",
+            simpler=lambda s: -fve_read[s["variant"]],  # ties: the best reconstruction of the read state
+            outcomes="test_outcomes",  # the scored validation half's per-pair outcomes (gap_trials)
+            cells=("dataset",),
+        )
+
+    selected = choose(trials)
+    replicate = choose(gap_trials(saes, states, ks, seeds, swapped=True, progress=progress))
     chosen = saes[selected["variant"]]
     frames = []
     for s in states.values():
@@ -348,4 +371,4 @@ def family_study(
         ],
         ignore_index=True,
     )
-    return FamilyStudy(quality, trials, gaps, trend, selected, test, test_gaps)
+    return FamilyStudy(quality, trials, gaps, trend, selected, test, test_gaps, replicate)

@@ -20,7 +20,16 @@ from srlib.errors import ConfigError, DataError
 from srlib.experiments import DatasetStates, SplitStates
 from srlib.profiles import get_profile
 from srlib.sae import SAEQuality, SAEReport, sae_quality
-from srlib.sae_study import RANDOM, SCORED_ON, family_of, gap_table, quality_trend, trend_conclusion, validation_view
+from srlib.sae_study import (
+    RANDOM,
+    SCORED_ON,
+    FamilyStudy,
+    family_of,
+    gap_table,
+    quality_trend,
+    trend_conclusion,
+    validation_view,
+)
 
 
 def half_dead_sae(d: int) -> TopKSAE:
@@ -127,6 +136,9 @@ def test_validation_view_halves_validation_by_question_and_drops_test():
     assert not {p.pair_id for p in view.test.pairs} & {p.pair_id for p in states.test.pairs}
     row = [p.pair_id for p in states.val.pairs].index(view.test.pairs[0].pair_id)
     assert torch.equal(view.test.chosen[0], states.val.chosen[row])
+    swapped = validation_view(states, swapped=True)  # the replicate: the same halves, roles exchanged
+    assert [p.pair_id for p in swapped.val.pairs] == [p.pair_id for p in view.test.pairs]
+    assert [p.pair_id for p in swapped.test.pairs] == [p.pair_id for p in view.val.pairs]
     with pytest.raises(ConfigError, match="two questions"):
         validation_view(DatasetStates("toy", 2, train=_split(4, 4), val=_split(4, 1), test=_split(4, 4)))
 
@@ -188,6 +200,15 @@ def test_the_selection_verdict_counts_and_names_the_data_sets_at_one_k():
         selection_verdict(test_gaps, 32)
 
 
+def test_the_replicate_says_whether_the_halves_agree():
+    study = FamilyStudy(*[None] * 4, {"variant": "a", "label": "70.0 ± 1.0"}, None, None, {})
+    study.replicate = {"variant": "a", "label": "69.0 ± 1.0"}
+    assert "the same SAE is chosen (a)" in study.replicate_text()
+    study.replicate = {"variant": "b", "label": "71.0 ± 1.0"}
+    assert study.replicate_text().startswith("With the halves' roles swapped another SAE is chosen (b, 71.0 ± 1.0%)")
+    assert "do not separate these SAEs" in study.replicate_text()
+
+
 def test_the_profiles_define_a_graded_family():
     cpu = family_of(get_profile("cpu"))
     # the issue's K values and the profile's own K, where the chapter states whether top-K wins
@@ -238,7 +259,6 @@ def test_the_chapter_checks_reject_a_wrong_answer(check, wrong):
 
 
 def test_closing_table_puts_quality_gaps_and_accuracy_in_one_row_per_sae():
-    from srlib.sae_study import FamilyStudy
 
     n = 40
     trials = _trials(
@@ -255,7 +275,7 @@ def test_closing_table_puts_quality_gaps_and_accuracy_in_one_row_per_sae():
             "training s": [1.0, 9.0],
         }
     )
-    study = FamilyStudy(quality, trials, gaps, quality_trend(trials, gaps, quality), {}, None, None)
+    study = FamilyStudy(quality, trials, gaps, quality_trend(trials, gaps, quality), {}, None, None, {})
     table = study.table({"toy": "Toy"})
     assert list(table.index) == [("Toy", "weak"), ("Toy", "strong")]
     strong = table.loc[("Toy", "strong")]
