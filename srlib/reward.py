@@ -784,20 +784,6 @@ class PairwiseJudge:
         return [0 if a >= b else 1 for a, b in zip(firsts, seconds, strict=True)]
 
 
-def _required_layer(layer: int | None, remedy: str = "set SparseRMConfig(layer=...)") -> int:
-    """`layer`, or a one-line `ConfigError` when no layer is recorded."""
-    if layer is None:
-        raise ConfigError(f"this reward model has no layer recorded: {remedy}")
-    return layer
-
-
-def _required_k(config: SparseRMConfig) -> int:
-    """The K of a SparseRM config (None only for dense features, which select no directions)."""
-    if config.k is None:
-        raise ConfigError(f"features={config.features!r} selects SAE directions and needs K; set SparseRMConfig(k=...)")
-    return config.k
-
-
 class FeatureRM(RewardModel):
     """A reward model = a fixed feature map on hidden states + a trained `RewardHead`.
 
@@ -942,7 +928,8 @@ class FeatureRM(RewardModel):
     ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | tuple[None, None]]:
         """(Z_w, Z_l, (Zv_w, Zv_l)): the hidden states of the training and validation pairs as
         `config` reads them (layer, position, max_length); (None, None) without validation pairs."""
-        layer = _required_layer(config.layer)
+        layer = config.layer
+        assert layer is not None  # `_check_fit_config` refused a config without one
         read = dict(max_length=config.max_length, position=config.position, **extract)
         Z_w, Z_l = cls._pair_states(backbone, train_pairs, layer, "training", **read)
         val = cls._pair_states(backbone, val_pairs, layer, "validation", **read) if val_pairs else (None, None)
@@ -984,9 +971,10 @@ class FeatureRM(RewardModel):
 
     def _extract_kwargs(self, batch_size: int, cache: bool, progress: bool) -> dict[str, Any]:
         """How this model reads texts (its layer, position and length), for `srlib.activations`."""
-        layer = _required_layer(self.layer, "set rm.layer before scoring texts")
+        if self.layer is None:
+            raise ConfigError("this reward model has no layer recorded; set rm.layer before scoring texts")
         return dict(
-            layer=layer,
+            layer=self.layer,
             max_length=self.max_length,
             position=self.position,
             batch_size=batch_size,
@@ -1244,7 +1232,8 @@ class SparseRM(FeatureRM):
         from srlib.directions import select_directions
         from srlib.sae import encode
 
-        directions = select_directions(sae, encode(sae, Z_w), encode(sae, Z_l), _required_k(config))
+        assert config.k is not None  # SparseRMConfig requires K for every feature kind SparseRM fits
+        directions = select_directions(sae, encode(sae, Z_w), encode(sae, Z_l), config.k)
         model = cls(
             directions,
             kind=config.features,
