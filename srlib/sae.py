@@ -689,8 +689,8 @@ def _check_config(config: SAETrainingConfig) -> None:
         raise ConfigError(f"sparsity_coefficient must be a finite number >= 0, got {coefficient}")
     if not 1 <= config.k <= config.d_sae:
         raise ConfigError(f"SAE k={config.k} must be between 1 and d_sae={config.d_sae}")
-    if not 0.0 <= config.last_token_share < 1.0:
-        raise ConfigError(f"last_token_share must be in [0, 1), got {config.last_token_share}")
+    if not 0.0 <= config.last_token_share <= 1.0:
+        raise ConfigError(f"last_token_share must be in [0, 1], got {config.last_token_share}")
     if not (math.isfinite(config.lr) and config.lr > 0 and math.isfinite(config.lr_end) and config.lr_end >= 0):
         raise ConfigError(f"SAE lr must be a finite number > 0 and lr_end one >= 0, got {config.lr}, {config.lr_end}")
     if _steps(config) < 1:

@@ -166,6 +166,8 @@ def test_batches_mix_in_the_last_token_share():
         assert batch.shape == (8, 3) and int(batch[:, 0].sum()) == 2
     only_tokens = sae_mod._mixed_batches(tokens, last, 8, 0.0, torch.Generator().manual_seed(0))
     assert next(only_tokens).sum() == 0
+    only_read_rows = sae_mod._mixed_batches(tokens, last, 8, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(next(only_read_rows), torch.ones(8, 3))  # the lever's far end: every row a read state
 
 
 def test_each_pass_is_a_permutation():
@@ -451,6 +453,7 @@ def test_dead_window_follows_its_divisor(tiny_backbone, texts, isolated_cache, c
         (dict(architecture="gated"), "unknown SAE architecture 'gated'"),
         (dict(dead_window_divisor=0), "dead_window_divisor"),
         (dict(sparsity_coefficient=float("nan")), "sparsity_coefficient"),
+        (dict(last_token_share=1.5), r"last_token_share must be in \[0, 1\], got 1.5"),
     ],
 )
 def test_bad_levers_are_one_line_config_errors(change, message, tiny_backbone, texts, isolated_cache):
