@@ -60,7 +60,8 @@ class SAEFamily:
     """Chapter 11's SAEs of graded quality, all at the profile's layer on the profile's SAE
     corpus: (name, training config) in the order the chapter lists them (from deliberately
     weak to the best this machine trains in reasonable time), and the K values at which it
-    measures top-K minus random directions. A config of None is the profile's own SAE."""
+    measures top-K minus random directions. Exactly one config is None: the profile's own SAE,
+    which chapter 11 keeps unless both halves of the validation split choose another."""
 
     variants: tuple[tuple[str, SAETrainingConfig | None], ...]
     ks: tuple[int, ...]
@@ -69,6 +70,16 @@ class SAEFamily:
         names = [name for name, _ in self.variants]
         if len(names) < 2 or len(set(names)) != len(names) or not self.ks:
             raise ConfigError("an SAE family needs at least two variants with distinct names and one K")
+        if sum(config is None for _, config in self.variants) != 1:
+            raise ConfigError(
+                "an SAE family needs exactly one variant whose config is None (the profile's own SAE): "
+                "the study keeps it unless both validation halves choose another"
+            )
+
+    @property
+    def default(self) -> str:
+        """The name of the profile's own SAE in the family (the variant whose config is None)."""
+        return next(name for name, config in self.variants if config is None)
 
 
 @dataclass(frozen=True)

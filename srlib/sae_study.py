@@ -17,10 +17,11 @@ takes the profile's family of SAEs (`Profile.sae_family`, weakest first), and fo
 
 Every number above is measured on validation data (`validation_view`: the validation questions
 split in two halves, one to stop training early, one to score), so that choosing the SAE
-(`best_setting` on the scored half) never looks at the test split. The choice is made again
-with the halves' roles swapped (a replicate on other pairs; it is reported, not used to choose),
-so the reader sees whether it rests on which pairs were drawn. The test split is then scored
-once, for the chosen SAE: top-K against random at each K.
+(`best_setting` on the scored half) never looks at the test split. The choice is made twice,
+the second time with the halves' roles swapped, and a rule fixed before the run turns the two
+into the SAE the study adopts (`adopted_sae`): the one both halves choose, else the profile's own
+SAE, so that a change of default never rests on which validation pairs were drawn. The test
+split is then scored once, for the adopted SAE: top-K against random at each K.
 """
 
 from __future__ import annotations
@@ -222,6 +223,16 @@ def trend_conclusion(trend) -> str:
     )
 
 
+def adopted_sae(first: str, second: str, default: str) -> str:
+    """The SAE the study adopts from its two choices on validation data (`first`: the first
+    half stops training early and the second is scored; `second`: the roles swapped): the SAE
+    both choose, else the profile's own SAE `default`. A choice that flips when the other half
+    of the pairs is scored is not evidence for replacing the SAE every other chapter reads
+    through; keeping the default then is the rule, fixed before the run, not a judgement after it.
+    """
+    return first if first == second else default
+
+
 def selection_verdict(test_gaps, k: int, labels: Mapping[str, str] | None = None) -> str:
     """One sentence computed from the test run (`family_study`'s `test_gaps`) at `k`: on how many
     data sets top-K directions of the chosen SAE beat random ones (the paired 95% interval above
@@ -257,21 +268,34 @@ class FamilyStudy:
     selected: dict
     test: pd.DataFrame
     test_gaps: pd.DataFrame
-    replicate: dict  # the same choice with the validation halves' roles swapped (reported only)
+    replicate: dict  # the same choice with the validation halves' roles swapped
+    default: str  # the profile's own SAE
+    adopted: str  # `adopted_sae(selected, replicate, default)`: the SAE the test split is scored with
 
-    def replicate_text(self) -> str:
-        """One sentence: the choice on the other half, and whether the two halves agree."""
-        other = self.replicate["variant"]
-        if other == self.selected["variant"]:
-            return (
-                f"With the halves' roles swapped the same SAE is chosen ({other}): the choice does not "
-                "rest on which validation pairs were drawn."
+    def adoption_text(self) -> str:
+        """Two sentences: the choice on the other half, and which SAE the study adopts, and why."""
+        first, other = self.selected["variant"], self.replicate["variant"]
+        if other == first:
+            replicate = (
+                f"With the halves' roles swapped the same SAE is chosen ({other}, {self.replicate['label']}%): "
+                "the choice does not rest on which validation pairs were drawn."
             )
-        return (
-            f"With the halves' roles swapped another SAE is chosen ({other}, {self.replicate['label']}%): "
-            "the choice rests on which validation pairs were drawn, and the validation data do not "
-            "separate these SAEs."
-        )
+        else:
+            replicate = (
+                f"With the halves' roles swapped another SAE is chosen ({other}, {self.replicate['label']}%): "
+                "the choice rests on which validation pairs were drawn, and the validation data do not "
+                "separate these SAEs."
+            )
+        if self.adopted != self.default:
+            verdict = f"Both halves choose it, so the study adopts **{self.adopted}**: it suggests a new default."
+        elif first == other:
+            verdict = f"Both halves choose the profile's own SAE, so the study keeps **{self.default}**."
+        else:
+            verdict = (
+                f"By the rule fixed before the run (adopt an SAE only when both halves choose it) the study keeps "
+                f"the profile's own SAE, **{self.default}**."
+            )
+        return f"{replicate} {verdict}"
 
     def conclusion(self) -> str:
         return trend_conclusion(self.trend)
@@ -321,13 +345,19 @@ def family_study(
     set, which lowers every SAE alike, is not). A tie goes to the SAE that reconstructs the read state best (the
     highest FVE at the read position on the validation answers, mean over data sets): when the
     reward models cannot tell the SAEs apart, the one whose directions best describe what the
-    head reads. The test split is scored once: the chosen SAE's top-K against random.
+    head reads. The choice is made again with the halves' roles swapped, and the study adopts
+    `adopted_sae` of the two. The test split is scored once: the adopted SAE's top-K against random.
     """
     import pandas as pd
 
     family = family_of(profile)
     ks = tuple(ks or family.ks)
     saes = dict(saes or family_saes(backbone, profile, progress=progress))
+    if family.default not in saes:
+        raise ConfigError(
+            f"the SAEs of the study must include the profile's own SAE {family.default!r}, which it keeps "
+            "unless both validation halves choose another"
+        )
     names = list(saes)
     quality = quality_table(saes, states)
     trials = gap_trials(saes, states, ks, seeds, progress=progress)
@@ -347,7 +377,8 @@ def family_study(
 
     selected = choose(trials)
     replicate = choose(gap_trials(saes, states, ks, seeds, swapped=True, progress=progress))
-    chosen = saes[selected["variant"]]
+    adopted = adopted_sae(selected["variant"], replicate["variant"], family.default)
+    chosen = saes[adopted]
     frames = []
     for s in states.values():
         for k in ks:
@@ -371,4 +402,4 @@ def family_study(
         ],
         ignore_index=True,
     )
-    return FamilyStudy(quality, trials, gaps, trend, selected, test, test_gaps, replicate)
+    return FamilyStudy(quality, trials, gaps, trend, selected, test, test_gaps, replicate, family.default, adopted)

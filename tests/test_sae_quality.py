@@ -18,12 +18,13 @@ from srlib.cli import main
 from srlib.data import write_jsonl
 from srlib.errors import ConfigError, DataError
 from srlib.experiments import DatasetStates, SplitStates
-from srlib.profiles import get_profile
+from srlib.profiles import SAEFamily, SAETrainingConfig, get_profile
 from srlib.sae import SAEQuality, SAEReport, sae_quality
 from srlib.sae_study import (
     RANDOM,
     SCORED_ON,
     FamilyStudy,
+    adopted_sae,
     family_of,
     gap_table,
     quality_trend,
@@ -200,13 +201,39 @@ def test_the_selection_verdict_counts_and_names_the_data_sets_at_one_k():
         selection_verdict(test_gaps, 32)
 
 
-def test_the_replicate_says_whether_the_halves_agree():
-    study = FamilyStudy(*[None] * 4, {"variant": "a", "label": "70.0 ± 1.0"}, None, None, {})
-    study.replicate = {"variant": "a", "label": "69.0 ± 1.0"}
-    assert "the same SAE is chosen (a)" in study.replicate_text()
-    study.replicate = {"variant": "b", "label": "71.0 ± 1.0"}
-    assert study.replicate_text().startswith("With the halves' roles swapped another SAE is chosen (b, 71.0 ± 1.0%)")
-    assert "do not separate these SAEs" in study.replicate_text()
+def test_an_sae_is_adopted_only_when_both_validation_halves_choose_it():
+    assert adopted_sae("read-heavy", "read-heavy", "default") == "read-heavy"
+    assert adopted_sae("read-heavy", "batchtopk", "default") == "default"  # the halves disagree: keep the default
+    assert adopted_sae("default", "default", "default") == "default"
+
+
+def _study(first: str, second: str, default: str = "d") -> FamilyStudy:
+    return FamilyStudy(
+        *[None] * 4,
+        {"variant": first, "label": "70.0 ± 1.0"},
+        None,
+        None,
+        {"variant": second, "label": "71.0 ± 1.0"},
+        default,
+        adopted_sae(first, second, default),
+    )
+
+
+def test_the_adoption_text_says_whether_the_halves_agree_and_what_is_kept():
+    agree = _study("a", "a").adoption_text()
+    assert "the same SAE is chosen (a, 71.0 ± 1.0%)" in agree and "adopts **a**: it suggests a new default" in agree
+    disagree = _study("a", "b").adoption_text()
+    assert disagree.startswith("With the halves' roles swapped another SAE is chosen (b, 71.0 ± 1.0%)")
+    assert "do not separate these SAEs" in disagree and "keeps the profile's own SAE, **d**" in disagree
+    assert "keeps **d**" in _study("d", "d").adoption_text()
+
+
+def test_a_family_names_exactly_one_profile_sae():
+    config = SAETrainingConfig(d_sae=8, k=2, training_tokens=64)
+    assert SAEFamily((("mine", config), ("own", None)), ks=(2,)).default == "own"
+    for variants in ((("a", config), ("b", config)), (("a", None), ("b", None))):
+        with pytest.raises(ConfigError, match="exactly one variant whose config is None"):
+            SAEFamily(variants, ks=(2,))
 
 
 def test_the_profiles_define_a_graded_family():
@@ -275,7 +302,7 @@ def test_closing_table_puts_quality_gaps_and_accuracy_in_one_row_per_sae():
             "training s": [1.0, 9.0],
         }
     )
-    study = FamilyStudy(quality, trials, gaps, quality_trend(trials, gaps, quality), {}, None, None, {})
+    study = FamilyStudy(quality, trials, gaps, quality_trend(trials, gaps, quality), {}, None, None, {}, "weak", "weak")
     table = study.table({"toy": "Toy"})
     assert list(table.index) == [("Toy", "weak"), ("Toy", "strong")]
     strong = table.loc[("Toy", "strong")]
