@@ -1,12 +1,13 @@
 """How good is a profile's SAE? Train it (or load it from the cache) and report its quality.
 
     python benchmarks/sae_quality.py --profile cpu [--corpus-tokens N] [--sae FIELD=VALUE ...]
-                                     [--test-pairs 300] [--out result.json]
+                                     [--val-pairs N] [--out result.json]
 
 Prints, as JSON: the held-out report `train_sae` saved (FVE, L0 and dead latents over all
-tokens of the held-out corpus texts and at their last tokens), the same report at the last
-tokens of TEST-split pairs of the profile's data sets (never in the SAE corpus; the states the
-reward model reads at test time), the decoder row norms, and the training time and tokens.
+tokens of the held-out corpus texts and at their last tokens), the same report at the read
+position of the VALIDATION pairs of the profile's data sets (never in the SAE corpus; the states
+chapter 11 measures an SAE on, so a lever tried here is judged where settings are chosen, never
+on the test split), the decoder row norms, and the training time and tokens.
 Needs `SRLIB_DATA_DIR` (or the dataset hub).
 """
 
@@ -41,7 +42,10 @@ def main() -> None:
         help="override a field of the profile's SAETrainingConfig, e.g. --sae last_token_share=0.4 (repeatable)",
     )
     parser.add_argument(
-        "--test-pairs", type=int, default=300, help="test pairs per data set for the last-token report (0: skip)"
+        "--val-pairs",
+        type=int,
+        default=None,
+        help="validation pairs per data set for the read-position report (default: the profile's; 0: skip)",
     )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
@@ -74,15 +78,20 @@ def main() -> None:
     }
     norms = sae.W_dec.detach().norm(dim=1)
     result["decoder_row_norms"] = {"min": norms.min().item(), "max": norms.max().item()}
-    if args.test_pairs:
-        result["test_pairs_last_tokens"] = {}
+    if args.val_pairs != 0:
+        result["validation_pairs_read_position"] = {}
         for name in profile.datasets:
-            pairs = load_pairs(f"{name}:test", max_pairs=args.test_pairs)
+            pairs = load_pairs(f"{name}:val", max_pairs=args.val_pairs or profile.max_pairs)
             chosen, rejected = pair_states(
-                backbone, pairs, profile.layer, max_length=profile.max_length, batch_size=profile.batch_size
+                backbone,
+                pairs,
+                profile.layer,
+                position=profile.position,
+                max_length=profile.max_length,
+                batch_size=profile.batch_size,
             )
             report = sae_report(sae, torch.cat([chosen, rejected]))
-            result["test_pairs_last_tokens"][name] = report.as_dict()
+            result["validation_pairs_read_position"][name] = {**report.as_dict(), "alive": report.alive_fraction}
     text = json.dumps(result, indent=1, default=str)
     print(text)
     if args.out:
