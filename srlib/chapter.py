@@ -150,6 +150,7 @@ def setup(
     if not single_thread:
         torch.set_num_threads(torch_threads(threads or base.threads))
     backbone = backbone_for_profile(base, progress=False)
+    with_sweep_corpora(base, backbone)
     sae = sae_for_profile(base, backbone, progress=False)
     chapter = Chapter(
         profile=base,
@@ -166,6 +167,26 @@ def setup(
 
             display(Markdown(SMOKE_BANNER))
     return chapter
+
+
+def with_sweep_corpora(profile: Profile, backbone: Backbone) -> list[int]:
+    """When the profile's own SAE is still to be trained, extract its corpus together with the
+    corpora of chapter 3's sweep SAEs that read the same texts at or below its layer
+    (`srlib.experiments.sweep_profiles`): the pass the profile's SAE needs anyway passes
+    through those layers, so keeping them spares chapter 3 a corpus pass of its own at the cost
+    of memory and disk, not of blocks run. Returns the layers extracted: none when the
+    profile's SAE is cached (or pretrained), so a chapter never pays for layers it does not read."""
+    from srlib.experiments import sweep_profiles
+    from srlib.sae import extract_sae_corpora, sae_to_train
+
+    if not sae_to_train(profile, backbone):
+        return []
+    along = [
+        p
+        for p in sweep_profiles(profile)
+        if p.sae_corpus_tokens == profile.sae_corpus_tokens and p.layer <= profile.layer
+    ]
+    return extract_sae_corpora(backbone, [profile, *along], progress=False)
 
 
 def quiet_libraries() -> None:

@@ -679,6 +679,17 @@ def profile_at_layer(
     return moved.replace(**changes) if changes else moved
 
 
+def sweep_profiles(profile: Profile) -> list[Profile]:
+    """The profile at each layer of its sweep (`Profile.sweep_config`) with the sweep's SAE
+    budgets: the profiles of the SAEs chapter 3's layer sweep trains when its budgets are left
+    at the profile's."""
+    sweep = profile.sweep_config
+    return [
+        profile_at_layer(profile, layer, sae_tokens=sweep.sae_tokens, sae_corpus_tokens=sweep.sae_corpus_tokens)
+        for layer in sweep.layers
+    ]
+
+
 def layer_k_sweep(
     backbone,
     profile: Profile,

@@ -415,17 +415,25 @@ def extract_sae_corpora(backbone: Backbone, profiles: Sequence[Profile], *, prog
     """
     groups: dict[tuple, list[int]] = {}
     for profile in profiles:
-        if parse_sae_source(profile.sae_source).kind != "train" or profile.sae_training is None:
-            continue
-        texts, _ = _profile_corpus(profile, backbone)
-        key, _ = sae_cache_key(backbone, profile.layer, texts, profile.sae_training, max_length=profile.max_length)
-        if not _is_trained(cache_dir("sae") / key):
-            groups.setdefault((tuple(texts), profile.max_length, profile.batch_size), []).append(profile.layer)
+        if sae_to_train(profile, backbone):
+            texts, _ = _profile_corpus(profile, backbone)
+            layers = groups.setdefault((tuple(texts), profile.max_length, profile.batch_size), [])
+            layers += [] if profile.layer in layers else [profile.layer]
     for (texts, max_length, batch_size), layers in groups.items():
         corpus_activations_at_layers(
             backbone, layers, texts, max_length=max_length, batch_size=batch_size, progress=progress
         )
     return [layer for layers in groups.values() for layer in layers]
+
+
+def sae_to_train(profile: Profile, backbone: Backbone) -> bool:
+    """Whether `sae_for_profile(profile, backbone)` would train an SAE: the profile trains its
+    own (`sae_source` "train") and no SAE of its corpus and config is in the cache yet."""
+    if parse_sae_source(profile.sae_source).kind != "train" or profile.sae_training is None:
+        return False
+    texts, _ = _profile_corpus(profile, backbone)
+    key, _ = sae_cache_key(backbone, profile.layer, texts, profile.sae_training, max_length=profile.max_length)
+    return not _is_trained(cache_dir("sae") / key)
 
 
 def _check_hook_layer(sae: SAE, layer: int) -> None:

@@ -359,6 +359,28 @@ def test_a_layer_sweep_extracts_every_sae_corpus_in_one_pass(
     assert sae_mod.extract_sae_corpora(tiny_backbone, [pretrained], progress=False) == []
 
 
+def test_the_profile_sae_pass_also_extracts_the_sweep_corpora_at_or_below_its_layer(
+    tiny_backbone, smoke_profile, texts, isolated_cache, count_trainings, monkeypatch
+):
+    from srlib.chapter import with_sweep_corpora
+    from srlib.experiments import sweep_profiles
+
+    monkeypatch.setattr(sae_mod, "default_sae_corpus", lambda tokenizer, **kwargs: list(texts))
+    profile = smoke_profile.replace(sae_training=TINY_CONFIG)  # layer 2; sweep layers 1, 2, 3
+    with BlockCounter(tiny_backbone.model) as counter:
+        assert with_sweep_corpora(profile, tiny_backbone) == [2, 1]  # layer 3 would run a block more
+    assert counter.calls[1] == counter.calls[2] > 0 and counter.calls[3] == 0  # one pass, to block 2
+    sweep_at_1 = sweep_profiles(profile)[0]
+    with BlockCounter(tiny_backbone.model) as training:
+        sae = sae_for_profile(sweep_at_1, tiny_backbone, progress=False)
+    assert sum(training.calls.values()) == 0 and sae_info(sae)["training"]["activations_from_cache"]
+    sae_for_profile(profile, tiny_backbone, progress=False)
+    with BlockCounter(tiny_backbone.model) as cached:
+        assert with_sweep_corpora(profile, tiny_backbone) == []  # its SAE is cached: nothing to pay for
+    assert sum(cached.calls.values()) == 0
+    assert with_sweep_corpora(profile.replace(sae_source="sae-lens:some-release/some-id"), tiny_backbone) == []
+
+
 def test_token_budget_is_shared_equally():
     def whitespace_tokenizer(texts):
         return {"input_ids": [text.split() for text in texts]}
