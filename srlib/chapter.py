@@ -150,7 +150,7 @@ def setup(
     if not single_thread:
         torch.set_num_threads(torch_threads(threads or base.threads))
     backbone = backbone_for_profile(base, progress=False)
-    with_sweep_corpora(base, backbone)
+    with_the_sweep(base, backbone)
     sae = sae_for_profile(base, backbone, progress=False)
     chapter = Chapter(
         profile=base,
@@ -169,24 +169,32 @@ def setup(
     return chapter
 
 
-def with_sweep_corpora(profile: Profile, backbone: Backbone) -> list[int]:
-    """When the profile's own SAE is still to be trained, extract its corpus together with the
-    corpora of chapter 3's sweep SAEs that read the same texts at or below its layer
-    (`srlib.experiments.sweep_profiles`): the pass the profile's SAE needs anyway passes
-    through those layers, so keeping them spares chapter 3 a corpus pass of its own at the cost
-    of memory and disk, not of blocks run. Returns the layers extracted: none when the
-    profile's SAE is cached (or pretrained), so a chapter never pays for layers it does not read."""
-    from srlib.experiments import sweep_profiles
+def with_the_sweep(profile: Profile, backbone: Backbone) -> list[int]:
+    """On a cold cache (the profile's own SAE still to be trained), let the forward passes a
+    chapter runs anyway serve chapter 3's validation study too, at the layers of its sweep at or
+    below the profile's (every one of them is passed through on the way to the profile's
+    layer, so keeping it costs memory and disk, not blocks run):
+
+    * the corpus pass of the profile's SAE keeps the corpora of the sweep SAEs that are trained
+      on the same texts (`srlib.experiments.sweep_profiles`), so chapter 3 runs no corpus pass;
+    * the sweep data set's pairs are read at those layers and at every read position
+      (`srlib.activations.POSITIONS`) in one pass, which the profile's own states need anyway.
+
+    Returns those layers: none on a warm cache or with a pretrained SAE, so a chapter never pays
+    for layers it does not read.
+    """
+    from srlib.activations import POSITIONS
+    from srlib.experiments import sweep_profiles, warm_states
     from srlib.sae import extract_sae_corpora, sae_to_train
 
     if not sae_to_train(profile, backbone):
         return []
-    along = [
-        p
-        for p in sweep_profiles(profile)
-        if p.sae_corpus_tokens == profile.sae_corpus_tokens and p.layer <= profile.layer
-    ]
-    return extract_sae_corpora(backbone, [profile, *along], progress=False)
+    along = [p for p in sweep_profiles(profile) if p.layer <= profile.layer]
+    same_corpus = [p for p in along if p.sae_corpus_tokens == profile.sae_corpus_tokens]
+    extract_sae_corpora(backbone, [profile, *same_corpus], progress=False)
+    layers = sorted({profile.layer, *(p.layer for p in along)})
+    warm_states(backbone, profile.sweep_config.dataset, profile, layers, positions=POSITIONS, progress=False)
+    return layers
 
 
 def quiet_libraries() -> None:

@@ -84,13 +84,15 @@ class SAEFamily:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """Chapter 3's validation study (Figure 4): the layers and K values of its grid, and the SAE
-    each sweep layer trains for itself (None: the sizes of the profile's own SAE)."""
+    """Chapter 3's validation study (Figure 4): the layers and K values of its grid, the SAE
+    each sweep layer trains for itself (None: the sizes of the profile's own SAE), and the data
+    set it studies."""
 
     layers: tuple[int, ...]
     ks: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
     sae_tokens: int | None = None
     sae_corpus_tokens: int | None = None
+    dataset: str = "truthfulqa"
 
     def __post_init__(self) -> None:
         if not self.layers or not self.ks:

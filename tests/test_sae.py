@@ -10,6 +10,7 @@ import torch
 from sae_lens import SAE, TopKSAE, TopKSAEConfig
 
 import srlib.sae as sae_mod
+from srlib import activations
 from srlib.activations import _decoder_layers, iter_token_activations_at_layers
 from srlib.backbone import format_pair, format_text
 from srlib.data import load_pairs
@@ -359,26 +360,31 @@ def test_a_layer_sweep_extracts_every_sae_corpus_in_one_pass(
     assert sae_mod.extract_sae_corpora(tiny_backbone, [pretrained], progress=False) == []
 
 
-def test_the_profile_sae_pass_also_extracts_the_sweep_corpora_at_or_below_its_layer(
+def test_a_cold_cache_serves_the_sweep_from_the_passes_it_runs_anyway(
     tiny_backbone, smoke_profile, texts, isolated_cache, count_trainings, monkeypatch
 ):
-    from srlib.chapter import with_sweep_corpora
+    from srlib.chapter import with_the_sweep
     from srlib.experiments import sweep_profiles
 
     monkeypatch.setattr(sae_mod, "default_sae_corpus", lambda tokenizer, **kwargs: list(texts))
+    warmed = []
+    monkeypatch.setattr(
+        "srlib.experiments.warm_states",
+        lambda backbone, dataset, profile, layers, **kw: warmed.append((dataset, layers, kw)),
+    )
     profile = smoke_profile.replace(sae_training=TINY_CONFIG)  # layer 2; sweep layers 1, 2, 3
     with BlockCounter(tiny_backbone.model) as counter:
-        assert with_sweep_corpora(profile, tiny_backbone) == [2, 1]  # layer 3 would run a block more
-    assert counter.calls[1] == counter.calls[2] > 0 and counter.calls[3] == 0  # one pass, to block 2
-    sweep_at_1 = sweep_profiles(profile)[0]
+        assert with_the_sweep(profile, tiny_backbone) == [1, 2]  # layer 3 would run a block more
+    assert counter.calls[1] == counter.calls[2] > 0 and counter.calls[3] == 0  # one corpus pass, to block 2
+    assert warmed == [("truthfulqa", [1, 2], {"positions": activations.POSITIONS, "progress": False})]
     with BlockCounter(tiny_backbone.model) as training:
-        sae = sae_for_profile(sweep_at_1, tiny_backbone, progress=False)
+        sae = sae_for_profile(sweep_profiles(profile)[0], tiny_backbone, progress=False)  # the layer-1 sweep SAE
     assert sum(training.calls.values()) == 0 and sae_info(sae)["training"]["activations_from_cache"]
     sae_for_profile(profile, tiny_backbone, progress=False)
     with BlockCounter(tiny_backbone.model) as cached:
-        assert with_sweep_corpora(profile, tiny_backbone) == []  # its SAE is cached: nothing to pay for
-    assert sum(cached.calls.values()) == 0
-    assert with_sweep_corpora(profile.replace(sae_source="sae-lens:some-release/some-id"), tiny_backbone) == []
+        assert with_the_sweep(profile, tiny_backbone) == []  # its SAE is cached: nothing to pay for
+    assert sum(cached.calls.values()) == 0 and len(warmed) == 1
+    assert with_the_sweep(profile.replace(sae_source="sae-lens:some-release/some-id"), tiny_backbone) == []
 
 
 def test_token_budget_is_shared_equally():
