@@ -14,7 +14,9 @@ num_layers / (L + 1) (30 / 16 ≈ 1.9 for the cpu profile); the LM head adds mor
 It also prints the GEMM bound of the early exit from the same run: the seconds that only the
 matrix products of blocks 0..L (the attention and MLP projections of every real token, padding
 not counted) would take at the rate a plain `torch.matmul` of one batch's shape reaches here
-with the same threads, and the share of that bound the early exit reaches (bound / measured).
+with the same threads, and the share of that bound the early exit reaches (bound / measured),
+and how much of the work was padding (each text is padded to a width fixed by its own length,
+`srlib.activations._padded_width`, so its state does not depend on its batch).
 
     SRLIB_DATA_DIR=... python benchmarks/extraction.py --profile cpu --n 256 --batch-size 16 [--threads 2]
 """
@@ -87,7 +89,9 @@ def main() -> None:
     backbone = backbone_for_profile(profile)
     pairs = load_pairs("truthfulqa:train", max_pairs=(args.n + 1) // 2)
     texts = [text for pair in pairs for text in format_pair(backbone.tokenizer, pair)][: args.n]
-    n_tokens = sum(len(activations._encode(backbone.tokenizer, t, max_length).ids) for t in texts)
+    lengths = [len(activations._encode(backbone.tokenizer, t, max_length).ids) for t in texts]
+    n_tokens = sum(lengths)
+    n_padded = sum(activations._padded_width(n) for n in lengths)
     print(
         f"{backbone.model_id} ({backbone.source}), layer {layer} of {backbone.num_layers}, "
         f"{len(texts)} texts, {n_tokens} tokens, batch {batch_size}, "
@@ -128,6 +132,11 @@ def main() -> None:
         f"GEMM bound of the early exit ({torch.get_num_threads()} threads, {rate / 1e9:.1f} GFLOP/s on one "
         f"batch's shape): {bound:.2f} s; measured {seconds['early exit']:.2f} s, "
         f"{100 * bound / seconds['early exit']:.0f}% of the bound"
+    )
+    print(
+        f"padding: the blocks ran {n_padded} token positions for {n_tokens} real tokens "
+        f"({100 * (n_padded - n_tokens) / n_padded:.0f}% of them padding, widths in multiples of "
+        f"{activations._PAD_MULTIPLE}); the bound counts real tokens only"
     )
 
 
