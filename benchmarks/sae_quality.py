@@ -19,13 +19,10 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-from srlib.activations import pair_states
-from srlib.backbone import backbone_for_profile
+from srlib.backbone import backbone_for_profile, format_pair
 from srlib.data import load_pairs
 from srlib.profiles import get_profile
-from srlib.sae import sae_for_profile, sae_info, sae_report
+from srlib.sae import sae_for_profile, sae_info, sae_quality
 
 
 def main() -> None:
@@ -82,15 +79,16 @@ def main() -> None:
         result["validation_pairs_read_position"] = {}
         for name in profile.datasets:
             pairs = load_pairs(f"{name}:val", max_pairs=args.val_pairs or profile.max_pairs)
-            chosen, rejected = pair_states(
+            report = sae_quality(
+                sae,
                 backbone,
-                pairs,
+                [text for pair in pairs for text in format_pair(backbone.tokenizer, pair)],
                 profile.layer,
                 position=profile.position,
+                all_tokens=False,
                 max_length=profile.max_length,
                 batch_size=profile.batch_size,
-            )
-            report = sae_report(sae, torch.cat([chosen, rejected]))
+            ).read_position
             result["validation_pairs_read_position"][name] = {**report.as_dict(), "alive": report.alive_fraction}
     text = json.dumps(result, indent=1, default=str)
     print(text)
