@@ -415,10 +415,11 @@ def extract_sae_corpora(backbone: Backbone, profiles: Sequence[Profile], *, prog
     """
     groups: dict[tuple, list[int]] = {}
     for profile in profiles:
-        if sae_to_train(profile, backbone):
-            texts, _ = _profile_corpus(profile, backbone)
+        texts = _corpus_to_train_on(profile, backbone)
+        if texts is not None:
             layers = groups.setdefault((tuple(texts), profile.max_length, profile.batch_size), [])
-            layers += [] if profile.layer in layers else [profile.layer]
+            if profile.layer not in layers:
+                layers.append(profile.layer)
     for (texts, max_length, batch_size), layers in groups.items():
         corpus_activations_at_layers(
             backbone, layers, texts, max_length=max_length, batch_size=batch_size, progress=progress
@@ -429,11 +430,17 @@ def extract_sae_corpora(backbone: Backbone, profiles: Sequence[Profile], *, prog
 def sae_to_train(profile: Profile, backbone: Backbone) -> bool:
     """Whether `sae_for_profile(profile, backbone)` would train an SAE: the profile trains its
     own (`sae_source` "train") and no SAE of its corpus and config is in the cache yet."""
+    return _corpus_to_train_on(profile, backbone) is not None
+
+
+def _corpus_to_train_on(profile: Profile, backbone: Backbone) -> list[str] | None:
+    """The corpus texts of the SAE `sae_for_profile(profile, backbone)` would train, or None
+    when it would train none (a pretrained source, or the SAE is cached)."""
     if parse_sae_source(profile.sae_source).kind != "train" or profile.sae_training is None:
-        return False
+        return None
     texts, _ = _profile_corpus(profile, backbone)
     key, _ = sae_cache_key(backbone, profile.layer, texts, profile.sae_training, max_length=profile.max_length)
-    return not _is_trained(cache_dir("sae") / key)
+    return None if _is_trained(cache_dir("sae") / key) else texts
 
 
 def _check_hook_layer(sae: SAE, layer: int) -> None:
