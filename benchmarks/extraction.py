@@ -30,7 +30,7 @@ import torch
 
 from srlib import activations
 from srlib.activations import last_token_states
-from srlib.backbone import backbone_for_profile, format_pair
+from srlib.backbone import AUTOCAST_DTYPES, backbone_for_profile, format_pair
 from srlib.data import load_pairs
 from srlib.profiles import DEFAULT_PROFILE, get_profile
 
@@ -41,7 +41,7 @@ def full_forward_states(backbone, texts, layer, max_length, batch_size, with_lm_
     pad_id = backbone.tokenizer.pad_token_id or 0
     model = backbone.model if with_lm_head else backbone.model.get_decoder()
     out = torch.empty(len(texts), backbone.hidden_size)
-    with torch.inference_mode():
+    with torch.inference_mode(), backbone.reading():
         for rows, input_ids, attention_mask in activations._batches(encoded, batch_size, pad_id):
             hidden = model(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True
@@ -58,9 +58,9 @@ def projection_flops_per_token(config) -> int:
     return 2 * (2 * d * d + 2 * d * kv + 3 * d * inner)
 
 
-def matmul_rate(rows: int, d: int, inner: int, repeats: int = 20) -> float:
-    """FLOP/s of the best of `repeats` [rows, d] @ [d, inner] products (float32, torch's threads)."""
-    a, b = torch.randn(rows, d), torch.randn(d, inner)
+def matmul_rate(rows: int, d: int, inner: int, dtype: torch.dtype = torch.float32, repeats: int = 20) -> float:
+    """FLOP/s of the best of `repeats` [rows, d] @ [d, inner] products in `dtype` (torch's threads)."""
+    a, b = torch.randn(rows, d, dtype=dtype), torch.randn(d, inner, dtype=dtype)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -79,6 +79,12 @@ def main() -> None:
         "--repeats", type=int, default=3, help="interleaved rounds; the fastest round of each method is reported"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, every core)")
+    parser.add_argument(
+        "--autocast",
+        default=None,
+        choices=["none", *AUTOCAST_DTYPES],
+        help="read states under torch.autocast in this dtype (default: the profile's autocast)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -86,6 +92,8 @@ def main() -> None:
     batch_size = args.batch_size or profile.batch_size
     layer, max_length = profile.layer, profile.max_length
 
+    if args.autocast is not None:
+        profile = profile.replace(autocast=None if args.autocast == "none" else args.autocast)
     backbone = backbone_for_profile(profile)
     pairs = load_pairs("truthfulqa:train", max_pairs=(args.n + 1) // 2)
     texts = [text for pair in pairs for text in format_pair(backbone.tokenizer, pair)][: args.n]
@@ -95,7 +103,8 @@ def main() -> None:
     print(
         f"{backbone.model_id} ({backbone.source}), layer {layer} of {backbone.num_layers}, "
         f"{len(texts)} texts, {n_tokens} tokens, batch {batch_size}, "
-        f"{torch.get_num_threads()} threads, device {backbone.device}"
+        f"{torch.get_num_threads()} threads, device {backbone.device}, "
+        f"{'autocast ' + str(backbone.autocast) if backbone.autocast else 'no autocast'}"
     )
 
     runs = {
@@ -125,12 +134,12 @@ def main() -> None:
         f"expected early-exit speed-up over all blocks ≈ {backbone.num_layers}/{layer + 1} = "
         f"{backbone.num_layers / (layer + 1):.2f}"
     )
-    config = backbone.model.config
-    rate = matmul_rate(batch_size * n_tokens // len(texts), config.hidden_size, config.intermediate_size)
+    config, dtype = backbone.model.config, backbone.autocast or torch.float32
+    rate = matmul_rate(batch_size * n_tokens // len(texts), config.hidden_size, config.intermediate_size, dtype)
     bound = n_tokens * (layer + 1) * projection_flops_per_token(config) / rate
     print(
         f"GEMM bound of the early exit ({torch.get_num_threads()} threads, {rate / 1e9:.1f} GFLOP/s on one "
-        f"batch's shape): {bound:.2f} s; measured {seconds['early exit']:.2f} s, "
+        f"batch's shape in {dtype}): {bound:.2f} s; measured {seconds['early exit']:.2f} s, "
         f"{100 * bound / seconds['early exit']:.0f}% of the bound"
     )
     print(

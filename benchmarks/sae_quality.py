@@ -1,7 +1,7 @@
 """How good is a profile's SAE? Train it (or load it from the cache) and report its quality.
 
     python benchmarks/sae_quality.py --profile cpu [--corpus-tokens N] [--sae FIELD=VALUE ...]
-                                     [--val-pairs N] [--out result.json]
+                                     [--val-pairs N] [--autocast bfloat16] [--out result.json]
 
 Prints, as JSON: the held-out report `train_sae` saved (FVE, L0 and dead latents over all
 tokens of the held-out corpus texts and at their last tokens), the same report at the read
@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from srlib.backbone import backbone_for_profile, format_pair
+from srlib.backbone import AUTOCAST_DTYPES, backbone_for_profile, format_pair
 from srlib.data import load_pairs
 from srlib.profiles import get_profile
 from srlib.sae import sae_for_profile, sae_info, sae_quality
@@ -44,10 +44,18 @@ def main() -> None:
         default=None,
         help="validation pairs per data set for the read-position report (default: the profile's; 0: skip)",
     )
+    parser.add_argument(
+        "--autocast",
+        default=None,
+        choices=["none", *AUTOCAST_DTYPES],
+        help="read states and train the SAE under torch.autocast in this dtype (default: the profile's)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
 
     profile = get_profile(args.profile)
+    if args.autocast is not None:
+        profile = profile.replace(autocast=None if args.autocast == "none" else args.autocast)
     if args.corpus_tokens is not None:
         profile = profile.replace(sae_corpus_tokens=args.corpus_tokens)
     if args.sae:

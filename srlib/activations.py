@@ -550,4 +550,6 @@ def _forward_batches_at(
     pad_id = next(i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if i is not None)
     device = backbone.device
     for rows, input_ids, attention_mask in _batches(encoded, batch_size, pad_id):
-        yield rows, _forward_to_layers(backbone.model, layers, input_ids.to(device), attention_mask.to(device))
+        with backbone.reading():  # torch.autocast when the backbone reads states in a lower precision
+            hidden = _forward_to_layers(backbone.model, layers, input_ids.to(device), attention_mask.to(device))
+        yield rows, {layer: states.float() for layer, states in hidden.items()}

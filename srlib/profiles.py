@@ -119,6 +119,10 @@ class Profile:
     head: HeadConfig = HeadConfig()
     max_length: int = 512
     batch_size: int = 16
+    # The dtype the backbone reads hidden states in under `torch.autocast` ("bfloat16" or
+    # "float16": matrix products in it, the residual stream in float32), or None: the weights'
+    # dtype throughout. `benchmarks/precision.py` measures what it costs and saves.
+    autocast: str | None = None
     # Cap on the number of pairs taken from each split (None = all). Keeps smoke runs small.
     max_pairs: int | None = None
     seeds: tuple[int, ...] = (0, 1, 2)

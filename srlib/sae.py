@@ -653,7 +653,8 @@ def train_sae(
     cpu_start = time.process_time()
     data = corpus_activations(backbone, layer, texts, max_length=max_length, batch_size=batch_size, progress=progress)
     fit_start = time.perf_counter()
-    training_sae = _fit(data.train_tokens, data.train_last, config, progress)
+    # an SAE on states read under autocast trains under sae-lens's autocast too (bfloat16)
+    training_sae = _fit(data.train_tokens, data.train_last, config, progress, autocast=backbone.autocast is not None)
     fit_s, cpu_s = time.perf_counter() - fit_start, time.process_time() - cpu_start
     with atomic_path(final, is_dir=True) as tmp:
         training_sae.cfg.metadata.model_name = backbone.model_id
@@ -803,9 +804,12 @@ def _training_sae(config: SAETrainingConfig, d_in: int) -> TrainingSAE:
     return sae_class(cfg_class(d_in=d_in, d_sae=config.d_sae, **options))
 
 
-def _fit(tokens: Tensor, last: Tensor, config: SAETrainingConfig, progress: bool) -> TrainingSAE:
+def _fit(
+    tokens: Tensor, last: Tensor, config: SAETrainingConfig, progress: bool, *, autocast: bool = False
+) -> TrainingSAE:
     """Train sae-lens's SAE of `config.architecture` with its `SAETrainer` (Adam, cosine lr to
-    `lr_end`; for the TopK kinds, the AuxK loss on dead latents)."""
+    `lr_end`; for the TopK kinds, the AuxK loss on dead latents); with `autocast`, each step's
+    forward pass runs under sae-lens's bfloat16 autocast (the parameters and Adam stay float32)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     trainer_cfg = SAETrainerConfig(
         total_training_samples=_steps(config) * config.batch_size,
@@ -819,6 +823,7 @@ def _fit(tokens: Tensor, last: Tensor, config: SAETrainingConfig, progress: bool
         # each choice: `python benchmarks/sae_quality.py --profile cpu`.
         dead_feature_window=max(1, _steps(config) // config.dead_window_divisor),
         device=device,
+        autocast=autocast,
         logger=LoggingConfig(log_to_wandb=False),
     )
     with torch.random.fork_rng(devices=[]):

@@ -88,6 +88,30 @@ def test_backbone_for_profile(smoke_profile):
     assert backbone_for_profile("smoke", device="cpu").identity == backbone.identity
 
 
+def test_autocast_reads_close_states_under_their_own_identity_and_cache(tiny_backbone, isolated_cache):
+    low = load_backbone(TINY_MODEL_ID, device="cpu", autocast=torch.bfloat16)
+    assert low.autocast is torch.bfloat16 and low.identity != tiny_backbone.identity
+    assert _identity(TINY_MODEL_ID, low.model, low.tokenizer) == tiny_backbone.identity  # float32 identity unchanged
+    texts = [format_text(tiny_backbone.tokenizer, "Q?", f"An answer of {n} words.") for n in range(6)]
+    exact = last_token_states(tiny_backbone, texts, 3, progress=False)
+    lowered = last_token_states(low, texts, 3, progress=False)
+    assert lowered.dtype == torch.float32
+    error = (lowered - exact).norm(dim=1) / exact.norm(dim=1)
+    assert 0 < error.max() < 0.05  # bfloat16 products: close to float32, not the same bits
+    identities = sorted(path.name for path in (isolated_cache / "activations").iterdir())
+    assert identities == sorted([tiny_backbone.identity, low.identity])  # the two never share an entry
+    assert torch.equal(last_token_states(low, texts, 3, progress=False), lowered)  # read back from its own cache
+
+
+def test_a_profile_names_its_autocast_and_a_bad_one_is_one_line(smoke_profile):
+    assert backbone_for_profile(smoke_profile, device="cpu").autocast is None
+    assert backbone_for_profile(smoke_profile.replace(autocast="bfloat16"), device="cpu").autocast is torch.bfloat16
+    with pytest.raises(ConfigError, match="autocast must be None or one of bfloat16, float16; got 'bf16'"):
+        backbone_for_profile(smoke_profile.replace(autocast="bf16"), device="cpu")
+    with pytest.raises(ConfigError, match="autocast must be None or torch.bfloat16 or torch.float16"):
+        load_backbone(TINY_MODEL_ID, device="cpu", autocast=torch.float64)
+
+
 def test_pretrained_path_round_trips_through_a_local_dir(tiny_backbone, isolated_cache):
     path = pretrained_path(tiny_backbone)
     assert path.startswith(str(isolated_cache))

@@ -12,10 +12,10 @@ from sae_lens import SAE, TopKSAE, TopKSAEConfig
 import srlib.sae as sae_mod
 from srlib import activations
 from srlib.activations import _decoder_layers, iter_token_activations_at_layers
-from srlib.backbone import format_pair, format_text
+from srlib.backbone import format_pair, format_text, load_backbone
 from srlib.data import load_pairs
 from srlib.errors import ConfigError, DataError
-from srlib.profiles import SAETrainingConfig, get_profile
+from srlib.profiles import TINY_MODEL_ID, SAETrainingConfig, get_profile
 from srlib.sae import (
     INFO_FILENAME,
     SAESource,
@@ -406,6 +406,31 @@ def test_training_is_deterministic(tiny_backbone, texts, tmp_path, monkeypatch):
         monkeypatch.setenv("SRLIB_CACHE_DIR", str(tmp_path / run))
         weights.append(train_sae(tiny_backbone, 2, texts, TINY_CONFIG, max_length=64, progress=False).W_dec)
     assert torch.equal(weights[0], weights[1])
+
+
+def test_an_sae_on_states_read_under_autocast_trains_under_it_and_is_cached_apart(
+    tiny_backbone, texts, isolated_cache, monkeypatch
+):
+    low = load_backbone(TINY_MODEL_ID, device="cpu", autocast=torch.bfloat16)
+    assert (
+        sae_mod.sae_cache_key(low, 2, texts, TINY_CONFIG)[0]
+        != sae_mod.sae_cache_key(tiny_backbone, 2, texts, TINY_CONFIG)[0]
+    )
+    settings = []
+
+    class Recording(sae_mod.SAETrainer):
+        def __init__(self, cfg, *args, **kwargs):
+            settings.append(cfg.autocast)
+            super().__init__(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(sae_mod, "SAETrainer", Recording)
+    exact = train_sae(tiny_backbone, 2, texts, TINY_CONFIG, max_length=64, progress=False)
+    lowered = train_sae(low, 2, texts, TINY_CONFIG, max_length=64, progress=False)
+    assert settings == [False, True]
+    assert len(list((isolated_cache / "sae").iterdir())) == 2
+    assert not torch.equal(exact.W_dec, lowered.W_dec)
+    fve = [sae_info(sae)["heldout"]["all_tokens"]["fve"] for sae in (exact, lowered)]
+    assert abs(fve[0] - fve[1]) < 0.02  # about the same reconstruction, not the same bits
 
 
 def test_training_input_errors(tiny_backbone, texts, isolated_cache):

@@ -1,0 +1,145 @@
+"""What reading states and training the SAE under bfloat16 autocast saves, and what it changes.
+
+    SRLIB_DATA_DIR=... python benchmarks/precision.py --profile cpu [--autocast bfloat16]
+                       [--datasets truthfulqa ...] [--pairs N] [--sae-steps N] [--threads N]
+
+A profile's `autocast` (`srlib.profiles.Profile.autocast`) makes the backbone read hidden states
+under `torch.autocast` (matrix products in bfloat16, the residual stream in float32) and the SAE
+train under sae-lens's autocast. This compares the two precisions on the same inputs, with the
+profile's own float32 reading as the reference:
+
+- reading the VALIDATION pairs of each data set (cache off, the fastest of `--repeats` rounds):
+  seconds each way; per state the relative error ||z_low - z|| / ||z|| and the cosine; the
+  Jaccard overlap of the SAE latents that fire; and a SparseRM fitted (profile settings, seed 0)
+  on the float32 training states, scoring the pairs read each way: its accuracy and how many
+  pairs its decision flips on;
+- `--sae-steps` steps of the profile's SAE training on the cached float32 corpus rows, without
+  and with autocast: seconds per step. (The quality of a whole SAE trained under autocast on
+  states read under it: `benchmarks/sae_quality.py --autocast bfloat16`.)
+
+Needs the profile's float32 SAE and states (chapter 1 under the profile builds them; they are
+computed here otherwise). Run it on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import torch
+from torch.nn.functional import cosine_similarity
+
+from srlib import sae as sae_module
+from srlib.activations import pair_states
+from srlib.backbone import AUTOCAST_DTYPES, Backbone, backbone_for_profile
+from srlib.directions import select_directions
+from srlib.experiments import dataset_states
+from srlib.profiles import DEFAULT_PROFILE, get_profile
+from srlib.reward import SparseRM
+
+
+def fastest_read(backbone: Backbone, pairs, profile, repeats: int) -> tuple[tuple[torch.Tensor, torch.Tensor], float]:
+    """(states, seconds): the pairs' states at the profile's layer and position, cache off, the
+    fastest of `repeats` reads."""
+    best, states = float("inf"), None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        states = pair_states(
+            backbone,
+            pairs,
+            profile.layer,
+            position=profile.position,
+            max_length=profile.max_length,
+            batch_size=profile.batch_size,
+            cache=False,
+            progress=False,
+        )
+        best = min(best, time.perf_counter() - start)
+    assert states is not None
+    return states, best
+
+
+def firing_jaccard(sae, a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over rows of the Jaccard overlap of the latents that fire on a and on b."""
+    fa, fb = sae_module.encode(sae, a) > 0, sae_module.encode(sae, b) > 0
+    return ((fa & fb).sum(1) / (fa | fb).sum(1).clamp(min=1)).float().mean().item()
+
+
+def decisions(model: SparseRM, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Per pair, whether the model scores the chosen answer above the rejected one."""
+    return model.score_states(chosen) > model.score_states(rejected)
+
+
+def sae_step_seconds(profile, backbone: Backbone, steps: int, autocast: bool) -> float:
+    """Seconds per step of the profile's SAE training on its cached corpus rows (first step excluded)."""
+    texts, _ = sae_module._profile_corpus(profile, backbone)
+    data = sae_module.corpus_activations(
+        backbone, profile.layer, texts, max_length=profile.max_length, batch_size=profile.batch_size, progress=False
+    )
+    config = dataclasses.replace(profile.sae_training, training_tokens=(steps + 1) * profile.sae_training.batch_size)
+    start = time.perf_counter()
+    sae_module._fit(data.train_tokens, data.train_last, config, progress=False, autocast=autocast)
+    return (time.perf_counter() - start) / (steps + 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default=DEFAULT_PROFILE)
+    parser.add_argument("--autocast", default="bfloat16", choices=sorted(AUTOCAST_DTYPES))
+    parser.add_argument("--datasets", nargs="+", default=None, help="default: the profile's")
+    parser.add_argument("--pairs", type=int, default=None, help="validation pairs per data set (default: all)")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--sae-steps", type=int, default=20, help="0 skips the SAE timing")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, every core)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    profile = get_profile(args.profile).replace(autocast=None)  # the float32 reference
+    reference = backbone_for_profile(profile, progress=False)
+    low = backbone_for_profile(profile, autocast=AUTOCAST_DTYPES[args.autocast], progress=False)
+    sae = sae_module.sae_for_profile(profile, reference, progress=False)
+    print(
+        f"{reference.model_id} ({reference.source}), profile {profile.name}, layer {profile.layer}, "
+        f"{profile.position} token, K = {profile.k}, {torch.get_num_threads()} threads; "
+        f"float32 against autocast {args.autocast}"
+    )
+    header = (
+        f"{'data set':<14}{'pairs':>6}{'fp32 s':>8}{'low s':>8}{'speed-up':>9}{'rel err med':>12}"
+        f"{'rel err max':>12}{'cos min':>9}{'latents J':>10}{'acc fp32':>9}{'acc low':>8}{'flipped':>8}"
+    )
+    print(header)
+    for dataset in args.datasets or profile.datasets:
+        states = dataset_states(reference, dataset, profile, progress=False)
+        directions = select_directions(
+            sae, sae_module.encode(sae, states.train.chosen), sae_module.encode(sae, states.train.rejected), profile.k
+        )
+        model = SparseRM(directions, sae=sae, layer=profile.layer, position=profile.position)
+        model.fit_states(
+            states.train.chosen, states.train.rejected, states.val.chosen, states.val.rejected, head=profile.head
+        )
+        pairs = states.val.pairs[: args.pairs]
+        (ref_w, ref_l), ref_s = fastest_read(reference, pairs, profile, args.repeats)
+        (low_w, low_l), low_s = fastest_read(low, pairs, profile, args.repeats)
+        ref, lowered = torch.cat([ref_w, ref_l]), torch.cat([low_w, low_l])
+        error = (lowered - ref).norm(dim=1) / ref.norm(dim=1)
+        ref_d, low_d = decisions(model, ref_w, ref_l), decisions(model, low_w, low_l)
+        print(
+            f"{dataset:<14}{len(pairs):>6}{ref_s:>8.1f}{low_s:>8.1f}{ref_s / low_s:>9.2f}"
+            f"{error.median().item():>12.2e}{error.max().item():>12.2e}"
+            f"{cosine_similarity(lowered, ref, dim=1).min().item():>9.5f}"
+            f"{firing_jaccard(sae, lowered, ref):>10.3f}{100 * ref_d.float().mean().item():>9.1f}"
+            f"{100 * low_d.float().mean().item():>8.1f}{int((ref_d != low_d).sum()):>8}"
+        )
+    if args.sae_steps:
+        full = sae_step_seconds(profile, reference, args.sae_steps, autocast=False)
+        mixed = sae_step_seconds(profile, reference, args.sae_steps, autocast=True)
+        print(
+            f"SAE training ({profile.sae_training.architecture}, {profile.sae_training.d_sae} latents, "
+            f"k {profile.sae_training.k}, batch {profile.sae_training.batch_size}): {full:.3f} s/step float32, "
+            f"{mixed:.3f} s/step autocast bfloat16, speed-up {full / mixed:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
