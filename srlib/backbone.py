@@ -124,6 +124,11 @@ class Backbone:
     #: never share a cache entry.
     autocast: torch.dtype | None = None
 
+    @property
+    def autocast_name(self) -> str | None:
+        """`autocast` as a profile names it ("bfloat16"), or None; saved models record it."""
+        return None if self.autocast is None else str(self.autocast).removeprefix("torch.")
+
     def reading(self) -> AbstractContextManager:
         """The context the forward passes that read hidden states run in: `torch.autocast` at
         `autocast` on the backbone's device, or none."""

@@ -797,8 +797,8 @@ class FeatureRM(RewardModel):
 
     A saved model is rebuilt through this constructor (`_load`): `head` and `history` (a fitted
     head), `k`, `latent_indices` ({"w": [...], "l": [...]}), `directions_normalized` and
-    `backbone_record` ({"model_id", "identity", "weights"}: the backbone it was fitted on) are
-    what config.json records besides the feature map.
+    `backbone_record` ({"model_id", "identity", "weights"} and "autocast" when set: the backbone it
+    was fitted on) are what config.json records besides the feature map.
     """
 
     #: The `SparseRMConfig.features` a subclass's `fit` builds.
@@ -837,6 +837,7 @@ class FeatureRM(RewardModel):
         self.backbone_id: str | None = record.get("model_id")
         self.backbone_identity: str | None = record.get("identity")
         self.backbone_weights: str | None = record.get("weights")  # `Backbone.weights`: which weights were read
+        self.backbone_autocast: str | None = record.get("autocast")  # `Backbone.autocast_name`: how states were read
         self._backbone = None
         if backbone is not None:
             self.attach_backbone(backbone)
@@ -858,7 +859,7 @@ class FeatureRM(RewardModel):
             )
         self._backbone = backbone
         self.backbone_id, self.backbone_identity = backbone.model_id, backbone.identity
-        self.backbone_weights = backbone.weights
+        self.backbone_weights, self.backbone_autocast = backbone.weights, backbone.autocast_name
         return self
 
     @property
@@ -867,9 +868,9 @@ class FeatureRM(RewardModel):
         if self._backbone is None:
             if not self.backbone_id:
                 raise ConfigError("no backbone attached or recorded; call attach_backbone(backbone) first")
-            from srlib.backbone import load_backbone
+            from srlib.backbone import autocast_dtype, load_backbone
 
-            self.attach_backbone(load_backbone(self.backbone_id))
+            self.attach_backbone(load_backbone(self.backbone_id, autocast=autocast_dtype(self.backbone_autocast)))
         return self._backbone
 
     # -- fitting ----------------------------------------------------------------------------
@@ -1049,8 +1050,10 @@ class FeatureRM(RewardModel):
         }
 
     def _backbone_record(self) -> dict[str, Any]:
-        """The backbone it was fitted on, as config.json's "backbone" entry (`backbone_record`)."""
-        return {"model_id": self.backbone_id, "identity": self.backbone_identity, "weights": self.backbone_weights}
+        """The backbone it was fitted on, as config.json's "backbone" entry (`backbone_record`);
+        "autocast" only when it read states under autocast."""
+        record = {"model_id": self.backbone_id, "identity": self.backbone_identity, "weights": self.backbone_weights}
+        return record if self.backbone_autocast is None else {**record, "autocast": self.backbone_autocast}
 
     def _latent_indices(self) -> dict[str, list[int]] | None:
         """The selected latents per side, as config.json's "latent_indices" entry."""

@@ -101,7 +101,7 @@ def test_standard_rm_reads_the_last_real_token(backbone, pairs):
     assert models._pad_id(tok, [[5, tok.pad_token_id]]) != tok.pad_token_id
 
 
-def test_load_checks_backbone_and_loads_it_when_absent(backbone, pairs, tmp_path):
+def test_load_checks_backbone_and_loads_it_when_absent(backbone, pairs, tmp_path, monkeypatch):
     rm = B.fit_baseline("standard", backbone, pairs[:4], seed=0, progress=False, max_steps=1, batch_size=4)
     rm.save_pretrained(tmp_path / "rm")
     other = dataclasses.replace(backbone, identity="someone-else")
@@ -109,6 +109,13 @@ def test_load_checks_backbone_and_loads_it_when_absent(backbone, pairs, tmp_path
         RewardModel.from_pretrained(tmp_path / "rm", backbone=other)
     loaded = RewardModel.from_pretrained(tmp_path / "rm")  # rebuilds the tiny model by its id
     assert torch.equal(loaded.score_pairs(pairs[:3])[0], rm.score_pairs(pairs[:3])[0])
+    # a backbone that reads states under autocast has another identity, and is rebuilt with it
+    low = dataclasses.replace(backbone, autocast=torch.bfloat16, identity=backbone.identity + "-low")
+    monkeypatch.setattr("srlib.backbone.load_backbone", lambda model_id, autocast=None: low if autocast else backbone)
+    B.fit_baseline("standard", low, pairs[:4], seed=0, progress=False, max_steps=1, batch_size=4).save_pretrained(
+        tmp_path / "low"
+    )
+    assert RewardModel.from_pretrained(tmp_path / "low").backbone is low
 
 
 def test_verdict_preference_on_hand_made_logits():

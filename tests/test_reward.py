@@ -426,6 +426,22 @@ def test_dense_rm_fits_from_pairs_and_scores_through_a_reloaded_backbone(tiny_ba
     assert [t.shape for t in loaded.score_pairs([])] == [(0,), (0,)]
 
 
+def test_a_model_read_under_autocast_reloads_its_backbone_the_same_way(isolated_cache, tmp_path):
+    from srlib.backbone import load_backbone
+    from srlib.profiles import TINY_MODEL_ID
+
+    low = load_backbone(TINY_MODEL_ID, device="cpu", autocast=torch.bfloat16)
+    config = SparseRMConfig(features="dense", k=None, layer=1, max_length=64, head=HeadConfig(epochs=3))
+    rm = DenseRM.fit(low, tiny_pairs(16), tiny_pairs(8, 100), config=config, progress=False)
+    scores = rm.score_pairs(tiny_pairs(6, 200))
+    rm.save_pretrained(tmp_path / "rm")
+    saved = json.loads((tmp_path / "rm" / "config.json").read_text())["backbone"]
+    assert saved["autocast"] == "bfloat16" and saved["identity"] == low.identity
+    loaded = RewardModel.from_pretrained(tmp_path / "rm")  # no backbone: loaded as it was read, under autocast
+    assert all(torch.equal(a, b) for a, b in zip(loaded.score_pairs(tiny_pairs(6, 200)), scores, strict=True))
+    assert loaded.backbone.autocast is torch.bfloat16
+
+
 def test_sparse_rm_fits_from_pairs(tiny_backbone, isolated_cache):
     pytest.importorskip("srlib.sae")
     sae = small_sae(d_in=tiny_backbone.hidden_size, d_sae=64)

@@ -136,16 +136,17 @@ def _train(trainer, progress: bool) -> int:
 
 
 def _backbone_record(backbone) -> dict[str, str]:
-    return {"model_id": backbone.model_id, "identity": backbone.identity, "weights": backbone.weights}
+    record = {"model_id": backbone.model_id, "identity": backbone.identity, "weights": backbone.weights}
+    return record if backbone.autocast is None else {**record, "autocast": backbone.autocast_name}
 
 
 def _resolve_backbone(config: dict, backbone):
     """The backbone a saved baseline was trained on: `backbone` if given (checked), else loaded."""
     saved = config["backbone"]
     if backbone is None:
-        from srlib.backbone import load_backbone
+        from srlib.backbone import autocast_dtype, load_backbone
 
-        backbone = load_backbone(saved["model_id"])
+        backbone = load_backbone(saved["model_id"], autocast=autocast_dtype(saved.get("autocast")))
     if backbone.identity != saved["identity"]:
         raise ConfigError(
             f"backbone {backbone.model_id!r} is not the one this {config['rm_class']} was trained on "
