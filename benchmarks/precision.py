@@ -1,7 +1,8 @@
 """What reading states and training the SAE under bfloat16 autocast saves, and what it changes.
 
     SRLIB_DATA_DIR=... python benchmarks/precision.py --profile cpu [--autocast bfloat16]
-                       [--datasets truthfulqa ...] [--pairs N] [--sae-steps N] [--threads N]
+                       [--datasets truthfulqa ...] [--pairs N] [--sae-steps N] [--policy N]
+                       [--threads N]
 
 A profile's `autocast` (`srlib.profiles.Profile.autocast`) makes the backbone read hidden states
 under `torch.autocast` (matrix products in bfloat16, the residual stream in float32) and the SAE
@@ -16,6 +17,11 @@ profile's own float32 reading as the reference:
 - `--sae-steps` steps of the profile's SAE training on the cached float32 corpus rows, without
   and with autocast: seconds per step. (The quality of a whole SAE trained under autocast on
   states read under it: `benchmarks/sae_quality.py --autocast bfloat16`.)
+- `--policy N`: chapter 7's policy stages under its cpu settings (`AlignmentConfig.autocast`), on
+  the Red-Teaming track's data: generating answers to N generation prompts, one DPO round (one
+  epoch) on N training pairs taken as tuples, and the pairwise log-prob accuracy on N
+  validation pairs: seconds each way, the DPO loss, and the accuracy and flipped verdicts of
+  the evaluation.
 
 Needs the profile's float32 SAE and states (chapter 1 under the profile builds them; they are
 computed here otherwise). Run it on an otherwise idle machine.
@@ -24,7 +30,9 @@ computed here otherwise). Run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import tempfile
 import time
 
 import torch
@@ -32,7 +40,9 @@ from torch.nn.functional import cosine_similarity
 
 from srlib import sae as sae_module
 from srlib.activations import pair_states
+from srlib.alignment import AlignmentConfig, dpo_round, evaluate_policy, generate_responses, policy_precision
 from srlib.backbone import AUTOCAST_DTYPES, Backbone, backbone_for_profile
+from srlib.data import generation_prompts, load_pairs, prompt_messages
 from srlib.directions import select_directions
 from srlib.experiments import dataset_states
 from srlib.profiles import DEFAULT_PROFILE, get_profile
@@ -83,14 +93,56 @@ def sae_step_seconds(profile, backbone: Backbone, steps: int, autocast: bool) ->
     return (time.perf_counter() - start) / (steps + 1)
 
 
+def policy_stages(backbone: Backbone, n: int) -> None:
+    """Print chapter 7's policy stages (generation, one DPO round, evaluation) in float32 and
+    under bfloat16 autocast, with what the autocast changes."""
+    base = AlignmentConfig.for_profile("cpu", track="red-teaming", epochs=1)
+    prompts = [prompt_messages(p) for p in generation_prompts(base.data_name)[:n]]
+    tuples = load_pairs(f"{base.data_name}:train", max_pairs=n)
+    items = load_pairs(f"{base.data_name}:val", max_pairs=n)
+    print(f"chapter 7's policy on {n} prompts / tuples / validation pairs (red-teaming track, cpu settings):")
+    print(f"{'precision':<12}{'generate s':>11}{'DPO s':>8}{'DPO loss':>10}{'eval s':>8}{'accuracy':>10}")
+    verdicts = {}
+    for autocast in (None, "bfloat16"):
+        config = base.replace(autocast=autocast)
+        start = time.perf_counter()
+        with policy_precision(backbone.model, config):
+            generate_responses(
+                backbone.model, backbone.tokenizer, prompts, max_new_tokens=config.max_new_tokens, progress=False
+            )
+        generate_s = time.perf_counter() - start
+        with tempfile.TemporaryDirectory(prefix="precision-dpo-") as scratch:
+            policy, stats = dpo_round(
+                copy.deepcopy(backbone.model),
+                backbone.tokenizer,
+                tuples,
+                config,
+                seed=0,
+                adapter_dir=f"{scratch}/adapter",
+                reference=backbone.model,
+                progress=False,
+            )
+        start = time.perf_counter()
+        metrics = evaluate_policy(policy, backbone.tokenizer, items, config, progress=False, per_item=True)
+        eval_s = time.perf_counter() - start
+        verdicts[autocast] = torch.tensor(metrics["accuracy_items"])
+        print(
+            f"{autocast or 'float32':<12}{generate_s:>11.1f}{stats['seconds']:>8.1f}"
+            f"{stats['epochs'][-1]['loss']:>10.4f}{eval_s:>8.1f}{100 * metrics['accuracy']:>10.1f}"
+        )
+    flipped = int((verdicts[None] != verdicts["bfloat16"]).sum())
+    print(f"evaluation verdicts that differ (each policy trained and scored in its own precision): {flipped} of {n}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default=DEFAULT_PROFILE)
     parser.add_argument("--autocast", default="bfloat16", choices=sorted(AUTOCAST_DTYPES))
     parser.add_argument("--datasets", nargs="+", default=None, help="default: the profile's")
-    parser.add_argument("--pairs", type=int, default=None, help="validation pairs per data set (default: all)")
+    parser.add_argument("--pairs", type=int, default=None, help="validation pairs per data set (default: all; 0: skip)")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--sae-steps", type=int, default=20, help="0 skips the SAE timing")
+    parser.add_argument("--policy", type=int, default=0, help="chapter 7's policy stages on N items (0: skip)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, every core)")
     args = parser.parse_args()
     if args.threads:
@@ -109,7 +161,7 @@ def main() -> None:
         f"{'rel err max':>12}{'cos min':>9}{'latents J':>10}{'acc fp32':>9}{'acc low':>8}{'flipped':>8}"
     )
     print(header)
-    for dataset in args.datasets or profile.datasets:
+    for dataset in (args.datasets or profile.datasets) if args.pairs != 0 else ():
         states = dataset_states(reference, dataset, profile, progress=False)
         directions = select_directions(
             sae, sae_module.encode(sae, states.train.chosen), sae_module.encode(sae, states.train.rejected), profile.k
@@ -139,6 +191,8 @@ def main() -> None:
             f"k {profile.sae_training.k}, batch {profile.sae_training.batch_size}): {full:.3f} s/step float32, "
             f"{mixed:.3f} s/step autocast bfloat16, speed-up {full / mixed:.2f}"
         )
+    if args.policy:
+        policy_stages(reference, args.policy)
 
 
 if __name__ == "__main__":

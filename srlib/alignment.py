@@ -177,8 +177,14 @@ class AlignmentConfig:
     #: reward models were trained on (srlib's default 0), or their training pairs leak into
     #: the evaluation.
     split_seed: int = 0
+    #: "bfloat16": the policy generates, trains (TRL's bf16 mixed precision) and is scored
+    #: under torch.autocast in bfloat16, its weights and the LoRA adapter's optimiser in
+    #: float32; None: float32 throughout.
+    autocast: str | None = None
 
     def __post_init__(self) -> None:
+        if self.autocast not in (None, "bfloat16"):
+            raise ConfigError(f"autocast must be None or 'bfloat16', got {self.autocast!r}")
         if self.track not in TRACKS:
             raise ConfigError(f"track must be one of {', '.join(TRACKS)}, got {self.track!r}")
         if self.reference not in REFERENCES:
@@ -449,18 +455,19 @@ def generate_tuples(
     source "generated:round<r>". Sampling is seeded from (config.seed, round_index).
     """
     conversations = [generation_messages(p, shots, config.kind, side) for side in ("good", "bad") for p in prompts]
-    answers = generate_responses(
-        model,
-        tokenizer,
-        conversations,
-        max_new_tokens=config.max_new_tokens,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        batch_size=config.generation_batch_size,
-        seed=_round_seed(config, round_index),
-        progress=progress,
-        desc=f"round {round_index}: generate",
-    )
+    with policy_precision(model, config):
+        answers = generate_responses(
+            model,
+            tokenizer,
+            conversations,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            batch_size=config.generation_batch_size,
+            seed=_round_seed(config, round_index),
+            progress=progress,
+            desc=f"round {round_index}: generate",
+        )
     n = len(prompts)
     return [
         PreferencePair(
@@ -473,6 +480,14 @@ def generate_tuples(
         )
         for i, prompt in enumerate(prompts)
     ]
+
+
+def policy_precision(model: PreTrainedModel, config: AlignmentConfig) -> contextlib.AbstractContextManager:
+    """The context the policy generates and is scored in: `torch.autocast` in bfloat16 on the
+    model's device when `config.autocast` says so, else none (DPO gets it through TRL's `bf16`)."""
+    if config.autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
 
 
 def _round_seed(config: AlignmentConfig, round_index: int) -> int:
@@ -672,7 +687,7 @@ def dpo_round(
             save_strategy="no",
             report_to="none",
             use_cpu=not torch.cuda.is_available(),
-            bf16=False,
+            bf16=config.autocast == "bfloat16",
             fp16=False,
             gradient_checkpointing=False,
             disable_tqdm=not progress,
@@ -819,9 +834,10 @@ def evaluate_policy(
     kwargs: dict[str, Any] = dict(
         batch_size=config.eval_batch_size, max_length=config.max_length, progress=progress, per_item=per_item
     )
-    if config.kind == "truthfulness":
-        return truthfulqa_mc(model, tokenizer, items, **kwargs)
-    return pairwise_logprob_accuracy(model, tokenizer, items, **kwargs)
+    with policy_precision(model, config):
+        if config.kind == "truthfulness":
+            return truthfulqa_mc(model, tokenizer, items, **kwargs)
+        return pairwise_logprob_accuracy(model, tokenizer, items, **kwargs)
 
 
 def prompts_and_shots(config: AlignmentConfig) -> tuple[list[str | Conversation], list[PreferencePair]]:

@@ -84,7 +84,8 @@ def test_generation_prompt_holds_the_shots_and_the_plain_prompt_is_kept():
     assert good[-1] == bad[-1] == {"role": "user", "content": "Q?"}
 
 
-def test_dpo_round_changes_the_adapter_and_raises_the_margin(tmp_path):
+@pytest.mark.parametrize("autocast", [None, "bfloat16"])
+def test_dpo_round_changes_the_adapter_and_raises_the_margin(tmp_path, autocast):
     backbone = load_backbone(TINY_MODEL_ID)
     model, tok = backbone.model, backbone.tokenizer
     tuples = [
@@ -99,7 +100,7 @@ def test_dpo_round_changes_the_adapter_and_raises_the_margin(tmp_path):
 
     before = margin()
     weights_before = {k: v.clone() for k, v in model.state_dict().items()}
-    cfg = al.AlignmentConfig.for_profile("smoke", track="red-teaming", epochs=3, learning_rate=5e-3)
+    cfg = al.AlignmentConfig.for_profile("smoke", track="red-teaming", epochs=3, learning_rate=5e-3, autocast=autocast)
     model, stats = al.dpo_round(model, tok, tuples, cfg, seed=0, adapter_dir=tmp_path / "adapter", progress=False)
     adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     lora_b = [v for k, v in adapter.items() if "lora_B" in k]
@@ -110,6 +111,18 @@ def test_dpo_round_changes_the_adapter_and_raises_the_margin(tmp_path):
     assert stats["steps"] == 6 and len(stats["epochs"]) == 3  # 8 tuples, batch 4, 3 epochs
     assert stats["epochs"][-1]["rewards/margins"] > stats["epochs"][0]["rewards/margins"]
     assert margin() > before + 1.0
+
+
+def test_the_policy_runs_in_the_precision_its_config_names():
+    model = load_backbone(TINY_MODEL_ID).model
+    x = torch.randn(2, 64)
+    layer = model.model.layers[0].mlp.up_proj
+    for autocast, dtype in ((None, torch.float32), ("bfloat16", torch.bfloat16)):
+        cfg = al.AlignmentConfig.for_profile("smoke", track="red-teaming", autocast=autocast)
+        with al.policy_precision(model, cfg):
+            assert layer(x).dtype == dtype
+    with pytest.raises(ConfigError, match="autocast must be None or 'bfloat16', got 'float16'"):
+        al.AlignmentConfig.for_profile("smoke", track="red-teaming", autocast="float16")
 
 
 def _comparable(result: al.AlignmentResult) -> dict:
