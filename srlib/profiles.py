@@ -266,8 +266,8 @@ PROFILES: dict[str, Profile] = {
         # The SAE: chapter 11's study of SAEs of graded quality adopted k = 64 (both halves of
         # the validation pairs chose it; it was k = 32 before, kept in the family).
         sae_training=SAETrainingConfig(d_sae=8 * 576, k=64, training_tokens=1_200_000),
-        # States read and the SAE trained under bfloat16 autocast: on two CPU cores with bf16
-        # units, reading 1.7-1.9x and SAE steps 1.8x faster; on validation pairs the states are
+        # States read and the SAE trained under bfloat16 autocast: on a CPU with bf16 units (one
+        # thread), reading 1.7-1.9x and SAE steps 1.8x faster; on validation pairs the states are
         # within about 1% of float32 (cosine >= 0.9998), 97% of the firing latents the same, and a
         # float32-fitted SparseRM decides 6 of 462 pairs otherwise, at the same accuracy
         # (`benchmarks/precision.py --profile cpu --pairs 200 --threads 1`). The SAE trained so
