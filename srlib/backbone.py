@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -135,6 +136,12 @@ class Backbone:
         if self.autocast is None:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast)
+
+    @property
+    def record(self) -> dict[str, str]:
+        """What a saved model records of the backbone it read (config.json's "backbone" entry;
+        `backbone_record`); `load_recorded_backbone` loads it back."""
+        return backbone_record(self.model_id, self.identity, self.weights, self.autocast_name)
 
     @property
     def weights(self) -> str:
@@ -251,6 +258,22 @@ def autocast_dtype(name: str | None) -> torch.dtype | None:
     if name is not None and name not in AUTOCAST_DTYPES:
         raise ConfigError(f"autocast must be None or one of {', '.join(AUTOCAST_DTYPES)}; got {name!r}")
     return None if name is None else AUTOCAST_DTYPES[name]
+
+
+def backbone_record(model_id: str | None, identity: str | None, weights: str | None, autocast: str | None) -> dict:
+    """config.json's "backbone" entry of a saved reward model or baseline: the model id to load,
+    the identity to check, the weights in words and, only when set, the autocast the states were
+    read under (so a float32 model's record is what it was before autocast existed)."""
+    record = {"model_id": model_id, "identity": identity, "weights": weights}
+    return record if autocast is None else {**record, "autocast": autocast}
+
+
+def load_recorded_backbone(record: Mapping[str, str | None]) -> Backbone:
+    """The backbone a `backbone_record` names, reading under the autocast it records, so that
+    its identity is the recorded one (a reload scores with the same bits)."""
+    if not record.get("model_id"):
+        raise ConfigError("no backbone attached or recorded; call attach_backbone(backbone) first")
+    return load_backbone(str(record["model_id"]), autocast=autocast_dtype(record.get("autocast")))
 
 
 def pretrained_path(backbone: Backbone) -> str:

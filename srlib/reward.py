@@ -866,11 +866,9 @@ class FeatureRM(RewardModel):
     def backbone(self):
         """The attached backbone; loaded from the recorded model id on first use if none is attached."""
         if self._backbone is None:
-            if not self.backbone_id:
-                raise ConfigError("no backbone attached or recorded; call attach_backbone(backbone) first")
-            from srlib.backbone import autocast_dtype, load_backbone
+            from srlib.backbone import load_recorded_backbone
 
-            self.attach_backbone(load_backbone(self.backbone_id, autocast=autocast_dtype(self.backbone_autocast)))
+            self.attach_backbone(load_recorded_backbone(self._backbone_record()))
         return self._backbone
 
     # -- fitting ----------------------------------------------------------------------------
@@ -1050,10 +1048,10 @@ class FeatureRM(RewardModel):
         }
 
     def _backbone_record(self) -> dict[str, Any]:
-        """The backbone it was fitted on, as config.json's "backbone" entry (`backbone_record`);
-        "autocast" only when it read states under autocast."""
-        record = {"model_id": self.backbone_id, "identity": self.backbone_identity, "weights": self.backbone_weights}
-        return record if self.backbone_autocast is None else {**record, "autocast": self.backbone_autocast}
+        """The backbone it was fitted on, as config.json's "backbone" entry (`srlib.backbone.backbone_record`)."""
+        from srlib.backbone import backbone_record
+
+        return backbone_record(self.backbone_id, self.backbone_identity, self.backbone_weights, self.backbone_autocast)
 
     def _latent_indices(self) -> dict[str, list[int]] | None:
         """The selected latents per side, as config.json's "latent_indices" entry."""

@@ -15,6 +15,7 @@ from srlib.backbone import (
     format_pair,
     format_text,
     load_backbone,
+    load_recorded_backbone,
     pretrained_path,
 )
 from srlib.data import PreferencePair
@@ -136,3 +137,18 @@ def test_unknown_model_offline_is_a_one_line_config_error(monkeypatch, isolated_
 def test_backbone_is_a_plain_dataclass(tiny_backbone):
     renamed = dataclasses.replace(tiny_backbone, identity="x")
     assert renamed.model is tiny_backbone.model and renamed.identity == "x"
+
+
+def test_a_saved_models_backbone_record_reloads_the_same_backbone(tiny_backbone):
+    assert tiny_backbone.record == {
+        "model_id": TINY_MODEL_ID,
+        "identity": tiny_backbone.identity,
+        "weights": tiny_backbone.weights,
+    }  # float32: no "autocast" key, the record saved before autocast existed
+    low = load_backbone(TINY_MODEL_ID, device="cpu", autocast=torch.bfloat16)
+    assert low.record["autocast"] == "bfloat16"
+    reloaded = load_recorded_backbone(low.record)
+    assert reloaded.identity == low.identity and reloaded.autocast is torch.bfloat16
+    assert load_recorded_backbone(tiny_backbone.record).identity == tiny_backbone.identity
+    with pytest.raises(ConfigError, match="no backbone attached or recorded"):
+        load_recorded_backbone({"model_id": None, "identity": None, "weights": None})

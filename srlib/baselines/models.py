@@ -135,18 +135,13 @@ def _train(trainer, progress: bool) -> int:
     return trainable
 
 
-def _backbone_record(backbone) -> dict[str, str]:
-    record = {"model_id": backbone.model_id, "identity": backbone.identity, "weights": backbone.weights}
-    return record if backbone.autocast is None else {**record, "autocast": backbone.autocast_name}
-
-
 def _resolve_backbone(config: dict, backbone):
     """The backbone a saved baseline was trained on: `backbone` if given (checked), else loaded."""
     saved = config["backbone"]
     if backbone is None:
-        from srlib.backbone import autocast_dtype, load_backbone
+        from srlib.backbone import load_recorded_backbone
 
-        backbone = load_backbone(saved["model_id"], autocast=autocast_dtype(saved.get("autocast")))
+        backbone = load_recorded_backbone(saved)
     if backbone.identity != saved["identity"]:
         raise ConfigError(
             f"backbone {backbone.model_id!r} is not the one this {config['rm_class']} was trained on "
@@ -428,7 +423,7 @@ class StandardRM(Baseline):
         return {
             **self._config_header(),
             "method": self.method,
-            "backbone": _backbone_record(self.backbone),
+            "backbone": self.backbone.record,
             "settings": asdict(self.settings),
             "seed": self.seed,
             "pad_id": self.pad_id,
@@ -740,7 +735,7 @@ class GenerativeJudge(Baseline):
         return {
             **self._config_header(),
             "method": self.method,
-            "backbone": _backbone_record(self.backbone),
+            "backbone": self.backbone.record,
             "settings": asdict(self.settings),
             "lora": self.lora,
             "seed": self.seed,
@@ -834,7 +829,7 @@ class LogProbPreference(Baseline):
         return {
             **self._config_header(),
             "method": self.method,
-            "backbone": _backbone_record(self.backbone),
+            "backbone": self.backbone.record,
             "settings": asdict(self.settings),
             "trainable_parameters": 0,
             "cost": self.cost.as_dict() if self.cost else None,
