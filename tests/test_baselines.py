@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from srlib import baselines as B
-from srlib.backbone import format_text
+from srlib.backbone import format_text, load_backbone
 from srlib.baselines import models
 from srlib.data import PreferencePair
 from srlib.errors import ConfigError, DataError
@@ -88,6 +88,30 @@ def test_trained_baseline_moves_scores_and_round_trips(method, backbone, pairs, 
     assert type(loaded) is type(rm) and loaded.num_trainable_parameters() == rm.num_trainable_parameters()
     s_w, s_l = loaded.score_pairs(pairs)
     assert torch.equal(s_w, after_w) and torch.equal(s_l, after_l)
+
+
+@pytest.mark.parametrize("method", ["standard", "judge-lora", "logprob"])
+def test_a_baseline_trains_and_scores_in_the_precision_its_backbone_reads(method, backbone, pairs):
+    """A backbone that reads states under bfloat16 autocast trains (TRL's bf16) and scores its
+    baselines under it too, so a saved record's "autocast" says how the baseline computed."""
+    low = load_backbone(PROFILE.model_id, device="cpu", autocast=torch.bfloat16)
+    overrides = {} if method == "logprob" else QUICK
+    for reader, dtype in ((backbone, torch.float32), (low, torch.bfloat16)):
+        seen: set[torch.dtype] = set()
+
+        def linear_outputs(module, args, output, seen=seen):
+            if isinstance(module, torch.nn.Linear):
+                seen.add(output.dtype)
+
+        hook = torch.nn.modules.module.register_module_forward_hook(linear_outputs)
+        try:
+            rm = B.fit_baseline(method, reader, pairs[:8], seed=0, progress=False, **overrides)
+            s_w, s_l = rm.score_pairs(pairs)
+        finally:
+            hook.remove()
+        assert seen == {dtype}  # every matrix product, in training and in scoring
+        assert s_w.dtype == torch.float32 and torch.isfinite(s_w - s_l).all()
+        assert rm.backbone.record.get("autocast") == (None if dtype == torch.float32 else "bfloat16")
 
 
 def test_standard_rm_reads_the_last_real_token(backbone, pairs):

@@ -327,7 +327,11 @@ class StandardRM(Baseline):
             set_seed(seed)  # the score head's initial weights
             classifier = _sequence_classifier(backbone, pad_id)
             with tempfile.TemporaryDirectory(prefix="srlib-rm-") as out:
-                args = RewardConfig(**settings.trainer_kwargs(out, seed, val_pairs is not None, progress))
+                args = RewardConfig(
+                    **settings.trainer_kwargs(
+                        out, seed, val_pairs is not None, progress, autocast=backbone.autocast_name
+                    )
+                )
                 with _peft_wrapping():
                     trainer = _PairRewardTrainer(
                         model=classifier,
@@ -395,7 +399,8 @@ class StandardRM(Baseline):
             batches, desc=f"{type(self).__name__} scores", unit="batch", disable=not progress, leave=False
         ):
             input_ids, attention = _right_pad([sequences[i] for i in batch], self.pad_id)
-            logits = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
+            with self.backbone.reading():  # the backbone's autocast, as in training
+                logits = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
             out[batch] = logits[:, 0].float().cpu()
         return out
 
@@ -669,7 +674,11 @@ class GenerativeJudge(Baseline):
                 tokenizer = _tokenizer_with_pad(tokenizer, tokenizer.eos_token_id)
             set_seed(seed)
             with tempfile.TemporaryDirectory(prefix="srlib-judge-") as out:
-                args = SFTConfig(**settings.trainer_kwargs(out, seed, val_pairs is not None, progress))
+                args = SFTConfig(
+                    **settings.trainer_kwargs(
+                        out, seed, val_pairs is not None, progress, autocast=backbone.autocast_name
+                    )
+                )
                 with _peft_wrapping():
                     trainer = SFTTrainer(
                         model=copy.deepcopy(backbone.model),
@@ -709,15 +718,16 @@ class GenerativeJudge(Baseline):
         sequences = [_judge_ids(tokenizer, p, True, max_length) for p in pairs]
         sequences += [_judge_ids(tokenizer, p, False, max_length) for p in pairs]
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        logits = _next_token_logits(
-            self.model,
-            sequences,
-            self.verdict_ids,
-            pad_id,
-            self.settings.scoring_batch_size,
-            progress,
-            "judge verdicts",
-        )
+        with self.backbone.reading():  # the backbone's autocast, as in training
+            logits = _next_token_logits(
+                self.model,
+                sequences,
+                self.verdict_ids,
+                pad_id,
+                self.settings.scoring_batch_size,
+                progress,
+                "judge verdicts",
+            )
         return logits[: len(pairs)], logits[len(pairs) :]
 
     def score_pairs(self, pairs, *, progress: bool = False) -> tuple[Tensor, Tensor]:
@@ -807,16 +817,17 @@ class LogProbPreference(Baseline):
         """Mean log-prob per response token of the chosen and of the rejected responses."""
         pairs = list(pairs)
         items = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-        scores = sequence_logprobs(
-            self.backbone.model,
-            self.backbone.tokenizer,
-            items,
-            normalize=True,
-            batch_size=self.settings.scoring_batch_size,
-            max_length=self.settings.max_length,
-            progress=progress,
-            desc="mean log-probs",
-        )
+        with self.backbone.reading():  # the backbone's autocast, as every reader of it
+            scores = sequence_logprobs(
+                self.backbone.model,
+                self.backbone.tokenizer,
+                items,
+                normalize=True,
+                batch_size=self.settings.scoring_batch_size,
+                max_length=self.settings.max_length,
+                progress=progress,
+                desc="mean log-probs",
+            )
         return scores[: len(pairs)], scores[len(pairs) :]
 
     def score(self, texts: list[str]) -> Tensor:

@@ -53,8 +53,13 @@ class LoraSettings:
             modules_to_save=modules_to_save,
         )
 
-    def trainer_kwargs(self, output_dir: str, seed: int, has_val: bool, progress: bool) -> dict[str, Any]:
-        """Arguments shared by RewardConfig and SFTConfig: float32, no checkpointing; the GPU if any."""
+    def trainer_kwargs(
+        self, output_dir: str, seed: int, has_val: bool, progress: bool, *, autocast: str | None = None
+    ) -> dict[str, Any]:
+        """Arguments shared by RewardConfig and SFTConfig: float32 weights, no checkpointing, the
+        GPU if any; with the backbone's `autocast` ("bfloat16", `Backbone.autocast_name`) the
+        Trainer's mixed precision in that dtype, so a baseline trains in the precision its
+        backbone reads states in (weights and the adapter's optimiser stay float32)."""
         per_epoch = "epoch" if has_val else "no"
         return dict(
             output_dir=output_dir,
@@ -76,8 +81,8 @@ class LoraSettings:
             seed=seed,
             data_seed=seed,
             use_cpu=not torch.cuda.is_available(),
-            bf16=False,
-            fp16=False,
+            bf16=autocast == "bfloat16",
+            fp16=autocast == "float16",
             activation_checkpointing=False,
             report_to="none",
             logging_steps=10,
