@@ -2,7 +2,7 @@
 
     SRLIB_DATA_DIR=... python benchmarks/precision.py --profile cpu [--autocast bfloat16]
                        [--datasets truthfulqa ...] [--pairs N] [--sae-steps N] [--policy N]
-                       [--threads N]
+                       [--policy-precisions float32 bfloat16] [--threads N]
 
 A profile's `autocast` (`srlib.profiles.Profile.autocast`) makes the backbone read hidden states
 under `torch.autocast` (matrix products in bfloat16, the residual stream in float32) and the SAE
@@ -34,6 +34,7 @@ import copy
 import dataclasses
 import tempfile
 import time
+from collections.abc import Sequence
 
 import torch
 from torch.nn.functional import cosine_similarity
@@ -42,6 +43,7 @@ from srlib import sae as sae_module
 from srlib.activations import pair_states
 from srlib.alignment import AlignmentConfig, dpo_round, evaluate_policy, generate_responses, policy_precision
 from srlib.backbone import AUTOCAST_DTYPES, Backbone, backbone_for_profile
+from srlib.baselines.cost import CostMeter
 from srlib.data import generation_prompts, load_pairs, prompt_messages
 from srlib.directions import select_directions
 from srlib.experiments import dataset_states
@@ -93,17 +95,23 @@ def sae_step_seconds(profile, backbone: Backbone, steps: int, autocast: bool) ->
     return (time.perf_counter() - start) / (steps + 1)
 
 
-def policy_stages(backbone: Backbone, n: int) -> None:
-    """Print chapter 7's policy stages (generation, one DPO round, evaluation) in float32 and
-    under bfloat16 autocast, with what the autocast changes."""
+def policy_stages(backbone: Backbone, n: int, precisions: Sequence[str] = ("float32", "bfloat16")) -> None:
+    """Print chapter 7's policy stages (generation, one DPO round, evaluation) in each of
+    `precisions` ("float32", "bfloat16": under autocast), with the DPO round's peak memory (the
+    process's resident set, sampled) and, for both, what the autocast changes. A precision run
+    after another inherits its process's memory, so run one per process to compare peaks."""
     base = AlignmentConfig.for_profile("cpu", track="red-teaming", epochs=1)
     prompts = [prompt_messages(p) for p in generation_prompts(base.data_name)[:n]]
     tuples = load_pairs(f"{base.data_name}:train", max_pairs=n)
     items = load_pairs(f"{base.data_name}:val", max_pairs=n)
     print(f"chapter 7's policy on {n} prompts / tuples / validation pairs (red-teaming track, cpu settings):")
-    print(f"{'precision':<12}{'generate s':>11}{'DPO s':>8}{'DPO loss':>10}{'eval s':>8}{'accuracy':>10}")
+    print(
+        f"{'precision':<12}{'generate s':>11}{'DPO s':>8}{'DPO loss':>10}{'DPO peak MB':>12}{'eval s':>8}"
+        f"{'accuracy':>10}"
+    )
     verdicts = {}
-    for autocast in (None, "bfloat16"):
+    for precision in precisions:
+        autocast = None if precision == "float32" else precision
         config = base.replace(autocast=autocast)
         start = time.perf_counter()
         with policy_precision(backbone.model, config):
@@ -111,7 +119,7 @@ def policy_stages(backbone: Backbone, n: int) -> None:
                 backbone.model, backbone.tokenizer, prompts, max_new_tokens=config.max_new_tokens, progress=False
             )
         generate_s = time.perf_counter() - start
-        with tempfile.TemporaryDirectory(prefix="precision-dpo-") as scratch:
+        with tempfile.TemporaryDirectory(prefix="precision-dpo-") as scratch, CostMeter() as memory:
             policy, stats = dpo_round(
                 copy.deepcopy(backbone.model),
                 backbone.tokenizer,
@@ -128,10 +136,14 @@ def policy_stages(backbone: Backbone, n: int) -> None:
         verdicts[autocast] = torch.tensor(metrics["accuracy_items"])
         print(
             f"{autocast or 'float32':<12}{generate_s:>11.1f}{stats['seconds']:>8.1f}"
-            f"{stats['epochs'][-1]['loss']:>10.4f}{eval_s:>8.1f}{100 * metrics['accuracy']:>10.1f}"
+            f"{stats['epochs'][-1]['loss']:>10.4f}{memory.peak_rss / 2**20:>12.0f}{eval_s:>8.1f}"
+            f"{100 * metrics['accuracy']:>10.1f}"
         )
-    flipped = int((verdicts[None] != verdicts["bfloat16"]).sum())
-    print(f"evaluation verdicts that differ (each policy trained and scored in its own precision): {flipped} of {n}")
+    if len(verdicts) == 2:
+        flipped = int((verdicts[None] != verdicts["bfloat16"]).sum())
+        print(
+            f"evaluation verdicts that differ (each policy trained and scored in its own precision): {flipped} of {n}"
+        )
 
 
 def main() -> None:
@@ -143,6 +155,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--sae-steps", type=int, default=20, help="0 skips the SAE timing")
     parser.add_argument("--policy", type=int, default=0, help="chapter 7's policy stages on N items (0: skip)")
+    parser.add_argument(
+        "--policy-precisions",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=["float32", "bfloat16"],
+        help="which precisions --policy runs (one per process gives each its own peak memory)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, every core)")
     args = parser.parse_args()
     if args.threads:
@@ -150,7 +169,6 @@ def main() -> None:
     profile = get_profile(args.profile).replace(autocast=None)  # the float32 reference
     reference = backbone_for_profile(profile, progress=False)
     low = backbone_for_profile(profile, autocast=AUTOCAST_DTYPES[args.autocast], progress=False)
-    sae = sae_module.sae_for_profile(profile, reference, progress=False)
     print(
         f"{reference.model_id} ({reference.source}), profile {profile.name}, layer {profile.layer}, "
         f"{profile.position} token, K = {profile.k}, {torch.get_num_threads()} threads; "
@@ -160,8 +178,11 @@ def main() -> None:
         f"{'data set':<14}{'pairs':>6}{'fp32 s':>8}{'low s':>8}{'speed-up':>9}{'rel err med':>12}"
         f"{'rel err max':>12}{'cos min':>9}{'latents J':>10}{'acc fp32':>9}{'acc low':>8}{'flipped':>8}"
     )
-    print(header)
-    for dataset in (args.datasets or profile.datasets) if args.pairs != 0 else ():
+    datasets = (args.datasets or profile.datasets) if args.pairs != 0 else ()
+    if datasets:  # the profile's float32 SAE (trained here if chapter 1 has not cached it)
+        sae = sae_module.sae_for_profile(profile, reference, progress=False)
+        print(header)
+    for dataset in datasets:
         states = dataset_states(reference, dataset, profile, progress=False)
         directions = select_directions(
             sae, sae_module.encode(sae, states.train.chosen), sae_module.encode(sae, states.train.rejected), profile.k
@@ -192,7 +213,7 @@ def main() -> None:
             f"{mixed:.3f} s/step autocast bfloat16, speed-up {full / mixed:.2f}"
         )
     if args.policy:
-        policy_stages(reference, args.policy)
+        policy_stages(reference, args.policy, args.policy_precisions)
 
 
 if __name__ == "__main__":
