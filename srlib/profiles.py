@@ -257,10 +257,10 @@ PROFILES: dict[str, Profile] = {
         name="cpu",
         model_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         # Layer and K: chapter 3's validation study (TruthfulQA validation, 3 seeds, each layer
-        # with its own sweep SAE) selected layer 22, K = 128 with the k = 64 SAEs under its rule
-        # (best mean, ties within one standard error go to the smaller K; K = 256 with the k = 32
-        # SAEs before); the chapter prints the grid and says whether these defaults still equal
-        # its selection.
+        # with its own sweep SAE) selected layer 22, K = 128 with the wide bfloat16 SAEs under its
+        # rule (best mean, ties within one standard error go to the smaller K), as with the k = 64
+        # float32 ones before them (K = 256 with k = 32); the chapter prints the grid and says
+        # whether these defaults still equal its selection.
         layer=22,
         sae_source="train",
         # Precision: every pass that reads the backbone (states, SAE training, the baselines' fits
@@ -383,9 +383,9 @@ ALIGNMENT: dict[str, dict] = {
         max_length=512,
         max_val=50,
         max_test=200,
-        # The policy generates, trains (TRL's bf16) and is scored under bfloat16 autocast, as the
-        # cpu profile reads states: `benchmarks/precision.py --policy` times it both ways.
-        autocast="bfloat16",
+        # The policy stays float32 (`autocast`): under bfloat16 autocast this chapter's process
+        # grew to 16 GB during its third DPO round and was killed for memory on a 24 GB machine
+        # running a second chapter; `benchmarks/precision.py --policy` times both ways.
     ),
     # The paper's loop on Gemma-2-2B-it (a GPU and hub access): every generation prompt, 5 rounds.
     "paper": dict(
