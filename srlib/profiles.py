@@ -272,6 +272,7 @@ PROFILES: dict[str, Profile] = {
         # wide SAE (both halves of the validation pairs chose it). k = 64, which the float32 run of
         # the same study adopted, and k = 32 before it stay in the family: which of them wins has
         # moved with the SAEs' own training, so the chapter says which it adopts on every run.
+        # Wide trains slower than k = 64 (chapter 11's training table gives both times).
         sae_training=SAETrainingConfig(d_sae=16 * 576, k=32, training_tokens=1_200_000),
         k=128,
         # The SAE corpus: at most 400k tokens of the train splits, shared equally across the
