@@ -384,9 +384,10 @@ ALIGNMENT: dict[str, dict] = {
         max_length=512,
         max_val=50,
         max_test=200,
-        # The policy stays float32 (`autocast`): under bfloat16 autocast this chapter's process
-        # grew to 16 GB during its third DPO round and was killed for memory on a 24 GB machine
-        # running a second chapter; `benchmarks/precision.py --policy` times both ways.
+        # The policy stays float32 (`autocast`) until a whole chapter-7 run with it in bfloat16
+        # is compared with this one (the first was killed for memory beside another chapter, in
+        # a DPO round; a DPO round's peak memory is high in either precision):
+        # `benchmarks/precision.py --policy` measures time, memory and verdicts both ways.
     ),
     # The paper's loop on Gemma-2-2B-it (a GPU and hub access): every generation prompt, 5 rounds.
     "paper": dict(
