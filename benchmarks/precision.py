@@ -168,7 +168,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     profile = get_profile(args.profile).replace(autocast=None)  # the float32 reference
     reference = backbone_for_profile(profile, progress=False)
-    low = backbone_for_profile(profile, autocast=AUTOCAST_DTYPES[args.autocast], progress=False)
     print(
         f"{reference.model_id} ({reference.source}), profile {profile.name}, layer {profile.layer}, "
         f"{profile.position} token, K = {profile.k}, {torch.get_num_threads()} threads; "
@@ -181,6 +180,7 @@ def main() -> None:
     datasets = (args.datasets or profile.datasets) if args.pairs != 0 else ()
     if datasets:  # the profile's float32 SAE (trained here if chapter 1 has not cached it)
         sae = sae_module.sae_for_profile(profile, reference, progress=False)
+        low = backbone_for_profile(profile, autocast=AUTOCAST_DTYPES[args.autocast], progress=False)
         print(header)
     for dataset in datasets:
         states = dataset_states(reference, dataset, profile, progress=False)

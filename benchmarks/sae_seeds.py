@@ -37,18 +37,19 @@ def main() -> None:
     base = get_profile(args.profile)
     if args.autocast is not None:
         base = base.replace(autocast=None if args.autocast == "none" else args.autocast)
+    if base.sae_training is None:
+        parser.error(f"profile {base.name!r} trains no SAE of its own (sae_source={base.sae_source!r})")
     backbone = backbone_for_profile(base, progress=False)
     print(
         f"{base.name}: layer {base.layer}, K = {base.k}, autocast {base.autocast}, "
         f"head seeds {list(base.seeds)}; SparseRM accuracy (%) per SAE seed"
     )
     print(f"{'SAE seed':<10}{'data set':<16}{'test (mean ± sd)':>18}{'validation':>14}")
+    states_of = {dataset: dataset_states(backbone, dataset, base, progress=False) for dataset in base.datasets}
     for seed in args.seeds:
-        assert base.sae_training is not None, "the profile trains no SAE of its own"
         profile = base.replace(sae_training=dataclasses.replace(base.sae_training, seed=seed))
         sae = sae_for_profile(profile, backbone, progress=False)
-        for dataset in profile.datasets:
-            states = dataset_states(backbone, dataset, profile, progress=False)
+        for dataset, states in states_of.items():
             variant = dict(features="projection", directions=select_for(states, sae, profile.k), head=profile.head)
             trials = run_trials(states, {"SparseRM": variant}, profile.seeds, progress=False)
             test = summarize(trials, value="test_accuracy")["label"].iloc[0]
