@@ -2,7 +2,8 @@
 
     SRLIB_DATA_DIR=... python benchmarks/precision.py --profile cpu [--autocast bfloat16]
                        [--datasets truthfulqa ...] [--pairs N] [--sae-steps N] [--policy N]
-                       [--policy-precisions float32 bfloat16] [--threads N]
+                       [--policy-precisions float32 bfloat16] [--policy-batch-size B]
+                       [--policy-accumulation A] [--threads N]
 
 A profile's `autocast` (`srlib.profiles.Profile.autocast`) makes the backbone read hidden states
 under `torch.autocast` (matrix products in bfloat16, the residual stream in float32) and the SAE
@@ -21,7 +22,9 @@ profile's own float32 reading as the reference:
   the Red-Teaming track's data: generating answers to N generation prompts, one DPO round (one
   epoch) on N training pairs taken as tuples, and the pairwise log-prob accuracy on N
   validation pairs: seconds each way, the DPO loss, and the accuracy and flipped verdicts of
-  the evaluation.
+  the evaluation. `--policy-batch-size` and `--policy-accumulation` set the DPO round's
+  micro-batch and its gradient accumulation (default: chapter 7's cpu settings), so the peak
+  memory of one effective batch taken whole or in micro-batches can be compared.
 
 Needs the profile's float32 SAE and states (chapter 1 under the profile builds them; they are
 computed here otherwise). Run it on an otherwise idle machine.
@@ -95,16 +98,22 @@ def sae_step_seconds(profile, backbone: Backbone, steps: int, autocast: bool) ->
     return (time.perf_counter() - start) / (steps + 1)
 
 
-def policy_stages(backbone: Backbone, n: int, precisions: Sequence[str] = ("float32", "bfloat16")) -> None:
+def policy_stages(
+    backbone: Backbone, n: int, precisions: Sequence[str] = ("float32", "bfloat16"), **dpo_changes: int
+) -> None:
     """Print chapter 7's policy stages (generation, one DPO round, evaluation) in each of
     `precisions` ("float32", "bfloat16": under autocast), with the DPO round's peak memory (the
-    process's resident set, sampled) and, for both, what the autocast changes. A precision run
+    process's resident set, sampled) and, for both, what the autocast changes. `dpo_changes`
+    (batch_size, gradient_accumulation_steps) replace chapter 7's cpu settings. A precision run
     after another inherits its process's memory, so run one per process to compare peaks."""
-    base = AlignmentConfig.for_profile("cpu", track="red-teaming", epochs=1)
+    base = AlignmentConfig.for_profile("cpu", track="red-teaming", epochs=1, **dpo_changes)
     prompts = [prompt_messages(p) for p in generation_prompts(base.data_name)[:n]]
     tuples = load_pairs(f"{base.data_name}:train", max_pairs=n)
     items = load_pairs(f"{base.data_name}:val", max_pairs=n)
-    print(f"chapter 7's policy on {n} prompts / tuples / validation pairs (red-teaming track, cpu settings):")
+    print(
+        f"chapter 7's policy on {n} prompts / tuples / validation pairs (red-teaming track, cpu settings; "
+        f"DPO micro-batch {base.batch_size} x {base.gradient_accumulation_steps} accumulated):"
+    )
     print(
         f"{'precision':<12}{'generate s':>11}{'DPO s':>8}{'DPO loss':>10}{'DPO peak MB':>12}{'eval s':>8}"
         f"{'accuracy':>10}"
@@ -162,6 +171,10 @@ def main() -> None:
         choices=["float32", "bfloat16"],
         help="which precisions --policy runs (one per process gives each its own peak memory)",
     )
+    parser.add_argument("--policy-batch-size", type=int, default=None, help="DPO micro-batch (default: the preset)")
+    parser.add_argument(
+        "--policy-accumulation", type=int, default=None, help="DPO gradient accumulation (default: the cpu preset's)"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, every core)")
     args = parser.parse_args()
     if args.threads:
@@ -213,7 +226,10 @@ def main() -> None:
             f"{mixed:.3f} s/step autocast bfloat16, speed-up {full / mixed:.2f}"
         )
     if args.policy:
-        policy_stages(reference, args.policy, args.policy_precisions)
+        changes = {"batch_size": args.policy_batch_size, "gradient_accumulation_steps": args.policy_accumulation}
+        policy_stages(
+            reference, args.policy, args.policy_precisions, **{k: v for k, v in changes.items() if v is not None}
+        )
 
 
 if __name__ == "__main__":
