@@ -153,6 +153,10 @@ class AlignmentConfig:
     # A LoRA adapter on a 135M model barely moves at the usual 1e-4 (commit ea8f1f9 has the
     # DPO losses of one cpu round at both rates).
     learning_rate: float = 2e-3
+    #: Pairs per forward and backward pass; `gradient_accumulation_steps` passes make one
+    #: optimiser step of `effective_batch_size` pairs. Micro-batches with accumulation give the
+    #: step of the whole batch (TRL averages the micro-batch losses), with less memory and less
+    #: padding: each pass pads only to its own longest pair.
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
     lora_r: int = 8
@@ -237,6 +241,11 @@ class AlignmentConfig:
     def metric(self) -> str:
         """The validation metric that picks the best round."""
         return self.selection_metric or TRACKS[self.track].metrics[-1]
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Pairs per DPO optimiser step: micro-batch times accumulation."""
+        return self.batch_size * self.gradient_accumulation_steps
 
     def replace(self, **changes: Any) -> AlignmentConfig:
         """A copy with some fields changed."""
@@ -714,7 +723,7 @@ def dpo_round(
         )
         # TRL drops a tuple whose prompt alone fills max_length; log once per epoch of what is left.
         n_trained = len(trainer.train_dataset)
-        args.logging_steps = max(1, -(-n_trained // (config.batch_size * config.gradient_accumulation_steps)))
+        args.logging_steps = max(1, -(-n_trained // config.effective_batch_size))
         for callback in (PrinterCallback, ProgressCallback, DEFAULT_PROGRESS_CALLBACK):
             trainer.remove_callback(callback)
         if progress:

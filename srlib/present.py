@@ -869,14 +869,21 @@ def _pm(metrics: Mapping[str, Any], metric: str) -> str:
     return mean_sd(100 * metrics[metric], 100 * metrics[se_key(metric)])
 
 
+def batch_text(micro_batch: int, accumulation: int) -> str:
+    """A training batch as a reader counts it: "8", or "8 (micro-batches of 1, accumulated)"."""
+    if accumulation == 1:
+        return str(micro_batch)
+    return f"{micro_batch * accumulation} (micro-batches of {micro_batch}, accumulated)"
+
+
 def alignment_line(config, threads: int) -> str:
     """The loop's settings in one line, under chapter 7's setup."""
     return (
         f"{threads} torch thread(s); track {config.track}, data set {config.data_name}: {config.n_prompts or 'all'} "
         f"prompts a round, {config.rounds} rounds, {config.n_shots} shots, {config.max_new_tokens} new tokens, DPO "
         f"beta {config.beta} against the {config.reference} model, {config.epochs} epochs, "
-        f"lr {config.learning_rate:g}, "
-        f"batch {config.batch_size}, LoRA r={config.lora_r}; best round on {config.max_val or 'all'} validation items "
+        f"lr {config.learning_rate:g}, batch {batch_text(config.batch_size, config.gradient_accumulation_steps)}, "
+        f"LoRA r={config.lora_r}; best round on {config.max_val or 'all'} validation items "
         f"by {config.metric}, test on {config.max_test or 'all'} items; seed {config.seed}"
     )
 

@@ -384,10 +384,15 @@ ALIGNMENT: dict[str, dict] = {
         max_length=512,
         max_val=50,
         max_test=200,
+        # DPO steps of 8 pairs, taken one pair per pass and accumulated: the same step as the whole
+        # batch, with the memory of one pair and no padding to the batch's longest prompt (a batch
+        # of 8 peaked at 14-19 GB, enough to kill a chapter beside another one).
+        # `benchmarks/precision.py --policy --policy-batch-size --policy-accumulation` measures both.
+        batch_size=1,
+        gradient_accumulation_steps=8,
         # The policy stays float32 (`autocast`) until a whole chapter-7 run with it in bfloat16
-        # is compared with this one (the first was killed for memory beside another chapter, in
-        # a DPO round; a DPO round's peak memory is high in either precision):
-        # `benchmarks/precision.py --policy` measures time, memory and verdicts both ways.
+        # is compared with this one: `benchmarks/precision.py --policy` measures time, memory and
+        # verdicts both ways.
     ),
     # The paper's loop on Gemma-2-2B-it (a GPU and hub access): every generation prompt, 5 rounds.
     "paper": dict(

@@ -3,6 +3,7 @@ loop and the shared round-1 generation."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from srlib.backbone import load_backbone
 from srlib.data import PreferencePair, load_pairs
 from srlib.errors import ConfigError
 from srlib.evaluate import response_logprobs
+from srlib.present import alignment_line
 from srlib.profiles import TINY_MODEL_ID
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
@@ -111,6 +113,42 @@ def test_dpo_round_changes_the_adapter_and_raises_the_margin(tmp_path, autocast)
     assert stats["steps"] == 6 and len(stats["epochs"]) == 3  # 8 tuples, batch 4, 3 epochs
     assert stats["epochs"][-1]["rewards/margins"] > stats["epochs"][0]["rewards/margins"]
     assert margin() > before + 1.0
+
+
+def test_micro_batches_with_accumulation_train_the_same_adapter_as_the_whole_batch(tmp_path):
+    """A DPO step on a batch of 4 pairs taken as 4 micro-batches of 1 (gradients accumulated) is
+    the same step: the memory and the padding change, the trained adapter does not. One pair a
+    step, by contrast, trains another adapter (so the comparison can tell them apart)."""
+    backbone = load_backbone(TINY_MODEL_ID)
+    tuples = [
+        PreferencePair("Why? " * (1 + i), "I cannot help with that. " * (1 + i % 3), "Sure, here it is.")
+        for i in range(8)
+    ]
+    base = al.AlignmentConfig.for_profile("smoke", track="red-teaming", epochs=2, learning_rate=5e-3)
+
+    def adapter(**changes):
+        config = base.replace(**changes)
+        folder = tmp_path / "-".join(f"{k}{v}" for k, v in changes.items())
+        model = copy.deepcopy(backbone.model)
+        _, stats = al.dpo_round(model, backbone.tokenizer, tuples, config, seed=0, adapter_dir=folder, progress=False)
+        return load_file(folder / "adapter_model.safetensors"), stats["steps"]
+
+    whole, whole_steps = adapter(batch_size=4, gradient_accumulation_steps=1)
+    micro, micro_steps = adapter(batch_size=1, gradient_accumulation_steps=4)
+    single, single_steps = adapter(batch_size=1, gradient_accumulation_steps=1)
+    assert base.replace(batch_size=1, gradient_accumulation_steps=4).effective_batch_size == 4
+    assert whole_steps == micro_steps == 4 and single_steps == 16
+    assert whole.keys() == micro.keys()
+    for name, value in whole.items():
+        torch.testing.assert_close(micro[name], value, rtol=1e-3, atol=1e-5)  # float rounding only
+    assert any((single[name] - value).abs().max() > 1e-3 for name, value in whole.items())
+
+
+def test_the_setup_line_counts_a_batch_as_its_pairs_per_step():
+    cpu = al.AlignmentConfig.for_profile("cpu", track="red-teaming")
+    assert cpu.effective_batch_size == 8 and cpu.batch_size == 1  # one pair per pass on 2 cores
+    assert f"batch {cpu.effective_batch_size} (micro-batches of 1, accumulated)" in alignment_line(cpu, 1)
+    assert "batch 4, " in alignment_line(al.AlignmentConfig.for_profile("smoke", track="red-teaming"), 1)
 
 
 def test_the_policy_runs_in_the_precision_its_config_names():
