@@ -179,6 +179,19 @@ def test_zero_shot_judge_matches_a_hand_run_of_the_model(backbone, pairs):
         judge.score(["text"])
 
 
+def test_a_judge_under_bfloat16_autocast_reads_its_verdict_logits_in_float32(pairs):
+    """The blocks run in bfloat16, the two verdict logits do not: rounded to bfloat16's 8 bits,
+    close "A" and "B" logits become equal and the verdict a tie (12-20% of pairs on the cpu book)."""
+    low = load_backbone(PROFILE.model_id, device="cpu", autocast=torch.bfloat16)
+    judge = B.fit_baseline("judge", low, seed=0, progress=False)
+    with torch.no_grad():
+        chosen_as_a, chosen_as_b = judge.verdict_logits(pairs)
+    logits = torch.cat([chosen_as_a, chosen_as_b])
+    assert logits.dtype == torch.float32
+    assert not torch.equal(logits, logits.bfloat16().float())  # not rounded to bfloat16
+    assert (logits[:, 0] != logits[:, 1]).all()
+
+
 def test_logprob_floor_is_the_mean_response_logprob(backbone, pairs, tmp_path):
     rm = B.fit_baseline("logprob", backbone, pairs, seed=0, progress=False)
     pair = pairs[0]

@@ -579,10 +579,15 @@ def _next_token_logits(
     """Logits [n, len(token_ids)] of the given tokens right after each sequence.
 
     Left padding with position ids that follow the attention mask, so a padded row reads as it
-    would alone, and only the last position's logits are computed.
+    would alone, and only the last position's logits are computed. The blocks run in whatever
+    precision the caller's autocast sets; the logits of `token_ids` are a float32 product of the
+    final hidden state (float32 under autocast) with their rows of the LM head, outside autocast:
+    bfloat16 logits, rounded to 8 bits, would make two close verdict tokens tie.
     """
     out = torch.empty(len(sequences), len(token_ids), dtype=torch.float32)
     device = next(model.parameters()).device
+    head = model.get_output_embeddings().weight[token_ids].float()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
     was_training = model.training
     model.eval()
     for batch in progress_bar(
@@ -594,13 +599,18 @@ def _next_token_logits(
     ):
         input_ids, attention = left_pad([sequences[i] for i in batch], pad_id)
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-        logits = model(
+        hidden = model(
             input_ids=input_ids.to(device),
             attention_mask=attention.to(device),
             position_ids=position_ids.to(device),
             logits_to_keep=1,
-        ).logits[:, -1]
-        out[batch] = logits[:, token_ids].float().cpu()
+            output_hidden_states=True,
+        ).hidden_states[-1][:, -1]
+        with torch.autocast(device.type, enabled=False):
+            logits = F.linear(hidden.float(), head)
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        out[batch] = logits.cpu()
     model.train(was_training)
     return out
 
