@@ -192,6 +192,17 @@ def test_a_judge_under_bfloat16_autocast_reads_its_verdict_logits_in_float32(pai
     assert (logits[:, 0] != logits[:, 1]).all()
 
 
+def test_a_classifier_under_bfloat16_autocast_scores_in_float32(pairs):
+    """StandardRM's blocks run in bfloat16, its one-output score head does not: a bfloat16 score
+    would tie two close answers."""
+    low = load_backbone(PROFILE.model_id, device="cpu", autocast=torch.bfloat16)
+    rm = B.fit_baseline("standard", low, pairs[:8], seed=0, progress=False, **QUICK)
+    s_w, s_l = rm.score_pairs(pairs)
+    scores = torch.cat([s_w, s_l])
+    assert not torch.equal(scores, scores.bfloat16().float())  # not rounded to bfloat16
+    assert (s_w != s_l).all()
+
+
 def test_logprob_floor_is_the_mean_response_logprob(backbone, pairs, tmp_path):
     rm = B.fit_baseline("logprob", backbone, pairs, seed=0, progress=False)
     pair = pairs[0]

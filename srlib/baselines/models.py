@@ -399,7 +399,8 @@ class StandardRM(Baseline):
             batches, desc=f"{type(self).__name__} scores", unit="batch", disable=not progress, leave=False
         ):
             input_ids, attention = _right_pad([sequences[i] for i in batch], self.pad_id)
-            with self.backbone.reading():  # the backbone's autocast, as in training
+            # the backbone's autocast, as in training; the score head's product in float32
+            with self.backbone.reading(), _float32_linear_outputs(self.model, "score"):
                 logits = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
             out[batch] = logits[:, 0].float().cpu()
         return out
@@ -570,6 +571,30 @@ def _judge_ids(tokenizer, pair, chosen_as_a: bool, max_length: int) -> list[int]
     a, b = (pair.chosen, pair.rejected) if chosen_as_a else (pair.rejected, pair.chosen)
     content = JUDGE_TEMPLATE.format(prompt=prompt_text(pair.prompt).strip(), answer_a=a.strip(), answer_b=b.strip())
     return prompt_ids(tokenizer, [{"role": "user", "content": content}])[-max_length:]
+
+
+@torch.no_grad()
+@contextlib.contextmanager
+def _float32_linear_outputs(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """Within the block, every `nn.Linear` of `model` whose qualified name contains `name` (peft
+    wraps a trained head in copies) computes its product in float32 outside autocast: a one-output
+    score rounded to bfloat16's 8 bits would tie two close answers."""
+
+    def float32_product(module, args, output):
+        with torch.autocast(args[0].device.type, enabled=False):
+            bias = None if module.bias is None else module.bias.float()
+            return F.linear(args[0].float(), module.weight.float(), bias)
+
+    hooks = [
+        module.register_forward_hook(float32_product)
+        for qualified, module in model.named_modules()
+        if name in qualified.split(".") and isinstance(module, torch.nn.Linear)
+    ]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 @torch.no_grad()
