@@ -31,8 +31,9 @@ from srlib.errors import ConfigError, DamagedFileError
 from srlib.paths import atomic_path, cache_dir
 from srlib.reward import CONFIG_NAME, RewardModel, pair_accuracy
 
-#: Bump when a change to the baselines makes earlier cached fits stale.
-CACHE_VERSION = 1
+#: Bump when a change to the baselines makes earlier cached fits or scores stale. 2: scores of a
+#: bfloat16 backbone's classifier heads and judge are float32 products (1 kept bfloat16-rounded ones).
+CACHE_VERSION = 2
 SCORES_DIR = "scores"
 
 
