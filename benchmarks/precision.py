@@ -171,7 +171,9 @@ def main() -> None:
         choices=["float32", "bfloat16"],
         help="which precisions --policy runs (one per process gives each its own peak memory)",
     )
-    parser.add_argument("--policy-batch-size", type=int, default=None, help="DPO micro-batch (default: the preset)")
+    parser.add_argument(
+        "--policy-batch-size", type=int, default=None, help="DPO micro-batch (default: the cpu preset's)"
+    )
     parser.add_argument(
         "--policy-accumulation", type=int, default=None, help="DPO gradient accumulation (default: the cpu preset's)"
     )

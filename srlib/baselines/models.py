@@ -395,14 +395,14 @@ class StandardRM(Baseline):
         out = torch.empty(len(sequences), dtype=torch.float32)
         device = next(self.model.parameters()).device
         batches = length_batches([len(s) for s in sequences], self.settings.scoring_batch_size)
-        for batch in progress_bar(
-            batches, desc=f"{type(self).__name__} scores", unit="batch", disable=not progress, leave=False
-        ):
-            input_ids, attention = _right_pad([sequences[i] for i in batch], self.pad_id)
-            # the backbone's autocast, as in training; the score head's product in float32
-            with self.backbone.reading(), _float32_linear_outputs(self.model, "score"):
+        # the backbone's autocast, as in training; the score head's product in float32
+        with self.backbone.reading(), _float32_linear_outputs(self.model, "score"):
+            for batch in progress_bar(
+                batches, desc=f"{type(self).__name__} scores", unit="batch", disable=not progress, leave=False
+            ):
+                input_ids, attention = _right_pad([sequences[i] for i in batch], self.pad_id)
                 logits = self.model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits
-            out[batch] = logits[:, 0].float().cpu()
+                out[batch] = logits[:, 0].float().cpu()
         return out
 
     def score(self, texts: list[str], *, progress: bool = False) -> Tensor:
@@ -573,12 +573,11 @@ def _judge_ids(tokenizer, pair, chosen_as_a: bool, max_length: int) -> list[int]
     return prompt_ids(tokenizer, [{"role": "user", "content": content}])[-max_length:]
 
 
-@torch.no_grad()
 @contextlib.contextmanager
 def _float32_linear_outputs(model: torch.nn.Module, name: str) -> Iterator[None]:
-    """Within the block, every `nn.Linear` of `model` whose qualified name contains `name` (peft
-    wraps a trained head in copies) computes its product in float32 outside autocast: a one-output
-    score rounded to bfloat16's 8 bits would tie two close answers."""
+    """Within the block, every `nn.Linear` of `model` with `name` in its qualified name (peft
+    wraps a trained head in copies) computes its product in float32 outside autocast: a score
+    or logit rounded to bfloat16's 8 bits would tie two close answers."""
 
     def float32_product(module, args, output):
         with torch.autocast(args[0].device.type, enabled=False):
@@ -605,37 +604,31 @@ def _next_token_logits(
 
     Left padding with position ids that follow the attention mask, so a padded row reads as it
     would alone, and only the last position's logits are computed. The blocks run in whatever
-    precision the caller's autocast sets; the logits of `token_ids` are a float32 product of the
-    final hidden state (float32 under autocast) with their rows of the LM head, outside autocast:
+    precision the caller's autocast sets, the LM head in float32 (`_float32_linear_outputs`):
     bfloat16 logits, rounded to 8 bits, would make two close verdict tokens tie.
     """
     out = torch.empty(len(sequences), len(token_ids), dtype=torch.float32)
     device = next(model.parameters()).device
-    head = model.get_output_embeddings().weight[token_ids].float()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
     was_training = model.training
     model.eval()
-    for batch in progress_bar(
+    batches = progress_bar(
         length_batches([len(s) for s in sequences], batch_size),
         desc=desc,
         unit="batch",
         disable=not progress,
         leave=False,
-    ):
-        input_ids, attention = left_pad([sequences[i] for i in batch], pad_id)
-        position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-        hidden = model(
-            input_ids=input_ids.to(device),
-            attention_mask=attention.to(device),
-            position_ids=position_ids.to(device),
-            logits_to_keep=1,
-            output_hidden_states=True,
-        ).hidden_states[-1][:, -1]
-        with torch.autocast(device.type, enabled=False):
-            logits = F.linear(hidden.float(), head)
-        if softcap:
-            logits = softcap * torch.tanh(logits / softcap)
-        out[batch] = logits.cpu()
+    )
+    with _float32_linear_outputs(model, "lm_head"):
+        for batch in batches:
+            input_ids, attention = left_pad([sequences[i] for i in batch], pad_id)
+            position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+            logits = model(
+                input_ids=input_ids.to(device),
+                attention_mask=attention.to(device),
+                position_ids=position_ids.to(device),
+                logits_to_keep=1,
+            ).logits[:, -1]
+            out[batch] = logits[:, token_ids].float().cpu()
     model.train(was_training)
     return out
 
