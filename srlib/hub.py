@@ -110,7 +110,7 @@ def model_card(
     """
     config = rm.rm_config
     name = model_name or type(rm).__name__
-    base_model = _hub_id(rm.backbone_id)
+    base_model = _hub_id(rm.backbone_record["model_id"])
     sae_source = config.sae_source
     metadata: dict[str, Any] = {
         "layer": config.layer,
@@ -118,7 +118,7 @@ def model_card(
         "feature_kind": config.features,
         "sae_source": sae_source,
         "read_position": config.position,
-        "backbone_weights": rm.backbone_weights,
+        "backbone_weights": rm.backbone_record["weights"],
         "training_data": training_data,
         "trainable_parameters": rm.num_trainable_parameters(),
         "head": config.head.to_dict(),
@@ -147,7 +147,7 @@ def model_card(
         eval_results=results,
         **{key: value for key, value in metadata.items() if value is not None},
     )
-    reads = f"layer {config.layer} of {base_model or Path(str(rm.backbone_id)).name}"
+    reads = f"layer {config.layer} of {base_model or Path(str(rm.backbone_record['model_id'])).name}"
     lines = [
         f"# {name}",
         "",

@@ -60,6 +60,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import srlib
+import srlib.backbone
 from srlib.cache import read_json, read_tensors
 from srlib.errors import ConfigError, DamagedFileError, SrlibError, one_line
 from srlib.paths import atomic_path
@@ -834,10 +835,11 @@ class FeatureRM(RewardModel):
         self.indices_l: list[int] | None = None if latent_indices is None else list(latent_indices["l"])
         self.directions_normalized: bool | None = directions_normalized
         record = backbone_record or {}
-        self.backbone_id: str | None = record.get("model_id")
-        self.backbone_identity: str | None = record.get("identity")
-        self.backbone_weights: str | None = record.get("weights")  # `Backbone.weights`: which weights were read
-        self.backbone_autocast: str | None = record.get("autocast")  # `Backbone.autocast_name`: how states were read
+        #: The backbone it was (or will be) fitted on, as config.json's "backbone" entry
+        #: (`srlib.backbone.backbone_record`: model id, identity, weights, autocast).
+        self.backbone_record: dict[str, Any] = srlib.backbone.backbone_record(
+            record.get("model_id"), record.get("identity"), record.get("weights"), record.get("autocast")
+        )
         self._backbone = None
         if backbone is not None:
             self.attach_backbone(backbone)
@@ -852,23 +854,21 @@ class FeatureRM(RewardModel):
                 f"the backbone's hidden size is {backbone.hidden_size} but the reward "
                 f"model reads vectors of width {self.features.in_dim}"
             )
-        if strict and self.backbone_identity and backbone.identity != self.backbone_identity:
+        fitted_on = self.backbone_record["identity"]
+        if strict and fitted_on and backbone.identity != fitted_on:
             raise ConfigError(
                 f"backbone {backbone.model_id!r} is not the one this reward model was fitted on "
-                f"(identity {backbone.identity!r} != {self.backbone_identity!r}); pass strict=False to force"
+                f"(identity {backbone.identity!r} != {fitted_on!r}); pass strict=False to force"
             )
         self._backbone = backbone
-        self.backbone_id, self.backbone_identity = backbone.model_id, backbone.identity
-        self.backbone_weights, self.backbone_autocast = backbone.weights, backbone.autocast_name
+        self.backbone_record = backbone.record
         return self
 
     @property
     def backbone(self):
         """The attached backbone; loaded from the recorded model id on first use if none is attached."""
         if self._backbone is None:
-            from srlib.backbone import load_recorded_backbone
-
-            self.attach_backbone(load_recorded_backbone(self._backbone_record()))
+            self.attach_backbone(srlib.backbone.load_recorded_backbone(self.backbone_record))
         return self._backbone
 
     # -- fitting ----------------------------------------------------------------------------
@@ -1040,18 +1040,12 @@ class FeatureRM(RewardModel):
             **self._config_header(),
             "config": self.rm_config.to_dict(),
             "features": features.config(),
-            "backbone": self._backbone_record(),
+            "backbone": self.backbone_record,
             "sae": self.sae_info,
             "latent_indices": self._latent_indices(),
             "directions_normalized": self.directions_normalized,
             "history": history.as_dict(),
         }
-
-    def _backbone_record(self) -> dict[str, Any]:
-        """The backbone it was fitted on, as config.json's "backbone" entry (`srlib.backbone.backbone_record`)."""
-        from srlib.backbone import backbone_record
-
-        return backbone_record(self.backbone_id, self.backbone_identity, self.backbone_weights, self.backbone_autocast)
 
     def _latent_indices(self) -> dict[str, list[int]] | None:
         """The selected latents per side, as config.json's "latent_indices" entry."""
@@ -1075,7 +1069,7 @@ class FeatureRM(RewardModel):
             k=self.k,
             latent_indices=self._latent_indices(),
             directions_normalized=self.directions_normalized,
-            backbone_record=self._backbone_record(),
+            backbone_record=self.backbone_record,
         )
 
     def save_pretrained(

@@ -414,7 +414,7 @@ def test_dense_rm_fits_from_pairs_and_scores_through_a_reloaded_backbone(tiny_ba
     config = SparseRMConfig(features="dense", k=None, layer=1, max_length=64, head=HeadConfig(epochs=3))
     rm = DenseRM.fit(tiny_backbone, train, val, config=config, progress=False)
     assert rm.rm_config == config
-    assert rm.layer == 1 and rm.backbone_identity == tiny_backbone.identity
+    assert rm.layer == 1 and rm.backbone_record["identity"] == tiny_backbone.identity
     s_w, s_l = rm.score_pairs(test)
     Z_w, Z_l = pair_states(tiny_backbone, test, 1, max_length=64, progress=False)
     assert s_w.dtype == torch.float32 and s_w.shape == (6,)

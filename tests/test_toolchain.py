@@ -302,13 +302,13 @@ def test_save_pretrained_writes_a_model_card_from_the_model(tiny_rm, tmp_path):
     assert meta["held_out_accuracy"]["low"] == pytest.approx(evaluation.low)
     assert meta["model-index"][0]["results"][0]["metrics"][0]["type"] == "accuracy"
     assert "base_model" not in meta  # the in-process tiny model is not a hub model
-    assert meta["backbone_weights"] == tiny_rm.backbone_weights
+    assert meta["backbone_weights"] == tiny_rm.backbone_record["weights"]
 
 
 def test_model_card_names_a_hub_base_model(tiny_rm, monkeypatch):
     from srlib.hub import model_card
 
-    monkeypatch.setattr(tiny_rm, "backbone_id", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    monkeypatch.setitem(tiny_rm.backbone_record, "model_id", "HuggingFaceTB/SmolLM2-135M-Instruct")
     card = model_card(tiny_rm, license="mit")
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and card.data.license == "mit"
     assert "held_out_accuracy" not in card.data.to_dict()  # no evaluation given: none claimed
