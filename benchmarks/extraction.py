@@ -16,7 +16,9 @@ matrix products of blocks 0..L (the attention and MLP projections of every real 
 not counted) would take at the rate a plain `torch.matmul` of one batch's shape reaches here
 with the same threads, and the share of that bound the early exit reaches (bound / measured),
 and how much of the work was padding (each text is padded to a width fixed by its own length,
-`srlib.activations._padded_width`, so its state does not depend on its batch).
+`srlib.activations._padded_width`, so its shapes do not depend on its batch). Last, how many
+states are the same bits read alone on one thread as in the timed batches: all of them in float32;
+under autocast the products' last bits depend on their row count and the threads.
 
     SRLIB_DATA_DIR=... python benchmarks/extraction.py --profile cpu --n 256 --batch-size 16 [--threads 2]
 """
@@ -146,6 +148,28 @@ def main() -> None:
         f"padding: the blocks ran {n_padded} token positions for {n_tokens} real tokens "
         f"({100 * (n_padded - n_tokens) / n_padded:.0f}% of them padding, widths in multiples of "
         f"{activations._PAD_MULTIPLE}); the bound counts real tokens only"
+    )
+    print_batch_invariance(backbone, texts, results["early exit"], layer, max_length, batch_size)
+
+
+def print_batch_invariance(backbone, texts, batched, layer: int, max_length: int, batch_size: int) -> None:
+    """How many of the early exit's states (read in batches of `batch_size` on torch's threads)
+    are the same bits when each text is read alone on one thread: `srlib.activations`'s batch
+    invariance, which holds in float32 and not under autocast, where the matrix products' last
+    bits depend on how many rows a product has and on the thread count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = last_token_states(
+            backbone, texts, layer, max_length=max_length, batch_size=1, cache=False, progress=False
+        )
+    finally:
+        torch.set_num_threads(threads)
+    same = sum(torch.equal(a, b) for a, b in zip(alone, batched, strict=True))
+    relative = ((batched - alone).norm(dim=1) / alone.norm(dim=1)).max().item()
+    print(
+        f"batch invariance: {same}/{len(texts)} states the same bits read alone on one thread as in batches of "
+        f"{batch_size} on {threads} thread(s); largest relative difference {relative:.1e}"
     )
 
 

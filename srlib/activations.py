@@ -25,10 +25,15 @@ every position.
 
 Batch invariance: a text is right-padded to a width fixed by its own length (the next
 multiple of `_PAD_MULTIPLE` tokens, at least one pad) and batched only with texts of that
-width, so its state is the same bits whatever else is extracted with it. (Padded to the
-longest text of its batch, a state's last bits changed with the batch's composition, so a
-cold and a warm cache gave different scores.) Where a cache entry
-exists it wins over a recomputation, so the first value computed is the one every run uses.
+width, so in float32 its state is the same bits whatever else is extracted with it and on any
+number of threads. (Padded to the longest text of its batch, a state's last bits changed with the
+batch's composition, so a cold and a warm cache gave different scores.) Under autocast (the cpu
+profile's bfloat16) that does not hold: the bfloat16 matrix products' last bits depend on how many
+rows a product has and on the thread count, so a state differs in its last bits with the texts
+batched with it and the threads that read it (`benchmarks/extraction.py` prints how many states
+keep their bits). Where a cache entry exists it wins over a recomputation, so within one cache
+the first value computed is the one every run uses; another cache (another machine, another
+`--jobs`) may hold other bits, train another SAE and move the book's numbers as another SAE seed would.
 """
 
 from __future__ import annotations
