@@ -60,7 +60,6 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 import srlib
-import srlib.backbone
 from srlib.cache import read_json, read_tensors
 from srlib.errors import ConfigError, DamagedFileError, SrlibError, one_line
 from srlib.paths import atomic_path
@@ -834,10 +833,12 @@ class FeatureRM(RewardModel):
         self.indices_w: list[int] | None = None if latent_indices is None else list(latent_indices["w"])
         self.indices_l: list[int] | None = None if latent_indices is None else list(latent_indices["l"])
         self.directions_normalized: bool | None = directions_normalized
+        from srlib.backbone import backbone_record as record_of  # here: transformers loads on first use
+
         record = backbone_record or {}
         #: The backbone it was (or will be) fitted on, as config.json's "backbone" entry
         #: (`srlib.backbone.backbone_record`: model id, identity, weights, autocast).
-        self.backbone_record: dict[str, Any] = srlib.backbone.backbone_record(
+        self.backbone_record: dict[str, Any] = record_of(
             record.get("model_id"), record.get("identity"), record.get("weights"), record.get("autocast")
         )
         self._backbone = None
@@ -868,7 +869,9 @@ class FeatureRM(RewardModel):
     def backbone(self):
         """The attached backbone; loaded from the recorded model id on first use if none is attached."""
         if self._backbone is None:
-            self.attach_backbone(srlib.backbone.load_recorded_backbone(self.backbone_record))
+            from srlib.backbone import load_recorded_backbone
+
+            self.attach_backbone(load_recorded_backbone(self.backbone_record))
         return self._backbone
 
     # -- fitting ----------------------------------------------------------------------------
@@ -1040,7 +1043,7 @@ class FeatureRM(RewardModel):
             **self._config_header(),
             "config": self.rm_config.to_dict(),
             "features": features.config(),
-            "backbone": self.backbone_record,
+            "backbone": dict(self.backbone_record),
             "sae": self.sae_info,
             "latent_indices": self._latent_indices(),
             "directions_normalized": self.directions_normalized,
