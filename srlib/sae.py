@@ -2,8 +2,9 @@
 
 The paper reads Gemma Scope SAEs (`SAE.from_pretrained`). SmolLM2 has no published SAE, so
 the cpu and smoke profiles train one with sae-lens's own trainer (`SAETrainer`, by default a
-TopK SAE; `SAETrainingConfig.architecture` picks another of sae-lens's trainers)
-on the backbone's activations and keep it in sae-lens's format. Where an SAE comes from is a
+TopK SAE, whose training step `srlib.topk_training` computes from the k active latents;
+`SAETrainingConfig.architecture` picks another of sae-lens's trainers) on the backbone's
+activations and keep it in sae-lens's format. Where an SAE comes from is a
 profile's `sae_source`:
 
 * `"sae-lens:<release>/<sae_id>"`: `SAE.from_pretrained(release, sae_id)`; the sae_id may
@@ -77,6 +78,7 @@ from srlib.errors import ConfigError, DamagedFileError, DataError, one_line
 from srlib.paths import atomic_path, cache_dir
 from srlib.profiles import SAE_ARCHITECTURES, Profile, SAETrainingConfig
 from srlib.progress import progress_bar
+from srlib.topk_training import GatherTopKTrainingSAE
 
 #: Share of the corpus texts held out from SAE training to measure its quality.
 HOLDOUT_FRACTION = 0.05
@@ -90,7 +92,7 @@ _KEY_OMITS_AT_DEFAULT = ("architecture", "sparsity_coefficient")
 #: Written beside the sae-lens files of a trained SAE: cache key parts, report, corpus, timing.
 INFO_FILENAME = "srlib_sae.json"
 # Bump when the training procedure changes, so that older cached SAEs are not reused.
-_TRAINING_FORMAT = 3
+_TRAINING_FORMAT = 4
 _ENCODE_BATCH = 4096
 
 
@@ -795,6 +797,8 @@ def _training_sae(config: SAETrainingConfig, d_in: int) -> TrainingSAE:
     """A fresh sae-lens training SAE of `config.architecture`, from sae-lens's own registry;
     `k` goes to the TopK kinds, `sparsity_coefficient` (if set) to JumpReLU's l0 / standard's l1."""
     sae_class, cfg_class = get_sae_training_class(config.architecture)
+    if config.architecture == "topk":
+        sae_class = GatherTopKTrainingSAE  # the same SAE, its training step without dense decoding
     options: dict = {}
     if config.architecture in ("topk", "batchtopk"):
         options["k"] = config.k if config.architecture == "topk" else float(config.k)

@@ -513,3 +513,74 @@ def test_bad_levers_are_one_line_config_errors(change, message, tiny_backbone, t
     with pytest.raises(ConfigError, match=message) as error:
         train_sae(tiny_backbone, 2, texts, dataclasses.replace(TINY_CONFIG, **change), progress=False)
     assert "\n" not in str(error.value)
+
+
+# ---------------------------------------------------------------------------- the gather training step
+
+
+def _twin_training_saes(rescale: bool) -> tuple:
+    """sae-lens's TopK training SAE and srlib's gather one with the same (non-trivial) weights."""
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    from srlib.topk_training import GatherTopKTrainingSAE
+
+    cfg = TopKTrainingSAEConfig(d_in=12, d_sae=40, k=5, rescale_acts_by_decoder_norm=rescale)
+    torch.manual_seed(0)
+    reference = TopKTrainingSAE(cfg)
+    with torch.no_grad():  # decoder rows of unequal norms, non-zero biases; b_enc low enough
+        # that some rows have fewer than k positive pre-activations (the ReLU after TopK acts)
+        reference.W_dec.mul_(torch.rand(40, 1) * 3 + 0.2)
+        reference.b_dec.copy_(torch.randn(12) * 0.1)
+        reference.b_enc.copy_(torch.randn(40) * 0.1 - 0.6)
+    gather = GatherTopKTrainingSAE(cfg)
+    gather.load_state_dict(reference.state_dict())
+    return reference, gather
+
+
+def _step(sae, sae_in, dead) -> tuple[dict, dict, object]:
+    from sae_lens.saes.sae import TrainStepInput
+
+    sae.zero_grad()
+    step = TrainStepInput(
+        sae_in=sae_in, coefficients={}, dead_neuron_mask=dead, n_training_steps=0, is_logging_step=False
+    )
+    out = sae.training_forward_pass(step)
+    out.loss.backward()
+    losses = {name: float(value.detach()) for name, value in out.losses.items()}
+    return losses, {name: p.grad.clone() for name, p in sae.named_parameters()}, out
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+@pytest.mark.parametrize("n_dead", [0, 3, 40])
+def test_the_gather_step_has_sae_lens_losses_and_gradients(rescale, n_dead):
+    """The same loss terms and gradients as sae-lens's TopK step: reconstruction, and the AuxK
+    loss with few dead latents (fewer than k_aux = d_in / 2) and with all of them dead."""
+    reference, gather = _twin_training_saes(rescale)
+    sae_in = torch.randn(64, 12, generator=torch.Generator().manual_seed(1))
+    dead = torch.zeros(40, dtype=torch.bool)
+    dead[torch.randperm(40, generator=torch.Generator().manual_seed(2))[:n_dead]] = True
+    want_losses, want_grads, want = _step(reference, sae_in, dead)
+    got_losses, got_grads, got = _step(gather, sae_in, dead)
+    assert got_losses.keys() == want_losses.keys()
+    for name, value in want_losses.items():
+        assert got_losses[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+    assert (want_losses["auxiliary_reconstruction_loss"] > 0) == (n_dead > 0)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert (want.feature_acts > 0).sum(-1).min() < 5  # the ReLU after TopK is exercised
+    # the trainer counts firing latents from feature_acts: the same latents fire in both
+    assert torch.equal(got.feature_acts.to_dense().bool(), want.feature_acts.bool())
+    torch.testing.assert_close(got.sae_out, want.sae_out)
+
+
+def test_outside_a_training_step_the_gather_sae_is_sae_lens_own():
+    reference, gather = _twin_training_saes(rescale=True)
+    x = torch.randn(8, 12)
+    acts = gather.encode(x)
+    assert not acts.is_sparse and torch.equal(acts, reference.encode(x))
+    torch.testing.assert_close(gather.decode(acts), reference.decode(acts))
+
+
+def test_a_trained_topk_sae_saves_as_a_plain_sae_lens_topk_sae(tiny_backbone, texts, isolated_cache):
+    sae = train_sae(tiny_backbone, 2, texts, TINY_CONFIG, max_length=64, progress=False)
+    assert type(sae) is TopKSAE
