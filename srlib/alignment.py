@@ -48,7 +48,7 @@ import torch
 from tqdm.auto import tqdm
 
 from srlib.activations import length_batches
-from srlib.backbone import left_pad
+from srlib.backbone import eval_mode, left_pad
 from srlib.cache import clear_command, read_json
 from srlib.data import (
     Conversation,
@@ -406,11 +406,9 @@ def generate_responses(
     """
     encoded = [prompt_ids(tokenizer, c) for c in conversations]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    was_training = model.training
-    model.eval()
     answers: list[str] = [""] * len(encoded)
     batches = length_batches([len(ids) for ids in encoded], batch_size)
-    with torch.random.fork_rng(devices=[]):
+    with eval_mode(model), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for batch in progress_bar(batches, desc=desc, unit="batch", disable=not progress, leave=False):
             answers_batch = _generate_batch(
@@ -424,7 +422,6 @@ def generate_responses(
             )
             for i, answer in zip(batch, answers_batch, strict=True):
                 answers[i] = answer
-    model.train(was_training)
     return answers
 
 

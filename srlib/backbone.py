@@ -34,8 +34,8 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Mapping
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -290,6 +290,18 @@ def pretrained_path(backbone: Backbone) -> str:
             backbone.model.save_pretrained(tmp)
             backbone.tokenizer.save_pretrained(tmp)
     return str(final)
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """`model` in eval mode for the block (no dropout while scoring or sampling), then back in the
+    mode it had, also when the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ from scipy import stats
 from trl.data_utils import common_prefix_length
 
 from srlib.activations import length_batches
-from srlib.backbone import left_pad
+from srlib.backbone import eval_mode, left_pad
 from srlib.data import prompt_messages
 from srlib.errors import ConfigError
 from srlib.progress import progress_bar
@@ -120,33 +120,31 @@ def sequence_logprobs(
         encoded.append((p, r))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     out = torch.empty(len(encoded), dtype=torch.float32)
     batches = length_batches([len(p) + len(r) for p, r in encoded], batch_size)
-    for batch in progress_bar(batches, desc=desc, unit="batch", disable=not progress, leave=False):
-        seqs = [encoded[i][0] + encoded[i][1] for i in batch]
-        resp_width = max(len(encoded[i][1]) for i in batch)
-        input_ids, attention = left_pad(seqs, pad_id)
-        position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-        logits = (
-            model(
-                input_ids=input_ids.to(device),
-                attention_mask=attention.to(device),
-                position_ids=position_ids.to(device),
-                logits_to_keep=resp_width + 1,
+    with eval_mode(model):
+        for batch in progress_bar(batches, desc=desc, unit="batch", disable=not progress, leave=False):
+            seqs = [encoded[i][0] + encoded[i][1] for i in batch]
+            resp_width = max(len(encoded[i][1]) for i in batch)
+            input_ids, attention = left_pad(seqs, pad_id)
+            position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+            logits = (
+                model(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention.to(device),
+                    position_ids=position_ids.to(device),
+                    logits_to_keep=resp_width + 1,
+                )
+                .logits[:, :-1]
+                .float()
             )
-            .logits[:, :-1]
-            .float()
-        )
-        targets = input_ids[:, input_ids.shape[1] - resp_width :].to(device)
-        # log_softmax at the targets only, without a second [batch, length, vocab] tensor
-        token_logp = (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)).cpu()
-        for row, i in enumerate(batch):
-            n = len(encoded[i][1])
-            total = token_logp[row, resp_width - n :].sum()
-            out[i] = total / n if normalize else total
-    model.train(was_training)
+            targets = input_ids[:, input_ids.shape[1] - resp_width :].to(device)
+            # log_softmax at the targets only, without a second [batch, length, vocab] tensor
+            token_logp = (logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)).cpu()
+            for row, i in enumerate(batch):
+                n = len(encoded[i][1])
+                total = token_logp[row, resp_width - n :].sum()
+                out[i] = total / n if normalize else total
     return out
 
 

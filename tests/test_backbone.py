@@ -152,3 +152,16 @@ def test_a_saved_models_backbone_record_reloads_the_same_backbone(tiny_backbone)
     assert load_recorded_backbone(tiny_backbone.record).identity == tiny_backbone.identity
     with pytest.raises(ConfigError, match="no backbone attached or recorded"):
         load_recorded_backbone({"model_id": None, "identity": None, "weights": None})
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_eval_mode_restores_the_mode_also_when_the_block_raises(training):
+    from srlib.backbone import eval_mode
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).train(training)
+    with eval_mode(model):
+        assert not model.training and not model[1].training
+    assert model.training is training and model[1].training is training
+    with pytest.raises(RuntimeError), eval_mode(model):
+        raise RuntimeError("a batch failed")
+    assert model.training is training and model[1].training is training

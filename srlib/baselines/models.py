@@ -26,7 +26,7 @@ from trl.data_utils import common_prefix_length
 from trl.trainer.reward_trainer import DataCollatorForPreference
 
 from srlib.activations import length_batches
-from srlib.backbone import format_text, left_pad
+from srlib.backbone import eval_mode, format_text, left_pad
 from srlib.baselines.cost import CostMeter, TrainingCost
 from srlib.baselines.registry import get_method
 from srlib.baselines.settings import (
@@ -609,8 +609,6 @@ def _next_token_logits(
     """
     out = torch.empty(len(sequences), len(token_ids), dtype=torch.float32)
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     batches = progress_bar(
         length_batches([len(s) for s in sequences], batch_size),
         desc=desc,
@@ -618,7 +616,7 @@ def _next_token_logits(
         disable=not progress,
         leave=False,
     )
-    with _float32_linear_outputs(model, "lm_head"):
+    with eval_mode(model), _float32_linear_outputs(model, "lm_head"):
         for batch in batches:
             input_ids, attention = left_pad([sequences[i] for i in batch], pad_id)
             position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
@@ -629,7 +627,6 @@ def _next_token_logits(
                 logits_to_keep=1,
             ).logits[:, -1]
             out[batch] = logits[:, token_ids].float().cpu()
-    model.train(was_training)
     return out
 
 
