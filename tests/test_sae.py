@@ -584,3 +584,16 @@ def test_outside_a_training_step_the_gather_sae_is_sae_lens_own():
 def test_a_trained_topk_sae_saves_as_a_plain_sae_lens_topk_sae(tiny_backbone, texts, isolated_cache):
     sae = train_sae(tiny_backbone, 2, texts, TINY_CONFIG, max_length=64, progress=False)
     assert type(sae) is TopKSAE
+
+
+def test_a_hook_on_the_dense_activations_gets_sae_lens_own_step():
+    """A hook that reads hook_sae_acts_post needs the dense tensor: then sae-lens's step runs."""
+    reference, gather = _twin_training_saes(rescale=True)
+    seen = []
+    gather.hook_sae_acts_post.add_hook(lambda acts, hook: seen.append(acts.shape))
+    sae_in = torch.randn(16, 12, generator=torch.Generator().manual_seed(3))
+    _, want_grads, _ = _step(reference, sae_in, None)
+    _, got_grads, got = _step(gather, sae_in, None)
+    assert seen == [(16, 40)] and not got.feature_acts.is_sparse
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, msg=name)
