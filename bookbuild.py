@@ -561,23 +561,6 @@ def last_seconds(paths: BuildPaths, stem: str) -> float | None:
     return float(seconds) if isinstance(seconds, (int, float)) else None
 
 
-#: Per profile, the chapters a build with no running time of theirs (a fresh clone) starts
-#: first after chapter 1, in this order: the longest of the cold cpu build that
-#: `benchmarks/book_cost.py` timed. In book order the longest chapter started after the shorter
-#: ones and ran on alone at the end while the other core idled.
-LONGEST_FIRST: dict[str, tuple[str, ...]] = {
-    "cpu": ("08_reward_model_comparison", "11_sae_quality", "07_iterative_dpo", "03_sparserm"),
-}
-
-
-def start_order(paths: BuildPaths, stem: str) -> tuple[float, int]:
-    """Sort key of the chapters that run side by side: the longest last running time first; a
-    chapter never run counts as longest, and among those the profile's `LONGEST_FIRST` go first."""
-    known_long = LONGEST_FIRST.get(paths.profile, ())
-    rank = known_long.index(stem) if stem in known_long else len(known_long)
-    return -(last_seconds(paths, stem) or math.inf), rank
-
-
 def reusable(paths: BuildPaths, stem: str, fingerprint: str) -> float | None:
     """The seconds a previous build took to execute `stem` when its executed copy and results
     are still there and its inputs have not changed since (`chapter_fingerprint`); else None."""
@@ -1002,8 +985,7 @@ def execute_chapters(
     With `jobs` > 1 the book's first chapter, when it must run, goes alone (chapter 1 builds
     the SAE and the hidden states every later chapter reads from the cache), then up to `jobs` chapters run
     at once, each in its own kernel, the longest first by their last running time (a chapter
-    never run counts as longest; `LONGEST_FIRST` orders those), so that a long chapter does not
-    start last. A chapter that
+    never run counts as longest), so that a long chapter does not start last. A chapter that
     runs alone uses every core; chapters side by side share them (`side_by_side_threads`). The
     first failure stops the build once running chapters finish.
     """
@@ -1049,7 +1031,7 @@ def execute_chapters(
         first, rest = todo[:1], todo[1:]
     else:
         first, rest = [], todo
-    rest.sort(key=lambda item: start_order(paths, item[0].stem))
+    rest.sort(key=lambda item: -(last_seconds(paths, item[0].stem) or math.inf))
     for source, position, fingerprint in first:
         run(source, position, fingerprint)
     if rest:

@@ -506,18 +506,6 @@ def test_with_two_jobs_the_longest_chapters_start_first(tmp_path, monkeypatch):
     assert fake.threads == dict.fromkeys(("02_ch", "03_ch", "04_ch"), book.side_by_side_threads(2))  # cores shared
 
 
-def test_a_fresh_build_starts_the_profile_s_known_long_chapters_first(tmp_path, monkeypatch):
-    sources = _chapters(tmp_path, 4)
-    monkeypatch.setattr(book, "LONGEST_FIRST", {"smoke": ("04_ch", "03_ch")})
-    fake = _FakePapermill(pairs=("03_ch", "04_ch"))
-    monkeypatch.setattr(book, "execute_notebook", fake)
-    book.execute_chapters(sources, BuildPaths(tmp_path, "smoke"), "smoke", jobs=2)
-    assert fake.entered[0] == "01_ch" and sorted(fake.entered[1:3]) == ["03_ch", "04_ch"]
-    assert fake.entered[3:] == ["02_ch"]
-    paths = BuildPaths(tmp_path, "cpu")  # another profile's hints do not apply here
-    assert len({book.start_order(paths, s.stem) for s in sources}) == 1
-
-
 def test_the_closure_takes_a_subpackage_whole_and_follows_its_relative_imports(tmp_path, monkeypatch):
     import srlib
 
