@@ -10,7 +10,7 @@ speed-up is at least `--threshold` (default 1.2), else 1. The workloads:
 - extraction: `last_token_states` of TruthfulQA train texts at the profile's layer, cache off
   (the backbone's early-exit forward, batches of the profile's `batch_size`);
 - SAE training: steps of sae-lens's trainer as `srlib.sae` runs it (`_fit`), the profile's
-  SAE width, k and batch, on token rows of those texts;
+  SAE width, k, batch and autocast, on token rows of those texts;
 - reward heads: `fit_head` on projection-sized features (2K columns) for fixed epochs;
 - generation: `generate_responses` (sampling with the KV cache), chapter 7's token budget;
 - DPO: one `dpo_round` on a few tuples (TRL DPOTrainer with a LoRA adapter: reference
@@ -87,7 +87,7 @@ def workloads(backbone, profile, args) -> dict[str, Callable[[], object]]:
             backbone, texts, layer, max_length=max_length, batch_size=batch_size, cache=False, progress=False
         ),
         f"SAE training ({args.sae_steps} steps of {sae_config.batch_size})": lambda: sae_mod._fit(
-            tokens, last, sae_config, progress=False
+            tokens, last, sae_config, progress=False, autocast=backbone.autocast is not None
         ),
         f"reward heads ({args.head_fits} fits, {args.head_epochs} epochs)": lambda: [
             fit_head(*features, dataclasses.replace(head, seed=seed)) for seed in range(args.head_fits)
