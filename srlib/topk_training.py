@@ -3,15 +3,16 @@
 A TopK SAE keeps k of its d_sae latents per row (k = 32 of 9,216 in the cpu profile), yet
 sae-lens's `TopKTrainingSAE` scatters them into a dense [batch, d_sae] tensor, rescales that
 tensor by the decoder norms and multiplies it by the whole decoder, forward and backward, and
-its AuxK loss does the same for the dead latents. On a GPU those passes are cheap; on a CPU a
-step is bound by them (the matrix products were about a tenth of a step), and sae-lens's own
+its AuxK loss does the same for the dead latents. On a CPU a step is bound by those passes
+(the matrix products were about a tenth of a step under bfloat16 autocast), and sae-lens's own
 sparse option (`use_sparse_activations`) fails in backward under autocast on the CPU.
 
 `GatherTopKTrainingSAE` computes the same function from the k (value, latent) pairs: the
 decoder rows are gathered and summed with their values as weights (`F.embedding_bag`), the
 decoder-norm rescaling is applied to the k values rather than to a dense tensor, and the AuxK
-loss ranks and decodes only the dead latents' columns. Outside the training step (`encode`, `decode`,
-saving) it is sae-lens's class unchanged, so a trained SAE saves and loads as a plain TopK SAE.
+loss ranks and decodes only the dead latents' columns. Outside the training step (`encode`,
+`decode`, saving) it is sae-lens's class unchanged, so a trained SAE saves and loads as a plain
+TopK SAE.
 The step's time against sae-lens's: `python benchmarks/sae_step.py`; `tests/test_sae.py` checks
 that the loss and the gradients agree with sae-lens's step on the same weights and batch.
 """
