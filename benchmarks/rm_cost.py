@@ -8,13 +8,15 @@ Prints four tables for one data set (default TruthfulQA):
    latents, random; DenseRM) and of every baseline (counted on the wrapped model, nothing is
    trained), and their share of the backbone;
 2. SparseRM / DenseRM fit time from cached hidden states (direction selection included), on
-   all training pairs and on the baselines' first `--baseline-train-pairs`, mean ± sd over
+   all training pairs and on the baselines' `--baseline-train-pairs` (each seed's draw, as
+   chapter 8's `ComparisonData.baseline_subset`), mean ± sd over
    `--seeds`, with the growth of resident memory while fitting;
 3. scoring pairs per second with the early exit of `srlib.activations` (blocks 0..L) against a
    forward pass through all blocks (`extraction.full_forward_states`), cache off, plus the head;
-4. the baselines as chapter 8 runs them (`srlib.baselines.baseline_settings`): test accuracy on
-   the first `--baseline-test-pairs` test pairs, training time, peak RSS, RSS growth and scoring
-   pairs/s, read from the baselines cache; `--baselines` trains and scores what is missing.
+4. the baselines as chapter 8 runs them (`srlib.baselines.comparison.baseline_rows`, so both hit
+   the same cache entries): test accuracy on the first `--baseline-test-pairs` test pairs,
+   training time, peak RSS, RSS growth and scoring pairs/s, read from the baselines cache;
+   `--baselines` trains and scores what is missing.
 
 Needs the profile's SAE (`srlib.sae.sae_for_profile` trains it if it is not cached). Timings
 depend on the threads (`--threads`) and on whatever else runs on the machine.
@@ -23,7 +25,6 @@ depend on the threads (`--threads`) and on whatever else runs on the machine.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
 import time
@@ -37,11 +38,10 @@ from srlib.baselines import (
     COMPARISON_METHODS,
     METHOD_LABELS,
     METHODS,
-    baseline_settings,
-    baseline_trials,
     costed_fit,
     trainable_parameters,
 )
+from srlib.baselines import comparison as cmp
 from srlib.data_efficiency import fit_feature_rm
 from srlib.errors import SrlibError
 from srlib.evaluate import mean_sd
@@ -79,19 +79,20 @@ def parameter_rows(backbone, k: int, settings: dict, total: int) -> list[list]:
     return [[name, f"{n:,}", f"{100 * n / total:.3f}"] for name, n in counts.items()]
 
 
-def fit_rows(
-    states, sae, k: int, seeds: list[int], subset: int, validation: bool
-) -> tuple[list[list], dict[str, float]]:
+def fit_rows(data: cmp.ComparisonData, plan: cmp.ComparisonPlan, sae) -> tuple[list[list], dict[str, float]]:
     """Table 2: fit times from cached states (early stopping on the validation split only with
-    `validation`, as chapter 8's `VALIDATION`), each fit timed by `srlib.baselines.costed_fit` as
-    chapter 8 times it; returns the rows and the mean seconds per model."""
-    data = {"all": states, "subset": dataclasses.replace(states, train=states.train.first(subset))}
+    the plan's `use_val`, as chapter 8's `VALIDATION`), on all training pairs and on each seed's
+    baselines' pairs, each fit timed by `srlib.baselines.costed_fit` as chapter 8 times it;
+    returns the rows and the mean seconds per model."""
+    (dataset,) = plan.datasets
+    parts = {"all": lambda seed: data.states[dataset], "subset": lambda seed: data.baseline_subset(dataset, seed)}
     rows, means = [], {}
-    for which, part in data.items():
+    for which, part_of in parts.items():
         for features in ("projection", "dense"):
             seconds, growth, accuracy = [], [], []
-            for seed in seeds:
-                trial = costed_fit(part, features, sae=sae, k=k, seed=seed, validation=validation)
+            for seed in plan.seeds:
+                part = part_of(seed)
+                trial = costed_fit(part, features, sae=sae, k=plan.k, seed=seed, validation=plan.use_val)
                 seconds.append(trial["fit_seconds"])
                 growth.append(trial["rss_increase_mb"])
                 accuracy.append(100 * trial["full_test_accuracy"])
@@ -131,25 +132,11 @@ def scoring_rows(backbone, profile, states, sae, k: int, n_pairs: int) -> list[l
     return rows
 
 
-def baseline_rows(backbone, dataset: str, args, settings: dict, total: int, sparse_seconds: float) -> list[list]:
+def baseline_rows(
+    backbone, data: cmp.ComparisonData, plan: cmp.ComparisonPlan, args, total: int, sparse_seconds: float
+) -> list[list]:
     """Table 4: the baselines from the cache (or trained now with --baselines)."""
-    from srlib.data import load_pairs
-
-    train = load_pairs(f"{dataset}:train")[: args.baseline_train_pairs]
-    test = load_pairs(f"{dataset}:test")[: args.baseline_test_pairs]
-    val = load_pairs(f"{dataset}:val") if args.validation == "all" else None
-    trials = baseline_trials(
-        backbone,
-        dataset,
-        train,
-        val,
-        test,
-        args.methods,
-        args.seeds,
-        settings=settings,
-        only_cached=not args.baselines,
-        progress=args.baselines,
-    )
+    trials = cmp.baseline_rows(backbone, data, plan, [], only_cached=not args.baselines, progress=args.baselines)
     rows = []
     for method in args.methods:
         part = trials[trials["method"] == method]
@@ -212,8 +199,16 @@ def main(argv: list[str] | None = None) -> int:
         args.baseline_test_pairs = args.baseline_test_pairs or profile.baseline_test_pairs
         backbone = backbone_for_profile(profile, progress=False)
         total = sum(p.numel() for p in backbone.model.parameters())
-        settings = baseline_settings(
-            profile.max_length,
+        plan = cmp.comparison_plan(
+            profile,
+            k=profile.k,
+            datasets=(args.dataset,),
+            seeds=args.seeds,
+            baselines=args.methods,
+            baseline_datasets=(args.dataset,),
+            train_pairs=args.baseline_train_pairs,
+            test_pairs=args.baseline_test_pairs,
+            validation=args.validation,
             epochs=args.baseline_epochs,
             learning_rate=args.baseline_lr,
             batch_size=args.baseline_batch_size,
@@ -225,11 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         print_table(
             "Trainable parameters",
             ["model", "trainable", "% of backbone"],
-            parameter_rows(backbone, profile.k, settings, total),
+            parameter_rows(backbone, profile.k, plan.settings, total),
         )
         sae = sae_for_profile(profile, backbone, progress=False)
         states = dataset_states(backbone, args.dataset, profile, progress=False)
-        rows, means = fit_rows(states, sae, profile.k, args.seeds, args.baseline_train_pairs, args.validation == "all")
+        data = cmp.comparison_data({args.dataset: states}, plan)
+        rows, means = fit_rows(data, plan, sae)
         print_table(
             "Fit time from cached hidden states (selection + head; mean ± sd over seeds)",
             ["model (training pairs)", "pairs", "seconds", "RSS growth (MB)", "accuracy, whole test split (%)"],
@@ -254,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                 "peak RSS / growth (MB)",
                 "scoring pairs/s",
             ],
-            baseline_rows(backbone, args.dataset, args, settings, total, means["SparseRM (subset)"]),
+            baseline_rows(backbone, data, plan, args, total, means["SparseRM (subset)"]),
         )
         if not args.baselines:
             print("(baselines read from the cache only; --baselines trains and scores those not cached)")

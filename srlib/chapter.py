@@ -670,11 +670,12 @@ def alignment_rms(
 ):
     """The reward models chapter 7 aligns with, fitted on one data set and reading texts through
     the base backbone: SparseRM (the profile's K directions) and DenseRM, and with
-    `with_standard_rm` StandardRM (chapter 8's LoRA reward model on the first `standard_rm_pairs`
-    training pairs, cached). Returns ({name: model}, one row per model: its validation and test
-    accuracy (%) and trainable parameters)."""
+    `with_standard_rm` StandardRM (chapter 8's LoRA reward model on `standard_rm_pairs` training
+    pairs drawn by `seed` as chapter 8 draws them, cached). Returns ({name: model}, one row per
+    model: its validation and test accuracy (%) and trainable parameters)."""
     import pandas as pd
 
+    from srlib.data_efficiency import training_subset
     from srlib.experiments import select_for
 
     rms, rows = {}, []
@@ -698,7 +699,7 @@ def alignment_rms(
         rms["StandardRM"] = cached_fit_baseline(
             "standard",
             ch.backbone,
-            states.train.pairs[:standard_rm_pairs],
+            training_subset(states.train, standard_rm_pairs, seed).pairs,
             None,
             seed=seed,
             progress=False,

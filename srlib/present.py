@@ -1434,7 +1434,7 @@ def comparison_sizes(data, plan) -> pd.DataFrame:
         {
             label(n): {
                 **s.sizes(),
-                "baselines' train": len(data.subsets[n].train),
+                "baselines' train": data.baseline_train_size(n),
                 "validation read by each model": len(s.val) if plan.use_val else 0,
                 "common test": len(data.common_test[n]),
             }

@@ -136,9 +136,9 @@ class Profile:
     # at (a LoRA fit per size and seed: the expensive part, so fewer on a CPU).
     efficiency_sizes: tuple[int, ...] = (16, 64, 256)
     efficiency_lora_sizes: tuple[int, ...] = (16, 64)
-    # Chapter 8's comparison: the training pairs of the LoRA baselines (the first N of the
-    # train split), the common test pairs every model is scored on, and the training pairs
-    # whose hidden-state extraction is timed.
+    # Chapter 8's comparison: the training pairs of the LoRA baselines (N of the train split,
+    # drawn per seed as the data-efficiency curve draws them), the common test pairs every
+    # model is scored on, and the training pairs whose hidden-state extraction is timed.
     baseline_train_pairs: int = 64
     baseline_test_pairs: int = 200
     extraction_sample: int = 16

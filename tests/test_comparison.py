@@ -230,7 +230,7 @@ def test_the_comparison_tables_carry_their_captions():
     sizes = present.comparison_sizes(
         SimpleNamespace(
             states={"truthfulqa": SimpleNamespace(sizes=lambda: {"train": 10}, val=[1, 2])},
-            subsets={"truthfulqa": SimpleNamespace(train=[1] * 4)},
+            baseline_train_size=lambda name: 4,
             common_test={"truthfulqa": [1] * 3},
         ),
         plan,
@@ -241,3 +241,34 @@ def test_the_comparison_tables_carry_their_captions():
         "validation read by each model": 0,
         "common test": 3,
     }
+
+
+def test_the_baselines_pairs_are_drawn_per_seed_and_the_curve_reuses_their_fits(isolated_cache, monkeypatch):
+    """Each seed's baselines' pairs are the data-efficiency curve's draw at that size: SparseRM and
+    StandardRM of one seed see the same pairs, two seeds see different ones, and the curve's
+    StandardRM at the comparison's size is the comparison's fit, loaded, not trained again."""
+    from srlib import chapter
+    from srlib.baselines import cache as baseline_cache
+    from srlib.baselines import pairs_digest
+
+    ch = chapter.setup("smoke", seeds=(0, 1), datasets=("truthfulqa",), show=False)
+    plan = cmp.comparison_plan(
+        ch.profile, k=4, datasets=("truthfulqa",), seeds=(0, 1), baselines=("standard",), train_pairs=4,
+        test_pairs=6, efficiency_sizes=(2,), efficiency_lora_sizes=(4,),
+    )  # fmt: skip
+    data = cmp.comparison_data(ch.states(["truthfulqa"]), plan)
+    draws = [pairs_digest(data.baseline_subset("truthfulqa", seed).train.pairs) for seed in plan.seeds]
+    assert draws[0] != draws[1] and data.baseline_train_size("truthfulqa") == 4
+
+    fits = []
+    real_fit = baseline_cache.fit_baseline
+    monkeypatch.setattr(baseline_cache, "fit_baseline", lambda *a, **kw: fits.append(kw["seed"]) or real_fit(*a, **kw))
+    ours = cmp.feature_trials(data, plan, ch.sae)
+    theirs = cmp.baseline_rows(ch.backbone, data, plan, ours.columns)
+    assert fits == [0, 1] and list(theirs["seed"]) == [0, 1] and set(theirs["n_train_pairs"]) == {4}
+    curve = cmp.efficiency_curve(ch.backbone, ch.sae, data, plan)
+    assert fits == [0, 1]  # the curve's two StandardRM points at 4 pairs trained nothing
+    standard = curve[(curve["method"] == METHOD_LABELS["standard"]) & (curve["n_train_pairs"] == 4)]
+    assert list(standard["train_digest"]) == draws
+    for seed, outcomes in zip(standard["seed"], standard["outcomes"], strict=True):
+        assert np.array_equal(outcomes, theirs.loc[theirs["seed"] == seed, "outcomes"].iloc[0])

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from srlib.baselines.cost import costed_fit, extraction_cost
-from srlib.baselines.registry import COMPARISON_METHODS, METHOD_LABELS, TRAINED_METHODS
+from srlib.baselines.registry import COMPARISON_METHODS, METHOD_LABELS, TRAINED_METHODS, get_method
 from srlib.baselines.trials import baseline_settings, baseline_trials
+from srlib.data_efficiency import training_subset
 from srlib.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -143,26 +144,41 @@ def comparison_plan(
 
 @dataclass(frozen=True)
 class ComparisonData:
-    """The splits every model shares: each data set's states, the same states cut to the
-    baselines' training pairs (`subsets`), and the common test pairs every model is scored on."""
+    """The splits every model shares: each data set's states, how many training pairs the
+    baselines learn from (`baseline_subset` draws them per seed), and the common test pairs
+    every model is scored on."""
 
     states: dict[str, Any]
-    subsets: dict[str, Any]
+    train_pairs: int
     common_test: dict[str, Any]
+
+    def baseline_subset(self, name: str, seed: int):
+        """Data set `name`'s states with the training split cut to the baselines' pairs for `seed`:
+        `srlib.data_efficiency.training_subset`, the draw the data-efficiency curve makes at that
+        size and seed. So a seed's interval covers which pairs were labelled, SparseRM and the
+        baselines of one seed learn from the same pairs, and the curve's StandardRM at this size
+        is the comparison's fit (read from the cache, not trained twice)."""
+        states = self.states[name]
+        return dataclasses.replace(states, train=training_subset(states.train, self.train_pairs, seed))
+
+    def baseline_train_size(self, name: str) -> int:
+        """How many training pairs the baselines of data set `name` learn from (all of a smaller split)."""
+        return min(self.train_pairs, len(self.states[name].train))
 
 
 def comparison_data(states: dict[str, Any], plan: ComparisonPlan) -> ComparisonData:
-    """Cut each data set's states to the baselines' first training pairs and the common test pairs."""
+    """Each data set's states, the baselines' number of training pairs and the common test pairs
+    (the first `plan.test_pairs` of each test split)."""
     return ComparisonData(
         states=states,
-        subsets={name: dataclasses.replace(s, train=s.train.first(plan.train_pairs)) for name, s in states.items()},
+        train_pairs=plan.train_pairs,
         common_test={name: s.test.first(plan.test_pairs) for name, s in states.items()},
     )
 
 
 def feature_trials(data: ComparisonData, plan: ComparisonPlan, sae):
     """SparseRM and DenseRM fitted per data set and seed, on all training pairs and (where the
-    baselines run) on the baselines' pairs, each under the baselines' meter (`costed_fit`) and
+    baselines run) on the baselines' pairs of that seed, each under the baselines' meter (`costed_fit`) and
     scored on the common test pairs: one row per fit."""
     import pandas as pd
 
@@ -172,7 +188,7 @@ def feature_trials(data: ComparisonData, plan: ComparisonPlan, sae):
             for variant, features, subset in FEATURE_VARIANTS:
                 if subset and name not in plan.baseline_datasets:
                     continue
-                fitted = (data.subsets if subset else data.states)[name]
+                fitted = data.baseline_subset(name, seed) if subset else data.states[name]
                 row = costed_fit(
                     fitted, features, sae=sae, k=plan.k, seed=seed, validation=plan.use_val, test=data.common_test[name]
                 )
@@ -206,24 +222,36 @@ def with_extraction(trials, extraction: dict[str, dict[str, float]]):
     return trials
 
 
-def baseline_rows(backbone, data: ComparisonData, plan: ComparisonPlan, columns: Sequence[str]):
-    """Every baseline of the plan fitted (or loaded from the cache) per seed on the baselines'
-    pairs and scored on the common test pairs (`baseline_trials`); an empty frame with
-    `columns` when no data set runs them."""
+def baseline_rows(
+    backbone,
+    data: ComparisonData,
+    plan: ComparisonPlan,
+    columns: Sequence[str],
+    *,
+    only_cached: bool = False,
+    progress: bool = False,
+):
+    """Every baseline of the plan fitted (or loaded from the cache) per seed on that seed's
+    baselines' pairs and scored on the common test pairs (`baseline_trials`, whose
+    `only_cached` and `progress` these are); the untrained ones (judge, log-prob floor) read no
+    training pair and run once. An empty frame with `columns` when no data set runs them."""
     import pandas as pd
 
     frames = [
         baseline_trials(
             backbone,
             name,
-            data.subsets[name].train.pairs,
+            data.baseline_subset(name, seed).train.pairs,
             data.states[name].val.pairs if plan.use_val else None,
             data.common_test[name].pairs,
-            plan.baselines,
-            plan.baseline_seeds,
+            [m for m in plan.baselines if i == 0 or get_method(m).trained],
+            [seed],
             settings=plan.settings,
+            only_cached=only_cached,
+            progress=progress,
         )
         for name in plan.baseline_datasets
+        for i, seed in enumerate(plan.baseline_seeds)
     ]
     return pd.concat(frames or [pd.DataFrame(columns=list(columns))], ignore_index=True)
 
@@ -273,7 +301,7 @@ def comparison_verdicts(trials, data: ComparisonData, plan: ComparisonPlan, sae)
 
     found = []
     for name in plan.baseline_datasets:
-        n_sub, n_all = len(data.subsets[name].train), len(data.states[name].train)
+        n_sub, n_all = data.baseline_train_size(name), len(data.states[name].train)
         against = []
         for variant in [METHOD_LABELS[m] for m in plan.baselines]:
             against.append(
@@ -291,9 +319,10 @@ def comparison_verdicts(trials, data: ComparisonData, plan: ComparisonPlan, sae)
                 )
             )
         test = data.common_test[name]
+        other_rule = not plan.use_val
         models = [
-            fit_feature_rm(data.subsets[name], "projection", sae=sae, k=plan.k, seed=seed, validation=not plan.use_val)
-            for seed in plan.seeds
+            fit_feature_rm(subset, "projection", sae=sae, k=plan.k, seed=seed, validation=other_rule)
+            for seed, subset in ((seed, data.baseline_subset(name, seed)) for seed in plan.seeds)
         ]
         other = np.stack([pair_outcomes(m.score_states(test.chosen), m.score_states(test.rejected)) for m in models])
         fair = outcome_matrix(trials, dataset=name, variant=SPARSE_SUBSET)
