@@ -247,6 +247,18 @@ def test_the_profiles_define_a_graded_family():
         family_of(get_profile("paper"))
 
 
+def test_the_cpu_family_holds_chapter_3s_sweep_sae_at_the_profile_layer():
+    """That variant is the SAE chapter 3's sweep trains at the profile's layer (same training
+    config and corpus cap, so the same cache entry): chapter 11 reads it instead of training it."""
+    from srlib.experiments import sweep_profiles
+
+    cpu = get_profile("cpu")
+    at_layer = next(p for p in sweep_profiles(cpu) if p.layer == cpu.layer)
+    family = dict(family_of(cpu).variants)
+    assert at_layer.sae_corpus_tokens == cpu.sae_corpus_tokens  # the family trains on the profile's corpus
+    assert at_layer.sae_training in family.values() and at_layer.sae_training != cpu.sae_training
+
+
 def test_gap_figure_has_a_panel_per_data_set_and_the_paired_intervals():
     from srlib import plots
 
