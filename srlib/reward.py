@@ -450,7 +450,7 @@ def fit_head(
     head = _seeded_head(X_w.shape[1], config.hidden, config.activation, config.seed)
     if config.standardize:
         head.set_standardization(torch.cat([X_w, X_l]))
-    optimizer = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=True)
     generator = torch.Generator().manual_seed(config.seed)
     n = X_w.shape[0]
     best_key, best_state, waited = None, None, 0
@@ -460,7 +460,10 @@ def fit_head(
         head.train()
         total = 0.0
         for batch in torch.randperm(n, generator=generator).split(config.batch_size):
-            batch_loss = loss_fn(head(X_w[batch]), head(X_l[batch]))
+            # both sides in one forward, and torch's fused Adam: the same step, a fit about a
+            # quarter faster on a CPU than two forwards and the per-tensor Adam (benchmarks/rm_cost.py)
+            scores = head(torch.cat([X_w[batch], X_l[batch]]))
+            batch_loss = loss_fn(scores[: len(batch)], scores[len(batch) :])
             optimizer.zero_grad()
             batch_loss.backward()
             optimizer.step()
