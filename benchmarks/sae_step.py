@@ -1,12 +1,12 @@
-"""Seconds per SAE training step: sae-lens's TopK step against srlib's gather step.
+"""Seconds per SAE training step: sae-lens's TopK and BatchTopK steps against srlib's gather steps.
 
-`srlib.topk_training.GatherTopKTrainingSAE` computes sae-lens's TopK training step (the same
-loss and gradients, `tests/test_sae.py`) from the k active latents instead of dense
-[batch, d_sae] tensors. This times both on the same rows, as `srlib.sae._fit` trains them
-(sae-lens's `SAETrainer`, the profile's autocast), for the profile's SAE and for each shape of
-chapter 11's family of TopK SAEs, at one and two threads:
+`srlib.topk_training`'s classes compute sae-lens's TopK and BatchTopK training steps (the same
+loss and gradients, `tests/test_sae.py`) from the kept latents instead of dense [batch, d_sae]
+tensors. This times both on the same rows, as `srlib.sae._fit` trains them (sae-lens's
+`SAETrainer`, the profile's autocast), for the profile's SAE and for each shape of chapter 11's
+family of TopK and BatchTopK SAEs (or those whose name contains `--sae`), at one and two threads:
 
-    SRLIB_DATA_DIR=... python benchmarks/sae_step.py [--profile cpu] [--at 0.2] [--steps 30] [--texts 400]
+    SRLIB_DATA_DIR=... python benchmarks/sae_step.py [--profile cpu] [--at 0.2] [--steps 30] [--texts 400] [--sae NAME]
 
 The rows are every token of `--texts` TruthfulQA train texts at the profile's layer (real
 states). Each SAE runs its real schedule (its dead-latent window follows its length, and the
@@ -23,6 +23,7 @@ import time
 from unittest import mock
 
 import torch
+from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE
 from sae_lens.saes.topk_sae import TopKTrainingSAE
 from sae_lens.training.sae_trainer import SAETrainer
 
@@ -39,8 +40,8 @@ class _Enough(Exception):
 
 def step_seconds(tokens, last, config: SAETrainingConfig, *, autocast: bool, gather: bool, window: range) -> float:
     """Median seconds of the `SAETrainer.step`s numbered in `window` of a run of `config` (its
-    real length, so its dead-latent window and AuxK loss are the book's), sae-lens's TopK class
-    unless `gather`; the run stops after the window."""
+    real length, so its dead-latent window and AuxK loss are the book's), sae-lens's own
+    classes unless `gather`; the run stops after the window."""
     times: list[float] = []
     step = SAETrainer.step
 
@@ -53,10 +54,12 @@ def step_seconds(tokens, last, config: SAETrainingConfig, *, autocast: bool, gat
             raise _Enough
         return out
 
-    training_class = sae_mod.GatherTopKTrainingSAE if gather else TopKTrainingSAE
+    topk = sae_mod.GatherTopKTrainingSAE if gather else TopKTrainingSAE
+    batchtopk = sae_mod.GatherBatchTopKTrainingSAE if gather else BatchTopKTrainingSAE
     with (
         mock.patch.object(SAETrainer, "step", timed_step),
-        mock.patch.object(sae_mod, "GatherTopKTrainingSAE", training_class),
+        mock.patch.object(sae_mod, "GatherTopKTrainingSAE", topk),
+        mock.patch.object(sae_mod, "GatherBatchTopKTrainingSAE", batchtopk),
         contextlib.suppress(_Enough),
     ):
         sae_mod._fit(tokens, last, config, progress=False, autocast=autocast)
@@ -69,6 +72,7 @@ def main() -> None:
     parser.add_argument("--at", type=float, default=0.2, help="where the timed steps start, as a share of the run")
     parser.add_argument("--steps", type=int, default=30, help="steps timed")
     parser.add_argument("--texts", type=int, default=400)
+    parser.add_argument("--sae", default="", help="only the SAEs whose name contains this")
     args = parser.parse_args()
 
     profile = get_profile(args.profile)
@@ -89,7 +93,7 @@ def main() -> None:
     header = f"{'SAE (d_sae, k)':<58}{'threads':>8}{'sae-lens (s/step)':>19}{'gather (s/step)':>17}{'speed-up':>10}"
     print(header)
     for name, config in configs.items():
-        if config.architecture != "topk":
+        if config.architecture not in ("topk", "batchtopk") or args.sae not in name:
             continue
         start = int(args.at * sae_mod._steps(config))
         window = range(start, start + args.steps)

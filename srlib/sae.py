@@ -78,7 +78,7 @@ from srlib.errors import ConfigError, DamagedFileError, DataError, one_line
 from srlib.paths import atomic_path, cache_dir
 from srlib.profiles import SAE_ARCHITECTURES, Profile, SAETrainingConfig
 from srlib.progress import progress_bar
-from srlib.topk_training import GatherTopKTrainingSAE
+from srlib.topk_training import GatherBatchTopKTrainingSAE, GatherTopKTrainingSAE
 
 #: Share of the corpus texts held out from SAE training to measure its quality.
 HOLDOUT_FRACTION = 0.05
@@ -92,7 +92,7 @@ _KEY_OMITS_AT_DEFAULT = ("architecture", "sparsity_coefficient")
 #: Written beside the sae-lens files of a trained SAE: cache key parts, report, corpus, timing.
 INFO_FILENAME = "srlib_sae.json"
 # Bump when the training procedure changes, so that older cached SAEs are not reused.
-_TRAINING_FORMAT = 4
+_TRAINING_FORMAT = 5
 _ENCODE_BATCH = 4096
 
 
@@ -797,8 +797,10 @@ def _training_sae(config: SAETrainingConfig, d_in: int) -> TrainingSAE:
     """A fresh sae-lens training SAE of `config.architecture`, from sae-lens's own registry;
     `k` goes to the TopK kinds, `sparsity_coefficient` (if set) to JumpReLU's l0 / standard's l1."""
     sae_class, cfg_class = get_sae_training_class(config.architecture)
-    if config.architecture == "topk":
-        sae_class = GatherTopKTrainingSAE  # the same SAE, its training step without dense decoding
+    # the same SAEs, their training step without dense decoding (srlib.topk_training)
+    sae_class = {"topk": GatherTopKTrainingSAE, "batchtopk": GatherBatchTopKTrainingSAE}.get(
+        config.architecture, sae_class
+    )
     options: dict = {}
     if config.architecture in ("topk", "batchtopk"):
         options["k"] = config.k if config.architecture == "topk" else float(config.k)

@@ -518,15 +518,22 @@ def test_bad_levers_are_one_line_config_errors(change, message, tiny_backbone, t
 # ---------------------------------------------------------------------------- the gather training step
 
 
-def _twin_training_saes(rescale: bool) -> tuple:
-    """sae-lens's TopK training SAE and srlib's gather one with the same (non-trivial) weights."""
+def _twin_training_saes(rescale: bool, architecture: str = "topk") -> tuple:
+    """sae-lens's TopK (or BatchTopK) training SAE and srlib's gather one with the same
+    (non-trivial) weights."""
+    from sae_lens.saes.batchtopk_sae import BatchTopKTrainingSAE, BatchTopKTrainingSAEConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
-    from srlib.topk_training import GatherTopKTrainingSAE
+    from srlib.topk_training import GatherBatchTopKTrainingSAE, GatherTopKTrainingSAE
 
-    cfg = TopKTrainingSAEConfig(d_in=12, d_sae=40, k=5, rescale_acts_by_decoder_norm=rescale)
+    classes = {
+        "topk": (TopKTrainingSAEConfig, TopKTrainingSAE, GatherTopKTrainingSAE),
+        "batchtopk": (BatchTopKTrainingSAEConfig, BatchTopKTrainingSAE, GatherBatchTopKTrainingSAE),
+    }
+    cfg_class, reference_class, gather_class = classes[architecture]
+    cfg = cfg_class(d_in=12, d_sae=40, k=5, rescale_acts_by_decoder_norm=rescale)
     torch.manual_seed(0)
-    reference = TopKTrainingSAE(cfg)
+    reference = reference_class(cfg)
     with torch.no_grad():  # decoder rows of unequal norms, non-zero biases, pre-activations of
         # order 1 with b_enc low enough that some rows have fewer than k positive ones (the ReLU
         # after TopK acts) while most kept values are positive (the decode is exercised)
@@ -534,7 +541,7 @@ def _twin_training_saes(rescale: bool) -> tuple:
         reference.W_enc.mul_(10)
         reference.b_dec.copy_(torch.randn(12) * 0.1)
         reference.b_enc.copy_(torch.randn(40) * 0.1 - 1.2)
-    gather = GatherTopKTrainingSAE(cfg)
+    gather = gather_class(cfg)
     gather.load_state_dict(reference.state_dict())
     return reference, gather
 
@@ -552,12 +559,14 @@ def _step(sae, sae_in, dead) -> tuple[dict, dict, object]:
     return losses, {name: p.grad.clone() for name, p in sae.named_parameters()}, out
 
 
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
 @pytest.mark.parametrize("rescale", [True, False])
 @pytest.mark.parametrize("n_dead", [0, 3, 40])
-def test_the_gather_step_has_sae_lens_losses_and_gradients(rescale, n_dead):
-    """The same loss terms and gradients as sae-lens's TopK step: reconstruction, and the AuxK
-    loss with few dead latents (fewer than k_aux = d_in / 2) and with all of them dead."""
-    reference, gather = _twin_training_saes(rescale)
+def test_the_gather_step_has_sae_lens_losses_and_gradients(architecture, rescale, n_dead):
+    """The same loss terms and gradients as sae-lens's TopK (BatchTopK) step: reconstruction,
+    and the AuxK loss with few dead latents (fewer than k_aux = d_in / 2) and with all of them
+    dead; for BatchTopK also the same threshold after the step."""
+    reference, gather = _twin_training_saes(rescale, architecture)
     sae_in = torch.randn(64, 12, generator=torch.Generator().manual_seed(1))
     dead = torch.zeros(40, dtype=torch.bool)
     dead[torch.randperm(40, generator=torch.Generator().manual_seed(2))[:n_dead]] = True
@@ -574,6 +583,11 @@ def test_the_gather_step_has_sae_lens_losses_and_gradients(rescale, n_dead):
     # the trainer counts firing latents from feature_acts: the same latents fire in both
     assert torch.equal(got.feature_acts.to_dense().bool(), want.feature_acts.bool())
     torch.testing.assert_close(got.sae_out, want.sae_out)
+    if architecture == "batchtopk":  # rows keep different numbers of latents, k on average
+        assert firing.max() > 5 and firing.sum() <= 5 * len(sae_in)
+        assert reference.topk_threshold > 0 and float(gather.topk_threshold) == pytest.approx(
+            float(reference.topk_threshold), rel=1e-5
+        )
 
 
 def test_outside_a_training_step_the_gather_sae_is_sae_lens_own():
