@@ -190,6 +190,14 @@ def select_for(states: DatasetStates, sae, k: int, *, resample_seed: int | None 
     questions (`group_id`) are drawn with replacement, each with all its pairs, so the
     directions vary as they would with another training set of the same size.
     """
+    return select_for_ks(states, sae, (k,), resample_seed=resample_seed, **options)[k]
+
+
+def select_for_ks(
+    states: DatasetStates, sae, ks: Sequence[int], *, resample_seed: int | None = None, **options
+) -> dict[int, Directions]:
+    """{K: `select_for(states, sae, K)`} for every K of `ks`, the training split encoded by the
+    SAE once for all of them (the encoding, not the ranking, is what a selection costs)."""
     from srlib.sae import encode
 
     rows = (
@@ -197,9 +205,8 @@ def select_for(states: DatasetStates, sae, k: int, *, resample_seed: int | None 
         if resample_seed is None
         else bootstrap_rows([p.group_id for p in states.train.pairs], resample_seed)
     )
-    return select_directions(
-        sae, encode(sae, states.train.chosen[rows]), encode(sae, states.train.rejected[rows]), k, **options
-    )
+    latents_w, latents_l = encode(sae, states.train.chosen[rows]), encode(sae, states.train.rejected[rows])
+    return {k: select_directions(sae, latents_w, latents_l, k, **options) for k in ks}
 
 
 def bootstrap_rows(groups: Sequence[str], seed: int) -> Tensor:
@@ -731,15 +738,8 @@ def layer_k_sweep(
     for layer, at_layer in at_layers.items():
         sae = sae_for_profile(at_layer, backbone, progress=progress)
         states = dataset_states(backbone, dataset, profile, layer=layer, progress=progress)
-        variants = {
-            f"K={k}": dict(
-                features="projection",
-                directions=select_for(states, sae, k),
-                head=head or profile.head,
-                score_test=score_test,
-            )
-            for k in ks
-        }
+        fit = dict(features="projection", head=head or profile.head, score_test=score_test)
+        variants = {f"K={k}": dict(fit, directions=d) for k, d in select_for_ks(states, sae, ks).items()}
         trials = run_trials(states, variants, seeds, progress=progress)
         trials["layer"] = layer
         trials["k"] = [int(v.split("=")[1]) for v in trials["variant"]]

@@ -41,7 +41,7 @@ from srlib.experiments import (
     compare_variants,
     paired_table,
     run_trials,
-    select_for,
+    select_for_ks,
 )
 from srlib.profiles import Profile, SAEFamily
 
@@ -146,10 +146,9 @@ def gap_trials(
     frames = []
     for full in states.values():
         view = validation_view(full, swapped=swapped)
+        selected = {name: select_for_ks(view, sae, ks) for name, sae in saes.items()}
         for k in ks:
-            variants = {
-                name: dict(features="projection", directions=select_for(view, sae, k)) for name, sae in saes.items()
-            }
+            variants = {name: dict(features="projection", directions=selected[name][k]) for name in saes}
             variants[RANDOM] = dict(features="random", directions=next(iter(variants.values()))["directions"])
             frames.append(run_trials(view, variants, seeds, progress=progress).assign(K=k))
     trials = pd.concat(frames, ignore_index=True)
@@ -381,8 +380,7 @@ def family_study(
     chosen = saes[adopted]
     frames = []
     for s in states.values():
-        for k in ks:
-            directions = select_for(s, chosen, k)
+        for k, directions in select_for_ks(s, chosen, ks).items():
             frames.append(
                 run_trials(
                     s,

@@ -143,6 +143,27 @@ def test_bootstrap_rows_keep_questions_together_and_depend_on_the_seed():
     assert any(bootstrap_rows(groups, seed=s).tolist() != rows.tolist() for s in range(1, 5))
 
 
+def test_selecting_several_ks_at_once_is_selecting_each():
+    """`select_for_ks` encodes the training split once; each K's directions are `select_for`'s,
+    on the bootstrap resample too, and K orders them (K = 2 is the start of K = 4)."""
+    from srlib.directions import select_directions
+    from srlib.experiments import bootstrap_rows, select_for, select_for_ks
+    from srlib.sae import encode
+
+    states, sae = _states(), _tiny_sae()
+    for resample_seed in (None, 3):
+        many = select_for_ks(states, sae, (2, 4), resample_seed=resample_seed)
+        assert set(many) == {2, 4}
+        for k, directions in many.items():
+            one = select_for(states, sae, k, resample_seed=resample_seed)
+            assert torch.equal(directions.indices, one.indices) and torch.equal(directions.vectors, one.vectors)
+        assert torch.equal(many[4].indices_w[:2], many[2].indices_w)
+    rows = bootstrap_rows([p.group_id for p in states.train.pairs], 3)
+    chosen, rejected = encode(sae, states.train.chosen[rows]), encode(sae, states.train.rejected[rows])
+    resampled = select_directions(sae, chosen, rejected, 4)
+    assert torch.equal(select_for_ks(states, sae, (4,), resample_seed=3)[4].indices, resampled.indices)
+
+
 def test_run_trials_records_outcomes_ties_and_resampled_selection():
     from srlib.experiments import compare_variants, run_trials, seed_sources, select_for, summarize
 
