@@ -321,8 +321,10 @@ def comparison_verdicts(trials, data: ComparisonData, plan: ComparisonPlan, sae)
         test = data.common_test[name]
         other_rule = not plan.use_val
         models = [
-            fit_feature_rm(subset, "projection", sae=sae, k=plan.k, seed=seed, validation=other_rule)
-            for seed, subset in ((seed, data.baseline_subset(name, seed)) for seed in plan.seeds)
+            fit_feature_rm(
+                data.baseline_subset(name, seed), "projection", sae=sae, k=plan.k, seed=seed, validation=other_rule
+            )
+            for seed in plan.seeds
         ]
         other = np.stack([pair_outcomes(m.score_states(test.chosen), m.score_states(test.rejected)) for m in models])
         fair = outcome_matrix(trials, dataset=name, variant=SPARSE_SUBSET)
