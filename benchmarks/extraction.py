@@ -20,12 +20,16 @@ and how much of the work was padding (each text is padded to a width fixed by it
 states are the same bits read alone on one thread as in the timed batches: all of them in float32;
 under autocast the products' last bits depend on their row count and the threads.
 
-    SRLIB_DATA_DIR=... python benchmarks/extraction.py --profile cpu --n 256 --batch-size 16 [--threads 2]
+With `--compiled` it also times a `torch.compile`d early exit (compiling apart) and prints how
+far its states and the eager early exit's are from a float32 read.
+
+    SRLIB_DATA_DIR=... python benchmarks/extraction.py --profile cpu --n 256 --batch-size 16 [--threads 2] [--compiled]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 
 import torch
@@ -48,6 +52,35 @@ def full_forward_states(backbone, texts, layer, max_length, batch_size, with_lm_
             hidden = model(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True
             ).hidden_states[layer + 1]
+            out[rows] = hidden[torch.arange(len(rows)), attention_mask.sum(1) - 1].float()
+    return out
+
+
+def compiled_early_exit(backbone, layer: int):
+    """`torch.compile` (dynamic shapes) of a forward through blocks 0..`layer` only: a shallow copy
+    of the decoder with the later blocks and the final norm dropped, so its last hidden state is
+    block `layer`'s output, as the early exit reads it. Not what srlib runs (its early exit stops
+    a hook-instrumented pass, which does not compile); this measures what compiling would buy."""
+    decoder = backbone.model.get_decoder()
+    prefix = copy.copy(decoder)
+    prefix._modules = dict(decoder._modules)  # the copy's own module table: the backbone keeps its blocks
+    prefix.layers = torch.nn.ModuleList(list(decoder.layers[: layer + 1]))
+    prefix.norm = torch.nn.Identity()
+
+    def forward(input_ids, attention_mask):
+        return prefix(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+
+    return torch.compile(forward, dynamic=True)
+
+
+def compiled_states(backbone, forward, texts, max_length: int, batch_size: int):
+    """Last-token states from `compiled_early_exit`'s forward, batched as `srlib.activations` batches."""
+    encoded = [activations._encode(backbone.tokenizer, t, max_length) for t in texts]
+    pad_id = backbone.tokenizer.pad_token_id or 0
+    out = torch.empty(len(texts), backbone.hidden_size)
+    with torch.inference_mode(), backbone.reading():
+        for rows, input_ids, attention_mask in activations._batches(encoded, batch_size, pad_id):
+            hidden = forward(input_ids, attention_mask)
             out[rows] = hidden[torch.arange(len(rows)), attention_mask.sum(1) - 1].float()
     return out
 
@@ -87,6 +120,12 @@ def main() -> None:
         choices=["none", *AUTOCAST_DTYPES],
         help="read states under torch.autocast in this dtype (default: the profile's autocast)",
     )
+    parser.add_argument(
+        "--compiled",
+        action="store_true",
+        help="also time a torch.compile'd early exit (its compile time printed apart), and how far its "
+        "states and the early exit's are from a float32 read",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -116,6 +155,12 @@ def main() -> None:
         "all blocks": lambda: full_forward_states(backbone, texts, layer, max_length, batch_size, False),
         "full LM": lambda: full_forward_states(backbone, texts, layer, max_length, batch_size, True),
     }
+    if args.compiled:
+        forward = compiled_early_exit(backbone, layer)
+        start = time.perf_counter()
+        compiled_states(backbone, forward, texts, max_length, batch_size)
+        print(f"compiled early exit: compiling and the first pass took {time.perf_counter() - start:.1f} s")
+        runs["compiled EE"] = lambda: compiled_states(backbone, forward, texts, max_length, batch_size)
     last_token_states(backbone, texts[:batch_size], layer, cache=False, progress=False)  # warm-up
     seconds, results = {name: float("inf") for name in runs}, {}
     for _ in range(args.repeats):
@@ -149,7 +194,27 @@ def main() -> None:
         f"({100 * (n_padded - n_tokens) / n_padded:.0f}% of them padding, widths in multiples of "
         f"{activations._PAD_MULTIPLE}); the bound counts real tokens only"
     )
+    if args.compiled:
+        print(f"compiled early exit: {100 * bound / seconds['compiled EE']:.0f}% of the bound")
+        if backbone.autocast is not None:
+            print_distance_from_float32(backbone, texts, results, layer, max_length, batch_size)
     print_batch_invariance(backbone, texts, results["early exit"], layer, max_length, batch_size)
+
+
+def print_distance_from_float32(backbone, texts, results, layer: int, max_length: int, batch_size: int) -> None:
+    """How far each way of reading under autocast is from the same states read in float32
+    (relative norm of the difference over all texts): whether compiling moves the states more
+    than autocast itself does."""
+    autocast, backbone.autocast = backbone.autocast, None
+    try:
+        exact = last_token_states(
+            backbone, texts, layer, max_length=max_length, batch_size=batch_size, cache=False, progress=False
+        )
+    finally:
+        backbone.autocast = autocast
+    for name in ("early exit", "compiled EE"):
+        distance = ((results[name] - exact).norm() / exact.norm()).item()
+        print(f"{name}: states {distance:.1e} from a float32 read (relative)")
 
 
 def print_batch_invariance(backbone, texts, batched, layer: int, max_length: int, batch_size: int) -> None:
