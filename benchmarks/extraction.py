@@ -41,19 +41,28 @@ from srlib.data import load_pairs
 from srlib.profiles import DEFAULT_PROFILE, get_profile
 
 
-def full_forward_states(backbone, texts, layer, max_length, batch_size, with_lm_head):
-    """Last-token states at `layer` from a forward pass through every block."""
+def batched_last_token_states(backbone, texts, max_length, batch_size, forward):
+    """Last-token states of `texts` from `forward(input_ids, attention_mask)` -> [b, width, d],
+    batched as `srlib.activations` batches them (the same widths, under the backbone's autocast)."""
     encoded = [activations._encode(backbone.tokenizer, t, max_length) for t in texts]
     pad_id = backbone.tokenizer.pad_token_id or 0
-    model = backbone.model if with_lm_head else backbone.model.get_decoder()
     out = torch.empty(len(texts), backbone.hidden_size)
     with torch.inference_mode(), backbone.reading():
         for rows, input_ids, attention_mask in activations._batches(encoded, batch_size, pad_id):
-            hidden = model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True
-            ).hidden_states[layer + 1]
+            hidden = forward(input_ids, attention_mask)
             out[rows] = hidden[torch.arange(len(rows)), attention_mask.sum(1) - 1].float()
     return out
+
+
+def full_forward_states(backbone, texts, layer, max_length, batch_size, with_lm_head):
+    """Last-token states at `layer` from a forward pass through every block."""
+    model = backbone.model if with_lm_head else backbone.model.get_decoder()
+
+    def forward(input_ids, attention_mask):
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=True)
+        return outputs.hidden_states[layer + 1]
+
+    return batched_last_token_states(backbone, texts, max_length, batch_size, forward)
 
 
 def compiled_early_exit(backbone, layer: int):
@@ -71,18 +80,6 @@ def compiled_early_exit(backbone, layer: int):
         return prefix(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
     return torch.compile(forward, dynamic=True)
-
-
-def compiled_states(backbone, forward, texts, max_length: int, batch_size: int):
-    """Last-token states from `compiled_early_exit`'s forward, batched as `srlib.activations` batches."""
-    encoded = [activations._encode(backbone.tokenizer, t, max_length) for t in texts]
-    pad_id = backbone.tokenizer.pad_token_id or 0
-    out = torch.empty(len(texts), backbone.hidden_size)
-    with torch.inference_mode(), backbone.reading():
-        for rows, input_ids, attention_mask in activations._batches(encoded, batch_size, pad_id):
-            hidden = forward(input_ids, attention_mask)
-            out[rows] = hidden[torch.arange(len(rows)), attention_mask.sum(1) - 1].float()
-    return out
 
 
 def projection_flops_per_token(config) -> int:
@@ -158,9 +155,9 @@ def main() -> None:
     if args.compiled:
         forward = compiled_early_exit(backbone, layer)
         start = time.perf_counter()
-        compiled_states(backbone, forward, texts, max_length, batch_size)
+        batched_last_token_states(backbone, texts, max_length, batch_size, forward)
         print(f"compiled early exit: compiling and the first pass took {time.perf_counter() - start:.1f} s")
-        runs["compiled EE"] = lambda: compiled_states(backbone, forward, texts, max_length, batch_size)
+        runs["compiled EE"] = lambda: batched_last_token_states(backbone, texts, max_length, batch_size, forward)
     last_token_states(backbone, texts[:batch_size], layer, cache=False, progress=False)  # warm-up
     seconds, results = {name: float("inf") for name in runs}, {}
     for _ in range(args.repeats):
