@@ -32,6 +32,7 @@ from srlib.activations import iter_token_activations, last_token_states
 from srlib.backbone import backbone_for_profile, format_pair
 from srlib.data import load_pairs
 from srlib.profiles import SAETrainingConfig, get_profile
+from srlib.topk_training import GATHER_CLASSES
 
 
 class _Enough(Exception):
@@ -54,12 +55,10 @@ def step_seconds(tokens, last, config: SAETrainingConfig, *, autocast: bool, gat
             raise _Enough
         return out
 
-    topk = sae_mod.GatherTopKTrainingSAE if gather else TopKTrainingSAE
-    batchtopk = sae_mod.GatherBatchTopKTrainingSAE if gather else BatchTopKTrainingSAE
+    classes = GATHER_CLASSES if gather else {"topk": TopKTrainingSAE, "batchtopk": BatchTopKTrainingSAE}
     with (
         mock.patch.object(SAETrainer, "step", timed_step),
-        mock.patch.object(sae_mod, "GatherTopKTrainingSAE", topk),
-        mock.patch.object(sae_mod, "GatherBatchTopKTrainingSAE", batchtopk),
+        mock.patch.dict(GATHER_CLASSES, classes),
         contextlib.suppress(_Enough),
     ):
         sae_mod._fit(tokens, last, config, progress=False, autocast=autocast)
@@ -93,7 +92,7 @@ def main() -> None:
     header = f"{'SAE (d_sae, k)':<58}{'threads':>8}{'sae-lens (s/step)':>19}{'gather (s/step)':>17}{'speed-up':>10}"
     print(header)
     for name, config in configs.items():
-        if config.architecture not in ("topk", "batchtopk") or args.sae not in name:
+        if config.architecture not in GATHER_CLASSES or args.sae not in name:
             continue
         start = int(args.at * sae_mod._steps(config))
         window = range(start, start + args.steps)

@@ -2,7 +2,8 @@
 
 The paper reads Gemma Scope SAEs (`SAE.from_pretrained`). SmolLM2 has no published SAE, so
 the cpu and smoke profiles train one with sae-lens's own trainer (`SAETrainer`, by default a
-TopK SAE, whose training step `srlib.topk_training` computes from the k active latents;
+TopK SAE, whose training step, like a BatchTopK SAE's, `srlib.topk_training` computes from
+the kept latents;
 `SAETrainingConfig.architecture` picks another of sae-lens's trainers) on the backbone's
 activations and keep it in sae-lens's format. Where an SAE comes from is a
 profile's `sae_source`:
@@ -78,7 +79,7 @@ from srlib.errors import ConfigError, DamagedFileError, DataError, one_line
 from srlib.paths import atomic_path, cache_dir
 from srlib.profiles import SAE_ARCHITECTURES, Profile, SAETrainingConfig
 from srlib.progress import progress_bar
-from srlib.topk_training import GatherBatchTopKTrainingSAE, GatherTopKTrainingSAE
+from srlib.topk_training import GATHER_CLASSES
 
 #: Share of the corpus texts held out from SAE training to measure its quality.
 HOLDOUT_FRACTION = 0.05
@@ -798,9 +799,7 @@ def _training_sae(config: SAETrainingConfig, d_in: int) -> TrainingSAE:
     `k` goes to the TopK kinds, `sparsity_coefficient` (if set) to JumpReLU's l0 / standard's l1."""
     sae_class, cfg_class = get_sae_training_class(config.architecture)
     # the same SAEs, their training step without dense decoding (srlib.topk_training)
-    sae_class = {"topk": GatherTopKTrainingSAE, "batchtopk": GatherBatchTopKTrainingSAE}.get(
-        config.architecture, sae_class
-    )
+    sae_class = GATHER_CLASSES.get(config.architecture, sae_class)
     options: dict = {}
     if config.architecture in ("topk", "batchtopk"):
         options["k"] = config.k if config.architecture == "topk" else float(config.k)

@@ -179,3 +179,8 @@ class GatherBatchTopKTrainingSAE(_GatherStep, BatchTopKTrainingSAE):
         if len(positive):
             lr = self.cfg.topk_threshold_lr
             self.topk_threshold = (1 - lr) * self.topk_threshold + lr * positive.min().to(self.topk_threshold.dtype)
+
+
+#: The training class of each sae-lens architecture (`SAETrainingConfig.architecture`) that has a
+#: gather step; `srlib.sae` trains the others with sae-lens's own classes.
+GATHER_CLASSES: dict[str, type] = {"topk": GatherTopKTrainingSAE, "batchtopk": GatherBatchTopKTrainingSAE}
