@@ -85,13 +85,12 @@ def fit_rows(data: cmp.ComparisonData, plan: cmp.ComparisonPlan, sae) -> tuple[l
     baselines' pairs, each fit timed by `srlib.baselines.costed_fit` as chapter 8 times it;
     returns the rows and the mean seconds per model."""
     (dataset,) = plan.datasets
-    parts = {"all": lambda seed: data.states[dataset], "subset": lambda seed: data.baseline_subset(dataset, seed)}
     rows, means = [], {}
-    for which, part_of in parts.items():
+    for which in ("all", "subset"):
         for features in ("projection", "dense"):
             seconds, growth, accuracy = [], [], []
             for seed in plan.seeds:
-                part = part_of(seed)
+                part = data.states[dataset] if which == "all" else data.baseline_subset(dataset, seed)
                 trial = costed_fit(part, features, sae=sae, k=plan.k, seed=seed, validation=plan.use_val)
                 seconds.append(trial["fit_seconds"])
                 growth.append(trial["rss_increase_mb"])
