@@ -103,7 +103,10 @@ class _GatherStep:
             return super().decode(feature_acts)  # type: ignore[misc]
         weights = step.values.to(self.W_dec.dtype)
         if step.decoder_norm is not None:  # the kept values over unit-norm decoder rows
-            weights = weights / step.decoder_norm[step.latents]
+            # index_select, not decoder_norm[latents]: on the CPU the backward of advanced
+            # indexing adds up a repeated latent's terms in the order its threads finish, so two
+            # threads trained another SAE on every run; index_select's backward has a fixed order
+            weights = weights / step.decoder_norm.index_select(0, step.latents)
         sae_out = (
             F.embedding_bag(step.latents, self.W_dec, step.offsets, per_sample_weights=weights, mode="sum") + self.b_dec
         )
@@ -130,10 +133,13 @@ class _GatherStep:
         # k_aux (d_in / 2) latents per row: a product over the dead latents' decoder rows was
         # cheaper than gathering k_aux rows per row (forward and backward at 6,734 dead of 9,216
         # latents, one thread: 99 against 143 ms, a one-off measurement)
-        if self._active.decoder_norm is not None:
-            values = values / self._active.decoder_norm[dead][positions]
+        if self._active.decoder_norm is not None:  # index_select for a fixed-order backward (`decode`)
+            dead_norm = self._active.decoder_norm.index_select(0, dead)
+            values = values / dead_norm.index_select(0, positions.flatten()).view_as(positions)
         acts = torch.zeros(len(values), num_dead, dtype=values.dtype, device=values.device)
-        recons = self.reshape_fn_out(acts.scatter(-1, positions, values) @ self.W_dec[dead], self.d_head)
+        recons = self.reshape_fn_out(
+            acts.scatter(-1, positions, values) @ self.W_dec.index_select(0, dead), self.d_head
+        )
         return self.cfg.aux_loss_coefficient * scale * (recons - residual).pow(2).sum(dim=-1).mean()
 
     def _acts_post_hooked(self) -> bool:

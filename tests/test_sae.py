@@ -614,3 +614,27 @@ def test_a_hook_on_the_dense_activations_gets_sae_lens_own_step():
     assert seen == [(16, 40)] and not got.feature_acts.is_sparse
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, msg=name)
+
+
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+def test_the_gather_step_trains_the_same_sae_on_two_threads_every_time(architecture):
+    """Two threads, two runs, the same weights to the bit: the step's backward must not add a
+    repeated latent's terms in the order its threads finish (advanced indexing did, and every
+    cold build trained another profile SAE)."""
+    generator = torch.Generator().manual_seed(0)
+    # states near an 8-dimensional subspace: most latents go dead, so the AuxK loss runs too
+    basis = torch.randn(8, 128, generator=generator)
+    tokens = torch.randn(8_192, 8, generator=generator) @ basis + 0.01 * torch.randn(8_192, 128, generator=generator)
+    last = torch.randn(256, 128, generator=generator)
+    config = SAETrainingConfig(
+        d_sae=2_048, k=32, training_tokens=12 * 1_024, batch_size=1_024, architecture=architecture
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = [sae_mod._fit(tokens, last, config, progress=False, autocast=True).state_dict() for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    for run in runs[1:]:
+        for name, weight in runs[0].items():
+            assert torch.equal(run[name], weight), name
