@@ -618,11 +618,11 @@ def test_a_hook_on_the_dense_activations_gets_sae_lens_own_step():
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
 def test_the_gather_step_trains_the_same_sae_on_two_threads_every_time(architecture):
-    """Two threads, two runs, the same weights to the bit: the step's backward must not add a
-    repeated latent's terms in the order its threads finish (advanced indexing did, and every
-    cold build trained another profile SAE)."""
+    """Two threads, three runs, the same weights to the bit: the step's backward must not add a
+    repeated latent's terms in the order its threads finish (advanced indexing did, and two cold
+    builds of one commit trained two profile SAEs)."""
     generator = torch.Generator().manual_seed(0)
-    # states near an 8-dimensional subspace: most latents go dead, so the AuxK loss runs too
+    # states near an 8-dimensional subspace: many latents go dead, so the AuxK loss runs too
     basis = torch.randn(8, 128, generator=generator)
     tokens = torch.randn(8_192, 8, generator=generator) @ basis + 0.01 * torch.randn(8_192, 128, generator=generator)
     last = torch.randn(256, 128, generator=generator)
