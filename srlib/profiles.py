@@ -297,8 +297,8 @@ PROFILES: dict[str, Profile] = {
         # is shown by one pair at a fixed recipe (that sweep SAE against the profile's own); the
         # 1.2M-token variants differ from "k 32" in one lever each (architecture; read-position
         # rows with their dead window; k; the default's width). A second length pair (read-heavy
-        # at 600k) was dropped: it showed no lever the others do not, for about 115 s of SAE
-        # training and its head fits in a cold build.
+        # at 600k) was dropped: it showed no lever the others do not, and cost a cold build about
+        # 140 s (106 s of SAE training and 34 s of head fits, from two builds' reports).
         sae_family=SAEFamily(
             variants=(
                 (
